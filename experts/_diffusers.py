@@ -1,0 +1,62 @@
+"""Shared plumbing for experts whose model is a diffusers ``ModelMixin`` saved as a diffusers folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from soe.expert import Expert
+
+
+def cast_keeping_fp32(model, dtype):
+    """``model.to(dtype)`` but the modules diffusers keeps in float32 (norms, rope, time embedders) stay float32."""
+    if dtype is None or dtype == torch.float32:
+        return model
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    model.to(dtype)
+    for name, module in model.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.to(torch.float32)
+    return model
+
+
+class DiffusersExpert(Expert):
+    """An expert over one diffusers model class, stored in the ``transformer/`` subfolder of a pipeline."""
+
+    model_class: ClassVar[type] = None
+    expert_keys: ClassVar[tuple[str, ...]] = ()  # constructor options of the expert, not of the model
+    subfolder: ClassVar[str] = "transformer"
+
+    @classmethod
+    def from_config(cls, config: dict, device=None, dtype=None):
+        config = dict(config)
+        opts = {k: config.pop(k) for k in cls.expert_keys if k in config}
+        with torch.device(device or "cpu"):
+            model = cls.model_class(**config)
+        return cls(cast_keeping_fp32(model, dtype), **opts)
+
+    @classmethod
+    def load(cls, path, dtype=None, device=None, **opts):
+        """A diffusers pipeline folder (with ``transformer/``) or the transformer folder itself."""
+        path = Path(path)
+        folder = path / cls.subfolder if (path / cls.subfolder / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{cls.name}: no diffusers {cls.model_class.__name__} at '{path}': "
+                f"expected '{path}/{cls.subfolder}/config.json' or '{path}/config.json'"
+            )
+        model = cls.model_class.from_pretrained(folder, torch_dtype=dtype)
+        if device is not None:
+            model = model.to(device)
+        return cls(model, **opts)
+
+    def save(self, path) -> None:
+        self.model.save_pretrained(Path(path) / self.subfolder)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        super().set_gradient_checkpointing(enabled)  # split forward: run_block checkpoints itself
+        if enabled:
+            self.model.enable_gradient_checkpointing()  # native forward
+        else:
+            self.model.disable_gradient_checkpointing()

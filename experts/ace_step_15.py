@@ -1,0 +1,121 @@
+"""ACE-Step 1.5 music DiT through diffusers ``AceStepTransformer1DModel``.
+
+Latents ``(B, T, 64)`` from the Oobleck VAE at 25 frames per second (48 kHz / 1920 hop), with
+``context_latents`` ``(B, T, 128)`` (source latents + chunk mask) concatenated on channels and
+patchified by 2, so 12.5 tokens per second, one token per time step.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import AceStepTransformer1DModel
+from diffusers.models.transformers import ace_step_transformer as _ace
+from torch.utils.checkpoint import checkpoint
+
+from experts._diffusers import DiffusersExpert
+from soe.expert import Batch, BlockState, TokenLayout
+from soe.registry import register_expert
+
+EXPERT_KEYS = ("sample_rate", "hop_length", "text_len")
+
+
+@register_expert
+class AceStep15Expert(DiffusersExpert):
+    model_class = AceStepTransformer1DModel
+    expert_keys = EXPERT_KEYS
+    name = "ace-step-1.5"
+    modality = "audio"
+    source = "diffusers.AceStepTransformer1DModel"
+    lora_targets = (r"layers\.\d+\.self_attn\.(to_q|to_k|to_v|to_out\.0)$", r"layers\.\d+\.cross_attn\.(to_q|to_k|to_v|to_out\.0)$",
+                    r"layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)$")
+    condition_keys = ("encoder_hidden_states",)
+    flow_shift = 3.0
+    presets = {
+        "base": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=16,
+                   num_key_value_heads=8, head_dim=128, in_channels=192, audio_acoustic_hidden_dim=64, patch_size=2),
+        "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=16, in_channels=12, audio_acoustic_hidden_dim=4, patch_size=2, sliding_window=4, text_len=8),
+    }
+
+    def __init__(self, model: AceStepTransformer1DModel, sample_rate: int = 48000, hop_length: int = 1920, text_len: int = 64):
+        super().__init__(model)
+        self.sample_rate, self.hop_length, self.text_len = int(sample_rate), int(hop_length), int(text_len)
+
+    # ---- blocks and split forward --------------------------------------------------------------
+    @property
+    def blocks(self):
+        return self.model.layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def context_channels(self) -> int:
+        return self.model.config.in_channels - self.model.config.audio_acoustic_hidden_dim
+
+    def _context(self, batch: Batch) -> torch.Tensor:
+        ctx = batch.get("context_latents")
+        if ctx is None:  # plain text-to-music: no source audio, no chunk mask
+            x = batch["latents"]
+            ctx = x.new_zeros(*x.shape[:2], self.context_channels)
+        return ctx
+
+    def embed(self, batch: Batch) -> BlockState:
+        m, x, t = self.model, batch["latents"], batch["timestep"]  # x: (B, T, C); t: sigma in [0, 1], the model's own convention
+        temb_t, proj_t = m.time_embed(t)
+        temb_r, proj_r = m.time_embed_r(t - t)  # timestep_r = t: plain (not mean-flow) inference
+        h = torch.cat([self._context(batch), x], dim=-1)  # (B, T, in_channels)
+        if h.shape[1] % m.patch_size:
+            h = torch.nn.functional.pad(h, (0, 0, 0, m.patch_size - h.shape[1] % m.patch_size))
+        h = m.proj_in_conv(h.transpose(1, 2)).transpose(1, 2)  # (B, N, D)
+        text = m.condition_embedder(batch["encoder_hidden_states"])  # (B, L, D)
+        cos_sin = _ace._ace_step_rotary_freqs(h.shape[1], m.head_dim, m.rope_theta, h.device, h.dtype)
+        mask = None
+        if not _ace._is_flash_attention_backend(m.layers[0].self_attn.processor):
+            mask = _ace._create_4d_mask(seq_len=h.shape[1], dtype=h.dtype, device=h.device,
+                                        sliding_window=m.config.sliding_window, is_sliding_window=True, is_causal=False)
+        return BlockState(h, dict(temb=temb_t + temb_r, timestep_proj=proj_t + proj_r, text=text, rope=cos_sin, sliding_mask=mask))
+
+    def run_block(self, i: int, state: BlockState) -> BlockState:
+        e, block = state.extras, self.blocks[i]
+        mask = e["sliding_mask"] if self.model.layer_types[i] == "sliding_attention" else None
+        args = (state.hidden, e["rope"], e["timestep_proj"], mask, e["text"], None)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return state.replace(checkpoint(block, *args, use_reentrant=False))
+        return state.replace(block(*args))
+
+    def head(self, state: BlockState, batch: Batch) -> torch.Tensor:
+        m, h = self.model, state.hidden  # (B, N, D)
+        shift, scale = (m.scale_shift_table + state.extras["temb"].unsqueeze(1)).chunk(2, dim=1)
+        h = (m.norm_out(h) * (1 + scale) + shift).type_as(h)
+        h = m.proj_out_conv(h.transpose(1, 2)).transpose(1, 2)  # (B, N*patch, C)
+        return h[:, : batch["latents"].shape[1], :]
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        t = batch["timestep"]
+        return self.model(hidden_states=batch["latents"], timestep=t, timestep_r=t, encoder_hidden_states=batch["encoder_hidden_states"],
+                          context_latents=self._context(batch), return_dict=False)[0]
+
+    # ---- time and data -------------------------------------------------------------------------
+    @property
+    def latent_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    def token_layout(self, batch: Batch) -> TokenLayout:
+        p = self.model.patch_size
+        t = -(-batch["latents"].shape[1] // p)  # ceil: the model pads the last patch
+        return TokenLayout((t,), ("t",), self.latent_rate / p)
+
+    def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
+        return (batch_size, max(1, round(seconds * self.latent_rate)), self.model.config.audio_acoustic_hidden_dim)
+
+    def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator=None) -> Batch:
+        dev, dt = self.device, self.dtype
+        shape = self.latent_shape(batch_size, seconds)
+        enc = self.model.config.encoder_hidden_size or self.hidden_size
+        return {
+            "latents": torch.randn(shape, generator=generator).to(dev, dt),
+            "timestep": torch.rand(batch_size, generator=generator).to(dev, dt),
+            "encoder_hidden_states": torch.randn(batch_size, self.text_len, enc, generator=generator).to(dev, dt),
+            "context_latents": torch.randn(*shape[:2], self.context_channels, generator=generator).to(dev, dt),
+        }

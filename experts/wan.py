@@ -1,0 +1,107 @@
+"""WAN2.1 text-to-video through diffusers ``WanTransformer3DModel``.
+
+Latents ``(B, 16, F, H, W)`` from the Wan VAE (4x temporal, 8x spatial compression), patchified
+(1, 2, 2) into tokens ordered (t, h, w). At 25 fps (UniVerse-1) that is 25 / 4 = 6.25 latent
+frames per second; Wan's own default is 16 fps (pass ``fps=16``).
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import WanTransformer3DModel
+from torch.utils.checkpoint import checkpoint
+
+from experts._diffusers import DiffusersExpert
+from soe.expert import Batch, BlockState, TokenLayout
+from soe.registry import register_expert
+
+_WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+EXPERT_KEYS = ("fps", "height", "width", "text_len")  # expert options that are not model config
+
+
+@register_expert
+class WanExpert(DiffusersExpert):
+    model_class = WanTransformer3DModel
+    expert_keys = EXPERT_KEYS
+    name = "wan2.1"
+    modality = "video"
+    source = "diffusers.WanTransformer3DModel"
+    lora_targets = (r"blocks\.\d+\.attn1\.to_(q|k|v|out\.0)$", r"blocks\.\d+\.attn2\.to_(q|k|v|out\.0)$",
+                    r"blocks\.\d+\.ffn\.net\.(0\.proj|2)$")
+    condition_keys = ("encoder_hidden_states",)
+    flow_shift = 3.0  # Wan2.1 trains/samples with shift 3 at 480p (5 at 720p)
+    vae_stride = (4, 8, 8)
+    presets = {
+        "1.3b": dict(_WAN_COMMON, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+        "14b": dict(_WAN_COMMON, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+        "tiny": dict(_WAN_COMMON, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=4,
+                     in_channels=4, out_channels=4, text_dim=32, freq_dim=32, height=64, width=64, text_len=8),
+    }
+
+    def __init__(self, model: WanTransformer3DModel, fps: float = 25.0, height: int = 480, width: int = 832, text_len: int = 512):
+        super().__init__(model)
+        self.fps, self.height, self.width, self.text_len = float(fps), int(height), int(width), int(text_len)
+
+    # ---- blocks and split forward --------------------------------------------------------------
+    @property
+    def blocks(self):
+        return self.model.blocks
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.num_attention_heads * self.model.config.attention_head_dim
+
+    def _model_timestep(self, batch: Batch) -> torch.Tensor:
+        return batch["timestep"] * 1000.0  # sigma in [0, 1] -> Wan's timestep in [0, 1000]
+
+    def embed(self, batch: Batch) -> BlockState:
+        m, x = self.model, batch["latents"]  # (B, C, F, H, W)
+        rotary = m.rope(x)  # (cos, sin), each (1, N, 1, head_dim)
+        h = m.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
+        temb, proj, text, _ = m.condition_embedder(self._model_timestep(batch), batch["encoder_hidden_states"], None)
+        proj = proj.unflatten(1, (6, -1))  # (B, 6, D)
+        return BlockState(h, dict(temb=temb, timestep_proj=proj, text=text, rotary=rotary))
+
+    def run_block(self, i: int, state: BlockState) -> BlockState:
+        e, block = state.extras, self.blocks[i]
+        args = (state.hidden, e["text"], e["timestep_proj"], e["rotary"])
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return state.replace(checkpoint(block, *args, use_reentrant=False))
+        return state.replace(block(*args))
+
+    def head(self, state: BlockState, batch: Batch) -> torch.Tensor:
+        m, h = self.model, state.hidden  # (B, N, D)
+        b, _, f, hh, ww = batch["latents"].shape
+        pt, ph, pw = m.config.patch_size
+        shift, scale = (m.scale_shift_table + state.extras["temb"].unsqueeze(1)).chunk(2, dim=1)  # (B, 1, D) each
+        h = (m.norm_out(h.float()) * (1 + scale) + shift).type_as(h)
+        h = m.proj_out(h)  # (B, N, C*pt*ph*pw)
+        h = h.reshape(b, f // pt, hh // ph, ww // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model(hidden_states=batch["latents"], timestep=self._model_timestep(batch),
+                          encoder_hidden_states=batch["encoder_hidden_states"], return_dict=False)[0]
+
+    # ---- time and data -------------------------------------------------------------------------
+    @property
+    def latent_rate(self) -> float:
+        return self.fps / self.vae_stride[0]
+
+    def token_layout(self, batch: Batch) -> TokenLayout:
+        _, _, f, h, w = batch["latents"].shape
+        pt, ph, pw = self.model.config.patch_size
+        return TokenLayout((f // pt, h // ph, w // pw), ("t", "h", "w"), self.latent_rate / pt)
+
+    def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
+        frames = max(1, round(seconds * self.latent_rate))
+        return (batch_size, self.model.config.in_channels, frames, self.height // self.vae_stride[1], self.width // self.vae_stride[2])
+
+    def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator=None) -> Batch:
+        dev, dt = self.device, self.dtype
+        text_dim = self.model.config.text_dim
+        return {
+            "latents": torch.randn(self.latent_shape(batch_size, seconds), generator=generator).to(dev, dt),
+            "timestep": torch.rand(batch_size, generator=generator).to(dev, dt),
+            "encoder_hidden_states": torch.randn(batch_size, self.text_len, text_dim, generator=generator).to(dev, dt),
+        }

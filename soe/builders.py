@@ -1,0 +1,50 @@
+"""Recipe -> experts -> Stitcher. The only place where recipe sections turn into objects."""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from soe.config import RecipeError, to_container
+from soe.connector import ConnectorSpec
+from soe.expert import Expert
+from soe.registry import get_expert
+from soe.stitcher import Stitcher
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = True) -> Expert:
+    """One expert of the recipe: real weights from ``path``, else random weights of ``preset``.
+
+    ``load_weights=False`` (meta-device inspection) builds the preset architecture only.
+    """
+    e = cfg.experts[side]
+    cls = get_expert(e.name)
+    options = dict(to_container(e.options))
+    dtype = DTYPES[e.dtype]
+    try:
+        if e.path is not None and load_weights:
+            expert = cls.load(e.path, dtype=dtype, device=device, **options)
+        else:
+            expert = cls.from_preset(e.preset, device=device, dtype=dtype, **options)
+    except TypeError as err:  # an option the expert or its model does not take
+        raise RecipeError(f"experts.{side}.options: {err}") from None
+    if e.gradient_checkpointing:
+        expert.set_gradient_checkpointing(True)
+    return expert
+
+
+def build_stitcher(cfg: DictConfig, device=None, load_weights: bool = True) -> Stitcher:
+    a = build_expert(cfg, "a", device, load_weights)
+    b = build_expert(cfg, "b", device, load_weights)
+    s = cfg.stitch
+    return Stitcher(
+        a,
+        b,
+        pairs=to_container(s.pairs),
+        direction=s.direction,
+        detach_source=s.detach_source,
+        connector=ConnectorSpec(**to_container(s.connector)),
+        engine=s.engine,
+        device=device,
+    )

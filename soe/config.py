@@ -1,0 +1,272 @@
+"""Recipe schema (OmegaConf structured configs), loading, ``key=value`` overrides and validation.
+
+A recipe is one YAML file. ``load_recipe`` merges it and the overrides onto the schema, so unknown
+keys and wrong types fail at once; ``validate_recipe`` then checks what types cannot (known expert
+names and presets, existing checkpoint folders, block pairs in range, ...). Every failure is a
+:class:`RecipeError` whose one-line message names the key and what was expected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+TRAIN_MODES = ("lora", "frozen", "full")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class RecipeError(ValueError):
+    """A recipe problem, reported as one line: ``<key>: <what is wrong and what was expected>``."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: Optional[List[str]] = None  # regexes over module names; null = the plugin's lora_targets
+
+
+@dataclass
+class ExpertConfig:
+    name: str = MISSING  # registry key, see `soe experts`
+    preset: Optional[str] = None  # architecture preset (tiny, 1.3b, ...); builds random weights unless `path` is set
+    path: Optional[str] = None  # local checkpoint folder in the family's official format
+    dtype: str = "float32"
+    options: Dict[str, Any] = field(default_factory=dict)  # expert options (fps, sample_rate, height, ...)
+    train: str = "lora"  # lora | frozen | full
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+    flow_shift: Optional[float] = None  # null = the plugin's own schedule shift
+    loss_weight: float = 1.0
+
+
+@dataclass
+class ExpertsConfig:
+    a: ExpertConfig = field(default_factory=ExpertConfig)
+    b: ExpertConfig = field(default_factory=ExpertConfig)
+
+
+@dataclass
+class ConnectorConfig:
+    mlp: str = "mlp"  # mlp | glu | swiglu (timm.layers)
+    hidden: Optional[int] = None  # null = D_src + D_host
+    act: str = "silu"
+    init: str = "zero"  # zero | trunc_normal
+    resample: str = "auto"  # auto | linear | area
+    input_norm: bool = False
+
+
+@dataclass
+class StitchConfig:
+    pairs: Any = "linear"  # linear | identity | {every: k} | [[i, j], ...]
+    direction: str = "both"  # a_to_b | b_to_a | both
+    detach_source: bool = True
+    engine: str = "auto"  # auto | hooks | lockstep
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+
+
+@dataclass
+class FlowConfig:
+    timesteps: str = "shared"  # shared | independent
+    density: str = "logit_normal"  # uniform | logit_normal
+    balance: str = "none"  # none | ema
+    balance_momentum: float = 0.99
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic | latents
+    path: Optional[str] = None  # latent cache folder (kind: latents)
+    seconds: float = 1.0
+    batch_size: int = 4
+    num_clips: int = 256  # synthetic clips
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp | fsdp2 | deepspeed_stage_2 | ...
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 50
+    extra: Dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    run_dir: str = "runs/${name}"
+    resume: bool = False
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    stitch: StitchConfig = field(default_factory=StitchConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _oc_error(e: Exception) -> RecipeError:
+    key = getattr(e, "full_key", None) or "recipe"
+    msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+    return RecipeError(f"{key}: {msg}")
+
+
+def load_recipe(path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Read a recipe YAML, apply ``key=value`` overrides and check it against the schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe: file not found: '{path}'")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors
+        raise RecipeError(f"recipe: '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"recipe: '{path}' must be a mapping of keys, got a {type(raw).__name__}")
+    return merge_recipe(raw, overrides)
+
+
+def merge_recipe(raw, overrides=()) -> DictConfig:
+    for o in overrides:
+        if "=" not in o:
+            raise RecipeError(f"override '{o}': expected key=value")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.resolve(cfg)
+        OmegaConf.to_container(cfg, throw_on_missing=True)
+    except oc_errors.OmegaConfBaseException as e:
+        raise _oc_error(e) from None
+    return cfg
+
+
+def _choice(value, allowed, key):
+    if value not in allowed:
+        raise RecipeError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+
+
+def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
+    """Semantic checks no type can express. ``check_paths=False`` for meta-device inspection."""
+    from soe.align import DepthMapError, resolve_depth_map
+    from soe.connector import ConnectorSpec
+    from soe.registry import UnknownExpertError, get_expert
+    from soe.stitcher import DIRECTIONS, ENGINES
+
+    blocks = {}
+    for side in ("a", "b"):
+        e, key = cfg.experts[side], f"experts.{side}"
+        try:
+            cls = get_expert(e.name)
+        except UnknownExpertError as err:
+            raise RecipeError(f"{key}.name: {err}") from None
+        if e.preset is None and e.path is None:
+            raise RecipeError(f"{key}: give 'preset' (random weights of a known architecture) or 'path' (a checkpoint folder)")
+        if e.preset is not None and e.preset not in cls.presets:
+            raise RecipeError(f"{key}.preset: expert '{e.name}' has no preset '{e.preset}'; expected one of {sorted(cls.presets)}")
+        if check_paths and e.path is not None and not Path(e.path).is_dir():
+            raise RecipeError(f"{key}.path: checkpoint folder not found: '{e.path}'")
+        _choice(e.dtype, DTYPES, f"{key}.dtype")
+        _choice(e.train, TRAIN_MODES, f"{key}.train")
+        if e.train == "lora":
+            if e.lora.r < 1:
+                raise RecipeError(f"{key}.lora.r: expected a positive rank, got {e.lora.r}")
+            if not 0 <= e.lora.dropout < 1:
+                raise RecipeError(f"{key}.lora.dropout: expected a value in [0, 1), got {e.lora.dropout}")
+        if e.flow_shift is not None and e.flow_shift <= 0:
+            raise RecipeError(f"{key}.flow_shift: expected a positive shift, got {e.flow_shift}")
+        if e.loss_weight < 0:
+            raise RecipeError(f"{key}.loss_weight: expected >= 0, got {e.loss_weight}")
+        blocks[side] = _num_blocks(cls, e)
+    s = cfg.stitch
+    _choice(s.direction, DIRECTIONS, "stitch.direction")
+    _choice(s.engine, ENGINES, "stitch.engine")
+    if s.engine == "hooks" and s.direction == "both":
+        raise RecipeError("stitch.engine: 'hooks' runs one-way stitches only; use 'lockstep' or 'auto' with direction 'both'")
+    try:
+        ConnectorSpec(**OmegaConf.to_container(s.connector))
+    except ValueError as err:
+        raise RecipeError(f"stitch.{err}") from None
+    pairs = OmegaConf.to_container(s.pairs) if OmegaConf.is_config(s.pairs) else s.pairs
+    try:
+        resolve_depth_map(pairs, blocks["a"], blocks["b"])
+    except DepthMapError as err:
+        raise RecipeError(f"stitch.pairs: {err}") from None
+    _choice(cfg.flow.timesteps, ("shared", "independent"), "flow.timesteps")
+    _choice(cfg.flow.density, ("uniform", "logit_normal"), "flow.density")
+    _choice(cfg.flow.balance, ("none", "ema"), "flow.balance")
+    if not 0 < cfg.flow.balance_momentum < 1:
+        raise RecipeError(f"flow.balance_momentum: expected a value in (0, 1), got {cfg.flow.balance_momentum}")
+    d = cfg.data
+    _choice(d.kind, ("synthetic", "latents"), "data.kind")
+    if d.kind == "latents":
+        if d.path is None:
+            raise RecipeError("data.path: 'latents' data needs the folder of a latent cache (see `soe encode`)")
+        if check_paths and not Path(d.path).is_dir():
+            raise RecipeError(f"data.path: latent cache folder not found: '{d.path}'")
+    for k in ("batch_size", "num_clips"):
+        if d[k] < 1:
+            raise RecipeError(f"data.{k}: expected a positive integer, got {d[k]}")
+    if not d.seconds > 0:
+        raise RecipeError(f"data.seconds: expected a positive clip length in seconds, got {d.seconds}")
+    o = cfg.optim
+    if not o.lr > 0:
+        raise RecipeError(f"optim.lr: expected a positive learning rate, got {o.lr}")
+    if o.warmup_steps < 0:
+        raise RecipeError(f"optim.warmup_steps: expected >= 0, got {o.warmup_steps}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise RecipeError(f"optim.betas: expected two values in [0, 1), got {list(o.betas)}")
+    _choice(o.schedule, ("constant", "cosine"), "optim.schedule")
+    t = cfg.trainer
+    if t.max_steps < 1:
+        raise RecipeError(f"trainer.max_steps: expected a positive number of steps, got {t.max_steps}")
+    for k in ("accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps", "num_nodes"):
+        if t[k] < 1:
+            raise RecipeError(f"trainer.{k}: expected a positive integer, got {t[k]}")
+
+
+def _num_blocks(cls, e) -> int:
+    """Depth of an expert without building it at full size: presets are built on the meta device."""
+    import torch
+
+    if e.preset is None:
+        cfg_file = _find_config_json(Path(e.path))
+        if cfg_file is None:
+            raise RecipeError(f"experts: cannot read the depth of '{e.path}' without a config.json; also give 'preset'")
+        import json
+
+        conf = json.loads(cfg_file.read_text())
+        for k in ("num_layers", "num_hidden_layers", "num_layers_transformer"):
+            if k in conf:
+                return int(conf[k])
+        raise RecipeError(f"experts: '{cfg_file}' names no layer count; also give 'preset'")
+    with torch.device("meta"):
+        return cls.from_preset(e.preset, device="meta", **dict(e.options)).num_blocks
+
+
+def _find_config_json(path: Path):
+    for p in (path / "transformer" / "config.json", path / "ace_step_transformer" / "config.json", path / "config.json"):
+        if p.is_file():
+            return p
+    return None
+
+
+def to_container(node):
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

@@ -1,0 +1,226 @@
+"""The expert contract: what soe needs to know about a pretrained diffusion transformer.
+
+An expert plugin (``experts/*.py``) wraps one model family without editing its source. It exposes
+the model's block list, a *split forward* (``embed`` -> ``run_block`` x N -> ``head``) that must
+equal the model's own forward, and a :class:`TokenLayout` that says how the token sequence maps to
+time in seconds. The Stitcher only ever talks to experts through this contract.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a flat token sequence ``(B, N, D)`` maps onto a grid whose first axis is time.
+
+    ``grid`` is the token grid, time first (``(t, h, w)`` for video, ``(t,)`` for audio), flattened
+    in row-major order. ``time_rate`` is tokens per second along the time axis.
+    """
+
+    grid: tuple[int, ...]
+    axes: tuple[str, ...]
+    time_rate: float
+
+    def __post_init__(self):
+        if len(self.grid) != len(self.axes) or not self.grid:
+            raise ValueError(f"TokenLayout: grid {self.grid} and axes {self.axes} must have the same non-zero length")
+        if self.axes[0] != "t":
+            raise ValueError(f"TokenLayout: the first axis must be time 't', got axes {self.axes}")
+        if any(n <= 0 for n in self.grid):
+            raise ValueError(f"TokenLayout: every grid size must be positive, got {self.grid}")
+        if not self.time_rate > 0:
+            raise ValueError(f"TokenLayout: time_rate must be > 0 tokens/s, got {self.time_rate}")
+
+    @property
+    def num_steps(self) -> int:
+        """Number of time steps (size of the time axis)."""
+        return self.grid[0]
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens sharing one time step (product of the non-time axes)."""
+        n = 1
+        for g in self.grid[1:]:
+            n *= g
+        return n
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_steps * self.tokens_per_step
+
+    @property
+    def seconds(self) -> float:
+        return self.num_steps / self.time_rate
+
+    def timestamps(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """Centre of each time step in seconds, shape ``(t,)``."""
+        return (torch.arange(self.num_steps, device=device, dtype=dtype) + 0.5) / self.time_rate
+
+
+@dataclass
+class BlockState:
+    """What flows between blocks of the split forward.
+
+    ``hidden`` is the token sequence ``(B, N, D)`` that connectors read and add to; ``extras`` holds
+    whatever else this expert's blocks need (timestep modulation, text states, rotary tables, ...).
+    """
+
+    hidden: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, hidden: torch.Tensor) -> "BlockState":
+        return dataclasses.replace(self, hidden=hidden)
+
+
+class Expert(nn.Module):
+    """Base of every expert plugin. Subclasses wrap one model as ``self.model``.
+
+    Batches are dicts. Every expert reads the noisy latent from ``batch["latents"]`` and the flow
+    time ``batch["timestep"]`` as sigma in [0, 1] (shape ``(B,)``); the plugin converts sigma to its
+    model's own timestep convention. Conditioning keys are the plugin's own (see ``dummy_batch``).
+    """
+
+    name: ClassVar[str] = ""
+    modality: ClassVar[str] = ""
+    source: ClassVar[str] = ""  # where the model code comes from, e.g. "diffusers.WanTransformer3DModel"
+    lora_targets: ClassVar[tuple[str, ...]] = ()  # regexes over module names of ``self.model``
+    presets: ClassVar[dict[str, dict]] = {}  # real-size configs by name, plus "tiny"
+    # Which batch keys carry text conditioning (dropped for classifier-free guidance).
+    condition_keys: ClassVar[tuple[str, ...]] = ()
+    # Timestep shift of the family's flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma)).
+    flow_shift: ClassVar[float] = 1.0
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict, device=None, dtype=None) -> "Expert":
+        raise NotImplementedError
+
+    @classmethod
+    def from_preset(cls, preset: str, device=None, dtype=None, **overrides) -> "Expert":
+        if preset not in cls.presets:
+            raise KeyError(f"expert '{cls.name}' has no preset '{preset}'; known presets: {sorted(cls.presets)}")
+        return cls.from_config({**cls.presets[preset], **overrides}, device=device, dtype=dtype)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, **overrides) -> "Expert":
+        """A genuinely small random-initialised instance for tests and the demo."""
+        torch.manual_seed(seed)
+        return cls.from_preset("tiny", **overrides)
+
+    @classmethod
+    def load(cls, path, dtype=None, device=None) -> "Expert":
+        """Load real pretrained weights from a local folder in the family's official format."""
+        raise NotImplementedError
+
+    def save(self, path) -> None:
+        """Write the model in the family's official format (inverse of ``load``)."""
+        raise NotImplementedError
+
+    # ---- the block list and split forward ------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        raise NotImplementedError
+
+    def embed(self, batch: Batch) -> BlockState:
+        raise NotImplementedError
+
+    def run_block(self, i: int, state: BlockState) -> BlockState:
+        raise NotImplementedError
+
+    def head(self, state: BlockState, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def split_forward(self, batch: Batch) -> torch.Tensor:
+        """``head(blocks(embed(batch)))``; must equal ``forward(batch)`` (contract test)."""
+        state = self.embed(batch)
+        for i in range(self.num_blocks):
+            state = self.run_block(i, state)
+        return self.head(state, batch)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The model's own native forward on a soe batch."""
+        raise NotImplementedError
+
+    # ---- how a block hands over its hidden state (for hooks on the native forward) --------------
+    @staticmethod
+    def block_input_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+        """The hidden state among a block's call arguments (first positional, or ``hidden_states``)."""
+        return args[0] if args else kwargs["hidden_states"]
+
+    @staticmethod
+    def block_output_hidden(output) -> torch.Tensor:
+        """The hidden state inside a block's return value (tensor, or first element of a tuple)."""
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    @staticmethod
+    def with_block_output_hidden(output, hidden: torch.Tensor):
+        """``output`` with its hidden state replaced by ``hidden``."""
+        if isinstance(output, tuple):
+            return (hidden, *output[1:])
+        if isinstance(output, list):
+            return [hidden, *output[1:]]
+        return hidden
+
+    # ---- time and data -------------------------------------------------------------------------
+    def token_layout(self, batch: Batch) -> TokenLayout:
+        raise NotImplementedError
+
+    @property
+    def token_rate(self) -> float:
+        """Tokens per second along time, read off the layout of a one-second dummy batch."""
+        return self.token_layout(self.dummy_batch(1, seconds=1.0)).time_rate
+
+    def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
+        """Shape of the clean latent for a clip of ``seconds``."""
+        raise NotImplementedError
+
+    def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator: torch.Generator | None = None) -> Batch:
+        """A random batch with every key the model needs, at this expert's shapes."""
+        raise NotImplementedError
+
+    def unconditional(self, batch: Batch) -> Batch:
+        """The batch with text conditioning dropped (zeros), for classifier-free guidance."""
+        out = dict(batch)
+        for k in self.condition_keys:
+            if k in out and out[k] is not None:
+                out[k] = torch.zeros_like(out[k])
+        return out
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute block activations in backward (native forward and split forward alike)."""
+        self._soe_checkpointing = enabled
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return getattr(self, "_soe_checkpointing", False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, modality={self.modality!r}"

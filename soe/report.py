@@ -1,0 +1,67 @@
+"""Rich tables that show what was built: experts, block pairs, connector shapes, parameter counts."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from soe.stitcher import Stitcher
+
+
+def fmt_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3f}{unit}" if unit == "B" else f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def num_params(module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def experts_table(classes) -> Table:
+    t = Table(title="registered experts")
+    for col in ("name", "modality", "blocks", "hidden", "time rate (tokens/s)", "presets", "source"):
+        t.add_column(col)
+    import torch
+
+    for cls in classes:
+        preset = next((p for p in cls.presets if p != "tiny"), "tiny")
+        with torch.device("meta"):
+            e = cls.from_preset(preset, device="meta")
+        t.add_row(cls.name, cls.modality, str(e.num_blocks), str(e.hidden_size), f"{e.token_rate:.2f}",
+                  ", ".join(cls.presets), cls.source)
+    return t
+
+
+def stitch_tables(st: Stitcher) -> list[Table]:
+    experts = Table(title="experts")
+    for col in ("side", "name", "modality", "blocks", "hidden", "parameters", "trainable"):
+        experts.add_column(col, justify="right" if col in ("blocks", "hidden", "parameters", "trainable") else "left")
+    for side in ("a", "b"):
+        e = getattr(st, side)
+        experts.add_row(side, e.name, e.modality, str(e.num_blocks), str(e.hidden_size), fmt_count(num_params(e)),
+                        fmt_count(num_params(e, trainable_only=True)))
+    experts.add_row("", "connectors", "", "", "", fmt_count(num_params(st.connectors)),
+                    fmt_count(num_params(st.connectors, trainable_only=True)))
+
+    pairs = Table(title=f"block pairs ({len(st.pairs)}, direction {st.direction}, engine {st.engine}, "
+                        f"detach_source={st.detach_source})")
+    for col in ("#", f"a:{st.a.name}", f"b:{st.b.name}", "a -> b connector", "b -> a connector", "parameters"):
+        pairs.add_column(col)
+    for n, (i, j) in enumerate(st.pairs):
+        shapes, count = [], 0
+        for direction, host in (("a_to_b", j), ("b_to_a", i)):
+            if direction in st.connectors:
+                c = st.connector_for(direction, host)
+                shapes.append(f"{c.src_dim} -> {c.mlp.fc2.in_features} -> {c.dst_dim}")
+                count += num_params(c)
+            else:
+                shapes.append("-")
+        pairs.add_row(str(n), str(i), str(j), *shapes, fmt_count(count))
+    return [experts, pairs]
+
+
+def print_tables(tables, console: Console | None = None) -> None:
+    console = console or Console()
+    for t in tables:
+        console.print(t)

@@ -1,0 +1,196 @@
+"""The Stitcher: two experts, connectors between mapped blocks, and the two engines that run them.
+
+* **hooks** (one-way only): the source expert runs its own native forward while capture hooks keep
+  the outputs of mapped blocks; then the host runs its own native forward while injection hooks add
+  the connector outputs. Needs nothing but each expert's block list.
+* **lockstep** (any direction): both experts run through their split forward side by side; at each
+  mapped pair both blocks run, then both connectors fire from the pre-exchange states (symmetric).
+
+For a one-way stitch both engines compute the same function (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from soe.align import Pairs, resolve_depth_map
+from soe.connector import Connector, ConnectorSpec
+from soe.expert import Batch, BlockState, Expert, TokenLayout
+
+DIRECTIONS = ("a_to_b", "b_to_a", "both")
+ENGINES = ("auto", "hooks", "lockstep")
+
+
+@dataclass
+class _HookRun:
+    """Per-call context the hooks read; they never mutate anything else (pure under recompute)."""
+
+    layouts: dict[str, TokenLayout]
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Stitcher(nn.Module):
+    """Join expert ``a`` and expert ``b`` with connectors at the block pairs of a depth map.
+
+    ``pairs``: ``"linear"``, ``{"every": k}``, ``"identity"`` or explicit ``[(i_a, j_b), ...]``.
+    ``direction``: ``"a_to_b"``, ``"b_to_a"`` or ``"both"``. ``detach_source``: no gradient flows
+    back into the source expert through a connector (UniVerse-1). Connectors live under
+    ``connectors.<direction>.<host block index>``, never inside the experts.
+    """
+
+    def __init__(
+        self,
+        a: Expert,
+        b: Expert,
+        pairs="linear",
+        direction: str = "both",
+        detach_source: bool = True,
+        connector: ConnectorSpec | dict | None = None,
+        engine: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction: expected one of {list(DIRECTIONS)}, got {direction!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine: expected one of {list(ENGINES)}, got {engine!r}")
+        if engine == "hooks" and direction == "both":
+            raise ValueError("engine 'hooks' runs one-way stitches only; direction 'both' needs engine 'lockstep' or 'auto'")
+        spec = connector if isinstance(connector, ConnectorSpec) else ConnectorSpec(**(connector or {}))
+        self.a, self.b = a, b
+        self.pairs: Pairs = resolve_depth_map(pairs, a.num_blocks, b.num_blocks)
+        self.direction, self.detach_source, self.spec = direction, detach_source, spec
+        self.engine = ("hooks" if direction != "both" else "lockstep") if engine == "auto" else engine
+        device = device if device is not None else a.device
+
+        self.connectors = nn.ModuleDict()
+        if direction in ("a_to_b", "both"):
+            self.connectors["a_to_b"] = nn.ModuleDict(
+                {f"{j:02d}": Connector(a.hidden_size, b.hidden_size, spec, device=device, dtype=dtype) for _, j in self.pairs}
+            )
+        if direction in ("b_to_a", "both"):
+            self.connectors["b_to_a"] = nn.ModuleDict(
+                {f"{i:02d}": Connector(b.hidden_size, a.hidden_size, spec, device=device, dtype=dtype) for i, _ in self.pairs}
+            )
+        self._run: _HookRun | None = None
+        # Block input -> the call it belongs to, so a block recomputed in backward (non-reentrant
+        # gradient checkpointing) gets the same injection; weak: entries die with the activations.
+        self._run_of_input = WeakTensorKeyDictionary()
+        self._handles: list = []
+        self._stitched = True
+        if direction != "both":
+            self._install_hooks()
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def source_host(self) -> tuple[str, str]:
+        """Names of (source, host) for a one-way stitch."""
+        return ("a", "b") if self.direction == "a_to_b" else ("b", "a")
+
+    def connector_for(self, direction: str, host_block: int) -> Connector:
+        return self.connectors[direction][f"{host_block:02d}"]
+
+    def unstitch(self) -> None:
+        """Remove every hook: the experts behave exactly as before stitching."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stitched = False
+
+    @property
+    def is_stitched(self) -> bool:
+        return self._stitched
+
+    def _source_state(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.detach() if self.detach_source else hidden
+
+    # ---- hook engine ---------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        src_name, host_name = self.source_host
+        src, host = getattr(self, src_name), getattr(self, host_name)
+        direction = self.direction
+        for i_a, j_b in self.pairs:
+            i_src, j_host = (i_a, j_b) if direction == "a_to_b" else (j_b, i_a)
+            self._handles.append(src.blocks[i_src].register_forward_hook(self._capture_hook(src, i_src)))
+            self._handles.append(host.blocks[j_host].register_forward_hook(
+                self._inject_hook(host, i_src, j_host, src_name, host_name), with_kwargs=True))
+
+    def _capture_hook(self, src: Expert, i_src: int):
+        def hook(module, args, output):
+            if self._run is not None:  # idle outside a stitched hook-engine call
+                self._run.captured[i_src] = src.block_output_hidden(output)
+
+        return hook
+
+    def _inject_hook(self, host: Expert, i_src: int, j_host: int, src_name: str, host_name: str):
+        conn = self.connector_for(self.direction, j_host)
+
+        def hook(module, args, kwargs, output):
+            block_input = host.block_input_hidden(args, kwargs)
+            run = self._run
+            if run is not None:
+                self._run_of_input[block_input] = run
+            else:  # outside a stitcher call, unless this is a checkpointed block recomputing
+                run = self._run_of_input.get(block_input)
+                if run is None:
+                    return None
+            if i_src not in run.captured:
+                raise RuntimeError(f"stitcher: block {i_src} of expert {src_name} did not run before host block {j_host}")
+            hidden = host.block_output_hidden(output)  # (B, N_host, D_host)
+            delta = conn(self._source_state(run.captured[i_src]), run.layouts[src_name], run.layouts[host_name])
+            return host.with_block_output_hidden(output, hidden + delta.to(hidden.dtype))
+
+        return hook
+
+    def _run_hook_engine(self, batch_a: Batch, batch_b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = {"a": batch_a, "b": batch_b}
+        src_name, host_name = self.source_host
+        self._run = _HookRun(layouts={"a": self.a.token_layout(batch_a), "b": self.b.token_layout(batch_b)})
+        try:
+            preds = {src_name: getattr(self, src_name)(batches[src_name])}  # fills run.captured
+            preds[host_name] = getattr(self, host_name)(batches[host_name])  # hooks inject
+        finally:
+            self._run = None
+        return preds["a"], preds["b"]
+
+    # ---- lockstep engine -----------------------------------------------------------------------
+    def _run_lockstep_engine(self, batch_a: Batch, batch_b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        la, lb = self.a.token_layout(batch_a), self.b.token_layout(batch_b)
+        sa, sb = self.a.embed(batch_a), self.b.embed(batch_b)
+        na = nb = 0  # next block to run in each expert
+        for i, j in self.pairs:
+            sa, na = self._run_blocks(self.a, sa, na, i + 1)
+            sb, nb = self._run_blocks(self.b, sb, nb, j + 1)
+            ha, hb = sa.hidden, sb.hidden  # pre-exchange states: the exchange is symmetric
+            if "b_to_a" in self.connectors:
+                sa = sa.replace(ha + self.connector_for("b_to_a", i)(self._source_state(hb), lb, la).to(ha.dtype))
+            if "a_to_b" in self.connectors:
+                sb = sb.replace(hb + self.connector_for("a_to_b", j)(self._source_state(ha), la, lb).to(hb.dtype))
+        sa, _ = self._run_blocks(self.a, sa, na, self.a.num_blocks)
+        sb, _ = self._run_blocks(self.b, sb, nb, self.b.num_blocks)
+        return self.a.head(sa, batch_a), self.b.head(sb, batch_b)
+
+    @staticmethod
+    def _run_blocks(expert: Expert, state: BlockState, start: int, stop: int) -> tuple[BlockState, int]:
+        for k in range(start, stop):
+            state = expert.run_block(k, state)
+        return state, max(start, stop)
+
+    # ---- public --------------------------------------------------------------------------------
+    def forward(self, batch_a: Batch, batch_b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions of both experts, with hidden states exchanged at the mapped blocks."""
+        if not self._stitched:
+            raise RuntimeError("this Stitcher was unstitched; build a new one to run the experts together")
+        if self.engine == "hooks":
+            return self._run_hook_engine(batch_a, batch_b)
+        return self._run_lockstep_engine(batch_a, batch_b)
+
+    def connector_parameters(self):
+        return self.connectors.parameters()
+
+    def extra_repr(self) -> str:
+        return f"direction={self.direction!r}, engine={self.engine!r}, pairs={len(self.pairs)}, detach_source={self.detach_source}"
