@@ -109,6 +109,11 @@ class AceStep15Expert(DiffusersExpert):
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
         return (batch_size, max(1, round(seconds * self.latent_rate)), self.model.config.audio_acoustic_hidden_dim)
 
+    def conditioning(self, batch_size: int = 1, seconds: float = 1.0, generator=None) -> Batch:
+        cond = super().conditioning(batch_size, seconds, generator)
+        cond.pop("context_latents")  # text-to-music: no source audio (zeros, see _context)
+        return cond
+
     def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator=None) -> Batch:
         dev, dt = self.device, self.dtype
         shape = self.latent_shape(batch_size, seconds)

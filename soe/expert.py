@@ -198,6 +198,17 @@ class Expert(nn.Module):
         """A random batch with every key the model needs, at this expert's shapes."""
         raise NotImplementedError
 
+    def conditioning(self, batch_size: int = 1, seconds: float = 1.0, generator: torch.Generator | None = None) -> Batch:
+        """Everything a batch needs besides ``latents`` and ``timestep`` (for synthetic data)."""
+        b = self.dummy_batch(batch_size, seconds, generator)
+        return {k: v for k, v in b.items() if k not in ("latents", "timestep")}
+
+    @property
+    def latent_time_axis(self) -> int:
+        """Axis of the batched latent that grows with clip length."""
+        s1, s2 = self.latent_shape(1, 1.0), self.latent_shape(1, 2.0)
+        return next(i for i, (x, y) in enumerate(zip(s1, s2)) if x != y)
+
     def unconditional(self, batch: Batch) -> Batch:
         """The batch with text conditioning dropped (zeros), for classifier-free guidance."""
         out = dict(batch)

@@ -1,0 +1,268 @@
+"""ACE-Step v1 (3.5B text/lyrics-to-music DiT) as a soe expert.
+
+Batch keys (all tensors; ``B`` batch, ``T`` latent frames, ``L`` text tokens, ``Ly`` lyric tokens):
+
+- ``latents``            (B, 8, 16, T)  noisy music-DCAE latent
+- ``timestep``           (B,)           flow sigma in [0, 1]; the model sees ``sigma * 1000``
+- ``text_hidden_states`` (B, L, 768)    umT5-base last hidden states of the style prompt
+- ``text_attention_mask`` (B, L)        1 on real text tokens
+- ``speaker_embeds``     (B, 512)       speaker/timbre embedding (zeros = none, as in ACE-Step)
+- ``lyric_token_ids``    (B, Ly) long   ACE-Step lyric tokenizer ids
+- ``lyric_mask``         (B, Ly)        1 on real lyric tokens
+- ``attention_mask``     (B, T)         optional, 1 on real latent frames (default: all ones)
+
+One token per latent frame: the 16x1 patch covers the whole 16-high latent, so the token grid is
+``(t,)`` at ``sample_rate / 512 / 8`` frames per second (mel hop 512, DCAE 8x time downsampling).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from experts.ace_step_v1_model import ACEStepTransformer2DModel
+from soe.expert import Batch, BlockState, Expert, TokenLayout
+from soe.registry import register_expert
+
+SUBFOLDER = "ace_step_transformer"  # the transformer's folder inside an ACE-Step v1 checkpoint
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = WEIGHTS + ".index.json"  # sharded variant written by save_pretrained for big fp32 models
+MEL_HOP, DCAE_TIME_DOWNSAMPLE = 512, 8
+
+# ace_step_transformer/config.json of ACE-Step/ACE-Step-v1-3.5B (minus the _class_name/_diffusers_version keys).
+ACE_STEP_V1_3_5B = {
+    "in_channels": 8,
+    "num_layers": 24,
+    "inner_dim": 2560,
+    "attention_head_dim": 128,
+    "num_attention_heads": 20,
+    "mlp_ratio": 2.5,
+    "out_channels": 8,
+    "max_position": 32768,
+    "rope_theta": 1000000.0,
+    "speaker_embedding_dim": 512,
+    "text_embedding_dim": 768,
+    "ssl_encoder_depths": [8, 8],
+    "ssl_names": ["mert", "m-hubert"],
+    "ssl_latent_dims": [1024, 768],
+    "patch_size": [16, 1],
+    "max_height": 16,
+    "max_width": 32768,
+    "lyric_encoder_vocab_size": 6693,
+    "lyric_hidden_size": 1024,
+}
+
+# Same conditioning interface (umT5 768, speaker 512, lyric vocabulary), everything else tiny.
+TINY = {
+    **ACE_STEP_V1_3_5B,
+    "num_layers": 2,
+    "inner_dim": 64,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "ssl_encoder_depths": [1, 1],
+    "ssl_latent_dims": [16, 12],
+    "lyric_hidden_size": 32,
+    "lyric_encoder_layers": 1,
+    "lyric_encoder_heads": 2,
+    "lyric_encoder_ff_dim": 64,
+    "patch_embed_channels": 32,
+}
+
+# Keyword arguments of LinearTransformerBlock.forward that embed() prepares once for all blocks.
+_BLOCK_KWARGS = (
+    "attention_mask",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "rotary_freqs_cis",
+    "rotary_freqs_cis_cross",
+    "temb",
+)
+
+
+@register_expert
+class AceStepV1Expert(Expert):
+    name = "ace-step"
+    modality = "audio"
+    source = "soe (ACE-Step v1 architecture, official checkpoint names)"
+    presets = {"3.5b": ACE_STEP_V1_3_5B, "tiny": TINY}
+    flow_shift = 3.0
+    # ACE-Step's own CFG drops text states, speaker embedding and lyrics (ids and mask) to zeros.
+    condition_keys = ("text_hidden_states", "speaker_embeds", "lyric_token_ids", "lyric_mask")
+    lora_targets = (
+        r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)",
+        r"transformer_blocks\.\d+\.cross_attn\.(to_q|to_k|to_v|to_out\.0)",
+        # 1x1 convs of the GLUMBConv feed-forward (the depthwise conv is tiny and grouped).
+        r"transformer_blocks\.\d+\.ff\.(inverted_conv|point_conv)\.conv",
+    )
+
+    def __init__(self, model: ACEStepTransformer2DModel, sample_rate: int = 44100):
+        super().__init__(model)
+        self.sample_rate = sample_rate  # 44100 for ACE-Step's DCAE; UniVerse-1 runs it at 25600
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict, device=None, dtype=None, sample_rate: int | None = None) -> "AceStepV1Expert":
+        config = dict(config)
+        config_rate = config.pop("sample_rate", 44100)  # an expert setting, not a model config key
+        sample_rate = sample_rate or config_rate
+        with torch.device(device or "cpu"):  # build in place: the 3.5B model never exists twice
+            model = ACEStepTransformer2DModel(**config)
+        if dtype is not None:
+            nn.Module.to(model, dtype=dtype)  # ModelMixin.to logs a spurious fp32 warning on every dtype cast
+        return cls(model.eval(), sample_rate=sample_rate)
+
+    @staticmethod
+    def _transformer_folder(path) -> Path:
+        root = Path(path)
+        for folder in (root / SUBFOLDER, root):
+            if (folder / "config.json").is_file():
+                if not ((folder / WEIGHTS).is_file() or (folder / WEIGHTS_INDEX).is_file()):
+                    raise FileNotFoundError(f"ACE-Step v1 transformer folder '{folder}' has config.json but no '{WEIGHTS}'")
+                return folder
+        raise FileNotFoundError(
+            f"no ACE-Step v1 transformer at '{root}': expected '{root / SUBFOLDER}/config.json' + '{WEIGHTS}' "
+            f"(checkpoint root) or '{root}/config.json' + '{WEIGHTS}' (the {SUBFOLDER} folder itself)"
+        )
+
+    @classmethod
+    def load(cls, path, dtype=None, device=None, sample_rate: int = 44100) -> "AceStepV1Expert":
+        """Load the official ``ace_step_transformer/`` weights (strict: every key must match, none renamed).
+
+        ``dtype=None`` keeps the dtype stored in the checkpoint.
+        """
+        folder = cls._transformer_folder(path)
+        config = ACEStepTransformer2DModel.load_config(folder)
+        with torch.device("meta"):  # no random init of 3.5B weights that are overwritten anyway
+            model = ACEStepTransformer2DModel.from_config(config)
+        files = [folder / WEIGHTS]
+        if not files[0].is_file():
+            shards = json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values()
+            files = [folder / f for f in sorted(set(shards))]
+        state = {}
+        for f in files:
+            state.update(load_file(f, device=str(device or "cpu")))
+        model.load_state_dict(state, strict=True, assign=True)
+        if dtype is not None:
+            nn.Module.to(model, dtype=dtype)
+        return cls(model.eval(), sample_rate=sample_rate)
+
+    def save(self, path) -> None:
+        """Write ``path/ace_step_transformer/{config.json, diffusion_pytorch_model.safetensors}``."""
+        self.model.save_pretrained(Path(path) / SUBFOLDER, safe_serialization=True)
+
+    # ---- blocks ----------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.transformer_blocks
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.inner_dim
+
+    @property
+    def latent_rate(self) -> float:
+        """Latent frames (= tokens) per second."""
+        return self.sample_rate / MEL_HOP / DCAE_TIME_DOWNSAMPLE / self.model.config.patch_size[1]
+
+    def _native_inputs(self, batch: Batch) -> dict:
+        """The soe batch as keyword arguments of the model's own forward."""
+        dtype = self.dtype
+        latents = batch["latents"].to(dtype)  # (B, 8, 16, T)
+        B, T, device = latents.shape[0], latents.shape[-1], latents.device
+        text = batch["text_hidden_states"].to(device, dtype)  # (B, L, 768)
+        lyric_ids = batch["lyric_token_ids"].to(device)  # (B, Ly)
+        sigma = torch.as_tensor(batch["timestep"], device=device, dtype=torch.float32)
+        mask = batch.get("attention_mask")
+        text_mask, lyric_mask = batch.get("text_attention_mask"), batch.get("lyric_mask")
+        return dict(
+            hidden_states=latents,
+            attention_mask=torch.ones(B, T, device=device, dtype=dtype) if mask is None else mask.to(device, dtype),
+            encoder_text_hidden_states=text,
+            text_attention_mask=torch.ones(text.shape[:2], device=device) if text_mask is None else text_mask.to(device),
+            speaker_embeds=batch["speaker_embeds"].to(device, dtype),  # (B, 512)
+            lyric_token_idx=lyric_ids,
+            lyric_mask=torch.ones(lyric_ids.shape, device=device) if lyric_mask is None else lyric_mask.to(device),
+            timestep=(sigma * 1000).expand(B),  # ACE-Step timesteps live in [0, 1000]
+        )
+
+    def embed(self, batch: Batch) -> BlockState:
+        m, x = self.model, self._native_inputs(batch)
+        enc, enc_mask = m.encode(
+            x["encoder_text_hidden_states"], x["text_attention_mask"], x["speaker_embeds"], x["lyric_token_idx"], x["lyric_mask"]
+        )  # (B, 1+L+Ly, D), (B, 1+L+Ly)
+        latents = x["hidden_states"]
+        embedded_timestep = m.timestep_embedder(m.time_proj(x["timestep"]).to(latents.dtype))  # (B, D)
+        hidden = m.proj_in(latents)  # (B, T, D)
+        extras = dict(
+            attention_mask=x["attention_mask"],
+            encoder_hidden_states=enc,
+            encoder_attention_mask=enc_mask,
+            rotary_freqs_cis=m.rotary_emb(hidden, seq_len=hidden.shape[1]),
+            rotary_freqs_cis_cross=m.rotary_emb(enc, seq_len=enc.shape[1]),
+            temb=m.t_block(embedded_timestep),  # (B, 6D): adaLN-single, shared by every block
+            embedded_timestep=embedded_timestep,  # the head modulates with the un-projected embedding
+            output_length=latents.shape[-1],
+        )
+        return BlockState(hidden=hidden, extras=extras)
+
+    def run_block(self, i: int, state: BlockState) -> BlockState:
+        block = self.blocks[i]
+        kwargs = {k: state.extras[k] for k in _BLOCK_KWARGS}
+        if self.gradient_checkpointing and self.model.training and torch.is_grad_enabled():
+            hidden = checkpoint(block, state.hidden, use_reentrant=False, **kwargs)  # (B, T, D)
+        else:
+            hidden = block(state.hidden, **kwargs)  # (B, T, D)
+        return state.replace(hidden)
+
+    def head(self, state: BlockState, batch: Batch) -> torch.Tensor:
+        e = state.extras
+        return self.model.final_layer(state.hidden, e["embedded_timestep"], e["output_length"])  # (B, 8, 16, T)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model(**self._native_inputs(batch)).sample  # (B, 8, 16, T) velocity
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        super().set_gradient_checkpointing(enabled)  # run_block
+        if enabled:  # native forward (blocks and lyric encoder), like the official flag
+            self.model.enable_gradient_checkpointing()
+        else:
+            self.model.disable_gradient_checkpointing()
+
+    # ---- time and data -------------------------------------------------------------------------
+    def token_layout(self, batch: Batch) -> TokenLayout:
+        height, frames = batch["latents"].shape[-2:]
+        ph, pw = self.model.config.patch_size
+        if height != ph:  # several patch rows would put frequency, not time, on the outer axis
+            raise ValueError(f"ace-step expects latents {ph} high (one token per frame), got height {height}")
+        return TokenLayout(grid=(frames // pw,), axes=("t",), time_rate=self.latent_rate)
+
+    def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
+        cfg = self.model.config
+        frames = max(1, int(seconds * self.latent_rate))  # int() like ACE-Step's pipeline
+        return (batch_size, cfg.in_channels, cfg.max_height, frames)
+
+    def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator: torch.Generator | None = None) -> Batch:
+        cfg, device = self.model.config, self.device
+        text_len, lyric_len = 8, 12
+        text_mask = torch.ones(batch_size, text_len, dtype=torch.long)
+        lyric_mask = torch.ones(batch_size, lyric_len, dtype=torch.long)
+        for b in range(1, batch_size):  # later samples carry some padding, so masks are exercised
+            text_mask[b, text_len - min(b, text_len - 1) :] = 0
+            lyric_mask[b, lyric_len - min(2 * b, lyric_len - 1) :] = 0
+        batch = {
+            "latents": torch.randn(self.latent_shape(batch_size, seconds), generator=generator),
+            "timestep": torch.rand(batch_size, generator=generator),
+            "text_hidden_states": torch.randn(batch_size, text_len, cfg.text_embedding_dim, generator=generator),
+            "text_attention_mask": text_mask,
+            "speaker_embeds": torch.randn(batch_size, cfg.speaker_embedding_dim, generator=generator),
+            "lyric_token_ids": torch.randint(0, cfg.lyric_encoder_vocab_size, (batch_size, lyric_len), generator=generator),
+            "lyric_mask": lyric_mask,
+        }
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sample_rate={self.sample_rate}"

@@ -1,0 +1,402 @@
+"""ACE-Step v1 music diffusion transformer (``ACEStepTransformer2DModel``), written from its architecture.
+
+The official model (github.com/ace-step/ACE-Step, ``acestep/models/``) is a Sana-style DiT over the
+music DCAE latent ``(B, 8, 16, T)``:
+
+- ``proj_in``: a 16x1 patch conv over the 16-high latent -> one token per latent frame ``(B, T, D)``.
+- conditioning tokens ``[speaker (1), text (L), lyrics (Ly)]``: speaker embedding (512) and umT5-base
+  text states (768) projected to D, lyric tokens through a Conformer encoder then projected to D.
+- 24 ``LinearTransformerBlock``s: adaLN-single modulation, ReLU-kernel *linear* self-attention with
+  RoPE, *softmax* cross-attention to the conditioning tokens (RoPE on queries and keys, no norm, no
+  gate), and a GLUMBConv feed-forward (1x1 conv, depthwise 3-tap conv, SiLU gate, 1x1 conv).
+- ``final_layer``: Sana's T2IFinalLayer (modulated RMSNorm + linear + unpatchify).
+- ``projectors``: REPA heads used only for the training-time SSL alignment loss (kept because the
+  checkpoint holds them).
+
+Module and parameter names match the released ``ace_step_transformer/`` folder, and the config keys
+are the released ones plus optional size knobs for the lyric encoder and patch stem (defaults =
+released values) so a tiny test model is possible.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import RMSNorm
+from diffusers.utils import BaseOutput
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from experts.ace_step_v1_lyric import LyricConformerEncoder
+
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim)
+
+
+# ---- rotary position embedding --------------------------------------------------------------------
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of the official (Qwen2-style) RoPE: frequencies repeated as ``cat(f, f)``."""
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self.dim, self.base = dim, base  # no buffers: tables are cheap and never meet the meta device
+
+    def forward(self, x: torch.Tensor, seq_len: int) -> RopeTables:
+        # Computed in float32 on CPU like the official init-time cache, then cast to x's dtype.
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim))
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.int64).float(), inv_freq)  # (S, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, dim)
+        return emb.cos().to(x.device, x.dtype), emb.sin().to(x.device, x.dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """Rotate interleaved channel pairs (2i, 2i+1) of ``x (B, H, S, d)``, as the official processors do.
+
+    Note the official pairing: interleaved pairs with the ``cat(f, f)`` table, so the two members of a
+    pair see different frequencies. Reproduced as is, since the checkpoint was trained with it.
+    """
+    cos, sin = rope  # (S, d)
+    x1, x2 = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # (B, H, S, d/2) each
+    rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)  # (B, H, S, d)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# ---- attention processors (diffusers Attention holds the projections, these do the math) -----------
+class LinearAttnProcessor:
+    """Self-attention with a ReLU kernel (Sana's LiteLA): O(N) in the number of latent frames."""
+
+    eps = 1e-15
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_freqs_cis=None):
+        B, S, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+        H = attn.heads
+        q = attn.to_q(hidden_states).view(B, S, H, -1).transpose(1, 2)  # (B, H, S, d)
+        k = attn.to_k(hidden_states).view(B, S, H, -1).transpose(1, 2)  # (B, H, S, d)
+        v = attn.to_v(hidden_states).view(B, S, H, -1).transpose(1, 2)  # (B, H, S, d)
+        if rotary_freqs_cis is not None:
+            q, k = apply_rope(q, rotary_freqs_cis), apply_rope(k, rotary_freqs_cis)
+        if attention_mask is not None:  # padded frames neither attend nor are attended to
+            m = attention_mask[:, None, :, None].to(k.dtype)  # (B, 1, S, 1)
+            q, k, v = q * m, k * m, v * m
+        q, k = F.relu(q).float(), F.relu(k).float()
+        v = F.pad(v.float().transpose(-1, -2), (0, 0, 0, 1), value=1.0)  # (B, H, d+1, S): ones row -> normaliser
+        out = (v @ k) @ q.transpose(-1, -2)  # (B, H, d+1, S)
+        out = out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, H, d, S)
+        out = out.reshape(B, -1, S).transpose(1, 2).to(dtype)  # (B, S, H*d)
+        out = attn.to_out[1](attn.to_out[0](out))  # linear, dropout
+        if torch.get_autocast_dtype("cuda") == torch.float16:  # the official fp16 overflow guard
+            out = out.clip(-65504, 65504)
+        return out
+
+
+class CrossAttnProcessor:
+    """Softmax cross-attention from latent frames to conditioning tokens, RoPE on both sides."""
+
+    def __call__(
+        self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+        encoder_attention_mask=None, rotary_freqs_cis=None, rotary_freqs_cis_cross=None,
+    ):  # fmt: skip
+        B, S, _ = hidden_states.shape
+        H = attn.heads
+        q = attn.to_q(hidden_states).view(B, S, H, -1).transpose(1, 2)  # (B, H, S, d)
+        k = attn.to_k(encoder_hidden_states).view(B, -1, H, q.shape[-1]).transpose(1, 2)  # (B, H, L, d)
+        v = attn.to_v(encoder_hidden_states).view(B, -1, H, q.shape[-1]).transpose(1, 2)  # (B, H, L, d)
+        if rotary_freqs_cis is not None:
+            q = apply_rope(q, rotary_freqs_cis)
+            if rotary_freqs_cis_cross is not None:
+                k = apply_rope(k, rotary_freqs_cis_cross)
+        bias = None
+        if encoder_attention_mask is not None:  # a pair attends only if both tokens are real
+            pair = attention_mask[:, :, None] * encoder_attention_mask[:, None, :]  # (B, S, L)
+            bias = torch.where(pair == 1, 0.0, -torch.inf)[:, None].to(q.dtype)  # (B, 1, S, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, S, d)
+        out = out.transpose(1, 2).reshape(B, S, -1)  # (B, S, H*d)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+# ---- feed-forward -----------------------------------------------------------------------------------
+class ConvLayer(nn.Module):
+    """Conv1d over tokens (channels first) with an optional SiLU; wrapper kept for checkpoint names."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 1, groups: int = 1, bias: bool = False, act: bool = False):
+        super().__init__()
+        self.conv = nn.Conv1d(in_dim, out_dim, kernel_size, padding=kernel_size // 2, groups=groups, bias=bias)
+        self.act = nn.SiLU() if act else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return self.act(x) if self.act is not None else x
+
+
+class GLUMBConv(nn.Module):
+    """Sana's gated inverted-bottleneck conv FFN: 1x1 up (x2, SiLU), depthwise k=3, SiLU gate, 1x1 down."""
+
+    def __init__(self, dim: int, hidden: int, kernel_size: int = 3):
+        super().__init__()
+        self.glu_act = nn.SiLU()
+        self.inverted_conv = ConvLayer(dim, 2 * hidden, 1, bias=True, act=True)
+        self.depth_conv = ConvLayer(2 * hidden, 2 * hidden, kernel_size, groups=2 * hidden, bias=True)
+        self.point_conv = ConvLayer(hidden, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.depth_conv(self.inverted_conv(x.transpose(1, 2)))  # (B, 2*hidden, N): mixes neighbouring frames
+        x, gate = x.chunk(2, dim=1)  # (B, hidden, N) each
+        return self.point_conv(x * self.glu_act(gate)).transpose(1, 2)  # (B, N, D)
+
+
+# ---- transformer block ------------------------------------------------------------------------------
+class LinearTransformerBlock(nn.Module):
+    """adaLN-single block: x += g1*LinAttn(mod(norm(x))); x += CrossAttn(x); x += g2*FFN(mod(norm(x)))."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(
+            query_dim=dim, dim_head=head_dim, heads=num_heads, out_dim=dim, bias=True, processor=LinearAttnProcessor()
+        )
+        # added_kv_proj_dim/context_pre_only make diffusers also create add_{q,k,v}_proj and to_add_out:
+        # unused by the forward, but the released checkpoint holds them.
+        self.cross_attn = Attention(
+            query_dim=dim,
+            cross_attention_dim=dim,
+            added_kv_proj_dim=dim,
+            dim_head=head_dim,
+            heads=num_heads,
+            out_dim=dim,
+            context_pre_only=False,
+            bias=True,
+            processor=CrossAttnProcessor(),
+        )
+        self.norm2 = RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.ff = GLUMBConv(dim, int(dim * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        rotary_freqs_cis: RopeTables | None = None,
+        rotary_freqs_cis_cross: RopeTables | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B = hidden_states.shape[0]
+        mod = self.scale_shift_table[None] + temb.reshape(B, 6, -1)  # (B, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # (B, 1, D) each
+
+        h = self.norm1(hidden_states) * (1 + scale_msa) + shift_msa  # (B, N, D)
+        h = self.attn(h, attention_mask=attention_mask, rotary_freqs_cis=rotary_freqs_cis)  # (B, N, D)
+        hidden_states = hidden_states + gate_msa * h
+
+        hidden_states = hidden_states + self.cross_attn(  # (B, N, D); no norm, no gate (as released)
+            hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+            encoder_attention_mask=encoder_attention_mask, rotary_freqs_cis=rotary_freqs_cis,
+            rotary_freqs_cis_cross=rotary_freqs_cis_cross,
+        )  # fmt: skip
+
+        h = self.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp  # (B, N, D)
+        return hidden_states + gate_mlp * self.ff(h)  # (B, N, D)
+
+
+# ---- stem and head ----------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Latent ``(B, C, 16, T)`` -> tokens ``(B, T, D)``: 16x1 patch conv, GroupNorm, 1x1 conv."""
+
+    def __init__(self, patch_size=(16, 1), in_channels: int = 8, embed_dim: int = 2560, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or in_channels * 256  # 2048 in the release
+        self.early_conv_layers = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, kernel_size=tuple(patch_size), stride=tuple(patch_size), bias=True),
+            nn.GroupNorm(num_groups=32, num_channels=hidden, eps=1e-6, affine=True),
+            nn.Conv2d(hidden, embed_dim, kernel_size=1, bias=True),
+        )
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.early_conv_layers(latent).flatten(2).transpose(1, 2)  # (B, H'*W', D), H' = 1
+
+
+class T2IFinalLayer(nn.Module):
+    """Sana head: modulated RMSNorm by the *embedded* timestep, linear, unpatchify to ``(B, C, 16, T)``."""
+
+    def __init__(self, dim: int, patch_size=(16, 1), out_channels: int = 8):
+        super().__init__()
+        self.norm_final = nn.RMSNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size[0] * patch_size[1] * out_channels, bias=True)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.patch_size, self.out_channels = tuple(patch_size), out_channels
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, output_length: int) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        x = self.linear(self.norm_final(x) * (1 + scale) + shift)  # (B, N, p*q*C)
+        B, N, _ = x.shape
+        p, q = self.patch_size
+        x = x.reshape(B, 1, N, p, q, self.out_channels)  # one token row: (B, h=1, w=N, p, q, C)
+        x = torch.einsum("nhwpqc->nchpwq", x).reshape(B, self.out_channels, p, N * q)  # (B, C, 16, T)
+        if output_length > N * q:
+            x = F.pad(x, (0, output_length - N * q))
+        return x[..., :output_length]
+
+
+@dataclass
+class Transformer2DModelOutput(BaseOutput):
+    sample: torch.Tensor
+    proj_losses: list | None = None
+
+
+def cross_norm(hidden_states: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """Match the per-sample mean/std of a control signal to the hidden states (official controlnet path)."""
+    mu_h, std_h = hidden_states.mean(dim=(1, 2), keepdim=True), hidden_states.std(dim=(1, 2), keepdim=True)
+    mu_c, std_c = control.mean(dim=(1, 2), keepdim=True), control.std(dim=(1, 2), keepdim=True)
+    return (control - mu_c) * (std_h / (std_c + 1e-12)) + mu_h
+
+
+# ---- the model --------------------------------------------------------------------------------------
+class ACEStepTransformer2DModel(ModelMixin, ConfigMixin):
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 8,
+        num_layers: int = 24,
+        inner_dim: int = 2560,
+        attention_head_dim: int = 128,
+        num_attention_heads: int = 20,
+        mlp_ratio: float = 2.5,
+        out_channels: int = 8,
+        max_position: int = 32768,
+        rope_theta: float = 1000000.0,
+        speaker_embedding_dim: int = 512,
+        text_embedding_dim: int = 768,
+        ssl_encoder_depths: list[int] = (8, 8),
+        ssl_names: list[str] = ("mert", "m-hubert"),
+        ssl_latent_dims: list[int] = (1024, 768),
+        lyric_encoder_vocab_size: int = 6693,
+        lyric_hidden_size: int = 1024,
+        patch_size: list[int] = (16, 1),
+        max_height: int = 16,
+        max_width: int = 32768,
+        # Not in the released config (hard-coded there); defaults are the released values.
+        lyric_encoder_layers: int = 6,
+        lyric_encoder_heads: int = 16,
+        lyric_encoder_ff_dim: int = 4096,
+        patch_embed_channels: int | None = None,
+    ):
+        super().__init__()
+        dim = num_attention_heads * attention_head_dim  # the official code derives it, ignoring inner_dim
+        if inner_dim != dim:
+            raise ValueError(f"inner_dim={inner_dim} must equal num_attention_heads*attention_head_dim={dim}")
+        self.inner_dim = dim
+        self.rotary_emb = RotaryEmbedding(attention_head_dim, rope_theta)
+        self.transformer_blocks = nn.ModuleList(
+            [LinearTransformerBlock(dim, num_attention_heads, attention_head_dim, mlp_ratio) for _ in range(num_layers)]
+        )
+        self.time_proj = Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.timestep_embedder = TimestepEmbedding(in_channels=256, time_embed_dim=dim)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))  # adaLN-single, shared by all blocks
+
+        self.speaker_embedder = nn.Linear(speaker_embedding_dim, dim)
+        self.genre_embedder = nn.Linear(text_embedding_dim, dim)  # umT5 text states ("genre" = style prompt)
+        self.lyric_embs = nn.Embedding(lyric_encoder_vocab_size, lyric_hidden_size)
+        self.lyric_encoder = LyricConformerEncoder(
+            in_dim=lyric_hidden_size,
+            dim=lyric_hidden_size,
+            num_heads=lyric_encoder_heads,
+            ff_dim=lyric_encoder_ff_dim,
+            num_layers=lyric_encoder_layers,
+        )
+        self.lyric_proj = nn.Linear(lyric_hidden_size, dim)
+
+        self.projectors = nn.ModuleList(
+            [
+                nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, d))
+                for d in ssl_latent_dims
+            ]
+        )
+        self.proj_in = PatchEmbed(patch_size, in_channels, dim, hidden=patch_embed_channels)
+        self.final_layer = T2IFinalLayer(dim, patch_size=patch_size, out_channels=out_channels)
+        self.gradient_checkpointing = False
+
+    # -- conditioning -------------------------------------------------------------------------------
+    def forward_lyric_encoder(self, lyric_token_idx: torch.Tensor, lyric_mask: torch.Tensor) -> torch.Tensor:
+        x = self.lyric_embs(lyric_token_idx)  # (B, Ly, lyric_hidden)
+        return self.lyric_proj(self.lyric_encoder(x, lyric_mask))  # (B, Ly, D)
+
+    def encode(self, encoder_text_hidden_states, text_attention_mask, speaker_embeds, lyric_token_idx, lyric_mask):
+        """Conditioning tokens ``[speaker, text, lyrics]`` ``(B, 1+L+Ly, D)`` and their mask."""
+        B = encoder_text_hidden_states.shape[0]
+        speaker = self.speaker_embedder(speaker_embeds)[:, None]  # (B, 1, D)
+        text = self.genre_embedder(encoder_text_hidden_states)  # (B, L, D)
+        lyrics = self.forward_lyric_encoder(lyric_token_idx, lyric_mask)  # (B, Ly, D)
+        speaker_mask = torch.ones(B, 1, device=speaker.device)
+        states = torch.cat([speaker, text, lyrics], dim=1)  # (B, 1+L+Ly, D)
+        mask = torch.cat([speaker_mask, text_attention_mask, lyric_mask], dim=1)  # (B, 1+L+Ly)
+        return states, mask
+
+    # -- denoiser -----------------------------------------------------------------------------------
+    def decode(
+        self, hidden_states, attention_mask, encoder_hidden_states, encoder_hidden_mask, timestep,
+        ssl_hidden_states=None, output_length: int = 0, block_controlnet_hidden_states=None, controlnet_scale=1.0,
+        return_dict: bool = True,
+    ):  # fmt: skip
+        embedded_timestep = self.timestep_embedder(self.time_proj(timestep).to(hidden_states.dtype))  # (B, D)
+        temb = self.t_block(embedded_timestep)  # (B, 6D)
+        hidden_states = self.proj_in(hidden_states)  # (B, T, D)
+        if block_controlnet_hidden_states is not None:
+            hidden_states = hidden_states + cross_norm(hidden_states, block_controlnet_hidden_states) * controlnet_scale
+
+        rope = self.rotary_emb(hidden_states, seq_len=hidden_states.shape[1])
+        rope_cross = self.rotary_emb(encoder_hidden_states, seq_len=encoder_hidden_states.shape[1])
+        kwargs = dict(attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                      encoder_attention_mask=encoder_hidden_mask, rotary_freqs_cis=rope,
+                      rotary_freqs_cis_cross=rope_cross, temb=temb)  # fmt: skip
+        inner = []  # block outputs at the REPA depths
+        for i, block in enumerate(self.transformer_blocks):
+            if self.training and self.gradient_checkpointing:
+                hidden_states = checkpoint(block, hidden_states, use_reentrant=False, **kwargs)
+            else:
+                hidden_states = block(hidden_states, **kwargs)  # (B, T, D)
+            inner += [hidden_states for depth in self.config.ssl_encoder_depths if depth == i]
+
+        proj_losses = self._ssl_losses(inner, ssl_hidden_states) if ssl_hidden_states else []
+        output = self.final_layer(hidden_states, embedded_timestep, output_length)  # (B, C, 16, T)
+        if not return_dict:
+            return output, proj_losses
+        return Transformer2DModelOutput(sample=output, proj_losses=proj_losses)
+
+    def _ssl_losses(self, inner, ssl_hidden_states):
+        """REPA: cosine loss between projected block states and SSL features (MERT, mHuBERT) per sample."""
+        losses = []
+        for h, projector, targets, name in zip(inner, self.projectors, ssl_hidden_states, self.config.ssl_names):
+            if targets is None:
+                continue
+            pred = projector(h)  # (B, T, d_ssl)
+            loss = 0.0
+            for z, z_hat in zip(targets, pred):  # feature rates differ: resample the prediction to len(z)
+                z_hat = F.interpolate(z_hat.T[None], size=len(z), mode="linear", align_corners=False)[0].T  # (Tz, d)
+                cos = F.cosine_similarity(F.normalize(z, dim=-1), F.normalize(z_hat, dim=-1), dim=-1)  # (Tz,)
+                loss = loss + (1 - cos).mean()
+            losses.append((name, loss / h.shape[0]))
+        return losses
+
+    def forward(
+        self, hidden_states, attention_mask, encoder_text_hidden_states, text_attention_mask, speaker_embeds,
+        lyric_token_idx, lyric_mask, timestep, ssl_hidden_states=None, block_controlnet_hidden_states=None,
+        controlnet_scale=1.0, return_dict: bool = True,
+    ):  # fmt: skip
+        """Velocity ``(B, 8, 16, T)`` for latent ``hidden_states (B, 8, 16, T)`` at ``timestep`` in [0, 1000]."""
+        encoder_hidden_states, encoder_hidden_mask = self.encode(
+            encoder_text_hidden_states, text_attention_mask, speaker_embeds, lyric_token_idx, lyric_mask
+        )
+        return self.decode(
+            hidden_states, attention_mask, encoder_hidden_states, encoder_hidden_mask, timestep,
+            ssl_hidden_states=ssl_hidden_states, output_length=hidden_states.shape[-1],
+            block_controlnet_hidden_states=block_controlnet_hidden_states, controlnet_scale=controlnet_scale,
+            return_dict=return_dict,
+        )  # fmt: skip

@@ -1,0 +1,121 @@
+"""Rectified flow per modality: timesteps, independent noise streams, noising, loss.
+
+Convention (Wan, ACE-Step): ``x_t = (1 - sigma) * x0 + sigma * eps`` and the model predicts the
+velocity ``eps - x0``. Each expert declares its schedule shift (``flow_shift``) and the space its
+loss lives in (``flow_loss``: ``velocity`` = plain velocity MSE as Wan; ``x0`` = MSE of
+``x0_pred = x_t - sigma * v``, i.e. a sigma^2-weighted velocity loss, as ACE-Step v1).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from soe.expert import Batch, Expert
+
+
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """Timestep shift of SD3/Wan: ``s*sigma / (1 + (s-1)*sigma)``; shift > 1 spends more time at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def stream_seed(seed: int, *parts) -> int:
+    """A 63-bit seed derived from ``seed`` and any labels (modality, step, rank): independent streams."""
+    h = hashlib.blake2b(repr((int(seed), *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def generator_for(seed: int, *parts, device="cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, *parts))
+
+
+def sample_base_times(n: int, density: str, generator: torch.Generator) -> torch.Tensor:
+    """Unshifted flow times in (0, 1): ``uniform`` or ``logit_normal`` (sigmoid of a standard normal)."""
+    if density == "uniform":
+        return torch.rand(n, generator=generator)
+    if density == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator))
+    raise ValueError(f"flow.density: expected 'uniform' or 'logit_normal', got {density!r}")
+
+
+class FlowObjective(nn.Module):
+    """Noising and loss for the two modalities of a stitch.
+
+    ``timesteps="shared"``: one base time per clip for both modalities (each then shifted by its own
+    expert's shift); ``"independent"``: a base time per clip per modality. Noise always comes from a
+    separate generator stream per modality derived from (seed, modality, step, rank), so audio and
+    video noise are never correlated, whatever their shapes. ``balance="ema"`` divides each
+    modality's loss by a running mean of itself so neither scale drowns the other.
+    """
+
+    def __init__(self, experts: dict[str, Expert], timesteps: str = "shared", density: str = "logit_normal",
+                 shifts: dict[str, float] | None = None, weights: dict[str, float] | None = None,
+                 balance: str = "none", momentum: float = 0.99, seed: int = 0):
+        super().__init__()
+        if timesteps not in ("shared", "independent"):
+            raise ValueError(f"flow.timesteps: expected 'shared' or 'independent', got {timesteps!r}")
+        if balance not in ("none", "ema"):
+            raise ValueError(f"flow.balance: expected 'none' or 'ema', got {balance!r}")
+        self.sides = list(experts)
+        self.modality = {k: e.modality for k, e in experts.items()}
+        self.loss_space = {k: getattr(e, "flow_loss", "velocity") for k, e in experts.items()}
+        self.shifts = {k: float((shifts or {}).get(k) or e.flow_shift) for k, e in experts.items()}
+        self.weights = {k: float((weights or {}).get(k, 1.0)) for k in experts}
+        self.timesteps, self.density, self.balance, self.momentum, self.seed = timesteps, density, balance, momentum, seed
+        # running loss means live in buffers so they are checkpointed and resume exactly
+        self.register_buffer("loss_ema", torch.zeros(len(self.sides)))
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+
+    def _label(self, side: str) -> str:
+        return f"{side}:{self.modality[side]}"
+
+    def sigmas(self, batch_size: int, step: int, rank: int = 0) -> dict[str, torch.Tensor]:
+        """Flow time sigma in (0, 1) per modality, shape ``(B,)`` each."""
+        if self.timesteps == "shared":
+            u = sample_base_times(batch_size, self.density, generator_for(self.seed, "time", step, rank))
+            base = {k: u for k in self.sides}
+        else:
+            base = {k: sample_base_times(batch_size, self.density, generator_for(self.seed, "time", self._label(k), step, rank))
+                    for k in self.sides}
+        return {k: shift_sigma(base[k], self.shifts[k]) for k in self.sides}
+
+    def noise(self, side: str, like: torch.Tensor, step: int, rank: int = 0) -> torch.Tensor:
+        g = generator_for(self.seed, "noise", self._label(side), step, rank)
+        return torch.randn(like.shape, generator=g).to(like.device, like.dtype)
+
+    def noised(self, clean: dict[str, Batch], step: int, rank: int = 0) -> tuple[dict[str, Batch], dict[str, dict]]:
+        """Model inputs (``latents`` = x_t, ``timestep`` = sigma) and what the loss needs, per side."""
+        bsz = next(iter(clean.values()))["latents"].shape[0]
+        sig = self.sigmas(bsz, step, rank)
+        inputs, targets = {}, {}
+        for k in self.sides:
+            x0 = clean[k]["latents"]
+            eps = self.noise(k, x0, step, rank)
+            s = sig[k].to(x0.device, x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+            x_t = (1 - s) * x0 + s * eps
+            inputs[k] = {**clean[k], "latents": x_t, "timestep": sig[k].to(x0.device, x0.dtype)}
+            targets[k] = {"x0": x0, "eps": eps, "x_t": x_t, "sigma": s}
+        return inputs, targets
+
+    def modality_loss(self, side: str, pred: torch.Tensor, target: dict) -> torch.Tensor:
+        pred = pred.float()
+        if self.loss_space[side] == "x0":
+            x0_pred = target["x_t"].float() - target["sigma"].float() * pred
+            return torch.mean((x0_pred - target["x0"].float()) ** 2)
+        return torch.mean((pred - (target["eps"].float() - target["x0"].float())) ** 2)
+
+    def forward(self, preds: dict[str, torch.Tensor], targets: dict[str, dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and the per-modality losses (unweighted, for logging)."""
+        losses = {k: self.modality_loss(k, preds[k], targets[k]) for k in self.sides}
+        if self.balance == "none":
+            return sum(self.weights[k] * losses[k] for k in self.sides), losses
+        current = torch.stack([losses[k].detach() for k in self.sides])
+        if self.training:
+            with torch.no_grad():
+                first = self.ema_steps == 0
+                self.loss_ema.copy_(torch.where(first, current, self.momentum * self.loss_ema + (1 - self.momentum) * current))
+                self.ema_steps += 1
+        scale = self.loss_ema.clamp(min=1e-8) if self.ema_steps > 0 else current.clamp(min=1e-8)
+        total = sum(self.weights[k] * losses[k] / scale[n] for n, k in enumerate(self.sides))
+        return total, losses

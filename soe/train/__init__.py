@@ -1,0 +1,1 @@
+"""Lightning training of stitched experts: module, data, callbacks, the `soe stitch` run."""

@@ -1,0 +1,120 @@
+"""Nothing is lost: atomic checkpoint files, and exports of what trained in standard formats.
+
+* ``AtomicCheckpointIO``: Lightning checkpoints are written to a temporary file, fsynced, then
+  renamed over the target, so a kill mid-write leaves the previous checkpoint intact.
+* ``export_trained`` writes ``connectors.safetensors`` and, per expert, a peft LoRA adapter folder
+  (``adapter_config.json`` + ``adapter_model.safetensors``) or, for fully trained experts, the
+  expert in its official format; ``load_trained`` reads them back into a freshly built Stitcher.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from soe.lora import ADAPTER
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _full_cpu(state: dict) -> dict:
+    """Plain contiguous CPU tensors; sharded (FSDP2 DTensor) ones are gathered: call on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous() for k, v in state.items()}
+
+
+def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = True) -> Path:
+    """Write everything that trained into ``folder`` (atomically replaced as a whole).
+
+    Under a sharded strategy every rank must call this (gathering is collective); only the rank
+    with ``write=True`` writes files.
+    """
+    folder = Path(folder)
+    conn = _full_cpu(stitcher.connectors.state_dict())
+    adapters = {side: _full_cpu(get_peft_model_state_dict(getattr(stitcher, side).model, adapter_name=ADAPTER))
+                for side, mode in train_modes.items() if mode == "lora"}
+    if not write:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    save_file(conn, tmp / "connectors.safetensors")
+    for side, mode in train_modes.items():
+        expert = getattr(stitcher, side)
+        if mode == "lora":
+            out = tmp / f"lora_{side}"
+            out.mkdir()
+            expert.model.peft_config[ADAPTER].save_pretrained(out)
+            save_file(adapters[side], out / "adapter_model.safetensors")
+        elif mode == "full":
+            expert.save(tmp / f"expert_{side}")
+    _replace_dir(tmp, folder)
+    return folder
+
+
+def load_trained(stitcher, folder) -> None:
+    """Load connectors and adapters written by ``export_trained`` into a freshly built Stitcher."""
+    folder = Path(folder)
+    conn_file = folder / "connectors.safetensors"
+    if not conn_file.is_file():
+        raise FileNotFoundError(f"'{folder}' holds no connectors.safetensors (expected a folder written by `soe stitch`)")
+    stitcher.connectors.load_state_dict(load_file(conn_file), strict=True)
+    for side in ("a", "b"):
+        expert = getattr(stitcher, side)
+        lora_dir = folder / f"lora_{side}"
+        if lora_dir.is_dir():
+            config = LoraConfig.from_pretrained(lora_dir)
+            if ADAPTER not in getattr(expert.model, "peft_config", {}):
+                inject_adapter_in_model(config, expert.model, adapter_name=ADAPTER)
+            result = set_peft_model_state_dict(expert.model, load_file(lora_dir / "adapter_model.safetensors"), adapter_name=ADAPTER)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"{lora_dir}: adapter tensors that match no LoRA layer: {unexpected[:3]}")
+        full_dir = folder / f"expert_{side}"
+        if full_dir.is_dir():
+            loaded = type(expert).load(full_dir)
+            expert.model.load_state_dict(loaded.model.state_dict())
+
+
+class ExportTrained(Callback):
+    """After every checkpoint, export what trained to ``<run_dir>/trained`` (peft + safetensors)."""
+
+    def __init__(self, folder, train_modes: dict[str, str]):
+        self.folder, self.train_modes = Path(folder), train_modes
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero)
+
+    def on_train_end(self, trainer, pl_module):
+        export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero)

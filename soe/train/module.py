@@ -1,0 +1,104 @@
+"""``StitchModule``: the Lightning side of a stitched model. The Stitcher is injected."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+from soe.flow import FlowObjective
+from soe.stitcher import Stitcher
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    max_steps: int = 1000
+
+
+def lr_factor(step: int, s: OptimSettings) -> float:
+    """Linear warmup, then constant or cosine decay to zero at ``max_steps``."""
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.schedule == "cosine":
+        progress = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+class StitchModule(L.LightningModule):
+    def __init__(self, stitcher: Stitcher, objective: FlowObjective, optim: OptimSettings):
+        super().__init__()
+        self.stitcher, self.objective, self.optim = stitcher, objective, optim
+        self.strict_loading = False  # checkpoints hold only the trainable tensors
+
+    # ---- the step ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        step = int(batch["step"][0])  # batch number from the sampler: noise is a function of data position
+        inputs, targets = self.objective.noised({"a": batch["a"], "b": batch["b"]}, step=step, rank=self.global_rank)
+        pred_a, pred_b = self.stitcher(inputs["a"], inputs["b"])
+        loss, per_modality = self.objective({"a": pred_a, "b": pred_b}, targets)
+        self._check_finite(per_modality)
+        for side, value in per_modality.items():
+            self.log(f"loss_{side}_{self.objective.modality[side]}", value, prog_bar=True, batch_size=pred_a.shape[0])
+        self.log("loss", loss, prog_bar=True, batch_size=pred_a.shape[0])
+        return loss
+
+    def _check_finite(self, losses):
+        for side, value in losses.items():
+            if not torch.isfinite(value):
+                raise FloatingPointError(
+                    f"non-finite {self.objective.modality[side]} loss (expert {side}) at step {self.global_step}: {value.item()}"
+                )
+
+    # ---- optimisation --------------------------------------------------------------------------
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        s = self.optim
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- strategies ----------------------------------------------------------------------------
+    def configure_model(self):
+        """Under FSDP2 (ModelParallelStrategy): shard every expert block, then each expert."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or getattr(self, "_soe_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        dp_mesh = mesh["data_parallel"]
+        for expert in (self.stitcher.a, self.stitcher.b):
+            for block in expert.blocks:
+                fully_shard(block, mesh=dp_mesh)
+            fully_shard(expert, mesh=dp_mesh)
+            for method in ("embed", "head"):  # the lockstep engine calls these, not forward: gather params there too
+                register_fsdp_forward_method(expert, method)
+        for group in self.stitcher.connectors.values():
+            for connector in group.values():
+                fully_shard(connector, mesh=dp_mesh)
+        fully_shard(self.stitcher, mesh=dp_mesh)
+        self._soe_sharded = True
+
+    # ---- checkpoints hold only what trains -----------------------------------------------------
+    def trainable_state_dict(self) -> dict:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names or k.startswith("objective.")}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["soe"] = {"trainable_keys": sorted(checkpoint["state_dict"])}
+
+    def on_load_checkpoint(self, checkpoint):
+        expected = set(self.trainable_state_dict())
+        got = set(checkpoint.get("state_dict", {}))
+        if got != expected:
+            missing, extra = sorted(expected - got)[:3], sorted(got - expected)[:3]
+            raise ValueError(f"checkpoint does not match this recipe's trainable tensors: missing {missing}, unexpected {extra}")

@@ -1,0 +1,125 @@
+"""``soe stitch RECIPE``: recipe -> builders -> Stitcher -> Lightning -> checkpoints and exports."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from soe.builders import build_stitcher
+from soe.config import RecipeError, load_recipe, to_container, validate_recipe
+from soe.flow import FlowObjective
+from soe.lora import apply_training_setup
+from soe.report import print_tables, stitch_tables
+from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained
+from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
+from soe.train.module import OptimSettings, StitchModule
+from soe.train.plots import plot_losses
+
+
+def build_objective(cfg, stitcher) -> FlowObjective:
+    experts = {"a": stitcher.a, "b": stitcher.b}
+    return FlowObjective(
+        experts,
+        timesteps=cfg.flow.timesteps,
+        density=cfg.flow.density,
+        shifts={s: cfg.experts[s].flow_shift for s in experts},
+        weights={s: cfg.experts[s].loss_weight for s in experts},
+        balance=cfg.flow.balance,
+        momentum=cfg.flow.balance_momentum,
+        seed=cfg.seed,
+    )
+
+
+def build_datamodule(cfg, stitcher):
+    experts, d = {"a": stitcher.a, "b": stitcher.b}, cfg.data
+    if d.kind == "synthetic":
+        return SyntheticAVDataModule(experts, seconds=d.seconds, num_clips=d.num_clips, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
+    return PairedLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
+
+
+def build_strategy(name: str, devices, num_nodes: int):
+    if name == "fsdp2":  # per-parameter sharding (torch fully_shard) through Lightning's ModelParallelStrategy
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(devices, int):
+            raise RecipeError("trainer.devices: strategy 'fsdp2' needs a device count (an integer), not a list or 'auto'")
+        return ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
+    return name
+
+
+def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = True) -> L.Trainer:
+    t = cfg.trainer
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
+                           every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=-1)
+    loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")]
+    progress = [RichProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True)] if console_progress else []
+    return L.Trainer(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=to_container(t.devices),
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(t.strategy, to_container(t.devices), t.num_nodes),
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None,
+        callbacks=[ckpt, *progress, *callbacks],
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=run_dir,
+        enable_progress_bar=console_progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # StepBatchSampler slices batches per rank itself
+        **to_container(t.extra),
+    )
+
+
+def prepare_run_dir(cfg) -> tuple[Path, str | None]:
+    """The run folder, and the checkpoint to resume from. Never overwrites an earlier run by accident."""
+    run_dir = Path(cfg.run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume:
+        if not last.is_file():
+            raise RecipeError(f"resume: no checkpoint to resume from at '{last}'")
+        return run_dir, str(last)
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise RecipeError(f"run_dir: '{run_dir}' already holds checkpoints; pass resume=true to continue it or choose another run_dir")
+    return run_dir, None
+
+
+def run_training(recipe, overrides=(), console: Console | None = None, progress: bool = True) -> dict:
+    console = console or Console()
+    cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
+    validate_recipe(cfg)
+    run_dir, resume_from = prepare_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        OmegaConf.save(cfg, run_dir / "recipe.yaml", resolve=True)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    stitcher = build_stitcher(cfg)
+    apply_training_setup(stitcher, cfg)
+    module = StitchModule(stitcher, build_objective(cfg, stitcher), OptimSettings(
+        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
+        warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule, max_steps=cfg.trainer.max_steps))
+    train_modes = {s: cfg.experts[s].train for s in ("a", "b")}
+    trainer = build_trainer(cfg, run_dir, [ExportTrained(run_dir / "trained", train_modes)], console_progress=progress)
+    if trainer.is_global_zero:
+        print_tables(stitch_tables(stitcher), console)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*Precision.*is not supported by the model summary.*")
+        trainer.fit(module, datamodule=build_datamodule(cfg, stitcher), ckpt_path=resume_from)
+    result = {"run_dir": run_dir, "module": module, "trainer": trainer}
+    if trainer.is_global_zero:
+        png = plot_losses(run_dir / "logs" / "metrics.csv", run_dir / "loss_curves.png")
+        console.print(f"[green]done[/]: {trainer.global_step} steps; run folder [bold]{run_dir}[/] "
+                      f"(checkpoints/, trained/, logs/, {png.name if png else 'no plot'})")
+    return result

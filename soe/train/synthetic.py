@@ -1,0 +1,92 @@
+"""Synthetic audio-visual clips where sound and motion are causally tied.
+
+A square bounces on the floor of the frame with a random period and phase while drifting sideways;
+every bounce makes a click whose pitch follows the square's horizontal position. Clips are rendered
+straight into each expert's latent shape (video ``(C, T, H, W)``; audio: time plus any feature axes),
+deterministically from (seed, clip index), so a stitched model can learn when sound follows motion.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from soe.flow import generator_for
+
+
+@dataclass(frozen=True)
+class BounceClip:
+    period: float  # seconds between bounces
+    phase: float  # time of the first bounce
+    x0: float  # horizontal start in [0, 1]
+    vx: float  # horizontal speed, frame widths per second (reflects at the walls)
+
+    @classmethod
+    def sample(cls, seed: int, index: int) -> "BounceClip":
+        g = generator_for(seed, "clip", index)
+        u = torch.rand(4, generator=g).tolist()
+        period = 0.35 + 0.45 * u[0]
+        return cls(period=period, phase=period * u[1], x0=0.15 + 0.7 * u[2], vx=0.6 * (u[3] - 0.5))
+
+    def x(self, t: torch.Tensor) -> torch.Tensor:
+        p = (self.x0 + self.vx * t) % 2.0  # reflect between the walls 0 and 1
+        return torch.where(p > 1, 2 - p, p)
+
+    def height(self, t: torch.Tensor) -> torch.Tensor:
+        """Height above the floor in [0, 1]; zero exactly at a bounce."""
+        return torch.sin(math.pi * (t - self.phase) / self.period).abs()
+
+    def bounce_times(self, seconds: float) -> torch.Tensor:
+        k = torch.arange(0, math.ceil(seconds / self.period) + 1)
+        t = self.phase + k * self.period
+        return t[t < seconds]
+
+
+def _times(n: int, rate: float) -> torch.Tensor:
+    return (torch.arange(n, dtype=torch.float32) + 0.5) / rate
+
+
+def render_video(clip: BounceClip, shape: tuple[int, ...], rate: float) -> torch.Tensor:
+    """A blob at the square's position in every latent frame: ``(C, T, H, W)``."""
+    c, t, h, w = shape
+    times = _times(t, rate)
+    cx = clip.x(times) * (w - 1)  # (T,)
+    cy = (1 - 0.85 * clip.height(times)) * (h - 1)  # floor at the bottom row
+    yy = torch.arange(h, dtype=torch.float32)[None, :, None]
+    xx = torch.arange(w, dtype=torch.float32)[None, None, :]
+    blob = torch.exp(-((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) / (2 * 0.6**2))  # (T, H, W)
+    mix = torch.linspace(1.5, -1.5, c)[:, None, None, None]  # a fixed colour over latent channels
+    return mix * blob[None] - 0.5 * mix  # (C, T, H, W), background -0.5*mix, blob +mix
+
+
+def render_audio(clip: BounceClip, shape: tuple[int, ...], time_axis: int, rate: float, seconds: float) -> torch.Tensor:
+    """Decaying clicks at the bounce times; the click's pitch (feature position) follows x."""
+    t = shape[time_axis]
+    feat_shape = tuple(s for i, s in enumerate(shape) if i != time_axis)
+    n_feat = math.prod(feat_shape)
+    times = _times(t, rate)
+    env = torch.zeros(t)
+    pitch = torch.zeros(t)
+    for tb in clip.bounce_times(seconds).tolist():
+        after = times >= tb - 0.5 / rate
+        e = torch.where(after, torch.exp(-(times - tb).clamp(min=0) / 0.08), torch.zeros_like(times))
+        pitch = torch.where(e > env, clip.x(torch.tensor(tb)).expand_as(times), pitch)
+        env = torch.maximum(env, e)
+    pos = torch.arange(n_feat, dtype=torch.float32)[None, :] / max(n_feat - 1, 1)
+    bump = torch.exp(-((pos - pitch[:, None]) ** 2) / (2 * 0.12**2))  # (T, F)
+    x = 2.0 * env[:, None] * bump - 0.3  # (T, F)
+    x = x.reshape(t, *feat_shape)
+    return x.movedim(0, time_axis)
+
+
+def render_for_expert(expert, clip: BounceClip, seconds: float) -> torch.Tensor:
+    """Clean latent ``(...)`` (no batch axis) of this clip at ``expert``'s latent shape."""
+    shape = tuple(expert.latent_shape(1, seconds))[1:]
+    axis = expert.latent_time_axis - 1
+    rate = expert.latent_rate if hasattr(expert, "latent_rate") else expert.token_rate
+    if expert.modality == "video":
+        if axis != 1 or len(shape) != 4:
+            raise ValueError(f"synthetic video needs latents (C, T, H, W); expert '{expert.name}' has {shape} with time axis {axis}")
+        return render_video(clip, shape, rate)
+    return render_audio(clip, shape, axis, rate, seconds)
