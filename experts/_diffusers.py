@@ -14,7 +14,7 @@ def cast_keeping_fp32(model, dtype):
     if dtype is None or dtype == torch.float32:
         return model
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    model.to(dtype)
+    torch.nn.Module.to(model, dtype)  # plain cast; diffusers' own .to() warns on every cast
     for name, module in model.named_modules():
         if any(k in name.split(".") for k in keep):
             module.to(torch.float32)

@@ -87,9 +87,10 @@ _BLOCK_KWARGS = (
 class AceStepV1Expert(Expert):
     name = "ace-step"
     modality = "audio"
-    source = "soe (ACE-Step v1 architecture, official checkpoint names)"
+    source = "experts.ACEStepTransformer2DModel"  # soe's own, official checkpoint names
     presets = {"3.5b": ACE_STEP_V1_3_5B, "tiny": TINY}
     flow_shift = 3.0
+    flow_loss = "x0"  # ACE-Step v1 trains on x0_pred = x_t - sigma * v
     # ACE-Step's own CFG drops text states, speaker embedding and lyrics (ids and mask) to zeros.
     condition_keys = ("text_hidden_states", "speaker_embeds", "lyric_token_ids", "lyric_mask")
     lora_targets = (

@@ -149,6 +149,10 @@ def merge_recipe(raw, overrides=()) -> DictConfig:
     for o in overrides:
         if "=" not in o:
             raise RecipeError(f"override '{o}': expected key=value")
+    for section in ("experts", "stitch", "flow", "data", "optim", "trainer"):
+        value = raw.get(section) if isinstance(raw, DictConfig) else None
+        if value is not None and not isinstance(value, DictConfig):
+            raise RecipeError(f"{section}: expected a mapping of keys, got {type(OmegaConf.to_object(value) if OmegaConf.is_config(value) else value).__name__}")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw, OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.resolve(cfg)
@@ -194,7 +198,10 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
             raise RecipeError(f"{key}.flow_shift: expected a positive shift, got {e.flow_shift}")
         if e.loss_weight < 0:
             raise RecipeError(f"{key}.loss_weight: expected >= 0, got {e.loss_weight}")
-        blocks[side] = _num_blocks(cls, e)
+        try:
+            blocks[side] = _num_blocks(cls, e)
+        except TypeError as err:  # an option the expert or its model does not take
+            raise RecipeError(f"{key}.options: {err}") from None
     s = cfg.stitch
     _choice(s.direction, DIRECTIONS, "stitch.direction")
     _choice(s.engine, ENGINES, "stitch.engine")

@@ -97,6 +97,9 @@ class Expert(nn.Module):
     condition_keys: ClassVar[tuple[str, ...]] = ()
     # Timestep shift of the family's flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma)).
     flow_shift: ClassVar[float] = 1.0
+    # Space of the training loss: "velocity" (plain MSE on eps - x0, Wan) or "x0" (MSE on
+    # x0_pred = x_t - sigma * v, a sigma^2-weighted velocity loss, ACE-Step v1).
+    flow_loss: ClassVar[str] = "velocity"
 
     def __init__(self, model: nn.Module):
         super().__init__()

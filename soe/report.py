@@ -20,8 +20,8 @@ def num_params(module, trainable_only: bool = False) -> int:
 
 def experts_table(classes) -> Table:
     t = Table(title="registered experts")
-    for col in ("name", "modality", "blocks", "hidden", "time rate (tokens/s)", "presets", "source"):
-        t.add_column(col)
+    for col in ("name", "modality", "blocks", "hidden", "tokens/s", "presets", "source"):
+        t.add_column(col, no_wrap=col == "name", overflow="fold")
     import torch
 
     for cls in classes:

@@ -5,7 +5,8 @@ import torch
 from conftest import batch_for, tiny
 from soe import ConnectorSpec, Stitcher
 
-PAIRS_OF_FAMILIES = [("wan2.1", "ace-step-1.5"), ("ace-step-1.5", "wan2.1"), ("wan2.1", "wan2.1"), ("ace-step-1.5", "ace-step-1.5")]
+PAIRS_OF_FAMILIES = [("wan2.1", "ace-step-1.5"), ("ace-step-1.5", "wan2.1"), ("wan2.1", "wan2.1"), ("ace-step-1.5", "ace-step-1.5"),
+                     ("wan2.1", "ace-step"), ("ace-step", "wan2.1"), ("ace-step", "ace-step-1.5")]
 
 
 def make(a_name="wan2.1", b_name="ace-step-1.5", direction="both", init="zero", seed=0, **kw):

@@ -105,6 +105,15 @@ def test_gradient_accumulation_and_cosine_schedule_run(tmp_path):
     assert result["trainer"].global_step == 2
 
 
+def test_wan_with_ace_step_v1_trains(tmp_path):
+    """UniVerse-1's pair at tiny size: WAN2.1 + ACE-Step v1 (x0-space loss) train end to end."""
+    result = train(tmp_path / "r", "trainer.max_steps=3", "experts.b.name=ace-step", "experts.b.options={sample_rate: 25600}")
+    st = result["module"].stitcher
+    assert st.b.name == "ace-step" and st.b.token_rate == 6.25
+    assert result["module"].objective.loss_space == {"a": "velocity", "b": "x0"}
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in st.b.named_parameters())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_cpu_processes(tmp_path, strategy):

@@ -106,7 +106,7 @@ class SyntheticAVDataModule(_StitchDataModule):
         item = {}
         for side, e in self.experts.items():
             cond = e.conditioning(1, self.seconds, generator=generator_for(self.seed, "cond", side, index))
-            cond = {k: v[0].to("cpu", torch.float32) for k, v in cond.items()}
+            cond = {k: v[0].cpu().float() if v.is_floating_point() else v[0].cpu() for k, v in cond.items()}  # ids stay integer
             item[side] = {"latents": render_for_expert(e, clip, self.seconds), **cond}
         return item
 
