@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors import safe_open
 
 from soe.expert import Expert
 
@@ -19,6 +20,16 @@ def cast_keeping_fp32(model, dtype):
         if any(k in name.split(".") for k in keep):
             module.to(torch.float32)
     return model
+
+
+def _check_float_weights(folder: Path) -> None:
+    """Every stored weight is floating point (read from the safetensors headers only, no data)."""
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                if not (dtype.startswith("F") or dtype == "BF16"):
+                    raise ValueError(f"'{file}': weight '{key}' is stored as {dtype}, expected a floating-point dtype")
 
 
 class DiffusersExpert(Expert):
@@ -46,7 +57,11 @@ class DiffusersExpert(Expert):
                 f"{cls.name}: no diffusers {cls.model_class.__name__} at '{path}': "
                 f"expected '{path}/{cls.subfolder}/config.json' or '{path}/config.json'"
             )
-        model = cls.model_class.from_pretrained(folder, torch_dtype=dtype)
+        _check_float_weights(folder)
+        model, info = cls.model_class.from_pretrained(folder, torch_dtype=dtype, output_loading_info=True)
+        if info.get("missing_keys"):  # diffusers would initialise them randomly with only a log line
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"{cls.name}: '{folder}' lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}")
         if device is not None:
             model = model.to(device)
         return cls(model, **opts)

@@ -246,6 +246,17 @@ class AceStepV1Expert(Expert):
         frames = max(1, int(seconds * self.latent_rate))  # int() like ACE-Step's pipeline
         return (batch_size, cfg.in_channels, cfg.max_height, frames)
 
+    def codec(self, path=None, dtype=None):
+        """Tiny: a linear per-frame codec with this latent shape. The real music DCAE + vocoder of
+        ACE-Step v1 is not implemented in soe yet (no diffusers equivalent)."""
+        if path is not None:
+            raise NotImplementedError("ace-step: the ACE-Step v1 music DCAE + vocoder codec is not implemented yet; "
+                                      "use precomputed latents or the tiny codec (path=None)")
+        from soe.codec import FrameAudioCodec
+
+        c, h = self.model.config.in_channels, self.model.config.max_height
+        return FrameAudioCodec(self.sample_rate, MEL_HOP * DCAE_TIME_DOWNSAMPLE, (c, h), time_axis=3, channels=2)
+
     def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator: torch.Generator | None = None) -> Batch:
         cfg, device = self.model.config, self.device
         text_len, lyric_len = 8, 12

@@ -109,6 +109,13 @@ class AceStep15Expert(DiffusersExpert):
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
         return (batch_size, max(1, round(seconds * self.latent_rate)), self.model.config.audio_acoustic_hidden_dim)
 
+    def codec(self, path=None, dtype=None):
+        from experts.codecs import OobleckAudioCodec
+
+        if path is None:
+            return OobleckAudioCodec.tiny(self.model.config.audio_acoustic_hidden_dim, self.sample_rate, self.hop_length)
+        return OobleckAudioCodec.load(path, dtype)
+
     def conditioning(self, batch_size: int = 1, seconds: float = 1.0, generator=None) -> Batch:
         cond = super().conditioning(batch_size, seconds, generator)
         cond.pop("context_latents")  # text-to-music: no source audio (zeros, see _context)

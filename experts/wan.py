@@ -97,6 +97,13 @@ class WanExpert(DiffusersExpert):
         frames = max(1, round(seconds * self.latent_rate))
         return (batch_size, self.model.config.in_channels, frames, self.height // self.vae_stride[1], self.width // self.vae_stride[2])
 
+    def codec(self, path=None, dtype=None):
+        from experts.codecs import WanVideoCodec
+
+        if path is None:
+            return WanVideoCodec.tiny(self.model.config.in_channels, self.fps)
+        return WanVideoCodec.load(path, self.fps, dtype)
+
     def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator=None) -> Batch:
         dev, dt = self.device, self.dtype
         text_dim = self.model.config.text_dim

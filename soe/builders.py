@@ -5,6 +5,7 @@ import torch
 from omegaconf import DictConfig
 
 from soe.config import RecipeError, to_container
+from soe.errors import CheckpointError, SoeError, one_line
 from soe.connector import ConnectorSpec
 from soe.expert import Expert
 from soe.registry import get_expert
@@ -29,6 +30,12 @@ def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = T
             expert = cls.from_preset(e.preset, device=device, dtype=dtype, **options)
     except TypeError as err:  # an option the expert or its model does not take
         raise RecipeError(f"experts.{side}.options: {err}") from None
+    except SoeError:
+        raise
+    except Exception as err:  # missing/truncated files, wrong shapes, dtypes or keys: one line naming the key
+        if e.path is None or not load_weights:
+            raise
+        raise CheckpointError(f"experts.{side}.path: cannot load '{e.path}' as expert '{e.name}': {one_line(err, 300)}") from None
     if e.gradient_checkpointing:
         expert.set_gradient_checkpointing(True)
     return expert

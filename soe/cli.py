@@ -1,6 +1,8 @@
-"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``.
+"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``.
 
-Bad input (recipe keys, paths, names) prints one line naming the problem and exits with status 2.
+Bad input (recipe keys, paths, names, checkpoint folders, latent caches, arguments) prints one line
+naming the problem and exits with status 2; a run stopped by a non-finite loss
+(``trainer.on_nonfinite: stop``) prints one line naming the modality and step and exits with status 1.
 """
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
-from soe.config import RecipeError
+from soe.errors import SoeError, UsageError
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -21,6 +24,20 @@ def _cmd_experts(args) -> int:
 
     console.print(experts_table([get_expert(n) for n in list_experts()]))
     return 0
+
+
+def _cmd_experts_check(args) -> int:
+    from soe.testing import ExpertSpecError, check_expert, resolve_expert, results_table
+
+    try:
+        cls = resolve_expert(args.expert)
+    except ExpertSpecError as e:
+        raise RecipeError(f"soe experts check: {e}") from None
+    results = check_expert(cls, partner=args.partner)
+    failed = sum(not r.passed for r in results)
+    console.print(results_table(results, title=f"expert contract: {cls.name} ({cls.__module__}.{cls.__qualname__})"))
+    console.print(f"{len(results) - failed}/{len(results)} properties hold" + (f", [bold red]{failed} failed[/]" if failed else ""))
+    return 1 if failed else 0
 
 
 def _cmd_inspect(args) -> int:
@@ -48,12 +65,40 @@ def _cmd_stitch(args) -> int:
     return 0
 
 
+SAMPLE_SHORT_KEYS = ("ckpt", "prompt", "conditions", "seconds", "seed", "steps", "scheduler", "num_samples", "out")
+
+
+def _cmd_generate(args) -> int:
+    from soe.config import load_recipe, validate_recipe
+    from soe.generate import generate
+
+    # short forms: `ckpt=RUN prompt="..." seconds=5 seed=0 steps=30 out=DIR` mean sample.<key>
+    overrides = [f"sample.{o}" if o.split("=", 1)[0] in SAMPLE_SHORT_KEYS else o for o in args.overrides]
+    cfg = load_recipe(args.recipe, overrides)
+    validate_recipe(cfg)
+    generate(cfg, console=console)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: ...``, status 2) instead of usage text."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="soe", description="Stitching of Experts: join two pretrained diffusion transformers.")
+    p = _Parser(prog="soe", description="Stitching of Experts: join two pretrained diffusion transformers.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("experts", help="list registered experts").set_defaults(func=_cmd_experts)
+    experts = sub.add_parser("experts", help="list registered experts; `soe experts check X` runs the contract checks")
+    experts.set_defaults(func=_cmd_experts)
+    check = experts.add_subparsers(dest="experts_command").add_parser("check", help="run the expert contract checks (soe.testing)")
+    check.add_argument("expert", help="a registered name (wan2.1) or module:Class of a plugin")
+    check.add_argument("--partner", default="auto", help="built-in expert for the zero-init stitch check (default: other modality)")
+    check.set_defaults(func=_cmd_experts_check)
     for name, func, help_ in (("inspect", _cmd_inspect, "show block pairs, connector shapes and parameter counts (meta device)"),
-                              ("stitch", _cmd_stitch, "train a stitched model from a recipe")):
+                              ("stitch", _cmd_stitch, "train a stitched model from a recipe"),
+                              ("generate", _cmd_generate, "sample audio+video from a stitched model: mp4 + contact sheet")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("recipe", help="recipe YAML file")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
@@ -62,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except RecipeError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        return 2
+    except SoeError as e:  # recipes, checkpoints, latent caches, arguments, non-finite losses
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return e.exit_code
 
 
 if __name__ == "__main__":

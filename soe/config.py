@@ -14,11 +14,13 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from soe.errors import SoeError
+
 TRAIN_MODES = ("lora", "frozen", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class RecipeError(ValueError):
+class RecipeError(SoeError, ValueError):
     """A recipe problem, reported as one line: ``<key>: <what is wrong and what was expected>``."""
 
 
@@ -42,6 +44,7 @@ class ExpertConfig:
     gradient_checkpointing: bool = False
     flow_shift: Optional[float] = None  # null = the plugin's own schedule shift
     loss_weight: float = 1.0
+    codec_path: Optional[str] = None  # local folder of the family's latent codec (VAE); null = tiny random codec
 
 
 @dataclass
@@ -108,7 +111,25 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 50
+    on_nonfinite: str = "stop"  # NaN/inf loss: stop (one-line error, exit 1) | skip (skip that optimizer step, warn)
     extra: Dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument
+
+
+@dataclass
+class SampleConfig:
+    ckpt: Optional[str] = None  # run folder of `soe stitch` (or its trained/ folder); null = untrained connectors
+    prompt: str = ""
+    conditions: Optional[str] = None  # safetensors of precomputed conditioning: "a/<key>", "b/<key>"
+    seconds: Optional[float] = None  # null = data.seconds
+    seed: int = 0
+    steps: int = 30
+    scheduler: str = "unipc"  # unipc | euler
+    guidance: Dict[str, float] = field(default_factory=lambda: {"a": 1.0, "b": 1.0})  # CFG scale per expert
+    shift: Dict[str, Optional[float]] = field(default_factory=dict)  # per expert; null = its flow_shift
+    num_samples: int = 1
+    out: Optional[str] = None  # null = <run_dir>/samples
+    every_n_steps: int = 0  # during training: render samples every K steps (0 = never)
+    at_end: bool = False  # during training: render once when training ends
 
 
 @dataclass
@@ -123,6 +144,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 def _oc_error(e: Exception) -> RecipeError:
@@ -149,7 +171,7 @@ def merge_recipe(raw, overrides=()) -> DictConfig:
     for o in overrides:
         if "=" not in o:
             raise RecipeError(f"override '{o}': expected key=value")
-    for section in ("experts", "stitch", "flow", "data", "optim", "trainer"):
+    for section in ("experts", "stitch", "flow", "data", "optim", "trainer", "sample"):
         value = raw.get(section) if isinstance(raw, DictConfig) else None
         if value is not None and not isinstance(value, DictConfig):
             raise RecipeError(f"{section}: expected a mapping of keys, got {type(OmegaConf.to_object(value) if OmegaConf.is_config(value) else value).__name__}")
@@ -247,6 +269,34 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
     for k in ("accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps", "num_nodes"):
         if t[k] < 1:
             raise RecipeError(f"trainer.{k}: expected a positive integer, got {t[k]}")
+    _choice(t.on_nonfinite, ("stop", "skip"), "trainer.on_nonfinite")
+    validate_sample(cfg, check_paths)
+
+
+def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
+    s = cfg.sample
+    _choice(s.scheduler, ("unipc", "euler"), "sample.scheduler")
+    for k in ("steps", "num_samples"):
+        if s[k] < 1:
+            raise RecipeError(f"sample.{k}: expected a positive integer, got {s[k]}")
+    if s.seconds is not None and not s.seconds > 0:
+        raise RecipeError(f"sample.seconds: expected a positive duration in seconds, got {s.seconds}")
+    if s.every_n_steps < 0:
+        raise RecipeError(f"sample.every_n_steps: expected >= 0 (0 = never), got {s.every_n_steps}")
+    for key in ("guidance", "shift"):
+        for side, value in s[key].items():
+            if side not in ("a", "b"):
+                raise RecipeError(f"sample.{key}.{side}: expected keys 'a' and 'b' (the two experts)")
+            if value is not None and not value > 0:
+                raise RecipeError(f"sample.{key}.{side}: expected a positive number, got {value}")
+    if check_paths:
+        for key in ("ckpt", "conditions"):
+            if s[key] is not None and not Path(s[key]).exists():
+                raise RecipeError(f"sample.{key}: not found: '{s[key]}'")
+        for side in ("a", "b"):
+            p = cfg.experts[side].codec_path
+            if p is not None and not Path(p).is_dir():
+                raise RecipeError(f"experts.{side}.codec_path: codec folder not found: '{p}'")
 
 
 def _num_blocks(cls, e) -> int:
@@ -259,7 +309,10 @@ def _num_blocks(cls, e) -> int:
             raise RecipeError(f"experts: cannot read the depth of '{e.path}' without a config.json; also give 'preset'")
         import json
 
-        conf = json.loads(cfg_file.read_text())
+        try:
+            conf = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RecipeError(f"experts: '{cfg_file}' is not valid JSON ({err})") from None
         for k in ("num_layers", "num_hidden_layers", "num_layers_transformer"):
             if k in conf:
                 return int(conf[k])

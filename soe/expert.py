@@ -212,6 +212,11 @@ class Expert(nn.Module):
         s1, s2 = self.latent_shape(1, 1.0), self.latent_shape(1, 2.0)
         return next(i for i, (x, y) in enumerate(zip(s1, s2)) if x != y)
 
+    def codec(self, path=None, dtype=None):
+        """This family's latent codec (``soe.codec.LatentCodec``): the real one from a local folder,
+        or with ``path=None`` a tiny random one with this expert's latent shape (tests, demo)."""
+        raise NotImplementedError(f"expert '{self.name}' declares no latent codec")
+
     def unconditional(self, batch: Batch) -> Batch:
         """The batch with text conditioning dropped (zeros), for classifier-free guidance."""
         out = dict(batch)

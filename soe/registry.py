@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 from soe.expert import Expert
 
 ENTRY_POINT_GROUP = "soe.experts"
-_BUILTIN_MODULES = ("experts.wan", "experts.ace_step_15", "experts.ace_step")
+_BUILTIN_MODULES = ("experts.wan", "experts.ace_step_15", "experts.ace_step", "experts.stable_audio", "experts.wan22")
 
 _REGISTRY: dict[str, type[Expert]] = {}
 _discovered = False

@@ -29,6 +29,7 @@ class _HookRun:
     """Per-call context the hooks read; they never mutate anything else (pure under recompute)."""
 
     layouts: dict[str, TokenLayout]
+    source_mask: torch.Tensor | None = None
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -105,8 +106,13 @@ class Stitcher(nn.Module):
     def is_stitched(self) -> bool:
         return self._stitched
 
-    def _source_state(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.detach() if self.detach_source else hidden
+    def _source_state(self, hidden: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What a connector reads: detached (UniVerse-1), and zeroed for samples whose mask is 0
+        (the unconditional branch of classifier-free guidance sees no cross-modal input)."""
+        h = hidden.detach() if self.detach_source else hidden
+        if source_mask is not None:
+            h = h * source_mask.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
+        return h
 
     # ---- hook engine ---------------------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -141,15 +147,15 @@ class Stitcher(nn.Module):
             if i_src not in run.captured:
                 raise RuntimeError(f"stitcher: block {i_src} of expert {src_name} did not run before host block {j_host}")
             hidden = host.block_output_hidden(output)  # (B, N_host, D_host)
-            delta = conn(self._source_state(run.captured[i_src]), run.layouts[src_name], run.layouts[host_name])
+            delta = conn(self._source_state(run.captured[i_src], run.source_mask), run.layouts[src_name], run.layouts[host_name])
             return host.with_block_output_hidden(output, hidden + delta.to(hidden.dtype))
 
         return hook
 
-    def _run_hook_engine(self, batch_a: Batch, batch_b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_hook_engine(self, batch_a: Batch, batch_b: Batch, source_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         batches = {"a": batch_a, "b": batch_b}
         src_name, host_name = self.source_host
-        self._run = _HookRun(layouts={"a": self.a.token_layout(batch_a), "b": self.b.token_layout(batch_b)})
+        self._run = _HookRun(layouts={"a": self.a.token_layout(batch_a), "b": self.b.token_layout(batch_b)}, source_mask=source_mask)
         try:
             preds = {src_name: getattr(self, src_name)(batches[src_name])}  # fills run.captured
             preds[host_name] = getattr(self, host_name)(batches[host_name])  # hooks inject
@@ -158,7 +164,7 @@ class Stitcher(nn.Module):
         return preds["a"], preds["b"]
 
     # ---- lockstep engine -----------------------------------------------------------------------
-    def _run_lockstep_engine(self, batch_a: Batch, batch_b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_lockstep_engine(self, batch_a: Batch, batch_b: Batch, source_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         la, lb = self.a.token_layout(batch_a), self.b.token_layout(batch_b)
         sa, sb = self.a.embed(batch_a), self.b.embed(batch_b)
         na = nb = 0  # next block to run in each expert
@@ -167,9 +173,9 @@ class Stitcher(nn.Module):
             sb, nb = self._run_blocks(self.b, sb, nb, j + 1)
             ha, hb = sa.hidden, sb.hidden  # pre-exchange states: the exchange is symmetric
             if "b_to_a" in self.connectors:
-                sa = sa.replace(ha + self.connector_for("b_to_a", i)(self._source_state(hb), lb, la).to(ha.dtype))
+                sa = sa.replace(ha + self.connector_for("b_to_a", i)(self._source_state(hb, source_mask), lb, la).to(ha.dtype))
             if "a_to_b" in self.connectors:
-                sb = sb.replace(hb + self.connector_for("a_to_b", j)(self._source_state(ha), la, lb).to(hb.dtype))
+                sb = sb.replace(hb + self.connector_for("a_to_b", j)(self._source_state(ha, source_mask), la, lb).to(hb.dtype))
         sa, _ = self._run_blocks(self.a, sa, na, self.a.num_blocks)
         sb, _ = self._run_blocks(self.b, sb, nb, self.b.num_blocks)
         return self.a.head(sa, batch_a), self.b.head(sb, batch_b)
@@ -181,13 +187,17 @@ class Stitcher(nn.Module):
         return state, max(start, stop)
 
     # ---- public --------------------------------------------------------------------------------
-    def forward(self, batch_a: Batch, batch_b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions of both experts, with hidden states exchanged at the mapped blocks."""
+    def forward(self, batch_a: Batch, batch_b: Batch, source_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions of both experts, with hidden states exchanged at the mapped blocks.
+
+        ``source_mask`` ``(B,)``: multiplies what connectors read per sample; 0 = no cross-modal
+        input for that sample (the unconditional half of a batched CFG call).
+        """
         if not self._stitched:
             raise RuntimeError("this Stitcher was unstitched; build a new one to run the experts together")
         if self.engine == "hooks":
-            return self._run_hook_engine(batch_a, batch_b)
-        return self._run_lockstep_engine(batch_a, batch_b)
+            return self._run_hook_engine(batch_a, batch_b, source_mask)
+        return self._run_lockstep_engine(batch_a, batch_b, source_mask)
 
     def connector_parameters(self):
         return self.connectors.parameters()

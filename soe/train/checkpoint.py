@@ -1,7 +1,8 @@
 """Nothing is lost: atomic checkpoint files, and exports of what trained in standard formats.
 
 * ``AtomicCheckpointIO``: Lightning checkpoints are written to a temporary file, fsynced, then
-  renamed over the target, so a kill mid-write leaves the previous checkpoint intact.
+  renamed over the target, so a kill mid-write leaves the previous checkpoint intact. They are read
+  back with ``torch.load(weights_only=True)`` only: a checkpoint is data, never code.
 * ``export_trained`` writes ``connectors.safetensors`` and, per expert, a peft LoRA adapter folder
   (``adapter_config.json`` + ``adapter_model.safetensors``) or, for fully trained experts, the
   expert in its official format; ``load_trained`` reads them back into a freshly built Stitcher.
@@ -9,6 +10,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,8 +20,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from soe.errors import CheckpointError, one_line
 from soe.lora import ADAPTER
 
 
@@ -26,6 +31,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*"):  # left by a writer killed mid-write
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -36,6 +43,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        """Always ``weights_only=True`` (whatever Lightning asks): a pickle that would run code is refused."""
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(e))
+            raise CheckpointError(f"checkpoint '{path}' refused: it pickles more than tensors and plain containers "
+                                  f"({found.group(1) if found else one_line(e, 120)})") from None
+        except Exception as e:  # truncated or not a checkpoint: one line naming the file
+            raise CheckpointError(f"checkpoint '{path}' cannot be read safely: {one_line(e, 300)}") from None
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -84,8 +102,20 @@ def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = 
 
 
 def load_trained(stitcher, folder) -> None:
-    """Load connectors and adapters written by ``export_trained`` into a freshly built Stitcher."""
-    folder = Path(folder)
+    """Load connectors and adapters written by ``export_trained`` into a freshly built Stitcher.
+
+    Anything unusable (missing or truncated files, wrong shapes or keys, adapters of another expert)
+    is a one-line :class:`CheckpointError` naming the folder.
+    """
+    try:
+        _load_trained(stitcher, Path(folder))
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"trained folder '{folder}': {one_line(e, 300)}") from None
+
+
+def _load_trained(stitcher, folder: Path) -> None:
     conn_file = folder / "connectors.safetensors"
     if not conn_file.is_file():
         raise FileNotFoundError(f"'{folder}' holds no connectors.safetensors (expected a folder written by `soe stitch`)")
@@ -101,6 +131,9 @@ def load_trained(stitcher, folder) -> None:
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise ValueError(f"{lora_dir}: adapter tensors that match no LoRA layer: {unexpected[:3]}")
+            missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+            if missing:  # peft loads non-strictly: a LoRA layer without tensors would keep its init silently
+                raise ValueError(f"{lora_dir}: LoRA layers without tensors in the adapter: {missing[:3]}")
         full_dir = folder / f"expert_{side}"
         if full_dir.is_dir():
             loaded = type(expert).load(full_dir)

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from soe.errors import DataError
 from soe.flow import generator_for
 from soe.train.latent_cache import load_clips, read_index, validate_clip_shapes
 from soe.train.synthetic import BounceClip, render_for_expert
@@ -39,7 +40,7 @@ class StepBatchSampler(Sampler):
         self.buckets = [b for b in buckets if len(b) >= batch_size * world_size]
         if not self.buckets:
             sizes = [len(b) for b in buckets]
-            raise ValueError(f"data: no bucket holds batch_size x devices = {batch_size * world_size} clips (bucket sizes {sizes})")
+            raise DataError(f"data.batch_size: no bucket holds batch_size x devices = {batch_size * world_size} clips (bucket sizes {sizes})")
         self.batch_size, self.seed, self.total, self.start = batch_size, seed, total_batches, start_batch
         self.rank, self.world = rank, world_size
         self._epoch_cache: tuple[int, list[list[int]]] | None = None

@@ -19,10 +19,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from soe.errors import SoeError
+
 FORMAT = 1
 
 
-class LatentCacheError(ValueError):
+class LatentCacheError(SoeError, ValueError):
     pass
 
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 
+from soe.errors import CheckpointError, NonFiniteLossError
 from soe.flow import FlowObjective
 from soe.stitcher import Stitcher
 
@@ -32,29 +34,46 @@ def lr_factor(step: int, s: OptimSettings) -> float:
 
 
 class StitchModule(L.LightningModule):
-    def __init__(self, stitcher: Stitcher, objective: FlowObjective, optim: OptimSettings):
+    def __init__(self, stitcher: Stitcher, objective: FlowObjective, optim: OptimSettings, on_nonfinite: str = "stop"):
         super().__init__()
-        self.stitcher, self.objective, self.optim = stitcher, objective, optim
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {on_nonfinite!r}")
+        self.stitcher, self.objective, self.optim, self.on_nonfinite = stitcher, objective, optim, on_nonfinite
+        self.skipped_steps: list[int] = []  # steps skipped for a non-finite loss (on_nonfinite: skip)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
 
     # ---- the step ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         step = int(batch["step"][0])  # batch number from the sampler: noise is a function of data position
         inputs, targets = self.objective.noised({"a": batch["a"], "b": batch["b"]}, step=step, rank=self.global_rank)
+        saved = [b.clone() for b in self.objective.buffers()] if self.on_nonfinite == "skip" else None
         pred_a, pred_b = self.stitcher(inputs["a"], inputs["b"])
         loss, per_modality = self.objective({"a": pred_a, "b": pred_b}, targets)
-        self._check_finite(per_modality)
+        if not self._check_finite(per_modality, saved):
+            return None  # Lightning skips backward and this optimizer step
         for side, value in per_modality.items():
             self.log(f"loss_{side}_{self.objective.modality[side]}", value, prog_bar=True, batch_size=pred_a.shape[0])
         self.log("loss", loss, prog_bar=True, batch_size=pred_a.shape[0])
         return loss
 
-    def _check_finite(self, losses):
-        for side, value in losses.items():
-            if not torch.isfinite(value):
-                raise FloatingPointError(
-                    f"non-finite {self.objective.modality[side]} loss (expert {side}) at step {self.global_step}: {value.item()}"
-                )
+    def _check_finite(self, losses, saved_buffers=None) -> bool:
+        """True when every modality's loss is finite (on every rank). Otherwise ``stop`` raises a
+        one-line error naming the modality and step; ``skip`` restores the loss-balance buffers the
+        bad loss touched, warns and returns False."""
+        bad = [f"{self.objective.modality[s]} loss (expert {s}) = {v.item()}" for s, v in losses.items() if not torch.isfinite(v)]
+        trainer = self._trainer
+        any_bad = trainer.strategy.reduce_boolean_decision(bool(bad), all=False) if trainer is not None else bool(bad)
+        if not any_bad:  # one decision for all ranks, so DDP never waits on a rank that skipped
+            return True
+        what = "non-finite " + (", ".join(bad) if bad else "loss on another rank")
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(f"{what} at step {self.global_step}; training stopped "
+                                     "(trainer.on_nonfinite=skip skips such steps instead)")
+        for buf, old in zip(self.objective.buffers(), saved_buffers or []):
+            buf.copy_(old)
+        self.skipped_steps.append(self.global_step)
+        warnings.warn(f"{what} at step {self.global_step}: skipped this optimizer step (trainer.on_nonfinite=skip)", RuntimeWarning)
+        return False
 
     # ---- optimisation --------------------------------------------------------------------------
     def trainable_parameters(self):
@@ -101,4 +120,4 @@ class StitchModule(L.LightningModule):
         got = set(checkpoint.get("state_dict", {}))
         if got != expected:
             missing, extra = sorted(expected - got)[:3], sorted(got - expected)[:3]
-            raise ValueError(f"checkpoint does not match this recipe's trainable tensors: missing {missing}, unexpected {extra}")
+            raise CheckpointError(f"checkpoint does not match this recipe's trainable tensors: missing {missing}, unexpected {extra}")

@@ -22,6 +22,8 @@ def plot_losses(csv_file, out_png) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not Path(csv_file).is_file():  # fewer steps than log_every_n_steps: nothing logged
+        return None
     series = {k: v for k, v in read_metrics(csv_file).items() if k != "loss"}
     if not series:
         return None

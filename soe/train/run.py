@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
@@ -13,9 +14,11 @@ from rich.console import Console
 
 from soe.builders import build_stitcher
 from soe.config import RecipeError, load_recipe, to_container, validate_recipe
+from soe.errors import one_line
 from soe.flow import FlowObjective
 from soe.lora import apply_training_setup
 from soe.report import print_tables, stitch_tables
+from soe.train.callbacks import SampleCallback
 from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained
 from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
 from soe.train.module import OptimSettings, StitchModule
@@ -59,32 +62,38 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = 
                            every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=-1)
     loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")]
     progress = [RichProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True)] if console_progress else []
-    return L.Trainer(
-        max_steps=t.max_steps,
-        accelerator=t.accelerator,
-        devices=to_container(t.devices),
-        num_nodes=t.num_nodes,
-        strategy=build_strategy(t.strategy, to_container(t.devices), t.num_nodes),
-        precision=t.precision,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        log_every_n_steps=t.log_every_n_steps,
-        gradient_clip_val=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None,
-        callbacks=[ckpt, *progress, *callbacks],
-        logger=loggers,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=run_dir,
-        enable_progress_bar=console_progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # StepBatchSampler slices batches per rank itself
-        **to_container(t.extra),
-    )
+    try:
+        return L.Trainer(
+            max_steps=t.max_steps,
+            accelerator=t.accelerator,
+            devices=to_container(t.devices),
+            num_nodes=t.num_nodes,
+            strategy=build_strategy(t.strategy, to_container(t.devices), t.num_nodes),
+            precision=t.precision,
+            accumulate_grad_batches=t.accumulate_grad_batches,
+            log_every_n_steps=t.log_every_n_steps,
+            gradient_clip_val=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None,
+            callbacks=[ckpt, *progress, *callbacks],
+            logger=loggers,
+            plugins=[AtomicCheckpointIO()],
+            default_root_dir=run_dir,
+            enable_progress_bar=console_progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,  # StepBatchSampler slices batches per rank itself
+            **to_container(t.extra),
+        )
+    except MisconfigurationException as e:  # a strategy, precision, device or accelerator Lightning cannot use here
+        raise RecipeError(f"trainer: {one_line(e, 300)}") from None
 
 
 def prepare_run_dir(cfg) -> tuple[Path, str | None]:
     """The run folder, and the checkpoint to resume from. Never overwrites an earlier run by accident."""
     run_dir = Path(cfg.run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
+    for p in (run_dir, *run_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise RecipeError(f"run_dir: '{p}' is a file, expected a folder for '{run_dir}'")
     if cfg.resume:
         if not last.is_file():
             raise RecipeError(f"resume: no checkpoint to resume from at '{last}'")
@@ -108,9 +117,13 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     apply_training_setup(stitcher, cfg)
     module = StitchModule(stitcher, build_objective(cfg, stitcher), OptimSettings(
         lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
-        warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule, max_steps=cfg.trainer.max_steps))
+        warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule, max_steps=cfg.trainer.max_steps),
+        on_nonfinite=cfg.trainer.on_nonfinite)
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}
-    trainer = build_trainer(cfg, run_dir, [ExportTrained(run_dir / "trained", train_modes)], console_progress=progress)
+    callbacks = [ExportTrained(run_dir / "trained", train_modes)]
+    if cfg.sample.every_n_steps or cfg.sample.at_end:
+        callbacks.append(SampleCallback(cfg, run_dir, cfg.sample.every_n_steps, cfg.sample.at_end))
+    trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
     if trainer.is_global_zero:
         print_tables(stitch_tables(stitcher), console)
     with warnings.catch_warnings():

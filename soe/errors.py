@@ -1,0 +1,38 @@
+"""soe's own error types: every problem a user can fix is one of these, reported by ``soe`` as one line.
+
+``SoeError`` is the common base; ``soe.cli.main`` prints ``error: <message>`` and exits with the
+error's ``exit_code`` (2 for bad input: recipes, checkpoint folders, latent caches, arguments; 1 for a
+training run that stopped on a non-finite loss). Library callers catch ``SoeError`` (or the
+``ValueError``/``FloatingPointError`` each subclass also is).
+"""
+from __future__ import annotations
+
+
+class SoeError(Exception):
+    """Base of soe's user-facing errors; the message is one line naming the key or file at fault."""
+
+    exit_code = 2
+
+
+class CheckpointError(SoeError, ValueError):
+    """A checkpoint folder or file that cannot be used: missing, truncated, wrong shapes, dtypes or keys."""
+
+
+class DataError(SoeError, ValueError):
+    """Training data that cannot form the requested batches."""
+
+
+class UsageError(SoeError, ValueError):
+    """Bad command-line arguments (unknown subcommand, missing recipe, ...)."""
+
+
+class NonFiniteLossError(SoeError, FloatingPointError):
+    """A NaN/inf training loss with ``trainer.on_nonfinite: stop``; names the modality and step."""
+
+    exit_code = 1
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """A (possibly multi-line) exception message squeezed onto one line, at most ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

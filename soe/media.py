@@ -1,0 +1,100 @@
+"""Writing what a stitched model makes: mp4 (H.264 + AAC via PyAV) and a PNG contact sheet."""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """``(3, F, H, W)`` in [-1, 1] -> ``(F, H, W, 3)`` uint8 (H and W padded to even sizes for H.264)."""
+    x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+    f, h, w, _ = x.shape
+    return np.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def fit_audio(audio: torch.Tensor, sample_rate: int, seconds: float) -> np.ndarray:
+    """``(C, N)`` -> float32 stereo ``(2, round(seconds*sr))``: trimmed or zero-padded to the video's length."""
+    a = audio.float().clamp(-1, 1).cpu()
+    if a.shape[0] == 1:
+        a = a.expand(2, -1)
+    n = int(round(seconds * sample_rate))
+    a = a[:2, :n] if a.shape[1] >= n else torch.nn.functional.pad(a[:2], (0, n - a.shape[1]))
+    return a.contiguous().numpy()
+
+
+def write_mp4(path, video: torch.Tensor, fps: float, audio: torch.Tensor | None = None, sample_rate: int | None = None) -> Path:
+    """Mux ``video`` ``(3, F, H, W)`` and ``audio`` ``(C, N)`` into one mp4 of the video's duration."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = to_uint8_frames(video)
+    rate = Fraction(fps).limit_denominator(1001)
+    seconds = len(frames) / float(rate)
+    tmp = path.with_name(f".{path.name}.tmp.mp4")
+    with av.open(str(tmp), mode="w") as container:
+        vs = container.add_stream("libx264", rate=rate)
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        vs.options = {"crf": "18", "preset": "veryfast"}
+        astream = None
+        if audio is not None:
+            astream = container.add_stream("aac", rate=int(sample_rate))
+            astream.layout = "stereo"
+        for f in frames:
+            for packet in vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in vs.encode():
+            container.mux(packet)
+        if astream is not None:
+            samples = fit_audio(audio, int(sample_rate), seconds)
+            chunk = 1024
+            for start in range(0, samples.shape[1], chunk):
+                piece = np.ascontiguousarray(samples[:, start: start + chunk])
+                frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout="stereo")
+                frame.sample_rate = int(sample_rate)
+                frame.pts = start
+                for packet in astream.encode(frame):
+                    container.mux(packet)
+            for packet in astream.encode():
+                container.mux(packet)
+    tmp.replace(path)
+    return path
+
+
+def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sample_rate: int, columns: int = 8) -> Path:
+    """Frames over time above the waveform and spectrogram, all on one time axis (judge sync at a glance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = to_uint8_frames(video)
+    seconds = len(frames) / fps
+    picks = np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)
+    wave = fit_audio(audio, sample_rate, seconds).mean(0)
+    fig = plt.figure(figsize=(12, 6), dpi=100)
+    grid = fig.add_gridspec(3, len(picks), height_ratios=[1.2, 1, 1])
+    for n, idx in enumerate(picks):
+        ax = fig.add_subplot(grid[0, n])
+        ax.imshow(frames[idx])
+        ax.set_title(f"{idx / fps:.2f}s", fontsize=8)
+        ax.axis("off")
+    t = np.arange(len(wave)) / sample_rate
+    ax_w = fig.add_subplot(grid[1, :])
+    ax_w.plot(t, wave, lw=0.5)
+    ax_w.set_xlim(0, seconds)
+    ax_w.set_ylabel("waveform")
+    for idx in picks:
+        ax_w.axvline(idx / fps, color="grey", lw=0.5, alpha=0.5)
+    ax_s = fig.add_subplot(grid[2, :], sharex=ax_w)
+    nfft = max(64, min(1024, len(wave) // 8))
+    ax_s.specgram(wave + 1e-9, NFFT=nfft, Fs=sample_rate, noverlap=nfft // 2, cmap="magma")
+    ax_s.set_xlabel("seconds")
+    ax_s.set_ylabel("Hz")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

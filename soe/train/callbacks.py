@@ -1,0 +1,35 @@
+"""Training callbacks: render samples (mp4 + contact sheet) into the run folder while training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class SampleCallback(Callback):
+    """Every ``every_n_steps`` optimizer steps (0 = never) and/or once at the end, render the
+    recipe's ``sample`` section into ``<run_dir>/samples/step-NNNNNN/``."""
+
+    def __init__(self, cfg, run_dir, every_n_steps: int = 0, at_end: bool = False):
+        self.cfg, self.run_dir, self.every, self.at_end = cfg, Path(run_dir), every_n_steps, at_end
+        self._codecs = None
+
+    def _render(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        from soe.generate import load_codecs, render_samples
+
+        if self._codecs is None:
+            self._codecs = load_codecs(pl_module.stitcher, self.cfg)
+        out = self.run_dir / "samples" / f"step-{trainer.global_step:06d}"
+        render_samples(pl_module.stitcher, self.cfg, out, codecs=self._codecs)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step > 0 and step % self.every == 0 and getattr(self, "_last", None) != step:
+            self._last = step
+            self._render(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.at_end and getattr(self, "_last", None) != trainer.global_step:
+            self._render(trainer, pl_module)

@@ -1,0 +1,120 @@
+"""Joint sampling, codecs, mp4 + contact sheet, `soe generate`, sampling during training."""
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+
+from conftest import tiny
+from soe import ConnectorSpec, Stitcher
+from soe.cli import main
+from soe.sampling import SamplingSettings, guided, sample, sample_stitched
+from soe.train.run import run_training
+
+DEMO = Path(__file__).parents[1] / "recipes" / "demo.yaml"
+QUIET = Console(file=open("/dev/null", "w"))
+
+
+def pair(init="zero", b_name="ace-step-1.5"):
+    a, b = tiny("wan2.1", 0), tiny(b_name, 1)
+    torch.manual_seed(5)
+    return Stitcher(a, b, connector=ConnectorSpec(init=init))
+
+
+def conditions(st, n=2):
+    return {"a": st.a.conditioning(n, 1.0, torch.Generator().manual_seed(0)),
+            "b": st.b.conditioning(n, 1.0, torch.Generator().manual_seed(1))}
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "unipc"])
+@pytest.mark.parametrize("b_name", ["ace-step-1.5", "ace-step"])
+def test_zero_init_joint_sampling_equals_each_expert_alone(scheduler, b_name):
+    st = pair(b_name=b_name)
+    s = SamplingSettings(steps=5, scheduler=scheduler, guidance={"a": 1.2, "b": 5.0})
+    joint = sample_stitched(st, conditions(st), 1.0, s)
+    alone = sample({"a": st.a, "b": st.b}, conditions(st), 1.0, s)
+    for k in ("a", "b"):
+        assert torch.equal(joint[k], alone[k])
+        assert torch.isfinite(joint[k]).all()
+
+
+def test_sampling_is_deterministic_for_a_seed_and_noise_is_independent_per_modality():
+    st = pair(init="trunc_normal")
+    s0, s1 = SamplingSettings(steps=3, seed=0), SamplingSettings(steps=3, seed=1)
+    x, y, z = (sample_stitched(st, conditions(st), 1.0, s) for s in (s0, s0, s1))
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    assert not torch.allclose(x["a"], z["a"])
+
+
+def test_cfg_scale_one_is_the_conditional_prediction():
+    c, u = torch.randn(3), torch.randn(3)
+    assert guided(c, u, 1.0) is c
+    torch.testing.assert_close(guided(c, u, 3.0), u + 3 * (c - u))
+    # and sampling with scales 1 never runs an unconditional branch
+    st = pair(init="trunc_normal")
+    seen = []
+
+    def predict(inputs, mask):
+        seen.append(mask)
+        pa, pb = st(inputs["a"], inputs["b"], source_mask=mask)
+        return {"a": pa, "b": pb}
+
+    sample({"a": st.a, "b": st.b}, conditions(st), 1.0, SamplingSettings(steps=2, guidance={"a": 1.0, "b": 1.0}), predict)
+    assert seen == [None, None]
+
+
+def test_unconditional_branch_gets_no_cross_modal_input():
+    st = pair(init="trunc_normal").eval()
+    ba = {**conditions(st)["a"], "latents": torch.randn(st.a.latent_shape(2, 1.0)), "timestep": torch.full((2,), 0.5)}
+    bb = {**conditions(st)["b"], "latents": torch.randn(st.b.latent_shape(2, 1.0)), "timestep": torch.full((2,), 0.5)}
+    mask = torch.tensor([1.0, 0.0])  # sample 0 conditional, sample 1 unconditional
+    with torch.no_grad():
+        pa, pb = st(ba, bb, source_mask=mask)
+        bb2 = {**bb, "latents": bb["latents"] + torch.randn_like(bb["latents"])}  # change only the audio input
+        pa2, _ = st(ba, bb2, source_mask=mask)
+    assert not torch.allclose(pa[0], pa2[0])  # conditional video hears the audio
+    assert torch.equal(pa[1], pa2[1])  # unconditional video does not
+
+
+def test_tiny_codecs_have_the_experts_latent_shapes():
+    wan, ace15, ace1 = tiny("wan2.1"), tiny("ace-step-1.5"), tiny("ace-step")
+    v = wan.codec()
+    with torch.no_grad():
+        z = v.encode(torch.rand(1, 3, 9, 64, 64) * 2 - 1)
+        assert z.shape == (1, 4, 3, 8, 8) and v.decode(z).shape == (1, 3, 9, 64, 64)
+        a = ace15.codec()
+        z = a.encode(torch.rand(1, 2, 48000) * 2 - 1)
+        assert z.shape == ace15.latent_shape(1, 1.0) and a.rate == 48000
+        f = ace1.codec()
+        z = torch.randn(ace1.latent_shape(1, 1.0)) * 0.01
+        torch.testing.assert_close(f.encode(f.decode(z)), z, atol=1e-5, rtol=1e-4)  # decode is the exact inverse on latents
+
+
+def test_generate_from_a_trained_demo_run_writes_mp4_with_both_streams(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_training(DEMO, ["data.num_clips=16", "data.batch_size=4", "data.seconds=1.0", "trainer.max_steps=2",
+                        f"run_dir={run_dir}"], console=QUIET, progress=False)
+    out = tmp_path / "samples"
+    code = main(["generate", str(DEMO), f"ckpt={run_dir}", "prompt=a bouncing ball", "seconds=2", "seed=0", "steps=4",
+                 f"out={out}", "data.seconds=1.0", "sample.guidance={a: 1.2, b: 5.0}"])
+    assert code == 0, capsys.readouterr().err
+    mp4, png = out / "sample_00.mp4", out / "sample_00.png"
+    with av.open(str(mp4)) as c:
+        vs, au = c.streams.video[0], c.streams.audio[0]
+        frames = sum(1 for _ in c.decode(video=0))
+        # 2 s -> 12 latent frames at 6.25/s -> 1 + 4 * 11 = 45 frames at 25 fps
+        assert frames == 45 and vs.average_rate == 25
+        assert au.rate == 48000 and au.channels == 2
+        v_dur, a_dur = float(vs.duration * vs.time_base), float(au.duration * au.time_base)
+        assert v_dur == pytest.approx(1.8) and a_dur == pytest.approx(v_dur, abs=1024 / 48000)
+    assert Image.open(png).size == (1200, 600)
+
+
+def test_sampling_callback_renders_during_training(tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(DEMO, ["data.num_clips=16", "data.batch_size=4", "data.seconds=1.0", "trainer.max_steps=2", f"run_dir={run_dir}",
+                        "sample.every_n_steps=1", "sample.steps=2"], console=QUIET, progress=False)
+    for step in (1, 2):
+        assert (run_dir / "samples" / f"step-{step:06d}" / "sample_00.mp4").is_file()
