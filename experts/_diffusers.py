@@ -1,6 +1,7 @@
 """Shared plumbing for experts whose model is a diffusers ``ModelMixin`` saved as a diffusers folder."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,6 +31,9 @@ def _check_float_weights(folder: Path) -> None:
                 dtype = f.get_slice(key).get_dtype()
                 if not (dtype.startswith("F") or dtype == "BF16"):
                     raise ValueError(f"'{file}': weight '{key}' is stored as {dtype}, expected a floating-point dtype")
+
+
+OPTIONS_FILE = "soe_expert.json"
 
 
 class DiffusersExpert(Expert):
@@ -64,10 +68,18 @@ class DiffusersExpert(Expert):
             raise ValueError(f"{cls.name}: '{folder}' lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}")
         if device is not None:
             model = model.to(device)
+        saved = path / OPTIONS_FILE  # expert options (fps, resolution, ...) written by `save`
+        if saved.is_file():
+            opts = {**json.loads(saved.read_text()).get("options", {}), **opts}
         return cls(model, **opts)
 
+    def expert_options(self) -> dict:
+        return {k: getattr(self, k) for k in self.expert_keys if hasattr(self, k)}
+
     def save(self, path) -> None:
+        """The official diffusers layout, plus ``soe_expert.json`` with the expert's own options."""
         self.model.save_pretrained(Path(path) / self.subfolder)
+        (Path(path) / OPTIONS_FILE).write_text(json.dumps({"name": self.name, "options": self.expert_options()}, indent=1))
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         super().set_gradient_checkpointing(enabled)  # split forward: run_block checkpoints itself

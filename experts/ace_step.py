@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from experts.ace_step_v1_model import ACEStepTransformer2DModel
+from experts.ace_step_v1_model import ACEStepTransformer2DModel, CrossAttnProcessor, apply_rope
 from soe.expert import Batch, BlockState, Expert, TokenLayout
 from soe.registry import register_expert
 
@@ -93,6 +93,8 @@ class AceStepV1Expert(Expert):
     flow_loss = "x0"  # ACE-Step v1 trains on x0_pred = x_t - sigma * v
     # ACE-Step's own CFG drops text states, speaker embedding and lyrics (ids and mask) to zeros.
     condition_keys = ("text_hidden_states", "speaker_embeds", "lyric_token_ids", "lyric_mask")
+    # The state after linear self-attention = the input of the softmax cross-attention (no norm between).
+    tap_points = {"after_self_attn": ("cross_attn", "input")}
     lora_targets = (
         r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)",
         r"transformer_blocks\.\d+\.cross_attn\.(to_q|to_k|to_v|to_out\.0)",
@@ -211,13 +213,38 @@ class AceStepV1Expert(Expert):
         return BlockState(hidden=hidden, extras=extras)
 
     def run_block(self, i: int, state: BlockState) -> BlockState:
-        block = self.blocks[i]
+        return self.run_block_module(self.blocks[i], state)
+
+    def run_block_module(self, block, state: BlockState) -> BlockState:
         kwargs = {k: state.extras[k] for k in _BLOCK_KWARGS}
         if self.gradient_checkpointing and self.model.training and torch.is_grad_enabled():
             hidden = checkpoint(block, state.hidden, use_reentrant=False, **kwargs)  # (B, T, D)
         else:
             hidden = block(state.hidden, **kwargs)  # (B, T, D)
         return state.replace(hidden)
+
+    @staticmethod
+    def attention_qkv(attn, args, kwargs):
+        """What ``CrossAttnProcessor`` forms: RoPE'd queries and keys, the (query x key) padding mask."""
+        names = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_attention_mask",
+                 "rotary_freqs_cis", "rotary_freqs_cis_cross")
+        call = {**dict(zip(names, args)), **kwargs}
+        if not isinstance(attn.processor.inner if hasattr(attn.processor, "inner") else attn.processor, CrossAttnProcessor):
+            raise NotImplementedError("ace-step: attention_kv targets the softmax 'cross_attn' only (self-attention is linear)")
+        x, ctx = call["hidden_states"], call["encoder_hidden_states"]
+        B, S, _ = x.shape
+        q = attn.to_q(x).view(B, S, attn.heads, -1).transpose(1, 2)  # (B, H, S, d)
+        k = attn.to_k(ctx).view(B, -1, attn.heads, q.shape[-1]).transpose(1, 2)  # (B, H, L, d)
+        v = attn.to_v(ctx).view(B, -1, attn.heads, q.shape[-1]).transpose(1, 2)
+        if call.get("rotary_freqs_cis") is not None:
+            q = apply_rope(q, call["rotary_freqs_cis"])
+            if call.get("rotary_freqs_cis_cross") is not None:
+                k = apply_rope(k, call["rotary_freqs_cis_cross"])
+        bias, enc_mask = None, call.get("encoder_attention_mask")
+        if enc_mask is not None:
+            pair = call["attention_mask"][:, :, None] * enc_mask[:, None, :]  # (B, S, L)
+            bias = torch.where(pair == 1, 0.0, -torch.inf)[:, None].to(q.dtype)  # (B, 1, S, L)
+        return q, k, v, bias
 
     def head(self, state: BlockState, batch: Batch) -> torch.Tensor:
         e = state.extras
@@ -256,6 +283,17 @@ class AceStepV1Expert(Expert):
 
         c, h = self.model.config.in_channels, self.model.config.max_height
         return FrameAudioCodec(self.sample_rate, MEL_HOP * DCAE_TIME_DOWNSAMPLE, (c, h), time_axis=3, channels=2)
+
+    def text_encoder(self, path, device=None, dtype=None):
+        """umT5-base (``umt5-base/`` of an ACE-Step v1 checkpoint, or that folder) + ACE-Step's lyric
+        vocabulary when the folder has one (``vocab.json``); see ``experts.text_encoders``."""
+        from experts.text_encoders import AceStepV1TextEncoder
+
+        cfg = self.model.config
+        enc = AceStepV1TextEncoder.load(path, device=device, dtype=dtype, speaker_dim=cfg.speaker_embedding_dim)
+        if enc.encoder.config.d_model != cfg.text_embedding_dim:
+            raise ValueError(f"ace-step: text encoder at '{path}' is {enc.encoder.config.d_model} wide, the model expects {cfg.text_embedding_dim}")
+        return enc
 
     def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator: torch.Generator | None = None) -> Batch:
         cfg, device = self.model.config, self.device

@@ -77,8 +77,12 @@ class AceStep15Expert(DiffusersExpert):
         return BlockState(h, dict(temb=temb_t + temb_r, timestep_proj=proj_t + proj_r, text=text, rope=cos_sin, sliding_mask=mask))
 
     def run_block(self, i: int, state: BlockState) -> BlockState:
-        e, block = state.extras, self.blocks[i]
-        mask = e["sliding_mask"] if self.model.layer_types[i] == "sliding_attention" else None
+        return self.run_block_module(self.blocks[i], state)
+
+    def run_block_module(self, block, state: BlockState) -> BlockState:
+        e = state.extras
+        # a block is a sliding-window block when its self-attention was built with a window
+        mask = e["sliding_mask"] if getattr(block.self_attn, "sliding_window", None) is not None else None
         args = (state.hidden, e["rope"], e["timestep_proj"], mask, e["text"], None)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return state.replace(checkpoint(block, *args, use_reentrant=False))
@@ -115,6 +119,12 @@ class AceStep15Expert(DiffusersExpert):
         if path is None:
             return OobleckAudioCodec.tiny(self.model.config.audio_acoustic_hidden_dim, self.sample_rate, self.hop_length)
         return OobleckAudioCodec.load(path, dtype)
+
+    def text_encoder(self, path, device=None, dtype=None):
+        raise NotImplementedError(
+            "ace-step-1.5: its text conditioning (Qwen3 embedding of the prompt + lyric embeddings + timbre, merged by "
+            "the pipeline's condition encoder) is not implemented in soe yet; leave text_encoder_path null for tiny "
+            "experts or give precomputed encoder_hidden_states")
 
     def conditioning(self, batch_size: int = 1, seconds: float = 1.0, generator=None) -> Batch:
         cond = super().conditioning(batch_size, seconds, generator)

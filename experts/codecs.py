@@ -65,7 +65,8 @@ class OobleckAudioCodec(nn.Module):
     def tiny(cls, latent_dim: int, sample_rate: int, hop: int, seed: int = 0, time_last: bool = False) -> "OobleckAudioCodec":
         ratios = _factor_hop(hop)
         torch.manual_seed(seed)
-        vae = AutoencoderOobleck(encoder_hidden_size=8, downsampling_ratios=ratios, channel_multiples=[1] * len(ratios),
+        # the encoder's output holds mean and scale: 2 * latent_dim channels
+        vae = AutoencoderOobleck(encoder_hidden_size=2 * latent_dim, downsampling_ratios=ratios, channel_multiples=[1] * len(ratios),
                                  decoder_channels=8, decoder_input_channels=latent_dim, audio_channels=2, sampling_rate=sample_rate)
         return cls(vae.eval(), time_last)
 

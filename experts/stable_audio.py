@@ -58,8 +58,8 @@ class StableAudioExpert(DiffusersExpert):
     flow_shift = 1.0  # trained with uniform t on the cosine schedule
     presets = {
         "1.0": STABLE_AUDIO_OPEN_1_0,
-        "tiny": dict(sample_size=64, in_channels=8, num_layers=3, attention_head_dim=16, num_attention_heads=2,
-                     num_key_value_attention_heads=1, out_channels=8, cross_attention_dim=32, time_proj_dim=32,
+        "tiny": dict(sample_size=64, in_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=2,
+                     num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=32, time_proj_dim=32,
                      global_states_input_dim=24, cross_attention_input_dim=16, text_len=6),
     }
 
@@ -86,20 +86,25 @@ class StableAudioExpert(DiffusersExpert):
 
     # ---- flow convention: rectified flow outside, v-objective cosine schedule inside ------------
     @staticmethod
-    def _angle(batch: Batch) -> torch.Tensor:
-        s = batch["timestep"].float()  # (B,) rectified-flow sigma
+    def _sigma(batch: Batch) -> torch.Tensor:
+        s = batch["timestep"]  # (B,) rectified-flow sigma, in at least float32
+        return s.to(torch.promote_types(s.dtype, torch.float32))
+
+    @classmethod
+    def _angle(cls, batch: Batch) -> torch.Tensor:
+        s = cls._sigma(batch)
         return torch.atan2(s, 1 - s)  # same signal-to-noise ratio on the cosine schedule
 
     def _model_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z, t)``: the cosine-schedule latent and the model's own time in [0, 1]."""
-        x, s = batch["latents"], batch["timestep"].float()
+        x, s = batch["latents"], self._sigma(batch)
         scale = torch.rsqrt((1 - s) ** 2 + s ** 2)  # (1 - s) x0 + s eps -> cos(phi) x0 + sin(phi) eps
         return x * scale[:, None, None].to(x.dtype), self._angle(batch) * (2 / math.pi)
 
     def _velocity(self, v: torch.Tensor, z: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``eps - x0`` from the model's ``v`` and its input ``z`` (both ``(B, C, T)``)."""
         phi = self._angle(batch)[:, None, None]
-        out = (torch.sin(phi) - torch.cos(phi)) * z.float() + (torch.cos(phi) + torch.sin(phi)) * v.float()
+        out = (torch.sin(phi) - torch.cos(phi)) * z.to(phi.dtype) + (torch.cos(phi) + torch.sin(phi)) * v.to(phi.dtype)
         return out.to(batch["latents"].dtype)
 
     # ---- split forward -------------------------------------------------------------------------
@@ -121,7 +126,10 @@ class StableAudioExpert(DiffusersExpert):
         return cos.to(device), sin.to(device)
 
     def run_block(self, i: int, state: BlockState) -> BlockState:
-        e, block = state.extras, self.blocks[i]
+        return self.run_block_module(self.blocks[i], state)
+
+    def run_block_module(self, block, state: BlockState) -> BlockState:
+        e = state.extras
         h = torch.cat([e["global_token"], state.hidden], dim=1)  # (B, 1 + T, D)
         args = (h, None, e["text"], None, e["rotary"])  # attention_mask, encoder_attention_mask unused
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -154,6 +162,14 @@ class StableAudioExpert(DiffusersExpert):
 
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
         return (batch_size, self.model.config.in_channels, max(1, round(seconds * self.latent_rate)))
+
+    def codec(self, path=None, dtype=None):
+        """The Oobleck VAE (``vae/`` of the pipeline folder); latents stay unscaled, as in StableAudioPipeline."""
+        from experts.codecs import OobleckAudioCodec
+
+        if path is None:
+            return OobleckAudioCodec.tiny(self.model.config.in_channels, self.sample_rate, self.hop_length, time_last=True)
+        return OobleckAudioCodec.load(path, dtype, time_last=True)
 
     def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator=None) -> Batch:
         dev, dt, cfg = self.device, self.dtype, self.model.config

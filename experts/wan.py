@@ -29,6 +29,9 @@ class WanExpert(DiffusersExpert):
     lora_targets = (r"blocks\.\d+\.attn1\.to_(q|k|v|out\.0)$", r"blocks\.\d+\.attn2\.to_(q|k|v|out\.0)$",
                     r"blocks\.\d+\.ffn\.net\.(0\.proj|2)$")
     condition_keys = ("encoder_hidden_states",)
+    # "after_self_attn": the residual stream after self-attention; "cross_attn_input": the same after
+    # norm2 (what UniVerse-1 pools per latent frame for the audio side).
+    tap_points = {"after_self_attn": ("norm2", "input"), "cross_attn_input": ("attn2", "input")}
     flow_shift = 3.0  # Wan2.1 trains/samples with shift 3 at 480p (5 at 720p)
     vae_stride = (4, 8, 8)
     presets = {
@@ -63,11 +66,30 @@ class WanExpert(DiffusersExpert):
         return BlockState(h, dict(temb=temb, timestep_proj=proj, text=text, rotary=rotary))
 
     def run_block(self, i: int, state: BlockState) -> BlockState:
-        e, block = state.extras, self.blocks[i]
+        return self.run_block_module(self.blocks[i], state)
+
+    def run_block_module(self, block, state: BlockState) -> BlockState:
+        e = state.extras
         args = (state.hidden, e["text"], e["timestep_proj"], e["rotary"])
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return state.replace(checkpoint(block, *args, use_reentrant=False))
         return state.replace(block(*args))
+
+    @staticmethod
+    def attention_qkv(attn, args, kwargs):
+        """What diffusers' ``WanAttnProcessor`` forms (T2V: no image keys), as ``(B, H, S, d)``."""
+        names = ("hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb")
+        call = {**dict(zip(names, args)), **kwargs}
+        x = call["hidden_states"]
+        ctx = call.get("encoder_hidden_states")
+        ctx = x if ctx is None else ctx
+        q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, S, H, d)
+        k = attn.norm_k(attn.to_k(ctx)).unflatten(2, (attn.heads, -1))  # (B, L, H, d)
+        v = attn.to_v(ctx).unflatten(2, (attn.heads, -1))
+        rope = call.get("rotary_emb")
+        if rope is not None:
+            q, k = _wan_rope(q, *rope), _wan_rope(k, *rope)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), call.get("attention_mask")
 
     def head(self, state: BlockState, batch: Batch) -> torch.Tensor:
         m, h = self.model, state.hidden  # (B, N, D)
@@ -104,6 +126,15 @@ class WanExpert(DiffusersExpert):
             return WanVideoCodec.tiny(self.model.config.in_channels, self.fps)
         return WanVideoCodec.load(path, self.fps, dtype)
 
+    def text_encoder(self, path, device=None, dtype=None):
+        """UMT5 encoder + tokenizer of a diffusers Wan pipeline folder (``text_encoder/``, ``tokenizer/``)."""
+        from experts.text_encoders import WanTextEncoder
+
+        enc = WanTextEncoder.load(path, max_length=self.text_len, device=device, dtype=dtype)
+        if enc.encoder.config.d_model != self.model.config.text_dim:
+            raise ValueError(f"wan2.1: text encoder at '{path}' is {enc.encoder.config.d_model} wide, the model expects {self.model.config.text_dim}")
+        return enc
+
     def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator=None) -> Batch:
         dev, dt = self.device, self.dtype
         text_dim = self.model.config.text_dim
@@ -112,3 +143,13 @@ class WanExpert(DiffusersExpert):
             "timestep": torch.rand(batch_size, generator=generator).to(dev, dt),
             "encoder_hidden_states": torch.randn(batch_size, self.text_len, text_dim, generator=generator).to(dev, dt),
         }
+
+
+def _wan_rope(x, cos, sin):
+    """diffusers' Wan rotary embedding on ``x (B, S, H, d)``: pairs (2i, 2i+1), tables (1, S, 1, d)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)

@@ -28,13 +28,15 @@ def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = T
             expert = cls.load(e.path, dtype=dtype, device=device, **options)
         else:
             expert = cls.from_preset(e.preset, device=device, dtype=dtype, **options)
-    except TypeError as err:  # an option the expert or its model does not take
-        raise RecipeError(f"experts.{side}.options: {err}") from None
     except SoeError:
         raise
-    except Exception as err:  # missing/truncated files, wrong shapes, dtypes or keys: one line naming the key
-        if e.path is None or not load_weights:
+    except Exception as err:
+        from_path = e.path is not None and load_weights
+        if isinstance(err, TypeError) and (not from_path or "argument" in str(err)):  # an option the expert or model does not take
+            raise RecipeError(f"experts.{side}.options: {err}") from None
+        if not from_path:
             raise
+        # missing/truncated files, wrong shapes, dtypes or keys, another family's config: one line naming the key
         raise CheckpointError(f"experts.{side}.path: cannot load '{e.path}' as expert '{e.name}': {one_line(err, 300)}") from None
     if e.gradient_checkpointing:
         expert.set_gradient_checkpointing(True)
@@ -45,13 +47,18 @@ def build_stitcher(cfg: DictConfig, device=None, load_weights: bool = True) -> S
     a = build_expert(cfg, "a", device, load_weights)
     b = build_expert(cfg, "b", device, load_weights)
     s = cfg.stitch
-    return Stitcher(
-        a,
-        b,
-        pairs=to_container(s.pairs),
-        direction=s.direction,
-        detach_source=s.detach_source,
-        connector=ConnectorSpec(**to_container(s.connector)),
-        engine=s.engine,
-        device=device,
-    )
+    try:
+        return Stitcher(
+            a,
+            b,
+            pairs=to_container(s.pairs),
+            direction=s.direction,
+            detach_source=s.detach_source,
+            connector=ConnectorSpec(**to_container(s.connector)),
+            engine=s.engine,
+            device=device,
+            depth=to_container(s.depth),
+            inject=to_container(s.inject),
+        )
+    except ValueError as err:  # a tap point, attention module or copy_from the experts do not have
+        raise RecipeError(f"stitch.{err}") from None

@@ -1,4 +1,4 @@
-"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``.
+"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``encode``.
 
 Bad input (recipe keys, paths, names, checkpoint folders, latent caches, arguments) prints one line
 naming the problem and exits with status 2; a run stopped by a non-finite loss
@@ -27,13 +27,10 @@ def _cmd_experts(args) -> int:
 
 
 def _cmd_experts_check(args) -> int:
-    from soe.testing import ExpertSpecError, check_expert, resolve_expert, results_table
+    from soe.testing import check_expert, resolve_expert, results_table
 
-    try:
-        cls = resolve_expert(args.expert)
-    except ExpertSpecError as e:
-        raise RecipeError(f"soe experts check: {e}") from None
-    results = check_expert(cls, partner=args.partner)
+    cls = resolve_expert(args.expert)  # ExpertSpecError (a SoeError): one line, exit status 2
+    results = check_expert(cls, checks=args.check, partner=args.partner)
     failed = sum(not r.passed for r in results)
     console.print(results_table(results, title=f"expert contract: {cls.name} ({cls.__module__}.{cls.__qualname__})"))
     console.print(f"{len(results) - failed}/{len(results)} properties hold" + (f", [bold red]{failed} failed[/]" if failed else ""))
@@ -80,6 +77,13 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_encode(args) -> int:
+    from soe.data.encode import encode_command
+
+    encode_command(args.recipe, args.src, args.overrides, out=args.out, workers=args.workers, console=console)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``error: ...``, status 2) instead of usage text."""
 
@@ -95,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = experts.add_subparsers(dest="experts_command").add_parser("check", help="run the expert contract checks (soe.testing)")
     check.add_argument("expert", help="a registered name (wan2.1) or module:Class of a plugin")
     check.add_argument("--partner", default="auto", help="built-in expert for the zero-init stitch check (default: other modality)")
+    check.add_argument("--check", action="append", metavar="PROPERTY", help="run only this check (repeatable; default: all)")
     check.set_defaults(func=_cmd_experts_check)
     for name, func, help_ in (("inspect", _cmd_inspect, "show block pairs, connector shapes and parameter counts (meta device)"),
                               ("stitch", _cmd_stitch, "train a stitched model from a recipe"),
@@ -103,7 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("recipe", help="recipe YAML file")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
         sp.set_defaults(func=func)
+    conv = sub.add_parser("convert", help="convert a released checkpoint to soe tensors (load with ckpt=DST)")
+    conv.add_argument("model", choices=["universe1"], help="which release")
+    conv.add_argument("src", help="the released transformer folder (or one .safetensors file)")
+    conv.add_argument("dst", help="output folder: expert_{a,b}, connectors, fusion .safetensors")
+    conv.set_defaults(func=_cmd_convert)
+    enc = sub.add_parser("encode", help="encode a folder of audio-video clips + captions into a latent cache (soe.data)")
+    enc.add_argument("recipe", help="recipe YAML file (experts, codec/text encoder folders, data.seconds)")
+    enc.add_argument("src", help="folder of video files with sidecar captions (clip.txt or captions.jsonl)")
+    enc.add_argument("--out", default=None, help="cache folder (default: data.path of the recipe)")
+    enc.add_argument("--workers", type=int, default=0, help="decode processes (0: decode in this process)")
+    enc.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and encode.<key>=value settings")
+    enc.set_defaults(func=_cmd_encode)
     return p
+
+
+def _cmd_convert(args) -> int:
+    from soe.convert import convert_universe1
+
+    counts = convert_universe1(args.src, args.dst)
+    console.print(f"wrote {args.dst}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,7 @@ class ExpertConfig:
     flow_shift: Optional[float] = None  # null = the plugin's own schedule shift
     loss_weight: float = 1.0
     codec_path: Optional[str] = None  # local folder of the family's latent codec (VAE); null = tiny random codec
+    text_encoder_path: Optional[str] = None  # local folder of the family's text encoder (+ tokenizer)
 
 
 @dataclass
@@ -64,12 +65,41 @@ class ConnectorConfig:
 
 
 @dataclass
+class DepthConfig:
+    mode: str = "none"  # none | insert_interpolated (expand the shallower expert, soe/depth.py)
+    every: Optional[int] = None  # insert after every k-th original block; null = spread evenly
+
+
+@dataclass
+class KVTargetConfig:  # one attention module of the host block that receives extra keys/values
+    attention: str = MISSING  # module path in the host block, e.g. attn2
+    mode: str = "concat"  # concat (one softmax) | parallel (separate attention added before to_out)
+    window: bool = False  # each host token attends only to the injected tokens of its own time step
+    pre_norm: Optional[str] = None  # host block module whose input the injected tokens join
+    rope: str = "none"  # none | complex | cat: 1-D temporal RoPE on injected keys
+    rope_theta: float = 10000.0
+    rope_query: bool = False  # also rotate the host queries by their time step
+    init: str = "copy"  # copy | random: new k/v projections start as copies of copy_from's to_k/to_v
+    copy_from: Optional[str] = None  # null = `attention`
+    cfg_mask: bool = True  # the unconditional CFG branch zeroes these tokens
+
+
+@dataclass
+class InjectConfig:
+    mode: str = "add"  # add | attention_kv (soe/inject.py)
+    tap: Optional[str] = None  # tap point declared by the source plugin; null = block output
+    targets: List[KVTargetConfig] = field(default_factory=list)
+
+
+@dataclass
 class StitchConfig:
     pairs: Any = "linear"  # linear | identity | {every: k} | [[i, j], ...]
     direction: str = "both"  # a_to_b | b_to_a | both
     detach_source: bool = True
     engine: str = "auto"  # auto | hooks | lockstep
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    inject: Dict[str, InjectConfig] = field(default_factory=dict)  # per direction (a_to_b, b_to_a); default add
 
 
 @dataclass
@@ -233,9 +263,10 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
         ConnectorSpec(**OmegaConf.to_container(s.connector))
     except ValueError as err:
         raise RecipeError(f"stitch.{err}") from None
+    depths = _validate_fusion(s, blocks)
     pairs = OmegaConf.to_container(s.pairs) if OmegaConf.is_config(s.pairs) else s.pairs
     try:
-        resolve_depth_map(pairs, blocks["a"], blocks["b"])
+        resolve_depth_map(pairs, *depths)
     except DepthMapError as err:
         raise RecipeError(f"stitch.pairs: {err}") from None
     _choice(cfg.flow.timesteps, ("shared", "independent"), "flow.timesteps")
@@ -294,9 +325,32 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
             if s[key] is not None and not Path(s[key]).exists():
                 raise RecipeError(f"sample.{key}: not found: '{s[key]}'")
         for side in ("a", "b"):
-            p = cfg.experts[side].codec_path
-            if p is not None and not Path(p).is_dir():
-                raise RecipeError(f"experts.{side}.codec_path: codec folder not found: '{p}'")
+            for key in ("codec_path", "text_encoder_path"):
+                p = cfg.experts[side][key]
+                if p is not None and not Path(p).is_dir():
+                    raise RecipeError(f"experts.{side}.{key}: folder not found: '{p}'")
+
+
+def _validate_fusion(s, blocks) -> tuple[int, int]:
+    """``stitch.depth`` and ``stitch.inject``; returns the depths the block pairs index (after expansion)."""
+    from soe.depth import DepthSpec, insertion_points
+    from soe.inject import InjectSpec
+
+    try:
+        depth = DepthSpec(**OmegaConf.to_container(s.depth))
+        for direction, spec in s.inject.items():
+            if direction not in ("a_to_b", "b_to_a"):
+                raise ValueError(f"inject.{direction}: expected a direction a_to_b or b_to_a")
+            if s.direction not in (direction, "both"):
+                raise ValueError(f"inject.{direction}: stitch.direction is {s.direction!r}, so there is no such connector")
+            InjectSpec(**OmegaConf.to_container(spec))
+        na, nb = blocks["a"], blocks["b"]
+        if depth.mode == "insert_interpolated" and na != nb:
+            insertion_points(min(na, nb), max(na, nb), depth.every)
+            na = nb = max(na, nb)
+    except ValueError as err:
+        raise RecipeError(f"stitch.{err}") from None
+    return na, nb
 
 
 def _num_blocks(cls, e) -> int:

@@ -92,6 +92,9 @@ class Expert(nn.Module):
     modality: ClassVar[str] = ""
     source: ClassVar[str] = ""  # where the model code comes from, e.g. "diffusers.WanTransformer3DModel"
     lora_targets: ClassVar[tuple[str, ...]] = ()  # regexes over module names of ``self.model``
+    # Points inside a block a connector may read (soe/inject.py): name -> (module path in the block,
+    # "input" | "output"), e.g. {"after_self_attn": ("cross_attn", "input")}.
+    tap_points: ClassVar[dict[str, tuple[str, str]]] = {}
     presets: ClassVar[dict[str, dict]] = {}  # real-size configs by name, plus "tiny"
     # Which batch keys carry text conditioning (dropped for classifier-free guidance).
     condition_keys: ClassVar[tuple[str, ...]] = ()
@@ -149,6 +152,18 @@ class Expert(nn.Module):
 
     def run_block(self, i: int, state: BlockState) -> BlockState:
         raise NotImplementedError
+
+    def run_block_module(self, block: nn.Module, state: BlockState) -> BlockState:
+        """Run ``block`` (e.g. one inserted by depth expansion) exactly as ``run_block`` runs its own
+        blocks. Plugins that support ``depth: insert_interpolated`` implement it (and usually define
+        ``run_block(i, s)`` as ``run_block_module(self.blocks[i], s)``)."""
+        raise NotImplementedError(f"expert '{self.name}' cannot run a block that is not its own (needed by depth expansion)")
+
+    def attention_qkv(self, attn: nn.Module, args: tuple, kwargs: dict):
+        """Queries, keys, values ``(B, H, S|L, d)`` and additive mask ``(B, 1, S, L)`` or None that the
+        processor of attention module ``attn`` forms from its call arguments (for ``attention_kv``
+        injection: ``to_out(softmax(q k^T / sqrt(d) + mask) v)`` must equal the processor's output)."""
+        raise NotImplementedError(f"expert '{self.name}' does not expose attention queries/keys (attention_kv injection)")
 
     def head(self, state: BlockState, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
@@ -216,6 +231,12 @@ class Expert(nn.Module):
         """This family's latent codec (``soe.codec.LatentCodec``): the real one from a local folder,
         or with ``path=None`` a tiny random one with this expert's latent shape (tests, demo)."""
         raise NotImplementedError(f"expert '{self.name}' declares no latent codec")
+
+    def text_encoder(self, path, device=None, dtype=None):
+        """This family's text encoder loaded from a local folder: a callable
+        ``(prompts: list[str], lyrics: list[str] | None = None) -> Batch`` of conditioning tensors
+        (batch axis first, exactly the keys ``dummy_batch`` has besides latents and timestep)."""
+        raise NotImplementedError(f"expert '{self.name}' declares no text encoder")
 
     def unconditional(self, batch: Batch) -> Batch:
         """The batch with text conditioning dropped (zeros), for classifier-free guidance."""

@@ -1,7 +1,8 @@
 """``soe generate``: a stitched model (recipe + trained run) -> mp4 with sound + PNG contact sheet.
 
-Conditioning comes from precomputed embeddings (``sample.conditions``: a safetensors file with
-``a/<key>`` and ``b/<key>`` tensors, batch axis first) or, for experts built from random weights
+Conditioning comes, in this order, from precomputed embeddings (``sample.conditions``: a
+safetensors file with ``a/<key>`` and ``b/<key>`` tensors, batch axis first), from each expert's
+own text encoder (``experts.<side>.text_encoder_path``), or, for experts built from random weights
 (tiny presets, the demo), from a deterministic pseudo-embedding of the prompt.
 """
 from __future__ import annotations
@@ -35,6 +36,19 @@ def prompt_conditions(stitcher, cfg, prompt: str, n: int, seconds: float) -> dic
                               "conditioning (sample.conditions=FILE.safetensors with a/<key> and b/<key> tensors)")
         g = generator_for(stream_seed(cfg.sample.seed, "prompt", prompt), side)
         out[side] = e.conditioning(n, seconds, generator=g)
+    return out
+
+
+def text_conditions(stitcher, cfg, prompt: str, n: int) -> dict:
+    """Each expert's own text encoder, loaded from ``experts.<side>.text_encoder_path``."""
+    out = {}
+    for side in ("a", "b"):
+        e = getattr(stitcher, side)
+        try:
+            encode = e.text_encoder(cfg.experts[side].text_encoder_path, device=e.device)
+        except NotImplementedError as err:
+            raise RecipeError(f"experts.{side}.text_encoder_path: {err}") from None
+        out[side] = {k: v.to(e.device) for k, v in encode([prompt] * n).items()}
     return out
 
 
@@ -74,6 +88,8 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     v_side, a_side = media_sides(stitcher)
     if cfg.sample.conditions is not None:
         conditions = file_conditions(stitcher, cfg.sample.conditions, n)
+    elif all(cfg.experts[side].text_encoder_path for side in ("a", "b")):
+        conditions = text_conditions(stitcher, cfg, cfg.sample.prompt, n)
     else:
         conditions = prompt_conditions(stitcher, cfg, cfg.sample.prompt, n, seconds)
     was_training = stitcher.training

@@ -72,6 +72,8 @@ def apply_training_setup(stitcher, cfg) -> dict[str, list[str]]:
                         targets=tuple(lora["targets"]) if lora["targets"] else None)
         targets[side] = set_trainable(getattr(stitcher, side), e.train, spec, where=f"experts.{side}")
     stitcher.connectors.requires_grad_(True)
+    if getattr(stitcher, "fusion", None) is not None:  # inserted blocks and new k/v projections train too
+        stitcher.fusion.requires_grad_(True)
     return targets
 
 

@@ -43,21 +43,31 @@ def stitch_tables(st: Stitcher) -> list[Table]:
                         fmt_count(num_params(e, trainable_only=True)))
     experts.add_row("", "connectors", "", "", "", fmt_count(num_params(st.connectors)),
                     fmt_count(num_params(st.connectors, trainable_only=True)))
+    fusion = getattr(st, "fusion", None)
+    if fusion is not None:  # inserted blocks (depth expansion) and new k/v projections (attention_kv)
+        for title, mod in (("inserted blocks", fusion.inserted), ("k/v projections", fusion.kv)):
+            if len(mod):
+                experts.add_row("", title, "", str(sum(len(m) for m in mod.values())), "", fmt_count(num_params(mod)),
+                                fmt_count(num_params(mod, trainable_only=True)))
 
     pairs = Table(title=f"block pairs ({len(st.pairs)}, direction {st.direction}, engine {st.engine}, "
                         f"detach_source={st.detach_source})")
     for col in ("#", f"a:{st.a.name}", f"b:{st.b.name}", "a -> b connector", "b -> a connector", "parameters"):
         pairs.add_column(col)
+    stacks = fusion.stacks if fusion is not None else {}
+    mark = {s: (lambda k, s=s: f"{k}+" if stacks.get(s) is not None and stacks[s].is_inserted(k) else str(k)) for s in "ab"}
     for n, (i, j) in enumerate(st.pairs):
         shapes, count = [], 0
         for direction, host in (("a_to_b", j), ("b_to_a", i)):
             if direction in st.connectors:
                 c = st.connector_for(direction, host)
-                shapes.append(f"{c.src_dim} -> {c.mlp.fc2.in_features} -> {c.dst_dim}")
+                how = fusion.inject[direction] if fusion is not None else None
+                into = f" kv:{'+'.join(t.attention for t in how.targets)}" if how is not None and how.targets else ""
+                shapes.append(f"{c.src_dim} -> {c.mlp.fc2.in_features} -> {c.dst_dim}{into}")
                 count += num_params(c)
             else:
                 shapes.append("-")
-        pairs.add_row(str(n), str(i), str(j), *shapes, fmt_count(count))
+        pairs.add_row(str(n), mark["a"](i), mark["b"](j), *shapes, fmt_count(count))
     return [experts, pairs]
 
 

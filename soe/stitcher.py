@@ -18,7 +18,9 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from soe.align import Pairs, resolve_depth_map
 from soe.connector import Connector, ConnectorSpec
+from soe.depth import DepthSpec, expand_stacks
 from soe.expert import Batch, BlockState, Expert, TokenLayout
+from soe.inject import Fusion, InjectSpec
 
 DIRECTIONS = ("a_to_b", "b_to_a", "both")
 ENGINES = ("auto", "hooks", "lockstep")
@@ -53,6 +55,8 @@ class Stitcher(nn.Module):
         engine: str = "auto",
         device=None,
         dtype=None,
+        depth: DepthSpec | dict | None = None,
+        inject: dict | None = None,
     ):
         super().__init__()
         if direction not in DIRECTIONS:
@@ -63,9 +67,17 @@ class Stitcher(nn.Module):
             raise ValueError("engine 'hooks' runs one-way stitches only; direction 'both' needs engine 'lockstep' or 'auto'")
         spec = connector if isinstance(connector, ConnectorSpec) else ConnectorSpec(**(connector or {}))
         self.a, self.b = a, b
-        self.pairs: Pairs = resolve_depth_map(pairs, a.num_blocks, b.num_blocks)
+        # Depth expansion and attention injection (soe/depth.py, soe/inject.py) run fused, in lockstep.
+        depth = depth if isinstance(depth, DepthSpec) else DepthSpec(**(depth or {}))
+        inject = {d: v if isinstance(v, InjectSpec) else InjectSpec(**v) for d, v in (inject or {}).items()}
+        stacks = expand_stacks(a, b, depth)
+        fused = any(stacks.values()) or any(v.mode != "add" or v.tap is not None for v in inject.values())
+        if fused and engine == "hooks":
+            raise ValueError("engine 'hooks' cannot run depth expansion, taps or attention_kv; use 'lockstep' or 'auto'")
+        depths = [len(stacks[s]) if stacks[s] is not None else e.num_blocks for s, e in (("a", a), ("b", b))]
+        self.pairs: Pairs = resolve_depth_map(pairs, *depths)
         self.direction, self.detach_source, self.spec = direction, detach_source, spec
-        self.engine = ("hooks" if direction != "both" else "lockstep") if engine == "auto" else engine
+        self.engine = ("hooks" if direction != "both" and not fused else "lockstep") if engine == "auto" else engine
         device = device if device is not None else a.device
 
         self.connectors = nn.ModuleDict()
@@ -83,7 +95,14 @@ class Stitcher(nn.Module):
         self._run_of_input = WeakTensorKeyDictionary()
         self._handles: list = []
         self._stitched = True
-        if direction != "both":
+        self.fusion = None
+        if fused:
+            directions = [d for d in ("a_to_b", "b_to_a") if d in self.connectors]
+            unknown = sorted(set(inject) - set(directions))
+            if unknown:
+                raise ValueError(f"inject: direction(s) {unknown} have no connectors (direction is {direction!r})")
+            self.fusion = Fusion(self, stacks, {d: inject.get(d, InjectSpec()) for d in directions}, device, dtype)
+        elif direction != "both":
             self._install_hooks()
 
     # ---- bookkeeping ---------------------------------------------------------------------------
@@ -100,6 +119,8 @@ class Stitcher(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.fusion is not None:
+            self.fusion.remove()  # hooks off, original attention processors back
         self._stitched = False
 
     @property
@@ -195,6 +216,8 @@ class Stitcher(nn.Module):
         """
         if not self._stitched:
             raise RuntimeError("this Stitcher was unstitched; build a new one to run the experts together")
+        if self.fusion is not None:
+            return self.fusion(batch_a, batch_b, source_mask)
         if self.engine == "hooks":
             return self._run_hook_engine(batch_a, batch_b, source_mask)
         return self._run_lockstep_engine(batch_a, batch_b, source_mask)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from soe.errors import SoeError
 from soe.expert import Expert
 
 SPLIT_TOL = dict(rtol=1e-5, atol=1e-5)  # split forward vs native forward
@@ -51,7 +52,7 @@ class CheckResult:
         return f"[{'PASS' if self.passed else 'FAIL'}] {self.name}: {self.detail}"
 
 
-class ExpertSpecError(ValueError):
+class ExpertSpecError(SoeError, ValueError):
     """``NAME_OR_MODULE:CLASS`` names no expert (unknown name, unimportable module, not an Expert)."""
 
 
@@ -376,6 +377,9 @@ def run_check(name: str, expert, partner: str | None = "auto", seed: int = 0) ->
 
 def check_expert(expert, checks: Sequence[str] | None = None, partner: str | None = "auto", seed: int = 0) -> list[CheckResult]:
     """Run the contract checks on an Expert class, registered name, ``module:Class`` or tiny instance."""
+    unknown = [c for c in checks or () if c not in CHECKS]
+    if unknown:
+        raise ExpertSpecError(f"unknown check(s) {unknown}; checks: {', '.join(CHECKS)}")
     subject = _Subject(expert, seed)
     return [run_check(name, subject, partner=partner, seed=seed) for name in (checks or CHECKS)]
 

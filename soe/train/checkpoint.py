@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -46,14 +47,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
         """Always ``weights_only=True`` (whatever Lightning asks): a pickle that would run code is refused."""
-        try:
+        with _one_line_errors(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(e))
-            raise CheckpointError(f"checkpoint '{path}' refused: it pickles more than tensors and plain containers "
-                                  f"({found.group(1) if found else one_line(e, 120)})") from None
-        except Exception as e:  # truncated or not a checkpoint: one line naming the file
-            raise CheckpointError(f"checkpoint '{path}' cannot be read safely: {one_line(e, 300)}") from None
+
+
+def read_checkpoint(path, mmap: bool = True) -> dict:
+    """A Lightning checkpoint read as ``AtomicCheckpointIO`` does; ``mmap``: tensors stay on disk until used,
+    so checking a resume checkpoint before training costs next to nothing."""
+    with _one_line_errors(path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+@contextlib.contextmanager
+def _one_line_errors(path):
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(e))
+        raise CheckpointError(f"checkpoint '{path}' refused: it pickles more than tensors and plain containers "
+                              f"({found.group(1) if found else one_line(e, 120)})") from None
+    except Exception as e:  # truncated or not a checkpoint: one line naming the file
+        raise CheckpointError(f"checkpoint '{path}' cannot be read safely: {one_line(e, 300)}") from None
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -83,11 +97,14 @@ def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = 
     conn = _full_cpu(stitcher.connectors.state_dict())
     adapters = {side: _full_cpu(get_peft_model_state_dict(getattr(stitcher, side).model, adapter_name=ADAPTER))
                 for side, mode in train_modes.items() if mode == "lora"}
+    fusion = _full_cpu(stitcher.fusion.state_dict()) if getattr(stitcher, "fusion", None) is not None else None
     if not write:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     save_file(conn, tmp / "connectors.safetensors")
+    if fusion is not None:  # inserted blocks and new k/v projections (soe/depth.py, soe/inject.py)
+        save_file(fusion, tmp / "fusion.safetensors")
     for side, mode in train_modes.items():
         expert = getattr(stitcher, side)
         if mode == "lora":
@@ -120,8 +137,19 @@ def _load_trained(stitcher, folder: Path) -> None:
     if not conn_file.is_file():
         raise FileNotFoundError(f"'{folder}' holds no connectors.safetensors (expected a folder written by `soe stitch`)")
     stitcher.connectors.load_state_dict(load_file(conn_file), strict=True)
+    if (folder / "fusion.safetensors").is_file():
+        if getattr(stitcher, "fusion", None) is None:
+            raise ValueError("fusion.safetensors holds inserted blocks / k/v projections, but the recipe has no stitch.depth or stitch.inject")
+        result = stitcher.fusion.load_state_dict(load_file(folder / "fusion.safetensors"), strict=False)
+        if result.unexpected_keys:  # missing ones (a release without them) keep their init
+            raise ValueError(f"fusion.safetensors: tensors the stitch does not have: {result.unexpected_keys[:3]}")
     for side in ("a", "b"):
         expert = getattr(stitcher, side)
+        weights = folder / f"expert_{side}.safetensors"  # expert tensors by model name (e.g. `soe convert`)
+        if weights.is_file():
+            result = expert.model.load_state_dict(load_file(weights), strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"{weights.name}: tensors the expert does not have: {result.unexpected_keys[:3]}")
         lora_dir = folder / f"lora_{side}"
         if lora_dir.is_dir():
             config = LoraConfig.from_pretrained(lora_dir)

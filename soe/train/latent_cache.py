@@ -3,7 +3,8 @@
 Layout of a cache folder::
 
     meta.json            {"format": 1, "experts": {"a": "wan2.1", "b": "ace-step"}}
-    index.jsonl          one line per clip: {"id", "shard", "seconds", "bucket"}
+    index.jsonl          one line per clip: {"id", "shard", "seconds", "bucket"} (+ optional fields, e.g.
+                         "source", "start", "caption", "resolution" [H, W] written by `soe encode`)
     shard-00000.safetensors   tensors "<id>/<side>/<key>" (latents and conditioning, no batch axis)
 
 Shards are written to a temporary name and renamed, then the index is appended, so a killed writer
@@ -28,7 +29,9 @@ class LatentCacheError(SoeError, ValueError):
     pass
 
 
-def write_meta(folder, experts: dict[str, str]) -> None:
+def write_meta(folder, experts: dict[str, str], settings: dict | None = None) -> None:
+    """``settings`` (optional, stored as ``"encode"``): how the latents were made; a cache is only ever
+    extended with the same settings."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "meta.json"
@@ -36,19 +39,26 @@ def write_meta(folder, experts: dict[str, str]) -> None:
         old = json.loads(meta.read_text())
         if old.get("experts") != experts:
             raise LatentCacheError(f"latent cache '{folder}' was written for experts {old.get('experts')}, not {experts}")
+        if settings is not None and old.get("encode") not in (None, settings):
+            changed = sorted(k for k in set(settings) | set(old["encode"]) if settings.get(k) != old["encode"].get(k))
+            raise LatentCacheError(f"latent cache '{folder}' was encoded with other settings ({', '.join(changed)} differ); "
+                                   "write to a new folder")
         return
-    meta.write_text(json.dumps({"format": FORMAT, "experts": experts}, indent=1))
+    tmp = folder / ".meta.json.tmp"
+    tmp.write_text(json.dumps({"format": FORMAT, "experts": experts, **({"encode": settings} if settings else {})}, indent=1))
+    os.replace(tmp, meta)
 
 
 def write_shard(folder, shard_name: str, clips: list[dict]) -> None:
-    """``clips``: ``[{"id", "seconds", "bucket"?, "a": {key: tensor}, "b": {key: tensor}}]``."""
+    """``clips``: ``[{"id", "seconds", "bucket"?, "index"?: {extra index fields}, "a": {key: tensor}, "b": {key: tensor}}]``."""
     folder = Path(folder)
     tensors, lines = {}, []
     for c in clips:
         for side in ("a", "b"):
             for k, v in c[side].items():
                 tensors[f"{c['id']}/{side}/{k}"] = v.detach().contiguous().cpu()
-        lines.append({"id": c["id"], "shard": shard_name, "seconds": float(c["seconds"]), "bucket": str(c.get("bucket", "default"))})
+        lines.append({"id": c["id"], "shard": shard_name, "seconds": float(c["seconds"]), "bucket": str(c.get("bucket", "default")),
+                      **c.get("index", {})})
     tmp = folder / f".{shard_name}.tmp"
     save_file(tensors, tmp)
     os.replace(tmp, folder / shard_name)  # atomic: the shard is whole or absent
@@ -73,6 +83,10 @@ def read_index(folder) -> tuple[dict, list[dict]]:
         raise LatentCacheError(f"latent cache '{folder}': format {meta.get('format')!r}, expected {FORMAT}")
     if not rows:
         raise LatentCacheError(f"latent cache '{folder}': the index lists no clips")
+    for n, row in enumerate(rows):
+        lacking = [k for k in ("id", "shard", "seconds") if not isinstance(row, dict) or k not in row]
+        if lacking:
+            raise LatentCacheError(f"latent cache '{folder}': index.jsonl line {n + 1} lacks {lacking}")
     return meta, rows
 
 
@@ -105,13 +119,16 @@ def load_clips(folder, rows: list[dict]) -> list[dict]:
 
 
 def validate_clip_shapes(clips: list[dict], rows: list[dict], experts: dict, folder) -> None:
-    """Latents must have each expert's latent shape (time may vary); conditioning keys must exist."""
+    """Latents must have each expert's latent shape (time may vary); conditioning keys must exist.
+
+    Rows with a ``resolution`` (aspect-ratio buckets of ``soe encode``) may also differ on the axes after time."""
     for clip, row in zip(clips, rows):
         for side, e in experts.items():
             got = tuple(clip[side]["latents"].shape)
             want = tuple(e.latent_shape(1, row["seconds"]))[1:]
             t = e.latent_time_axis - 1
-            if len(got) != len(want) or any(g != w for i, (g, w) in enumerate(zip(got, want)) if i != t):
+            free = (lambda i: i == t) if not row.get("resolution") else (lambda i: i >= t)
+            if len(got) != len(want) or any(g != w for i, (g, w) in enumerate(zip(got, want)) if not free(i)):
                 raise LatentCacheError(
                     f"latent cache '{folder}': clip '{row['id']}' {side}/latents has shape {list(got)}, "
                     f"expert '{e.name}' expects {list(want)} (time axis {t} may differ)"

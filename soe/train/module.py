@@ -116,8 +116,11 @@ class StitchModule(L.LightningModule):
         checkpoint["soe"] = {"trainable_keys": sorted(checkpoint["state_dict"])}
 
     def on_load_checkpoint(self, checkpoint):
-        expected = set(self.trainable_state_dict())
-        got = set(checkpoint.get("state_dict", {}))
-        if got != expected:
-            missing, extra = sorted(expected - got)[:3], sorted(got - expected)[:3]
+        mine, theirs = self.trainable_state_dict(), checkpoint.get("state_dict", {})
+        if set(theirs) != set(mine):
+            missing, extra = sorted(set(mine) - set(theirs))[:3], sorted(set(theirs) - set(mine))[:3]
             raise CheckpointError(f"checkpoint does not match this recipe's trainable tensors: missing {missing}, unexpected {extra}")
+        for k, v in mine.items():  # plain tensors only: sharded (DTensor) states are checked by their strategy
+            w = theirs[k]
+            if type(v) is torch.Tensor and type(w) is torch.Tensor and v.shape != w.shape:
+                raise CheckpointError(f"checkpoint tensor '{k}' has shape {list(w.shape)}, this recipe's has {list(v.shape)}")

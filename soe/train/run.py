@@ -19,7 +19,7 @@ from soe.flow import FlowObjective
 from soe.lora import apply_training_setup
 from soe.report import print_tables, stitch_tables
 from soe.train.callbacks import SampleCallback
-from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained
+from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained, read_checkpoint
 from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
 from soe.train.module import OptimSettings, StitchModule
 from soe.train.plots import plot_losses
@@ -83,8 +83,10 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = 
             use_distributed_sampler=False,  # StepBatchSampler slices batches per rank itself
             **to_container(t.extra),
         )
-    except MisconfigurationException as e:  # a strategy, precision, device or accelerator Lightning cannot use here
-        raise RecipeError(f"trainer: {one_line(e, 300)}") from None
+    except RecipeError:
+        raise
+    except (MisconfigurationException, ValueError, TypeError) as e:  # a strategy, precision, device, accelerator
+        raise RecipeError(f"trainer: {one_line(e, 300)}") from None  # or extra argument Lightning cannot use here
 
 
 def prepare_run_dir(cfg) -> tuple[Path, str | None]:
@@ -119,6 +121,8 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
         lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
         warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule, max_steps=cfg.trainer.max_steps),
         on_nonfinite=cfg.trainer.on_nonfinite)
+    if resume_from:  # a bad checkpoint fails here, before Lightning's loggers touch the run folder
+        module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}
     callbacks = [ExportTrained(run_dir / "trained", train_modes)]
     if cfg.sample.every_n_steps or cfg.sample.at_end:

@@ -90,3 +90,21 @@ def render_for_expert(expert, clip: BounceClip, seconds: float) -> torch.Tensor:
             raise ValueError(f"synthetic video needs latents (C, T, H, W); expert '{expert.name}' has {shape} with time axis {axis}")
         return render_video(clip, shape, rate)
     return render_audio(clip, shape, axis, rate, seconds)
+
+
+# ---- reading events back out of (generated) latents ----------------------------------------------
+def video_height_from_latent(latent: torch.Tensor) -> torch.Tensor:
+    """Height above the floor per latent frame, read off a ``(C, T, H, W)`` latent rendered (or
+    generated) like ``render_video``: project on the blob colour, take the row centre of mass."""
+    c, t, h, w = latent.shape
+    mix = torch.linspace(1.5, -1.5, c).view(c, 1, 1, 1)
+    blob = ((latent.float() * mix).sum(0) / (mix**2).sum() + 0.5).clamp(min=0)  # (T, H, W), ~1 on the square
+    rows = torch.arange(h, dtype=torch.float32).view(1, h, 1)
+    cy = (blob * rows).sum((1, 2)) / blob.sum((1, 2)).clamp(min=1e-6)  # (T,)
+    return 1 - cy / (h - 1)  # 0 on the floor
+
+
+def audio_envelope_from_latent(latent: torch.Tensor, time_axis: int) -> torch.Tensor:
+    """Click envelope per latent frame of an audio latent rendered like ``render_audio``."""
+    x = latent.float().movedim(time_axis, 0).reshape(latent.shape[time_axis], -1)
+    return ((x + 0.3) / 2).clamp(min=0).amax(dim=1)

@@ -1,0 +1,63 @@
+"""The captioning hook: an ``Annotator`` writes a caption for a window that has none (off by default).
+
+UniVerse-1 annotates its clips online with a vision-language model; here any callable with the
+``Annotator`` signature will do. ``VLMAnnotator`` runs a local transformers image-text-to-text model
+(``AutoProcessor`` + ``AutoModelForImageTextToText``, e.g. a Qwen2-VL / SmolVLM folder) on a few
+frames of the window.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from soe.errors import SoeError, one_line
+
+DEFAULT_PROMPT = "Describe this video clip in one sentence: what is seen and what is heard."
+
+
+class AnnotatorError(SoeError, ValueError):
+    """The annotator model folder cannot be used."""
+
+
+@runtime_checkable
+class Annotator(Protocol):
+    def __call__(self, frames: np.ndarray, audio: np.ndarray, sample_rate: int) -> str:
+        """``frames (F, H, W, 3)`` uint8 and ``audio (2, N)`` float of one window -> a caption."""
+        ...
+
+
+class VLMAnnotator:
+    """Captions from a local vision-language model folder, looking at ``num_frames`` evenly spaced frames."""
+
+    def __init__(self, path, prompt: str = DEFAULT_PROMPT, num_frames: int = 4, max_new_tokens: int = 64, device=None):
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise AnnotatorError(f"encode.annotator: no transformers model at '{path}' (expected '{path}/config.json')")
+        try:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(path)
+            self.model = AutoModelForImageTextToText.from_pretrained(path).to(device or "cpu").eval()
+        except (OSError, ValueError, KeyError) as e:
+            raise AnnotatorError(f"encode.annotator: '{path}' is not a vision-language model transformers can load: {one_line(e, 300)}") from None
+        self.prompt, self.num_frames, self.max_new_tokens = prompt, num_frames, max_new_tokens
+
+    def __call__(self, frames: np.ndarray, audio: np.ndarray, sample_rate: int) -> str:
+        import torch
+        from PIL import Image
+
+        picks = np.linspace(0, len(frames) - 1, min(self.num_frames, len(frames))).round().astype(int)
+        images = [Image.fromarray(frames[i]) for i in picks]
+        messages = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": self.prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.model.device)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return self.processor.batch_decode(new, skip_special_tokens=True)[0].strip()
+
+
+def load_annotator(path, prompt: str = DEFAULT_PROMPT, device=None) -> Annotator | None:
+    return None if path is None else VLMAnnotator(path, prompt=prompt, device=device)

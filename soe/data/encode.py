@@ -1,0 +1,328 @@
+"""``soe encode``: a folder of audio-video clips -> the latent cache that training reads.
+
+Per clip: probe (PyAV), cut into windows of the recipe's clip length (``data.seconds``, or several
+lengths with ``encode.durations``), decode each window at the video expert's fps and size and the
+audio codec's sample rate (decode workers), caption windows without one (optional annotator), then
+in batches on the accelerator: each expert's own codec and text encoder, one shard at a time.
+Unusable clips are skipped and listed in the report with the reason; a killed run resumes.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from omegaconf import errors as oc_errors
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from soe.config import RecipeError, load_recipe, validate_recipe
+from soe.data.annotate import DEFAULT_PROMPT, Annotator, load_annotator
+from soe.data.media_io import MediaError, safe_probe, safe_read_windows
+from soe.data.report import EncodeReport
+from soe.data.sources import Clip, find_clips
+from soe.data.text import TextConditioner
+from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_spec
+from soe.data.writer import CacheWriter
+from soe.errors import UsageError
+
+
+@dataclass
+class EncodeSettings:
+    """``encode.<key>=value`` on the ``soe encode`` command line."""
+
+    durations: Optional[List[float]] = None  # window lengths in seconds, one duration bucket each; null = [data.seconds]
+    resolutions: Optional[List[List[int]]] = None  # aspect-ratio buckets [[H, W], ...]; null = the video expert's size
+    batch_size: int = 4  # windows per codec call
+    shard_size: int = 64  # windows per shard (the unit of resumption)
+    windows_per_task: int = 8  # windows one decode task holds in memory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    annotator: Optional[str] = None  # local vision-language model folder that captions windows without one
+    annotator_prompt: str = DEFAULT_PROMPT
+    missing_caption: str = "skip"  # skip (report the clip) | empty (encode an empty caption)
+    max_windows: Optional[int] = None  # stop after this many new windows (a quick look at a big folder)
+
+    def __post_init__(self):
+        if self.durations is not None and (not self.durations or any(not d > 0 for d in self.durations)):
+            raise RecipeError(f"encode.durations: expected positive window lengths in seconds, got {self.durations}")
+        if self.resolutions is not None and (not self.resolutions or any(len(r) != 2 or min(r) < 1 for r in self.resolutions)):
+            raise RecipeError(f"encode.resolutions: expected [[H, W], ...] of positive sizes, got {self.resolutions}")
+        for k in ("batch_size", "shard_size", "windows_per_task"):
+            if getattr(self, k) < 1:
+                raise RecipeError(f"encode.{k}: expected a positive integer, got {getattr(self, k)}")
+        if self.missing_caption not in ("skip", "empty"):
+            raise RecipeError(f"encode.missing_caption: expected one of ['skip', 'empty'], got {self.missing_caption!r}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise RecipeError(f"encode.max_windows: expected a positive integer, got {self.max_windows}")
+
+
+def parse_settings(overrides: list[str]) -> tuple[list[str], EncodeSettings]:
+    """Split ``encode.*`` overrides (settings of this command) from recipe overrides."""
+    ours = [o[len("encode."):] for o in overrides if o.startswith("encode.")]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(EncodeSettings), OmegaConf.from_dotlist(ours))
+        settings = OmegaConf.to_object(merged)
+    except oc_errors.OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise RecipeError(f"encode.{key}: {(getattr(e, 'msg', None) or str(e)).splitlines()[0]}") from None
+    return [o for o in overrides if not o.startswith("encode.")], settings
+
+
+@dataclass
+class _Item:
+    wid: str
+    clip: Clip
+    start: float
+    spec: object
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    audio: np.ndarray  # (2, N) float32
+    caption: str
+    annotated: bool = False
+
+
+@dataclass
+class _Task:
+    clip: Clip
+    size: tuple
+    windows: list = field(default_factory=list)  # [(wid, start, spec)]
+
+
+def media_sides(experts: dict) -> tuple[str, str]:
+    video = [s for s, e in experts.items() if e.modality == "video"]
+    audio = [s for s, e in experts.items() if e.modality == "audio"]
+    if len(video) != 1 or len(audio) != 1:
+        raise RecipeError(f"experts: soe encode needs one video and one audio expert, got {({s: e.modality for s, e in experts.items()})}")
+    return video[0], audio[0]
+
+
+def _build_expert(cfg, side):
+    """Shapes and rates only: the preset on the meta device when a real text encoder is used; on CPU
+    (tiny weights) when captions become pseudo-embeddings drawn through the expert's ``conditioning``."""
+    from soe.builders import build_expert
+
+    e = cfg.experts[side]
+    meta = e.text_encoder_path is not None and e.preset is not None
+    with torch.device("meta" if meta else "cpu"):
+        return build_expert(cfg, side, device="meta" if meta else "cpu", load_weights=e.preset is None)
+
+
+def _ordered_map(fn, items, workers: int):
+    """``fn`` over ``items`` in order; with workers, in decode processes with a bounded queue."""
+    if workers <= 0:
+        for x in items:
+            yield x, fn(x)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        queue, it = deque(), iter(items)
+        for x in it:
+            queue.append((x, pool.submit(fn, x)))
+            if len(queue) >= 2 * workers:
+                break
+        while queue:
+            x, fut = queue.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(fn, nxt)))
+            yield x, fut.result()
+
+
+def _fit_time(z: torch.Tensor, axis: int, length: int) -> torch.Tensor:
+    if z.shape[axis] < length:
+        raise RuntimeError(f"codec gave {z.shape[axis]} latent frames, the expert expects {length}")
+    return z.narrow(axis, 0, length)
+
+
+class _Encoder:
+    """Batched codec + text encoding of decoded windows, into the writer."""
+
+    def __init__(self, experts, codecs, text, writer, sides, device, with_resolution: bool):
+        self.experts, self.codecs, self.text, self.writer = experts, codecs, text, writer
+        self.v, self.a = sides
+        self.device, self.with_resolution = device, with_resolution
+
+    @torch.no_grad()
+    def __call__(self, items: list[_Item]) -> None:
+        v, a = self.v, self.a
+        video = torch.from_numpy(np.stack([it.frames for it in items])).to(self.device)  # (B, F, H, W, 3) uint8
+        video = video.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)  # (B, 3, F, H, W) in [-1, 1]
+        audio = torch.from_numpy(np.stack([it.audio for it in items])).to(self.device)  # (B, 2, N)
+        spec = items[0].spec
+        lat = {v: self.codecs[v].encode(video), a: self.codecs[a].encode(audio)}
+        lat = {s: _fit_time(z, self.experts[s].latent_time_axis, spec.latent_frames[s]).float().cpu() for s, z in lat.items()}
+        cond = {v: self.text[v]([it.caption for it in items], [None] * len(items)),
+                a: self.text[a]([it.clip.audio_caption or it.caption for it in items], [it.clip.lyrics for it in items])}
+        for i, it in enumerate(items):
+            index = {"source": it.clip.rel, "start": it.start, "caption": it.caption}
+            if it.clip.audio_caption:
+                index["audio_caption"] = it.clip.audio_caption
+            if it.annotated:
+                index["annotated"] = True
+            if self.with_resolution:
+                index["resolution"] = list(it.frames.shape[1:3])
+            record = {"id": it.wid, "seconds": spec.seconds, "bucket": bucket_name(spec.seconds, it.frames.shape[1:3]), "index": index}
+            for s in (v, a):
+                c = {k: (t[i].float() if t.is_floating_point() else t[i]) for k, t in cond[s].items()}
+                record[s] = {"latents": lat[s][i], **c}
+            self.writer.add(record)
+
+
+def encode_folder(cfg, src, out, settings: EncodeSettings | None = None, workers: int = 0, console: Console | None = None,
+                  progress: bool = True, codecs: dict | None = None, annotator: Annotator | None = None) -> EncodeReport:
+    """Encode every usable clip of ``src`` into the latent cache ``out`` (resuming what is there)."""
+    settings = settings or EncodeSettings()
+    console = console or Console()
+    t0 = time.perf_counter()
+    experts = {side: _build_expert(cfg, side) for side in ("a", "b")}
+    v, a = media_sides(experts)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device)
+    if codecs is None:
+        codecs = {}
+        for side in (v, a):
+            if cfg.experts[side].path is not None and cfg.experts[side].codec_path is None:
+                raise RecipeError(f"experts.{side}.codec_path: expert '{experts[side].name}' has real weights; give its codec "
+                                  "folder (a tiny random codec would write meaningless latents)")
+            try:
+                codecs[side] = experts[side].codec(cfg.experts[side].codec_path)
+            except NotImplementedError as err:
+                raise RecipeError(f"experts.{side}.codec_path: {err}") from None
+    codecs = {s: c.to(device).eval() for s, c in codecs.items()}
+    ve = experts[v]
+    fps, sample_rate = float(ve.fps), int(codecs[a].rate)
+    default_size = (int(ve.height), int(ve.width))
+    resolutions = [tuple(int(x) for x in r) for r in settings.resolutions] if settings.resolutions else None
+    durations = sorted({float(d) for d in (settings.durations or [cfg.data.seconds])}, reverse=True)
+    specs = [window_spec(d, (v, ve), (a, experts[a]), fps, sample_rate) for d in durations]
+    recorded = {"durations": durations, "fps": fps, "sample_rate": sample_rate, "size": list(default_size),
+                "resolutions": [list(r) for r in resolutions] if resolutions else None, "seed": cfg.seed,
+                "latent_frames": {f"{s.seconds:g}": s.latent_frames for s in specs},
+                **{f"{k}_{side}": cfg.experts[side][k] for side in ("a", "b") for k in ("codec_path", "text_encoder_path")}}
+    writer = CacheWriter(out, {s: e.name for s, e in experts.items()}, recorded, settings.shard_size)
+    text = {s: TextConditioner(experts[s], s, cfg, device) for s in (v, a)}
+    if annotator is None:
+        annotator = load_annotator(settings.annotator, settings.annotator_prompt, device=device)
+    report = EncodeReport(windows_cached=len(writer.rows), seconds_cached=sum(float(r["seconds"]) for r in writer.rows))
+    clips, orphans = find_clips(src)
+    report.clips = len(clips)
+    for path, reason, detail in orphans:
+        report.skip(path, reason, detail)
+    encoder = _Encoder(experts, codecs, text, writer, (v, a), device, with_resolution=resolutions is not None)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        tasks, encoded_clips = [], set()
+        probing = bar.add_task("probing clips", total=len(clips))
+        for clip, (_, info) in zip(clips, _ordered_map(safe_probe, [c.path for c in clips], workers)):
+            bar.advance(probing)
+            if isinstance(info, MediaError):
+                report.skip(clip.rel, info.reason, info.detail)
+                continue
+            if clip.caption is None and annotator is None and settings.missing_caption == "skip":
+                report.skip(clip.rel, "no caption", "no sidecar .txt or captions.jsonl entry (or set encode.annotator)")
+                continue
+            planned = plan_windows(info.seconds, specs, fps, sample_rate)
+            if not planned:
+                report.skip(clip.rel, "too short", f"{info.seconds:.2f}s, one window needs {durations[-1]:g}s")
+                continue
+            size = nearest_resolution(info.width, info.height, resolutions) if resolutions else default_size
+            todo = [(f"{clip.clip_id}-w{k:03d}", start, spec) for k, (start, spec) in enumerate(planned)]
+            if len(todo) > sum(w[0] not in writer.done for w in todo):
+                encoded_clips.add(clip.rel)
+            todo = [w for w in todo if w[0] not in writer.done]
+            for i in range(0, len(todo), settings.windows_per_task):
+                tasks.append(_Task(clip, size, todo[i: i + settings.windows_per_task]))
+        total = sum(len(t.windows) for t in tasks)
+        if settings.max_windows is not None:
+            total = min(total, settings.max_windows)
+        windows_bar = bar.add_task("encoding windows", total=total)
+        pending: dict[str, list[_Item]] = {}
+        failed: set[str] = set()
+        jobs = [(t.clip.path, [(s, sp.video_frames, sp.audio_samples) for _, s, sp in t.windows], fps, t.size, sample_rate) for t in tasks]
+        stop = False
+        for task, (_, result) in zip(tasks, _ordered_map(safe_read_windows, jobs, workers)):
+            if isinstance(result, MediaError):
+                if task.clip.rel not in failed:
+                    failed.add(task.clip.rel)
+                    report.skip(task.clip.rel, result.reason, result.detail)
+                continue
+            for (wid, start, spec), (frames, audio) in zip(task.windows, result):
+                caption, annotated = task.clip.caption, False
+                if caption is None:
+                    caption, annotated = (annotator(frames, audio, sample_rate), True) if annotator is not None else ("", False)
+                key = bucket_name(spec.seconds, frames.shape[1:3])
+                pending.setdefault(key, []).append(_Item(wid, task.clip, start, spec, frames, audio, caption, annotated))
+                report.windows_new += 1
+                report.seconds_new += spec.seconds
+                encoded_clips.add(task.clip.rel)
+                if len(pending[key]) >= settings.batch_size:
+                    encoder(pending.pop(key))
+                bar.advance(windows_bar)
+                if settings.max_windows is not None and report.windows_new >= settings.max_windows:
+                    stop = True
+                    break
+            if stop:
+                break
+        for items in pending.values():
+            encoder(items)
+        writer.flush()
+    report.clips_encoded = len(encoded_clips)
+    report.shards = writer.shards_written
+    report.elapsed = time.perf_counter() - t0
+    report.write(Path(out) / "encode_report.json")
+    return report
+
+
+def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: Console | None = None) -> EncodeReport:
+    """``soe encode RECIPE SRC_FOLDER [--out DIR] [--workers N] [key=value ...]``."""
+    console = console or Console()
+    out, workers, overrides = _options_among(list(overrides), out, workers)
+    overrides, settings = parse_settings(overrides)
+    cfg = load_recipe(recipe, overrides)
+    validate_recipe(cfg, check_paths=False)  # data.path is what we are about to write
+    for side in ("a", "b"):
+        for key in ("path", "codec_path", "text_encoder_path"):
+            p = cfg.experts[side][key]
+            if p is not None and not Path(p).is_dir():
+                raise RecipeError(f"experts.{side}.{key}: folder not found: '{p}'")
+    out = out or cfg.data.path
+    if out is None:
+        raise UsageError("soe encode: give the cache folder with --out DIR (or data.path in the recipe)")
+    if not Path(src).is_dir():
+        raise UsageError(f"soe encode: source folder not found: '{src}'")
+    if workers < 0:
+        raise UsageError(f"soe encode: --workers must be >= 0, got {workers}")
+    report = encode_folder(cfg, src, out, settings, workers=workers, console=console)
+    console.print(report.table())
+    console.print(f"latent cache: [bold]{out}[/] (train with data.kind=latents data.path={out})")
+    return report
+
+
+def _options_among(args: list[str], out, workers) -> tuple:
+    """``--out DIR`` / ``--workers N`` given after the positionals (argparse leaves them among the overrides)."""
+    rest, i = [], 0
+    while i < len(args):
+        opt, _, inline = args[i].partition("=") if args[i].startswith("--") else (args[i], "", "")
+        if opt in ("--out", "--workers"):
+            value = inline or (args[i + 1] if i + 1 < len(args) else None)
+            if value is None:
+                raise UsageError(f"soe encode: {opt} needs a value")
+            i += 1 if inline else 2
+            if opt == "--out":
+                out = value
+            else:
+                try:
+                    workers = int(value)
+                except ValueError:
+                    raise UsageError(f"soe encode: --workers expects an integer, got {value!r}") from None
+            continue
+        if args[i].startswith("-"):
+            raise UsageError(f"soe encode: unknown option '{args[i]}' (options: --out DIR, --workers N)")
+        rest.append(args[i])
+        i += 1
+    return out, workers, rest

@@ -1,0 +1,53 @@
+"""What ``soe encode`` did: counts, skipped clips with reasons, hours; a rich table and a JSON file."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.table import Table
+
+
+@dataclass
+class EncodeReport:
+    clips: int = 0  # video files found
+    clips_encoded: int = 0  # clips with at least one window in the cache after this run
+    windows_new: int = 0  # encoded by this run
+    windows_cached: int = 0  # already in the cache before this run (resume)
+    seconds_new: float = 0.0
+    seconds_cached: float = 0.0
+    shards: int = 0  # written by this run
+    elapsed: float = 0.0  # seconds
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason", "detail"}
+
+    def skip(self, path: str, reason: str, detail: str = "") -> None:
+        self.skipped.append({"path": path, "reason": reason, "detail": detail})
+
+    @property
+    def by_reason(self) -> dict[str, int]:
+        return dict(Counter(s["reason"] for s in self.skipped))
+
+    @property
+    def windows_per_second(self) -> float:
+        return self.windows_new / self.elapsed if self.elapsed else 0.0
+
+    def table(self) -> Table:
+        t = Table(title="soe encode", show_header=False)
+        t.add_column("what", style="bold")
+        t.add_column("value", overflow="fold")
+        t.add_row("clips found / encoded", f"{self.clips} / {self.clips_encoded}")
+        t.add_row("windows new / already cached", f"{self.windows_new} / {self.windows_cached}")
+        t.add_row("audio-video encoded (hours)", f"{self.seconds_new / 3600:.4f} new, {(self.seconds_new + self.seconds_cached) / 3600:.4f} in cache")
+        t.add_row("shards written", str(self.shards))
+        t.add_row("throughput", f"{self.windows_per_second:.2f} windows/s, {self.seconds_new / max(self.elapsed, 1e-9):.1f} s of media/s")
+        for reason, n in sorted(self.by_reason.items()):
+            files = ", ".join(s["path"] for s in self.skipped if s["reason"] == reason)
+            t.add_row(f"skipped: {reason}", f"{n} ({files})")
+        return t
+
+    def write(self, path) -> Path:
+        path = Path(path)
+        data = {**asdict(self), "skipped_by_reason": self.by_reason, "hours_new": self.seconds_new / 3600}
+        path.write_text(json.dumps(data, indent=1))
+        return path

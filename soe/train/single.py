@@ -1,0 +1,44 @@
+"""Train one expert alone under its own flow objective (pretraining, baselines).
+
+The same FlowObjective, data modules and Lightning loop as a stitch, with one side of each batch.
+"""
+from __future__ import annotations
+
+import lightning as L
+
+from soe.expert import Expert
+from soe.flow import FlowObjective
+from soe.train.module import OptimSettings, StitchModule
+
+
+class ExpertModule(StitchModule):
+    """A ``StitchModule`` whose model is one expert, fed the ``side`` of each paired batch."""
+
+    def __init__(self, expert: Expert, side: str, optim: OptimSettings, seed: int = 0, density: str = "logit_normal"):
+        L.LightningModule.__init__(self)
+        self.expert, self.side, self.optim = expert, side, optim
+        self.objective = FlowObjective({side: expert}, density=density, seed=seed)
+        self.strict_loading = False
+
+    def training_step(self, batch, batch_idx):
+        step = int(batch["step"][0])
+        inputs, targets = self.objective.noised({self.side: batch[self.side]}, step=step, rank=self.global_rank)
+        loss, per = self.objective({self.side: self.expert(inputs[self.side])}, targets)
+        self._check_finite(per)
+        self.log(f"loss_{self.side}_{self.expert.modality}", loss, prog_bar=True, batch_size=inputs[self.side]["latents"].shape[0])
+        return loss
+
+    def configure_model(self):
+        return None
+
+
+def pretrain_expert(expert: Expert, datamodule, side: str, max_steps: int, lr: float = 1e-3, warmup_steps: int = 20,
+                    seed: int = 0, progress: bool = False, **trainer_kwargs) -> ExpertModule:
+    """Fully train ``expert`` on ``datamodule``'s ``side`` latents for ``max_steps`` steps (CPU or GPU)."""
+    expert.requires_grad_(True).train()
+    module = ExpertModule(expert, side, OptimSettings(lr=lr, warmup_steps=warmup_steps, max_steps=max_steps), seed=seed)
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+                        enable_model_summary=False, use_distributed_sampler=False, gradient_clip_val=1.0, **trainer_kwargs)
+    trainer.fit(module, datamodule=datamodule)
+    expert.eval()
+    return module

@@ -1,0 +1,187 @@
+"""UniVerse-1 fidelity: depth expansion, attention key/value injection, taps, and the converter."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import batch_for, tiny
+from soe import Stitcher
+from soe.convert import convert_universe1
+from soe.depth import insertion_points
+from soe.train.checkpoint import load_trained
+
+# The published fusion (recipes/universe1.yaml), on tiny experts: wan 4 blocks, ace-step 2 -> 4.
+INJECT = {
+    "b_to_a": dict(mode="attention_kv", tap="after_self_attn", targets=[
+        dict(attention="attn1", mode="parallel", window=True, pre_norm="norm1", copy_from="attn2", cfg_mask=False),
+        dict(attention="attn2", mode="concat", pre_norm="norm2", rope="complex", rope_query=True, copy_from="attn2")]),
+    "a_to_b": dict(mode="attention_kv", tap="cross_attn_input", targets=[
+        dict(attention="cross_attn", rope="cat", rope_theta=1e6)]),
+}
+DEPTH = {"mode": "insert_interpolated", "every": 1}
+
+
+def fused(seed=0, **kw):
+    a, b = tiny("wan2.1", seed), tiny("ace-step", seed + 1)
+    torch.manual_seed(seed + 2)
+    st = Stitcher(a, b, pairs="identity", depth=DEPTH, inject=INJECT, connector={"init": "trunc_normal"}, **kw)
+    return st, batch_for(a, 2, 1.0, seed=3), batch_for(b, 2, 1.0, seed=4)
+
+
+def test_insertion_points_universe1_and_errors():
+    assert insertion_points(24, 30, 4) == [3, 7, 11, 15, 19, 23]  # every 5th fused block is new
+    assert len(insertion_points(24, 30)) == 6
+    with pytest.raises(ValueError, match="depth.every"):
+        insertion_points(24, 30, 5)
+
+
+def test_inserted_blocks_are_neighbour_means_and_live_in_the_stitcher():
+    a, b = tiny("wan2.1"), tiny("ace-step", 1)
+    keys_b = list(b.state_dict())
+    st = Stitcher(a, b, pairs="identity", depth=DEPTH)
+    assert list(b.state_dict()) == keys_b  # the expert is untouched
+    stack = st.fusion.stacks["b"]
+    assert [stack.is_inserted(k) for k in range(4)] == [False, True, False, True]
+    mid, b0, b1 = stack.module(b, 1), b.blocks[0], b.blocks[1]
+    for (n, p), p0, p1 in zip(mid.named_parameters(), b0.parameters(), b1.parameters()):
+        torch.testing.assert_close(p, (p0 + p1) / 2, msg=n)
+    last = stack.module(b, 3)  # closes the stack: a copy of its left neighbour
+    assert all(torch.equal(p, q) for p, q in zip(last.parameters(), b1.parameters()))
+    assert {n.split(".")[3] for n, _ in st.named_parameters() if n.startswith("fusion.inserted.b.")} == {"01", "03"}
+
+
+def test_depth_with_additive_zero_connectors_equals_the_expanded_stack():
+    a, b = tiny("wan2.1"), tiny("ace-step", 1)
+    st = Stitcher(a, b, pairs="identity", depth=DEPTH)  # add, zero-init
+    ba, bb = batch_for(a), batch_for(b)
+    with torch.no_grad():
+        pa, pb = st(ba, bb)
+        s = b.embed(bb)
+        for k in range(4):
+            s = st.fusion.stacks["b"].run(b, k, s)
+        assert torch.equal(pa, a(ba)) and torch.equal(pb, b.head(s, bb))
+
+
+@pytest.mark.parametrize("name, path", [("wan2.1", "attn1"), ("wan2.1", "attn2"), ("ace-step", "cross_attn")])
+def test_attention_qkv_reproduces_the_processor(name, path):
+    """The contract attention_kv relies on: softmax(q k^T + mask) v through to_out == the processor."""
+    e = tiny(name)
+    batch = batch_for(e)
+    seen = {}
+    attn = e.blocks[0].get_submodule(path)
+    h = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(args=a, kwargs=kw), with_kwargs=True)
+    hout = attn.register_forward_hook(lambda m, a, out: seen.update(out=out))
+    with torch.no_grad():
+        e(batch)
+        h.remove(), hout.remove()
+        kwargs = {k: v for k, v in seen["kwargs"].items() if k != "hidden_states"} if seen["args"] else dict(seen["kwargs"])
+        q, k, v, bias = e.attention_qkv(attn, seen["args"], kwargs)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
+        out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
+    torch.testing.assert_close(out, seen["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_stitch_runs_idle_experts_unchanged_and_unstitch_restores():
+    st, ba, bb = fused()
+    with torch.no_grad():
+        ref_a, ref_b = st.a(ba), st.b(bb)  # wrapped processors and hooks are idle outside a call
+        pa, pb = st(ba, bb)
+        assert pa.shape == ref_a.shape and pb.shape == ref_b.shape
+        assert not torch.allclose(pa, ref_a) and not torch.allclose(pb, ref_b)
+        assert torch.equal(st.a(ba), ref_a) and torch.equal(st.b(bb), ref_b)
+        st.unstitch()
+        assert all(type(m.processor).__name__ != "KVProcessor" for m in st.a.modules() if hasattr(m, "processor"))
+        assert all(not blk._forward_pre_hooks for blk in (*st.a.blocks, *st.b.blocks))
+        assert torch.equal(st.a(ba), ref_a) and torch.equal(st.b(bb), ref_b)
+
+
+def test_new_kv_projections_start_as_copies_and_gradients_reach_exactly_the_new_modules():
+    st, ba, bb = fused()
+    kv = st.fusion.kv["b_to_a"]["00"]["attn1"]
+    assert torch.equal(kv.k.weight, st.a.blocks[0].attn2.to_k.weight)  # copy_from: attn2 (text k/v)
+    assert torch.equal(kv.norm_k.weight, st.a.blocks[0].attn2.norm_k.weight)
+    st.a.requires_grad_(False)
+    st.b.requires_grad_(False)
+    pa, pb = st(ba, bb)
+    (pa.square().mean() + pb.square().mean()).backward()
+    grads = {n for n, p in st.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith("connectors.a_to_b") for n in grads) and any(n.startswith("connectors.b_to_a") for n in grads)
+    assert any(n.startswith("fusion.kv.a_to_b") for n in grads) and any(n.startswith("fusion.kv.b_to_a") for n in grads)
+    assert any(n.startswith("fusion.inserted.b") for n in grads)
+    assert all(n.startswith(("connectors.", "fusion.")) for n in grads)
+
+
+def test_cfg_mask_zeroes_injected_tokens_per_sample():
+    """The unconditional half sees zeroed cross-modal tokens (after the host pre-norm, as released);
+    the conditional half is unaffected by the mask."""
+    st, ba, bb = fused()
+    with torch.no_grad():
+        pa, pb = st(ba, bb)
+        ma, mb = st(ba, bb, source_mask=torch.tensor([1.0, 0.0]))
+    assert torch.equal(ma[0], pa[0]) and torch.equal(mb[0], pb[0])
+    assert not torch.allclose(ma[1], pa[1]) and not torch.allclose(mb[1], pb[1])
+
+
+def _released_tiny_checkpoint(st) -> dict:
+    """Random tensors under the released UniVerseTransformer3DModel names (modeling_universe.py)."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda t: torch.randn(t.shape, generator=g)  # noqa: E731
+    a, b = st.a.model, st.b.model
+    out = {}
+    for name, t in a.state_dict().items():  # Wan modules keep their names
+        out[name] = rnd(t)
+    for name, t in b.state_dict().items():
+        if not name.startswith("transformer_blocks."):
+            out[name] = rnd(t)
+    blk = b.transformer_blocks[0].state_dict()
+    for k in range(len(a.blocks)):
+        for name, t in blk.items():
+            if name.startswith("cross_attn.") and name.split(".")[1] in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+                continue  # mel_cross_attn has context_pre_only=None: no add_q_proj/to_add_out; add_k/v are the video k/v
+            out[f"blocks.{k}.mel_{name}"] = rnd(t)
+        d_v, d_a = st.a.hidden_size, st.b.hidden_size
+        out[f"blocks.{k}.mel_attn.add_k_proj.weight"] = torch.randn(d_a, d_a, generator=g)  # released, unused
+        for attn in ("attn1", "attn2"):
+            for p in ("add_k_proj", "add_v_proj"):
+                out[f"blocks.{k}.{attn}.{p}.weight"] = torch.randn(d_v, d_v, generator=g)
+                out[f"blocks.{k}.{attn}.{p}.bias"] = torch.randn(d_v, generator=g)
+            out[f"blocks.{k}.{attn}.norm_added_k.weight"] = torch.randn(d_v, generator=g)
+        for p in ("add_k_proj", "add_v_proj"):
+            out[f"blocks.{k}.mel_cross_attn.{p}.weight"] = torch.randn(d_a, d_a, generator=g)
+            out[f"blocks.{k}.mel_cross_attn.{p}.bias"] = torch.randn(d_a, generator=g)
+        for seq, (i, o) in (("mel_to_vid", (d_a, d_v)), ("vid_to_mel", (d_v, d_a))):
+            out[f"blocks.{k}.{seq}.0.weight"] = torch.randn(d_a + d_v, i, generator=g)
+            out[f"blocks.{k}.{seq}.0.bias"] = torch.randn(d_a + d_v, generator=g)
+            out[f"blocks.{k}.{seq}.2.weight"] = torch.randn(o, d_a + d_v, generator=g)
+            out[f"blocks.{k}.{seq}.2.bias"] = torch.randn(o, generator=g)
+    return out
+
+
+def test_convert_universe1_maps_every_released_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    st, _, _ = fused()
+    released = _released_tiny_checkpoint(st)
+    (tmp_path / "src").mkdir()
+    save_file(released, tmp_path / "src" / "diffusion_pytorch_model.safetensors")
+    counts = convert_universe1(tmp_path / "src", tmp_path / "dst", num_audio_blocks=2, every=1)
+    assert counts["dropped"] == len(st.a.blocks)  # only mel_attn.add_k_proj (unused by the released forward)
+    load_trained(st, tmp_path / "dst")
+    mine = st.state_dict()
+    checks = {
+        "blocks.2.attn1.to_q.weight": "a.model.blocks.2.attn1.to_q.weight",
+        "patch_embedding.weight": "a.model.patch_embedding.weight",
+        "blocks.0.mel_cross_attn.to_k.weight": "b.model.transformer_blocks.0.cross_attn.to_k.weight",
+        "blocks.1.mel_ff.inverted_conv.conv.weight": "fusion.inserted.b.01.ff.inverted_conv.conv.weight",
+        "blocks.2.mel_scale_shift_table": "b.model.transformer_blocks.1.scale_shift_table",
+        "blocks.3.mel_attn.to_v.bias": "fusion.inserted.b.03.attn.to_v.bias",
+        "blocks.1.attn1.add_k_proj.weight": "fusion.kv.b_to_a.01.attn1.k.weight",
+        "blocks.1.attn2.norm_added_k.weight": "fusion.kv.b_to_a.01.attn2.norm_k.weight",
+        "blocks.3.mel_cross_attn.add_v_proj.bias": "fusion.kv.a_to_b.03.cross_attn.v.bias",
+        "blocks.0.mel_to_vid.0.weight": "connectors.b_to_a.00.mlp.fc1.weight",
+        "blocks.2.vid_to_mel.2.bias": "connectors.a_to_b.02.mlp.fc2.bias",
+        "lyric_proj.weight": "b.model.lyric_proj.weight",
+    }
+    for old, new in checks.items():
+        assert torch.equal(mine[new], released[old]), (old, new)
+    assert counts["connectors"] == len(st.connectors.state_dict())  # every connector tensor came from the release
+    assert counts["fusion"] >= len(st.fusion.kv.state_dict())
