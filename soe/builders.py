@@ -27,7 +27,7 @@ def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = T
         if e.path is not None and load_weights:
             expert = cls.load(e.path, dtype=dtype, device=device, **options)
         else:
-            expert = cls.from_preset(e.preset, device=device, dtype=dtype, **options)
+            expert = cls.from_preset(e.preset, device=device, dtype=dtype, **dict(to_container(e.architecture)), **options)
     except SoeError:
         raise
     except Exception as err:

@@ -39,6 +39,7 @@ class ExpertConfig:
     path: Optional[str] = None  # local checkpoint folder in the family's official format
     dtype: str = "float32"
     options: Dict[str, Any] = field(default_factory=dict)  # expert options (fps, sample_rate, height, ...)
+    architecture: Dict[str, Any] = field(default_factory=dict)  # model-config overrides of `preset` (unused with `path`)
     train: str = "lora"  # lora | frozen | full
     lora: LoraConfig = field(default_factory=LoraConfig)
     gradient_checkpointing: bool = False
@@ -253,7 +254,7 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
         try:
             blocks[side] = _num_blocks(cls, e)
         except TypeError as err:  # an option the expert or its model does not take
-            raise RecipeError(f"{key}.options: {err}") from None
+            raise RecipeError(f"{key}.{'architecture' if _names_model_key(err, e) else 'options'}: {err}") from None
     s = cfg.stitch
     _choice(s.direction, DIRECTIONS, "stitch.direction")
     _choice(s.engine, ENGINES, "stitch.engine")
@@ -354,15 +355,14 @@ def _validate_fusion(s, blocks) -> tuple[int, int]:
 
 
 def _num_blocks(cls, e) -> int:
-    """Depth of an expert without building it at full size: presets are built on the meta device."""
+    """Depth of an expert without building it at full size: the checkpoint's config.json when the
+    folder is there, else the preset (plus ``architecture``) built on the meta device."""
+    import json
+
     import torch
 
-    if e.preset is None:
-        cfg_file = _find_config_json(Path(e.path))
-        if cfg_file is None:
-            raise RecipeError(f"experts: cannot read the depth of '{e.path}' without a config.json; also give 'preset'")
-        import json
-
+    cfg_file = _find_config_json(Path(e.path)) if e.path is not None else None
+    if cfg_file is not None:
         try:
             conf = json.loads(cfg_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -370,9 +370,16 @@ def _num_blocks(cls, e) -> int:
         for k in ("num_layers", "num_hidden_layers", "num_layers_transformer"):
             if k in conf:
                 return int(conf[k])
-        raise RecipeError(f"experts: '{cfg_file}' names no layer count; also give 'preset'")
+        if e.preset is None:
+            raise RecipeError(f"experts: '{cfg_file}' names no layer count; also give 'preset'")
+    if e.preset is None:
+        raise RecipeError(f"experts: cannot read the depth of '{e.path}' without a config.json; also give 'preset'")
     with torch.device("meta"):
-        return cls.from_preset(e.preset, device="meta", **dict(e.options)).num_blocks
+        return cls.from_preset(e.preset, device="meta", **dict(e.architecture), **dict(e.options)).num_blocks
+
+
+def _names_model_key(err: Exception, e) -> bool:
+    return any(f"'{k}'" in str(err) for k in e.architecture)
 
 
 def _find_config_json(path: Path):
