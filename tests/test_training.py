@@ -11,7 +11,7 @@ from soe.builders import build_stitcher
 from soe.config import load_recipe
 from soe.lora import apply_training_setup
 from soe.train.checkpoint import load_trained
-from soe.train.plots import read_metrics
+from soe.train.plots import read_run_metrics
 from soe.train.run import run_training
 
 DEMO = Path(__file__).parents[1] / "recipes" / "demo.yaml"
@@ -26,7 +26,7 @@ def train(tmp, *overrides):
 def test_demo_trains_loss_falls_and_checkpoint_holds_exactly_the_trainable_tensors(tmp_path):
     result = train(tmp_path / "run", "trainer.max_steps=40", "optim.lr=3e-3", "trainer.checkpoint_every_n_steps=20")
     run_dir, module = result["run_dir"], result["module"]
-    series = read_metrics(run_dir / "logs" / "metrics.csv")
+    series = read_run_metrics(run_dir)
     for key in ("loss_a_video", "loss_b_audio"):
         values = [v for _, v in series[key]]
         assert sum(values[-5:]) / 5 < sum(values[:5]) / 5, key
@@ -67,6 +67,8 @@ def test_resume_gives_identical_weights(tmp_path):
     train(tmp_path / "split", "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2")
     resumed = train(tmp_path / "split", "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2", "resume=true")
     assert resumed["trainer"].global_step == 4
+    steps = [s for s, _ in read_run_metrics(tmp_path / "split")["loss"]]
+    assert steps == [0, 1, 2, 3]  # the resumed run's log keeps the first run's steps
     a, b = straight.trainable_state_dict(), resumed["module"].trainable_state_dict()
     assert a.keys() == b.keys()
     for k in a:

@@ -1,7 +1,12 @@
-"""Loss curves per modality from the CSV log, as a PNG in the run folder."""
+"""Loss curves per modality from the CSV logs of a run, as a PNG in the run folder.
+
+Every (re)start of a run logs into its own ``logs/version_N/metrics.csv``; a resumed run's curves
+are the union, later versions winning where steps overlap.
+"""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 
@@ -16,16 +21,24 @@ def read_metrics(csv_file) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_losses(csv_file, out_png) -> Path | None:
+def read_run_metrics(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """Loss series of a whole run, across the CSV logs of every start."""
+    files = sorted(Path(run_dir, "logs").glob("version_*/metrics.csv"), key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
+    merged: dict[str, dict[int, float]] = {}
+    for f in files:
+        for k, points in read_metrics(f).items():
+            merged.setdefault(k, {}).update(points)
+    return {k: sorted(v.items()) for k, v in merged.items()}
+
+
+def plot_losses(run_dir, out_png) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not Path(csv_file).is_file():  # fewer steps than log_every_n_steps: nothing logged
-        return None
-    series = {k: v for k, v in read_metrics(csv_file).items() if k != "loss"}
-    if not series:
+    series = {k: v for k, v in read_run_metrics(run_dir).items() if k != "loss"}
+    if not series:  # fewer steps than log_every_n_steps: nothing logged
         return None
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
     for ax, (name, points) in zip(axes[0], sorted(series.items())):

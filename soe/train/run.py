@@ -60,7 +60,7 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = 
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
                            every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=-1)
-    loggers = [CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")]
+    loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard", version="")]
     progress = [RichProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True)] if console_progress else []
     try:
         return L.Trainer(
@@ -136,7 +136,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
         trainer.fit(module, datamodule=build_datamodule(cfg, stitcher), ckpt_path=resume_from)
     result = {"run_dir": run_dir, "module": module, "trainer": trainer}
     if trainer.is_global_zero:
-        png = plot_losses(run_dir / "logs" / "metrics.csv", run_dir / "loss_curves.png")
+        png = plot_losses(run_dir, run_dir / "loss_curves.png")
         console.print(f"[green]done[/]: {trainer.global_step} steps; run folder [bold]{run_dir}[/] "
                       f"(checkpoints/, trained/, logs/, {png.name if png else 'no plot'})")
     return result
