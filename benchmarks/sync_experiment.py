@@ -36,7 +36,7 @@ from soe.train.synthetic import audio_envelope_from_latent, video_height_from_la
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # pretrain steps, stitch steps, eval clips, sampling steps, training clips
-    "default": dict(pretrain=800, stitch=600, clips=32, steps=24, num_clips=1024),
+    "default": dict(pretrain=800, stitch=1200, clips=32, steps=24, num_clips=1024),
     "quick": dict(pretrain=30, stitch=20, clips=4, steps=6, num_clips=64),
 }
 
@@ -73,8 +73,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="runs/sync")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-experts", action="store_true", help="skip step 1 when OUT already holds both pretrained experts")
+    p.add_argument("--stitch-steps", type=int, default=None, help="override the stitching steps of the size")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of recipes/sync_stitch.yaml, e.g. optim.lr=2e-3")
     args = p.parse_args(argv)
-    size = SIZES["quick" if args.quick else "default"]
+    size = dict(SIZES["quick" if args.quick else "default"])
+    if args.stitch_steps:
+        size["stitch"] = args.stitch_steps
     out = Path(args.out)
     console = Console()
     torch.set_num_threads(2)
@@ -87,6 +92,9 @@ def main(argv=None):
     seconds = pre.data.seconds
     data = SyntheticAVDataModule(experts, seconds=seconds, num_clips=size["num_clips"], batch_size=pre.data.batch_size, seed=args.seed)
     for side, name in (("a", "video_expert"), ("b", "audio_expert")):
+        if args.reuse_experts and (out / name / "transformer" / "config.json").is_file():
+            console.print(f"[bold]1. reusing[/] {out / name}")
+            continue
         console.print(f"[bold]1. pretraining the {experts[side].modality} expert alone[/] ({size['pretrain']} steps)")
         pretrain_expert(experts[side], data, side, size["pretrain"], lr=pre.optim.lr, seed=args.seed, accelerator="cpu")
         experts[side].save(out / name)
@@ -94,9 +102,9 @@ def main(argv=None):
     # 2. load them from their folders and stitch (connectors + LoRA)
     console.print(f"[bold]2. stitching[/] ({size['stitch']} steps)")
     stitch = run_training(ROOT / "recipes" / "sync_stitch.yaml", [
-        f"seed={args.seed}", f"run_dir={out / 'stitch'}", f"experts.a.path={out / 'video_expert'}",
+        f"seed={args.seed}", f"run_dir={out / ('stitch-' + str(int(time.time())) if args.reuse_experts else 'stitch')}", f"experts.a.path={out / 'video_expert'}",
         f"experts.b.path={out / 'audio_expert'}", f"trainer.max_steps={size['stitch']}", f"data.num_clips={size['num_clips']}",
-        "trainer.checkpoint_every_n_steps=1000000"], console=console, progress=False)
+        "trainer.checkpoint_every_n_steps=1000000", *args.overrides], console=console, progress=False)
     stitcher = stitch["module"].stitcher.eval()
     cfg = stitch_cfg = load_recipe(ROOT / "recipes" / "sync_stitch.yaml", [f"experts.a.path={out / 'video_expert'}", f"experts.b.path={out / 'audio_expert'}"])
     alone = {"a": build_expert(stitch_cfg, "a").eval(), "b": build_expert(stitch_cfg, "b").eval()}

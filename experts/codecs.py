@@ -34,9 +34,10 @@ class WanVideoCodec(nn.Module):
 
     @classmethod
     def tiny(cls, z_dim: int, fps: float, seed: int = 0) -> "WanVideoCodec":
-        torch.manual_seed(seed)
-        vae = AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+        with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+            torch.manual_seed(seed)
+            vae = AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
         return cls(vae.eval(), fps)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:  # (B, 3, F, H, W) -> (B, C, 1 + (F-1)/4, H/8, W/8)
@@ -64,10 +65,11 @@ class OobleckAudioCodec(nn.Module):
     @classmethod
     def tiny(cls, latent_dim: int, sample_rate: int, hop: int, seed: int = 0, time_last: bool = False) -> "OobleckAudioCodec":
         ratios = _factor_hop(hop)
-        torch.manual_seed(seed)
-        # the encoder's output holds mean and scale: 2 * latent_dim channels
-        vae = AutoencoderOobleck(encoder_hidden_size=2 * latent_dim, downsampling_ratios=ratios, channel_multiples=[1] * len(ratios),
-                                 decoder_channels=8, decoder_input_channels=latent_dim, audio_channels=2, sampling_rate=sample_rate)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # the encoder's output holds mean and scale: 2 * latent_dim channels
+            vae = AutoencoderOobleck(encoder_hidden_size=2 * latent_dim, downsampling_ratios=ratios, channel_multiples=[1] * len(ratios),
+                                     decoder_channels=8, decoder_input_channels=latent_dim, audio_channels=2, sampling_rate=sample_rate)
         return cls(vae.eval(), time_last)
 
     def encode(self, audio: torch.Tensor) -> torch.Tensor:

@@ -79,10 +79,13 @@ def media_sides(stitcher) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offset: int = 0, progress=None) -> list[Path]:
-    """Sample, decode through each expert's codec, write ``sample_NN.mp4`` + ``sample_NN.png`` + latents."""
+def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offset: int = 0, progress=None,
+                   write: bool = True) -> list[Path]:
+    """Sample, decode through each expert's codec, write ``sample_NN.mp4`` + ``sample_NN.png`` + latents.
+
+    Under a sharded strategy every rank must sample (the forward gathers parameters); only the
+    rank with ``write=True`` writes files."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seconds = cfg.sample.seconds or cfg.data.seconds
     n = cfg.sample.num_samples
     v_side, a_side = media_sides(stitcher)
@@ -102,6 +105,9 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     video = codecs[v_side].decode(latents[v_side].to(next(codecs[v_side].parameters()).device))  # (B, 3, F, H, W)
     audio = codecs[a_side].decode(latents[a_side])  # (B, C, N)
     fps, sr = codecs[v_side].rate, int(codecs[a_side].rate)
+    if not write:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i in range(n):
         mp4 = write_mp4(out_dir / f"sample_{i:02d}.mp4", video[i], fps, audio[i], sr)

@@ -26,8 +26,29 @@ def fit_audio(audio: torch.Tensor, sample_rate: int, seconds: float) -> np.ndarr
     return a.contiguous().numpy()
 
 
+def aac_rate(sample_rate: int) -> int:
+    """The nearest AAC sample rate at or above ``sample_rate`` (e.g. UniVerse-1's 25.6 kHz -> 32 kHz)."""
+    rates = sorted(av.codec.Codec("aac", "w").audio_rates or [48000])
+    return next((r for r in rates if r >= sample_rate), rates[-1])
+
+
+def resample_audio(audio: torch.Tensor, src_rate: int, dst_rate: int) -> torch.Tensor:
+    """``(C, N)`` float audio from ``src_rate`` to ``dst_rate`` with FFmpeg's resampler (PyAV)."""
+    if src_rate == dst_rate:
+        return audio
+    a = audio.float().clamp(-1, 1)
+    a = a.expand(2, -1) if a.shape[0] == 1 else a[:2]
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(a.cpu().numpy()), format="fltp", layout="stereo")
+    frame.sample_rate = src_rate
+    resampler = av.AudioResampler(format="fltp", layout="stereo", rate=dst_rate)
+    out = [f.to_ndarray() for f in resampler.resample(frame)] + [f.to_ndarray() for f in resampler.resample(None)]
+    return torch.from_numpy(np.concatenate(out, axis=1))
+
+
 def write_mp4(path, video: torch.Tensor, fps: float, audio: torch.Tensor | None = None, sample_rate: int | None = None) -> Path:
-    """Mux ``video`` ``(3, F, H, W)`` and ``audio`` ``(C, N)`` into one mp4 of the video's duration."""
+    """Mux ``video`` ``(3, F, H, W)`` and ``audio`` ``(C, N)`` into one mp4 of the video's duration.
+
+    Audio at a rate AAC cannot store (e.g. 25.6 kHz) is resampled to the next AAC rate."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = to_uint8_frames(video)
@@ -40,6 +61,8 @@ def write_mp4(path, video: torch.Tensor, fps: float, audio: torch.Tensor | None 
         vs.options = {"crf": "18", "preset": "veryfast"}
         astream = None
         if audio is not None:
+            rate_out = aac_rate(int(sample_rate))
+            audio, sample_rate = resample_audio(audio, int(sample_rate), rate_out), rate_out
             astream = container.add_stream("aac", rate=int(sample_rate))
             astream.layout = "stereo"
         for f in frames:

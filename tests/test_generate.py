@@ -118,3 +118,19 @@ def test_sampling_callback_renders_during_training(tmp_path):
                         "sample.every_n_steps=1", "sample.steps=2"], console=QUIET, progress=False)
     for step in (1, 2):
         assert (run_dir / "samples" / f"step-{step:06d}" / "sample_00.mp4").is_file()
+
+
+def test_mp4_resamples_audio_rates_aac_cannot_store(tmp_path):
+    from soe.media import write_mp4
+
+    tone = torch.sin(torch.arange(25600 * 2) / 25600 * 2 * torch.pi * 440)[None] * 0.5  # 2 s at UniVerse-1's 25.6 kHz
+    video = torch.zeros(3, 50, 32, 32)  # 2 s at 25 fps
+    path = write_mp4(tmp_path / "x.mp4", video, 25, tone, 25600)
+    with av.open(str(path)) as c:
+        au, vs = c.streams.audio[0], c.streams.video[0]
+        assert au.rate == 32000  # next AAC rate above 25.6 kHz
+        assert float(au.duration * au.time_base) == pytest.approx(float(vs.duration * vs.time_base), abs=1024 / 32000)
+        samples = torch.cat([torch.from_numpy(f.to_ndarray()) for f in c.decode(audio=0)], dim=1)[0]
+    spectrum = torch.fft.rfft(samples[4096:36864])
+    peak_hz = spectrum.abs().argmax().item() * 32000 / 32768
+    assert abs(peak_hz - 440) < 5  # the tone survived resampling and AAC

@@ -15,14 +15,13 @@ class SampleCallback(Callback):
         self._codecs = None
 
     def _render(self, trainer, pl_module):
-        if not trainer.is_global_zero:
-            return
+        # every rank samples (sharded parameters are gathered in the forward); rank zero writes
         from soe.generate import load_codecs, render_samples
 
         if self._codecs is None:
             self._codecs = load_codecs(pl_module.stitcher, self.cfg)
         out = self.run_dir / "samples" / f"step-{trainer.global_step:06d}"
-        render_samples(pl_module.stitcher, self.cfg, out, codecs=self._codecs)
+        render_samples(pl_module.stitcher, self.cfg, out, codecs=self._codecs, write=trainer.is_global_zero)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
