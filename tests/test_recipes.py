@@ -107,3 +107,9 @@ def test_cli_experts_lists_every_registered_expert(capsys):
     out = capsys.readouterr().out
     for name in ("wan2.1", "ace-step-1.5", "ace-step"):
         assert name in out
+
+
+def test_universe1_samples_like_the_release():
+    cfg = load_recipe(RECIPES[[p.name for p in RECIPES].index("universe1.yaml")])
+    s = cfg.sample
+    assert (s.scheduler, s.steps, dict(s.shift), dict(s.guidance)) == ("unipc", 35, {"a": 15.0, "b": 15.0}, {"a": 1.2, "b": 5.0})
