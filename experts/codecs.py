@@ -33,11 +33,14 @@ class WanVideoCodec(nn.Module):
         return cls(AutoencoderKLWan.from_pretrained(_vae_folder(path), torch_dtype=dtype or torch.float32).eval(), fps)
 
     @classmethod
-    def tiny(cls, z_dim: int, fps: float, seed: int = 0) -> "WanVideoCodec":
+    def tiny(cls, z_dim: int, fps: float, seed: int = 0, spatial: int = 8) -> "WanVideoCodec":
+        """Tiny random Wan VAE: the Wan2.1 layout (4x8x8) or, with ``spatial=16``, Wan2.2's
+        (residual blocks + 2x2 pixel patchify: 4x16x16)."""
+        wan22 = dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16, decoder_base_dim=16)
         with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
             torch.manual_seed(seed)
-            vae = AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                   latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+            vae = AutoencoderKLWan(base_dim=16 if spatial == 16 else 8, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim, **(wan22 if spatial == 16 else {}))
         return cls(vae.eval(), fps)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:  # (B, 3, F, H, W) -> (B, C, 1 + (F-1)/4, H/8, W/8)

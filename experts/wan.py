@@ -123,7 +123,7 @@ class WanExpert(DiffusersExpert):
         from experts.codecs import WanVideoCodec
 
         if path is None:
-            return WanVideoCodec.tiny(self.model.config.in_channels, self.fps)
+            return WanVideoCodec.tiny(self.model.config.in_channels, self.fps, spatial=self.vae_stride[1])
         return WanVideoCodec.load(path, self.fps, dtype)
 
     def text_encoder(self, path, device=None, dtype=None):

@@ -35,10 +35,6 @@ class Wan22TI2VExpert(WanExpert):
     def __init__(self, model, fps: float = 24.0, height: int = 704, width: int = 1280, text_len: int = 512):
         super().__init__(model, fps=fps, height=height, width=width, text_len=text_len)
 
-    def codec(self, path=None, dtype=None):
-        # The inherited WanVideoCodec is the 8x Wan2.1 VAE; the 4x16x16 Wan2.2 VAE is not wired yet.
-        raise NotImplementedError(f"expert '{self.name}': the Wan2.2 VAE (4x16x16, 48 channels) is not wired as a codec yet")
-
     # ---- per-token timesteps (expand_timesteps) ------------------------------------------------
     def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(latents, timesteps)``: ``(B, C, F, H, W)`` and Wan timesteps per token ``(B, N)``."""

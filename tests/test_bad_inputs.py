@@ -40,8 +40,9 @@ def fails_cleanly(argv, capsys, root: Path, message: str) -> str:
     assert err.startswith("error: ") and message in err, err
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     after = snapshot(root)
-    changed = [k for k, h in before.items() if after.get(k) != h and not k.endswith("recipe.yaml")]
+    changed = [k for k, h in before.items() if after.get(k) != h]
     assert not changed, f"overwritten or removed: {changed}"
+    assert not set(after) - set(before), f"written by a failed run: {sorted(set(after) - set(before))}"
     return err
 
 

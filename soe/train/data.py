@@ -84,6 +84,13 @@ class _StitchDataModule(L.LightningDataModule):
         self.dataset: ClipDataset | None = None
         self.buckets: list[list[int]] = []
 
+    def check_buckets(self, world_size: int = 1) -> None:
+        """At least one bucket must fill a batch on every device (fails before training starts)."""
+        need = self.batch_size * world_size
+        if not any(len(b) >= need for b in self.buckets):
+            sizes = [len(b) for b in self.buckets]
+            raise DataError(f"data.batch_size: no bucket holds batch_size x devices = {need} clips (bucket sizes {sizes})")
+
     def train_dataloader(self):
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer else 1
@@ -115,6 +122,7 @@ class SyntheticAVDataModule(_StitchDataModule):
         if self.dataset is None:
             self.dataset = ClipDataset([self.make_clip(i) for i in range(self.num_clips)])
             self.buckets = [list(range(self.num_clips))]
+            self.check_buckets()
 
 
 class PairedLatentDataModule(_StitchDataModule):
@@ -140,3 +148,4 @@ class PairedLatentDataModule(_StitchDataModule):
         for i, row in enumerate(rows):
             by_bucket.setdefault(row.get("bucket", "default"), []).append(i)
         self.buckets = list(by_bucket.values())
+        self.check_buckets()

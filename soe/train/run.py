@@ -1,7 +1,6 @@
 """``soe stitch RECIPE``: recipe -> builders -> Stitcher -> Lightning -> checkpoints and exports."""
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -110,10 +109,6 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
     validate_recipe(cfg)
     run_dir, resume_from = prepare_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        OmegaConf.save(cfg, run_dir / "recipe.yaml", resolve=True)
-
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stitcher = build_stitcher(cfg)
     apply_training_setup(stitcher, cfg)
@@ -127,13 +122,19 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     callbacks = [ExportTrained(run_dir / "trained", train_modes)]
     if cfg.sample.every_n_steps or cfg.sample.at_end:
         callbacks.append(SampleCallback(cfg, run_dir, cfg.sample.every_n_steps, cfg.sample.at_end))
+    datamodule = build_datamodule(cfg, stitcher)
+    datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
     trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
+    # only now, with everything built, does the run folder get (re)written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "recipe.yaml", resolve=True)
     if trainer.is_global_zero:
         print_tables(stitch_tables(stitcher), console)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*Precision.*is not supported by the model summary.*")
-        trainer.fit(module, datamodule=build_datamodule(cfg, stitcher), ckpt_path=resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     result = {"run_dir": run_dir, "module": module, "trainer": trainer}
     if trainer.is_global_zero:
         png = plot_losses(run_dir, run_dir / "loss_curves.png")
