@@ -10,7 +10,7 @@ On synthetic clips where each bounce of a square makes a click (random timing pe
   4. score sync with soe.metrics.av_align (audio onsets vs video impacts, IoU within a tolerance)
      and per-modality quality with a Frechet distance on simple features vs ground-truth clips.
 
-    python benchmarks/sync_experiment.py            # default size, ~10-15 min on 2 CPU cores
+    python benchmarks/sync_experiment.py            # default size, ~12 min on 2 CPU cores
     python benchmarks/sync_experiment.py --quick    # < 3 min; only shows the pipeline runs
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from soe.train.synthetic import audio_envelope_from_latent, video_height_from_la
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # pretrain steps, stitch steps, eval clips, sampling steps, training clips
-    "default": dict(pretrain=800, stitch=1200, clips=32, steps=24, num_clips=1024),
+    "default": dict(pretrain=800, stitch=3000, clips=32, steps=24, num_clips=1024),
     "quick": dict(pretrain=30, stitch=20, clips=4, steps=6, num_clips=64),
 }
 

@@ -112,6 +112,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stitcher = build_stitcher(cfg)
     apply_training_setup(stitcher, cfg)
+    stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training
     module = StitchModule(stitcher, build_objective(cfg, stitcher), OptimSettings(
         lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
         warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule, max_steps=cfg.trainer.max_steps),
