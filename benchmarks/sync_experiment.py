@@ -64,6 +64,21 @@ def features(latents: dict, experts: dict, seconds: float) -> dict[str, np.ndarr
     return {k: np.array(x) for k, x in feats.items()}
 
 
+def write_previews(folder: Path, rows: dict, experts: dict, n: int) -> None:
+    """What the latents mean, as video with sound (soe.train.synthetic.SyntheticPreviewCodec)."""
+    from soe.media import contact_sheet, write_mp4
+    from soe.train.synthetic import SyntheticPreviewCodec
+
+    v_codec, a_codec = SyntheticPreviewCodec(experts["a"]), SyntheticPreviewCodec(experts["b"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, lat in rows.items():
+        video, audio = v_codec.decode(lat["a"][:n]), a_codec.decode(lat["b"][:n])
+        for i in range(n):
+            stem = f"{name.split()[0]}_{i:02d}"
+            write_mp4(folder / f"{stem}.mp4", video[i], v_codec.rate, audio[i], int(a_codec.rate))
+            contact_sheet(folder / f"{stem}.png", video[i], v_codec.rate, audio[i], int(a_codec.rate))
+
+
 def sync_score(ev, tolerance: float) -> float:
     return float(np.mean([av_align(a, v, tolerance) for a, v in ev]))
 
@@ -142,6 +157,8 @@ def main(argv=None):
     result = {"size": "quick" if args.quick else "default", "sync": scores, "frechet": fd, "ratio": ratio, "tolerance_s": tol,
               "seconds": time.time() - t0}
     (out / "sync_results.json").write_text(json.dumps(result, indent=1))
+    write_previews(out / "previews", rows, alone, n=min(2, size["clips"]))
+    console.print(f"previews (mp4 + contact sheet of the first clips, watch and listen): {out / 'previews'}")
     return result
 
 

@@ -161,6 +161,7 @@ class SampleConfig:
     out: Optional[str] = None  # null = <run_dir>/samples
     every_n_steps: int = 0  # during training: render samples every K steps (0 = never)
     at_end: bool = False  # during training: render once when training ends
+    decode: str = "codec"  # codec (each expert's codec) | synthetic_preview (what synthetic-task latents mean)
 
 
 @dataclass
@@ -308,6 +309,7 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
 def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
     s = cfg.sample
     _choice(s.scheduler, ("unipc", "euler"), "sample.scheduler")
+    _choice(s.decode, ("codec", "synthetic_preview"), "sample.decode")
     for k in ("steps", "num_samples"):
         if s[k] < 1:
             raise RecipeError(f"sample.{k}: expected a positive integer, got {s[k]}")

@@ -102,7 +102,7 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     finally:
         stitcher.train(was_training)
     codecs = codecs or load_codecs(stitcher, cfg)
-    video = codecs[v_side].decode(latents[v_side].to(next(codecs[v_side].parameters()).device))  # (B, 3, F, H, W)
+    video = codecs[v_side].decode(latents[v_side].to(_device_of(codecs[v_side])))  # (B, 3, F, H, W)
     audio = codecs[a_side].decode(latents[a_side])  # (B, C, N)
     fps, sr = codecs[v_side].rate, int(codecs[a_side].rate)
     if not write:
@@ -117,10 +117,19 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     return written
 
 
+def _device_of(module) -> torch.device:
+    return next(iter(module.parameters()), torch.empty(0)).device
+
+
 def load_codecs(stitcher, cfg) -> dict:
     codecs = {}
     for side in ("a", "b"):
         e = getattr(stitcher, side)
+        if cfg.sample.decode == "synthetic_preview":  # the synthetic task's own readout (demo)
+            from soe.train.synthetic import SyntheticPreviewCodec
+
+            codecs[side] = SyntheticPreviewCodec(e)
+            continue
         try:
             codecs[side] = e.codec(cfg.experts[side].codec_path).to(e.device)
         except NotImplementedError as err:

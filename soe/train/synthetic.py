@@ -108,3 +108,47 @@ def audio_envelope_from_latent(latent: torch.Tensor, time_axis: int) -> torch.Te
     """Click envelope per latent frame of an audio latent rendered like ``render_audio``."""
     x = latent.float().movedim(time_axis, 0).reshape(latent.shape[time_axis], -1)
     return ((x + 0.3) / 2).clamp(min=0).amax(dim=1)
+
+
+# ---- previews: latents of the synthetic task as watchable video and audible clicks ---------------
+class SyntheticPreviewCodec(torch.nn.Module):
+    """Decode-only "codec" for the synthetic task: shows what a (generated) latent *means*.
+
+    Video: the square's blob map upsampled to pixels, frames repeated up to ``fps``. Audio: a
+    decaying tone per latent frame whose loudness is the click envelope and whose pitch follows the
+    click's feature position (as rendered by ``render_audio``). Sync can be judged by eye and ear.
+    """
+
+    def __init__(self, expert, fps: float = 25.0, sample_rate: int = 16000, scale: int = 8):
+        super().__init__()
+        self.modality, self.expert_rate = expert.modality, (expert.latent_rate if hasattr(expert, "latent_rate") else expert.token_rate)
+        self.time_axis = expert.latent_time_axis - 1  # in an unbatched latent
+        self.scale = scale
+        self.rate = float(fps) if self.modality == "video" else float(sample_rate)
+
+    def encode(self, media):
+        raise NotImplementedError("the synthetic preview codec only decodes")
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._video(x) if self.modality == "video" else self._audio(x) for x in latents])
+
+    def _video(self, latent: torch.Tensor) -> torch.Tensor:  # (C, T, H, W) -> (3, F, H*s, W*s)
+        c, t, h, w = latent.shape
+        mix = torch.linspace(1.5, -1.5, c).view(c, 1, 1, 1).to(latent)
+        blob = ((latent.float() * mix).sum(0) / (mix**2).sum() + 0.5).clamp(0, 1)  # (T, H, W)
+        frames = max(1, round(t * self.rate / self.expert_rate))
+        idx = (torch.arange(frames) * self.expert_rate / self.rate).long().clamp(max=t - 1)
+        img = torch.nn.functional.interpolate(blob[idx][:, None], scale_factor=self.scale, mode="nearest")[:, 0]  # (F, H', W')
+        return (img * 2 - 1)[None].expand(3, -1, -1, -1)  # grey square on black, in [-1, 1]
+
+    def _audio(self, latent: torch.Tensor) -> torch.Tensor:  # (..T..) -> (1, N)
+        x = latent.float().movedim(self.time_axis, 0)
+        t = x.shape[0]
+        feats = ((x.reshape(t, -1) + 0.3) / 2).clamp(min=0)  # (T, F): the rendered bump, ~0 elsewhere
+        env = feats.amax(dim=1)  # (T,)
+        pitch = feats.argmax(dim=1).float() / max(feats.shape[1] - 1, 1)  # (T,) in [0, 1]
+        hop = int(round(self.rate / self.expert_rate))
+        n = torch.arange(hop, dtype=torch.float32) / self.rate
+        freq = 300.0 + 900.0 * pitch  # 300-1200 Hz
+        tone = torch.sin(2 * torch.pi * freq[:, None] * n[None]) * env[:, None].clamp(max=1)  # (T, hop)
+        return (0.8 * tone.reshape(1, -1)).clamp(-1, 1)
