@@ -98,7 +98,7 @@ def test_generate_from_a_trained_demo_run_writes_mp4_with_both_streams(tmp_path,
                         f"run_dir={run_dir}"], console=QUIET, progress=False)
     out = tmp_path / "samples"
     code = main(["generate", str(DEMO), f"ckpt={run_dir}", "prompt=a bouncing ball", "seconds=2", "seed=0", "steps=4",
-                 f"out={out}", "data.seconds=1.0", "sample.guidance={a: 1.2, b: 5.0}"])
+                 f"out={out}", "data.seconds=1.0", "sample.guidance={a: 1.2, b: 5.0}", "sample.decode=codec"])
     assert code == 0, capsys.readouterr().err
     mp4, png = out / "sample_00.mp4", out / "sample_00.png"
     with av.open(str(mp4)) as c:
