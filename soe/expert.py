@@ -208,6 +208,12 @@ class Expert(nn.Module):
         """Tokens per second along time, read off the layout of a one-second dummy batch."""
         return self.token_layout(self.dummy_batch(1, seconds=1.0)).time_rate
 
+    @property
+    def latent_rate(self) -> float:
+        """Latent frames per second along time. Plugins state it exactly; this default reads it off
+        the latent length of a 10-second clip."""
+        return self.latent_shape(1, 10.0)[self.latent_time_axis] / 10.0
+
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
         """Shape of the clean latent for a clip of ``seconds``."""
         raise NotImplementedError

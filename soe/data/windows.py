@@ -31,7 +31,7 @@ def window_spec(seconds: float, video: tuple, audio: tuple, fps: float, sample_r
     tv, ta = latent_length(ve, seconds), latent_length(ae, seconds)
     stride = getattr(ve, "vae_stride", (1,))[0]  # causal VAE: first frame alone, then `stride` frames per latent
     frames = 1 + stride * (tv - 1) if stride > 1 else tv
-    hop = sample_rate / ae.latent_rate if hasattr(ae, "latent_rate") else sample_rate * seconds / ta
+    hop = sample_rate / ae.latent_rate
     samples = max(int(round(seconds * sample_rate)), math.ceil(ta * hop))
     return WindowSpec(float(seconds), frames, samples, {vs: tv, as_: ta})
 

@@ -84,7 +84,7 @@ def render_for_expert(expert, clip: BounceClip, seconds: float) -> torch.Tensor:
     """Clean latent ``(...)`` (no batch axis) of this clip at ``expert``'s latent shape."""
     shape = tuple(expert.latent_shape(1, seconds))[1:]
     axis = expert.latent_time_axis - 1
-    rate = expert.latent_rate if hasattr(expert, "latent_rate") else expert.token_rate
+    rate = expert.latent_rate
     if expert.modality == "video":
         if axis != 1 or len(shape) != 4:
             raise ValueError(f"synthetic video needs latents (C, T, H, W); expert '{expert.name}' has {shape} with time axis {axis}")
@@ -121,7 +121,7 @@ class SyntheticPreviewCodec(torch.nn.Module):
 
     def __init__(self, expert, fps: float = 25.0, sample_rate: int = 16000, scale: int = 8):
         super().__init__()
-        self.modality, self.expert_rate = expert.modality, (expert.latent_rate if hasattr(expert, "latent_rate") else expert.token_rate)
+        self.modality, self.expert_rate = expert.modality, expert.latent_rate
         self.time_axis = expert.latent_time_axis - 1  # in an unbatched latent
         self.scale = scale
         self.rate = float(fps) if self.modality == "video" else float(sample_rate)
