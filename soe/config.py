@@ -337,7 +337,7 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
 def _validate_fusion(s, blocks) -> tuple[int, int]:
     """``stitch.depth`` and ``stitch.inject``; returns the depths the block pairs index (after expansion)."""
     from soe.depth import DepthSpec, insertion_points
-    from soe.inject import InjectSpec
+    from soe.inject_spec import InjectSpec
 
     try:
         depth = DepthSpec(**OmegaConf.to_container(s.depth))

@@ -20,7 +20,8 @@ from soe.align import Pairs, resolve_depth_map
 from soe.connector import Connector, ConnectorSpec
 from soe.depth import DepthSpec, expand_stacks
 from soe.expert import Batch, BlockState, Expert, TokenLayout
-from soe.inject import Fusion, InjectSpec
+from soe.inject import Fusion
+from soe.inject_spec import InjectSpec
 
 DIRECTIONS = ("a_to_b", "b_to_a", "both")
 ENGINES = ("auto", "hooks", "lockstep")
