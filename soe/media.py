@@ -86,8 +86,10 @@ def write_mp4(path, video: torch.Tensor, fps: float, audio: torch.Tensor | None 
     return path
 
 
-def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sample_rate: int, columns: int = 8) -> Path:
-    """Frames over time above the waveform and spectrogram, all on one time axis (judge sync at a glance)."""
+def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sample_rate: int, columns: int = 8,
+                  title: str | None = None) -> Path:
+    """Frames over time above the waveform and spectrogram, all on one time axis (judge sync at a glance);
+    ``title`` (e.g. prompt, step, checkpoint) heads the sheet."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,6 +118,8 @@ def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sa
     ax_s.specgram(wave + 1e-9, NFFT=nfft, Fs=sample_rate, noverlap=nfft // 2, cmap="magma")
     ax_s.set_xlabel("seconds")
     ax_s.set_ylabel("Hz")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -31,11 +31,20 @@ def read_run_metrics(run_dir) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in merged.items()}
 
 
+def _label(name: str) -> str:
+    """``loss_a_video`` -> ``video loss (expert a)``."""
+    parts = name.split("_", 2)
+    return f"{parts[2]} loss (expert {parts[1]})" if len(parts) == 3 and parts[0] == "loss" else name
+
+
 def plot_losses(run_dir, out_png) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")  # "1.45", not matplotlib's log-axis "1.45x10^0"
 
     series = {k: v for k, v in read_run_metrics(run_dir).items() if k != "loss"}
     if not series:  # fewer steps than log_every_n_steps: nothing logged
@@ -44,9 +53,11 @@ def plot_losses(run_dir, out_png) -> Path | None:
     for ax, (name, points) in zip(axes[0], sorted(series.items())):
         steps, values = zip(*points)
         ax.plot(steps, values)
-        ax.set_title(name)
+        ax.set_title(_label(name))
         ax.set_xlabel("step")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
