@@ -7,6 +7,7 @@ names and presets, existing checkpoint folders, block pairs in range, ...). Ever
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -219,7 +220,8 @@ LITERAL_KEYS = ("sample.prompt",)  # free text: taken as typed, never parsed as 
 
 def literal(text: str) -> str:
     """``text`` escaped so OmegaConf reads it back verbatim (``${x}`` is not an interpolation)."""
-    return text.replace("${", "\\${")
+    # OmegaConf reads "\\" before "${" as one backslash and a lone "\" as escaping the "${"
+    return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
 
 
 def merge_recipe(raw, overrides=()) -> DictConfig:
@@ -234,9 +236,12 @@ def merge_recipe(raw, overrides=()) -> DictConfig:
             raise RecipeError(f"{section}: expected a mapping of keys, got {type(OmegaConf.to_object(value) if OmegaConf.is_config(value) else value).__name__}")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw, OmegaConf.from_dotlist(list(overrides)))
-        OmegaConf.resolve(cfg)
-        for key, text in texts.items():
-            OmegaConf.update(cfg, key, literal(text), merge=False)
+        OmegaConf.resolve(cfg)  # leaves the text of an escaped "\${...}" in a recipe file unescaped: escape it again
+        for key in LITERAL_KEYS:
+            parent, _, leaf = key.rpartition(".")
+            text = texts.get(key, OmegaConf.select(cfg, parent)._get_node(leaf)._value())  # raw text, not re-interpolated
+            if isinstance(text, str):
+                OmegaConf.update(cfg, key, literal(text), merge=False)
         OmegaConf.to_container(cfg, throw_on_missing=True)
     except oc_errors.OmegaConfBaseException as e:
         raise _oc_error(e) from None
