@@ -1,10 +1,16 @@
 """How many CPU threads torch uses for one soe process.
 
 torch's default (one thread per physical core) is fast on an idle machine and falls off a cliff as
-soon as another process wants a core: its OpenMP workers wait on each other and one training step
-of the demo went from 0.1 s to 8 s. ``benchmarks/threads.py`` measures 1 vs 2 threads with and
-without a competing process: on 2 cores, 2 threads gain at most a few percent when the machine is
-idle and lose 4-80x when one other process is busy, so soe leaves half the cores free:
+soon as another process wants a core: its OpenMP workers wait on each other. ``benchmarks/threads.py``
+times one demo training step at 1 and 2 threads, with and without a deliberate ``yes > /dev/null``
+competitor, interleaved in one run (2-core shared machine, median of 3 rounds x 5 steps)::
+
+    machine                     1 thread     2 threads
+    as found (load ~2)          0.101 s      0.108 s  (x1.07)
+    + 1 busy process            0.116 s      0.482 s  (x4.2 slower than 1 thread)
+
+(the issue that started this saw 0.1 s vs 8 s per step under a second process). One thread loses
+little where two would win and wins big where two lose, so soe leaves cores free:
 
 - ``SOE_NUM_THREADS=N`` (environment) or ``trainer.threads: N`` (recipe) set the count explicitly;
 - an explicit ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` is respected (torch already read it);
