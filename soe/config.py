@@ -164,7 +164,7 @@ class SampleConfig:
     every_n_steps: int = 0  # during training: render samples every K steps (0 = never)
     at_end: bool = False  # during training: render once when training ends
     at_start: bool = False  # during training: also render before the first step (zero-init connectors = the experts alone)
-    sync_clips: int = 0  # synthetic data: AV-Align of N held-out clips before and after training (0 = off)
+    sync_clips: int = 0  # AV-Align of N held-out clips before and after training (0 = off; synthetic data only, else skipped)
     decode: str = "codec"  # codec (each expert's codec) | synthetic_preview (what synthetic-task latents mean)
 
 
@@ -351,9 +351,6 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
         raise RecipeError(f"sample.seconds: expected a positive duration in seconds, got {s.seconds}")
     if s.sync_clips < 0:
         raise RecipeError(f"sample.sync_clips: expected >= 0 held-out clips (0 = off), got {s.sync_clips}")
-    if s.sync_clips and cfg.data.kind != "synthetic":
-        raise RecipeError("sample.sync_clips: the AV-Align report needs synthetic data (data.kind=synthetic), "
-                          f"got data.kind={cfg.data.kind!r}; set sample.sync_clips=0")
     if s.every_n_steps < 0:
         raise RecipeError(f"sample.every_n_steps: expected >= 0 (0 = never), got {s.every_n_steps}")
     for key in ("guidance", "shift"):

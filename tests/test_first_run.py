@@ -15,10 +15,10 @@ from soe.config import load_recipe
 from soe.train.run import run_training
 
 ROOT = Path(__file__).parents[1]
-DEMO = ROOT / "recipes" / "demo.yaml"
+DEMO = ROOT / "recipes" / "demo.yaml"  # the README's demo: shipped pretrained experts
+TINY = ROOT / "tests" / "recipes" / "tiny.yaml"  # random tiny experts: fast
 QUIET = Console(file=open("/dev/null", "w"))
-SHORT = ["data.num_clips=8", "data.batch_size=2", "data.seconds=1.0", "sample.steps=2", "sample.sync_clips=0",
-         "sample.at_start=false", "sample.at_end=false"]
+SHORT = ["data.num_clips=8", "data.batch_size=2", "data.seconds=1.0", "sample.steps=2", "sample.at_end=false"]
 
 
 # ---- prompts are free text ---------------------------------------------------------------------
@@ -27,14 +27,14 @@ PROMPTS = ["note: a dog barks", "[loud] drums", "costs ${x}", "", "{a: 1}", "a \
 
 @pytest.mark.parametrize("text", PROMPTS)
 def test_prompt_is_taken_literally(text):
-    cfg = load_recipe(DEMO, [f"sample.prompt={text}"])
+    cfg = load_recipe(TINY, [f"sample.prompt={text}"])
     assert cfg.sample.prompt == text and isinstance(cfg.sample.prompt, str)
 
 
 def test_prompt_survives_the_saved_run_recipe(tmp_path):
     from omegaconf import OmegaConf
 
-    cfg = load_recipe(DEMO, ["sample.prompt=costs ${x}: [loud]"])
+    cfg = load_recipe(TINY, ["sample.prompt=costs ${x}: [loud]"])
     OmegaConf.save(cfg, tmp_path / "recipe.yaml")  # what run_training writes into the run folder
     assert load_recipe(tmp_path / "recipe.yaml").sample.prompt == "costs ${x}: [loud]"
 
@@ -43,12 +43,12 @@ def test_prompt_survives_the_saved_run_recipe(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("gen") / "run"
-    run_training(DEMO, [*SHORT, "trainer.max_steps=2", f"run_dir={run_dir}"], console=QUIET, progress=False)
+    run_training(TINY, [*SHORT, "trainer.max_steps=2", f"run_dir={run_dir}"], console=QUIET, progress=False)
     return run_dir
 
 
 def test_generate_writes_new_folders_in_the_checkpoints_run_and_says_what_it_loaded(trained_run, capsys):
-    argv = ["generate", str(DEMO), f"ckpt={trained_run}", "prompt=note: [loud] ${x}", "steps=2", "data.seconds=1.0"]
+    argv = ["generate", str(TINY), f"ckpt={trained_run}", "prompt=note: [loud] ${x}", "steps=2", "data.seconds=1.0"]
     assert main(argv) == 0
     first = capsys.readouterr()
     assert main([*argv[:2], f"ckpt={trained_run / 'trained'}", *argv[3:]]) == 0  # the trained/ folder works too
@@ -62,18 +62,18 @@ def test_generate_writes_new_folders_in_the_checkpoints_run_and_says_what_it_loa
 
 def test_generate_without_ckpt_warns_and_never_writes_into_the_recipes_run(tmp_path, capsys):
     run_dir = tmp_path / "someone_elses_run"
-    assert main(["generate", str(DEMO), "prompt=", "steps=2", "data.seconds=1.0", f"run_dir={run_dir}"]) == 0
+    assert main(["generate", str(TINY), "prompt=", "steps=2", "data.seconds=1.0", f"run_dir={run_dir}"]) == 0
     err = capsys.readouterr().err
     assert "warning: no ckpt= given: sampling UNTRAINED connectors" in " ".join(err.split())
     assert not run_dir.exists()
-    assert (Path("outputs") / "demo-untrained" / "generate-001" / "sample_00.png").is_file()  # in the working folder (tmp)
+    assert (Path("outputs") / "tiny-untrained" / "generate-001" / "sample_00.png").is_file()  # in the working folder (tmp)
 
 
 def test_generate_refuses_an_out_folder_that_holds_samples(trained_run, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "sample_00.mp4").write_bytes(b"precious")
-    assert main(["generate", str(DEMO), f"ckpt={trained_run}", f"out={out}", "steps=2"]) == 2
+    assert main(["generate", str(TINY), f"ckpt={trained_run}", f"out={out}", "steps=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: sample.out:") and "already holds samples" in err and len(err.splitlines()) == 1
     assert (out / "sample_00.mp4").read_bytes() == b"precious"
@@ -114,7 +114,7 @@ def test_encode_fails_when_no_window_was_encoded(tmp_path, capsys, what):
 
         write_mp4(src / "clip.mp4", torch.zeros(3, 50, 32, 32), 25)
         (src / "clip.txt").write_text("a silent clip")
-    assert main(["encode", str(DEMO), str(src), "--out", str(tmp_path / "cache")]) == 2
+    assert main(["encode", str(TINY), str(src), "--out", str(tmp_path / "cache")]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert err.startswith("error: soe encode: no window was encoded") and len(err.splitlines()) == 1, err
@@ -143,7 +143,7 @@ def test_thread_policy(monkeypatch):
 
 
 def test_trainer_threads_is_validated(capsys):
-    assert main(["stitch", str(DEMO), "trainer.threads=0"]) == 2
+    assert main(["stitch", str(TINY), "trainer.threads=0"]) == 2
     assert "trainer.threads: expected a positive number of CPU threads" in capsys.readouterr().err
 
 
@@ -182,7 +182,7 @@ def test_progress_bar_shows_steps_and_each_modality(tmp_path):
 @pytest.mark.slow
 def test_stitch_screen_is_quiet_and_shows_step_and_modality_losses(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "soe.cli", "stitch", str(DEMO), *SHORT, f"run_dir={run}", "trainer.max_steps=2",
+    cmd = [sys.executable, "-m", "soe.cli", "stitch", str(TINY), *SHORT, f"run_dir={run}", "trainer.max_steps=2",
            "trainer.checkpoint_every_n_steps=1"]
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     outputs = [subprocess.run(c, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
@@ -195,3 +195,30 @@ def test_stitch_screen_is_quiet_and_shows_step_and_modality_losses(tmp_path):
             assert noise not in text, (noise, text)
         assert "video loss" in text and "audio loss" in text
     assert "step 2/2" in outputs[0].stdout and "step 4/4" in outputs[1].stdout
+
+
+# ---- the demo's shipped experts ----------------------------------------------------------------
+PRETRAINED = ROOT / "recipes" / "pretrained"
+
+
+@pytest.mark.parametrize("folder, model", [("video_expert", "WanTransformer3DModel"), ("audio_expert", "AceStepTransformer1DModel")])
+def test_shipped_experts_are_small_official_diffusers_folders(folder, model):
+    import diffusers
+
+    path = PRETRAINED / folder / "transformer"
+    size = sum(f.stat().st_size for f in (PRETRAINED / folder).rglob("*") if f.is_file())
+    assert size < 1_000_000, f"{folder}: {size} bytes"
+    loaded = getattr(diffusers, model).from_pretrained(path)  # the family's own loader, no soe involved
+    assert sum(p.numel() for p in loaded.parameters()) > 100_000
+
+
+def test_recipe_relative_weight_paths_are_found_next_to_the_recipe(tmp_path):
+    cfg = load_recipe(DEMO)  # the working folder is a tmp folder (conftest), not the checkout
+    assert Path(cfg.experts.a.path) == DEMO.parent / "pretrained" / "video_expert"
+    assert Path(cfg.experts.b.path).is_dir()
+    other = tmp_path / "elsewhere" / "r.yaml"
+    other.parent.mkdir()
+    other.write_text(DEMO.read_text())
+    assert load_recipe(other).experts.a.path == "pretrained/video_expert"  # not next to this recipe: left to the working folder
+    given = load_recipe(DEMO, ["experts.a.path=pretrained/video_expert"])  # command line: working-folder paths
+    assert given.experts.a.path == "pretrained/video_expert"

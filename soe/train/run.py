@@ -127,7 +127,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     callbacks = [ExportTrained(run_dir / "trained", train_modes)]
     if cfg.sample.every_n_steps or cfg.sample.at_end or cfg.sample.at_start:
         callbacks.append(SampleCallback(cfg, run_dir, cfg.sample.every_n_steps, cfg.sample.at_end, cfg.sample.at_start))
-    if cfg.sample.sync_clips:
+    if cfg.sample.sync_clips and cfg.data.kind == "synthetic":  # held-out clips exist only for the synthetic task
         callbacks.append(SyncReportCallback(cfg, run_dir, cfg.sample.sync_clips, console=console))
     datamodule = build_datamodule(cfg, stitcher)
     datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
