@@ -222,3 +222,33 @@ def test_recipe_relative_weight_paths_are_found_next_to_the_recipe(tmp_path):
     assert load_recipe(other).experts.a.path == "pretrained/video_expert"  # not next to this recipe: left to the working folder
     given = load_recipe(DEMO, ["experts.a.path=pretrained/video_expert"])  # command line: working-folder paths
     assert given.experts.a.path == "pretrained/video_expert"
+
+
+def test_training_reports_sync_before_and_after_and_stacks_the_sheets(tmp_path, capsys):
+    import json
+
+    from soe.builders import build_stitcher
+    from soe.generate import sampling_settings
+    from soe.sampling import sample
+    from soe.train import sync_eval
+
+    run = tmp_path / "run"
+    overrides = [*SHORT, "trainer.max_steps=2", f"run_dir={run}", "sample.at_start=true", "sample.at_end=true", "sample.sync_clips=2"]
+    run_training(TINY, overrides, console=Console(file=open(tmp_path / "screen.txt", "w"), width=200), progress=False)
+    report = json.loads((run / "sync.json").read_text())
+    assert report["clips"] == 2 and report["experts alone"]["step"] == 0 and report["stitched"]["step"] == 2
+    assert 0 <= report["stitched"]["sync"] <= 1 and set(report["stitched"]["frechet"]) == {"video", "audio"}
+    # step 0 is exactly the two experts sampled alone (connectors start at zero)
+    cfg = load_recipe(TINY, overrides)
+    torch.manual_seed(cfg.seed)
+    st = build_stitcher(cfg)
+    experts = {"a": st.a.eval(), "b": st.b.eval()}
+    seconds = cfg.sample.seconds or cfg.data.seconds
+    cond, _ = sync_eval.held_out(experts, seconds, 2, cfg.seed)
+    with torch.no_grad():
+        alone = sample(experts, cond, seconds, sampling_settings(cfg))
+    assert report["experts alone"]["sync"] == pytest.approx(sync_eval.sync_score(alone, experts, seconds))
+    assert "audio-visual sync on 2 held-out clips" in (tmp_path / "screen.txt").read_text()
+    sheets = [Image.open(run / "samples" / f"step-{s:06d}" / "sample_00.png") for s in (0, 2)]
+    both = Image.open(run / "samples" / "before_after.png")
+    assert both.size == (sheets[0].size[0], sheets[0].size[1] + sheets[1].size[1])

@@ -44,9 +44,9 @@ def pretrain(recipe, out, overrides=(), dtype: str = "float32", sides=("a", "b")
         pretrain_expert(e, data, side, cfg.trainer.max_steps, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
                         schedule=cfg.optim.schedule, seed=cfg.seed, accelerator=cfg.trainer.accelerator)
         folder = out / FOLDERS[e.modality]
-        e.model.to(DTYPES[dtype])
+        torch.nn.Module.to(e.model, DTYPES[dtype])  # plain cast (diffusers' .to() warns about fp32-kept modules)
         e.save(folder)
-        e.model.to(torch.float32)
+        torch.nn.Module.to(e.model, torch.float32)
         console.print(f"  saved {folder} ({time.perf_counter() - t0:.0f} s)")
     return experts
 
