@@ -21,21 +21,20 @@ _F_SP, _MIN_LOG_HZ, _LOGSTEP = 200.0 / 3, 1000.0, math.log(6.4) / 27.0
 _MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP
 
 
-def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
-    hz = torch.as_tensor(hz, dtype=torch.float64)
-    return torch.where(hz >= _MIN_LOG_HZ, _MIN_LOG_MEL + torch.log(hz.clamp_min(1e-12) / _MIN_LOG_HZ) / _LOGSTEP, hz / _F_SP)
+def hz_to_mel(hz: float) -> float:
+    return _MIN_LOG_MEL + math.log(hz / _MIN_LOG_HZ) / _LOGSTEP if hz >= _MIN_LOG_HZ else hz / _F_SP
 
 
 def mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
-    mel = torch.as_tensor(mel, dtype=torch.float64)
     return torch.where(mel >= _MIN_LOG_MEL, _MIN_LOG_HZ * torch.exp(_LOGSTEP * (mel - _MIN_LOG_MEL)), _F_SP * mel)
 
 
 def slaney_mel_filterbank(n_freqs: int, sample_rate: int, f_min: float, f_max: float, n_mels: int) -> torch.Tensor:
     """Triangular filters equally spaced on the slaney mel scale, each divided by its width in Hz / 2
     (constant energy per band). Returns ``(n_freqs, n_mels)`` float32: ``spectrum @ fb`` gives mels."""
-    freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)  # (F,) STFT bin centres
-    edges = mel_to_hz(torch.linspace(float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2, dtype=torch.float64))  # (M+2,)
+    f64 = dict(dtype=torch.float64, device="cpu")  # computed on the CPU even while a model is built on "meta"
+    freqs = torch.linspace(0, sample_rate // 2, n_freqs, **f64)  # (F,) STFT bin centres
+    edges = mel_to_hz(torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2, **f64))  # (M+2,) band edges in Hz
     width = edges[1:] - edges[:-1]  # (M+1,)
     to_edge = edges[None, :] - freqs[:, None]  # (F, M+2)
     rising = -to_edge[:, :-2] / width[:-1]  # (F, M): from the lower edge up to the centre
