@@ -76,6 +76,12 @@ class MusicCodec(nn.Module):
         front, back = self._framed_length(samples)
         return (front + samples + back) // self.frame_hop
 
+    def clip_samples(self, latent_frames: int) -> int:
+        """Samples of a clip that encodes to ``latent_frames`` with nothing padded, and the length
+        ``decode`` returns: ``T * 4096`` at 44.1 kHz; ``1024 * (1 + 4 (T - 1))`` at 25.6 kHz, the
+        audio of Wan's ``1 + 4 (T - 1)`` frames at 25 fps."""
+        return latent_frames * self.frame_hop - self.prelude
+
     # ---- encode / decode -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, audio: torch.Tensor) -> torch.Tensor:  # (B, 1|2, samples) in [-1, 1] -> (B, 8, 16, T)

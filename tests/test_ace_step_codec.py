@@ -170,6 +170,7 @@ def test_universe1_audio_latents_match_wan_video_latents(codecs, frames):
     samples = frames * 1024  # the same clip: `frames` video frames at 25 fps = 1024 samples each at 25.6 kHz
     z = codec.encode(tone(samples))
     assert z.shape == (1, 8, 16, video_latents) and codec.latent_frames(samples) == video_latents
+    assert codec.clip_samples(video_latents) == samples
     y = codec.decode(z)
     assert y.shape == (1, 2, samples)  # the prelude is dropped again: audio starts with video frame 0
 
@@ -188,7 +189,7 @@ def test_lengths_rate_and_expert_agree(folder, codecs, rate):
         assert z.shape[-1] == codec.latent_frames(samples)
         if rate == 44100:  # zero-padded on the right to whole latent frames
             assert z.shape[-1] == math.ceil(samples / 4096)
-            assert codec.decode(z).shape == (1, 2, z.shape[-1] * 4096)
+            assert codec.decode(z).shape == (1, 2, z.shape[-1] * 4096) == (1, 2, codec.clip_samples(z.shape[-1]))
         assert expert.token_layout({"latents": z}).grid == (z.shape[-1],)
 
 
