@@ -164,12 +164,12 @@ class MusicCodec(nn.Module):
         return cls(dcae.eval(), vocoder.eval(), sample_rate)
 
 
-# AutoencoderDC arguments with the released music DCAE's structure (2 mel channels, 8 latent
-# channels, 4 stages = 8x down, ResBlock/EfficientViT stages, Conv down / interpolate up), tiny widths.
+# AutoencoderDC arguments with the released music DCAE's structure (2 mel channels, 8 latent channels,
+# 4 stages = 8x down: three ResBlock stages, one EfficientViT stage; Conv down, interpolate up), tiny widths.
 TINY_DCAE = dict(
     in_channels=2, latent_channels=8, attention_head_dim=8,
-    encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
+    encoder_block_types=["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"],
+    decoder_block_types=["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"],
     encoder_block_out_channels=[8, 8, 16, 16], decoder_block_out_channels=[8, 8, 16, 16],
     encoder_layers_per_block=[1, 1, 1, 1], decoder_layers_per_block=[1, 1, 1, 1],
     encoder_qkv_multiscales=[[], [], [5], [5]], decoder_qkv_multiscales=[[], [], [5], [5]],

@@ -298,6 +298,7 @@ def load_vocoder(folder, dtype=None, device=None) -> MusicVocoder:
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model.to(dtype)
+        model.mel_transform.float()  # the window and filterbank stay fp32 (the STFT runs in fp32 anyway)
     return model.eval()
 
 

@@ -6,7 +6,8 @@ folder written in that layout; the mel front end equals a from-the-formula numpy
 torchaudio's slaney filterbank values; lengths follow both rate conventions, and at UniVerse-1's
 25.6 kHz a clip gives as many audio latents as Wan's VAE gives video latents; decode inverts the
 framing; bad folders and rates fail with one line naming the file or key, exit 2, nothing written.
-Parity with the official classes: ``SOE_ACE_STEP_REF`` (see ``test_official_parity``).
+Parity with the official classes where a checkout is given: ``SOE_ACE_STEP_REF`` (ace-step/ACE-Step, 44.1 kHz)
+and ``SOE_UNIVERSE1_REF`` (Dorniwang/UniVerse-1-code, 25.6 kHz); see ``test_official_parity``.
 """
 import json
 import math
@@ -270,15 +271,30 @@ def test_soe_encode_refuses_a_bad_codec_folder_with_exit_2(folder, tmp_path, cap
 
 
 # ---- official parity (only where an official checkout is given) ----------------------------------------
-@pytest.mark.skipif(not os.environ.get("SOE_ACE_STEP_REF"), reason="set SOE_ACE_STEP_REF to a folder holding acestep/music_dcae/")
-def test_official_parity(folder):
-    """Encode + decode against ACE-Step's own MusicDCAE (it needs torchaudio importable) at 44.1 kHz."""
-    sys.path.insert(0, os.environ["SOE_ACE_STEP_REF"])
-    from acestep.music_dcae.music_dcae_pipeline import MusicDCAE
+OFFICIAL = {  # rate -> (env var naming a checkout, module path of its MusicDCAE)
+    44100: ("SOE_ACE_STEP_REF", "acestep.music_dcae.music_dcae_pipeline"),  # ace-step/ACE-Step
+    25600: ("SOE_UNIVERSE1_REF", "fastvideo.models.music_dcae.music_dcae_pipeline"),  # Dorniwang/UniVerse-1-code
+}
 
-    off = MusicDCAE(44100, str(folder / DCAE_FOLDER), str(folder / VOCODER_FOLDER)).eval()
-    ours, x = MusicCodec.load(folder, 44100), tone(5 * 4096 + 1000)
-    z_off = off.encode(x, sr=44100)[0]
-    w_off = torch.stack(off.decode(z_off)[1])
-    assert (ours.encode(x) - z_off).abs().max() <= 5e-4 * z_off.abs().max()
-    assert (ours.decode(z_off) - w_off).abs().max() <= 5e-4 * w_off.abs().max()
+
+@pytest.mark.parametrize("rate", sorted(OFFICIAL))
+def test_official_parity(folder, rate):
+    """Encode + decode against the official MusicDCAE (torchaudio must be importable), 5e-4 of peak, fp32."""
+    env, module = OFFICIAL[rate]
+    if not os.environ.get(env):
+        pytest.skip(f"set {env} to an official checkout to compare with it")
+    sys.path.insert(0, os.environ[env])
+    import importlib
+
+    official = importlib.import_module(module).MusicDCAE
+    dcae, voc = str(folder / DCAE_FOLDER), str(folder / VOCODER_FOLDER)
+    off = (official(44100, dcae, voc) if rate == 44100 else official(rate, rate, dcae, voc)).eval()
+    ours = MusicCodec.load(folder, rate)
+    for samples in (5 * 4096 + 1000, 1024 * (1 + 4 * 9)):
+        if rate == 25600 and (samples + 3072) % 4096 >= 512:
+            continue  # the released UniVerse-1 code cannot encode this length (its DCAE needs 8 | mel frames)
+        x = tone(samples)
+        z_off = off.encode(x, sr=rate)[0]
+        w_off = torch.stack(off.decode(z_off, sr=rate)[1])[..., ours.prelude :]  # soe drops the prelude it encoded
+        assert (ours.encode(x) - z_off).abs().max() <= 5e-4 * z_off.abs().max()
+        assert (ours.decode(z_off) - w_off).abs().max() <= 5e-4 * w_off.abs().max()
