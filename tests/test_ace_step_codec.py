@@ -298,3 +298,17 @@ def test_official_parity(folder, rate):
         w_off = torch.stack(off.decode(z_off, sr=rate)[1])[..., ours.prelude :]  # soe drops the prelude it encoded
         assert (ours.encode(x) - z_off).abs().max() <= 5e-4 * z_off.abs().max()
         assert (ours.decode(z_off) - w_off).abs().max() <= 5e-4 * w_off.abs().max()
+
+
+def test_codec_folders_are_refused_across_families(folder, tmp_path):
+    """The ACE-Step v1 root given to Wan's or an Oobleck codec, and a Wan VAE given to Stable Audio's: one-line errors."""
+    from experts.codecs import OobleckAudioCodec, WanVideoCodec
+
+    with pytest.raises(CheckpointError, match="no AutoencoderKLWan folder"):
+        WanVideoCodec.load(folder, 25.0)
+    WanVideoCodec.tiny(16, 25.0).vae.save_pretrained(tmp_path / "wan" / "vae")
+    with pytest.raises(CheckpointError, match=r"vae/config.json: _class_name is 'AutoencoderKLWan', expected 'AutoencoderOobleck'"):
+        OobleckAudioCodec.load(tmp_path / "wan")
+    (tmp_path / "wan" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="cannot load AutoencoderKLWan"):
+        WanVideoCodec.load(tmp_path / "wan", 25.0)
