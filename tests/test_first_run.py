@@ -252,3 +252,19 @@ def test_training_reports_sync_before_and_after_and_stacks_the_sheets(tmp_path, 
     sheets = [Image.open(run / "samples" / f"step-{s:06d}" / "sample_00.png") for s in (0, 2)]
     both = Image.open(run / "samples" / "before_after.png")
     assert both.size == (sheets[0].size[0], sheets[0].size[1] + sheets[1].size[1])
+
+
+@pytest.mark.slow
+def test_pretrain_command_writes_both_experts_in_their_formats(tmp_path):
+    from soe import get_expert
+    from soe.train.pretrain import main as pretrain_main
+
+    result = pretrain_main([str(ROOT / "recipes" / "sync_pretrain.yaml"), "--out", str(tmp_path), "--dtype", "float16",
+                            "--eval-clips", "2", "trainer.max_steps=2", "data.num_clips=8", "data.batch_size=2"])
+    assert set(result["frechet"]) == {"video", "audio"} and 0 <= result["sync"] <= 1
+    video = get_expert("wan2.1").load(tmp_path / "video_expert")
+    assert (video.fps, video.height, video.width) == (50.0, 48, 48)  # expert options travel in soe_expert.json
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "audio_expert" / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}

@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
     p.add_argument("--eval-clips", type=int, default=32, help="held-out clips for the Frechet/AV-Align check (0: skip)")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. trainer.max_steps=100")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options before or after the key=value overrides
     from soe.console import make_console
     from soe.threads import configure_threads
 
