@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from soe.errors import CheckpointError, NonFiniteLossError
-from soe.flow import FlowObjective
+from soe.flow import FlowObjective, stream_seed
 from soe.stitcher import Stitcher
 
 
@@ -45,6 +45,8 @@ class StitchModule(L.LightningModule):
     # ---- the step ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         step = int(batch["step"][0])  # batch number from the sampler: noise is a function of data position
+        # the global RNG (LoRA dropout) too, so a resumed run draws what an uninterrupted one would
+        torch.manual_seed(stream_seed(self.objective.seed, "global", step, self.global_rank))
         inputs, targets = self.objective.noised({"a": batch["a"], "b": batch["b"]}, step=step, rank=self.global_rank)
         saved = [b.clone() for b in self.objective.buffers()] if self.on_nonfinite == "skip" else None
         pred_a, pred_b = self.stitcher(inputs["a"], inputs["b"])

@@ -59,7 +59,8 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = 
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
                            every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=-1)
-    loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard", version="")]
+    # every logged row reaches the disk at once: a killed run keeps the losses of the steps it made
+    loggers = [CSVLogger(run_dir, name="logs", flush_logs_every_n_steps=1), TensorBoardLogger(run_dir, name="tensorboard", version="")]
     progress = [RichProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True)] if console_progress else []
     try:
         return L.Trainer(
