@@ -2,7 +2,7 @@
 
 ``SoeError`` is the common base; ``soe.cli.main`` prints ``error: <message>`` and exits with the
 error's ``exit_code`` (2 for bad input: recipes, checkpoint folders, latent caches, arguments; 1 for a
-training run that stopped on a non-finite loss). Library callers catch ``SoeError`` (or the
+training run that stopped on a non-finite loss or a full disk). Library callers catch ``SoeError`` (or the
 ``ValueError``/``FloatingPointError`` each subclass also is).
 """
 from __future__ import annotations
@@ -30,6 +30,16 @@ class NonFiniteLossError(SoeError, FloatingPointError):
     """A NaN/inf training loss with ``trainer.on_nonfinite: stop``; names the modality and step."""
 
     exit_code = 1
+
+
+class DiskFullError(SoeError, OSError):
+    """No space left (or quota exceeded) while writing a checkpoint or an export; names the path.
+    The write was abandoned whole: the previous file or folder is intact."""
+
+    exit_code = 1
+
+
+DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
 
 
 def one_line(err: BaseException, limit: int = 400) -> str:
