@@ -344,6 +344,10 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
                 raise RecipeError(f"sample.{key}.{side}: expected keys 'a' and 'b' (the two experts)")
             if value is not None and not value > 0:
                 raise RecipeError(f"sample.{key}.{side}: expected a positive number, got {value}")
+    if s.out is not None:
+        for p in (Path(s.out), *Path(s.out).parents):
+            if p.exists() and not p.is_dir():
+                raise RecipeError(f"sample.out: '{p}' is a file, expected a folder for the samples ('{s.out}')")
     if check_paths:
         for key in ("ckpt", "conditions"):
             if s[key] is not None and not Path(s[key]).exists():

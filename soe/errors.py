@@ -45,4 +45,7 @@ DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
 def one_line(err: BaseException, limit: int = 400) -> str:
     """A (possibly multi-line) exception message squeezed onto one line, at most ``limit`` characters."""
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 4]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + " ..."  # never mid-word

@@ -168,6 +168,10 @@ def generate(cfg, console: Console | None = None) -> list[Path]:
     if cfg.sample.ckpt is not None:
         folder = Path(cfg.sample.ckpt)
         folder = folder / "trained" if (folder / "trained").is_dir() else folder
+        for side in ("a", "b"):  # a LoRA expert without its adapter would sample as the base expert
+            if cfg.experts[side].train == "lora" and not (folder / f"lora_{side}").is_dir():
+                raise RecipeError(f"sample.ckpt: '{folder}' has no lora_{side}/ adapter folder, but experts.{side}.train is "
+                                  f"'lora' (set experts.{side}.train=frozen to sample the base expert)")
         try:
             load_trained(stitcher, folder)
         except FileNotFoundError as err:

@@ -79,7 +79,8 @@ def _one_line_errors(path):
         raise CheckpointError(f"checkpoint '{path}' refused: it pickles more than tensors and plain containers "
                               f"({found.group(1) if found else one_line(e, 120)})") from None
     except Exception as e:  # truncated or not a checkpoint: one line naming the file
-        raise CheckpointError(f"checkpoint '{path}' cannot be read safely: {one_line(e, 300)}") from None
+        raise CheckpointError(f"checkpoint '{path}' cannot be read safely: it is truncated or not a checkpoint written by "
+                              f"soe ({one_line(e, 200)})") from None
 
 
 @contextlib.contextmanager

@@ -157,9 +157,10 @@ class SyntheticAVDataModule(_StitchDataModule):
 class PairedLatentDataModule(_StitchDataModule):
     """Reads a latent cache folder; shapes are checked against the experts at setup."""
 
-    def __init__(self, experts: dict, path, batch_size: int = 4, seed: int = 0, num_workers: int = 0):
+    def __init__(self, experts: dict, path, batch_size: int = 4, seed: int = 0, num_workers: int = 0,
+                 seconds: float | None = None):
         super().__init__(experts, batch_size, seed, num_workers)
-        self.path = path
+        self.path, self.seconds = path, seconds  # seconds: the recipe's data.seconds, which the clips must match
 
     def setup(self, stage=None):
         if self.dataset is not None:
@@ -170,6 +171,12 @@ class PairedLatentDataModule(_StitchDataModule):
             from soe.train.latent_cache import LatentCacheError
 
             raise LatentCacheError(f"latent cache '{self.path}' holds latents of experts {meta.get('experts')}, the recipe stitches {names}")
+        lengths = sorted({float(r["seconds"]) for r in rows})
+        if self.seconds is not None and all(abs(s - self.seconds) > 1e-6 for s in lengths):  # bucketed caches hold several
+            from soe.train.latent_cache import LatentCacheError
+
+            raise LatentCacheError(f"data.seconds: {self.seconds} s, but the latent cache '{self.path}' holds clips of "
+                                   f"{', '.join(f'{s:g}' for s in lengths)} s (set data.seconds to match, or encode the clips again)")
         clips = load_clips(self.path, rows)
         validate_clip_shapes(clips, rows, self.experts, self.path)
         self.dataset = ClipDataset(clips)

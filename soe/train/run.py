@@ -44,7 +44,8 @@ def build_datamodule(cfg, stitcher):
     experts, d = {"a": stitcher.a, "b": stitcher.b}, cfg.data
     if d.kind == "synthetic":
         return SyntheticAVDataModule(experts, seconds=d.seconds, num_clips=d.num_clips, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
-    return PairedLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
+    return PairedLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
+                                  seconds=d.seconds)
 
 
 def build_strategy(name: str, devices, num_nodes: int):
