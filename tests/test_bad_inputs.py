@@ -452,3 +452,27 @@ def test_experts_of_different_dtypes_in_one_stitch():
     a = {k: v.bfloat16() if v.is_floating_point() else v for k, v in a.items()}
     with pytest.raises(SoeError, match=r"experts: expert a \('wan2.1'\) is torch.bfloat16, expert b \('ace-step-1.5'\) is torch.float32"), torch.no_grad():
         st(a, b)
+
+
+def test_config_json_that_does_not_match_the_weights(expert_folders, tmp_path, capsys):
+    """Shapes from config.json differ from the weights: named, without diffusers' low_cpu_mem_usage advice."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(expert_folders / "wan2.1", folder)
+    config = next(folder.rglob("config.json"))
+    conf = json.loads(config.read_text())
+    conf["ffn_dim"] = conf["ffn_dim"] * 2
+    config.write_text(json.dumps(conf))
+    err = fails_cleanly(stitch(tmp_path / "run", f"experts.a.path={folder}"), capsys, tmp_path, f"experts.a.path: cannot load '{folder}'")
+    assert "low_cpu_mem_usage" not in err and "ignore_mismatched_sizes" not in err, err
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", None], ids=["not-json", "a-list", "missing"])
+def test_bad_adapter_config_names_the_file(trained_folder, tmp_path, text):
+    cfg, good = trained_folder
+    folder = tmp_path / "trained"
+    shutil.copytree(good, folder)
+    config = folder / "lora_a" / "adapter_config.json"
+    config.write_text(text) if text is not None else config.unlink()
+    with pytest.raises(CheckpointError) as info:
+        load_trained(_fresh(cfg), folder)
+    assert f"'{folder / 'lora_a' / 'adapter_config.json'}' is not a peft LoRA adapter config" in str(info.value), info.value
