@@ -285,7 +285,7 @@ def test_run_dir_that_is_a_file(tmp_path, capsys):
 
 # ---- issue 15: inputs that used to end in a traceback, a silent no-op or an unclear message -------------
 # Every case below: one line naming the key or file, exit status 2, nothing written or overwritten.
-# Count (issue 15): this file collects 93 cases, 44 of them from here down, trying 53 bad inputs (some cases
+# Count (issue 15): this file collects 93 cases, 44 of them from here down, making 51 bad calls (some cases
 # try one input through several commands); tests/test_run_folder.py tries 10 more (run folder in use, recipe
 # changes on resume, sampling that cannot work, a full disk). `pytest --collect-only -q tests/test_bad_inputs.py`.
 def _file(tmp_path, name="a_file.txt", text="not what was expected"):
