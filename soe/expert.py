@@ -98,6 +98,7 @@ class Expert(nn.Module):
     presets: ClassVar[dict[str, dict]] = {}  # real-size configs by name, plus "tiny"
     # Which batch keys carry text conditioning (dropped for classifier-free guidance).
     condition_keys: ClassVar[tuple[str, ...]] = ()
+    batch_contract: ClassVar[bool] = True  # batches hold latents, timestep, condition_keys (checked by soe.batch_check)
     # Timestep shift of the family's flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma)).
     flow_shift: ClassVar[float] = 1.0
     # Space of the training loss: "velocity" (plain MSE on eps - x0, Wan) or "x0" (MSE on
@@ -217,6 +218,15 @@ class Expert(nn.Module):
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
         """Shape of the clean latent for a clip of ``seconds``."""
         raise NotImplementedError
+
+    def max_seconds(self) -> float | None:
+        """Longest clip the model can position (e.g. the length of its rotary table); None = no limit."""
+        return None
+
+    def latent_multiples(self) -> dict[int, int]:
+        """``{latent axis: size it must be a multiple of}`` (the patch sizes); checked before a forward,
+        so a latent the patch embedding would silently crop is refused. Default: no constraint."""
+        return {}
 
     def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator: torch.Generator | None = None) -> Batch:
         """A random batch with every key the model needs, at this expert's shapes."""

@@ -12,9 +12,10 @@ class SampleCallback(Callback):
     once at the end, render the recipe's ``sample`` section into ``<run_dir>/samples/step-NNNNNN/``.
     With both ``at_start`` and ``at_end``, ``samples/before_after.png`` stacks the first and last sheets."""
 
-    def __init__(self, cfg, run_dir, every_n_steps: int = 0, at_end: bool = False, at_start: bool = False):
+    def __init__(self, cfg, run_dir, every_n_steps: int = 0, at_end: bool = False, at_start: bool = False,
+                 codecs: dict | None = None):
         self.cfg, self.run_dir, self.every, self.at_end, self.at_start = cfg, Path(run_dir), every_n_steps, at_end, at_start
-        self._codecs = None
+        self._codecs = codecs  # from generate.check_sampling, run before the first step
         self._last = None
         self._first_sheet = None
 
@@ -45,6 +46,9 @@ class SampleCallback(Callback):
             return
         last = self.run_dir / "samples" / f"step-{trainer.global_step:06d}" / "sample_00.png"
         if self._last != trainer.global_step:
+            save_final = getattr(trainer.checkpoint_callback, "save_final", None)  # RunCheckpoint
+            if save_final is not None:  # the trained state is on disk before sampling can fail or be interrupted
+                save_final(trainer)
             last = self._render(trainer, pl_module)
         if self._first_sheet is not None and trainer.is_global_zero and self._first_sheet != last:
             stack_images([self._first_sheet, last], self.run_dir / "samples" / "before_after.png")

@@ -19,19 +19,31 @@ import tempfile
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from soe.errors import CheckpointError, one_line
+from soe.errors import DISK_FULL_ERRNOS, CheckpointError, DiskFullError, one_line
 from soe.lora import ADAPTER
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """``after_save``: callables run with the path once a checkpoint file is complete on disk."""
+
+    def __init__(self):
+        super().__init__()
+        self.after_save: list = []
+
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
+        with _disk_full_errors(f"checkpoint '{path}'", "the previous checkpoint is intact"):
+            self._write(checkpoint, path)
+        for hook in self.after_save:
+            hook(path)
+
+    def _write(self, checkpoint, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*"):  # left by a writer killed mid-write
             stale.unlink(missing_ok=True)
@@ -68,7 +80,19 @@ def _one_line_errors(path):
         raise CheckpointError(f"checkpoint '{path}' refused: it pickles more than tensors and plain containers "
                               f"({found.group(1) if found else one_line(e, 120)})") from None
     except Exception as e:  # truncated or not a checkpoint: one line naming the file
-        raise CheckpointError(f"checkpoint '{path}' cannot be read safely: {one_line(e, 300)}") from None
+        raise CheckpointError(f"checkpoint '{path}' cannot be read safely: it is truncated or not a checkpoint written by "
+                              f"soe ({one_line(e, 200)})") from None
+
+
+@contextlib.contextmanager
+def _disk_full_errors(what: str, intact: str):
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(f"{what}: no space left on the device ({e.strerror}); nothing was half-written, "
+                                f"{intact}") from None
+        raise
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -91,21 +115,44 @@ def _full_cpu(state: dict) -> dict:
 TRAINED_INFO = "soe_trained.json"  # {"step": N}: the optimizer step the exported tensors come from
 
 
+def gather_trained(stitcher, train_modes: dict[str, str]) -> tuple:
+    """(connectors, LoRA adapters per side, fusion) as plain CPU tensors. Under a sharded strategy every
+    rank must call this (gathering is collective)."""
+    conn = _full_cpu(stitcher.connectors.state_dict())
+    adapters = {side: _full_cpu(get_peft_model_state_dict(getattr(stitcher, side).model, adapter_name=ADAPTER))
+                for side, mode in train_modes.items() if mode == "lora"}
+    fusion = _full_cpu(stitcher.fusion.state_dict()) if getattr(stitcher, "fusion", None) is not None else None
+    return conn, adapters, fusion
+
+
 def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = True, step: int | None = None) -> Path:
     """Write everything that trained into ``folder`` (atomically replaced as a whole).
 
     Under a sharded strategy every rank must call this (gathering is collective); only the rank
     with ``write=True`` writes files.
     """
+    tensors = gather_trained(stitcher, train_modes)
+    if write:
+        write_trained(stitcher, folder, train_modes, tensors, step)
+    return Path(folder)
+
+
+def write_trained(stitcher, folder, train_modes: dict[str, str], tensors: tuple, step: int | None = None) -> None:
+    """Write ``gather_trained``'s tensors into a temporary folder, then swap it in; a failure (a full
+    disk) removes the temporary folder and leaves the previous export as it was."""
     folder = Path(folder)
-    conn = _full_cpu(stitcher.connectors.state_dict())
-    adapters = {side: _full_cpu(get_peft_model_state_dict(getattr(stitcher, side).model, adapter_name=ADAPTER))
-                for side, mode in train_modes.items() if mode == "lora"}
-    fusion = _full_cpu(stitcher.fusion.state_dict()) if getattr(stitcher, "fusion", None) is not None else None
-    if not write:
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    with _disk_full_errors(f"trained folder '{folder}'", "the previous export is intact"):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            _write_trained_files(stitcher, tmp, train_modes, *tensors, step=step)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _replace_dir(tmp, folder)
+
+
+def _write_trained_files(stitcher, tmp: Path, train_modes, conn, adapters, fusion, step: int | None = None) -> None:
     save_file(conn, tmp / "connectors.safetensors")
     if step is not None:
         (tmp / TRAINED_INFO).write_text(json.dumps({"step": int(step)}))
@@ -120,8 +167,6 @@ def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = 
             save_file(adapters[side], out / "adapter_model.safetensors")
         elif mode == "full":
             expert.save(tmp / f"expert_{side}")
-    _replace_dir(tmp, folder)
-    return folder
 
 
 def load_trained(stitcher, folder) -> int | None:
@@ -161,7 +206,10 @@ def _load_trained(stitcher, folder: Path) -> None:
                 raise ValueError(f"{weights.name}: tensors the expert does not have: {result.unexpected_keys[:3]}")
         lora_dir = folder / f"lora_{side}"
         if lora_dir.is_dir():
-            config = LoraConfig.from_pretrained(lora_dir)
+            try:
+                config = LoraConfig.from_pretrained(lora_dir)
+            except Exception as e:  # missing, not JSON, not a LoRA config: name the file
+                raise ValueError(f"'{lora_dir / 'adapter_config.json'}' is not a peft LoRA adapter config ({one_line(e, 150)})") from None
             if ADAPTER not in getattr(expert.model, "peft_config", {}):
                 inject_adapter_in_model(config, expert.model, adapter_name=ADAPTER)
             result = set_peft_model_state_dict(expert.model, load_file(lora_dir / "adapter_model.safetensors"), adapter_name=ADAPTER)
@@ -178,13 +226,46 @@ def _load_trained(stitcher, folder: Path) -> None:
 
 
 class ExportTrained(Callback):
-    """After every checkpoint, export what trained to ``<run_dir>/trained`` (peft + safetensors)."""
+    """After every checkpoint, export what trained to ``<run_dir>/trained`` (peft + safetensors).
+
+    The tensors are taken when the checkpoint is (every rank: sharded ones are gathered); the
+    files are written once the checkpoint file is complete (``AtomicCheckpointIO.after_save``), so
+    ``trained/`` is never ahead of the last checkpoint, e.g. when the disk fills up.
+    """
 
     def __init__(self, folder, train_modes: dict[str, str]):
         self.folder, self.train_modes = Path(folder), train_modes
+        self._pending: tuple | None = None  # (stitcher, tensors, step) of the checkpoint being written
+
+    def attach(self, io: AtomicCheckpointIO) -> None:
+        io.after_save.append(self._write_pending)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero, step=trainer.global_step)
+        self._pending = (pl_module.stitcher, gather_trained(pl_module.stitcher, self.train_modes), trainer.global_step)
+
+    def _write_pending(self, path) -> None:
+        if self._pending is not None:
+            stitcher, tensors, step = self._pending
+            write_trained(stitcher, self.folder, self.train_modes, tensors, step)
 
     def on_train_end(self, trainer, pl_module):
-        export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero, step=trainer.global_step)
+        if trainer.checkpoint_callback is None:  # otherwise the final checkpoint exported it
+            export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero,
+                           step=trainer.global_step)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the run's final step.
+
+    Lightning's skips the final save when an earlier periodic one happened (a 45-step run saving
+    every 20 would end with ``last.ckpt`` at step 40); ``save_final`` is also called by the sampling
+    callback so the checkpoint is on disk before end-of-run sampling starts.
+    """
+
+    def save_final(self, trainer) -> None:
+        if trainer.global_step == 0 or self._should_skip_saving_checkpoint(trainer):
+            return  # nothing trained, or this step is already saved
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer, pl_module):
+        self.save_final(trainer)
