@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from experts.ace_step_v1_model import ACEStepTransformer2DModel, CrossAttnProcessor, apply_rope
+from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel, CrossAttnProcessor, apply_rope
 from soe.expert import Batch, BlockState, Expert, TokenLayout
 from soe.registry import register_expert
 
@@ -287,7 +287,7 @@ class AceStepV1Expert(Expert):
     def text_encoder(self, path, device=None, dtype=None):
         """umT5-base (``umt5-base/`` of an ACE-Step v1 checkpoint, or that folder) + ACE-Step's lyric
         vocabulary when the folder has one (``vocab.json``); see ``experts.text_encoders``."""
-        from experts.text_encoders import AceStepV1TextEncoder
+        from soe.experts.text_encoders import AceStepV1TextEncoder
 
         cfg = self.model.config
         enc = AceStepV1TextEncoder.load(path, device=device, dtype=dtype, speaker_dim=cfg.speaker_embedding_dim)

@@ -11,7 +11,7 @@ from diffusers import AceStepTransformer1DModel
 from diffusers.models.transformers import ace_step_transformer as _ace
 from torch.utils.checkpoint import checkpoint
 
-from experts._diffusers import DiffusersExpert
+from soe.experts.diffusers_expert import DiffusersExpert
 from soe.expert import Batch, BlockState, TokenLayout
 from soe.registry import register_expert
 
@@ -114,7 +114,7 @@ class AceStep15Expert(DiffusersExpert):
         return (batch_size, max(1, round(seconds * self.latent_rate)), self.model.config.audio_acoustic_hidden_dim)
 
     def codec(self, path=None, dtype=None):
-        from experts.codecs import OobleckAudioCodec
+        from soe.experts.codecs import OobleckAudioCodec
 
         if path is None:
             return OobleckAudioCodec.tiny(self.model.config.audio_acoustic_hidden_dim, self.sample_rate, self.hop_length)

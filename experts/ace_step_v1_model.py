@@ -32,7 +32,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from experts.ace_step_v1_lyric import LyricConformerEncoder
+from soe.experts.ace_step_v1_lyric import LyricConformerEncoder
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim)
 

@@ -31,7 +31,7 @@ from diffusers import StableAudioDiTModel
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch.utils.checkpoint import checkpoint
 
-from experts._diffusers import DiffusersExpert
+from soe.experts.diffusers_expert import DiffusersExpert
 from soe.expert import Batch, BlockState, TokenLayout
 from soe.registry import register_expert
 
@@ -165,7 +165,7 @@ class StableAudioExpert(DiffusersExpert):
 
     def codec(self, path=None, dtype=None):
         """The Oobleck VAE (``vae/`` of the pipeline folder); latents stay unscaled, as in StableAudioPipeline."""
-        from experts.codecs import OobleckAudioCodec
+        from soe.experts.codecs import OobleckAudioCodec
 
         if path is None:
             return OobleckAudioCodec.tiny(self.model.config.in_channels, self.sample_rate, self.hop_length, time_last=True)

@@ -10,7 +10,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch.utils.checkpoint import checkpoint
 
-from experts._diffusers import DiffusersExpert
+from soe.experts.diffusers_expert import DiffusersExpert
 from soe.expert import Batch, BlockState, TokenLayout
 from soe.registry import register_expert
 
@@ -120,7 +120,7 @@ class WanExpert(DiffusersExpert):
         return (batch_size, self.model.config.in_channels, frames, self.height // self.vae_stride[1], self.width // self.vae_stride[2])
 
     def codec(self, path=None, dtype=None):
-        from experts.codecs import WanVideoCodec
+        from soe.experts.codecs import WanVideoCodec
 
         if path is None:
             return WanVideoCodec.tiny(self.model.config.in_channels, self.fps, spatial=self.vae_stride[1])
@@ -128,7 +128,7 @@ class WanExpert(DiffusersExpert):
 
     def text_encoder(self, path, device=None, dtype=None):
         """UMT5 encoder + tokenizer of a diffusers Wan pipeline folder (``text_encoder/``, ``tokenizer/``)."""
-        from experts.text_encoders import WanTextEncoder
+        from soe.experts.text_encoders import WanTextEncoder
 
         enc = WanTextEncoder.load(path, max_length=self.text_len, device=device, dtype=dtype)
         if enc.encoder.config.d_model != self.model.config.text_dim:
