@@ -1,4 +1,7 @@
-"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``encode``.
+"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``encode``, ``convert``, ``export``.
+
+Start-up stays fast: this module imports only argparse, rich and ``soe.errors``; each subcommand
+imports what it needs (torch, diffusers, Lightning) when it runs.
 
 Bad input (recipe keys, paths, names, checkpoint folders, latent caches, arguments) prints one line
 naming the problem and exits with status 2; a run stopped by a non-finite loss
@@ -46,11 +49,11 @@ def _cmd_inspect(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     validate_recipe(cfg, check_paths=False)
-    with torch.device("meta"):  # architecture only: full-size recipes inspect in seconds
-        st = build_stitcher(cfg, device="meta", load_weights=False)
     from soe.lora import apply_training_setup
 
-    apply_training_setup(st, cfg)
+    with torch.device("meta"):  # architecture only (LoRA layers too): full-size recipes inspect in seconds
+        st = build_stitcher(cfg, device="meta", load_weights=False)
+        apply_training_setup(st, cfg)
     print_tables(stitch_tables(st), console)
     return 0
 
@@ -93,6 +96,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="soe", description="Stitching of Experts: join two pretrained diffusion transformers.")
+    p.add_argument("--version", action="version", version=f"soe {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     experts = sub.add_parser("experts", help="list registered experts; `soe experts check X` runs the contract checks")
     experts.set_defaults(func=_cmd_experts)
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                               ("stitch", _cmd_stitch, "train a stitched model from a recipe"),
                               ("generate", _cmd_generate, "sample audio+video from a stitched model: mp4 + contact sheet")):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("recipe", help="recipe YAML file")
+        sp.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe (demo, universe1, ...)")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
         sp.set_defaults(func=func)
     conv = sub.add_parser("convert", help="convert a released checkpoint to soe tensors (load with ckpt=DST)")
@@ -120,7 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--workers", type=int, default=0, help="decode processes (0: decode in this process)")
     enc.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and encode.<key>=value settings")
     enc.set_defaults(func=_cmd_encode)
+    exp = sub.add_parser("export", help="write a trained run in formats others load: diffusers / ComfyUI LoRA, or merged weights")
+    exp.add_argument("run_dir", help="run folder of `soe stitch` (with recipe.yaml and trained/)")
+    exp.add_argument("--format", required=True, choices=["diffusers", "comfyui", "merged"],
+                     help="diffusers: per-expert LoRA for load_lora_adapter / load_lora_weights; comfyui: ComfyUI key "
+                          "naming with alpha tensors; merged: experts with LoRA merged + stitch.safetensors + recipe")
+    exp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/FORMAT); must not exist or be empty")
+    exp.set_defaults(func=_cmd_export)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("soe")
+    except PackageNotFoundError:
+        return "0.0.0+unknown (not installed)"
+
+
+def _cmd_export(args) -> int:
+    from soe.export import export_run
+
+    out = export_run(args.run_dir, args.format, args.out)
+    console.print(f"wrote [bold]{out}[/]")
+    return 0
 
 
 def _cmd_convert(args) -> int:

@@ -185,11 +185,28 @@ def _oc_error(e: Exception) -> RecipeError:
     return RecipeError(f"{key}: {msg}")
 
 
-def load_recipe(path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Read a recipe YAML, apply ``key=value`` overrides and check it against the schema."""
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes installed with soe (package data ``soe/recipes``), by name: ``{"demo": .../demo.yaml}``."""
+    import soe.recipes
+
+    return {p.stem: p for p in sorted(Path(soe.recipes.__file__).parent.glob("*.yaml"))}
+
+
+def find_recipe(path) -> Path:
+    """``path`` itself when it is a file, else a shipped recipe named ``path`` (``demo`` or ``demo.yaml``)."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe: file not found: '{path}'")
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if path.parent == Path(".") and path.name.removesuffix(".yaml") in shipped:
+        return shipped[path.name.removesuffix(".yaml")]
+    raise RecipeError(f"recipe: file not found: '{path}' (shipped recipes by name: {', '.join(shipped)})")
+
+
+def load_recipe(path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Read a recipe YAML (a file, or a shipped recipe by name), apply ``key=value`` overrides and
+    check it against the schema."""
+    path = find_recipe(path)
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # YAML syntax errors

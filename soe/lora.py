@@ -48,7 +48,8 @@ def add_lora(expert: Expert, spec: LoraSpec, where: str = "lora") -> list[str]:
     """Inject a peft LoRA adapter into ``expert.model``; only the adapter weights train."""
     targets = match_modules(expert.model, spec.targets or expert.lora_targets, f"{where}.targets")
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
-    inject_adapter_in_model(config, expert.model, adapter_name=ADAPTER)
+    on_meta = any(p.is_meta for p in expert.model.parameters())  # `soe inspect`: shapes only, no init
+    inject_adapter_in_model(config, expert.model, adapter_name=ADAPTER, low_cpu_mem_usage=on_meta)
     for name, p in expert.model.named_parameters():
         p.requires_grad_(f"lora_" in name and f".{ADAPTER}." in name + ".")
     return targets
