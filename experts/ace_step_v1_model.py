@@ -27,6 +27,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.normalization import RMSNorm
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -257,7 +258,7 @@ def cross_norm(hidden_states: torch.Tensor, control: torch.Tensor) -> torch.Tens
 
 
 # ---- the model --------------------------------------------------------------------------------------
-class ACEStepTransformer2DModel(ModelMixin, ConfigMixin):
+class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):  # PeftAdapterMixin: load_lora_adapter, as the official model
     _supports_gradient_checkpointing = True
 
     @register_to_config

@@ -75,6 +75,9 @@ def _cmd_generate(args) -> int:
     # short forms: `ckpt=RUN prompt="..." seconds=5 seed=0 steps=30 out=DIR` mean sample.<key>
     overrides = [f"sample.{o}" if o.split("=", 1)[0] in SAMPLE_SHORT_KEYS else o for o in args.overrides]
     cfg = load_recipe(args.recipe, overrides)
+    from soe.export import resolve_merged_ckpt
+
+    resolve_merged_ckpt(cfg)  # ckpt=FOLDER of `soe export --format merged`: experts from its folders
     validate_recipe(cfg)
     generate(cfg, console=console)
     return 0

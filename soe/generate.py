@@ -142,7 +142,10 @@ def generate(cfg, console: Console | None = None) -> list[Path]:
     from soe.builders import build_stitcher
     from soe.train.checkpoint import load_trained
 
+    from soe.export import resolve_merged_ckpt
+
     console = console or Console()
+    resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
     torch.manual_seed(cfg.seed)
     stitcher = build_stitcher(cfg)
     if cfg.sample.ckpt is not None:
