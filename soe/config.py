@@ -30,6 +30,7 @@ class LoraConfig:
     alpha: float = 8.0
     dropout: float = 0.0
     targets: Optional[List[str]] = None  # regexes over module names; null = the plugin's lora_targets
+    init_from: Optional[str] = None  # start from a LoRA file/folder (diffusers, peft or ComfyUI); its r, alpha, targets win
 
 
 @dataclass
@@ -265,6 +266,8 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
                 raise RecipeError(f"{key}.lora.r: expected a positive rank, got {e.lora.r}")
             if not 0 <= e.lora.dropout < 1:
                 raise RecipeError(f"{key}.lora.dropout: expected a value in [0, 1), got {e.lora.dropout}")
+            if check_paths and e.lora.init_from is not None and not Path(e.lora.init_from).exists():
+                raise RecipeError(f"{key}.lora.init_from: LoRA file or folder not found: '{e.lora.init_from}'")
         if e.flow_shift is not None and e.flow_shift <= 0:
             raise RecipeError(f"{key}.flow_shift: expected a positive shift, got {e.flow_shift}")
         if e.loss_weight < 0:

@@ -4,8 +4,8 @@
   config (rank, alpha, targets) in the safetensors header, loadable with the family's standard call:
   Wan / ACE-Step 1.5 through the pipeline mixin's ``save_lora_weights`` (``transformer.`` keys;
   ``pipe.load_lora_weights(dir)`` or ``transformer.load_lora_adapter(dir)``); ACE-Step v1 as its own
-  trainer writes it (``pytorch_lora_weights.safetensors``, bare keys; its pipeline loads it with
-  ``prefix=None``); families without a diffusers LoRA loader (Stable Audio) in peft's format
+  trainer writes it (``pytorch_lora_weights.safetensors``, bare keys; its pipeline loads the file
+  with ``prefix=None`` and no header metadata, so ``alpha / rank`` is folded into ``lora_B``); families without a diffusers LoRA loader (Stable Audio) in peft's format
   (``PeftModel.from_pretrained(transformer, dir)``).
 * ``comfyui``: ``diffusion_model.<original module name>.lora_down/lora_up.weight`` + ``.alpha``.
 * ``merged``: each expert with its LoRA merged (peft's ``merge``) in the family's official format,
@@ -90,9 +90,11 @@ def save_diffusers_lora(weights: LoraWeights, expert_name: str, folder: Path) ->
     if expert_name in DIFFUSERS_LORA_MIXINS:
         mixin = getattr(lora_pipeline, DIFFUSERS_LORA_MIXINS[expert_name])
         mixin.save_lora_weights(folder, transformer_lora_layers=weights.tensors, transformer_lora_adapter_metadata=meta)
-        return {"file": DIFFUSERS_FILE, "load": f"pipe.load_lora_weights(dir) or transformer.load_lora_adapter(dir)  "
-                                               f"(diffusers {mixin.__name__})"}
-    if expert_name in BARE_KEY_FAMILIES:
+        return {"file": DIFFUSERS_FILE, "load": f"pipe.load_lora_weights(dir) (diffusers {mixin.__name__}) or "
+                                               f"transformer.load_lora_adapter(dir, weight_name='{DIFFUSERS_FILE}')"}
+    if expert_name in BARE_KEY_FAMILIES:  # its pipeline ignores the header: carry alpha in the weights
+        weights = weights.with_alpha_equal_rank()
+        meta = _metadata(weights)
         LoraBaseMixin.write_lora_layers(state_dict=weights.tensors, save_directory=str(folder), is_main_process=True,
                                         weight_name=DIFFUSERS_FILE, save_function=None, safe_serialization=True,
                                         lora_adapter_metadata=meta)
@@ -157,6 +159,7 @@ def export_merged(cfg, trained: Path, out: Path) -> None:
     from soe.builders import build_stitcher
     from soe.train.checkpoint import load_trained
 
+    torch.manual_seed(cfg.seed)  # preset (random-weight) experts come out as in training and `soe generate`
     st = build_stitcher(cfg)
     load_trained(st, trained)
     for side in ("a", "b"):

@@ -105,6 +105,16 @@ class LoraWeights:
     def modules(self) -> list[str]:
         return sorted(self.ranks)
 
+    def with_alpha_equal_rank(self) -> "LoraWeights":
+        """The same adapter with each module's ``alpha / rank`` folded into ``lora_B`` (alpha = rank):
+        for loaders that read no alpha (ACE-Step v1's pipeline reads the file without its metadata)."""
+        tensors = dict(self.tensors)
+        for m, r in self.ranks.items():
+            if self.alphas[m] != r:
+                b = tensors[f"{m}.lora_B.weight"]
+                tensors[f"{m}.lora_B.weight"] = (b.double() * (self.alphas[m] / r)).to(b.dtype)
+        return LoraWeights(tensors, dict(self.ranks), {m: float(r) for m, r in self.ranks.items()})
+
     def peft_config(self, dropout: float = 0.0):
         """A peft ``LoraConfig`` that reproduces these ranks and alphas (patterns where modules differ)."""
         from peft import LoraConfig
