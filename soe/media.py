@@ -88,6 +88,9 @@ def write_mp4(path, video: torch.Tensor, fps: float, audio: torch.Tensor | None 
 
 def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sample_rate: int, columns: int = 8) -> Path:
     """Frames over time above the waveform and spectrogram, all on one time axis (judge sync at a glance)."""
+    from soe.extras import require
+
+    require("matplotlib", "contact sheets (PNG)")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -32,6 +32,11 @@ def read_run_metrics(run_dir) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_losses(run_dir, out_png) -> Path | None:
+    """``loss_curves.png``; None when nothing was logged or matplotlib (``soe[plots]``) is not installed."""
+    from soe.extras import has
+
+    if not has("matplotlib"):
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

@@ -14,6 +14,7 @@ from rich.console import Console
 from soe.builders import build_stitcher
 from soe.config import RecipeError, load_recipe, to_container, validate_recipe
 from soe.errors import one_line
+from soe.extras import has as has_extra, missing_message
 from soe.flow import FlowObjective
 from soe.lora import apply_training_setup
 from soe.report import print_tables, stitch_tables
@@ -59,7 +60,9 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = 
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
                            every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=-1)
-    loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard", version="")]
+    loggers = [CSVLogger(run_dir, name="logs")]
+    if has_extra("tensorboard"):
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
     progress = [RichProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True)] if console_progress else []
     try:
         return L.Trainer(
@@ -139,6 +142,9 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     result = {"run_dir": run_dir, "module": module, "trainer": trainer}
     if trainer.is_global_zero:
         png = plot_losses(run_dir, run_dir / "loss_curves.png")
+        for module, feature in (("tensorboard", "TensorBoard logs"), ("matplotlib", "loss_curves.png")):
+            if not has_extra(module):
+                console.print(f"[yellow]note[/]: {missing_message(module, feature)}")
         console.print(f"[green]done[/]: {trainer.global_step} steps; run folder [bold]{run_dir}[/] "
                       f"(checkpoints/, trained/, logs/, {png.name if png else 'no plot'})")
     return result
