@@ -25,7 +25,7 @@ def _cmd_experts(args) -> int:
     from soe.registry import get_expert, list_experts
     from soe.report import experts_table
 
-    console.print(experts_table([get_expert(n) for n in list_experts()]))
+    console.print(experts_table([get_expert(n) for n in list_experts()], details=args.details))
     return 0
 
 
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"soe {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     experts = sub.add_parser("experts", help="list registered experts; `soe experts check X` runs the contract checks")
+    experts.add_argument("--details", action="store_true", help="also blocks, width and tokens/s of each real-size preset (builds on meta; slower)")
     experts.set_defaults(func=_cmd_experts)
     check = experts.add_subparsers(dest="experts_command").add_parser("check", help="run the expert contract checks (soe.testing)")
     check.add_argument("expert", help="a registered name (wan2.1) or module:Class of a plugin")
