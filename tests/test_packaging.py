@@ -55,3 +55,20 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):
         contact_sheet(tmp_path / "x.png", torch.zeros(3, 2, 8, 8), 4.0, torch.zeros(1, 800), 800)
     assert str(info.value) == "contact sheets (PNG): not available without matplotlib (pip install 'soe[plots]')"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_listing_experts_imports_no_model_library(capsys):
+    code = ("import sys, contextlib, io\nfrom soe.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    assert main(['experts']) == 0\n"
+            "print(sorted(m for m in ('diffusers', 'timm', 'peft', 'transformers', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert main(["experts", "--details"]) == 0  # depth, width, tokens/s of each real-size preset (built on meta)
+    from rich.console import Console
+
+    from soe.report import experts_table
+
+    console = Console(width=200, record=True)
+    console.print(experts_table([soe.get_expert("wan2.1")], details=True))
+    row = next(line for line in console.export_text().splitlines() if "wan2.1" in line)
+    assert [c.strip() for c in row.split("│")[1:6]] == ["wan2.1", "video", "30", "1536", "6.25"]  # 1.3B at 25 fps
