@@ -99,7 +99,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="soe", description="Stitching of Experts: join two pretrained diffusion transformers.")
-    p.add_argument("--version", action="version", version=f"soe {_version()}")
+    p.add_argument("--version", action=_VersionAction, help="print soe's version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     experts = sub.add_parser("experts", help="list registered experts; `soe experts check X` runs the contract checks")
     experts.add_argument("--details", action="store_true", help="also blocks, width and tokens/s of each real-size preset (builds on meta; slower)")
@@ -136,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/FORMAT); must not exist or be empty")
     exp.set_defaults(func=_cmd_export)
     return p
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, reading the package metadata only when asked (start-up stays lean)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"soe {_version()}")
+        parser.exit()
 
 
 def _version() -> str:
