@@ -16,6 +16,8 @@ One token per latent frame: the 16x1 patch covers the whole 16-high latent, so t
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 from pathlib import Path
 
@@ -24,9 +26,11 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from experts.ace_step_v1_model import ACEStepTransformer2DModel, CrossAttnProcessor, apply_rope
 from soe.expert import Batch, BlockState, Expert, TokenLayout
 from soe.registry import register_expert
+
+if TYPE_CHECKING:  # the model module imports diffusers: loaded where a model is built or run
+    from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
 
 SUBFOLDER = "ace_step_transformer"  # the transformer's folder inside an ACE-Step v1 checkpoint
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -87,7 +91,7 @@ _BLOCK_KWARGS = (
 class AceStepV1Expert(Expert):
     name = "ace-step"
     modality = "audio"
-    source = "experts.ACEStepTransformer2DModel"  # soe's own, official checkpoint names
+    source = "soe.experts.ACEStepTransformer2DModel"  # soe's own, official checkpoint names
     presets = {"3.5b": ACE_STEP_V1_3_5B, "tiny": TINY}
     flow_shift = 3.0
     flow_loss = "x0"  # ACE-Step v1 trains on x0_pred = x_t - sigma * v
@@ -112,6 +116,8 @@ class AceStepV1Expert(Expert):
         config = dict(config)
         config_rate = config.pop("sample_rate", 44100)  # an expert setting, not a model config key
         sample_rate = sample_rate or config_rate
+        from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
+
         with torch.device(device or "cpu"):  # build in place: the 3.5B model never exists twice
             model = ACEStepTransformer2DModel(**config)
         if dtype is not None:
@@ -137,6 +143,8 @@ class AceStepV1Expert(Expert):
 
         ``dtype=None`` keeps the dtype stored in the checkpoint.
         """
+        from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
+
         folder = cls._transformer_folder(path)
         config = ACEStepTransformer2DModel.load_config(folder)
         with torch.device("meta"):  # no random init of 3.5B weights that are overwritten anyway
@@ -229,6 +237,8 @@ class AceStepV1Expert(Expert):
         names = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_attention_mask",
                  "rotary_freqs_cis", "rotary_freqs_cis_cross")
         call = {**dict(zip(names, args)), **kwargs}
+        from soe.experts.ace_step_v1_model import CrossAttnProcessor, apply_rope
+
         if not isinstance(attn.processor.inner if hasattr(attn.processor, "inner") else attn.processor, CrossAttnProcessor):
             raise NotImplementedError("ace-step: attention_kv targets the softmax 'cross_attn' only (self-attention is linear)")
         x, ctx = call["hidden_states"], call["encoder_hidden_states"]
@@ -285,7 +295,7 @@ class AceStepV1Expert(Expert):
         root holding ``music_dcae_f8c8/`` and ``music_vocoder/``, at this expert's sample rate (44.1 kHz,
         or UniVerse-1's 25.6 kHz). ``path=None``: a tiny linear per-frame codec of the same latent shape."""
         if path is not None:
-            from experts.ace_step_v1_codec import MusicCodec
+            from soe.experts.ace_step_v1_codec import MusicCodec
 
             codec = MusicCodec.load(path, sample_rate=self.sample_rate, dtype=dtype)
             self._check_codec(codec, path)
@@ -307,7 +317,7 @@ class AceStepV1Expert(Expert):
     def text_encoder(self, path, device=None, dtype=None):
         """umT5-base (``umt5-base/`` of an ACE-Step v1 checkpoint, or that folder) + ACE-Step's lyric
         vocabulary when the folder has one (``vocab.json``); see ``experts.text_encoders``."""
-        from experts.text_encoders import AceStepV1TextEncoder
+        from soe.experts.text_encoders import AceStepV1TextEncoder
 
         cfg = self.model.config
         enc = AceStepV1TextEncoder.load(path, device=device, dtype=dtype, speaker_dim=cfg.speaker_embedding_dim)

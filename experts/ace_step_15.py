@@ -6,21 +6,23 @@ patchified by 2, so 12.5 tokens per second, one token per time step.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AceStepTransformer1DModel
-from diffusers.models.transformers import ace_step_transformer as _ace
 from torch.utils.checkpoint import checkpoint
 
-from experts._diffusers import DiffusersExpert
+from soe.experts.diffusers_expert import DiffusersExpert
 from soe.expert import Batch, BlockState, TokenLayout
 from soe.registry import register_expert
+
+if TYPE_CHECKING:
+    from diffusers import AceStepTransformer1DModel
 
 EXPERT_KEYS = ("sample_rate", "hop_length", "text_len")
 
 
 @register_expert
 class AceStep15Expert(DiffusersExpert):
-    model_class = AceStepTransformer1DModel
     expert_keys = EXPERT_KEYS
     name = "ace-step-1.5"
     modality = "audio"
@@ -35,6 +37,12 @@ class AceStep15Expert(DiffusersExpert):
         "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
                      head_dim=16, in_channels=12, audio_acoustic_hidden_dim=4, patch_size=2, sliding_window=4, text_len=8),
     }
+
+    @classmethod
+    def model_cls(cls):
+        from diffusers import AceStepTransformer1DModel  # here, not at import: listing experts imports no diffusers model
+
+        return AceStepTransformer1DModel
 
     def __init__(self, model: AceStepTransformer1DModel, sample_rate: int = 48000, hop_length: int = 1920, text_len: int = 64):
         super().__init__(model)
@@ -69,6 +77,8 @@ class AceStep15Expert(DiffusersExpert):
             h = torch.nn.functional.pad(h, (0, 0, 0, m.patch_size - h.shape[1] % m.patch_size))
         h = m.proj_in_conv(h.transpose(1, 2)).transpose(1, 2)  # (B, N, D)
         text = m.condition_embedder(batch["encoder_hidden_states"])  # (B, L, D)
+        from diffusers.models.transformers import ace_step_transformer as _ace
+
         cos_sin = _ace._ace_step_rotary_freqs(h.shape[1], m.head_dim, m.rope_theta, h.device, h.dtype)
         mask = None
         if not _ace._is_flash_attention_backend(m.layers[0].self_attn.processor):
@@ -114,7 +124,7 @@ class AceStep15Expert(DiffusersExpert):
         return (batch_size, max(1, round(seconds * self.latent_rate)), self.model.config.audio_acoustic_hidden_dim)
 
     def codec(self, path=None, dtype=None):
-        from experts.codecs import OobleckAudioCodec
+        from soe.experts.codecs import OobleckAudioCodec
 
         if path is None:
             return OobleckAudioCodec.tiny(self.model.config.audio_acoustic_hidden_dim, self.sample_rate, self.hop_length)

@@ -27,12 +27,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.normalization import RMSNorm
 from diffusers.utils import BaseOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from experts.ace_step_v1_lyric import LyricConformerEncoder
+from soe.experts.ace_step_v1_lyric import LyricConformerEncoder
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim)
 
@@ -257,7 +258,7 @@ def cross_norm(hidden_states: torch.Tensor, control: torch.Tensor) -> torch.Tens
 
 
 # ---- the model --------------------------------------------------------------------------------------
-class ACEStepTransformer2DModel(ModelMixin, ConfigMixin):
+class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):  # PeftAdapterMixin: load_lora_adapter, as the official model
     _supports_gradient_checkpointing = True
 
     @register_to_config

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from experts.ace_step_v1_mel import LogMelSpectrogram
+from soe.experts.ace_step_v1_mel import LogMelSpectrogram
 from soe.errors import CheckpointError
 
 CLASS_NAME = "ADaMoSHiFiGANV1"  # ``_class_name`` in the checkpoint's config.json

@@ -24,16 +24,19 @@ model therefore sees exactly its own inputs, and ``forward`` returns a rectified
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 
 import torch
-from diffusers import StableAudioDiTModel
-from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from torch.utils.checkpoint import checkpoint
 
-from experts._diffusers import DiffusersExpert
+from soe.experts.diffusers_expert import DiffusersExpert
 from soe.expert import Batch, BlockState, TokenLayout
 from soe.registry import register_expert
+
+if TYPE_CHECKING:
+    from diffusers import StableAudioDiTModel
 
 EXPERT_KEYS = ("sample_rate", "hop_length", "text_len")
 GLOBAL_TOKENS = 1  # the model prepends one global token to the audio tokens
@@ -46,7 +49,6 @@ STABLE_AUDIO_OPEN_1_0 = dict(sample_size=1024, in_channels=64, num_layers=24, at
 
 @register_expert
 class StableAudioExpert(DiffusersExpert):
-    model_class = StableAudioDiTModel
     expert_keys = EXPERT_KEYS
     name = "stable-audio-open"
     modality = "audio"
@@ -62,6 +64,12 @@ class StableAudioExpert(DiffusersExpert):
                      num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=32, time_proj_dim=32,
                      global_states_input_dim=24, cross_attention_input_dim=16, text_len=6),
     }
+
+    @classmethod
+    def model_cls(cls):
+        from diffusers import StableAudioDiTModel  # here, not at import: listing experts imports no diffusers model
+
+        return StableAudioDiTModel
 
     def __init__(self, model: StableAudioDiTModel, sample_rate: int = 44100, hop_length: int = 2048, text_len: int = 128):
         super().__init__(model)
@@ -121,6 +129,8 @@ class StableAudioExpert(DiffusersExpert):
 
     def _rotary(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         # What StableAudioPipeline builds: rotary on half of each head, over the global + audio tokens.
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
         cos, sin = get_1d_rotary_pos_embed(self.model.config.attention_head_dim // 2, length, use_real=True,
                                            repeat_interleave_real=False)
         return cos.to(device), sin.to(device)
@@ -165,7 +175,7 @@ class StableAudioExpert(DiffusersExpert):
 
     def codec(self, path=None, dtype=None):
         """The Oobleck VAE (``vae/`` of the pipeline folder); latents stay unscaled, as in StableAudioPipeline."""
-        from experts.codecs import OobleckAudioCodec
+        from soe.experts.codecs import OobleckAudioCodec
 
         if path is None:
             return OobleckAudioCodec.tiny(self.model.config.in_channels, self.sample_rate, self.hop_length, time_last=True)

@@ -6,13 +6,17 @@ frames per second; Wan's own default is 16 fps (pass ``fps=16``).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import WanTransformer3DModel
 from torch.utils.checkpoint import checkpoint
 
-from experts._diffusers import DiffusersExpert
+from soe.experts.diffusers_expert import DiffusersExpert
 from soe.expert import Batch, BlockState, TokenLayout
 from soe.registry import register_expert
+
+if TYPE_CHECKING:
+    from diffusers import WanTransformer3DModel
 
 _WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
                    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
@@ -21,7 +25,6 @@ EXPERT_KEYS = ("fps", "height", "width", "text_len")  # expert options that are 
 
 @register_expert
 class WanExpert(DiffusersExpert):
-    model_class = WanTransformer3DModel
     expert_keys = EXPERT_KEYS
     name = "wan2.1"
     modality = "video"
@@ -40,6 +43,12 @@ class WanExpert(DiffusersExpert):
         "tiny": dict(_WAN_COMMON, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=4,
                      in_channels=4, out_channels=4, text_dim=32, freq_dim=32, height=64, width=64, text_len=8),
     }
+
+    @classmethod
+    def model_cls(cls):
+        from diffusers import WanTransformer3DModel  # here, not at import: listing experts imports no diffusers model
+
+        return WanTransformer3DModel
 
     def __init__(self, model: WanTransformer3DModel, fps: float = 25.0, height: int = 480, width: int = 832, text_len: int = 512):
         super().__init__(model)
@@ -128,7 +137,7 @@ class WanExpert(DiffusersExpert):
         return (batch_size, self.model.config.in_channels, frames, self.height // self.vae_stride[1], self.width // self.vae_stride[2])
 
     def codec(self, path=None, dtype=None):
-        from experts.codecs import WanVideoCodec
+        from soe.experts.codecs import WanVideoCodec
 
         if path is None:
             return WanVideoCodec.tiny(self.model.config.in_channels, self.fps, spatial=self.vae_stride[1])
@@ -136,7 +145,7 @@ class WanExpert(DiffusersExpert):
 
     def text_encoder(self, path, device=None, dtype=None):
         """UMT5 encoder + tokenizer of a diffusers Wan pipeline folder (``text_encoder/``, ``tokenizer/``)."""
-        from experts.text_encoders import WanTextEncoder
+        from soe.experts.text_encoders import WanTextEncoder
 
         enc = WanTextEncoder.load(path, max_length=self.text_len, device=device, dtype=dtype)
         if enc.encoder.config.d_model != self.model.config.text_dim:

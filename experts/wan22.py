@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from experts.wan import _WAN_COMMON, WanExpert
+from soe.experts.wan import _WAN_COMMON, WanExpert
 from soe.expert import Batch, BlockState
 from soe.registry import register_expert
 

@@ -1,4 +1,7 @@
-"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``encode``.
+"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``encode``, ``convert``, ``export``.
+
+Start-up stays fast: this module imports only argparse, rich and ``soe.errors``; each subcommand
+imports what it needs (torch, diffusers, Lightning) when it runs.
 
 Bad input (recipe keys, paths, names, checkpoint folders, latent caches, arguments) prints one line
 naming the problem and exits with status 2; a run stopped by a non-finite loss
@@ -22,7 +25,7 @@ def _cmd_experts(args) -> int:
     from soe.registry import get_expert, list_experts
     from soe.report import experts_table
 
-    console.print(experts_table([get_expert(n) for n in list_experts()]))
+    console.print(experts_table([get_expert(n) for n in list_experts()], details=args.details))
     return 0
 
 
@@ -46,11 +49,11 @@ def _cmd_inspect(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     validate_recipe(cfg, check_paths=False)
-    with torch.device("meta"):  # architecture only: full-size recipes inspect in seconds
-        st = build_stitcher(cfg, device="meta", load_weights=False)
     from soe.lora import apply_training_setup
 
-    apply_training_setup(st, cfg)
+    with torch.device("meta"):  # architecture only (LoRA layers too): full-size recipes inspect in seconds
+        st = build_stitcher(cfg, device="meta", load_weights=False)
+        apply_training_setup(st, cfg)
     print_tables(stitch_tables(st), console)
     return 0
 
@@ -76,6 +79,9 @@ def _cmd_generate(args) -> int:
     # the prompt is taken literally (soe.config.LITERAL_KEYS): any text, `prompt=` for an empty one
     overrides = [f"sample.{o}" if o.split("=", 1)[0] in SAMPLE_SHORT_KEYS else o for o in args.overrides]
     cfg = load_recipe(args.recipe, overrides)
+    from soe.export import resolve_merged_ckpt
+
+    resolve_merged_ckpt(cfg)  # ckpt=FOLDER of `soe export --format merged`: experts from its folders
     validate_recipe(cfg)
     generate(cfg, console=console, err_console=err_console)
     return 0
@@ -97,8 +103,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="soe", description="Stitching of Experts: join two pretrained diffusion transformers.")
+    p.add_argument("--version", action=_VersionAction, help="print soe's version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     experts = sub.add_parser("experts", help="list registered experts; `soe experts check X` runs the contract checks")
+    experts.add_argument("--details", action="store_true", help="also blocks, width and tokens/s of each real-size preset (builds on meta; slower)")
     experts.set_defaults(func=_cmd_experts)
     check = experts.add_subparsers(dest="experts_command").add_parser("check", help="run the expert contract checks (soe.testing)")
     check.add_argument("expert", help="a registered name (wan2.1) or module:Class of a plugin")
@@ -109,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                               ("stitch", _cmd_stitch, "train a stitched model from a recipe"),
                               ("generate", _cmd_generate, "sample audio+video from a stitched model: mp4 + contact sheet")):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("recipe", help="recipe YAML file")
+        sp.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe (demo, universe1, ...)")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
         sp.set_defaults(func=func)
         if name == "stitch":
@@ -127,7 +135,42 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--workers", type=int, default=0, help="decode processes (0: decode in this process)")
     enc.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and encode.<key>=value settings")
     enc.set_defaults(func=_cmd_encode)
+    exp = sub.add_parser("export", help="write a trained run in formats others load: diffusers / ComfyUI LoRA, or merged weights")
+    exp.add_argument("run_dir", help="run folder of `soe stitch` (with recipe.yaml and trained/)")
+    exp.add_argument("--format", required=True, choices=["diffusers", "comfyui", "merged"],
+                     help="diffusers: per-expert LoRA for load_lora_adapter / load_lora_weights; comfyui: ComfyUI key "
+                          "naming with alpha tensors; merged: experts with LoRA merged + stitch.safetensors + recipe")
+    exp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/FORMAT); must not exist or be empty")
+    exp.set_defaults(func=_cmd_export)
     return p
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, reading the package metadata only when asked (start-up stays lean)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"soe {_version()}")
+        parser.exit()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("soe")
+    except PackageNotFoundError:
+        return "0.0.0+unknown (not installed)"
+
+
+def _cmd_export(args) -> int:
+    from soe.export import export_run
+
+    out = export_run(args.run_dir, args.format, args.out)
+    console.print(f"wrote [bold]{out}[/]")
+    return 0
 
 
 def _cmd_convert(args) -> int:

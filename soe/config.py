@@ -32,6 +32,7 @@ class LoraConfig:
     alpha: float = 8.0
     dropout: float = 0.0
     targets: Optional[List[str]] = None  # regexes over module names; null = the plugin's lora_targets
+    init_from: Optional[str] = None  # start from a LoRA file/folder (diffusers, peft or ComfyUI); its r, alpha, targets win
 
 
 @dataclass
@@ -190,11 +191,28 @@ def _oc_error(e: Exception) -> RecipeError:
     return RecipeError(f"{key}: {msg}")
 
 
-def load_recipe(path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Read a recipe YAML, apply ``key=value`` overrides and check it against the schema."""
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes installed with soe (package data ``soe/recipes``), by name: ``{"demo": .../demo.yaml}``."""
+    import soe.recipes
+
+    return {p.stem: p for p in sorted(Path(soe.recipes.__file__).parent.glob("*.yaml"))}
+
+
+def find_recipe(path) -> Path:
+    """``path`` itself when it is a file, else a shipped recipe named ``path`` (``demo`` or ``demo.yaml``)."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe: file not found: '{path}'")
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if path.parent == Path(".") and path.name.removesuffix(".yaml") in shipped:
+        return shipped[path.name.removesuffix(".yaml")]
+    raise RecipeError(f"recipe: file not found: '{path}' (shipped recipes by name: {', '.join(shipped)})")
+
+
+def load_recipe(path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Read a recipe YAML (a file, or a shipped recipe by name), apply ``key=value`` overrides and
+    check it against the schema."""
+    path = find_recipe(path)
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # YAML syntax errors, or a document that is a single scalar
@@ -285,6 +303,8 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
                 raise RecipeError(f"{key}.lora.alpha: expected a positive scale, got {e.lora.alpha} (alpha 0 makes the LoRA a no-op)")
             if not 0 <= e.lora.dropout < 1:
                 raise RecipeError(f"{key}.lora.dropout: expected a value in [0, 1), got {e.lora.dropout}")
+            if check_paths and e.lora.init_from is not None and not Path(e.lora.init_from).exists():
+                raise RecipeError(f"{key}.lora.init_from: LoRA file or folder not found: '{e.lora.init_from}'")
         if e.flow_shift is not None and e.flow_shift <= 0:
             raise RecipeError(f"{key}.flow_shift: expected a positive shift, got {e.flow_shift}")
         if e.loss_weight < 0:

@@ -208,8 +208,11 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
     from soe.builders import build_stitcher
     from soe.train.checkpoint import load_trained
 
+    from soe.export import resolve_merged_ckpt
+
     console = console or Console()
     err_console = err_console or Console(stderr=True)
+    resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
     torch.manual_seed(cfg.seed)
     stitcher = build_stitcher(cfg)
     step, trained = None, None

@@ -25,6 +25,7 @@ class LoraSpec:
     alpha: float = 8.0
     dropout: float = 0.0
     targets: tuple[str, ...] | None = None
+    init_from: str | None = None  # a LoRA file or folder (diffusers, peft or ComfyUI) to start from
 
 
 def match_modules(model: nn.Module, patterns, where: str = "lora.targets") -> list[str]:
@@ -45,13 +46,52 @@ def match_modules(model: nn.Module, patterns, where: str = "lora.targets") -> li
 
 
 def add_lora(expert: Expert, spec: LoraSpec, where: str = "lora") -> list[str]:
-    """Inject a peft LoRA adapter into ``expert.model``; only the adapter weights train."""
+    """Inject a peft LoRA adapter into ``expert.model``; only the adapter weights train.
+
+    With ``spec.init_from`` the adapter is the one in that file (its modules, ranks and alphas) and
+    starts from its weights, e.g. a community Wan LoRA in diffusers or ComfyUI format."""
+    on_meta = any(p.is_meta for p in expert.model.parameters())  # `soe inspect`: shapes only, no init
+    if spec.init_from is not None:
+        return _add_lora_from_file(expert, spec, where, on_meta)
     targets = match_modules(expert.model, spec.targets or expert.lora_targets, f"{where}.targets")
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
-    inject_adapter_in_model(config, expert.model, adapter_name=ADAPTER)
-    for name, p in expert.model.named_parameters():
-        p.requires_grad_(f"lora_" in name and f".{ADAPTER}." in name + ".")
+    inject_adapter_in_model(config, expert.model, adapter_name=ADAPTER, low_cpu_mem_usage=on_meta)
+    _train_only_lora(expert)
     return targets
+
+
+def _add_lora_from_file(expert: Expert, spec: LoraSpec, where: str, on_meta: bool) -> list[str]:
+    from peft import set_peft_model_state_dict
+
+    from soe.lora_formats import COMFYUI_NAMES, LoraFileError, read_lora
+
+    key = f"{where}.init_from"
+    try:
+        weights = read_lora(spec.init_from, COMFYUI_NAMES.get(expert.name))
+    except LoraFileError as e:
+        raise RecipeError(f"{key}: {e}") from None
+    layers = dict(expert.model.named_modules())
+    unknown = [m for m in weights.modules if not isinstance(layers.get(m), _LORA_LAYERS)]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(layers), n=3, cutoff=0.3)
+        raise RecipeError(f"{key}: '{spec.init_from}' adapts module '{unknown[0]}' that expert '{expert.name}' does not have "
+                          f"({len(unknown)} such); close candidates: {close}")
+    inject_adapter_in_model(weights.peft_config(spec.dropout), expert.model, adapter_name=ADAPTER, low_cpu_mem_usage=on_meta)
+    if not on_meta:
+        try:
+            result = set_peft_model_state_dict(expert.model, weights.tensors, adapter_name=ADAPTER)
+        except RuntimeError as e:  # shape mismatch: a LoRA of another model size
+            raise RecipeError(f"{key}: '{spec.init_from}' does not fit expert '{expert.name}': {' '.join(str(e).split())[:300]}") from None
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing or getattr(result, "unexpected_keys", []):
+            raise RecipeError(f"{key}: '{spec.init_from}' leaves LoRA tensors unloaded: {(missing or result.unexpected_keys)[:3]}")
+    _train_only_lora(expert)
+    return weights.modules
+
+
+def _train_only_lora(expert: Expert) -> None:
+    for name, p in expert.model.named_parameters():
+        p.requires_grad_("lora_" in name and f".{ADAPTER}." in name + ".")
 
 
 def set_trainable(expert: Expert, mode: str, lora: LoraSpec | None = None, where: str = "expert") -> list[str]:
@@ -69,7 +109,7 @@ def apply_training_setup(stitcher, cfg) -> dict[str, list[str]]:
         e = cfg.experts[side]
         lora = to_container(e.lora)
         spec = LoraSpec(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                        targets=tuple(lora["targets"]) if lora["targets"] else None)
+                        targets=tuple(lora["targets"]) if lora["targets"] else None, init_from=lora.get("init_from"))
         targets[side] = set_trainable(getattr(stitcher, side), e.train, spec, where=f"experts.{side}")
     stitcher.connectors.requires_grad_(True)
     if getattr(stitcher, "fusion", None) is not None:  # inserted blocks and new k/v projections train too

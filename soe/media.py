@@ -90,6 +90,9 @@ def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sa
                   title: str | None = None) -> Path:
     """Frames over time above the waveform and spectrogram, all on one time axis (judge sync at a glance);
     ``title`` (e.g. prompt, step, checkpoint) heads the sheet."""
+    from soe.extras import require
+
+    require("matplotlib", "contact sheets (PNG)")
     import matplotlib
 
     matplotlib.use("Agg")

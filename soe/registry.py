@@ -1,19 +1,21 @@
-"""Expert registry: built-ins register with a decorator next to their definition; third-party
-plugins register through the ``soe.experts`` entry-point group, discovered lazily on first lookup."""
+"""Expert registry over the ``soe.experts`` entry-point group.
+
+Built-in experts (``soe.experts.*``) and third-party plugins register the same way: an entry point
+``name = "module:ExpertClass"`` in their package metadata. Looking a name up imports only that one
+plugin module, so listing names or building one expert never imports every model family.
+``@register_expert`` adds a class defined at run time (tests, notebooks) under its ``name``.
+"""
 from __future__ import annotations
 
 import difflib
-from importlib import import_module
 from importlib.metadata import entry_points
 
 from soe.errors import SoeError
 from soe.expert import Expert
 
 ENTRY_POINT_GROUP = "soe.experts"
-_BUILTIN_MODULES = ("experts.wan", "experts.ace_step_15", "experts.ace_step", "experts.stable_audio", "experts.wan22")
 
 _REGISTRY: dict[str, type[Expert]] = {}
-_discovered = False
 
 
 class UnknownExpertError(SoeError, KeyError):
@@ -36,34 +38,36 @@ def register_expert(cls: type[Expert]) -> type[Expert]:
     return cls
 
 
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    for mod in _BUILTIN_MODULES:
-        try:
-            import_module(mod)
-        except ModuleNotFoundError as e:  # a built-in still being written must not break the rest
-            if e.name != mod:
-                raise
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        obj = ep.load()  # importing the module runs its @register_expert
-        if isinstance(obj, type) and issubclass(obj, Expert) and obj.name not in _REGISTRY:
-            register_expert(obj)
+def _entry_points() -> dict:
+    """Installed ``soe.experts`` entry points by name (package metadata only; nothing is imported)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load(ep) -> type[Expert]:
+    obj = ep.load()  # imports the plugin module (its @register_expert, if any, runs here)
+    if not (isinstance(obj, type) and issubclass(obj, Expert)):
+        raise TypeError(f"entry point '{ep.name}' of group '{ENTRY_POINT_GROUP}' loads {obj!r}, not a subclass of soe.Expert")
+    if obj.name != ep.name:
+        raise ValueError(f"entry point '{ep.name}' of group '{ENTRY_POINT_GROUP}' loads {obj.__qualname__} whose name is "
+                         f"'{obj.name}'; the entry-point name and the class attribute 'name' must agree")
+    if _REGISTRY.get(obj.name) is not obj:
+        register_expert(obj)
+    return obj
 
 
 def get_expert(name: str) -> type[Expert]:
     """The expert class registered as ``name``; an unknown name lists the known ones."""
-    _discover()
-    if name not in _REGISTRY:
-        known = sorted(_REGISTRY)
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    ep = _entry_points().get(name)
+    if ep is None:
+        known = list_experts()
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UnknownExpertError(f"unknown expert '{name}'; known experts: {', '.join(known)}.{hint}")
-    return _REGISTRY[name]
+    return _load(ep)
 
 
 def list_experts() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    """Every known expert name: installed entry points and classes registered at run time."""
+    return sorted(set(_REGISTRY) | set(_entry_points()))

@@ -1,10 +1,13 @@
 """Rich tables that show what was built: experts, block pairs, connector shapes, parameter counts."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 
-from soe.stitcher import Stitcher
+if TYPE_CHECKING:
+    from soe.stitcher import Stitcher
 
 
 def fmt_count(n: int) -> str:
@@ -18,18 +21,24 @@ def num_params(module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def experts_table(classes) -> Table:
+def experts_table(classes, details: bool = False) -> Table:
+    """Name, modality, presets and model source of each expert class. ``details``: also depth, width
+    and tokens per second of its first real-size preset, built on the meta device (imports the model
+    libraries, so ``soe experts`` leaves it to ``--details``)."""
     t = Table(title="registered experts")
-    for col in ("name", "modality", "blocks", "hidden", "tokens/s", "presets", "source"):
+    detail_cols = ("blocks", "hidden", "tokens/s") if details else ()
+    for col in ("name", "modality", *detail_cols, "presets", "source", "plugin"):
         t.add_column(col, no_wrap=col != "presets")
     import torch
 
     for cls in classes:
-        preset = next((p for p in cls.presets if p != "tiny"), "tiny")
-        with torch.device("meta"):
-            e = cls.from_preset(preset, device="meta")
-        t.add_row(cls.name, cls.modality, str(e.num_blocks), str(e.hidden_size), f"{e.token_rate:.2f}",
-                  ", ".join(cls.presets), cls.source)
+        cells = []
+        if details:
+            preset = next((p for p in cls.presets if p != "tiny"), "tiny")
+            with torch.device("meta"):
+                e = cls.from_preset(preset, device="meta")
+            cells = [str(e.num_blocks), str(e.hidden_size), f"{e.token_rate:.2f}"]
+        t.add_row(cls.name, cls.modality, *cells, ", ".join(cls.presets), cls.source, cls.__module__)
     return t
 
 

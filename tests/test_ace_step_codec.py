@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from experts.ace_step_v1_codec import DCAE_FOLDER, VOCODER_FOLDER, MusicCodec, SampleRateError
-from experts.ace_step_v1_mel import LogMelSpectrogram, hz_to_mel, mel_to_hz, slaney_mel_filterbank
-from experts.ace_step_v1_vocoder import WEIGHTS, MusicVocoder, VocoderConfig, load_vocoder
+from soe.experts.ace_step_v1_codec import DCAE_FOLDER, VOCODER_FOLDER, MusicCodec, SampleRateError
+from soe.experts.ace_step_v1_mel import LogMelSpectrogram, hz_to_mel, mel_to_hz, slaney_mel_filterbank
+from soe.experts.ace_step_v1_vocoder import WEIGHTS, MusicVocoder, VocoderConfig, load_vocoder
 from soe.errors import CheckpointError, SoeError
 
 
@@ -164,7 +164,7 @@ def _slaney_fb_loop(n_freqs, sr, fmin, fmax, n_mels):
 # ---- lengths, rates, round trip -----------------------------------------------------------------
 @pytest.mark.parametrize("frames", [1, 5, 13])
 def test_universe1_audio_latents_match_wan_video_latents(codecs, frames):
-    from experts.codecs import WanVideoCodec
+    from soe.experts.codecs import WanVideoCodec
 
     video_latents = WanVideoCodec.tiny(16, 25.0).encode(torch.zeros(1, 3, frames, 8, 8)).shape[2]
     codec = codecs[25600]
@@ -178,7 +178,7 @@ def test_universe1_audio_latents_match_wan_video_latents(codecs, frames):
 
 @pytest.mark.parametrize("rate", [44100, 25600])
 def test_lengths_rate_and_expert_agree(folder, codecs, rate):
-    from experts.ace_step import AceStepV1Expert
+    from soe.experts.ace_step import AceStepV1Expert
 
     expert = AceStepV1Expert.from_config({**AceStepV1Expert.presets["tiny"], "sample_rate": rate})
     codec = expert.codec(folder)
@@ -224,7 +224,7 @@ def test_bf16_runs(folder):
 
 
 def test_tiny_codec_without_a_folder_still_works():
-    from experts.ace_step import AceStepV1Expert
+    from soe.experts.ace_step import AceStepV1Expert
     from soe.codec import FrameAudioCodec
 
     codec = AceStepV1Expert.from_config(AceStepV1Expert.presets["tiny"]).codec()
@@ -235,7 +235,7 @@ def test_tiny_codec_without_a_folder_still_works():
 def test_bad_codec_folders_and_rates(folder, tmp_path):
     import shutil
 
-    from experts.codecs import WanVideoCodec
+    from soe.experts.codecs import WanVideoCodec
 
     WanVideoCodec.tiny(16, 25.0).vae.save_pretrained(tmp_path / "wan" / "vae")
     with pytest.raises(CheckpointError, match=r"not an ACE-Step v1 checkpoint root.*AutoencoderKLWan"):
@@ -302,7 +302,7 @@ def test_official_parity(folder, rate):
 
 def test_codec_folders_are_refused_across_families(folder, tmp_path):
     """The ACE-Step v1 root given to Wan's or an Oobleck codec, and a Wan VAE given to Stable Audio's: one-line errors."""
-    from experts.codecs import OobleckAudioCodec, WanVideoCodec
+    from soe.experts.codecs import OobleckAudioCodec, WanVideoCodec
 
     with pytest.raises(CheckpointError, match="no AutoencoderKLWan folder"):
         WanVideoCodec.load(folder, 25.0)

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from experts.ace_step import AceStepV1Expert
-from experts.ace_step_v1_model import ACEStepTransformer2DModel
+from soe.experts.ace_step import AceStepV1Expert
+from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
 from soe.registry import get_expert
 
 # ace_step_transformer/config.json of ACE-Step/ACE-Step-v1-3.5B, verbatim.
@@ -193,7 +193,7 @@ def test_gradient_checkpointing_same_gradients(path, batch):
 
 def test_self_attention_is_relu_kernel_linear_attention(expert):
     """out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j), phi = ReLU, after RoPE on q and k."""
-    from experts.ace_step_v1_model import apply_rope
+    from soe.experts.ace_step_v1_model import apply_rope
 
     attn = expert.blocks[0].attn
     x = torch.randn(2, 7, expert.hidden_size)

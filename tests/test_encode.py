@@ -297,7 +297,7 @@ def ace_text_folder(root: Path) -> Path:
 
 @torch.no_grad()
 def test_text_encoders_follow_diffusers_and_ace_step(tmp_path):
-    from experts.text_encoders import LYRIC_START, LYRIC_LINE_END
+    from soe.experts.text_encoders import LYRIC_START, LYRIC_LINE_END
     from soe import get_expert
 
     wan = get_expert("wan2.1").tiny()

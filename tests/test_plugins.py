@@ -14,7 +14,7 @@ from torch import nn
 
 import soe.registry as registry
 from conftest import tiny
-from experts.wan import WanExpert
+from soe.experts.wan import WanExpert
 from soe import BlockListExpert, ConnectorSpec, Stitcher, TokenLayout, stitch_into
 from soe.cli import main
 from soe.generic import BlockListError, find_block_list

@@ -187,6 +187,11 @@ def load_trained(stitcher, folder) -> int | None:
 
 
 def _load_trained(stitcher, folder: Path) -> None:
+    from soe.export import STITCH_FILE, is_merged, load_stitch_file
+
+    if is_merged(folder):  # `soe export --format merged`: the experts were built from its folders
+        load_stitch_file(stitcher, folder / STITCH_FILE)
+        return
     conn_file = folder / "connectors.safetensors"
     if not conn_file.is_file():
         raise FileNotFoundError(f"'{folder}' holds no connectors.safetensors (expected a folder written by `soe stitch`)")

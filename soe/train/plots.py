@@ -61,6 +61,11 @@ def loss_figure(series: dict[str, list[tuple[int, float]]]):
 
 
 def plot_losses(run_dir, out_png) -> Path | None:
+    """``loss_curves.png``; None when nothing was logged or matplotlib (``soe[plots]``) is not installed."""
+    from soe.extras import has
+
+    if not has("matplotlib"):
+        return None
     import matplotlib.pyplot as plt
 
     series = {k: v for k, v in sorted(read_run_metrics(run_dir).items()) if k != "loss"}

@@ -15,6 +15,7 @@ from soe.builders import build_stitcher
 from soe.console import console_kwargs, make_console
 from soe.config import RecipeError, load_recipe, to_container, validate_recipe
 from soe.errors import one_line
+from soe.extras import has as has_extra, missing_message
 from soe.flow import FlowObjective
 from soe.lora import apply_training_setup
 from soe.report import print_tables, stitch_tables
@@ -69,7 +70,9 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = 
     ckpt = RunCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
                            every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=-1)
     # every logged row reaches the disk at once: a killed run keeps the losses of the steps it made
-    loggers = [CSVLogger(run_dir, name="logs", flush_logs_every_n_steps=1), TensorBoardLogger(run_dir, name="tensorboard", version="")]
+    loggers = [CSVLogger(run_dir, name="logs", flush_logs_every_n_steps=1)]
+    if has_extra("tensorboard"):
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
     progress = [StepProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True, console_kwargs=console_kwargs())] if console_progress else []
     try:
         return L.Trainer(
@@ -177,6 +180,9 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
             png = plot_losses(run_dir, run_dir / "loss_curves.png")
             console.print(f"[green]done[/]: {trainer.global_step} steps; run folder [bold]{run_dir}[/] "
                           f"(checkpoints/, trained/, logs/, {png.name if png else 'no plot'})")
+            for extra, feature in (("tensorboard", "TensorBoard logs"), ("matplotlib", "loss_curves.png")):
+                if not has_extra(extra):
+                    console.print(f"[yellow]note[/]: {missing_message(extra, feature)}")
     finally:
         lock.release()
     return {"run_dir": run_dir, "module": module, "trainer": trainer}

@@ -39,16 +39,21 @@ OPTIONS_FILE = "soe_expert.json"
 class DiffusersExpert(Expert):
     """An expert over one diffusers model class, stored in the ``transformer/`` subfolder of a pipeline."""
 
-    model_class: ClassVar[type] = None
+    model_class: ClassVar[type] = None  # the diffusers ModelMixin; or override model_cls() to import it lazily
     expert_keys: ClassVar[tuple[str, ...]] = ()  # constructor options of the expert, not of the model
     subfolder: ClassVar[str] = "transformer"
+
+    @classmethod
+    def model_cls(cls) -> type:
+        """The model class. Built-in plugins import it here, so listing experts imports no diffusers model."""
+        return cls.model_class
 
     @classmethod
     def from_config(cls, config: dict, device=None, dtype=None):
         config = dict(config)
         opts = {k: config.pop(k) for k in cls.expert_keys if k in config}
         with torch.device(device or "cpu"):
-            model = cls.model_class(**config)
+            model = cls.model_cls()(**config)
         return cls(cast_keeping_fp32(model, dtype), **opts)
 
     @classmethod
@@ -58,11 +63,11 @@ class DiffusersExpert(Expert):
         folder = path / cls.subfolder if (path / cls.subfolder / "config.json").is_file() else path
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
-                f"{cls.name}: no diffusers {cls.model_class.__name__} at '{path}': "
+                f"{cls.name}: no diffusers {cls.model_cls().__name__} at '{path}': "
                 f"expected '{path}/{cls.subfolder}/config.json' or '{path}/config.json'"
             )
         _check_float_weights(folder)
-        model, info = cls.model_class.from_pretrained(folder, torch_dtype=dtype, output_loading_info=True)
+        model, info = cls.model_cls().from_pretrained(folder, torch_dtype=dtype, output_loading_info=True)
         if info.get("missing_keys"):  # diffusers would initialise them randomly with only a log line
             missing = sorted(info["missing_keys"])
             raise ValueError(f"{cls.name}: '{folder}' lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}")

@@ -1,0 +1,1 @@
+"""Shipped recipes, installed as package data: `soe stitch demo` finds recipes/demo.yaml by name from any folder."""
