@@ -140,6 +140,8 @@ def load_codecs(stitcher, cfg) -> dict:
 def generate(cfg, console: Console | None = None) -> list[Path]:
     """Build the recipe's stitched model, load the trained run, render the samples."""
     from soe.builders import build_stitcher
+    from soe.config import speed_spec
+    from soe.speed import apply_speed
     from soe.train.checkpoint import load_trained
 
     console = console or Console()
@@ -152,10 +154,12 @@ def generate(cfg, console: Console | None = None) -> list[Path]:
             load_trained(stitcher, folder)
         except FileNotFoundError as err:
             raise RecipeError(f"sample.ckpt: {err}") from None
+    speed = apply_speed(stitcher, speed_spec(cfg.sample), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
+    codecs = speed.prepare_codecs(load_codecs(stitcher, cfg))
     out = Path(cfg.sample.out or Path(cfg.run_dir) / "samples")
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=cfg.sample.steps)
-        files = render_samples(stitcher, cfg, out, progress=lambda i, total: bar.update(task, completed=i))
+        files = render_samples(stitcher, cfg, out, codecs=codecs, progress=lambda i, total: bar.update(task, completed=i))
     for f in files:
         console.print(f"wrote [bold]{f}[/]")
     return files
