@@ -267,8 +267,6 @@ def apply_speed(stitcher, spec: SpeedSpec, device=None) -> SpeedSetup:
     cache = None
     if spec.cache == "first_block":
         cache = apply_step_cache(stitcher, spec.cache_threshold)
-        for e in experts:
-            e._soe_step_cache = cache
     attention = set_attention_backend(experts, spec.attention_backend) if spec.attention_backend else []
     if spec.compile:
         compile_blocks([b for side in ("a", "b") for b in blocks[side]])

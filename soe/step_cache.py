@@ -161,5 +161,8 @@ def stitched_blocks(stitcher) -> dict[str, list[nn.Module]]:
 
 
 def apply_step_cache(stitcher, threshold: float = 0.05) -> StepCache:
-    """A :class:`StepCache` over both experts of ``stitcher``."""
-    return StepCache(stitched_blocks(stitcher), threshold)
+    """A :class:`StepCache` over both experts of ``stitcher``; ``soe.sampling`` resets it at each run."""
+    cache = StepCache(stitched_blocks(stitcher), threshold)
+    for e in (stitcher.a, stitcher.b):
+        e._soe_step_cache = cache  # found by soe.speed.reset_step_caches
+    return cache
