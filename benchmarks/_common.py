@@ -32,6 +32,12 @@ SIZES = {
                                                  sample_rate=25600)),
         seconds=2.0,
     ),
+    # UniVerse-1's experts at their real size: Wan2.1-T2V-1.3B at 480x832 / 25 fps, ACE-Step v1 3.5B at 25.6 kHz, 5 s.
+    "full": dict(
+        video=dict(preset="1.3b", overrides=dict(fps=25, height=480, width=832)),
+        audio=dict(preset="3.5b", overrides=dict(sample_rate=25600)),
+        seconds=5.0,
+    ),
 }
 VIDEO, AUDIO = "wan2.1", "ace-step"  # the UniVerse-1 pair at reduced size
 
@@ -43,7 +49,7 @@ def device_and_dtype(name: str) -> tuple[torch.device, torch.dtype]:
     return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 
-def build_pair(size: str, device, dtype, seed: int = 0):
+def build_pair(size: str, device, dtype, seed: int = 0, checkpointing: bool = False):
     """The two experts of ``size`` on ``device`` in ``dtype`` (random weights, train mode)."""
     spec = SIZES[size]
     torch.manual_seed(seed)
@@ -51,6 +57,7 @@ def build_pair(size: str, device, dtype, seed: int = 0):
     for name, key in ((VIDEO, "video"), (AUDIO, "audio")):
         cls = get_expert(name)
         e = cls.from_preset(spec[key]["preset"], device=device, dtype=dtype, **spec[key]["overrides"])
+        e.set_gradient_checkpointing(checkpointing)
         experts.append(e.train())
     return experts
 

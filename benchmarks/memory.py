@@ -35,8 +35,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def train_step(variant: str, size: str, device, dtype, batch_size: int) -> dict:
-    a, b = C.build_pair(size, device, dtype)
+def train_step(variant: str, size: str, device, dtype, batch_size: int, checkpointing: bool = False) -> dict:
+    a, b = C.build_pair(size, device, dtype, checkpointing=checkpointing)
     for e in (a, b):
         set_trainable(e, "lora", LoraSpec(r=8, alpha=8))
     st = Stitcher(a, b, pairs="linear", direction="both", device=device, dtype=dtype) if variant == "stitched" else None
@@ -60,7 +60,7 @@ def train_step(variant: str, size: str, device, dtype, batch_size: int) -> dict:
 def measure_step(variant: str, args) -> dict:
     if args.device.startswith("cuda"):  # one process, peak stats reset between variants
         device, dtype = C.device_and_dtype(args.device)
-        return train_step(variant, args.size, device, dtype, args.batch_size)
+        return train_step(variant, args.size, device, dtype, args.batch_size, args.checkpointing)
     # CPU: ru_maxrss never goes down, so every variant gets a fresh process
     cmd = [sys.executable, __file__, "--_child", variant, "--size", args.size, "--batch-size", str(args.batch_size)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -115,6 +115,7 @@ def main(argv=None):
     p.add_argument("--size", default="mid", choices=list(C.SIZES))
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--skip-step", action="store_true", help="only the universe1 meta-device table")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both experts (full size)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:

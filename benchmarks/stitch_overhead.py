@@ -46,8 +46,8 @@ def zero_grads(*modules):
         m.zero_grad(set_to_none=True)
 
 
-def measure(size: str, device, dtype, batch_size: int, reps: int) -> dict:
-    a, b = C.build_pair(size, device, dtype)
+def measure(size: str, device, dtype, batch_size: int, reps: int, checkpointing: bool = False) -> dict:
+    a, b = C.build_pair(size, device, dtype, checkpointing=checkpointing)
     ba, bb = C.batches(a, b, batch_size, C.SIZES[size]["seconds"])
     stitchers = {name: Stitcher(a, b, pairs="linear", direction=d, device=device, dtype=dtype) for name, d in ENGINES.items()}
     for st in stitchers.values():
@@ -69,9 +69,18 @@ def measure(size: str, device, dtype, batch_size: int, reps: int) -> dict:
         variants[name] = with_hooks(st, step_stitched(st, ba, bb))
     timer = C.Timer(device)
     med = C.interleaved({k: (lambda f=f: (zero_grads(a, b, *stitchers.values()), f())) for k, f in variants.items()}, timer, reps)
+    flops = None
+    if torch.device(device).type == "cuda":  # FLOPs of one stitched step (lockstep), for the MFU
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            variants["lockstep"]()
+        zero_grads(a, b, *stitchers.values())
+        flops = counter.get_total_flops()
     la, lb = a.token_layout(ba), b.token_layout(bb)
     conn = sum(p.numel() for p in stitchers["lockstep"].connectors.parameters())
-    return dict(size=size, med=med, tokens=(la.num_tokens, lb.num_tokens), hidden=(a.hidden_size, b.hidden_size),
+    return dict(size=size, med=med, flops=flops, tokens=(la.num_tokens, lb.num_tokens), hidden=(a.hidden_size, b.hidden_size),
                 blocks=(a.num_blocks, b.num_blocks), pairs=len(stitchers["lockstep"].pairs), connector_params=conn,
                 experts=(a, b), batches=(ba, bb), stitchers=stitchers, with_hooks=with_hooks)
 
@@ -127,6 +136,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the stitched step (mid size)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both experts (full size)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for the MFU (H100/H200 SXM datasheet)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,7 +150,7 @@ def main(argv=None):
         table.add_column(col, justify="right")
     results = []
     for size in args.sizes:
-        r = measure(size, device, dtype, args.batch_size, args.reps)
+        r = measure(size, device, dtype, args.batch_size, args.reps, args.checkpointing)
         m = r["med"]
         results.append(r)
         table.add_row(size, "%d/%d" % r["hidden"], "%d/%d" % r["blocks"], "%d/%d" % r["tokens"], str(r["pairs"]),
@@ -158,6 +169,11 @@ def main(argv=None):
             for k, v in rows:
                 t.add_row(k, f"{v:.2f}", f"{100 * v / step_ms:.1f}")
             console.print(t)
+    for r in results:
+        if r["flops"]:
+            t = r["med"]["lockstep"]
+            console.print(f"{r['size']}: stitched step {r['flops'] / 1e12:.1f} TFLOP in {t:.2f} s = {r['flops'] / t / 1e12:.0f} TFLOP/s, "
+                          f"MFU {100 * r['flops'] / t / (args.peak_tflops * 1e12):.1f}% of {args.peak_tflops:g} TFLOP/s")
     last = results[-1]["med"]
     console.print(f"ratio ({results[-1]['size']}, {device.type}): hooks {last['hooks'] / last['alone']:.3f}, "
                   f"lockstep {last['lockstep'] / last['alone']:.3f}  (target <= 1.05)")

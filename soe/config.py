@@ -50,6 +50,7 @@ class ExpertConfig:
     loss_weight: float = 1.0
     codec_path: Optional[str] = None  # local folder of the family's latent codec (VAE); null = tiny random codec
     text_encoder_path: Optional[str] = None  # local folder of the family's text encoder (+ tokenizer)
+    storage_dtype: Optional[str] = None  # training: null | float8_e4m3fn | float8_e5m2 (frozen weights stored in fp8)
 
 
 @dataclass
@@ -168,6 +169,14 @@ class SampleConfig:
     at_start: bool = False  # during training: also render before the first step (zero-init connectors = the experts alone)
     sync_clips: int = 0  # AV-Align of N held-out clips before and after training (0 = off; synthetic data only, else skipped)
     decode: str = "codec"  # codec (each expert's codec) | synthetic_preview (what synthetic-task latents mean)
+    # memory and speed (soe/speed.py): all through diffusers hooks
+    device: Optional[str] = None  # null = cuda when available, else cpu
+    memory: str = "none"  # none | offload_blocks (blocks wait on the CPU) | offload_model (each model on the device while used)
+    storage_dtype: Optional[str] = None  # null | float8_e4m3fn | float8_e5m2: weights stored in fp8, computed in the expert's dtype
+    compile: bool = False  # torch.compile each block (regional compilation)
+    attention_backend: Optional[str] = None  # diffusers attention dispatcher backend (flash, _native_cudnn, ...); null = torch SDPA
+    cache: str = "none"  # none | first_block: skip all later blocks on steps where the first blocks barely change
+    cache_threshold: float = 0.05  # first_block: relative change of the first blocks' residual below which a step is skipped
 
 
 @dataclass
@@ -296,6 +305,15 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
             raise RecipeError(f"{key}.path: checkpoint folder not found: '{e.path}'")
         _choice(e.dtype, DTYPES, f"{key}.dtype")
         _choice(e.train, TRAIN_MODES, f"{key}.train")
+        if e.storage_dtype is not None:
+            from soe.speed import STORAGE_DTYPES
+
+            _choice(e.storage_dtype, tuple(STORAGE_DTYPES), f"{key}.storage_dtype")
+            if e.train == "full":
+                raise RecipeError(f"{key}.storage_dtype: fp8 storage is for frozen weights; this expert trains fully (train: full)")
+            if any(x in str(cfg.trainer.strategy) for x in ("fsdp", "deepspeed")):
+                raise RecipeError(f"{key}.storage_dtype: fp8 storage runs with strategy ddp/auto on one or more GPUs, "
+                                  f"not '{cfg.trainer.strategy}' (sharding wants one dtype per flat parameter)")
         if e.train == "lora":
             if e.lora.r < 1:
                 raise RecipeError(f"{key}.lora.r: expected a positive rank, got {e.lora.r}")
@@ -396,6 +414,10 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
         raise RecipeError(f"sample.sync_clips: expected >= 0 held-out clips (0 = off), got {s.sync_clips}")
     if s.every_n_steps < 0:
         raise RecipeError(f"sample.every_n_steps: expected >= 0 (0 = never), got {s.every_n_steps}")
+    try:
+        speed_spec(s)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     for key in ("guidance", "shift"):
         for side, value in s[key].items():
             if side not in ("a", "b"):
@@ -489,3 +511,11 @@ def _find_config_json(path: Path):
 
 def to_container(node):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def speed_spec(s):
+    """``sample`` section -> ``soe.speed.SpeedSpec`` (raises ValueError naming the key)."""
+    from soe.speed import SpeedSpec
+
+    return SpeedSpec(memory=s.memory, storage_dtype=s.storage_dtype, compile=s.compile, attention_backend=s.attention_backend,
+                     cache=s.cache, cache_threshold=s.cache_threshold)

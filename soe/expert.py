@@ -272,7 +272,8 @@ class Expert(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the execution device set by ``soe.speed`` (weights may wait on the CPU), else the weights'."""
+        return getattr(self, "_execution_device", None) or next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -206,6 +206,8 @@ def new_output_folder(cfg) -> Path:
 def generate(cfg, console: Console | None = None, err_console: Console | None = None) -> list[Path]:
     """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
     from soe.builders import build_stitcher
+    from soe.config import speed_spec
+    from soe.speed import apply_speed
     from soe.train.checkpoint import load_trained
 
     from soe.export import resolve_merged_ckpt
@@ -234,10 +236,12 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
                           "stitched); pass ckpt=RUN_DIR of a `soe stitch` run", highlight=False)
     if cfg.sample.decode == "synthetic_preview" and not uses_synthetic_preview(cfg):
         err_console.print("note: sample.decode=synthetic_preview applies to synthetic data only; decoding through the experts' codecs")
+    speed = apply_speed(stitcher, speed_spec(cfg.sample), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
+    codecs = speed.prepare_codecs(load_codecs(stitcher, cfg))
     out = new_output_folder(cfg)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=cfg.sample.steps)
-        files = render_samples(stitcher, cfg, out, progress=lambda i, total: bar.update(task, completed=i),
+        files = render_samples(stitcher, cfg, out, codecs=codecs, progress=lambda i, total: bar.update(task, completed=i),
                                title=sheet_title(cfg.sample.prompt, step, trained))
     for f in files:
         console.print(f"wrote [bold]{f}[/]", highlight=False)

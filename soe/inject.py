@@ -234,6 +234,10 @@ class Fusion(nn.Module):
             elif self._st.training or torch.is_grad_enabled():
                 self._st._run_of_input[self.expert(side).block_input_hidden(args, kwargs)] = run
             self._active = (run, side, k) if run is not None else None
+            if run is not None:  # connector outputs are computed inside the block that uses them, so a
+                for d in self.inject:  # checkpoint recompute saves the same tensors as the forward did
+                    if self.host_side(d) == side:
+                        run.extras.pop((d, k), None)
 
         return hook
 

@@ -14,6 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from soe.expert import Batch, Expert
 from soe.flow import generator_for
+from soe.speed import reset_step_caches
 
 SCHEDULERS = ("euler", "unipc")
 
@@ -58,6 +59,7 @@ def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: fl
     ``conditions[side]`` holds the conditioning of ``B`` samples (batch axis first).
     """
     sides = list(experts)
+    reset_step_caches(experts.values())  # a step cache must not carry residuals over from the last run
     bsz = next(iter(conditions[sides[0]].values())).shape[0]
     lat = {}
     for k in sides:

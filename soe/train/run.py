@@ -18,6 +18,7 @@ from soe.errors import one_line
 from soe.extras import has as has_extra, missing_message
 from soe.flow import FlowObjective
 from soe.lora import apply_training_setup
+from soe.train.storage import apply_storage_dtypes
 from soe.report import print_tables, stitch_tables
 from soe.threads import configure_threads
 from soe.train.callbacks import SampleCallback, SyncReportCallback
@@ -139,6 +140,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stitcher = build_stitcher(cfg)
     apply_training_setup(stitcher, cfg)
+    apply_storage_dtypes(stitcher, cfg)  # experts.<side>.storage_dtype: frozen weights in fp8
     stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training
     module = StitchModule(stitcher, build_objective(cfg, stitcher), OptimSettings(
         lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),

@@ -1,0 +1,193 @@
+"""Memory and speed switches (soe/speed.py, soe/step_cache.py, soe/train/storage.py) against the plain path.
+
+Tolerances: offloading and the attention backend are exact (same kernels, weights only move);
+fp8 storage is bounded (3 mantissa bits: ~6% per weight, a few % on outputs of tiny random models);
+the step cache is exact when it never skips (threshold 0) and, when it skips, equals the cached
+residual rule it promises.
+"""
+import pytest
+import torch
+
+from conftest import batch_for, tiny
+from soe import Stitcher
+from soe.lora import LoraSpec, set_trainable
+from soe.sampling import SamplingSettings, sample_stitched
+from soe.speed import SpeedSpec, apply_speed
+from soe.step_cache import StepCache, stitched_blocks
+from soe.train.storage import store_frozen_in
+from test_universe1 import fused
+
+
+def lockstep(seed=0):
+    a, b = tiny("wan2.1", seed), tiny("ace-step", seed + 1)
+    torch.manual_seed(seed + 2)
+    st = Stitcher(a, b, pairs="linear", direction="both", connector={"init": "trunc_normal"})
+    return st, batch_for(a, 2, 1.0, seed=3), batch_for(b, 2, 1.0, seed=4)
+
+
+def rel(x, y):
+    return ((x.float() - y.float()).norm() / y.float().norm()).item()
+
+
+MAKERS = {"lockstep": lockstep, "fused": fused}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,memory", [("lockstep", "offload_blocks"), ("fused", "offload_blocks"), ("fused", "offload_model")])
+def test_offloading_is_exact_and_stitching_hooks_still_fire(engine, memory):
+    st, ba, bb = MAKERS[engine]()
+    with torch.no_grad():
+        ref = st(ba, bb)
+        alone = (st.a(ba), st.b(bb))  # the experts without stitching
+        apply_speed(st, SpeedSpec(memory=memory), "cpu")
+        got = st(ba, bb)
+        again = st(ba, bb)  # second call: after the first call recorded the block order
+    for g, r, a in zip(got, ref, alone):
+        assert torch.equal(g, r)
+        assert not torch.allclose(g, a)  # connectors/injection still act under offloading
+    assert all(torch.equal(x, r) for x, r in zip(again, ref))
+
+
+def test_offload_blocks_registers_one_group_per_block_and_keeps_the_rest_resident():
+    st, ba, bb = fused()
+    apply_speed(st, SpeedSpec(memory="offload_blocks"), "cpu")
+    blocks = stitched_blocks(st)
+    assert len(blocks["b"]) > st.b.num_blocks  # inserted blocks are offloaded too
+    for side in ("a", "b"):
+        for blk in blocks[side]:
+            assert blk._diffusers_hook.get_hook("group_offloading") is not None
+    assert not hasattr(st.connectors, "_diffusers_hook")
+
+
+def test_fp8_storage_is_bounded():
+    st, ba, bb = fused()
+    with torch.no_grad():
+        ref = st(ba, bb)
+        apply_speed(st, SpeedSpec(storage_dtype="float8_e4m3fn"), "cpu")
+        got = st(ba, bb)
+    assert st.a.model.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn  # really stored in fp8
+    assert st.a.model.patch_embedding.weight.dtype == torch.float32  # skipped: patch embedding, norms
+    for g, r in zip(got, ref):
+        assert 0 < rel(g, r) < 0.08
+
+
+def test_attention_backend_reaches_wrapped_processors_and_is_exact():
+    st, ba, bb = fused()
+    with torch.no_grad():
+        ref = st(ba, bb)
+        setup = apply_speed(st, SpeedSpec(attention_backend="native"), "cpu")
+        got = st(ba, bb)
+    assert "model.blocks.0.attn1" in setup.attention  # Wan's processors (wrapped by the injection) use the dispatcher
+    assert not any(n.startswith("model.transformer_blocks") for n in setup.attention)  # ACE-Step's own do not
+    assert all(torch.equal(g, r) for g, r in zip(got, ref))
+
+
+@pytest.mark.slow
+def test_regional_compile_matches():
+    st, ba, bb = lockstep()
+    with torch.no_grad():
+        ref = st(ba, bb)
+        apply_speed(st, SpeedSpec(), "cpu")
+        from soe.speed import compile_blocks
+
+        compile_blocks([b for bl in stitched_blocks(st).values() for b in bl], backend="eager")
+        got = st(ba, bb)
+    assert all(rel(g, r) < 1e-5 for g, r in zip(got, ref))
+
+
+def _conditions(st):
+    return {"a": st.a.conditioning(1, 1.0, torch.Generator().manual_seed(0)),
+            "b": st.b.conditioning(1, 1.0, torch.Generator().manual_seed(1))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", list(MAKERS))
+def test_step_cache_threshold_zero_is_exact_and_a_loose_one_skips(engine):
+    st, _, _ = MAKERS[engine]()
+    cond, s = _conditions(st), SamplingSettings(steps=5, guidance={"a": 1.2, "b": 5.0})
+    ref = sample_stitched(st, cond, 1.0, s)
+    setup = apply_speed(st, SpeedSpec(cache="first_block", cache_threshold=0.0), "cpu")
+    got = sample_stitched(st, cond, 1.0, s)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert setup.cache.stats["skipped"] == 0 and setup.cache.stats["computed"] == 5
+    setup.cache.state.threshold = 1e9
+    loose = sample_stitched(st, cond, 1.0, s)  # sampling resets the cache: the first step computes
+    assert setup.cache.stats == {**setup.cache.stats, "computed": 1, "skipped": 4}
+    assert all(torch.isfinite(loose[k]).all() and not torch.equal(loose[k], ref[k]) for k in ref)
+
+
+def test_a_skipped_call_is_head_output_plus_the_cached_body_residual_for_both_experts():
+    st, ba, bb = lockstep()
+    cache = StepCache(stitched_blocks(st), threshold=1e9)
+    seen = {}
+    for side in ("a", "b"):
+        head = stitched_blocks(st)[side][0]
+        head.register_forward_hook(lambda m, a, out, side=side: seen.__setitem__(side, out))
+    with torch.no_grad():
+        st(ba, bb)  # computed: residuals cached
+        body = dict(cache.state.body_res)
+        st(ba, bb)  # skipped
+    assert cache.stats["skipped"] == 1
+    for side, e in (("a", st.a), ("b", st.b)):
+        tail = stitched_blocks(st)[side][-1]
+        outs = []
+        h = tail.register_forward_hook(lambda m, a, out: outs.append(out))
+        with torch.no_grad():
+            st(ba, bb)
+        h.remove()
+        assert torch.equal(outs[0], seen[side] + body[side])
+
+
+def test_step_cache_decision_is_joint():
+    """An expert whose own first block is stable still recomputes when the other's changed."""
+    st, ba, bb = lockstep()
+    cache = StepCache(stitched_blocks(st), threshold=0.05)
+    with torch.no_grad():
+        st(ba, bb)
+        st(ba, bb)  # identical inputs: both heads unchanged -> skip
+        assert cache.stats["skipped"] == 1
+        bb2 = {**bb, "latents": bb["latents"] + torch.randn_like(bb["latents"])}  # only the audio input moves
+        st(ba, bb2)
+    assert cache.stats["computed"] == 2  # video's head is identical, yet the call computed
+    cache.remove()
+    assert all(not b._diffusers_hook.hooks for bl in stitched_blocks(st).values() for b in bl)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_with_fp8_frozen_weights_has_bounded_gradients(checkpointing):
+    def grads(fp8):
+        a, b = tiny("wan2.1"), tiny("ace-step", 1)
+        for e in (a, b):
+            set_trainable(e, "lora", LoraSpec(r=4, alpha=4))
+            for n, p in e.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(n)))
+            e.set_gradient_checkpointing(checkpointing)
+            e.train()
+        torch.manual_seed(2)
+        st = Stitcher(a, b, pairs="linear", direction="both", connector={"init": "trunc_normal"})
+        if fp8:
+            assert store_frozen_in(a.model, "float8_e4m3fn", torch.float32)
+            assert store_frozen_in(b.model, "float8_e4m3fn", torch.float32)
+            assert all(p.dtype == torch.float32 for p in st.parameters() if p.requires_grad)  # LoRA, connectors untouched
+        pa, pb = st(batch_for(a, 2, 1.0, 3), batch_for(b, 2, 1.0, 4))
+        (pa.square().mean() + pb.square().mean()).backward()
+        return torch.cat([p.grad.flatten() for n, p in sorted(st.named_parameters()) if p.requires_grad])
+
+    ref, got = grads(False), grads(True)
+    assert 0 < rel(got, ref) < 0.08
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("sample.memory", "offload", "sample.memory"),
+    ("sample.storage_dtype", "int8", "sample.storage_dtype"),
+    ("sample.cache", "teacache", "sample.cache"),
+    ("sample.attention_backend", "flash_9", "sample.attention_backend"),
+    ("experts.a.storage_dtype", "fp4", "experts.a.storage_dtype"),
+])
+def test_bad_speed_keys_name_the_key(tmp_path, key, value, match):
+    from soe.config import RecipeError, load_recipe, validate_recipe
+
+    with pytest.raises(RecipeError, match=match):
+        validate_recipe(load_recipe("recipes/demo.yaml", [f"{key}={value}", f"run_dir={tmp_path}"]))
