@@ -96,9 +96,15 @@ class _StitchDataModule(L.LightningDataModule):
         accumulate = trainer.accumulate_grad_batches if trainer else 1
         max_steps = trainer.max_steps if trainer else 1
         start = trainer.global_step * accumulate if trainer else 0
-        sampler = StepBatchSampler(self.buckets, self.batch_size, self.seed, total_batches=max_steps * accumulate,
-                                   start_batch=start, rank=trainer.global_rank if trainer else 0,
-                                   world_size=trainer.world_size if trainer else 1)
+        sampler = self.make_batch_sampler(max_steps * accumulate, start, trainer.global_rank if trainer else 0,
+                                          trainer.world_size if trainer else 1)
+        return self.make_loader(sampler)
+
+    def make_batch_sampler(self, total_batches: int, start_batch: int, rank: int, world_size: int) -> Sampler:
+        return StepBatchSampler(self.buckets, self.batch_size, self.seed, total_batches=total_batches,
+                                start_batch=start_batch, rank=rank, world_size=world_size)
+
+    def make_loader(self, sampler) -> DataLoader:
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers)
 
 
