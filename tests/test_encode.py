@@ -7,6 +7,9 @@ decode(latent) is as close to the input as the codec itself allows; a killed run
 same cache; text encoders match the diffusers / ACE-Step recipe; training reads the result.
 """
 import json
+import os
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -368,3 +371,43 @@ def test_training_runs_on_the_encoded_cache(demo_cache, tmp_path):
     result = run_training(DEMO, ["data.kind=latents", f"data.path={out}", "data.batch_size=2", "trainer.max_steps=2",
                                  "trainer.log_every_n_steps=1", f"run_dir={tmp_path / 'run'}"], console=QUIET, progress=False)
     assert result["trainer"].global_step == 2
+
+
+def _encode_cli(src, out, *extra):
+    return [sys.executable, "-c", "import sys; from soe.cli import main; sys.exit(main())", "encode", str(DEMO), str(src),
+            "--out", str(out), *SECONDS, "encode.shard_size=2", *extra]
+
+
+@pytest.mark.slow
+def test_two_processes_encoding_shards_equal_one_process(src, demo_cache, tmp_path):
+    """`soe encode --shard 0/2` and `--shard 1/2` at once (2 CPU processes); the last one merges."""
+    out = tmp_path / "sharded"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(_encode_cli(src, out, "--shard", f"{i}/2"), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    ref_meta, ref_rows, ref_windows = cached(demo_cache[0])
+    meta, rows, windows = cached(out)
+    assert meta["parts"] == 2 and meta["buckets"] == ref_meta["buckets"] and meta["text_lengths"] == ref_meta["text_lengths"]
+    assert {p.name for p in (out / "parts").glob("*.done")} == {"part-0-of-2.done", "part-1-of-2.done"}
+    drop = lambda r: {k: v for k, v in r.items() if k != "chunk"}  # noqa: E731  (chunk file names differ)
+    assert [drop(r) for r in rows] == [drop(r) for r in ref_rows]
+    for w, rw in zip(windows, ref_windows):
+        for side in ("a", "b"):
+            assert w[side].keys() == rw[side].keys()
+            assert all(torch.equal(w[side][k], rw[side][k]) for k in w[side])
+
+
+def test_same_shard_twice_and_bad_shard_are_one_line(src, tmp_path, capsys):
+    out = tmp_path / "busy"
+    holder = PartWriter(out, {"a": "wan2.1", "b": "ace-step-1.5"}, {}, part=1, parts=2)  # another process holds 1/2
+    try:
+        assert main(["encode", str(DEMO), str(src), "--out", str(out), "--shard", "1/2", *SECONDS]) == 2
+    finally:
+        holder.close()
+    assert main(["encode", str(DEMO), str(src), "--out", str(out), "--shard", "2/2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "shard 1/2 is being encoded by another process" in err[0] and "--shard expects I/N" in err[1]
+    assert not list(out.rglob("*.bin")) and not (out / "index.jsonl").exists()  # nothing written

@@ -139,7 +139,7 @@ class StreamingLatentDataModule(_StitchDataModule):
     def setup(self, stage=None):
         if self.cache is not None:
             return
-        cache = StreamingCache(self.path)
+        cache = StreamingCache(self.path, buffer_chunks=self.shuffle_chunks)
         names = {side: e.name for side, e in self.experts.items()}
         if cache.meta.get("experts") != names:
             raise LatentCacheError(f"latent cache '{self.path}' holds latents of experts {cache.meta.get('experts')}, the recipe stitches {names}")

@@ -1,0 +1,99 @@
+"""Streaming latent cache: memory and throughput of the training loader as the cache grows.
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/data_stream.py               # 1k, 10k, 50k windows
+    python benchmarks/data_stream.py --sizes 1000 5000 --batch-size 16
+
+For each size a synthetic cache of small windows is written through ``PartWriter`` (what ``soe
+encode`` uses: two buckets, 4 windows per caption, 256 windows per chunk). Then, each in a fresh
+process so peaks do not mix: one epoch of the training loader (``StreamBatchSampler`` + the
+DataLoader over ``StreamingCache``: shuffled chunk order, bounded shuffle buffer, bucket batches,
+text states padded back, collate) and a raw sequential read of the same chunks (every window and
+text chunk once, in file order, through litdata's own iterator; nothing decoded beyond that). Printed: peak RSS of each and windows/s, with the loader's
+RSS relative to the smallest cache and its speed relative to the raw read. Numbers are ratios taken
+side by side on one machine; nothing here passes or fails on time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # run as `python benchmarks/x.py` from a checkout
+
+SHAPES = {"a": (4, 6, 8, 8), "b": (8, 16, 6)}  # latents: a tiny Wan window, an ACE-Step-like audio window
+TEXT = {"a": (12, 32), "b": (10, 24)}
+
+
+def write(folder: Path, n: int) -> None:
+    from soe.data.stream_synthetic import random_record, write_cache
+
+    records = (random_record(i, SHAPES, TEXT, durations=(1.0, 2.0)) for i in range(n))
+    write_cache(folder, records, {"a": "video", "b": "audio"}, shard_size=256)
+
+
+def measure(folder: str, mode: str, batch_size: int) -> dict:
+    import torch
+    from soe.data.stream_read import StreamingCache
+    from soe.data.streaming import StreamBatchSampler, StreamDataLoader, StreamWindows
+
+    from litdata import StreamingDataset
+
+    torch.set_num_threads(1)
+    cache = StreamingCache(folder, buffer_chunks=8)
+    t0, windows = time.perf_counter(), 0
+    if mode == "loader":
+        sizes = {b: cache.chunk_sizes(b) for b in cache.buckets}
+        probe = StreamBatchSampler(sizes, batch_size, seed=0, total_batches=1)
+        sampler = StreamBatchSampler(sizes, batch_size, seed=0, total_batches=probe.batches_per_epoch())
+        for batch in StreamDataLoader(StreamWindows(cache), batch_sampler=sampler, num_workers=0):
+            windows += batch["a"]["latents"].shape[0]
+    else:  # raw: every chunk once, in file order, through litdata's own iterator (windows and text states)
+        for sub in [f"windows/{b}" for b in cache.buckets] + ["texts/a", "texts/b"]:
+            for item in StreamingDataset(str(cache.folder / sub)):
+                windows += sub.startswith("windows")
+    elapsed = time.perf_counter() - t0
+    return {"windows": windows, "per_s": windows / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--measure", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.measure:
+        print(json.dumps(measure(*args.measure, args.batch_size)))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="soe-stream-") as tmp:
+        for n in args.sizes:
+            folder = Path(tmp) / f"cache-{n}"
+            write(folder, n)
+            got = {}
+            for mode in ("loader", "raw"):
+                out = subprocess.run([sys.executable, __file__, "--measure", str(folder), mode, "--batch-size", str(args.batch_size)],
+                                     capture_output=True, text=True, check=True)
+                got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            size = sum(f.stat().st_size for f in folder.rglob("*.bin"))
+            rows.append((n, size, got))
+    base = rows[0][2]["loader"]["peak_rss_mb"]
+    t = Table(title=f"streaming latent cache, batch {args.batch_size}, one epoch (peak RSS of the reading process)")
+    for c in ("windows", "cache MB", "loader RSS MB", "RSS vs first", "raw RSS MB", "loader win/s", "raw win/s", "loader / raw"):
+        t.add_column(c, justify="right")
+    for n, size, g in rows:
+        lo, raw = g["loader"], g["raw"]
+        t.add_row(f"{n:,}", f"{size / 2**20:.1f}", f"{lo['peak_rss_mb']:.0f}", f"{lo['peak_rss_mb'] / base:.3f}",
+                  f"{raw['peak_rss_mb']:.0f}", f"{lo['per_s']:.0f}", f"{raw['per_s']:.0f}", f"{lo['per_s'] / raw['per_s']:.2f}")
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()
