@@ -48,10 +48,10 @@ def measure(folder: str, mode: str, batch_size: int) -> dict:
     t0, windows = time.perf_counter(), 0
     if mode == "loader":
         sizes = {b: cache.chunk_sizes(b) for b in cache.buckets}
-        probe = StreamBatchSampler(sizes, batch_size, seed=0, total_batches=1)
-        sampler = StreamBatchSampler(sizes, batch_size, seed=0, total_batches=probe.batches_per_epoch())
-        for batch in StreamDataLoader(StreamWindows(cache), batch_sampler=sampler, num_workers=0):
-            windows += batch["a"]["latents"].shape[0]
+        sampler = StreamBatchSampler(sizes, batch_size, seed=0, length=1)
+        loader = iter(StreamDataLoader(StreamWindows(cache), batch_sampler=sampler, num_workers=0))
+        for _ in range(sampler.batches_per_epoch()):  # one epoch (the sampler runs on until training stops)
+            windows += next(loader)["a"]["latents"].shape[0]
     else:  # raw: every chunk once, in file order, through litdata's own iterator (windows and text states)
         for sub in [f"windows/{b}" for b in cache.buckets] + ["texts/a", "texts/b"]:
             for item in StreamingDataset(str(cache.folder / sub)):

@@ -268,6 +268,13 @@ class AceStepV1Expert(Expert):
             raise ValueError(f"ace-step expects latents {ph} high (one token per frame), got height {height}")
         return TokenLayout(grid=(frames // pw,), axes=("t",), time_rate=self.latent_rate)
 
+    def max_seconds(self) -> float | None:
+        return self.model.config.max_width / self.latent_rate  # patch-embedding positions along time
+
+    def latent_multiples(self) -> dict[int, int]:
+        ph, pw = self.model.config.patch_size  # latents (B, 8, 16, T)
+        return {2: ph, 3: pw}
+
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
         cfg = self.model.config
         frames = max(1, int(seconds * self.latent_rate))  # int() like ACE-Step's pipeline

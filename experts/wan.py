@@ -115,6 +115,14 @@ class WanExpert(DiffusersExpert):
         pt, ph, pw = self.model.config.patch_size
         return TokenLayout((f // pt, h // ph, w // pw), ("t", "h", "w"), self.latent_rate / pt)
 
+    def max_seconds(self) -> float | None:
+        cfg = self.model.config  # the rotary table holds rope_max_seq_len positions per axis
+        return cfg.rope_max_seq_len * cfg.patch_size[0] / self.latent_rate
+
+    def latent_multiples(self) -> dict[int, int]:
+        pt, ph, pw = self.model.config.patch_size  # latents (B, C, F, H, W)
+        return {2: pt, 3: ph, 4: pw}
+
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
         frames = max(1, round(seconds * self.latent_rate))
         return (batch_size, self.model.config.in_channels, frames, self.height // self.vae_stride[1], self.width // self.vae_stride[2])

@@ -7,13 +7,14 @@ from collections.abc import Sequence
 
 import torch
 
+from soe.errors import SoeError
 from soe.expert import TokenLayout
 
 Pairs = list[tuple[int, int]]
 
 
-class DepthMapError(ValueError):
-    pass
+class DepthMapError(SoeError, ValueError):
+    """A depth map (block pairs) that does not fit the two experts."""
 
 
 # ---- depth maps ---------------------------------------------------------------------------------

@@ -58,7 +58,10 @@ def _cmd_inspect(args) -> int:
 def _cmd_stitch(args) -> int:
     from soe.train.run import run_training
 
-    run_training(args.recipe, args.overrides, console=console)
+    # `--allow-changes KEY...` may swallow trailing key=value overrides: those go back to the overrides
+    allowed = [k for k in (args.allow_changes or []) if "=" not in k]
+    overrides = [*args.overrides, *(k for k in (args.allow_changes or []) if "=" in k)]
+    run_training(args.recipe, overrides, console=console, allow_changes=allowed)
     return 0
 
 
@@ -108,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("recipe", help="recipe YAML file")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
         sp.set_defaults(func=func)
+        if name == "stitch":
+            sp.add_argument("--allow-changes", nargs="+", metavar="KEY", default=[],
+                            help="on resume, accept these recipe keys (or sections) differing from the run's recipe.yaml")
     conv = sub.add_parser("convert", help="convert a released checkpoint to soe tensors (load with ckpt=DST)")
     conv.add_argument("model", choices=["universe1"], help="which release")
     conv.add_argument("src", help="the released transformer folder (or one .safetensors file)")

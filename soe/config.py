@@ -18,6 +18,7 @@ from soe.errors import SoeError
 
 TRAIN_MODES = ("lora", "frozen", "full")
 DTYPES = ("float32", "bfloat16", "float16")
+POSITIVE_OPTIONS = ("fps", "sample_rate", "height", "width", "num_frames", "channels")  # expert options that are sizes or rates
 
 
 class RecipeError(SoeError, ValueError):
@@ -247,16 +248,32 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
         if e.train == "lora":
             if e.lora.r < 1:
                 raise RecipeError(f"{key}.lora.r: expected a positive rank, got {e.lora.r}")
+            if not e.lora.alpha > 0:
+                raise RecipeError(f"{key}.lora.alpha: expected a positive scale, got {e.lora.alpha} (alpha 0 makes the LoRA a no-op)")
             if not 0 <= e.lora.dropout < 1:
                 raise RecipeError(f"{key}.lora.dropout: expected a value in [0, 1), got {e.lora.dropout}")
         if e.flow_shift is not None and e.flow_shift <= 0:
             raise RecipeError(f"{key}.flow_shift: expected a positive shift, got {e.flow_shift}")
         if e.loss_weight < 0:
             raise RecipeError(f"{key}.loss_weight: expected >= 0, got {e.loss_weight}")
+        for opt, value in e.options.items():
+            if opt in POSITIVE_OPTIONS and isinstance(value, (int, float)) and not value > 0:
+                raise RecipeError(f"{key}.options.{opt}: expected a positive number, got {value}")
         try:
             blocks[side] = _num_blocks(cls, e)
         except TypeError as err:  # an option the expert or its model does not take
             raise RecipeError(f"{key}.{'architecture' if _names_model_key(err, e) else 'options'}: {err}") from None
+        longest = _max_seconds(cls, e)
+        for skey, secs in (("data.seconds", cfg.data.seconds), ("sample.seconds", cfg.sample.seconds)):
+            if longest is not None and secs is not None and secs > longest:
+                raise RecipeError(f"{skey}: {secs} s is longer than expert {side} ('{e.name}') can position "
+                                  f"(at most {longest:.1f} s with this architecture)")
+        if blocks[side] < 1:
+            which = next((f"{key}.architecture.{k}" for k in e.architecture if "layers" in k), f"{key}.architecture")
+            raise RecipeError(f"{which}: expert '{e.name}' would have {blocks[side]} blocks; expected at least one")
+    if cfg.experts.a.dtype != cfg.experts.b.dtype:
+        raise RecipeError(f"experts.b.dtype: {cfg.experts.b.dtype!r} differs from experts.a.dtype {cfg.experts.a.dtype!r}; stitched "
+                          "experts compute in one dtype (for mixed precision keep both float32 and use trainer.precision=bf16-mixed)")
     s = cfg.stitch
     _choice(s.direction, DIRECTIONS, "stitch.direction")
     _choice(s.engine, ENGINES, "stitch.engine")
@@ -284,6 +301,8 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
             raise RecipeError("data.path: 'latents' data needs the folder of a latent cache (see `soe encode`)")
         if check_paths and not Path(d.path).is_dir():
             raise RecipeError(f"data.path: latent cache folder not found: '{d.path}'")
+    if d.num_workers < 0:
+        raise RecipeError(f"data.num_workers: expected >= 0 loader processes (0 = load in the training process), got {d.num_workers}")
     for k in ("batch_size", "num_clips"):
         if d[k] < 1:
             raise RecipeError(f"data.{k}: expected a positive integer, got {d[k]}")
@@ -292,6 +311,8 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
     o = cfg.optim
     if not o.lr > 0:
         raise RecipeError(f"optim.lr: expected a positive learning rate, got {o.lr}")
+    if o.weight_decay < 0:
+        raise RecipeError(f"optim.weight_decay: expected >= 0, got {o.weight_decay}")
     if o.warmup_steps < 0:
         raise RecipeError(f"optim.warmup_steps: expected >= 0, got {o.warmup_steps}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -324,6 +345,10 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
                 raise RecipeError(f"sample.{key}.{side}: expected keys 'a' and 'b' (the two experts)")
             if value is not None and not value > 0:
                 raise RecipeError(f"sample.{key}.{side}: expected a positive number, got {value}")
+    if s.out is not None:
+        for p in (Path(s.out), *Path(s.out).parents):
+            if p.exists() and not p.is_dir():
+                raise RecipeError(f"sample.out: '{p}' is a file, expected a folder for the samples ('{s.out}')")
     if check_paths:
         for key in ("ckpt", "conditions"):
             if s[key] is not None and not Path(s[key]).exists():
@@ -379,6 +404,19 @@ def _num_blocks(cls, e) -> int:
         raise RecipeError(f"experts: cannot read the depth of '{e.path}' without a config.json; also give 'preset'")
     with torch.device("meta"):
         return cls.from_preset(e.preset, device="meta", **dict(e.architecture), **dict(e.options)).num_blocks
+
+
+def _max_seconds(cls, e) -> float | None:
+    """The expert's clip-length limit, from its preset built on the meta device (None when unknown)."""
+    import torch
+
+    if e.preset is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return cls.from_preset(e.preset, device="meta", **dict(e.architecture), **dict(e.options)).max_seconds()
+    except (TypeError, ValueError):  # reported by the depth check with the key at fault
+        return None
 
 
 def _names_model_key(err: Exception, e) -> bool:

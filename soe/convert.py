@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from soe.depth import insertion_points
+from soe.errors import CheckpointError, one_line
 
 WAN_BLOCK = re.compile(r"^(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k)\.|^(norm2|ffn|scale_shift_table)\b")
 # Released but unused by the released forward (mel_attn is linear self-attention with no context).
@@ -31,8 +32,18 @@ WAN_TOP = ("patch_embedding.", "condition_embedder.", "proj_out.", "scale_shift_
 
 
 def read_state(src) -> dict[str, torch.Tensor]:
-    """A diffusers folder (single or sharded safetensors) or one ``.safetensors`` file."""
-    src = Path(src)
+    """A diffusers folder (single or sharded safetensors) or one ``.safetensors`` file; anything else is
+    a one-line :class:`CheckpointError` naming the file."""
+    try:
+        return _read_state(Path(src))
+    except CheckpointError:
+        raise
+    except Exception as e:  # missing, empty, truncated or not safetensors: safetensors' error types vary
+        raise CheckpointError(f"convert: '{src}' is not a UniVerse-1 transformer folder or .safetensors file "
+                              f"({one_line(e, 200)})") from None
+
+
+def _read_state(src: Path) -> dict[str, torch.Tensor]:
     if src.is_file():
         return load_file(src)
     index = src / "diffusion_pytorch_model.safetensors.index.json"
@@ -40,7 +51,7 @@ def read_state(src) -> dict[str, torch.Tensor]:
     state = {}
     for f in files:
         if not (src / f).is_file():
-            raise FileNotFoundError(f"convert: '{src / f}' not found (expected a UniVerse-1 transformer folder)")
+            raise CheckpointError(f"convert: '{src / f}' not found (expected a UniVerse-1 transformer folder)")
         state.update(load_file(src / f))
     return state
 

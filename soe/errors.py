@@ -2,7 +2,7 @@
 
 ``SoeError`` is the common base; ``soe.cli.main`` prints ``error: <message>`` and exits with the
 error's ``exit_code`` (2 for bad input: recipes, checkpoint folders, latent caches, arguments; 1 for a
-training run that stopped on a non-finite loss). Library callers catch ``SoeError`` (or the
+training run that stopped on a non-finite loss or a full disk). Library callers catch ``SoeError`` (or the
 ``ValueError``/``FloatingPointError`` each subclass also is).
 """
 from __future__ import annotations
@@ -32,7 +32,20 @@ class NonFiniteLossError(SoeError, FloatingPointError):
     exit_code = 1
 
 
+class DiskFullError(SoeError, OSError):
+    """No space left (or quota exceeded) while writing a checkpoint or an export; names the path.
+    The write was abandoned whole: the previous file or folder is intact."""
+
+    exit_code = 1
+
+
+DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+
+
 def one_line(err: BaseException, limit: int = 400) -> str:
     """A (possibly multi-line) exception message squeezed onto one line, at most ``limit`` characters."""
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 4]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + " ..."  # never mid-word

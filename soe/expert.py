@@ -218,6 +218,15 @@ class Expert(nn.Module):
         """Shape of the clean latent for a clip of ``seconds``."""
         raise NotImplementedError
 
+    def max_seconds(self) -> float | None:
+        """Longest clip the model can position (e.g. the length of its rotary table); None = no limit."""
+        return None
+
+    def latent_multiples(self) -> dict[int, int]:
+        """``{latent axis: size it must be a multiple of}`` (the patch sizes); checked before a forward,
+        so a latent the patch embedding would silently crop is refused. Default: no constraint."""
+        return {}
+
     def dummy_batch(self, batch_size: int = 1, seconds: float = 1.0, generator: torch.Generator | None = None) -> Batch:
         """A random batch with every key the model needs, at this expert's shapes."""
         raise NotImplementedError

@@ -15,6 +15,7 @@ from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
 from soe.config import RecipeError, to_container
+from soe.errors import one_line
 from soe.flow import generator_for, stream_seed
 from soe.media import contact_sheet, write_mp4
 from soe.sampling import SamplingSettings, sample_stitched
@@ -53,7 +54,11 @@ def text_conditions(stitcher, cfg, prompt: str, n: int) -> dict:
 
 
 def file_conditions(stitcher, path, n: int) -> dict:
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except Exception as err:  # a text file, a folder, a truncated file: safetensors' own error types vary
+        raise RecipeError(f"sample.conditions: '{path}' is not a safetensors file of a/<key> and b/<key> "
+                          f"tensors ({one_line(err, 120)})") from None
     out = {"a": {}, "b": {}}
     for k, v in tensors.items():
         side, _, key = k.partition("/")
@@ -117,6 +122,21 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     return written
 
 
+def check_sampling(stitcher, cfg) -> dict:
+    """Everything ``render_samples`` needs, checked without sampling (a training run calls this before
+    its first step, so a sampling problem never surfaces after hours of training). Returns the codecs."""
+    media_sides(stitcher)
+    if cfg.sample.conditions is not None:
+        file_conditions(stitcher, cfg.sample.conditions, cfg.sample.num_samples)
+    elif not all(cfg.experts[side].text_encoder_path for side in ("a", "b")):
+        for side in ("a", "b"):
+            if cfg.experts[side].path is not None:
+                raise RecipeError(f"sample.conditions: expert {side} ('{getattr(stitcher, side).name}') has real weights; "
+                                  "give precomputed conditioning (sample.conditions=FILE.safetensors) or both "
+                                  "experts' text_encoder_path")
+    return load_codecs(stitcher, cfg)
+
+
 def _device_of(module) -> torch.device:
     return next(iter(module.parameters()), torch.empty(0)).device
 
@@ -148,6 +168,10 @@ def generate(cfg, console: Console | None = None) -> list[Path]:
     if cfg.sample.ckpt is not None:
         folder = Path(cfg.sample.ckpt)
         folder = folder / "trained" if (folder / "trained").is_dir() else folder
+        for side in ("a", "b"):  # a LoRA expert without its adapter would sample as the base expert
+            if cfg.experts[side].train == "lora" and not (folder / f"lora_{side}").is_dir():
+                raise RecipeError(f"sample.ckpt: '{folder}' has no lora_{side}/ adapter folder, but experts.{side}.train is "
+                                  f"'lora' (set experts.{side}.train=frozen to sample the base expert)")
         try:
             load_trained(stitcher, folder)
         except FileNotFoundError as err:

@@ -6,6 +6,7 @@ import difflib
 from importlib import import_module
 from importlib.metadata import entry_points
 
+from soe.errors import SoeError
 from soe.expert import Expert
 
 ENTRY_POINT_GROUP = "soe.experts"
@@ -15,7 +16,9 @@ _REGISTRY: dict[str, type[Expert]] = {}
 _discovered = False
 
 
-class UnknownExpertError(KeyError):
+class UnknownExpertError(SoeError, KeyError):
+    """No expert registered under that name; the message lists the known ones."""
+
     def __str__(self):  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 

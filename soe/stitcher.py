@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from soe.align import Pairs, resolve_depth_map
+from soe.batch_check import check_batches
 from soe.connector import Connector, ConnectorSpec
 from soe.depth import DepthSpec, expand_stacks
 from soe.expert import Batch, BlockState, Expert, TokenLayout
@@ -217,6 +218,7 @@ class Stitcher(nn.Module):
         """
         if not self._stitched:
             raise RuntimeError("this Stitcher was unstitched; build a new one to run the experts together")
+        check_batches(self.a, self.b, batch_a, batch_b)
         if self.fusion is not None:
             return self.fusion(batch_a, batch_b, source_mask)
         if self.engine == "hooks":

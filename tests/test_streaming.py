@@ -62,10 +62,11 @@ def _run(sampler, n):
 
 
 def test_batch_k_depends_on_seed_and_k_only_ranks_disjoint_one_bucket_each():
-    full = [StreamBatchSampler(SIZES, 2, seed=5, total_batches=20, rank=r, world_size=2, shuffle_chunks=2) for r in (0, 1)]
-    resumed = StreamBatchSampler(SIZES, 2, seed=5, total_batches=20, start_batch=7, rank=1, world_size=2, shuffle_chunks=2)
-    assert [[(b, w) for _, b, w in batch] for batch in resumed] == [[(full[1].batch(k)[0], w) for w in full[1].batch(k)[1]]
-                                                                    for k in range(7, 20)]
+    full = [StreamBatchSampler(SIZES, 2, seed=5, length=20, rank=r, world_size=2, shuffle_chunks=2) for r in (0, 1)]
+    resumed = StreamBatchSampler(SIZES, 2, seed=5, length=20, next_batch=7, rank=1, world_size=2, shuffle_chunks=2)
+    it = iter(resumed)
+    assert [[(b, w) for _, b, w in next(it)] for _ in range(7, 20)] == [[(full[1].batch(k)[0], w) for w in full[1].batch(k)[1]]
+                                                                        for k in range(7, 20)]
     per_epoch = full[0].batches_per_epoch()
     assert per_epoch == 20 // 4 + 8 // 4  # "tiny" cannot fill batch_size x ranks and is left out
     for k in range(2 * per_epoch):
@@ -80,12 +81,12 @@ def test_batch_k_depends_on_seed_and_k_only_ranks_disjoint_one_bucket_each():
         assert {b: len(v) for b, v in seen.items()} == {"1s": 20, "2s": 8}
         assert all(len(set(v)) == len(v) and max(v) < sum(SIZES[b]) for b, v in seen.items())
     assert _run(full[0], per_epoch) != [full[0].batch(k) for k in range(per_epoch, 2 * per_epoch)]  # a new order per epoch
-    other_seed = StreamBatchSampler(SIZES, 2, seed=6, total_batches=20, world_size=2)
+    other_seed = StreamBatchSampler(SIZES, 2, seed=6, length=20, world_size=2)
     assert _run(other_seed, per_epoch) != _run(full[0], per_epoch)
 
 
 def test_shuffle_buffer_is_bounded_by_shuffle_chunks():
-    s = StreamBatchSampler({"x": [4] * 10}, 1, seed=0, total_batches=1, shuffle_chunks=3)
+    s = StreamBatchSampler({"x": [4] * 10}, 1, seed=0, length=1, shuffle_chunks=3)
     order, group_starts = s._order(0, 0)
     chunk_of = lambda w: w // 4  # noqa: E731
     for g, start in enumerate(group_starts):

@@ -312,6 +312,9 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
     out = out or cfg.data.path
     if out is None:
         raise UsageError("soe encode: give the cache folder with --out DIR (or data.path in the recipe)")
+    for p in (Path(out), *Path(out).parents):
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"soe encode --out: '{p}' is a file, expected a folder for the latent cache '{out}'")
     if not Path(src).is_dir():
         raise UsageError(f"soe encode: source folder not found: '{src}'")
     if workers < 0:

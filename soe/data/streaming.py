@@ -20,14 +20,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from soe.data.stream_read import StreamingCache
 from soe.errors import DataError, SoeError
 from soe.flow import generator_for
-from soe.train.data import _StitchDataModule
+from soe.train.data import StepDataLoader, _StitchDataModule
 from soe.train.latent_cache import LatentCacheError
 
 
 class StreamBatchSampler(Sampler):
-    def __init__(self, chunk_sizes: dict[str, list[int]], batch_size: int, seed: int, total_batches: int,
-                 start_batch: int = 0, rank: int = 0, world_size: int = 1, shuffle_chunks: int = 8):
-        self.batch_size, self.seed, self.total, self.start = batch_size, seed, total_batches, start_batch
+    """Iteration starts at ``next_batch`` as it stands when ``iter()`` is called and runs until the
+    trainer stops (like ``StepBatchSampler``); ``length`` is the nominal epoch Lightning counts against."""
+
+    def __init__(self, chunk_sizes: dict[str, list[int]], batch_size: int, seed: int, length: int,
+                 next_batch: int = 0, rank: int = 0, world_size: int = 1, shuffle_chunks: int = 8):
+        self.batch_size, self.seed, self.length, self.next_batch = batch_size, seed, length, next_batch
         self.rank, self.world, self.shuffle_chunks = rank, world_size, max(1, int(shuffle_chunks))
         per = batch_size * world_size
         self.chunk_sizes = {b: s for b, s in sorted(chunk_sizes.items()) if sum(s) >= per}
@@ -89,12 +92,14 @@ class StreamBatchSampler(Sampler):
         return self.names[b], [self.window_at(b, e, p) for p in range(first, first + self.batch_size)]
 
     def __iter__(self):
-        for k in range(self.start, self.total):
+        k = self.next_batch  # read now: a restarted iteration (or a restored loader state) continues the sequence
+        while True:
             bucket, windows = self.batch(k)
             yield [(k, bucket, w) for w in windows]
+            k += 1
 
     def __len__(self):
-        return max(0, self.total - self.start)
+        return self.length
 
 
 class StreamWindows(Dataset):
@@ -109,8 +114,9 @@ class StreamWindows(Dataset):
         return {"a": window["a"], "b": window["b"], "step": step}
 
 
-class StreamDataLoader(DataLoader):
-    """A DataLoader whose cache errors stay one line when they happen in a worker process."""
+class StreamDataLoader(StepDataLoader):
+    """``StepDataLoader`` (its position is in the checkpoint) whose cache errors stay one line when they
+    happen in a worker process."""
 
     def __iter__(self):
         it = super().__iter__()
@@ -131,9 +137,10 @@ class StreamDataLoader(DataLoader):
 class StreamingLatentDataModule(_StitchDataModule):
     """Streams a latent cache written by ``soe encode`` (format 2): bounded memory per rank."""
 
-    def __init__(self, experts: dict, path, batch_size: int = 4, seed: int = 0, num_workers: int = 0, shuffle_chunks: int = 8):
+    def __init__(self, experts: dict, path, batch_size: int = 4, seed: int = 0, num_workers: int = 0, shuffle_chunks: int = 8,
+                 seconds: float | None = None):
         super().__init__(experts, batch_size, seed, num_workers)
-        self.path, self.shuffle_chunks = path, shuffle_chunks
+        self.path, self.shuffle_chunks, self.seconds = path, shuffle_chunks, seconds  # seconds: data.seconds
         self.cache: StreamingCache | None = None
 
     def setup(self, stage=None):
@@ -143,6 +150,10 @@ class StreamingLatentDataModule(_StitchDataModule):
         names = {side: e.name for side, e in self.experts.items()}
         if cache.meta.get("experts") != names:
             raise LatentCacheError(f"latent cache '{self.path}' holds latents of experts {cache.meta.get('experts')}, the recipe stitches {names}")
+        lengths = sorted({float(b["seconds"]) for b in cache.meta["buckets"].values()})
+        if self.seconds is not None and all(abs(s - self.seconds) > 1e-6 for s in lengths):  # bucketed caches hold several
+            raise LatentCacheError(f"data.seconds: {self.seconds} s, but the latent cache '{self.path}' holds windows of "
+                                   f"{', '.join(f'{s:g}' for s in lengths)} s (set data.seconds to match, or encode the clips again)")
         for bucket in cache.buckets:  # one window per bucket: shapes and conditioning keys against the experts
             self._check_window(cache, bucket)
         self.cache, self.dataset = cache, StreamWindows(cache)
@@ -163,9 +174,9 @@ class StreamingLatentDataModule(_StitchDataModule):
             if missing:
                 raise LatentCacheError(f"latent cache '{self.path}': bucket '{bucket}' lacks {side} conditioning {missing}")
 
-    def make_batch_sampler(self, total_batches: int, start_batch: int, rank: int, world_size: int) -> Sampler:
+    def make_batch_sampler(self, length: int, next_batch: int, rank: int, world_size: int) -> Sampler:
         sizes = {b: self.cache.chunk_sizes(b) for b in self.cache.buckets}
-        return StreamBatchSampler(sizes, self.batch_size, self.seed, total_batches, start_batch, rank, world_size, self.shuffle_chunks)
+        return StreamBatchSampler(sizes, self.batch_size, self.seed, length, next_batch, rank, world_size, self.shuffle_chunks)
 
     def make_loader(self, sampler) -> DataLoader:
         return StreamDataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,

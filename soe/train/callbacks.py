@@ -10,9 +10,9 @@ class SampleCallback(Callback):
     """Every ``every_n_steps`` optimizer steps (0 = never) and/or once at the end, render the
     recipe's ``sample`` section into ``<run_dir>/samples/step-NNNNNN/``."""
 
-    def __init__(self, cfg, run_dir, every_n_steps: int = 0, at_end: bool = False):
+    def __init__(self, cfg, run_dir, every_n_steps: int = 0, at_end: bool = False, codecs: dict | None = None):
         self.cfg, self.run_dir, self.every, self.at_end = cfg, Path(run_dir), every_n_steps, at_end
-        self._codecs = None
+        self._codecs = codecs  # from generate.check_sampling, run before the first step
 
     def _render(self, trainer, pl_module):
         # every rank samples (sharded parameters are gathered in the forward); rank zero writes
@@ -31,4 +31,8 @@ class SampleCallback(Callback):
 
     def on_train_end(self, trainer, pl_module):
         if self.at_end and getattr(self, "_last", None) != trainer.global_step:
+            save_final = getattr(trainer.checkpoint_callback, "save_final", None)  # RunCheckpoint
+            if save_final is not None:  # the trained state is on disk before sampling can fail or be interrupted
+                save_final(trainer)
             self._render(trainer, pl_module)
+

@@ -18,19 +18,31 @@ import tempfile
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from soe.errors import CheckpointError, one_line
+from soe.errors import DISK_FULL_ERRNOS, CheckpointError, DiskFullError, one_line
 from soe.lora import ADAPTER
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """``after_save``: callables run with the path once a checkpoint file is complete on disk."""
+
+    def __init__(self):
+        super().__init__()
+        self.after_save: list = []
+
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
+        with _disk_full_errors(f"checkpoint '{path}'", "the previous checkpoint is intact"):
+            self._write(checkpoint, path)
+        for hook in self.after_save:
+            hook(path)
+
+    def _write(self, checkpoint, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*"):  # left by a writer killed mid-write
             stale.unlink(missing_ok=True)
@@ -67,7 +79,19 @@ def _one_line_errors(path):
         raise CheckpointError(f"checkpoint '{path}' refused: it pickles more than tensors and plain containers "
                               f"({found.group(1) if found else one_line(e, 120)})") from None
     except Exception as e:  # truncated or not a checkpoint: one line naming the file
-        raise CheckpointError(f"checkpoint '{path}' cannot be read safely: {one_line(e, 300)}") from None
+        raise CheckpointError(f"checkpoint '{path}' cannot be read safely: it is truncated or not a checkpoint written by "
+                              f"soe ({one_line(e, 200)})") from None
+
+
+@contextlib.contextmanager
+def _disk_full_errors(what: str, intact: str):
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(f"{what}: no space left on the device ({e.strerror}); nothing was half-written, "
+                                f"{intact}") from None
+        raise
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -87,21 +111,44 @@ def _full_cpu(state: dict) -> dict:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous() for k, v in state.items()}
 
 
+def gather_trained(stitcher, train_modes: dict[str, str]) -> tuple:
+    """(connectors, LoRA adapters per side, fusion) as plain CPU tensors. Under a sharded strategy every
+    rank must call this (gathering is collective)."""
+    conn = _full_cpu(stitcher.connectors.state_dict())
+    adapters = {side: _full_cpu(get_peft_model_state_dict(getattr(stitcher, side).model, adapter_name=ADAPTER))
+                for side, mode in train_modes.items() if mode == "lora"}
+    fusion = _full_cpu(stitcher.fusion.state_dict()) if getattr(stitcher, "fusion", None) is not None else None
+    return conn, adapters, fusion
+
+
 def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = True) -> Path:
     """Write everything that trained into ``folder`` (atomically replaced as a whole).
 
     Under a sharded strategy every rank must call this (gathering is collective); only the rank
     with ``write=True`` writes files.
     """
+    tensors = gather_trained(stitcher, train_modes)
+    if write:
+        write_trained(stitcher, folder, train_modes, tensors)
+    return Path(folder)
+
+
+def write_trained(stitcher, folder, train_modes: dict[str, str], tensors: tuple) -> None:
+    """Write ``gather_trained``'s tensors into a temporary folder, then swap it in; a failure (a full
+    disk) removes the temporary folder and leaves the previous export as it was."""
     folder = Path(folder)
-    conn = _full_cpu(stitcher.connectors.state_dict())
-    adapters = {side: _full_cpu(get_peft_model_state_dict(getattr(stitcher, side).model, adapter_name=ADAPTER))
-                for side, mode in train_modes.items() if mode == "lora"}
-    fusion = _full_cpu(stitcher.fusion.state_dict()) if getattr(stitcher, "fusion", None) is not None else None
-    if not write:
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    with _disk_full_errors(f"trained folder '{folder}'", "the previous export is intact"):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            _write_trained_files(stitcher, tmp, train_modes, *tensors)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _replace_dir(tmp, folder)
+
+
+def _write_trained_files(stitcher, tmp: Path, train_modes, conn, adapters, fusion) -> None:
     save_file(conn, tmp / "connectors.safetensors")
     if fusion is not None:  # inserted blocks and new k/v projections (soe/depth.py, soe/inject.py)
         save_file(fusion, tmp / "fusion.safetensors")
@@ -114,8 +161,6 @@ def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = 
             save_file(adapters[side], out / "adapter_model.safetensors")
         elif mode == "full":
             expert.save(tmp / f"expert_{side}")
-    _replace_dir(tmp, folder)
-    return folder
 
 
 def load_trained(stitcher, folder) -> None:
@@ -169,13 +214,44 @@ def _load_trained(stitcher, folder: Path) -> None:
 
 
 class ExportTrained(Callback):
-    """After every checkpoint, export what trained to ``<run_dir>/trained`` (peft + safetensors)."""
+    """After every checkpoint, export what trained to ``<run_dir>/trained`` (peft + safetensors).
+
+    The tensors are taken when the checkpoint is (every rank: sharded ones are gathered); the
+    files are written once the checkpoint file is complete (``AtomicCheckpointIO.after_save``), so
+    ``trained/`` is never ahead of the last checkpoint, e.g. when the disk fills up.
+    """
 
     def __init__(self, folder, train_modes: dict[str, str]):
         self.folder, self.train_modes = Path(folder), train_modes
+        self._pending: tuple | None = None  # (stitcher, tensors) of the checkpoint being written
+
+    def attach(self, io: AtomicCheckpointIO) -> None:
+        io.after_save.append(self._write_pending)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero)
+        self._pending = (pl_module.stitcher, gather_trained(pl_module.stitcher, self.train_modes))
+
+    def _write_pending(self, path) -> None:
+        if self._pending is not None:
+            write_trained(self._pending[0], self.folder, self.train_modes, self._pending[1])
 
     def on_train_end(self, trainer, pl_module):
-        export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero)
+        if trainer.checkpoint_callback is None:  # otherwise the final checkpoint exported it
+            export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the run's final step.
+
+    Lightning's skips the final save when an earlier periodic one happened (a 45-step run saving
+    every 20 would end with ``last.ckpt`` at step 40); ``save_final`` is also called by the sampling
+    callback so the checkpoint is on disk before end-of-run sampling starts.
+    """
+
+    def save_final(self, trainer) -> None:
+        if trainer.global_step == 0 or self._should_skip_saving_checkpoint(trainer):
+            return  # nothing trained, or this step is already saved
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer, pl_module):
+        self.save_final(trainer)

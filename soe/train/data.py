@@ -29,19 +29,22 @@ class ClipDataset(Dataset):
 
 
 class StepBatchSampler(Sampler):
-    """Batches drawn within buckets, a fresh permutation per epoch, a disjoint slice per rank.
+    """Batches drawn within buckets, a fresh permutation per data epoch, a disjoint slice per rank.
 
-    Batch ``k`` depends only on (seed, k, rank); iteration starts at ``start_batch`` so a resumed
-    run continues the exact sequence. Length = the batches still to come.
+    Batch ``k`` depends only on (seed, k, rank). Iteration starts at ``next_batch`` as it stands when
+    ``iter()`` is called and runs on until the trainer stops, so however Lightning cuts the run into
+    "epochs" (a resume restores its own batch counter; a skipped optimizer step needs one batch more)
+    each new iteration continues the one sequence. ``length`` is only the nominal epoch Lightning
+    counts against (the whole run: max_steps x accumulate_grad_batches).
     """
 
-    def __init__(self, buckets: list[list[int]], batch_size: int, seed: int, total_batches: int,
-                 start_batch: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, buckets: list[list[int]], batch_size: int, seed: int, length: int,
+                 next_batch: int = 0, rank: int = 0, world_size: int = 1):
         self.buckets = [b for b in buckets if len(b) >= batch_size * world_size]
         if not self.buckets:
             sizes = [len(b) for b in buckets]
             raise DataError(f"data.batch_size: no bucket holds batch_size x devices = {batch_size * world_size} clips (bucket sizes {sizes})")
-        self.batch_size, self.seed, self.total, self.start = batch_size, seed, total_batches, start_batch
+        self.batch_size, self.seed, self.length, self.next_batch = batch_size, seed, length, next_batch
         self.rank, self.world = rank, world_size
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
 
@@ -68,21 +71,40 @@ class StepBatchSampler(Sampler):
         return full[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
 
     def __iter__(self):
-        for k in range(self.start, self.total):
+        k = self.next_batch  # read now, not at construction: a restarted iteration resumes the sequence
+        while True:
             yield [(k, i) for i in self.batch(k)]
+            k += 1
 
     def __len__(self):
-        return max(0, self.total - self.start)
+        return self.length
+
+
+class StepDataLoader(DataLoader):
+    """A DataLoader over a :class:`StepBatchSampler` whose position is part of the checkpoint.
+
+    Lightning saves ``state_dict()`` of loaders that have one into the checkpoint (``loops.fit_loop.
+    state_dict.combined_loader``) and hands it back through ``load_state_dict`` on resume. The
+    position is the next batch *training* will use (the data module records each batch as it
+    reaches the model), never how far worker processes have prefetched.
+    """
+
+    def state_dict(self) -> dict:
+        return {"next_batch": self.batch_sampler.next_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.next_batch = int(state["next_batch"])
 
 
 class _StitchDataModule(L.LightningDataModule):
-    """Shared plumbing: the experts are injected, the sampler resumes at the trainer's step."""
+    """Shared plumbing: the experts are injected, the sampler resumes where training stood."""
 
     def __init__(self, experts: dict, batch_size: int, seed: int = 0, num_workers: int = 0):
         super().__init__()
         self.experts, self.batch_size, self.seed, self.num_workers = experts, batch_size, seed, num_workers
         self.dataset: ClipDataset | None = None
         self.buckets: list[list[int]] = []
+        self.sampler: StepBatchSampler | None = None
 
     def check_buckets(self, world_size: int = 1) -> None:
         """At least one bucket must fill a batch on every device (fails before training starts)."""
@@ -95,17 +117,24 @@ class _StitchDataModule(L.LightningDataModule):
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer else 1
         max_steps = trainer.max_steps if trainer else 1
+        # a checkpoint's loader state (StepDataLoader.load_state_dict) overrides this; checkpoints
+        # written before loaders had one resume at the batch the optimizer steps imply
         start = trainer.global_step * accumulate if trainer else 0
-        sampler = self.make_batch_sampler(max_steps * accumulate, start, trainer.global_rank if trainer else 0,
-                                          trainer.world_size if trainer else 1)
-        return self.make_loader(sampler)
+        self.sampler = self.make_batch_sampler(max(1, max_steps * accumulate), start, trainer.global_rank if trainer else 0,
+                                               trainer.world_size if trainer else 1)
+        return self.make_loader(self.sampler)
 
-    def make_batch_sampler(self, total_batches: int, start_batch: int, rank: int, world_size: int) -> Sampler:
-        return StepBatchSampler(self.buckets, self.batch_size, self.seed, total_batches=total_batches,
-                                start_batch=start_batch, rank=rank, world_size=world_size)
+    def make_batch_sampler(self, length: int, next_batch: int, rank: int, world_size: int) -> Sampler:
+        return StepBatchSampler(self.buckets, self.batch_size, self.seed, length=length, next_batch=next_batch,
+                                rank=rank, world_size=world_size)
 
     def make_loader(self, sampler) -> DataLoader:
-        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers)
+        return StepDataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if self.sampler is not None and "step" in batch:  # this batch reaches the model now
+            self.sampler.next_batch = int(batch["step"][0]) + 1
+        return batch
 
 
 class SyntheticAVDataModule(_StitchDataModule):
@@ -134,9 +163,10 @@ class SyntheticAVDataModule(_StitchDataModule):
 class PairedLatentDataModule(_StitchDataModule):
     """Reads a latent cache folder; shapes are checked against the experts at setup."""
 
-    def __init__(self, experts: dict, path, batch_size: int = 4, seed: int = 0, num_workers: int = 0):
+    def __init__(self, experts: dict, path, batch_size: int = 4, seed: int = 0, num_workers: int = 0,
+                 seconds: float | None = None):
         super().__init__(experts, batch_size, seed, num_workers)
-        self.path = path
+        self.path, self.seconds = path, seconds  # seconds: the recipe's data.seconds, which the clips must match
 
     def setup(self, stage=None):
         if self.dataset is not None:
@@ -147,6 +177,12 @@ class PairedLatentDataModule(_StitchDataModule):
             from soe.train.latent_cache import LatentCacheError
 
             raise LatentCacheError(f"latent cache '{self.path}' holds latents of experts {meta.get('experts')}, the recipe stitches {names}")
+        lengths = sorted({float(r["seconds"]) for r in rows})
+        if self.seconds is not None and all(abs(s - self.seconds) > 1e-6 for s in lengths):  # bucketed caches hold several
+            from soe.train.latent_cache import LatentCacheError
+
+            raise LatentCacheError(f"data.seconds: {self.seconds} s, but the latent cache '{self.path}' holds clips of "
+                                   f"{', '.join(f'{s:g}' for s in lengths)} s (set data.seconds to match, or encode the clips again)")
         clips = load_clips(self.path, rows)
         validate_clip_shapes(clips, rows, self.experts, self.path)
         self.dataset = ClipDataset(clips)

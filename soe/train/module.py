@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
+from soe.batch_check import cast_batch
 from soe.errors import CheckpointError, NonFiniteLossError
-from soe.flow import FlowObjective
+from soe.flow import FlowObjective, stream_seed
 from soe.stitcher import Stitcher
 
 
@@ -45,7 +46,10 @@ class StitchModule(L.LightningModule):
     # ---- the step ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         step = int(batch["step"][0])  # batch number from the sampler: noise is a function of data position
-        inputs, targets = self.objective.noised({"a": batch["a"], "b": batch["b"]}, step=step, rank=self.global_rank)
+        # the global RNG (LoRA dropout) too, so a resumed run draws what an uninterrupted one would
+        torch.manual_seed(stream_seed(self.objective.seed, "global", step, self.global_rank))
+        clean = {s: cast_batch(getattr(self.stitcher, s), batch[s]) for s in ("a", "b")}
+        inputs, targets = self.objective.noised(clean, step=step, rank=self.global_rank)
         saved = [b.clone() for b in self.objective.buffers()] if self.on_nonfinite == "skip" else None
         pred_a, pred_b = self.stitcher(inputs["a"], inputs["b"])
         loss, per_modality = self.objective({"a": pred_a, "b": pred_b}, targets)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from rich.console import Console
 
@@ -18,10 +19,11 @@ from soe.flow import FlowObjective
 from soe.lora import apply_training_setup
 from soe.report import print_tables, stitch_tables
 from soe.train.callbacks import SampleCallback
-from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained, read_checkpoint
+from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained, RunCheckpoint, read_checkpoint
 from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
 from soe.train.module import OptimSettings, StitchModule
 from soe.train.plots import plot_losses
+from soe.train.run_folder import RunLock, check_recipe_changes
 
 
 def build_objective(cfg, stitcher) -> FlowObjective:
@@ -48,8 +50,9 @@ def build_datamodule(cfg, stitcher):
         from soe.data.streaming import StreamingLatentDataModule
 
         return StreamingLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
-                                         shuffle_chunks=d.shuffle_chunks)
-    return PairedLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
+                                         shuffle_chunks=d.shuffle_chunks, seconds=d.seconds)
+    return PairedLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
+                                  seconds=d.seconds)
 
 
 def build_strategy(name: str, devices, num_nodes: int):
@@ -64,9 +67,14 @@ def build_strategy(name: str, devices, num_nodes: int):
 
 def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = True) -> L.Trainer:
     t = cfg.trainer
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
+    io = AtomicCheckpointIO()
+    for callback in callbacks:
+        if isinstance(callback, ExportTrained):  # trained/ follows each checkpoint once it is on disk
+            callback.attach(io)
+    ckpt = RunCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
                            every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=-1)
-    loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard", version="")]
+    # every logged row reaches the disk at once: a killed run keeps the losses of the steps it made
+    loggers = [CSVLogger(run_dir, name="logs", flush_logs_every_n_steps=1), TensorBoardLogger(run_dir, name="tensorboard", version="")]
     progress = [RichProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True)] if console_progress else []
     try:
         return L.Trainer(
@@ -81,7 +89,7 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = 
             gradient_clip_val=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None,
             callbacks=[ckpt, *progress, *callbacks],
             logger=loggers,
-            plugins=[AtomicCheckpointIO()],
+            plugins=[io],
             default_root_dir=run_dir,
             enable_progress_bar=console_progress,
             enable_model_summary=False,
@@ -111,11 +119,23 @@ def prepare_run_dir(cfg) -> tuple[Path, str | None]:
     return run_dir, None
 
 
-def run_training(recipe, overrides=(), console: Console | None = None, progress: bool = True) -> dict:
+def run_training(recipe, overrides=(), console: Console | None = None, progress: bool = True,
+                 allow_changes=()) -> dict:
+    """Train the recipe into its run folder. ``allow_changes``: recipe keys a resume may change
+    beyond the free ones (see ``soe.train.run_folder``)."""
     console = console or Console()
     cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
     validate_recipe(cfg)
+    lock = RunLock(cfg.run_dir)
+    owner = rank_zero_only.rank == 0  # DDP's worker processes re-run this script under the owner's lock
+    if owner:
+        lock.check()  # a run folder in use fails now, before anything is built or written
     run_dir, resume_from = prepare_run_dir(cfg)
+    if owner:
+        if resume_from:
+            accepted = check_recipe_changes(run_dir, cfg, allow_changes)
+            for key, (old, new) in accepted.items():
+                console.print(f"resume: {key} {old!r} -> {new!r}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stitcher = build_stitcher(cfg)
     apply_training_setup(stitcher, cfg)
@@ -128,24 +148,35 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}
     callbacks = [ExportTrained(run_dir / "trained", train_modes)]
-    if cfg.sample.every_n_steps or cfg.sample.at_end:
-        callbacks.append(SampleCallback(cfg, run_dir, cfg.sample.every_n_steps, cfg.sample.at_end))
+    if cfg.sample.every_n_steps or cfg.sample.at_end:  # whatever sampling needs is checked before the first step
+        from soe.generate import check_sampling
+
+        codecs = check_sampling(stitcher, cfg)
+        callbacks.append(SampleCallback(cfg, run_dir, cfg.sample.every_n_steps, cfg.sample.at_end, codecs=codecs))
     datamodule = build_datamodule(cfg, stitcher)
     datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
     trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
-    # only now, with everything built, does the run folder get (re)written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if trainer.is_global_zero:
-        OmegaConf.save(cfg, run_dir / "recipe.yaml", resolve=True)
-    if trainer.is_global_zero:
-        print_tables(stitch_tables(stitcher), console)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*Precision.*is not supported by the model summary.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    result = {"run_dir": run_dir, "module": module, "trainer": trainer}
-    if trainer.is_global_zero:
-        png = plot_losses(run_dir, run_dir / "loss_curves.png")
-        console.print(f"[green]done[/]: {trainer.global_step} steps; run folder [bold]{run_dir}[/] "
-                      f"(checkpoints/, trained/, logs/, {png.name if png else 'no plot'})")
-    return result
+    # only now, with everything built, does the run folder get (re)written, under its lock
+    if owner:
+        lock.acquire()
+        if lock.stale_holder:
+            console.print(f"run_dir: took over the lock of pid {lock.stale_holder.get('pid')} on host "
+                          f"{lock.stale_holder.get('host')}, which is no longer running")
+    try:
+        if owner:  # the run's recipe, and a copy beside this start's logs (earlier starts keep theirs)
+            OmegaConf.save(cfg, run_dir / "recipe.yaml", resolve=True)
+            csv_log = trainer.loggers[0]
+            csv_log.experiment  # creates this start's logs/version_N (it warns about a folder that exists)
+            OmegaConf.save(cfg, Path(csv_log.log_dir) / "recipe.yaml", resolve=True)
+            print_tables(stitch_tables(stitcher), console)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*Precision.*is not supported by the model summary.*")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        if trainer.is_global_zero:
+            png = plot_losses(run_dir, run_dir / "loss_curves.png")
+            console.print(f"[green]done[/]: {trainer.global_step} steps; run folder [bold]{run_dir}[/] "
+                          f"(checkpoints/, trained/, logs/, {png.name if png else 'no plot'})")
+    finally:
+        lock.release()
+    return {"run_dir": run_dir, "module": module, "trainer": trainer}

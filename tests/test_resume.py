@@ -1,0 +1,161 @@
+"""Exact resume: a run stopped at any point and resumed equals an uninterrupted run bit for bit.
+
+"Equal" means every trainable tensor (connectors, LoRA, loss-balance buffers) and every logged loss.
+The recipe is this file's own (tiny experts, LoRA dropout on, a 3-batch data epoch so runs cross
+data epochs, a warmup (a cosine schedule is a function of max_steps, so raising it changes the run by design)), so the cases do not depend on the shipped demo.
+Resuming at step s to a total T covers both sides of the old failure (T < 2s and T > 2s: Lightning's
+restored batch counter against the sampler's length) and a raised ``max_steps``.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from soe.train.checkpoint import read_checkpoint
+from soe.train.plots import read_run_metrics
+from soe.train.run import run_training
+
+ROOT = Path(__file__).parents[1]
+QUIET = Console(file=open(os.devnull, "w"))
+RECIPE = """\
+name: resume-test
+seed: 3
+experts:
+  a: {name: wan2.1, preset: tiny, train: lora, lora: {r: 2, alpha: 2, dropout: 0.2}}
+  b: {name: ace-step-1.5, preset: tiny, train: lora, lora: {r: 2, alpha: 2, dropout: 0.2}}
+stitch: {pairs: linear, direction: both, connector: {init: trunc_normal}}
+flow: {balance: ema}
+data: {kind: synthetic, seconds: 1.0, batch_size: 2, num_clips: 6}
+optim: {lr: 1.0e-2, warmup_steps: 3}
+trainer: {max_steps: 4, accelerator: cpu, log_every_n_steps: 1, checkpoint_every_n_steps: 100}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+def train(recipe, run_dir, steps, *overrides):
+    return run_training(recipe, [f"run_dir={run_dir}", f"trainer.max_steps={steps}", *overrides], console=QUIET, progress=False)
+
+
+def assert_same_run(straight, resumed):
+    """Trainable tensors bit-equal, and the logged losses of every step bit-equal."""
+    a, b = straight.trainable_state_dict(), resumed.trainable_state_dict()
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_same_logs(straight_dir, resumed_dir, steps):
+    ma, mb = read_run_metrics(straight_dir), read_run_metrics(resumed_dir)
+    for key in ("loss", "loss_a_video", "loss_b_audio"):
+        assert [s for s, _ in ma[key]] == list(range(steps)), key
+        assert ma[key] == mb[key], key  # floats compared exactly
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    """Uninterrupted runs of 5 and 7 steps, shared by the cases below."""
+    tmp = tmp_path_factory.mktemp("straight")
+    (tmp / "recipe.yaml").write_text(RECIPE)
+    return {n: (train(tmp / "recipe.yaml", tmp / f"s{n}", n)["module"], tmp / f"s{n}") for n in (5, 7)}
+
+
+@pytest.mark.parametrize("first,total", [(3, 5), (2, 7)], ids=["T<2s", "T>2s"])
+def test_resume_with_raised_max_steps_is_exact(recipe, tmp_path, straight_runs, first, total):
+    train(recipe, tmp_path / "run", first)
+    resumed = train(recipe, tmp_path / "run", total, "resume=true")
+    assert resumed["trainer"].global_step == total
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["loops"]["fit_loop"]["state_dict"][
+        "combined_loader"] == [{"next_batch": total}]  # the loader's position is part of the checkpoint
+    module, straight_dir = straight_runs[total]
+    assert_same_run(module, resumed["module"])
+    assert_same_logs(straight_dir, tmp_path / "run", total)
+
+
+def test_resume_twice_across_data_epochs_with_a_worker(recipe, tmp_path, straight_runs):
+    """Two stops (one mid data epoch), a dataloader worker process: still the uninterrupted run."""
+    train(recipe, tmp_path / "run", 2, "data.num_workers=1")
+    train(recipe, tmp_path / "run", 4, "data.num_workers=1", "resume=true")
+    resumed = train(recipe, tmp_path / "run", 7, "data.num_workers=1", "resume=true")
+    module, straight_dir = straight_runs[7]
+    assert_same_run(module, resumed["module"])
+    assert_same_logs(straight_dir, tmp_path / "run", 7)
+
+
+def _cli(recipe, run_dir, *overrides):
+    return [sys.executable, "-m", "soe.cli", "stitch", str(recipe), f"run_dir={run_dir}", *overrides]
+
+
+def _wait_for(path: Path, proc, step: int, timeout=240):
+    """Block until ``path`` holds a checkpoint of at least ``step`` optimizer steps."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists():
+            try:
+                if read_checkpoint(path)["global_step"] >= step:
+                    return
+            except Exception:  # replaced while being read
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint of step {step} at {path} (exit {proc.poll()})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_stopped_between_checkpoints_resumes_exactly(recipe, tmp_path, straight_runs, sig):
+    """Killed (no cleanup) or interrupted (Ctrl-C) some steps after a checkpoint: resume from it."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli(recipe, run, "trainer.max_steps=400", "trainer.checkpoint_every_n_steps=2"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(run / "checkpoints" / "step-000002.ckpt", proc, 2)
+        time.sleep(0.3)  # into the steps after the checkpoint
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -9
+    else:  # Ctrl-C: Lightning stops gracefully, soe exits non-zero without a traceback
+        assert "Traceback" not in err, err[-2000:]
+    step = read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
+    assert 2 <= step < 400
+    total = 7 if step < 7 else step + 1
+    resumed = train(recipe, run, total, "resume=true")
+    straight = straight_runs[total] if total in straight_runs else (None, None)
+    if straight[0] is None:
+        straight = (train(recipe, tmp_path / "straight", total)["module"], tmp_path / "straight")
+    assert_same_run(straight[0], resumed["module"])
+    assert_same_logs(straight[1], run, total)
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_resume_exactly(recipe, tmp_path):
+    """2 CPU processes (DDP over gloo): 2 steps + resume to 4 equals 4 straight steps, rank by rank."""
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "data.num_clips=8"]
+
+    def run(run_dir, steps, *extra):
+        proc = subprocess.run(_cli(recipe, run_dir, *ddp, f"trainer.max_steps={steps}", *extra),
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return read_checkpoint(run_dir / "checkpoints" / "last.ckpt", mmap=False)
+
+    run(tmp_path / "split", 2)
+    resumed = run(tmp_path / "split", 4, "resume=true")
+    straight = run(tmp_path / "straight", 4)
+    assert resumed["global_step"] == straight["global_step"] == 4
+    assert resumed["state_dict"].keys() == straight["state_dict"].keys()
+    for k, v in straight["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    assert read_run_metrics(tmp_path / "split")["loss"] == read_run_metrics(tmp_path / "straight")["loss"]
