@@ -72,9 +72,7 @@ def unpack(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
     """Back from storage; floats come out as float32 (what the training step computes the loss in)."""
     if t.dtype == torch.int16 and dtype == "bfloat16":
         return t.view(torch.bfloat16).float()
-    if t.is_floating_point():
-        return t.float() if t.dtype != torch.float32 else t.clone()  # litdata hands out read-only buffers
-    return t.clone()
+    return t.float() if t.is_floating_point() else t  # float32 and integers: litdata's (read-only) buffer as is
 
 
 def trim(t: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,9 @@ def _read_index(folder: Path, sub: str) -> dict:
 
 
 class StreamingCache:
-    """``buffer_chunks``: decoded window chunks kept per process (the shuffle buffer: ``data.shuffle_chunks``);
-    a chunk is decoded whole, in order, the first time a batch needs one of its windows."""
+    """``buffer_chunks``: decoded window chunks kept per bucket and process (the shuffle buffer:
+    ``data.shuffle_chunks``); a chunk is decoded whole, in order, the first time a batch needs one of
+    its windows. Memory: buckets x buffer_chunks chunks + 64 MB of text states, whatever the cache size."""
 
     def __init__(self, folder, buffer_chunks: int = 8):
         self.buffer_chunks = max(1, int(buffer_chunks))
@@ -65,10 +66,10 @@ class StreamingCache:
         self._datasets: dict = {}
         self._texts: OrderedDict = OrderedDict()  # (dataset, chunk) -> decoded text states, at most TEXT_CACHE_BYTES
         self._text_bytes = 0
-        self._chunks: OrderedDict = OrderedDict()  # (dataset, chunk) -> decoded windows, at most buffer_chunks
+        self._chunks: dict[str, OrderedDict] = {}  # bucket dataset -> {(dataset, chunk): decoded windows}, buffer_chunks each
 
     def __getstate__(self):  # DataLoader workers open their own litdata datasets
-        return {**self.__dict__, "_datasets": {}, "_texts": OrderedDict(), "_text_bytes": 0, "_chunks": OrderedDict()}
+        return {**self.__dict__, "_datasets": {}, "_texts": OrderedDict(), "_text_bytes": 0, "_chunks": {}}
 
     def chunk_sizes(self, bucket: str) -> list[int]:
         return self.sizes[f"{WINDOWS}/{bucket}"]
@@ -86,7 +87,7 @@ class StreamingCache:
         """Item ``index`` of dataset ``sub``, from its chunk decoded whole (kept in a bounded LRU)."""
         chunk = bisect.bisect_right(self.starts[sub], index) - 1
         text = sub.startswith(TEXTS)
-        lru = self._texts if text else self._chunks
+        lru = self._texts if text else self._chunks.setdefault(sub, OrderedDict())  # per bucket: batches alternate buckets
         rows = lru.get((sub, chunk))
         if rows is None:
             first, n = self.starts[sub][chunk], self.sizes[sub][chunk]
@@ -131,7 +132,8 @@ class StreamingCache:
 
     def window(self, bucket: str, index: int) -> dict:
         """``{"a": {"latents", cond...}, "b": {...}, "id"}``: tensors without batch axis, floats as float32,
-        conditioning padded back to the encoder's length with zeros."""
+        conditioning padded back to the encoder's length with zeros. Tensors may share memory with the
+        read buffer (collating copies them): do not modify them in place."""
         item = self._row(f"{WINDOWS}/{bucket}", index)
         out = {"id": item["id"]}
         for side in ("a", "b"):
@@ -141,7 +143,7 @@ class StreamingCache:
 
     def _text(self, side: str, index: int) -> dict:
         lengths = self.lengths.get(side, {})
-        return {k: pad(v, lengths[k][0]) if lengths.get(k) else v.clone() for k, v in self._row(f"{TEXTS}/{side}", index).items()}
+        return {k: pad(v, lengths[k][0]) if lengths.get(k) else v for k, v in self._row(f"{TEXTS}/{side}", index).items()}
 
 
 def load_cache(folder) -> tuple[dict, list[dict], list[dict]]:
