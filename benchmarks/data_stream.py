@@ -31,6 +31,29 @@ SHAPES = {"a": (4, 6, 8, 8), "b": (8, 16, 6)}  # latents: a tiny Wan window, an 
 TEXT = {"a": (12, 32), "b": (10, 24)}
 
 
+def universe1_window_bytes(wan_tokens: int = 80, ace_tokens: int = 60, lyric_tokens: int = 0, windows_per_caption: int = 1) -> dict:
+    """Bytes of one 5 s UniVerse-1 window (Wan2.1 1.3B 480x832 + ACE-Step v1 at 25.6 kHz), computed from
+    the shapes with the cache's own pack/trim: format 1 (float32, text padded, per window) vs format 2."""
+    import torch
+
+    from soe.data.stream_format import latent_dtype_for, pack, trim
+
+    def text(n, length, dim=None, dtype=torch.float32):
+        t = torch.zeros((length, dim) if dim else (length,), dtype=dtype)
+        t[:n] = 1
+        return t
+
+    latents = {"wan": torch.zeros(16, 31, 60, 104), "ace": torch.zeros(8, 16, 31)}
+    texts = {"encoder_hidden_states": text(wan_tokens, 512, 4096), "text_hidden_states": text(ace_tokens, 256, 768),
+             "text_attention_mask": text(ace_tokens, 256, dtype=torch.long), "speaker_embeds": torch.zeros(512),
+             "lyric_token_ids": text(lyric_tokens, 512, dtype=torch.long), "lyric_mask": text(lyric_tokens, 512, dtype=torch.long)}
+    before = sum(t.nbytes for t in (*latents.values(), *texts.values()))
+    dtype = latent_dtype_for("bf16-mixed")  # recipes/universe1.yaml trains in bf16-mixed
+    after_latents = sum(pack(t, dtype).nbytes for t in latents.values())
+    after_text = sum(pack(trim(t), "bfloat16").nbytes for t in texts.values()) / windows_per_caption
+    return {"before": before, "after": after_latents + after_text, "latents": after_latents, "text": after_text}
+
+
 def write(folder: Path, n: int) -> None:
     from soe.data.stream_synthetic import random_record, write_cache
 
@@ -108,6 +131,15 @@ def main() -> None:
         t.add_row(f"{n:,}", f"{size / 2**20:.1f}", f"{lo['peak_rss_mb']:.0f}", f"{lo['peak_rss_mb'] / base:.3f}", f"{lo['per_s']:.0f}",
                   f"{rb['per_s']:.0f}", f"{lo['per_s'] / rb['per_s']:.2f}", f"{raw['per_s']:.0f}", f"{lo['per_s'] / raw['per_s']:.2f}")
     Console().print(t)
+    u = Table(title="bytes per 5 s UniVerse-1 window (Wan2.1 1.3B 480x832 + ACE-Step v1 25.6 kHz), from the shapes")
+    for c in ("captions", "format 1 (f32, padded)", "format 2", "of which latents", "of which text", "ratio"):
+        u.add_column(c, justify="right")
+    for label, kw in (("80 + 60 tokens, no lyrics, 1 window each", {}),
+                      ("80 + 60 tokens, 300 lyric tokens, 1 window each", {"lyric_tokens": 300}),
+                      ("80 + 60 tokens, no lyrics, 4 windows each", {"windows_per_caption": 4})):
+        b = universe1_window_bytes(**kw)
+        u.add_row(label, f"{b['before']:,}", f"{b['after']:,.0f}", f"{b['latents']:,}", f"{b['text']:,.0f}", f"{b['before'] / b['after']:.2f}x")
+    Console().print(u)
 
 
 if __name__ == "__main__":
