@@ -31,7 +31,7 @@ from soe.data.sources import Clip, find_clips
 from soe.data.text import TextConditioner
 from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_spec
 from soe.data.stream_format import DTYPES, latent_dtype_for, text_key
-from soe.data.stream_writer import PartWriter
+from soe.data.stream_writer import PartWriter, lock_part
 from soe.errors import UsageError
 
 
@@ -192,6 +192,7 @@ def encode_folder(cfg, src, out, settings: EncodeSettings | None = None, workers
     settings = settings or EncodeSettings()
     console = console or Console()
     t0 = time.perf_counter()
+    lock = lock_part(out, *shard)  # before any model is loaded: a second process on this shard stops at once
     experts = {side: _build_expert(cfg, side) for side in ("a", "b")}
     v, a = media_sides(experts)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device)
@@ -219,7 +220,7 @@ def encode_folder(cfg, src, out, settings: EncodeSettings | None = None, workers
     storage = {"latents": latent_dtype_for(cfg.trainer.precision) if settings.latent_dtype == "auto" else settings.latent_dtype,
                "text": settings.text_dtype}
     writer = PartWriter(out, {s: e.name for s, e in experts.items()}, recorded, settings.shard_size, part=shard[0], parts=shard[1],
-                        storage=storage)
+                        storage=storage, lock=lock)
     text = {s: TextConditioner(experts[s], s, cfg, device) for s in (v, a)}
     if annotator is None:
         annotator = load_annotator(settings.annotator, settings.annotator_prompt, device=device)

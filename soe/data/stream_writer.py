@@ -28,6 +28,22 @@ class ShardBusyError(LatentCacheError):
     """Another process is encoding the same part of the cache."""
 
 
+def lock_part(folder, part: int, parts: int):
+    """Exclusive lock on part ``part`` of ``parts`` of the cache (held until the returned file is closed)."""
+    folder = Path(folder)
+    if not 0 <= part < parts:
+        raise LatentCacheError(f"--shard {part}/{parts}: expected 0 <= I < N")
+    (folder / PARTS).mkdir(parents=True, exist_ok=True)
+    lock = open(folder / PARTS / f"{part_name(part, parts)}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ShardBusyError(f"latent cache '{folder}': shard {part}/{parts} is being encoded by another "
+                             "process (give each process its own --shard I/N)") from None
+    return lock
+
+
 def _write_chunk(folder: Path, part: int, number: int, items: list[dict]) -> tuple[dict, dict]:
     """One litdata chunk ``chunk-<part>-<number>.bin`` holding ``items``, fsynced; returns (chunk info, config)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,21 +124,11 @@ class PartWriter:
     ``{"id", "seconds", "bucket", "index": {...}, "text": {side: key}, "a": {"latents", cond...}, "b": {...}}``."""
 
     def __init__(self, folder, experts: dict[str, str], settings: dict, shard_size: int = 64, part: int = 0, parts: int = 1,
-                 storage: dict | None = None):
-        if not 0 <= part < parts:
-            raise LatentCacheError(f"--shard {part}/{parts}: expected 0 <= I < N")
+                 storage: dict | None = None, lock=None):
         self.folder, self.shard_size, self.part, self.parts = Path(folder), int(shard_size), int(part), int(parts)
         self.storage = storage or {"latents": "float32", "text": "bfloat16"}
         self.name = part_name(self.part, self.parts)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / PARTS).mkdir(exist_ok=True)
-        self._lock = open(self.folder / PARTS / f"{self.name}.lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise ShardBusyError(f"latent cache '{self.folder}': shard {self.part}/{self.parts} is being encoded by another "
-                                 "process (give each process its own --shard I/N)") from None
+        self._lock = lock or lock_part(self.folder, self.part, self.parts)  # ``lock``: taken earlier by the caller
         write_stream_meta(self.folder, experts, settings, self.storage, self.parts)
         self.log = self.folder / PARTS / f"{self.name}.jsonl"
         self.rows: list[dict] = []
