@@ -374,7 +374,7 @@ def test_training_runs_on_the_encoded_cache(demo_cache, tmp_path):
 
 
 def _encode_cli(src, out, *extra):
-    return [sys.executable, "-c", "import sys; from soe.cli import main; sys.exit(main())", "encode", str(DEMO), str(src),
+    return [sys.executable, "-m", "soe.cli", "encode", str(DEMO), str(src),
             "--out", str(out), *SECONDS, "encode.shard_size=2", *extra]
 
 

@@ -198,7 +198,7 @@ def test_two_ddp_ranks_resume_exactly_on_a_streamed_cache(cache, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def run(run_dir, steps, *extra):
-        cmd = [sys.executable, "-c", "import sys; from soe.cli import main; sys.exit(main())", "stitch", str(recipe),
+        cmd = [sys.executable, "-m", "soe.cli", "stitch", str(recipe),
                f"run_dir={run_dir}", f"trainer.max_steps={steps}", *args, *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
