@@ -17,7 +17,7 @@ from soe.data.stream_format import INDEX, TEXTS, WINDOWS, pad, read_meta, unpack
 from soe.errors import one_line
 from soe.train.latent_cache import LatentCacheError
 
-TEXT_CACHE_BYTES = 64 << 20  # decoded (trimmed) text chunks kept per process: bounded, whatever the cache size
+TEXT_CACHE_BYTES = 16 << 20  # decoded (trimmed) text chunks kept per process: bounded, whatever the cache size
 
 
 def _read_index(folder: Path, sub: str) -> dict:
@@ -34,7 +34,7 @@ def _read_index(folder: Path, sub: str) -> dict:
 class StreamingCache:
     """``buffer_chunks``: decoded window chunks kept per bucket and process (the shuffle buffer:
     ``data.shuffle_chunks``); a chunk is decoded whole, in order, the first time a batch needs one of
-    its windows. Memory: buckets x buffer_chunks chunks + 64 MB of text states, whatever the cache size."""
+    its windows. Memory: buckets x buffer_chunks chunks + 16 MB of text states, whatever the cache size."""
 
     def __init__(self, folder, buffer_chunks: int = 8):
         self.buffer_chunks = max(1, int(buffer_chunks))
