@@ -5,7 +5,7 @@ import torch
 from omegaconf import DictConfig
 
 from soe.config import RecipeError, to_container
-from soe.errors import CheckpointError, SoeError, one_line
+from soe.errors import CheckpointError, SoeError, one_line, without_loader_advice
 from soe.connector import ConnectorSpec
 from soe.expert import Expert
 from soe.registry import get_expert
@@ -37,7 +37,8 @@ def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = T
         if not from_path:
             raise
         # missing/truncated files, wrong shapes, dtypes or keys, another family's config: one line naming the key
-        raise CheckpointError(f"experts.{side}.path: cannot load '{e.path}' as expert '{e.name}': {one_line(err, 300)}") from None
+        raise CheckpointError(f"experts.{side}.path: cannot load '{e.path}' as expert '{e.name}': "
+                              f"{one_line(without_loader_advice(err), 300)}") from None
     if e.gradient_checkpointing:
         expert.set_gradient_checkpointing(True)
     return expert

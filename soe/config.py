@@ -194,7 +194,9 @@ def load_recipe(path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig
         raise RecipeError(f"recipe: file not found: '{path}'")
     try:
         raw = OmegaConf.load(path)
-    except Exception as e:  # YAML syntax errors
+    except Exception as e:  # YAML syntax errors, or a document that is a single scalar
+        if "Invalid loaded object type" in str(e):
+            raise RecipeError(f"recipe: '{path}' must be a mapping of keys, got a single value") from None
         raise RecipeError(f"recipe: '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, DictConfig):
         raise RecipeError(f"recipe: '{path}' must be a mapping of keys, got a {type(raw).__name__}")

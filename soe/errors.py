@@ -42,6 +42,16 @@ class DiskFullError(SoeError, OSError):
 DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
 
 
+def without_loader_advice(err: BaseException) -> str:
+    """A loader's message without advice that does not apply to soe users (diffusers suggests
+    ``low_cpu_mem_usage=False`` / ``ignore_mismatched_sizes=True``, arguments soe never passes)."""
+    import re
+
+    sentences = re.split(r"(?<=[.!])\s+", " ".join(str(err).split()))
+    kept = [s for s in sentences if "low_cpu_mem_usage" not in s and "ignore_mismatched_sizes" not in s]
+    return " ".join(kept) or type(err).__name__
+
+
 def one_line(err: BaseException, limit: int = 400) -> str:
     """A (possibly multi-line) exception message squeezed onto one line, at most ``limit`` characters."""
     text = " ".join(str(err).split()) or type(err).__name__

@@ -168,8 +168,9 @@ def generate(cfg, console: Console | None = None) -> list[Path]:
     if cfg.sample.ckpt is not None:
         folder = Path(cfg.sample.ckpt)
         folder = folder / "trained" if (folder / "trained").is_dir() else folder
-        for side in ("a", "b"):  # a LoRA expert without its adapter would sample as the base expert
-            if cfg.experts[side].train == "lora" and not (folder / f"lora_{side}").is_dir():
+        for side in ("a", "b"):  # a LoRA expert without its adapter (or converted weights) would sample as the base expert
+            weights = (folder / f"lora_{side}", folder / f"expert_{side}", folder / f"expert_{side}.safetensors")
+            if cfg.experts[side].train == "lora" and not any(p.exists() for p in weights):
                 raise RecipeError(f"sample.ckpt: '{folder}' has no lora_{side}/ adapter folder, but experts.{side}.train is "
                                   f"'lora' (set experts.{side}.train=frozen to sample the base expert)")
         try:

@@ -281,3 +281,198 @@ def test_run_dir_that_is_a_file(tmp_path, capsys):
     fails_cleanly(stitch(f), capsys, tmp_path, f"run_dir: '{f}' is a file")
     fails_cleanly(stitch(f / "sub"), capsys, tmp_path, f"run_dir: '{f}' is a file")
     assert f.read_text() == "keep me"
+
+
+# ---- issue 15: inputs that used to end in a traceback, a silent no-op or an unclear message -------------
+# Every case below: one line naming the key or file, exit status 2, nothing written or overwritten.
+def _file(tmp_path, name="a_file.txt", text="not what was expected"):
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+RECIPE_KEY_CASES = [
+    (["optim.weight_decay=-1"], "optim.weight_decay: expected >= 0, got -1.0"),
+    (["data.num_workers=-1"], "data.num_workers: expected >= 0 loader processes"),
+    (["data.seconds=1000"], "data.seconds: 1000.0 s is longer than expert a ('wan2.1') can position (at most 163.8 s"),
+    (["sample.seconds=1000"], "sample.seconds: 1000.0 s is longer than expert a ('wan2.1') can position"),
+    (["experts.b.options.sample_rate=-5"], "experts.b.options.sample_rate: expected a positive number, got -5"),
+    (["experts.a.options.fps=0"], "experts.a.options.fps: expected a positive number, got 0"),
+    (["experts.a.options.height=-32"], "experts.a.options.height: expected a positive number, got -32"),
+    (["experts.a.architecture.num_layers=0"], "experts.a.architecture.num_layers: expert 'wan2.1' would have 0 blocks; expected at least one"),
+    (["experts.b.architecture.num_hidden_layers=0"], "experts.b.architecture.num_hidden_layers: expert 'ace-step-1.5' would have 0 blocks"),
+    (["experts.a.lora.alpha=0"], "experts.a.lora.alpha: expected a positive scale, got 0.0 (alpha 0 makes the LoRA a no-op)"),
+    (["experts.b.lora.alpha=-4"], "experts.b.lora.alpha: expected a positive scale, got -4.0"),
+    (["experts.a.dtype=bfloat16"], "experts.b.dtype: 'float32' differs from experts.a.dtype 'bfloat16'"),
+    (["experts.b.dtype=float16"], "experts.b.dtype: 'float16' differs from experts.a.dtype 'float32'"),
+    (["experts.a.name=ace-step-1.5", "sample.at_end=true"], "generate: an mp4 with sound needs one video and one audio expert"),
+    (["experts.b.name=wan2.1", "sample.every_n_steps=1"], "generate: an mp4 with sound needs one video and one audio expert"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", RECIPE_KEY_CASES, ids=[" ".join(o) for o, _ in RECIPE_KEY_CASES])
+def test_bad_recipe_values_of_issue_15(tmp_path, capsys, overrides, message):
+    fails_cleanly(stitch(tmp_path / "run", *overrides), capsys, tmp_path, message)
+
+
+def test_inspect_rejects_what_stitch_rejects(tmp_path, capsys):
+    fails_cleanly(["inspect", DEMO, "experts.a.options.fps=0"], capsys, tmp_path, "experts.a.options.fps: expected a positive number")
+
+
+@pytest.mark.parametrize("command", ["stitch", "generate"])
+def test_conditions_file_that_is_not_safetensors(tmp_path, capsys, command):
+    text = _file(tmp_path, "conditions.txt")
+    argv = stitch(tmp_path / "run", "sample.at_end=true") if command == "stitch" else ["generate", DEMO, *BASE]
+    fails_cleanly([*argv, f"sample.conditions={text}", f"sample.out={tmp_path / 'out'}"], capsys, tmp_path,
+                  f"sample.conditions: '{text}' is not a safetensors file of a/<key> and b/<key> tensors")
+
+
+@pytest.mark.parametrize("form", ["out={}", "sample.out={}", "out={}/sub"])
+def test_generate_out_naming_an_existing_file(tmp_path, capsys, form):
+    f = _file(tmp_path)
+    fails_cleanly(["generate", DEMO, *BASE, form.format(f)], capsys, tmp_path, f"sample.out: '{f}' is a file, expected a folder")
+
+
+def test_encode_out_naming_an_existing_file(tmp_path, capsys):
+    f, src = _file(tmp_path), tmp_path / "clips"
+    src.mkdir()
+    fails_cleanly(["encode", DEMO, str(src), "--out", str(f)], capsys, tmp_path, f"soe encode --out: '{f}' is a file")
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]\n", "must be a mapping of keys, got a ListConfig"),
+                                           ("5\n", "must be a mapping of keys, got a single value")])
+def test_recipe_that_is_a_list_or_a_scalar(tmp_path, capsys, text, message):
+    recipe = _file(tmp_path, "recipe.yaml", text)
+    for command in ("inspect", "stitch", "generate"):
+        fails_cleanly([command, str(recipe)], capsys, tmp_path, f"recipe: '{recipe}' {message}")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "garbage-file", "garbage-in-folder"])
+def test_convert_universe1_of_a_bad_source(tmp_path, capsys, case):
+    src = tmp_path / "src"
+    if case == "empty":
+        src.mkdir()
+    elif case == "garbage-file":
+        src = _file(tmp_path, "model.safetensors", "not safetensors at all")
+    elif case == "garbage-in-folder":
+        src.mkdir()
+        _file(src, "diffusion_pytorch_model.safetensors", "garbage")
+    err = fails_cleanly(["convert", "universe1", str(src), str(tmp_path / "dst")], capsys, tmp_path, "convert: '")
+    assert str(src) in err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_generate_with_a_lora_run_missing_its_adapter(trained_folder, tmp_path, capsys):
+    _, good = trained_folder
+    folder = tmp_path / "trained"
+    shutil.copytree(good, folder)
+    shutil.rmtree(folder / "lora_a")
+    fails_cleanly(["generate", DEMO, *BASE, f"ckpt={folder}", f"out={tmp_path / 'out'}"], capsys, tmp_path,
+                  f"sample.ckpt: '{folder}' has no lora_a/ adapter folder, but experts.a.train is 'lora'")
+
+
+def test_generate_with_another_runs_connector_size_is_not_cut_mid_word(trained_folder, tmp_path, capsys):
+    _, good = trained_folder
+    err = fails_cleanly(["generate", DEMO, *BASE, f"ckpt={good}", "stitch.connector.hidden=7", f"out={tmp_path / 'out'}"],
+                        capsys, tmp_path, f"trained folder '{good}'")
+    assert "size mismatch" in err and (err.endswith(" ...") or len(err) < 420), err
+    assert not err.endswith("..") or err.endswith(" ..."), err  # cut at a word boundary, never mid-word
+
+
+def test_latent_cache_of_other_clip_length(latent_cache, tmp_path, capsys):
+    _, folder = latent_cache
+    fails_cleanly(stitch(tmp_path / "run", "data.kind=latents", f"data.path={folder}", "data.seconds=4"), capsys, tmp_path,
+                  f"data.seconds: 4.0 s, but the latent cache '{folder}' holds clips of 1 s")
+
+
+# ---- the Python API: the same errors, all SoeErrors ----------------------------------------------------
+def test_api_errors_are_soe_errors_with_the_cli_wording(tmp_path, capsys):
+    from soe import get_expert as get
+    from soe.align import DepthMapError, resolve_depth_map
+    from soe.errors import SoeError
+    from soe.registry import UnknownExpertError
+
+    with pytest.raises(UnknownExpertError) as unknown:
+        get("wan9")
+    with pytest.raises(DepthMapError) as depth:
+        resolve_depth_map([[0, 9]], 3, 3)  # the demo's depths
+    for info in (unknown, depth):
+        assert isinstance(info.value, SoeError) and len(str(info.value).splitlines()) == 1
+    fails_cleanly(stitch(tmp_path / "run", "experts.a.name=wan9"), capsys, tmp_path, f"experts.a.name: {unknown.value}")
+    fails_cleanly(stitch(tmp_path / "run", "stitch.pairs=[[0,9]]"), capsys, tmp_path, f"stitch.pairs: {depth.value}")
+
+
+@pytest.fixture(scope="module")
+def demo_stitcher():
+    return build_stitcher(load_recipe(DEMO))
+
+
+def _batches(st, n_a=2, n_b=2):
+    g = torch.Generator().manual_seed(0)
+    return st.a.dummy_batch(n_a, 1.0, g), st.b.dummy_batch(n_b, 1.0, g)
+
+
+BATCH_CASES = {
+    "bf16-latents": (lambda a, b: a.update(latents=a["latents"].bfloat16()), "batch_a['latents']: dtype torch.bfloat16, but expert 'wan2.1' computes in torch.float32"),
+    "missing-timestep": (lambda a, b: b.pop("timestep"), "batch_b: missing ['timestep'] (expert 'ace-step-1.5' needs"),
+    "missing-condition": (lambda a, b: a.pop("encoder_hidden_states"), "batch_a: missing ['encoder_hidden_states']"),
+    "timestep-per-token": (lambda a, b: a.update(timestep=torch.rand(2, 5)), "batch_a['timestep']: expected shape (2,), one flow time per sample"),
+    "height-not-multiple-of-patch": (lambda a, b: a.update(latents=a["latents"][..., :5, :]),
+                                     "batch_a['latents']: shape [2, 4, 6, 5, 8], axis 3 must be a multiple of 2 (the patch size of expert 'wan2.1')"),
+    "integer-latents": (lambda a, b: b.update(latents=b["latents"].long()), "batch_b['latents']: expected a floating-point tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BATCH_CASES))
+def test_bad_batches_for_a_stitched_forward(demo_stitcher, case):
+    from soe.batch_check import BatchError
+
+    a, b = _batches(demo_stitcher)
+    corrupt, message = BATCH_CASES[case]
+    corrupt(a, b)
+    with pytest.raises(BatchError) as info, torch.no_grad():
+        demo_stitcher(a, b)
+    assert message in str(info.value) and len(str(info.value).splitlines()) == 1, info.value
+
+
+def test_batch_sizes_that_differ_between_the_experts(demo_stitcher):
+    from soe.errors import SoeError
+
+    a, b = _batches(demo_stitcher, 2, 3)
+    with pytest.raises(SoeError, match="batch_a and batch_b: batch sizes 2 and 3"), torch.no_grad():
+        demo_stitcher(a, b)
+
+
+def test_experts_of_different_dtypes_in_one_stitch():
+    from soe.errors import SoeError
+
+    st = build_stitcher(load_recipe(DEMO))
+    st.a.to(torch.bfloat16)
+    a, b = _batches(st)
+    a = {k: v.bfloat16() if v.is_floating_point() else v for k, v in a.items()}
+    with pytest.raises(SoeError, match=r"experts: expert a \('wan2.1'\) is torch.bfloat16, expert b \('ace-step-1.5'\) is torch.float32"), torch.no_grad():
+        st(a, b)
+
+
+def test_config_json_that_does_not_match_the_weights(expert_folders, tmp_path, capsys):
+    """Shapes from config.json differ from the weights: named, without diffusers' low_cpu_mem_usage advice."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(expert_folders / "wan2.1", folder)
+    config = next(folder.rglob("config.json"))
+    conf = json.loads(config.read_text())
+    conf["ffn_dim"] = conf["ffn_dim"] * 2
+    config.write_text(json.dumps(conf))
+    err = fails_cleanly(stitch(tmp_path / "run", f"experts.a.path={folder}"), capsys, tmp_path, f"experts.a.path: cannot load '{folder}'")
+    assert "low_cpu_mem_usage" not in err and "ignore_mismatched_sizes" not in err, err
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", None], ids=["not-json", "a-list", "missing"])
+def test_bad_adapter_config_names_the_file(trained_folder, tmp_path, text):
+    cfg, good = trained_folder
+    folder = tmp_path / "trained"
+    shutil.copytree(good, folder)
+    config = folder / "lora_a" / "adapter_config.json"
+    config.write_text(text) if text is not None else config.unlink()
+    with pytest.raises(CheckpointError) as info:
+        load_trained(_fresh(cfg), folder)
+    assert f"'{folder / 'lora_a' / 'adapter_config.json'}' is not a peft LoRA adapter config" in str(info.value), info.value

@@ -197,7 +197,10 @@ def _load_trained(stitcher, folder: Path) -> None:
                 raise ValueError(f"{weights.name}: tensors the expert does not have: {result.unexpected_keys[:3]}")
         lora_dir = folder / f"lora_{side}"
         if lora_dir.is_dir():
-            config = LoraConfig.from_pretrained(lora_dir)
+            try:
+                config = LoraConfig.from_pretrained(lora_dir)
+            except Exception as e:  # missing, not JSON, not a LoRA config: name the file
+                raise ValueError(f"'{lora_dir / 'adapter_config.json'}' is not a peft LoRA adapter config ({one_line(e, 150)})") from None
             if ADAPTER not in getattr(expert.model, "peft_config", {}):
                 inject_adapter_in_model(config, expert.model, adapter_name=ADAPTER)
             result = set_peft_model_state_dict(expert.model, load_file(lora_dir / "adapter_model.safetensors"), adapter_name=ADAPTER)
