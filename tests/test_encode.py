@@ -368,7 +368,7 @@ def test_training_runs_on_the_encoded_cache(demo_cache, tmp_path):
     from soe.train.run import run_training
 
     out, _ = demo_cache
-    result = run_training(DEMO, ["data.kind=latents", f"data.path={out}", "data.batch_size=2", "trainer.max_steps=2",
+    result = run_training(DEMO, [*SECONDS, "data.kind=latents", f"data.path={out}", "data.batch_size=2", "trainer.max_steps=2",
                                  "trainer.log_every_n_steps=1", f"run_dir={tmp_path / 'run'}"], console=QUIET, progress=False)
     assert result["trainer"].global_step == 2
 
@@ -379,16 +379,17 @@ def _encode_cli(src, out, *extra):
 
 
 @pytest.mark.slow
-def test_two_processes_encoding_shards_equal_one_process(src, demo_cache, tmp_path):
-    """`soe encode --shard 0/2` and `--shard 1/2` at once (2 CPU processes); the last one merges."""
-    out = tmp_path / "sharded"
+def test_two_processes_encoding_shards_equal_one_process(src, tmp_path):
+    """`soe encode --shard 0/2` and `--shard 1/2` at once (2 CPU processes; the last one merges) against
+    one `soe encode` process over the same clips."""
+    out, one = tmp_path / "sharded", tmp_path / "one"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(_encode_cli(src, out, "--shard", f"{i}/2"), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    procs = [subprocess.Popen(_encode_cli(src, o, *extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for o, extra in ((out, ("--shard", "0/2")), (out, ("--shard", "1/2")), (one, ()))]
     for p in procs:
-        _, err = p.communicate(timeout=600)
+        _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-2000:]
-    ref_meta, ref_rows, ref_windows = cached(demo_cache[0])
+    ref_meta, ref_rows, ref_windows = cached(one)
     meta, rows, windows = cached(out)
     assert meta["parts"] == 2 and meta["buckets"] == ref_meta["buckets"] and meta["text_lengths"] == ref_meta["text_lengths"]
     assert {p.name for p in (out / "parts").glob("*.done")} == {"part-0-of-2.done", "part-1-of-2.done"}
