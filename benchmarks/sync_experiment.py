@@ -20,48 +20,24 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from soe.builders import build_expert
 from soe.config import load_recipe
-from soe.metrics import audio_onsets, av_align, frechet_distance, video_motion_events
 from soe.sampling import SamplingSettings, sample, sample_stitched
 from soe.train.data import SyntheticAVDataModule
 from soe.train.run import run_training
+from soe.threads import configure_threads
 from soe.train.single import pretrain_expert
-from soe.train.synthetic import audio_envelope_from_latent, video_height_from_latent
+from soe.train import sync_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # pretrain steps, stitch steps, eval clips, sampling steps, training clips
     "default": dict(pretrain=800, stitch=3000, clips=32, steps=24, num_clips=1024),
     "quick": dict(pretrain=30, stitch=20, clips=4, steps=6, num_clips=64),
 }
-
-
-def events(latents: dict, experts: dict, seconds: float) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(audio onset times, video impact times) per clip, from clean latents."""
-    video, audio = experts["a"], experts["b"]
-    out = []
-    for v, a in zip(latents["a"], latents["b"]):
-        height = video_height_from_latent(v).numpy()
-        env = audio_envelope_from_latent(a, audio.latent_time_axis - 1).numpy()
-        out.append((audio_onsets(env, len(env) / seconds), video_motion_events(height, len(height) / seconds)))
-    return out
-
-
-def features(latents: dict, experts: dict, seconds: float) -> dict[str, np.ndarray]:
-    """Simple per-clip features per modality (for the Frechet distance)."""
-    feats = {"video": [], "audio": []}
-    for v, a in zip(latents["a"], latents["b"]):
-        h = video_height_from_latent(v).numpy()
-        env = audio_envelope_from_latent(a, experts["b"].latent_time_axis - 1).numpy()
-        nv, na = len(video_motion_events(h, len(h) / seconds)), len(audio_onsets(env, len(env) / seconds))
-        feats["video"].append([h.mean(), h.std(), np.abs(np.diff(h)).mean(), nv, v.float().mean().item(), v.float().std().item()])
-        feats["audio"].append([env.mean(), env.std(), np.abs(np.diff(env)).mean(), na, a.float().mean().item(), a.float().std().item()])
-    return {k: np.array(x) for k, x in feats.items()}
 
 
 def write_previews(folder: Path, rows: dict, experts: dict, n: int) -> None:
@@ -79,10 +55,6 @@ def write_previews(folder: Path, rows: dict, experts: dict, n: int) -> None:
             contact_sheet(folder / f"{stem}.png", video[i], v_codec.rate, audio[i], int(a_codec.rate))
 
 
-def sync_score(ev, tolerance: float) -> float:
-    return float(np.mean([av_align(a, v, tolerance) for a, v in ev]))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -97,7 +69,7 @@ def main(argv=None):
         size["stitch"] = args.stitch_steps
     out = Path(args.out)
     console = Console()
-    torch.set_num_threads(2)
+    configure_threads()
     t0 = time.time()
 
     # 1. pretrain each expert alone on its own modality, save in its official format
@@ -126,23 +98,17 @@ def main(argv=None):
 
     # 3. generate from held-out conditioning with the same seeds
     console.print(f"[bold]3. generating[/] {size['clips']} clips each")
-    held_out = SyntheticAVDataModule(alone, seconds=seconds, num_clips=size["clips"], batch_size=1, seed=args.seed + 10_000)
-    clips = [held_out.make_clip(i) for i in range(size["clips"])]
-    cond = {s: {k: torch.stack([c[s][k] for c in clips]) for k in clips[0][s] if k != "latents"} for s in ("a", "b")}
-    truth = {s: torch.stack([c[s]["latents"] for c in clips]) for s in ("a", "b")}
+    cond, truth = sync_eval.held_out(alone, seconds, size["clips"], args.seed)
     settings = SamplingSettings(steps=size["steps"], scheduler="unipc", seed=args.seed)
     with torch.no_grad():
         independent = sample(alone, cond, seconds, settings)
         stitched = sample_stitched(stitcher, cond, seconds, settings)
 
     # 4. score
-    rate = min(alone["a"].latent_rate, alone["b"].latent_rate)
-    tol = 1.5 / rate
+    tol = sync_eval.tolerance(alone)
     rows = {"ground truth": truth, "independent experts": independent, "stitched": stitched}
-    scores = {name: sync_score(events(lat, alone, seconds), tol) for name, lat in rows.items()}
-    ref = features(truth, alone, seconds)
-    fd = {name: {m: frechet_distance(features(lat, alone, seconds)[m], ref[m]) for m in ("video", "audio")}
-          for name, lat in rows.items() if name != "ground truth"}
+    scores = {name: sync_eval.sync_score(lat, alone, seconds) for name, lat in rows.items()}
+    fd = {name: sync_eval.frechet(lat, truth, alone, seconds) for name, lat in rows.items() if name != "ground truth"}
 
     table = Table(title=f"audio-visual sync (AV-Align IoU, tolerance {tol:.2f} s) over {size['clips']} clips")
     for col in ("clips", "sync score", "Frechet video vs truth", "Frechet audio vs truth"):

@@ -44,6 +44,8 @@ def check_batch(expert, batch: dict, name: str) -> int:
 
 
 def check_batches(a, b, batch_a: dict, batch_b: dict) -> None:
+    if not (a.batch_contract and b.batch_contract):  # a plain module's own forward arguments (soe.generic)
+        return
     if a.dtype != b.dtype:  # connectors carry hidden states from one expert into the other
         raise BatchError(f"experts: expert a ('{a.name}') is {a.dtype}, expert b ('{b.name}') is {b.dtype}; stitched experts "
                          "compute in one dtype (for mixed precision keep both float32 and use trainer.precision=bf16-mixed)")

@@ -98,6 +98,7 @@ class Expert(nn.Module):
     presets: ClassVar[dict[str, dict]] = {}  # real-size configs by name, plus "tiny"
     # Which batch keys carry text conditioning (dropped for classifier-free guidance).
     condition_keys: ClassVar[tuple[str, ...]] = ()
+    batch_contract: ClassVar[bool] = True  # batches hold latents, timestep, condition_keys (checked by soe.batch_check)
     # Timestep shift of the family's flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma)).
     flow_shift: ClassVar[float] = 1.0
     # Space of the training loss: "velocity" (plain MSE on eps - x0, Wan) or "x0" (MSE on

@@ -104,6 +104,8 @@ class BlockListExpert(Expert):
     a block's tuple output. There is no split forward, so it cannot take part in a two-way stitch.
     """
 
+    batch_contract = False  # batches are the model's own forward arguments, not soe's latents/timestep/conditions
+
     def __init__(self, model: nn.Module, layout_fn: Callable[[Batch], TokenLayout], blocks: str = "auto",
                  forward_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None, hidden_size: int | None = None,
                  hidden_index: int = 0, name: str | None = None, modality: str = "unknown"):

@@ -117,12 +117,14 @@ def test_stopped_between_checkpoints_resumes_exactly(recipe, tmp_path, straight_
     """Killed (no cleanup) or interrupted (Ctrl-C) some steps after a checkpoint: resume from it."""
     run = tmp_path / "run"
     proc = subprocess.Popen(_cli(recipe, run, "trainer.max_steps=400", "trainer.checkpoint_every_n_steps=2"),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # a pytest started in the background ignores SIGINT, and children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for(run / "checkpoints" / "step-000002.ckpt", proc, 2)
         time.sleep(0.3)  # into the steps after the checkpoint
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=400)  # a graceful Ctrl-C finishes the step and tears down
     finally:
         proc.kill()
     if sig == signal.SIGKILL:

@@ -63,8 +63,10 @@ def merge_parts(folder, require_all: bool = True) -> bool:
                     raise LatentCacheError(f"latent cache '{folder}': window '{row['id']}' is in two shards")
                 seen.add(row["id"])
                 rows.append(row)
-    if not rows:
-        raise LatentCacheError(f"latent cache '{folder}': the encoded shards hold no windows")
+    if not rows:  # nothing to read: no index is written (soe encode reports why no window was encoded)
+        if require_all:
+            raise LatentCacheError(f"latent cache '{folder}': the encoded shards hold no windows")
+        return False
     for sub, chunks in datasets.items():
         configs = {json.dumps(c, sort_keys=True) for _, c in chunks}
         if len(configs) != 1:

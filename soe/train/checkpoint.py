@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import re
@@ -111,6 +112,9 @@ def _full_cpu(state: dict) -> dict:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous() for k, v in state.items()}
 
 
+TRAINED_INFO = "soe_trained.json"  # {"step": N}: the optimizer step the exported tensors come from
+
+
 def gather_trained(stitcher, train_modes: dict[str, str]) -> tuple:
     """(connectors, LoRA adapters per side, fusion) as plain CPU tensors. Under a sharded strategy every
     rank must call this (gathering is collective)."""
@@ -121,7 +125,7 @@ def gather_trained(stitcher, train_modes: dict[str, str]) -> tuple:
     return conn, adapters, fusion
 
 
-def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = True) -> Path:
+def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = True, step: int | None = None) -> Path:
     """Write everything that trained into ``folder`` (atomically replaced as a whole).
 
     Under a sharded strategy every rank must call this (gathering is collective); only the rank
@@ -129,11 +133,11 @@ def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = 
     """
     tensors = gather_trained(stitcher, train_modes)
     if write:
-        write_trained(stitcher, folder, train_modes, tensors)
+        write_trained(stitcher, folder, train_modes, tensors, step)
     return Path(folder)
 
 
-def write_trained(stitcher, folder, train_modes: dict[str, str], tensors: tuple) -> None:
+def write_trained(stitcher, folder, train_modes: dict[str, str], tensors: tuple, step: int | None = None) -> None:
     """Write ``gather_trained``'s tensors into a temporary folder, then swap it in; a failure (a full
     disk) removes the temporary folder and leaves the previous export as it was."""
     folder = Path(folder)
@@ -141,15 +145,17 @@ def write_trained(stitcher, folder, train_modes: dict[str, str], tensors: tuple)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            _write_trained_files(stitcher, tmp, train_modes, *tensors)
+            _write_trained_files(stitcher, tmp, train_modes, *tensors, step=step)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _replace_dir(tmp, folder)
 
 
-def _write_trained_files(stitcher, tmp: Path, train_modes, conn, adapters, fusion) -> None:
+def _write_trained_files(stitcher, tmp: Path, train_modes, conn, adapters, fusion, step: int | None = None) -> None:
     save_file(conn, tmp / "connectors.safetensors")
+    if step is not None:
+        (tmp / TRAINED_INFO).write_text(json.dumps({"step": int(step)}))
     if fusion is not None:  # inserted blocks and new k/v projections (soe/depth.py, soe/inject.py)
         save_file(fusion, tmp / "fusion.safetensors")
     for side, mode in train_modes.items():
@@ -163,14 +169,17 @@ def _write_trained_files(stitcher, tmp: Path, train_modes, conn, adapters, fusio
             expert.save(tmp / f"expert_{side}")
 
 
-def load_trained(stitcher, folder) -> None:
-    """Load connectors and adapters written by ``export_trained`` into a freshly built Stitcher.
+def load_trained(stitcher, folder) -> int | None:
+    """Load connectors and adapters written by ``export_trained`` into a freshly built Stitcher;
+    returns the training step they come from (None when the folder does not record it, e.g. ``soe convert``).
 
     Anything unusable (missing or truncated files, wrong shapes or keys, adapters of another expert)
     is a one-line :class:`CheckpointError` naming the folder.
     """
     try:
         _load_trained(stitcher, Path(folder))
+        info = Path(folder) / TRAINED_INFO
+        return int(json.loads(info.read_text())["step"]) if info.is_file() else None
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
@@ -226,21 +235,23 @@ class ExportTrained(Callback):
 
     def __init__(self, folder, train_modes: dict[str, str]):
         self.folder, self.train_modes = Path(folder), train_modes
-        self._pending: tuple | None = None  # (stitcher, tensors) of the checkpoint being written
+        self._pending: tuple | None = None  # (stitcher, tensors, step) of the checkpoint being written
 
     def attach(self, io: AtomicCheckpointIO) -> None:
         io.after_save.append(self._write_pending)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        self._pending = (pl_module.stitcher, gather_trained(pl_module.stitcher, self.train_modes))
+        self._pending = (pl_module.stitcher, gather_trained(pl_module.stitcher, self.train_modes), trainer.global_step)
 
     def _write_pending(self, path) -> None:
         if self._pending is not None:
-            write_trained(self._pending[0], self.folder, self.train_modes, self._pending[1])
+            stitcher, tensors, step = self._pending
+            write_trained(stitcher, self.folder, self.train_modes, tensors, step)
 
     def on_train_end(self, trainer, pl_module):
         if trainer.checkpoint_callback is None:  # otherwise the final checkpoint exported it
-            export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero)
+            export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero,
+                           step=trainer.global_step)
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -6,23 +6,25 @@ from pathlib import Path
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from rich.console import Console
 
 from soe.builders import build_stitcher
+from soe.console import console_kwargs, make_console
 from soe.config import RecipeError, load_recipe, to_container, validate_recipe
 from soe.errors import one_line
 from soe.flow import FlowObjective
 from soe.lora import apply_training_setup
 from soe.report import print_tables, stitch_tables
-from soe.train.callbacks import SampleCallback
+from soe.threads import configure_threads
+from soe.train.callbacks import SampleCallback, SyncReportCallback
 from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained, RunCheckpoint, read_checkpoint
 from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
 from soe.train.module import OptimSettings, StitchModule
 from soe.train.plots import plot_losses
+from soe.train.progress import StepProgressBar, quiet_libraries
 from soe.train.run_folder import RunLock, check_recipe_changes
 
 
@@ -75,7 +77,7 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = 
                            every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=-1)
     # every logged row reaches the disk at once: a killed run keeps the losses of the steps it made
     loggers = [CSVLogger(run_dir, name="logs", flush_logs_every_n_steps=1), TensorBoardLogger(run_dir, name="tensorboard", version="")]
-    progress = [RichProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True)] if console_progress else []
+    progress = [StepProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True, console_kwargs=console_kwargs())] if console_progress else []
     try:
         return L.Trainer(
             max_steps=t.max_steps,
@@ -123,9 +125,11 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
                  allow_changes=()) -> dict:
     """Train the recipe into its run folder. ``allow_changes``: recipe keys a resume may change
     beyond the free ones (see ``soe.train.run_folder``)."""
-    console = console or Console()
+    console = console or make_console()
     cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
     validate_recipe(cfg)
+    configure_threads(cfg.trainer.threads)
+    quiet_libraries()  # Lightning's banners and tips, known harmless warnings
     lock = RunLock(cfg.run_dir)
     owner = rank_zero_only.rank == 0  # DDP's worker processes re-run this script under the owner's lock
     if owner:
@@ -148,11 +152,14 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}
     callbacks = [ExportTrained(run_dir / "trained", train_modes)]
-    if cfg.sample.every_n_steps or cfg.sample.at_end:  # whatever sampling needs is checked before the first step
+    if cfg.sample.every_n_steps or cfg.sample.at_end or cfg.sample.at_start:  # checked before the first step
         from soe.generate import check_sampling
 
         codecs = check_sampling(stitcher, cfg)
-        callbacks.append(SampleCallback(cfg, run_dir, cfg.sample.every_n_steps, cfg.sample.at_end, codecs=codecs))
+        callbacks.append(SampleCallback(cfg, run_dir, cfg.sample.every_n_steps, cfg.sample.at_end, cfg.sample.at_start,
+                                        codecs=codecs))
+    if cfg.sample.sync_clips and cfg.data.kind == "synthetic":  # held-out clips exist only for the synthetic task
+        callbacks.append(SyncReportCallback(cfg, run_dir, cfg.sample.sync_clips, console=console))
     datamodule = build_datamodule(cfg, stitcher)
     datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
     trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
@@ -163,11 +170,11 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
             console.print(f"run_dir: took over the lock of pid {lock.stale_holder.get('pid')} on host "
                           f"{lock.stale_holder.get('host')}, which is no longer running")
     try:
-        if owner:  # the run's recipe, and a copy beside this start's logs (earlier starts keep theirs)
-            OmegaConf.save(cfg, run_dir / "recipe.yaml", resolve=True)
+        if owner:  # the run's recipe (already resolved; free text keeps its escapes), and a copy beside this start's logs
+            OmegaConf.save(cfg, run_dir / "recipe.yaml")
             csv_log = trainer.loggers[0]
             csv_log.experiment  # creates this start's logs/version_N (it warns about a folder that exists)
-            OmegaConf.save(cfg, Path(csv_log.log_dir) / "recipe.yaml", resolve=True)
+            OmegaConf.save(cfg, Path(csv_log.log_dir) / "recipe.yaml")
             print_tables(stitch_tables(stitcher), console)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
