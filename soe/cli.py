@@ -90,7 +90,7 @@ def _cmd_generate(args) -> int:
 def _cmd_encode(args) -> int:
     from soe.data.encode import encode_command
 
-    encode_command(args.recipe, args.src, args.overrides, out=args.out, workers=args.workers, console=console)
+    encode_command(args.recipe, args.src, args.overrides, out=args.out, workers=args.workers, console=console, shard=args.shard)
     return 0
 
 
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("src", help="folder of video files with sidecar captions (clip.txt or captions.jsonl)")
     enc.add_argument("--out", default=None, help="cache folder (default: data.path of the recipe)")
     enc.add_argument("--workers", type=int, default=0, help="decode processes (0: decode in this process)")
+    enc.add_argument("--shard", default=None, metavar="I/N", help="encode part I of N (one process per GPU or node); the last to finish merges")
     enc.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and encode.<key>=value settings")
     enc.set_defaults(func=_cmd_encode)
     exp = sub.add_parser("export", help="write a trained run in formats others load: diffusers / ComfyUI LoRA, or merged weights")

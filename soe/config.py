@@ -123,6 +123,7 @@ class DataConfig:
     batch_size: int = 4
     num_clips: int = 256  # synthetic clips
     num_workers: int = 0
+    shuffle_chunks: int = 8  # streamed caches: windows are shuffled within groups of this many chunks (the buffer)
 
 
 @dataclass

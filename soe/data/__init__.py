@@ -5,6 +5,8 @@
 - ``windows``   cutting clips into windows of the recipe's clip length (duration buckets)
 - ``annotate``  the ``Annotator`` hook that captions windows without one (off by default)
 - ``text``      each expert's text conditioning (its own text encoder, or a pseudo-embedding for tiny experts)
-- ``writer``    the resumable, shard-atomic writer over ``soe.train.latent_cache``
+- ``stream_format``, ``stream_writer``, ``stream_merge``  the cache ``soe encode`` writes (format 2, litdata
+  chunks, text states once per caption): resumable per-part writer (``--shard I/N``) and the merge
+- ``stream_read``, ``streaming``  reading it lazily; the batch sampler and data module training uses
 - ``encode``    the pipeline, its settings and report
 """

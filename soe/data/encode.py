@@ -30,7 +30,8 @@ from soe.data.report import EncodeReport
 from soe.data.sources import Clip, find_clips
 from soe.data.text import TextConditioner
 from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_spec
-from soe.data.writer import CacheWriter
+from soe.data.stream_format import DTYPES, latent_dtype_for, text_key
+from soe.data.stream_writer import PartWriter, lock_part
 from soe.errors import DataError, UsageError
 from soe.threads import configure_threads
 
@@ -49,6 +50,8 @@ class EncodeSettings:
     annotator_prompt: str = DEFAULT_PROMPT
     missing_caption: str = "skip"  # skip (report the clip) | empty (encode an empty caption)
     max_windows: Optional[int] = None  # stop after this many new windows (a quick look at a big folder)
+    latent_dtype: str = "auto"  # stored latents: auto = the dtype trainer.precision trains in | float32 | bfloat16 | float16
+    text_dtype: str = "bfloat16"  # stored text states (trimmed to each prompt's length, once per distinct caption)
 
     def __post_init__(self):
         if self.durations is not None and (not self.durations or any(not d > 0 for d in self.durations)):
@@ -60,6 +63,10 @@ class EncodeSettings:
                 raise RecipeError(f"encode.{k}: expected a positive integer, got {getattr(self, k)}")
         if self.missing_caption not in ("skip", "empty"):
             raise RecipeError(f"encode.missing_caption: expected one of ['skip', 'empty'], got {self.missing_caption!r}")
+        for k in ("latent_dtype", "text_dtype"):
+            allowed = [*DTYPES] + (["auto"] if k == "latent_dtype" else [])
+            if getattr(self, k) not in allowed:
+                raise RecipeError(f"encode.{k}: expected one of {allowed}, got {getattr(self, k)!r}")
         if self.max_windows is not None and self.max_windows < 1:
             raise RecipeError(f"encode.max_windows: expected a positive integer, got {self.max_windows}")
 
@@ -167,7 +174,9 @@ class _Encoder:
                 index["annotated"] = True
             if self.with_resolution:
                 index["resolution"] = list(it.frames.shape[1:3])
-            record = {"id": it.wid, "seconds": spec.seconds, "bucket": bucket_name(spec.seconds, it.frames.shape[1:3]), "index": index}
+            texts = {v: text_key(v, it.caption, None), a: text_key(a, it.clip.audio_caption or it.caption, it.clip.lyrics)}
+            record = {"id": it.wid, "seconds": spec.seconds, "bucket": bucket_name(spec.seconds, it.frames.shape[1:3]), "index": index,
+                      "text": texts}
             for s in (v, a):
                 c = {k: (t[i].float() if t.is_floating_point() else t[i]) for k, t in cond[s].items()}
                 record[s] = {"latents": lat[s][i], **c}
@@ -175,11 +184,16 @@ class _Encoder:
 
 
 def encode_folder(cfg, src, out, settings: EncodeSettings | None = None, workers: int = 0, console: Console | None = None,
-                  progress: bool = True, codecs: dict | None = None, annotator: Annotator | None = None) -> EncodeReport:
-    """Encode every usable clip of ``src`` into the latent cache ``out`` (resuming what is there)."""
+                  progress: bool = True, codecs: dict | None = None, annotator: Annotator | None = None,
+                  shard: tuple[int, int] = (0, 1)) -> EncodeReport:
+    """Encode every usable clip of ``src`` into the latent cache ``out`` (resuming what is there).
+
+    ``shard=(I, N)``: this process encodes clips I, I+N, I+2N, ... of the sorted clip list (part I of N);
+    the last part to finish merges the cache."""
     settings = settings or EncodeSettings()
     console = console or Console()
     t0 = time.perf_counter()
+    lock = lock_part(out, *shard)  # before any model is loaded: a second process on this shard stops at once
     experts = {side: _build_expert(cfg, side) for side in ("a", "b")}
     v, a = media_sides(experts)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device)
@@ -204,12 +218,16 @@ def encode_folder(cfg, src, out, settings: EncodeSettings | None = None, workers
                 "resolutions": [list(r) for r in resolutions] if resolutions else None, "seed": cfg.seed,
                 "latent_frames": {f"{s.seconds:g}": s.latent_frames for s in specs},
                 **{f"{k}_{side}": cfg.experts[side][k] for side in ("a", "b") for k in ("codec_path", "text_encoder_path")}}
-    writer = CacheWriter(out, {s: e.name for s, e in experts.items()}, recorded, settings.shard_size)
+    storage = {"latents": latent_dtype_for(cfg.trainer.precision) if settings.latent_dtype == "auto" else settings.latent_dtype,
+               "text": settings.text_dtype}
+    writer = PartWriter(out, {s: e.name for s, e in experts.items()}, recorded, settings.shard_size, part=shard[0], parts=shard[1],
+                        storage=storage, lock=lock)
     text = {s: TextConditioner(experts[s], s, cfg, device) for s in (v, a)}
     if annotator is None:
         annotator = load_annotator(settings.annotator, settings.annotator_prompt, device=device)
     report = EncodeReport(windows_cached=len(writer.rows), seconds_cached=sum(float(r["seconds"]) for r in writer.rows))
     clips, orphans = find_clips(src)
+    clips = clips[shard[0]::shard[1]]
     report.clips = len(clips)
     for path, reason, detail in orphans:
         report.skip(path, reason, detail)
@@ -271,7 +289,7 @@ def encode_folder(cfg, src, out, settings: EncodeSettings | None = None, workers
                 break
         for items in pending.values():
             encoder(items)
-        writer.flush()
+        report.merged = writer.finish()
     report.clips_encoded = len(encoded_clips)
     report.shards = writer.shards_written
     report.elapsed = time.perf_counter() - t0
@@ -279,10 +297,12 @@ def encode_folder(cfg, src, out, settings: EncodeSettings | None = None, workers
     return report
 
 
-def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: Console | None = None) -> EncodeReport:
-    """``soe encode RECIPE SRC_FOLDER [--out DIR] [--workers N] [key=value ...]``."""
+def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: Console | None = None,
+                   shard: str | None = None) -> EncodeReport:
+    """``soe encode RECIPE SRC_FOLDER [--out DIR] [--workers N] [--shard I/N] [key=value ...]``."""
     console = console or Console()
-    out, workers, overrides = _options_among(list(overrides), out, workers)
+    out, workers, shard, overrides = _options_among(list(overrides), out, workers, shard)
+    part = parse_shard(shard)
     overrides, settings = parse_settings(overrides)
     cfg = load_recipe(recipe, overrides)
     validate_recipe(cfg, check_paths=False)  # data.path is what we are about to write
@@ -302,28 +322,47 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
     if workers < 0:
         raise UsageError(f"soe encode: --workers must be >= 0, got {workers}")
     configure_threads(cfg.trainer.threads)
-    report = encode_folder(cfg, src, out, settings, workers=workers, console=console)
-    if report.windows_new + report.windows_cached == 0:  # nothing to train on: say why, exit non-zero
+    report = encode_folder(cfg, src, out, settings, workers=workers, console=console, shard=part)
+    if part[1] == 1 and report.windows_new + report.windows_cached == 0:  # nothing to train on: say why, exit non-zero
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.by_reason.items())) or "no video files found"
         raise DataError(f"soe encode: no window was encoded from '{src}' ({report.clips} clip(s) found; skipped: {reasons}; "
                         f"details in {Path(out) / 'encode_report.json'})")
     console.print(report.table())
-    console.print(f"latent cache: [bold]{out}[/] (train with data.kind=latents data.path={out})")
+    if report.merged:
+        console.print(f"latent cache: [bold]{out}[/] (train with data.kind=latents data.path={out})")
+    else:
+        console.print(f"shard {part[0]}/{part[1]} of [bold]{out}[/] done; the last shard to finish merges the cache")
     return report
 
 
-def _options_among(args: list[str], out, workers) -> tuple:
-    """``--out DIR`` / ``--workers N`` given after the positionals (argparse leaves them among the overrides)."""
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``; ``None`` -> ``(0, 1)``."""
+    if text is None:
+        return 0, 1
+    i, slash, n = str(text).partition("/")
+    try:
+        part, parts = int(i), int(n)
+    except ValueError:
+        part = parts = -1
+    if not slash or parts < 1 or not 0 <= part < parts:
+        raise UsageError(f"soe encode: --shard expects I/N with 0 <= I < N (e.g. 0/8), got {text!r}")
+    return part, parts
+
+
+def _options_among(args: list[str], out, workers, shard=None) -> tuple:
+    """``--out DIR`` / ``--workers N`` / ``--shard I/N`` given after the positionals (argparse leaves them among the overrides)."""
     rest, i = [], 0
     while i < len(args):
         opt, _, inline = args[i].partition("=") if args[i].startswith("--") else (args[i], "", "")
-        if opt in ("--out", "--workers"):
+        if opt in ("--out", "--workers", "--shard"):
             value = inline or (args[i + 1] if i + 1 < len(args) else None)
             if value is None:
                 raise UsageError(f"soe encode: {opt} needs a value")
             i += 1 if inline else 2
             if opt == "--out":
                 out = value
+            elif opt == "--shard":
+                shard = value
             else:
                 try:
                     workers = int(value)
@@ -331,7 +370,7 @@ def _options_among(args: list[str], out, workers) -> tuple:
                     raise UsageError(f"soe encode: --workers expects an integer, got {value!r}") from None
             continue
         if args[i].startswith("-"):
-            raise UsageError(f"soe encode: unknown option '{args[i]}' (options: --out DIR, --workers N)")
+            raise UsageError(f"soe encode: unknown option '{args[i]}' (options: --out DIR, --workers N, --shard I/N)")
         rest.append(args[i])
         i += 1
-    return out, workers, rest
+    return out, workers, shard, rest

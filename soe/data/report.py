@@ -19,6 +19,7 @@ class EncodeReport:
     seconds_cached: float = 0.0
     shards: int = 0  # written by this run
     elapsed: float = 0.0  # seconds
+    merged: bool = True  # False: a --shard I/N part finished, other parts still to come
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason", "detail"}
 
     def skip(self, path: str, reason: str, detail: str = "") -> None:

@@ -120,10 +120,16 @@ class _StitchDataModule(L.LightningDataModule):
         # a checkpoint's loader state (StepDataLoader.load_state_dict) overrides this; checkpoints
         # written before loaders had one resume at the batch the optimizer steps imply
         start = trainer.global_step * accumulate if trainer else 0
-        self.sampler = StepBatchSampler(self.buckets, self.batch_size, self.seed, length=max(1, max_steps * accumulate),
-                                        next_batch=start, rank=trainer.global_rank if trainer else 0,
-                                        world_size=trainer.world_size if trainer else 1)
-        return StepDataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers)
+        self.sampler = self.make_batch_sampler(max(1, max_steps * accumulate), start, trainer.global_rank if trainer else 0,
+                                               trainer.world_size if trainer else 1)
+        return self.make_loader(self.sampler)
+
+    def make_batch_sampler(self, length: int, next_batch: int, rank: int, world_size: int) -> Sampler:
+        return StepBatchSampler(self.buckets, self.batch_size, self.seed, length=length, next_batch=next_batch,
+                                rank=rank, world_size=world_size)
+
+    def make_loader(self, sampler) -> DataLoader:
+        return StepDataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers)
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
         if self.sampler is not None and "step" in batch:  # this batch reaches the model now

@@ -1,4 +1,7 @@
-"""The latent cache that training reads: sharded safetensors plus a JSONL index.
+"""Latent cache format 1: sharded safetensors plus a JSONL index, read whole into memory.
+
+``soe encode`` now writes format 2, which training streams (``soe.data.stream_format``); format 1
+caches are still read, and ``write_shard`` still writes them (tests, small hand-made caches).
 
 Layout of a cache folder::
 

@@ -48,6 +48,13 @@ def build_datamodule(cfg, stitcher):
     experts, d = {"a": stitcher.a, "b": stitcher.b}, cfg.data
     if d.kind == "synthetic":
         return SyntheticAVDataModule(experts, seconds=d.seconds, num_clips=d.num_clips, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
+    from soe.data.stream_format import is_stream_cache
+
+    if is_stream_cache(d.path):  # written by `soe encode`: streamed, bounded memory per rank
+        from soe.data.streaming import StreamingLatentDataModule
+
+        return StreamingLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
+                                         shuffle_chunks=d.shuffle_chunks, seconds=d.seconds)
     return PairedLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
                                   seconds=d.seconds)
 

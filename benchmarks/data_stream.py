@@ -1,0 +1,146 @@
+"""Streaming latent cache: memory and throughput of the training loader as the cache grows.
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/data_stream.py               # 1k, 10k, 50k windows
+    python benchmarks/data_stream.py --sizes 1000 5000 --batch-size 16
+
+For each size a synthetic cache of small windows is written through ``PartWriter`` (what ``soe
+encode`` uses: two buckets, 4 windows per caption, 256 windows per chunk). Then, each in a fresh
+process so peaks do not mix: one epoch of the training loader (``StreamBatchSampler`` + the
+DataLoader over ``StreamingCache``: shuffled chunk order, bounded shuffle buffer, bucket batches,
+text states padded back, collate) against two sequential reads of the same chunks: "raw batches"
+makes the loader's product without its order (windows in file order through litdata's own iterator,
+text states attached, the same batches collated), "raw read" only iterates every window and text
+chunk once with litdata (the floor: decoding, nothing else). Printed: peak RSS of each and windows/s, with the loader's
+RSS relative to the smallest cache and its speed relative to the raw read. Numbers are ratios taken
+side by side on one machine; nothing here passes or fails on time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # run as `python benchmarks/x.py` from a checkout
+
+SHAPES = {"a": (4, 6, 8, 8), "b": (8, 16, 6)}  # latents: a tiny Wan window, an ACE-Step-like audio window
+TEXT = {"a": (12, 32), "b": (10, 24)}
+
+
+def universe1_window_bytes(wan_tokens: int = 80, ace_tokens: int = 60, lyric_tokens: int = 0, windows_per_caption: int = 1) -> dict:
+    """Bytes of one 5 s UniVerse-1 window (Wan2.1 1.3B 480x832 + ACE-Step v1 at 25.6 kHz), computed from
+    the shapes with the cache's own pack/trim: format 1 (float32, text padded, per window) vs format 2."""
+    import torch
+
+    from soe.data.stream_format import latent_dtype_for, pack, trim
+
+    def text(n, length, dim=None, dtype=torch.float32):
+        t = torch.zeros((length, dim) if dim else (length,), dtype=dtype)
+        t[:n] = 1
+        return t
+
+    latents = {"wan": torch.zeros(16, 31, 60, 104), "ace": torch.zeros(8, 16, 31)}
+    texts = {"encoder_hidden_states": text(wan_tokens, 512, 4096), "text_hidden_states": text(ace_tokens, 256, 768),
+             "text_attention_mask": text(ace_tokens, 256, dtype=torch.long), "speaker_embeds": torch.zeros(512),
+             "lyric_token_ids": text(lyric_tokens, 512, dtype=torch.long), "lyric_mask": text(lyric_tokens, 512, dtype=torch.long)}
+    before = sum(t.nbytes for t in (*latents.values(), *texts.values()))
+    dtype = latent_dtype_for("bf16-mixed")  # recipes/universe1.yaml trains in bf16-mixed
+    after_latents = sum(pack(t, dtype).nbytes for t in latents.values())
+    after_text = sum(pack(trim(t), "bfloat16").nbytes for t in texts.values()) / windows_per_caption
+    return {"before": before, "after": after_latents + after_text, "latents": after_latents, "text": after_text}
+
+
+def write(folder: Path, n: int) -> None:
+    from soe.data.stream_synthetic import random_record, write_cache
+
+    records = (random_record(i, SHAPES, TEXT, durations=(1.0, 2.0)) for i in range(n))
+    write_cache(folder, records, {"a": "video", "b": "audio"}, shard_size=256)
+
+
+def measure(folder: str, mode: str, batch_size: int) -> dict:
+    import torch
+    from soe.data.stream_read import StreamingCache
+    from soe.data.streaming import StreamBatchSampler, StreamDataLoader, StreamWindows
+
+    from litdata import StreamingDataset
+    from torch.utils.data import default_collate
+
+    from soe.data.stream_format import unpack
+
+    torch.set_num_threads(1)
+    cache = StreamingCache(folder, buffer_chunks=8)
+    t0, windows = time.perf_counter(), 0
+    if mode == "loader":
+        sizes = {b: cache.chunk_sizes(b) for b in cache.buckets}
+        sampler = StreamBatchSampler(sizes, batch_size, seed=0, length=1)
+        loader = iter(StreamDataLoader(StreamWindows(cache), batch_sampler=sampler, num_workers=0))
+        for _ in range(sampler.batches_per_epoch()):  # one epoch (the sampler runs on until training stops)
+            windows += next(loader)["a"]["latents"].shape[0]
+    elif mode == "raw-batches":  # the loader's product without its order: file order, texts attached, collated
+        for bucket in cache.buckets:
+            batch = []
+            for item in StreamingDataset(str(cache.folder / "windows" / bucket)):
+                batch.append({s: {"latents": unpack(item[s], cache.storage["latents"]),
+                                  **cache._text(s, cache.offsets[s][item["part"]] + item[f"text_{s}"])} for s in ("a", "b")})
+                if len(batch) == batch_size:
+                    windows += default_collate(batch)["a"]["latents"].shape[0]
+                    batch = []
+    else:  # raw: every chunk once, in file order, through litdata's own iterator (windows and text states), nothing else
+        for sub in [f"windows/{b}" for b in cache.buckets] + ["texts/a", "texts/b"]:
+            for item in StreamingDataset(str(cache.folder / sub)):
+                windows += sub.startswith("windows")
+    elapsed = time.perf_counter() - t0
+    return {"windows": windows, "per_s": windows / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--measure", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.measure:
+        print(json.dumps(measure(*args.measure, args.batch_size)))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="soe-stream-") as tmp:
+        for n in args.sizes:
+            folder = Path(tmp) / f"cache-{n}"
+            write(folder, n)
+            got = {}
+            for mode in ("loader", "raw-batches", "raw"):
+                out = subprocess.run([sys.executable, __file__, "--measure", str(folder), mode, "--batch-size", str(args.batch_size)],
+                                     capture_output=True, text=True, check=True)
+                got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            size = sum(f.stat().st_size for f in folder.rglob("*.bin"))
+            rows.append((n, size, got))
+    base = rows[0][2]["loader"]["peak_rss_mb"]
+    t = Table(title=f"streaming latent cache, batch {args.batch_size}, one epoch (peak RSS of the reading process)")
+    for c in ("windows", "cache MB", "loader RSS MB", "RSS vs first", "loader win/s", "raw batches win/s", "loader / raw batches",
+              "raw read win/s", "loader / raw read"):
+        t.add_column(c, justify="right")
+    for n, size, g in rows:
+        lo, rb, raw = g["loader"], g["raw-batches"], g["raw"]
+        t.add_row(f"{n:,}", f"{size / 2**20:.1f}", f"{lo['peak_rss_mb']:.0f}", f"{lo['peak_rss_mb'] / base:.3f}", f"{lo['per_s']:.0f}",
+                  f"{rb['per_s']:.0f}", f"{lo['per_s'] / rb['per_s']:.2f}", f"{raw['per_s']:.0f}", f"{lo['per_s'] / raw['per_s']:.2f}")
+    Console().print(t)
+    u = Table(title="bytes per 5 s UniVerse-1 window (Wan2.1 1.3B 480x832 + ACE-Step v1 25.6 kHz), from the shapes")
+    for c in ("captions", "format 1 (f32, padded)", "format 2", "of which latents", "of which text", "ratio"):
+        u.add_column(c, justify="right")
+    for label, kw in (("80 + 60 tokens, no lyrics, 1 window each", {}),
+                      ("80 + 60 tokens, 300 lyric tokens, 1 window each", {"lyric_tokens": 300}),
+                      ("80 + 60 tokens, no lyrics, 4 windows each", {"windows_per_caption": 4})):
+        b = universe1_window_bytes(**kw)
+        u.add_row(label, f"{b['before']:,}", f"{b['after']:,.0f}", f"{b['latents']:,}", f"{b['text']:,.0f}", f"{b['before'] / b['after']:.2f}x")
+    Console().print(u)
+
+
+if __name__ == "__main__":
+    main()

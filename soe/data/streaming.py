@@ -1,0 +1,183 @@
+"""Training on a streaming latent cache: which windows form batch k, and the Lightning data module.
+
+Order (``StreamBatchSampler``), per bucket and epoch: a seeded permutation of the bucket's chunks,
+then the windows of every ``shuffle_chunks`` consecutive chunks of that order shuffled together (the
+bounded shuffle buffer: a worker touches at most that many chunks at a time). The buckets' batches
+are interleaved by a seeded permutation per epoch, so every batch comes from one bucket. Batch ``k``
+is a function of (seed, k) alone, cut into one disjoint slice per rank; DataLoader workers each
+fetch whole batches. A resumed run therefore sees exactly the batches of an uninterrupted one,
+whatever the number of workers. The sampler holds O(chunks + batches per epoch) small integers,
+never anything per window; windows are read lazily by ``StreamingCache`` through litdata.
+"""
+from __future__ import annotations
+
+import bisect
+from functools import lru_cache
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from soe.data.stream_read import StreamingCache
+from soe.errors import DataError, SoeError
+from soe.flow import generator_for
+from soe.train.data import StepDataLoader, _StitchDataModule
+from soe.train.latent_cache import LatentCacheError
+
+
+class StreamBatchSampler(Sampler):
+    """Iteration starts at ``next_batch`` as it stands when ``iter()`` is called and runs until the
+    trainer stops (like ``StepBatchSampler``); ``length`` is the nominal epoch Lightning counts against."""
+
+    def __init__(self, chunk_sizes: dict[str, list[int]], batch_size: int, seed: int, length: int,
+                 next_batch: int = 0, rank: int = 0, world_size: int = 1, shuffle_chunks: int = 8):
+        self.batch_size, self.seed, self.length, self.next_batch = batch_size, seed, length, next_batch
+        self.rank, self.world, self.shuffle_chunks = rank, world_size, max(1, int(shuffle_chunks))
+        per = batch_size * world_size
+        self.chunk_sizes = {b: s for b, s in sorted(chunk_sizes.items()) if sum(s) >= per}
+        if not self.chunk_sizes:
+            sizes = {b: sum(s) for b, s in chunk_sizes.items()}
+            raise DataError(f"data.batch_size: no bucket holds batch_size x devices = {per} windows (bucket sizes {sizes})")
+        self.names = list(self.chunk_sizes)
+        self.per_epoch = [sum(s) // per for s in self.chunk_sizes.values()]
+        self.starts = {b: [0] + torch.tensor(s).cumsum(0).tolist()[:-1] for b, s in self.chunk_sizes.items()}
+        self._order = lru_cache(maxsize=len(self.names) * 2)(self._bucket_epoch)
+        self._group = lru_cache(maxsize=4 * self.shuffle_chunks)(self._group_perm)
+        self._slots = lru_cache(maxsize=2)(self._epoch_slots)
+
+    def batches_per_epoch(self) -> int:
+        return sum(self.per_epoch)
+
+    def _epoch_slots(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which bucket each batch of epoch ``e`` comes from, and its number within that bucket."""
+        slots = torch.repeat_interleave(torch.arange(len(self.names)), torch.tensor(self.per_epoch))
+        slots = slots[torch.randperm(len(slots), generator=generator_for(self.seed, "buckets", e))]
+        within = torch.zeros_like(slots)
+        for b in range(len(self.names)):
+            mask = slots == b
+            within[mask] = torch.arange(int(mask.sum()))
+        return slots, within
+
+    def _bucket_epoch(self, b: int, e: int) -> tuple[list[int], list[int]]:
+        """Chunk order of bucket ``b`` in epoch ``e`` and where each shuffle group starts in it."""
+        sizes = self.chunk_sizes[self.names[b]]
+        order = torch.randperm(len(sizes), generator=generator_for(self.seed, "chunks", b, e)).tolist()
+        group_starts, pos = [], 0
+        for g in range(0, len(order), self.shuffle_chunks):
+            group_starts.append(pos)
+            pos += sum(sizes[c] for c in order[g: g + self.shuffle_chunks])
+        return order, group_starts
+
+    def _group_perm(self, b: int, e: int, g: int) -> list[int]:
+        """The windows (indices into the bucket's dataset) of shuffle group ``g``, shuffled."""
+        order, _ = self._order(b, e)
+        name = self.names[b]
+        chunks = order[g * self.shuffle_chunks: (g + 1) * self.shuffle_chunks]
+        ids = [self.starts[name][c] + i for c in chunks for i in range(self.chunk_sizes[name][c])]
+        perm = torch.randperm(len(ids), generator=generator_for(self.seed, "windows", b, e, g)).tolist()
+        return [ids[i] for i in perm]
+
+    def window_at(self, b: int, e: int, p: int) -> int:
+        _, group_starts = self._order(b, e)
+        g = bisect.bisect_right(group_starts, p) - 1
+        return self._group(b, e, g)[p - group_starts[g]]
+
+    def batch(self, k: int) -> tuple[str, list[int]]:
+        """Bucket and this rank's windows of batch ``k``."""
+        n = self.batches_per_epoch()
+        e, j = divmod(k, n)
+        slots, within = self._slots(e)
+        b, i = int(slots[j]), int(within[j])
+        per = self.batch_size * self.world
+        first = i * per + self.rank * self.batch_size
+        return self.names[b], [self.window_at(b, e, p) for p in range(first, first + self.batch_size)]
+
+    def __iter__(self):
+        k = self.next_batch  # read now: a restarted iteration (or a restored loader state) continues the sequence
+        while True:
+            bucket, windows = self.batch(k)
+            yield [(k, bucket, w) for w in windows]
+            k += 1
+
+    def __len__(self):
+        return self.length
+
+
+class StreamWindows(Dataset):
+    """Map-style view for the DataLoader: key ``(batch number, bucket, window)`` -> a window."""
+
+    def __init__(self, cache: StreamingCache):
+        self.cache = cache
+
+    def __getitem__(self, key):
+        step, bucket, index = key
+        window = self.cache.window(bucket, index)
+        return {"a": window["a"], "b": window["b"], "step": step}
+
+
+class StreamDataLoader(StepDataLoader):
+    """``StepDataLoader`` (its position is in the checkpoint) whose cache errors stay one line when they
+    happen in a worker process."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except SoeError as e:  # re-raised by torch with the worker's traceback: keep its last line
+                text = str(e)
+                if "Original Traceback" not in text:
+                    raise
+                last = [ln for ln in text.splitlines() if ln.strip()][-1]
+                raise type(e)(last.split(": ", 1)[-1]) from None
+            yield batch
+
+
+class StreamingLatentDataModule(_StitchDataModule):
+    """Streams a latent cache written by ``soe encode`` (format 2): bounded memory per rank."""
+
+    def __init__(self, experts: dict, path, batch_size: int = 4, seed: int = 0, num_workers: int = 0, shuffle_chunks: int = 8,
+                 seconds: float | None = None):
+        super().__init__(experts, batch_size, seed, num_workers)
+        self.path, self.shuffle_chunks, self.seconds = path, shuffle_chunks, seconds  # seconds: data.seconds
+        self.cache: StreamingCache | None = None
+
+    def setup(self, stage=None):
+        if self.cache is not None:
+            return
+        cache = StreamingCache(self.path, buffer_chunks=self.shuffle_chunks)
+        names = {side: e.name for side, e in self.experts.items()}
+        if cache.meta.get("experts") != names:
+            raise LatentCacheError(f"latent cache '{self.path}' holds latents of experts {cache.meta.get('experts')}, the recipe stitches {names}")
+        lengths = sorted({float(b["seconds"]) for b in cache.meta["buckets"].values()})
+        if self.seconds is not None and all(abs(s - self.seconds) > 1e-6 for s in lengths):  # bucketed caches hold several
+            raise LatentCacheError(f"data.seconds: {self.seconds} s, but the latent cache '{self.path}' holds windows of "
+                                   f"{', '.join(f'{s:g}' for s in lengths)} s (set data.seconds to match, or encode the clips again)")
+        for bucket in cache.buckets:  # one window per bucket: shapes and conditioning keys against the experts
+            self._check_window(cache, bucket)
+        self.cache, self.dataset = cache, StreamWindows(cache)
+        self.buckets = [range(sum(cache.chunk_sizes(b))) for b in cache.buckets]
+        self.check_buckets()
+
+    def _check_window(self, cache: StreamingCache, bucket: str) -> None:
+        w = cache.window(bucket, 0)
+        seconds = float(cache.meta["buckets"][bucket]["seconds"])
+        for side, e in self.experts.items():
+            got = tuple(w[side]["latents"].shape)
+            want = tuple(e.latent_shape(1, seconds))[1:]
+            t = e.latent_time_axis - 1
+            if len(got) != len(want) or any(g != x for i, (g, x) in enumerate(zip(got, want)) if i < t):
+                raise LatentCacheError(f"latent cache '{self.path}': bucket '{bucket}' {side}/latents has shape {list(got)}, "
+                                       f"expert '{e.name}' expects {list(want)} (axes from time on may differ)")
+            missing = [k for k in e.condition_keys if k not in w[side]]
+            if missing:
+                raise LatentCacheError(f"latent cache '{self.path}': bucket '{bucket}' lacks {side} conditioning {missing}")
+
+    def make_batch_sampler(self, length: int, next_batch: int, rank: int, world_size: int) -> Sampler:
+        sizes = {b: self.cache.chunk_sizes(b) for b in self.cache.buckets}
+        return StreamBatchSampler(sizes, self.batch_size, self.seed, length, next_batch, rank, world_size, self.shuffle_chunks)
+
+    def make_loader(self, sampler) -> DataLoader:
+        return StreamDataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                persistent_workers=False, prefetch_factor=2 if self.num_workers else None)

@@ -1,0 +1,212 @@
+"""Streaming latent cache: batch order, compact storage, lazy reading, bad shards, exact resume.
+
+Caches here are written through ``PartWriter`` (what ``soe encode`` uses) from synthetic windows,
+so no media is decoded; ``tests/test_encode.py`` covers encoding real clips, ``--shard`` included.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from soe.builders import build_expert
+from soe.config import load_recipe
+from soe.data.stream_format import pack, pad, trim, unpack
+from soe.data.stream_read import StreamingCache, load_cache
+from soe.data.stream_synthetic import synthetic_record, write_cache
+from soe.data.streaming import StreamBatchSampler, StreamingLatentDataModule
+from soe.train.latent_cache import LatentCacheError
+
+ROOT = Path(__file__).parents[1]
+QUIET = Console(file=open(os.devnull, "w"))
+RECIPE = """\
+name: stream-test
+seed: 3
+experts:
+  a: {name: wan2.1, preset: tiny, train: lora, lora: {r: 2, alpha: 2, dropout: 0.2}}
+  b: {name: ace-step-1.5, preset: tiny, train: lora, lora: {r: 2, alpha: 2, dropout: 0.2}}
+stitch: {pairs: linear, direction: both}
+data: {kind: latents, seconds: 1.0, batch_size: 2, shuffle_chunks: 2}
+optim: {lr: 1.0e-2, warmup_steps: 3}
+trainer: {max_steps: 4, accelerator: cpu, log_every_n_steps: 1, checkpoint_every_n_steps: 100}
+"""
+NAMES = {"a": "wan2.1", "b": "ace-step-1.5"}
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
+    path.write_text(RECIPE)
+    cfg = load_recipe(path)
+    return {s: build_expert(cfg, s) for s in ("a", "b")}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, experts):
+    """14 windows in two duration buckets (1 s: 7, 2 s: 7), 4 windows per caption, chunks of 3."""
+    folder = tmp_path_factory.mktemp("stream") / "cache"
+    records = [synthetic_record(i, experts, durations=(1.0, 2.0), windows_per_caption=4, seed=3) for i in range(14)]
+    write_cache(folder, records, NAMES, shard_size=3)
+    return folder, records
+
+
+# ---- order ---------------------------------------------------------------------------------------
+SIZES = {"1s": [5, 5, 3, 7], "2s": [4, 4], "tiny": [1]}
+
+
+def _run(sampler, n):
+    return [sampler.batch(k) for k in range(n)]
+
+
+def test_batch_k_depends_on_seed_and_k_only_ranks_disjoint_one_bucket_each():
+    full = [StreamBatchSampler(SIZES, 2, seed=5, length=20, rank=r, world_size=2, shuffle_chunks=2) for r in (0, 1)]
+    resumed = StreamBatchSampler(SIZES, 2, seed=5, length=20, next_batch=7, rank=1, world_size=2, shuffle_chunks=2)
+    it = iter(resumed)
+    assert [[(b, w) for _, b, w in next(it)] for _ in range(7, 20)] == [[(full[1].batch(k)[0], w) for w in full[1].batch(k)[1]]
+                                                                        for k in range(7, 20)]
+    per_epoch = full[0].batches_per_epoch()
+    assert per_epoch == 20 // 4 + 8 // 4  # "tiny" cannot fill batch_size x ranks and is left out
+    for k in range(2 * per_epoch):
+        (b0, w0), (b1, w1) = full[0].batch(k), full[1].batch(k)
+        assert b0 == b1 and len(w0) == len(w1) == 2 and not set(w0) & set(w1)  # one bucket, disjoint slices
+    for e in range(2):  # an epoch never repeats a window; each bucket gives floor(n / 4) * 4 of them
+        seen = {}
+        for k in range(e * per_epoch, (e + 1) * per_epoch):
+            for r in (0, 1):
+                b, w = full[r].batch(k)
+                seen.setdefault(b, []).extend(w)
+        assert {b: len(v) for b, v in seen.items()} == {"1s": 20, "2s": 8}
+        assert all(len(set(v)) == len(v) and max(v) < sum(SIZES[b]) for b, v in seen.items())
+    assert _run(full[0], per_epoch) != [full[0].batch(k) for k in range(per_epoch, 2 * per_epoch)]  # a new order per epoch
+    other_seed = StreamBatchSampler(SIZES, 2, seed=6, length=20, world_size=2)
+    assert _run(other_seed, per_epoch) != _run(full[0], per_epoch)
+
+
+def test_shuffle_buffer_is_bounded_by_shuffle_chunks():
+    s = StreamBatchSampler({"x": [4] * 10}, 1, seed=0, length=1, shuffle_chunks=3)
+    order, group_starts = s._order(0, 0)
+    chunk_of = lambda w: w // 4  # noqa: E731
+    for g, start in enumerate(group_starts):
+        end = group_starts[g + 1] if g + 1 < len(group_starts) else 40
+        assert {chunk_of(s.window_at(0, 0, p)) for p in range(start, end)} == set(order[3 * g: 3 * g + 3])
+    assert [s.window_at(0, 0, p) for p in range(12)] != list(range(12))  # shuffled within the group
+
+
+# ---- storage -------------------------------------------------------------------------------------
+def test_text_states_trimmed_and_padded_back_exactly_bf16_bits():
+    t = torch.zeros(512, 16)
+    t[:23] = torch.randn(23, 16)
+    stored = pack(trim(t), "bfloat16")
+    assert stored.shape == (23, 16) and stored.dtype == torch.int16
+    assert torch.equal(pad(unpack(stored, "bfloat16"), 512), t.bfloat16().float())
+    ids = torch.tensor([261, 5, 2, 0, 0])
+    assert torch.equal(pad(unpack(pack(trim(ids), "bfloat16"), "bfloat16"), 5), ids)  # integers stay integers
+
+
+def test_cache_reads_back_every_window_with_one_text_per_caption(cache, experts):
+    folder, records = cache
+    meta, rows, windows = load_cache(folder)
+    assert meta["buckets"] == {"1s": {"windows": 7, "seconds": 1.0}, "2s": {"windows": 7, "seconds": 2.0}}
+    assert sorted(r["id"] for r in rows) == [r["id"] for r in records]
+    by_id = {r["id"]: w for r, w in zip(rows, windows)}
+    for r in records:
+        for side in ("a", "b"):
+            got, want = by_id[r["id"]][side], r[side]
+            assert got.keys() == want.keys()
+            assert torch.equal(got["latents"], want["latents"].float())  # float32 recipe: latents as trained
+            for k in want:
+                if k != "latents":
+                    assert torch.equal(got[k], want[k].bfloat16().float() if want[k].is_floating_point() else want[k]), k
+    c = StreamingCache(folder)
+    assert [sum(c.sizes[f"texts/{s}"]) for s in ("a", "b")] == [4, 4]  # 14 windows, 4 captions
+
+
+# ---- bad shards ----------------------------------------------------------------------------------
+@pytest.fixture
+def broken(cache, tmp_path):
+    import shutil
+
+    folder = tmp_path / "cache"
+    shutil.copytree(cache[0], folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated"])
+def test_missing_or_truncated_shard_is_one_line_naming_it(broken, case):
+    chunk = broken / "windows" / "2s" / "chunk-0-1.bin"
+    chunk.unlink() if case == "missing" else chunk.write_bytes(chunk.read_bytes()[:-7])
+    with pytest.raises(LatentCacheError, match="windows/2s/chunk-0-1.bin") as err:
+        StreamingCache(broken)
+    assert "\n" not in str(err.value) and ("missing" in str(err.value) if case == "missing" else "truncated" in str(err.value))
+
+
+def test_shard_deleted_mid_run_is_one_line_naming_it(broken, experts):
+    dm = StreamingLatentDataModule(experts, broken, batch_size=2, seed=0, num_workers=1, shuffle_chunks=1)
+    dm.setup()
+    loader = dm.make_loader(dm.make_batch_sampler(50, 0, 0, 1))
+    it = iter(loader)
+    next(it)
+    for p in (broken / "windows").rglob("chunk-*.bin"):
+        p.unlink()
+    with pytest.raises(LatentCacheError, match=r"shard 'windows/\ds/chunk-0-\d\.bin' disappeared") as err:
+        for _ in range(50):
+            next(it)
+    assert "\n" not in str(err.value)
+
+
+def test_an_unmerged_cache_is_refused(tmp_path, experts):
+    records = [synthetic_record(i, experts) for i in range(4)]
+    write_cache(tmp_path / "c", records[:2], NAMES, part=0, parts=2)
+    with pytest.raises(LatentCacheError, match=r"not merged yet .*--shard I/N"):
+        StreamingCache(tmp_path / "c")
+    write_cache(tmp_path / "c", records[2:], NAMES, part=1, parts=2)  # the last part merges
+    assert len(load_cache(tmp_path / "c")[1]) == 4
+
+
+# ---- exact resume through Lightning --------------------------------------------------------------
+def train(recipe, run_dir, steps, *overrides):
+    from soe.train.run import run_training
+
+    return run_training(recipe, [f"run_dir={run_dir}", f"trainer.max_steps={steps}", *overrides], console=QUIET, progress=False)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_workers(cache, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    data = [f"data.path={cache[0]}", "data.num_workers=2"]
+    straight = train(recipe, tmp_path / "straight", 6, *data)["module"]
+    train(recipe, tmp_path / "split", 2, *data)
+    resumed = train(recipe, tmp_path / "split", 6, *data, "resume=true")["module"]
+    a, b = straight.trainable_state_dict(), resumed.trainable_state_dict()
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_resume_exactly_on_a_streamed_cache(cache, tmp_path):
+    """2 CPU processes (DDP over gloo) with a loader worker each: 2 steps + resume to 4 equals 4 straight steps."""
+    from soe.train.checkpoint import read_checkpoint
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    args = [f"data.path={cache[0]}", "data.num_workers=1", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def run(run_dir, steps, *extra):
+        cmd = [sys.executable, "-m", "soe.cli", "stitch", str(recipe),
+               f"run_dir={run_dir}", f"trainer.max_steps={steps}", *args, *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return read_checkpoint(run_dir / "checkpoints" / "last.ckpt", mmap=False)
+
+    run(tmp_path / "split", 2)
+    resumed = run(tmp_path / "split", 4, "resume=true")
+    straight = run(tmp_path / "straight", 4)
+    assert resumed["global_step"] == straight["global_step"] == 4
+    for k, v in straight["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
