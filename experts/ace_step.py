@@ -13,6 +13,10 @@ Batch keys (all tensors; ``B`` batch, ``T`` latent frames, ``L`` text tokens, ``
 
 One token per latent frame: the 16x1 patch covers the whole 16-high latent, so the token grid is
 ``(t,)`` at ``sample_rate / 512 / 8`` frames per second (mel hop 512, DCAE 8x time downsampling).
+
+Expert options: ``sample_rate`` (44100 for ACE-Step; UniVerse-1 runs the codec at 25600) and
+``speaker_token`` (ACE-Step prepends one speaker-embedding token to the conditioning; UniVerse-1
+conditions on ``[text, lyrics]`` only, its speaker embedder unused: ``speaker_token: false``).
 """
 from __future__ import annotations
 
@@ -91,8 +95,9 @@ class AceStepV1Expert(Expert):
     presets = {"3.5b": ACE_STEP_V1_3_5B, "tiny": TINY}
     flow_shift = 3.0
     flow_loss = "x0"  # ACE-Step v1 trains on x0_pred = x_t - sigma * v
-    # ACE-Step's own CFG drops text states, speaker embedding and lyrics (ids and mask) to zeros.
-    condition_keys = ("text_hidden_states", "speaker_embeds", "lyric_token_ids", "lyric_mask")
+    # CFG's null branch (ACE-Step's pipeline and UniVerse-1 alike): text states, speaker embedding and
+    # lyric token ids become zeros; the text and lyric masks stay as they are.
+    condition_keys = ("text_hidden_states", "speaker_embeds", "lyric_token_ids")
     # The state after linear self-attention = the input of the softmax cross-attention (no norm between).
     tap_points = {"after_self_attn": ("cross_attn", "input")}
     lora_targets = (
@@ -102,21 +107,25 @@ class AceStepV1Expert(Expert):
         r"transformer_blocks\.\d+\.ff\.(inverted_conv|point_conv)\.conv",
     )
 
-    def __init__(self, model: ACEStepTransformer2DModel, sample_rate: int = 44100):
+    def __init__(self, model: ACEStepTransformer2DModel, sample_rate: int = 44100, speaker_token: bool = True):
         super().__init__(model)
         self.sample_rate = sample_rate  # 44100 for ACE-Step's DCAE; UniVerse-1 runs it at 25600
+        self.speaker_token = bool(speaker_token)  # False: conditioning is [text, lyrics] (UniVerse-1)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: dict, device=None, dtype=None, sample_rate: int | None = None) -> "AceStepV1Expert":
+    def from_config(cls, config: dict, device=None, dtype=None, sample_rate: int | None = None,
+                    speaker_token: bool | None = None) -> "AceStepV1Expert":
         config = dict(config)
-        config_rate = config.pop("sample_rate", 44100)  # an expert setting, not a model config key
+        config_rate = config.pop("sample_rate", 44100)  # expert settings, not model config keys
+        config_speaker = config.pop("speaker_token", True)
         sample_rate = sample_rate or config_rate
+        speaker_token = config_speaker if speaker_token is None else speaker_token
         with torch.device(device or "cpu"):  # build in place: the 3.5B model never exists twice
             model = ACEStepTransformer2DModel(**config)
         if dtype is not None:
             nn.Module.to(model, dtype=dtype)  # ModelMixin.to logs a spurious fp32 warning on every dtype cast
-        return cls(model.eval(), sample_rate=sample_rate)
+        return cls(model.eval(), sample_rate=sample_rate, speaker_token=speaker_token)
 
     @staticmethod
     def _transformer_folder(path) -> Path:
@@ -132,7 +141,7 @@ class AceStepV1Expert(Expert):
         )
 
     @classmethod
-    def load(cls, path, dtype=None, device=None, sample_rate: int = 44100) -> "AceStepV1Expert":
+    def load(cls, path, dtype=None, device=None, sample_rate: int = 44100, speaker_token: bool = True) -> "AceStepV1Expert":
         """Load the official ``ace_step_transformer/`` weights (strict: every key must match, none renamed).
 
         ``dtype=None`` keeps the dtype stored in the checkpoint.
@@ -151,7 +160,7 @@ class AceStepV1Expert(Expert):
         model.load_state_dict(state, strict=True, assign=True)
         if dtype is not None:
             nn.Module.to(model, dtype=dtype)
-        return cls(model.eval(), sample_rate=sample_rate)
+        return cls(model.eval(), sample_rate=sample_rate, speaker_token=speaker_token)
 
     def save(self, path) -> None:
         """Write ``path/ace_step_transformer/{config.json, diffusion_pytorch_model.safetensors}``."""
@@ -192,11 +201,13 @@ class AceStepV1Expert(Expert):
             timestep=(sigma * 1000).expand(B),  # ACE-Step timesteps live in [0, 1000]
         )
 
+    def _encode(self, x: dict):
+        return self.model.encode(x["encoder_text_hidden_states"], x["text_attention_mask"], x["speaker_embeds"],
+                                 x["lyric_token_idx"], x["lyric_mask"], speaker_token=self.speaker_token)
+
     def embed(self, batch: Batch) -> BlockState:
         m, x = self.model, self._native_inputs(batch)
-        enc, enc_mask = m.encode(
-            x["encoder_text_hidden_states"], x["text_attention_mask"], x["speaker_embeds"], x["lyric_token_idx"], x["lyric_mask"]
-        )  # (B, 1+L+Ly, D), (B, 1+L+Ly)
+        enc, enc_mask = self._encode(x)  # (B, [1+]L+Ly, D), (B, [1+]L+Ly)
         latents = x["hidden_states"]
         embedded_timestep = m.timestep_embedder(m.time_proj(x["timestep"]).to(latents.dtype))  # (B, D)
         hidden = m.proj_in(latents)  # (B, T, D)
@@ -251,7 +262,11 @@ class AceStepV1Expert(Expert):
         return self.model.final_layer(state.hidden, e["embedded_timestep"], e["output_length"])  # (B, 8, 16, T)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.model(**self._native_inputs(batch)).sample  # (B, 8, 16, T) velocity
+        x = self._native_inputs(batch)
+        enc, enc_mask = self._encode(x)
+        latents = x["hidden_states"]
+        return self.model.decode(latents, x["attention_mask"], enc, enc_mask, x["timestep"],
+                                 output_length=latents.shape[-1]).sample  # (B, 8, 16, T) velocity
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         super().set_gradient_checkpointing(enabled)  # run_block
@@ -315,4 +330,4 @@ class AceStepV1Expert(Expert):
         return {k: v.to(device) for k, v in batch.items()}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sample_rate={self.sample_rate}"
+        return f"{super().extra_repr()}, sample_rate={self.sample_rate}, speaker_token={self.speaker_token}"
