@@ -14,9 +14,11 @@ Batch keys (all tensors; ``B`` batch, ``T`` latent frames, ``L`` text tokens, ``
 One token per latent frame: the 16x1 patch covers the whole 16-high latent, so the token grid is
 ``(t,)`` at ``sample_rate / 512 / 8`` frames per second (mel hop 512, DCAE 8x time downsampling).
 
-Expert options: ``sample_rate`` (44100 for ACE-Step; UniVerse-1 runs the codec at 25600) and
-``speaker_token`` (ACE-Step prepends one speaker-embedding token to the conditioning; UniVerse-1
-conditions on ``[text, lyrics]`` only, its speaker embedder unused: ``speaker_token: false``).
+Expert options (``OPTIONS``; ACE-Step's values by default, UniVerse-1's in ``recipes/universe1.yaml``):
+``sample_rate`` (44100; UniVerse-1 runs the codec at 25600), ``speaker_token`` (ACE-Step prepends one
+speaker-embedding token to the conditioning; UniVerse-1 conditions on ``[text, lyrics]`` only),
+``lyric_len`` (lyric tokens kept: 512; UniVerse-1 keeps 128) and ``empty_lyric_tokens`` (no lyrics:
+ACE-Step attends to none, UniVerse-1 to 32 tokens of id 0).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ from soe.registry import register_expert
 
 SUBFOLDER = "ace_step_transformer"  # the transformer's folder inside an ACE-Step v1 checkpoint
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX = WEIGHTS + ".index.json"  # sharded variant written by save_pretrained for big fp32 models
+WEIGHTS_INDEX = WEIGHTS + ".index.json"
+OPTIONS = ("sample_rate", "speaker_token", "lyric_len", "empty_lyric_tokens")  # expert settings, not model config  # sharded variant written by save_pretrained for big fp32 models
 MEL_HOP, DCAE_TIME_DOWNSAMPLE = 512, 8
 
 # ace_step_transformer/config.json of ACE-Step/ACE-Step-v1-3.5B (minus the _class_name/_diffusers_version keys).
@@ -107,25 +110,25 @@ class AceStepV1Expert(Expert):
         r"transformer_blocks\.\d+\.ff\.(inverted_conv|point_conv)\.conv",
     )
 
-    def __init__(self, model: ACEStepTransformer2DModel, sample_rate: int = 44100, speaker_token: bool = True):
+    def __init__(self, model: ACEStepTransformer2DModel, sample_rate: int = 44100, speaker_token: bool = True,
+                 lyric_len: int = 512, empty_lyric_tokens: int = 0):
         super().__init__(model)
         self.sample_rate = sample_rate  # 44100 for ACE-Step's DCAE; UniVerse-1 runs it at 25600
         self.speaker_token = bool(speaker_token)  # False: conditioning is [text, lyrics] (UniVerse-1)
+        if not 0 <= int(empty_lyric_tokens) <= int(lyric_len):
+            raise ValueError(f"ace-step: empty_lyric_tokens={empty_lyric_tokens} must be between 0 and lyric_len={lyric_len}")
+        self.lyric_len, self.empty_lyric_tokens = int(lyric_len), int(empty_lyric_tokens)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: dict, device=None, dtype=None, sample_rate: int | None = None,
-                    speaker_token: bool | None = None) -> "AceStepV1Expert":
+    def from_config(cls, config: dict, device=None, dtype=None, **options) -> "AceStepV1Expert":
         config = dict(config)
-        config_rate = config.pop("sample_rate", 44100)  # expert settings, not model config keys
-        config_speaker = config.pop("speaker_token", True)
-        sample_rate = sample_rate or config_rate
-        speaker_token = config_speaker if speaker_token is None else speaker_token
+        options = {**{k: config.pop(k) for k in OPTIONS if k in config}, **{k: v for k, v in options.items() if v is not None}}
         with torch.device(device or "cpu"):  # build in place: the 3.5B model never exists twice
             model = ACEStepTransformer2DModel(**config)
         if dtype is not None:
             nn.Module.to(model, dtype=dtype)  # ModelMixin.to logs a spurious fp32 warning on every dtype cast
-        return cls(model.eval(), sample_rate=sample_rate, speaker_token=speaker_token)
+        return cls(model.eval(), **options)
 
     @staticmethod
     def _transformer_folder(path) -> Path:
@@ -141,7 +144,7 @@ class AceStepV1Expert(Expert):
         )
 
     @classmethod
-    def load(cls, path, dtype=None, device=None, sample_rate: int = 44100, speaker_token: bool = True) -> "AceStepV1Expert":
+    def load(cls, path, dtype=None, device=None, **options) -> "AceStepV1Expert":
         """Load the official ``ace_step_transformer/`` weights (strict: every key must match, none renamed).
 
         ``dtype=None`` keeps the dtype stored in the checkpoint.
@@ -160,7 +163,7 @@ class AceStepV1Expert(Expert):
         model.load_state_dict(state, strict=True, assign=True)
         if dtype is not None:
             nn.Module.to(model, dtype=dtype)
-        return cls(model.eval(), sample_rate=sample_rate, speaker_token=speaker_token)
+        return cls(model.eval(), **options)
 
     def save(self, path) -> None:
         """Write ``path/ace_step_transformer/{config.json, diffusion_pytorch_model.safetensors}``."""
@@ -305,7 +308,8 @@ class AceStepV1Expert(Expert):
         from experts.text_encoders import AceStepV1TextEncoder
 
         cfg = self.model.config
-        enc = AceStepV1TextEncoder.load(path, device=device, dtype=dtype, speaker_dim=cfg.speaker_embedding_dim)
+        enc = AceStepV1TextEncoder.load(path, device=device, dtype=dtype, speaker_dim=cfg.speaker_embedding_dim,
+                                        lyric_len=self.lyric_len, empty_lyric_tokens=self.empty_lyric_tokens)
         if enc.encoder.config.d_model != cfg.text_embedding_dim:
             raise ValueError(f"ace-step: text encoder at '{path}' is {enc.encoder.config.d_model} wide, the model expects {cfg.text_embedding_dim}")
         return enc

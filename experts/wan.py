@@ -29,6 +29,7 @@ class WanExpert(DiffusersExpert):
     lora_targets = (r"blocks\.\d+\.attn1\.to_(q|k|v|out\.0)$", r"blocks\.\d+\.attn2\.to_(q|k|v|out\.0)$",
                     r"blocks\.\d+\.ffn\.net\.(0\.proj|2)$")
     condition_keys = ("encoder_hidden_states",)
+    null_condition = "negative_prompt"  # Wan's pipeline (and UniVerse-1) encode a negative prompt, "" by default
     # "after_self_attn": the residual stream after self-attention; "cross_attn_input": the same after
     # norm2 (what UniVerse-1 pools per latent frame for the audio side).
     tap_points = {"after_self_attn": ("norm2", "input"), "cross_attn_input": ("attn2", "input")}

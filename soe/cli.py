@@ -62,7 +62,7 @@ def _cmd_stitch(args) -> int:
     return 0
 
 
-SAMPLE_SHORT_KEYS = ("ckpt", "prompt", "conditions", "seconds", "seed", "steps", "scheduler", "num_samples", "out")
+SAMPLE_SHORT_KEYS = ("ckpt", "prompt", "negative_prompt", "conditions", "seconds", "seed", "steps", "scheduler", "num_samples", "out")
 
 
 def _cmd_generate(args) -> int:

@@ -98,6 +98,9 @@ class Expert(nn.Module):
     presets: ClassVar[dict[str, dict]] = {}  # real-size configs by name, plus "tiny"
     # Which batch keys carry text conditioning (dropped for classifier-free guidance).
     condition_keys: ClassVar[tuple[str, ...]] = ()
+    # CFG's null branch: "zeros" (condition keys zeroed: ACE-Step, UniVerse-1's audio) or
+    # "negative_prompt" (the text encoding of ``sample.negative_prompt``, default "": Wan's pipelines).
+    null_condition: ClassVar[str] = "zeros"
     # Timestep shift of the family's flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma)).
     flow_shift: ClassVar[float] = 1.0
     # Space of the training loss: "velocity" (plain MSE on eps - x0, Wan) or "x0" (MSE on
@@ -244,12 +247,19 @@ class Expert(nn.Module):
         (batch axis first, exactly the keys ``dummy_batch`` has besides latents and timestep)."""
         raise NotImplementedError(f"expert '{self.name}' declares no text encoder")
 
-    def unconditional(self, batch: Batch) -> Batch:
-        """The batch with text conditioning dropped (zeros), for classifier-free guidance."""
+    def unconditional(self, batch: Batch, negative: Batch | None = None) -> Batch:
+        """The batch with text conditioning dropped, for classifier-free guidance: zeros, or the
+        condition keys of ``negative`` (an encoded negative prompt) when ``null_condition`` says so."""
         out = dict(batch)
+        use_negative = negative is not None and self.null_condition == "negative_prompt"
         for k in self.condition_keys:
             if k in out and out[k] is not None:
-                out[k] = torch.zeros_like(out[k])
+                if use_negative and k in negative:
+                    n = out[k].shape[0]
+                    neg = negative[k].to(out[k].device, out[k].dtype)
+                    out[k] = neg if neg.shape[0] == n else neg[:1].expand(n, *neg.shape[1:])
+                else:
+                    out[k] = torch.zeros_like(out[k])
         return out
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
