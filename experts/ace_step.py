@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from experts.ace_step_v1_model import ACEStepTransformer2DModel, CrossAttnProcessor, apply_rope
-from soe.expert import Batch, BlockState, Expert, TokenLayout
+from soe.expert import Batch, BlockState, Expert, TokenLayout, latent_frames
 from soe.registry import register_expert
 
 SUBFOLDER = "ace_step_transformer"  # the transformer's folder inside an ACE-Step v1 checkpoint
@@ -288,7 +288,7 @@ class AceStepV1Expert(Expert):
 
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
         cfg = self.model.config
-        frames = max(1, int(seconds * self.latent_rate))  # int() like ACE-Step's pipeline
+        frames = latent_frames(seconds, self.latent_rate)
         return (batch_size, cfg.in_channels, cfg.max_height, frames)
 
     def codec(self, path=None, dtype=None):

@@ -12,7 +12,7 @@ from diffusers.models.transformers import ace_step_transformer as _ace
 from torch.utils.checkpoint import checkpoint
 
 from experts._diffusers import DiffusersExpert
-from soe.expert import Batch, BlockState, TokenLayout
+from soe.expert import Batch, BlockState, TokenLayout, latent_frames
 from soe.registry import register_expert
 
 EXPERT_KEYS = ("sample_rate", "hop_length", "text_len")
@@ -111,7 +111,7 @@ class AceStep15Expert(DiffusersExpert):
         return TokenLayout((t,), ("t",), self.latent_rate / p)
 
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
-        return (batch_size, max(1, round(seconds * self.latent_rate)), self.model.config.audio_acoustic_hidden_dim)
+        return (batch_size, latent_frames(seconds, self.latent_rate), self.model.config.audio_acoustic_hidden_dim)
 
     def codec(self, path=None, dtype=None):
         from experts.codecs import OobleckAudioCodec

@@ -11,7 +11,7 @@ from diffusers import WanTransformer3DModel
 from torch.utils.checkpoint import checkpoint
 
 from experts._diffusers import DiffusersExpert
-from soe.expert import Batch, BlockState, TokenLayout
+from soe.expert import Batch, BlockState, TokenLayout, latent_frames
 from soe.registry import register_expert
 
 _WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
@@ -117,7 +117,7 @@ class WanExpert(DiffusersExpert):
         return TokenLayout((f // pt, h // ph, w // pw), ("t", "h", "w"), self.latent_rate / pt)
 
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
-        frames = max(1, round(seconds * self.latent_rate))
+        frames = latent_frames(seconds, self.latent_rate)
         return (batch_size, self.model.config.in_channels, frames, self.height // self.vae_stride[1], self.width // self.vae_stride[2])
 
     def codec(self, path=None, dtype=None):

@@ -8,6 +8,7 @@ time in seconds. The Stitcher only ever talks to experts through this contract.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,6 +16,15 @@ import torch
 from torch import nn
 
 Batch = dict[str, Any]
+
+
+def latent_frames(seconds: float, rate: float) -> int:
+    """Latent frames covering a clip of ``seconds`` at ``rate`` latent frames per second: rounded UP,
+    as every codec here produces them (Wan's causal VAE: ``1 + 4k`` frames -> ``k + 1`` latents, i.e.
+    ``ceil(frames / 4)``; ACE-Step's DCAE pads the audio to whole latents; UniVerse-1's 25.6 kHz codec
+    prepends a quarter latent). One rule for every expert, so a video and an audio expert at the same
+    rate agree for the same clip (5.1 s at 6.25/s: 32 and 32)."""
+    return max(1, math.ceil(round(seconds * rate, 6)))  # round(): 5.0 * 6.25 is 31.25, not 31.2500001
 
 
 @dataclass(frozen=True)

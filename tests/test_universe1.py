@@ -290,3 +290,20 @@ def test_null_branch_keeps_masks_and_zeroes_ids():
     null = e.unconditional(b)
     assert torch.equal(null["lyric_mask"], b["lyric_mask"]) and torch.equal(null["text_attention_mask"], b["text_attention_mask"])
     assert not null["lyric_token_ids"].any() and not null["text_hidden_states"].any() and not null["speaker_embeds"].any()
+
+
+def test_padding_of_text_and_lyrics_does_not_change_the_audio_prediction():
+    """Real tokens are packed first, so extra padding (soe's fixed-length text encoders) gives exactly the
+    prediction of the unpadded conditioning (the official pipelines), with or without the speaker token."""
+    e = tiny("ace-step", 1)
+    b = batch_for(e, 1, 1.0, seed=5)
+
+    def pad(x, n):
+        return torch.cat([x, x.new_zeros(x.shape[0], n, *x.shape[2:])], 1)
+
+    padded = {**b, "text_hidden_states": pad(b["text_hidden_states"], 3), "text_attention_mask": pad(b["text_attention_mask"], 3),
+              "lyric_token_ids": pad(b["lyric_token_ids"], 4), "lyric_mask": pad(b["lyric_mask"], 4)}
+    with torch.no_grad():
+        for speaker in (True, False):
+            e.speaker_token = speaker
+            torch.testing.assert_close(e(padded), e(b), rtol=1e-5, atol=1e-5)
