@@ -1,11 +1,13 @@
 """UniVerse-1 fidelity: depth expansion, attention key/value injection, taps, and the converter."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import batch_for, tiny
-from soe import Stitcher
+from soe import Stitcher, get_expert
 from soe.convert import convert_universe1
 from soe.depth import insertion_points
 from soe.train.checkpoint import load_trained
@@ -307,3 +309,18 @@ def test_padding_of_text_and_lyrics_does_not_change_the_audio_prediction():
         for speaker in (True, False):
             e.speaker_token = speaker
             torch.testing.assert_close(e(padded), e(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seconds", [5.0, 5.1, 4.96, 1.0, 0.2])
+def test_video_and_audio_latent_counts_agree_for_the_same_clip(seconds):
+    """Wan at 25 fps and ACE-Step at 25.6 kHz both run at 6.25 latents/s: the same clip gives the same count
+    (5.1 s used to give 32 video vs 31 audio), and the video latents cover 1 + 4k frames of the clip."""
+    from soe.data.windows import window_spec
+
+    wan = tiny("wan2.1")
+    ace = get_expert("ace-step").from_preset("tiny", sample_rate=25600)
+    t_video, t_audio = wan.latent_shape(1, seconds)[2], ace.latent_shape(1, seconds)[-1]
+    assert t_video == t_audio == math.ceil(round(seconds * 6.25, 6))
+    spec = window_spec(seconds, ("a", wan), ("b", ace), 25.0, 25600)
+    assert spec.video_frames == 1 + 4 * (t_video - 1) and spec.audio_samples == spec.video_frames * 1024
+    assert spec.latent_frames == {"a": t_video, "b": t_audio}
