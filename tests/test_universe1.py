@@ -324,3 +324,20 @@ def test_video_and_audio_latent_counts_agree_for_the_same_clip(seconds):
     spec = window_spec(seconds, ("a", wan), ("b", ace), 25.0, 25600)
     assert spec.video_frames == 1 + 4 * (t_video - 1) and spec.audio_samples == spec.video_frames * 1024
     assert spec.latent_frames == {"a": t_video, "b": t_audio}
+
+
+def test_fused_stitch_trains_under_gradient_checkpointing():
+    """The recipe trains with gradient checkpointing on both experts: recomputing a host block in
+    backward recomputes its connector tokens too, and the gradients equal those without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        st, ba, bb = fused()
+        st.train()
+        st.a.set_gradient_checkpointing(checkpointing)
+        st.b.set_gradient_checkpointing(checkpointing)
+        pa, pb = st(ba, bb)
+        (pa.square().mean() + pb.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in st.named_parameters() if n.startswith(("connectors.", "fusion.")) and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("connectors.") for k in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)

@@ -65,6 +65,7 @@ def setup(tmp_path_factory):
     (clips / "b.txt").write_text("a wide clip hum")
     overrides = [
         f"experts.a.path={wan}", f"experts.b.path={ace}",  # codec and text encoder folders follow (the recipe's ${.path})
+        "experts.a.preset=tiny", "experts.b.preset=tiny",  # the architecture of these folders (soe encode builds it on meta)
         "experts.a.options={fps: 25, height: 64, width: 64}",
         "experts.a.dtype=float32", "experts.b.dtype=float32",
         "experts.a.lora={r: 4, alpha: 4}", "experts.b.lora={r: 4, alpha: 4}",
