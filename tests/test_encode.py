@@ -337,7 +337,7 @@ def test_wan_with_ace_step_v1_text_encoders_workers_and_aspect_buckets(src, tmp_
     validate_clip_shapes(clips, rows, experts, out)
     for clip, row in zip(clips, rows):
         w = 8 if row["resolution"] == [64, 64] else 12
-        assert clip["a"]["latents"].shape == (4, 6, 8, w) and clip["b"]["latents"].shape == (8, 16, 6)  # 6 = 6 latent frames
+        assert clip["a"]["latents"].shape == (4, 7, 8, w) and clip["b"]["latents"].shape == (8, 16, 7)  # 1 s = 25 frames: 7 latents each
         assert clip["b"]["text_hidden_states"].shape == (256, 768) and clip["b"]["lyric_token_ids"].dtype == torch.long
     assert clips[3]["b"]["lyric_mask"].sum() > 0 and clips[0]["b"]["lyric_mask"].sum() == 0  # b.mov has lyrics
     cfg = load_recipe(DEMO, [*SECONDS, *V1, *te])

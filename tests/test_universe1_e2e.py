@@ -111,14 +111,21 @@ def test_clips_to_mp4_through_official_layout_folders(setup, capsys):
     # the sound is the vocoder's decoding of the generated audio latents (AAC-coded at the next AAC rate)
     latents = load_file(out / "latents.safetensors")["b/latents"]
     codec = MusicCodec.load(root / "ace", sample_rate=25600)
+
+    def decoded(z):
+        with torch.no_grad():
+            return resample_audio(codec.decode(z)[0].float(), 25600, aac_rate(25600)).numpy()  # (2, N)
+
+    ref = decoded(latents)
+    other = MusicCodec.tiny(sample_rate=25600, seed=7)  # another vocoder: the sound must not match its decoding
     with torch.no_grad():
-        ref = resample_audio(codec.decode(latents)[0].float(), 25600, aac_rate(25600)).numpy()  # (2, N)
+        other = resample_audio(other.decode(latents)[0].float(), 25600, aac_rate(25600)).numpy()
     assert rate == aac_rate(25600) and abs(sound.shape[1] - ref.shape[1]) <= 2048
     n = min(sound.shape[1], ref.shape[1])
     for ch in range(2):
-        s, r = sound[ch, 1024: n - 1024], ref[ch, 1024: n - 1024]  # codec priming/padding at the edges
-        corr = float(np.corrcoef(s, r)[0, 1])
-        assert corr > 0.9 and np.abs(r).max() > 1e-4, (ch, corr)
+        s, r, o = sound[ch, 1024: n - 1024], ref[ch, 1024: n - 1024], other[ch, 1024: n - 1024]  # codec edges
+        corr, corr_other = float(np.corrcoef(s, r)[0, 1]), float(np.corrcoef(s, o)[0, 1])
+        assert corr > 0.75 and corr > corr_other + 0.3 and np.abs(r).max() > 1e-4, (ch, corr, corr_other)
 
 
 @pytest.mark.slow
@@ -126,8 +133,8 @@ def test_a_text_encoder_of_the_other_expert_is_one_line(setup, capsys):
     root, _, overrides = setup
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     # ACE-Step's umT5-base (768 wide) where Wan's umT5 (here 32 wide) belongs
-    swapped = [*overrides, f"experts.a.text_encoder_path={root / 'ace' / 'umt5-base'}"]
+    swapped = [*overrides, f"experts.a.text_encoder_path={root / 'ace' / 'umt5-base'}", "data.kind=synthetic"]  # no cache needed here
     assert main(["generate", RECIPE, *swapped, "prompt=a hum", "steps=1", f"out={root / 'bad'}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: experts.a.text_encoder_path") and len(err.splitlines()) == 1, err
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # (transformers' load bar aside)
+    assert len(errors) == 1 and errors[0].startswith("error: experts.a.text_encoder_path") and "768 wide" in errors[0], errors
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
