@@ -104,11 +104,11 @@ def test_generate_from_a_trained_demo_run_writes_mp4_with_both_streams(tmp_path,
     with av.open(str(mp4)) as c:
         vs, au = c.streams.video[0], c.streams.audio[0]
         frames = sum(1 for _ in c.decode(video=0))
-        # 2 s -> 12 latent frames at 6.25/s -> 1 + 4 * 11 = 45 frames at 25 fps
-        assert frames == 45 and vs.average_rate == 25
+        # 2 s -> 13 latent frames at 6.25/s (12.5 rounded up) -> 1 + 4 * 12 = 49 frames at 25 fps
+        assert frames == 49 and vs.average_rate == 25
         assert au.rate == 48000 and au.channels == 2
         v_dur, a_dur = float(vs.duration * vs.time_base), float(au.duration * au.time_base)
-        assert v_dur == pytest.approx(1.8) and a_dur == pytest.approx(v_dur, abs=1024 / 48000)
+        assert v_dur == pytest.approx(1.96) and a_dur == pytest.approx(v_dur, abs=1024 / 48000)
     assert Image.open(png).size == (1200, 600)
 
 
