@@ -13,6 +13,12 @@ Batch keys (all tensors; ``B`` batch, ``T`` latent frames, ``L`` text tokens, ``
 
 One token per latent frame: the 16x1 patch covers the whole 16-high latent, so the token grid is
 ``(t,)`` at ``sample_rate / 512 / 8`` frames per second (mel hop 512, DCAE 8x time downsampling).
+
+Expert options (``OPTIONS``; ACE-Step's values by default, UniVerse-1's in ``recipes/universe1.yaml``):
+``sample_rate`` (44100; UniVerse-1 runs the codec at 25600), ``speaker_token`` (ACE-Step prepends one
+speaker-embedding token to the conditioning; UniVerse-1 conditions on ``[text, lyrics]`` only),
+``lyric_len`` (lyric tokens kept: 512; UniVerse-1 keeps 128) and ``empty_lyric_tokens`` (no lyrics:
+ACE-Step attends to none, UniVerse-1 to 32 tokens of id 0).
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from soe.expert import Batch, BlockState, Expert, TokenLayout
+from soe.expert import Batch, BlockState, Expert, TokenLayout, latent_frames
 from soe.registry import register_expert
 
 if TYPE_CHECKING:  # the model module imports diffusers: loaded where a model is built or run
@@ -35,6 +41,7 @@ if TYPE_CHECKING:  # the model module imports diffusers: loaded where a model is
 SUBFOLDER = "ace_step_transformer"  # the transformer's folder inside an ACE-Step v1 checkpoint
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = WEIGHTS + ".index.json"  # sharded variant written by save_pretrained for big fp32 models
+OPTIONS = ("sample_rate", "speaker_token", "lyric_len", "empty_lyric_tokens")  # expert settings, not model config
 MEL_HOP, DCAE_TIME_DOWNSAMPLE = 512, 8
 
 # ace_step_transformer/config.json of ACE-Step/ACE-Step-v1-3.5B (minus the _class_name/_diffusers_version keys).
@@ -95,8 +102,9 @@ class AceStepV1Expert(Expert):
     presets = {"3.5b": ACE_STEP_V1_3_5B, "tiny": TINY}
     flow_shift = 3.0
     flow_loss = "x0"  # ACE-Step v1 trains on x0_pred = x_t - sigma * v
-    # ACE-Step's own CFG drops text states, speaker embedding and lyrics (ids and mask) to zeros.
-    condition_keys = ("text_hidden_states", "speaker_embeds", "lyric_token_ids", "lyric_mask")
+    # CFG's null branch (ACE-Step's pipeline and UniVerse-1 alike): text states, speaker embedding and
+    # lyric token ids become zeros; the text and lyric masks stay as they are.
+    condition_keys = ("text_hidden_states", "speaker_embeds", "lyric_token_ids")
     # The state after linear self-attention = the input of the softmax cross-attention (no norm between).
     tap_points = {"after_self_attn": ("cross_attn", "input")}
     lora_targets = (
@@ -106,23 +114,27 @@ class AceStepV1Expert(Expert):
         r"transformer_blocks\.\d+\.ff\.(inverted_conv|point_conv)\.conv",
     )
 
-    def __init__(self, model: ACEStepTransformer2DModel, sample_rate: int = 44100):
+    def __init__(self, model: ACEStepTransformer2DModel, sample_rate: int = 44100, speaker_token: bool = True,
+                 lyric_len: int = 512, empty_lyric_tokens: int = 0):
         super().__init__(model)
         self.sample_rate = sample_rate  # 44100 for ACE-Step's DCAE; UniVerse-1 runs it at 25600
+        self.speaker_token = bool(speaker_token)  # False: conditioning is [text, lyrics] (UniVerse-1)
+        if not 0 <= int(empty_lyric_tokens) <= int(lyric_len):
+            raise ValueError(f"ace-step: empty_lyric_tokens={empty_lyric_tokens} must be between 0 and lyric_len={lyric_len}")
+        self.lyric_len, self.empty_lyric_tokens = int(lyric_len), int(empty_lyric_tokens)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: dict, device=None, dtype=None, sample_rate: int | None = None) -> "AceStepV1Expert":
+    def from_config(cls, config: dict, device=None, dtype=None, **options) -> "AceStepV1Expert":
         config = dict(config)
-        config_rate = config.pop("sample_rate", 44100)  # an expert setting, not a model config key
-        sample_rate = sample_rate or config_rate
+        options = {**{k: config.pop(k) for k in OPTIONS if k in config}, **{k: v for k, v in options.items() if v is not None}}
         from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
 
         with torch.device(device or "cpu"):  # build in place: the 3.5B model never exists twice
             model = ACEStepTransformer2DModel(**config)
         if dtype is not None:
             nn.Module.to(model, dtype=dtype)  # ModelMixin.to logs a spurious fp32 warning on every dtype cast
-        return cls(model.eval(), sample_rate=sample_rate)
+        return cls(model.eval(), **options)
 
     @staticmethod
     def _transformer_folder(path) -> Path:
@@ -138,7 +150,7 @@ class AceStepV1Expert(Expert):
         )
 
     @classmethod
-    def load(cls, path, dtype=None, device=None, sample_rate: int = 44100) -> "AceStepV1Expert":
+    def load(cls, path, dtype=None, device=None, **options) -> "AceStepV1Expert":
         """Load the official ``ace_step_transformer/`` weights (strict: every key must match, none renamed).
 
         ``dtype=None`` keeps the dtype stored in the checkpoint.
@@ -159,7 +171,7 @@ class AceStepV1Expert(Expert):
         model.load_state_dict(state, strict=True, assign=True)
         if dtype is not None:
             nn.Module.to(model, dtype=dtype)
-        return cls(model.eval(), sample_rate=sample_rate)
+        return cls(model.eval(), **options)
 
     def save(self, path) -> None:
         """Write ``path/ace_step_transformer/{config.json, diffusion_pytorch_model.safetensors}``."""
@@ -200,11 +212,13 @@ class AceStepV1Expert(Expert):
             timestep=(sigma * 1000).expand(B),  # ACE-Step timesteps live in [0, 1000]
         )
 
+    def _encode(self, x: dict):
+        return self.model.encode(x["encoder_text_hidden_states"], x["text_attention_mask"], x["speaker_embeds"],
+                                 x["lyric_token_idx"], x["lyric_mask"], speaker_token=self.speaker_token)
+
     def embed(self, batch: Batch) -> BlockState:
         m, x = self.model, self._native_inputs(batch)
-        enc, enc_mask = m.encode(
-            x["encoder_text_hidden_states"], x["text_attention_mask"], x["speaker_embeds"], x["lyric_token_idx"], x["lyric_mask"]
-        )  # (B, 1+L+Ly, D), (B, 1+L+Ly)
+        enc, enc_mask = self._encode(x)  # (B, [1+]L+Ly, D), (B, [1+]L+Ly)
         latents = x["hidden_states"]
         embedded_timestep = m.timestep_embedder(m.time_proj(x["timestep"]).to(latents.dtype))  # (B, D)
         hidden = m.proj_in(latents)  # (B, T, D)
@@ -261,7 +275,11 @@ class AceStepV1Expert(Expert):
         return self.model.final_layer(state.hidden, e["embedded_timestep"], e["output_length"])  # (B, 8, 16, T)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.model(**self._native_inputs(batch)).sample  # (B, 8, 16, T) velocity
+        x = self._native_inputs(batch)
+        enc, enc_mask = self._encode(x)
+        latents = x["hidden_states"]
+        return self.model.decode(latents, x["attention_mask"], enc, enc_mask, x["timestep"],
+                                 output_length=latents.shape[-1]).sample  # (B, 8, 16, T) velocity
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         super().set_gradient_checkpointing(enabled)  # run_block
@@ -287,7 +305,7 @@ class AceStepV1Expert(Expert):
 
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
         cfg = self.model.config
-        frames = max(1, int(seconds * self.latent_rate))  # int() like ACE-Step's pipeline
+        frames = latent_frames(seconds, self.latent_rate)
         return (batch_size, cfg.in_channels, cfg.max_height, frames)
 
     def codec(self, path=None, dtype=None):
@@ -320,7 +338,8 @@ class AceStepV1Expert(Expert):
         from soe.experts.text_encoders import AceStepV1TextEncoder
 
         cfg = self.model.config
-        enc = AceStepV1TextEncoder.load(path, device=device, dtype=dtype, speaker_dim=cfg.speaker_embedding_dim)
+        enc = AceStepV1TextEncoder.load(path, device=device, dtype=dtype, speaker_dim=cfg.speaker_embedding_dim,
+                                        lyric_len=self.lyric_len, empty_lyric_tokens=self.empty_lyric_tokens)
         if enc.encoder.config.d_model != cfg.text_embedding_dim:
             raise ValueError(f"ace-step: text encoder at '{path}' is {enc.encoder.config.d_model} wide, the model expects {cfg.text_embedding_dim}")
         return enc
@@ -345,4 +364,4 @@ class AceStepV1Expert(Expert):
         return {k: v.to(device) for k, v in batch.items()}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sample_rate={self.sample_rate}"
+        return f"{super().extra_repr()}, sample_rate={self.sample_rate}, speaker_token={self.speaker_token}"

@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from soe.experts.diffusers_expert import DiffusersExpert
-from soe.expert import Batch, BlockState, TokenLayout
+from soe.expert import Batch, BlockState, TokenLayout, latent_frames
 from soe.registry import register_expert
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class AceStep15Expert(DiffusersExpert):
         return TokenLayout((t,), ("t",), self.latent_rate / p)
 
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
-        return (batch_size, max(1, round(seconds * self.latent_rate)), self.model.config.audio_acoustic_hidden_dim)
+        return (batch_size, latent_frames(seconds, self.latent_rate), self.model.config.audio_acoustic_hidden_dim)
 
     def codec(self, path=None, dtype=None):
         from soe.experts.codecs import OobleckAudioCodec

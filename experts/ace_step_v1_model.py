@@ -329,16 +329,26 @@ class ACEStepTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):  # P
         x = self.lyric_embs(lyric_token_idx)  # (B, Ly, lyric_hidden)
         return self.lyric_proj(self.lyric_encoder(x, lyric_mask))  # (B, Ly, D)
 
-    def encode(self, encoder_text_hidden_states, text_attention_mask, speaker_embeds, lyric_token_idx, lyric_mask):
-        """Conditioning tokens ``[speaker, text, lyrics]`` ``(B, 1+L+Ly, D)`` and their mask."""
+    def encode(self, encoder_text_hidden_states, text_attention_mask, speaker_embeds, lyric_token_idx, lyric_mask,
+               speaker_token: bool = True):
+        """Conditioning tokens ``[speaker, text, lyrics]`` ``(B, 1+L+Ly, D)`` and their mask.
+
+        ``speaker_token=False`` leaves the speaker token out: ``[text, lyrics]`` (UniVerse-1), so the
+        cross-attention has one key less and the RoPE positions of text and lyrics start at 0.
+
+        Padding never moves a token: the real tokens of each sample are packed to the front (padding
+        after them), so a lyric token's RoPE position is the same whether the prompt came padded to a
+        fixed length (soe's text encoders, the latent cache) or unpadded (the official pipelines)."""
         B = encoder_text_hidden_states.shape[0]
-        speaker = self.speaker_embedder(speaker_embeds)[:, None]  # (B, 1, D)
         text = self.genre_embedder(encoder_text_hidden_states)  # (B, L, D)
         lyrics = self.forward_lyric_encoder(lyric_token_idx, lyric_mask)  # (B, Ly, D)
-        speaker_mask = torch.ones(B, 1, device=speaker.device)
-        states = torch.cat([speaker, text, lyrics], dim=1)  # (B, 1+L+Ly, D)
-        mask = torch.cat([speaker_mask, text_attention_mask, lyric_mask], dim=1)  # (B, 1+L+Ly)
-        return states, mask
+        states, masks = [text, lyrics], [text_attention_mask.to(text.dtype), lyric_mask.to(text.dtype)]
+        if speaker_token:
+            states.insert(0, self.speaker_embedder(speaker_embeds)[:, None])  # (B, 1, D)
+            masks.insert(0, torch.ones(B, 1, device=text.device, dtype=text.dtype))
+        states, mask = torch.cat(states, dim=1), torch.cat(masks, dim=1)  # (B, [1+]L+Ly, D), (B, [1+]L+Ly)
+        order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices  # real tokens first, in order
+        return states.gather(1, order[..., None].expand_as(states)), mask.gather(1, order)
 
     # -- denoiser -----------------------------------------------------------------------------------
     def decode(

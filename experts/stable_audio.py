@@ -32,7 +32,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from soe.experts.diffusers_expert import DiffusersExpert
-from soe.expert import Batch, BlockState, TokenLayout
+from soe.expert import Batch, BlockState, TokenLayout, latent_frames
 from soe.registry import register_expert
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ class StableAudioExpert(DiffusersExpert):
         return TokenLayout((batch["latents"].shape[-1],), ("t",), self.latent_rate)
 
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
-        return (batch_size, self.model.config.in_channels, max(1, round(seconds * self.latent_rate)))
+        return (batch_size, self.model.config.in_channels, latent_frames(seconds, self.latent_rate))
 
     def codec(self, path=None, dtype=None):
         """The Oobleck VAE (``vae/`` of the pipeline folder); latents stay unscaled, as in StableAudioPipeline."""

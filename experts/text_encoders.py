@@ -103,14 +103,17 @@ class AceStepV1TextEncoder(nn.Module):
 
     ``text_hidden_states (B, text_len, 768)`` (zeros past each prompt), ``text_attention_mask (B, text_len)``,
     ``speaker_embeds (B, 512)`` zeros, ``lyric_token_ids (B, lyric_len)`` long, ``lyric_mask (B, lyric_len)``.
-    No lyrics (or no lyric vocabulary) -> ids and mask all zero, which is ACE-Step's own "no lyrics".
+    No lyrics (or no lyric vocabulary) -> ids and mask all zero, which is ACE-Step's own "no lyrics";
+    with ``empty_lyric_tokens=n`` the first n ids stay 0 but are attended (mask 1): UniVerse-1's
+    "no speech" (32 tokens). Lyrics longer than ``lyric_len`` are cut (UniVerse-1 keeps 128).
     """
 
     def __init__(self, tokenizer, encoder: nn.Module, lyric_tokenizer: AceLyricTokenizer | None = None,
-                 text_len: int = 256, lyric_len: int = 512, speaker_dim: int = 512):
+                 text_len: int = 256, lyric_len: int = 512, speaker_dim: int = 512, empty_lyric_tokens: int = 0):
         super().__init__()
         self.tokenizer, self.encoder, self.lyric_tokenizer = tokenizer, encoder, lyric_tokenizer
         self.text_len, self.lyric_len, self.speaker_dim = int(text_len), int(lyric_len), int(speaker_dim)
+        self.empty_lyric_tokens = int(empty_lyric_tokens)
 
     @classmethod
     def load(cls, path, device=None, dtype=None, **kw) -> "AceStepV1TextEncoder":
@@ -132,6 +135,7 @@ class AceStepV1TextEncoder(nn.Module):
         b = len(prompts)
         ids = torch.zeros(b, self.lyric_len, dtype=torch.long)
         lyric_mask = torch.zeros(b, self.lyric_len, dtype=torch.long)
+        lyric_mask[:, : self.empty_lyric_tokens] = 1  # "no lyrics" as the model was trained to see it
         if lyrics is not None and any(lyrics):
             if self.lyric_tokenizer is None:
                 warnings.warn("ace-step text encoder: no lyric vocabulary (vocab.json) in the folder; lyrics are left empty", stacklevel=2)
@@ -139,6 +143,7 @@ class AceStepV1TextEncoder(nn.Module):
                 for i, text in enumerate(lyrics):
                     if text:
                         seq = self.lyric_tokenizer(text)[: self.lyric_len]
+                        lyric_mask[i] = 0
                         ids[i, : len(seq)], lyric_mask[i, : len(seq)] = torch.tensor(seq), 1
         return {"text_hidden_states": h, "text_attention_mask": mask.long(), "speaker_embeds": h.new_zeros(b, self.speaker_dim),
                 "lyric_token_ids": ids.to(device), "lyric_mask": lyric_mask.to(device)}

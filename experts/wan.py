@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from soe.experts.diffusers_expert import DiffusersExpert
-from soe.expert import Batch, BlockState, TokenLayout
+from soe.expert import Batch, BlockState, TokenLayout, latent_frames
 from soe.registry import register_expert
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class WanExpert(DiffusersExpert):
     lora_targets = (r"blocks\.\d+\.attn1\.to_(q|k|v|out\.0)$", r"blocks\.\d+\.attn2\.to_(q|k|v|out\.0)$",
                     r"blocks\.\d+\.ffn\.net\.(0\.proj|2)$")
     condition_keys = ("encoder_hidden_states",)
+    null_condition = "negative_prompt"  # Wan's pipeline (and UniVerse-1) encode a negative prompt, "" by default
     # "after_self_attn": the residual stream after self-attention; "cross_attn_input": the same after
     # norm2 (what UniVerse-1 pools per latent frame for the audio side).
     tap_points = {"after_self_attn": ("norm2", "input"), "cross_attn_input": ("attn2", "input")}
@@ -133,7 +134,7 @@ class WanExpert(DiffusersExpert):
         return {2: pt, 3: ph, 4: pw}
 
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
-        frames = max(1, round(seconds * self.latent_rate))
+        frames = latent_frames(seconds, self.latent_rate)
         return (batch_size, self.model.config.in_channels, frames, self.height // self.vae_stride[1], self.width // self.vae_stride[2])
 
     def codec(self, path=None, dtype=None):

@@ -68,7 +68,7 @@ def _cmd_stitch(args) -> int:
     return 0
 
 
-SAMPLE_SHORT_KEYS = ("ckpt", "prompt", "conditions", "seconds", "seed", "steps", "scheduler", "num_samples", "out")
+SAMPLE_SHORT_KEYS = ("ckpt", "prompt", "negative_prompt", "conditions", "seconds", "seed", "steps", "scheduler", "num_samples", "out")
 
 
 def _cmd_generate(args) -> int:
@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a released checkpoint to soe tensors (load with ckpt=DST)")
     conv.add_argument("model", choices=["universe1"], help="which release")
     conv.add_argument("src", help="the released transformer folder (or one .safetensors file)")
-    conv.add_argument("dst", help="output folder: expert_{a,b}, connectors, fusion .safetensors")
+    conv.add_argument("dst", help="output folder: expert_{a,b}, connectors, fusion .safetensors + universe1.json")
+    conv.add_argument("--every", type=int, default=4, help="one audio block was inserted after every EVERY (stitch.depth.every)")
+    conv.add_argument("--audio-blocks", type=int, default=None,
+                      help="the audio expert's own depth (default: read off the checkpoint's fused depth and --every)")
     conv.set_defaults(func=_cmd_convert)
     enc = sub.add_parser("encode", help="encode a folder of audio-video clips + captions into a latent cache (soe.data)")
     enc.add_argument("recipe", help="recipe YAML file (experts, codec/text encoder folders, data.seconds)")
@@ -177,7 +180,7 @@ def _cmd_export(args) -> int:
 def _cmd_convert(args) -> int:
     from soe.convert import convert_universe1
 
-    counts = convert_universe1(args.src, args.dst)
+    counts = convert_universe1(args.src, args.dst, num_audio_blocks=args.audio_blocks, every=args.every)
     console.print(f"wrote {args.dst}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

@@ -48,8 +48,9 @@ class FrameAudioCodec(nn.Module):
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
         b, ch, n = audio.shape
         audio = audio[:, : self.channels] if ch >= self.channels else audio.expand(b, self.channels, n)
-        t = n // self.hop
-        frames = audio[:, :, : t * self.hop].reshape(b, self.channels, t, self.hop).permute(0, 2, 1, 3).reshape(b, t, -1)
+        t = max(1, math.ceil(n / self.hop))  # whole latents covering the clip (zero-padded), like the real codecs
+        audio = torch.nn.functional.pad(audio, (0, t * self.hop - n))
+        frames = audio.reshape(b, self.channels, t, self.hop).permute(0, 2, 1, 3).reshape(b, t, -1)
         z = frames @ self.proj  # (B, T, F)
         z = z.reshape(b, t, *self.frame_shape)  # (B, T, *frame)
         return z.movedim(1, self.time_axis)

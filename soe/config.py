@@ -156,7 +156,9 @@ class TrainerConfig:
 class SampleConfig:
     ckpt: Optional[str] = None  # run folder of `soe stitch` (or its trained/ folder); null = untrained connectors
     prompt: str = ""
-    conditions: Optional[str] = None  # safetensors of precomputed conditioning: "a/<key>", "b/<key>"
+    # CFG null branch of experts that take a negative prompt (Wan): its own text encoder's encoding of this
+    negative_prompt: str = ""
+    conditions: Optional[str] = None  # safetensors of precomputed conditioning: "a/<key>", "b/<key>" (+ "a/negative/<key>")
     seconds: Optional[float] = None  # null = data.seconds
     seed: int = 0
     steps: int = 30

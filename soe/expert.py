@@ -8,6 +8,7 @@ time in seconds. The Stitcher only ever talks to experts through this contract.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,6 +16,15 @@ import torch
 from torch import nn
 
 Batch = dict[str, Any]
+
+
+def latent_frames(seconds: float, rate: float) -> int:
+    """Latent frames covering a clip of ``seconds`` at ``rate`` latent frames per second: rounded UP,
+    as every codec here produces them (Wan's causal VAE: ``1 + 4k`` frames -> ``k + 1`` latents, i.e.
+    ``ceil(frames / 4)``; ACE-Step's DCAE pads the audio to whole latents; UniVerse-1's 25.6 kHz codec
+    prepends a quarter latent). One rule for every expert, so a video and an audio expert at the same
+    rate agree for the same clip (5.1 s at 6.25/s: 32 and 32)."""
+    return max(1, math.ceil(round(seconds * rate, 6)))  # round(): 5.0 * 6.25 is 31.25, not 31.2500001
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,9 @@ class Expert(nn.Module):
     # Which batch keys carry text conditioning (dropped for classifier-free guidance).
     condition_keys: ClassVar[tuple[str, ...]] = ()
     batch_contract: ClassVar[bool] = True  # batches hold latents, timestep, condition_keys (checked by soe.batch_check)
+    # CFG's null branch: "zeros" (condition keys zeroed: ACE-Step, UniVerse-1's audio) or
+    # "negative_prompt" (the text encoding of ``sample.negative_prompt``, default "": Wan's pipelines).
+    null_condition: ClassVar[str] = "zeros"
     # Timestep shift of the family's flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma)).
     flow_shift: ClassVar[float] = 1.0
     # Space of the training loss: "velocity" (plain MSE on eps - x0, Wan) or "x0" (MSE on
@@ -254,12 +267,19 @@ class Expert(nn.Module):
         (batch axis first, exactly the keys ``dummy_batch`` has besides latents and timestep)."""
         raise NotImplementedError(f"expert '{self.name}' declares no text encoder")
 
-    def unconditional(self, batch: Batch) -> Batch:
-        """The batch with text conditioning dropped (zeros), for classifier-free guidance."""
+    def unconditional(self, batch: Batch, negative: Batch | None = None) -> Batch:
+        """The batch with text conditioning dropped, for classifier-free guidance: zeros, or the
+        condition keys of ``negative`` (an encoded negative prompt) when ``null_condition`` says so."""
         out = dict(batch)
+        use_negative = negative is not None and self.null_condition == "negative_prompt"
         for k in self.condition_keys:
             if k in out and out[k] is not None:
-                out[k] = torch.zeros_like(out[k])
+                if use_negative and k in negative:
+                    n = out[k].shape[0]
+                    neg = negative[k].to(out[k].device, out[k].dtype)
+                    out[k] = neg if neg.shape[0] == n else neg[:1].expand(n, *neg.shape[1:])
+                else:
+                    out[k] = torch.zeros_like(out[k])
         return out
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:

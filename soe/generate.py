@@ -4,6 +4,10 @@ Conditioning comes, in this order, from precomputed embeddings (``sample.conditi
 safetensors file with ``a/<key>`` and ``b/<key>`` tensors, batch axis first), from each expert's
 own text encoder (``experts.<side>.text_encoder_path``), or, for experts built from random weights
 (tiny presets, the demo), from a deterministic pseudo-embedding of the prompt.
+
+CFG's null branch: experts whose family encodes a negative prompt (``null_condition:
+negative_prompt``, Wan) get ``sample.negative_prompt`` (default "") through their own text encoder,
+or ``<side>/negative/<key>`` tensors of the conditions file; the others zero their text conditioning.
 """
 from __future__ import annotations
 
@@ -40,30 +44,42 @@ def prompt_conditions(stitcher, cfg, prompt: str, n: int, seconds: float) -> dic
     return out
 
 
-def text_conditions(stitcher, cfg, prompt: str, n: int) -> dict:
-    """Each expert's own text encoder, loaded from ``experts.<side>.text_encoder_path``."""
-    out = {}
+def text_conditions(stitcher, cfg, prompt: str, n: int, negative_prompt: str | None = None) -> tuple[dict, dict]:
+    """Each expert's own text encoder, loaded from ``experts.<side>.text_encoder_path``: the prompt's
+    conditioning per side, and the negative prompt's for the sides whose null branch uses one."""
+    out, negative = {}, {}
     for side in ("a", "b"):
         e = getattr(stitcher, side)
+        path = cfg.experts[side].text_encoder_path
         try:
-            encode = e.text_encoder(cfg.experts[side].text_encoder_path, device=e.device)
+            encode = e.text_encoder(path, device=e.device)
         except NotImplementedError as err:
             raise RecipeError(f"experts.{side}.text_encoder_path: {err}") from None
+        except (OSError, ValueError) as err:  # missing files, another model's encoder, a width the expert cannot take
+            raise RecipeError(f"experts.{side}.text_encoder_path: cannot use '{path}' for expert '{e.name}': "
+                              f"{' '.join(str(err).split())[:300]}") from None
         out[side] = {k: v.to(e.device) for k, v in encode([prompt] * n).items()}
-    return out
+        if negative_prompt is not None and e.null_condition == "negative_prompt":
+            negative[side] = {k: v.to(e.device) for k, v in encode([negative_prompt]).items()}
+    return out, negative
 
 
-def file_conditions(stitcher, path, n: int) -> dict:
+def file_conditions(stitcher, path, n: int) -> tuple[dict, dict]:
+    """``a/<key>``, ``b/<key>`` tensors (and optionally ``<side>/negative/<key>``, the encoded negative prompt)."""
     try:
         tensors = load_file(path)
     except Exception as err:  # a text file, a folder, a truncated file: safetensors' own error types vary
         raise RecipeError(f"sample.conditions: '{path}' is not a safetensors file of a/<key> and b/<key> "
                           f"tensors ({one_line(err, 120)})") from None
-    out = {"a": {}, "b": {}}
+    out, negative = {"a": {}, "b": {}}, {}
     for k, v in tensors.items():
         side, _, key = k.partition("/")
         if side not in out or not key:
             raise RecipeError(f"sample.conditions: tensor '{k}' in '{path}' is not named 'a/<key>' or 'b/<key>'")
+        if key.startswith("negative/"):
+            e = getattr(stitcher, side)
+            negative.setdefault(side, {})[key.removeprefix("negative/")] = v.to(e.device, e.dtype if v.is_floating_point() else v.dtype)
+            continue
         out[side][key] = v if v.shape[0] == n else v[:1].expand(n, *v.shape[1:])
     for side in ("a", "b"):
         e = getattr(stitcher, side)
@@ -71,7 +87,7 @@ def file_conditions(stitcher, path, n: int) -> dict:
         if missing:
             raise RecipeError(f"sample.conditions: '{path}' lacks {side}/{missing[0]} needed by expert '{e.name}'")
         out[side] = {k: v.to(e.device, e.dtype if v.is_floating_point() else v.dtype) for k, v in out[side].items()}
-    return out
+    return out, negative
 
 
 def media_sides(stitcher) -> tuple[str, str]:
@@ -102,16 +118,18 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     n = cfg.sample.num_samples
     prompt = cfg.sample.prompt
     v_side, a_side = media_sides(stitcher)
+    negative = None
     if cfg.sample.conditions is not None:
-        conditions = file_conditions(stitcher, cfg.sample.conditions, n)
+        conditions, negative = file_conditions(stitcher, cfg.sample.conditions, n)
     elif all(cfg.experts[side].text_encoder_path for side in ("a", "b")):
-        conditions = text_conditions(stitcher, cfg, prompt, n)
+        conditions, negative = text_conditions(stitcher, cfg, prompt, n, cfg.sample.negative_prompt)
     else:
         conditions = prompt_conditions(stitcher, cfg, prompt, n, seconds)
     was_training = stitcher.training
     stitcher.eval()
     try:
-        latents = sample_stitched(stitcher, conditions, seconds, sampling_settings(cfg, seed_offset), progress=progress)
+        latents = sample_stitched(stitcher, conditions, seconds, sampling_settings(cfg, seed_offset), progress=progress,
+                                  negative=negative)
     finally:
         stitcher.train(was_training)
     codecs = codecs or load_codecs(stitcher, cfg)

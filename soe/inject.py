@@ -231,6 +231,10 @@ class Fusion(nn.Module):
             run = self._run
             if run is None:  # a checkpointed block recomputing in backward: same call as its input
                 run = self._st._run_of_input.get(self.expert(side).block_input_hidden(args, kwargs))
+                if run is not None:  # its connector output was computed inside the block: compute it again
+                    for direction in self.inject:  # (the recomputation must save what the forward saved)
+                        if self.host_side(direction) == side:
+                            run.extras.pop((direction, k), None)
             elif self._st.training or torch.is_grad_enabled():
                 self._st._run_of_input[self.expert(side).block_input_hidden(args, kwargs)] = run
             self._active = (run, side, k) if run is not None else None

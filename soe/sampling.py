@@ -2,8 +2,9 @@
 
 One timestep grid is shared (``steps`` steps from sigma=1 to 0); each modality's scheduler applies
 its own expert's shift to it. Classifier-free guidance per modality: the conditional and the
-unconditional halves run in one batch; the unconditional half drops text conditioning and its
-connectors read zeros (no cross-modal input). Deterministic for a seed.
+unconditional halves run in one batch; the unconditional half drops text conditioning (zeros, or
+the expert's encoded negative prompt, ``Expert.null_condition``) and its connectors read zeros (no
+cross-modal input). Deterministic for a seed.
 """
 from __future__ import annotations
 
@@ -51,12 +52,13 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> tor
 
 @torch.no_grad()
 def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: float, settings: SamplingSettings,
-           predict=None, progress=None) -> dict[str, torch.Tensor]:
+           predict=None, progress=None, negative: dict[str, Batch] | None = None) -> dict[str, torch.Tensor]:
     """Clean latents per side, integrated jointly from noise.
 
     ``predict(inputs: dict[side, batch], source_mask) -> dict[side, velocity]`` runs the model(s):
     a Stitcher for joint sampling, or each expert alone (``predict=None``) for the reference.
-    ``conditions[side]`` holds the conditioning of ``B`` samples (batch axis first).
+    ``conditions[side]`` holds the conditioning of ``B`` samples (batch axis first); ``negative[side]``
+    (optional) the encoded negative prompt for experts whose null branch uses one.
     """
     sides = list(experts)
     reset_step_caches(experts.values())  # a step cache must not carry residuals over from the last run
@@ -72,7 +74,7 @@ def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: fl
         scheds[k] = make_scheduler(settings.scheduler, shift)
         scheds[k].set_timesteps(settings.steps, device=lat[k].device)
     use_cfg = any(settings.guidance.get(k, 1.0) != 1.0 for k in sides)
-    uncond = {k: experts[k].unconditional(conditions[k]) for k in sides}
+    uncond = {k: experts[k].unconditional(conditions[k], (negative or {}).get(k)) for k in sides}
     predict = predict or _experts_alone(experts)
     for i in range(settings.steps):
         inputs = {}
@@ -106,5 +108,6 @@ def stitched_predictor(stitcher):
     return predict
 
 
-def sample_stitched(stitcher, conditions: dict[str, Batch], seconds: float, settings: SamplingSettings, progress=None):
-    return sample({"a": stitcher.a, "b": stitcher.b}, conditions, seconds, settings, stitched_predictor(stitcher), progress)
+def sample_stitched(stitcher, conditions: dict[str, Batch], seconds: float, settings: SamplingSettings, progress=None,
+                    negative: dict[str, Batch] | None = None):
+    return sample({"a": stitcher.a, "b": stitcher.b}, conditions, seconds, settings, stitched_predictor(stitcher), progress, negative)

@@ -3,6 +3,7 @@ official layout, and the full-size architecture has the released parameter count
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -87,11 +88,11 @@ def test_token_layout_matches_hidden_state(expert, batch):
 def test_time_rate_follows_sample_rate():
     default = AceStepV1Expert.tiny()
     assert default.latent_rate == pytest.approx(44100 / 512 / 8)  # ~10.77 frames/s
-    assert default.latent_shape(1, 10.0)[-1] == int(10.0 * 44100 / 512 / 8)
+    assert default.latent_shape(1, 10.0)[-1] == math.ceil(10.0 * 44100 / 512 / 8)  # whole latents covering 10 s
     universe = AceStepV1Expert.tiny(sample_rate=25600)  # UniVerse-1's setting
     assert universe.latent_rate == pytest.approx(6.25)
     batch = universe.dummy_batch(seconds=2.0)
-    assert batch["latents"].shape[-1] == 12
+    assert batch["latents"].shape[-1] == 13  # 12.5 latent frames of time: 13 cover it
     assert universe.token_layout(batch).time_rate == pytest.approx(6.25)
 
 

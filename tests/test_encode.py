@@ -134,8 +134,8 @@ def test_shapes_fit_the_experts_and_agree_in_seconds(demo_cache):
     experts = experts_of()
     validate_clip_shapes(clips, rows, experts, out)  # what PairedLatentDataModule checks
     for clip in clips:
-        assert clip["a"]["latents"].shape == (4, 6, 8, 8) and clip["b"]["latents"].shape == (25, 4)
-        video_s = clip["a"]["latents"].shape[1] / experts["a"].latent_rate  # 6 / 6.25 s
+        assert clip["a"]["latents"].shape == (4, 7, 8, 8) and clip["b"]["latents"].shape == (25, 4)
+        video_s = clip["a"]["latents"].shape[1] / experts["a"].latent_rate  # 7 / 6.25 s: 25 frames = 1 + 4 * 6
         audio_s = clip["b"]["latents"].shape[0] / experts["b"].latent_rate  # 25 / 25 s
         assert abs(video_s - audio_s) <= 1 / experts["a"].latent_rate
         assert clip["a"]["encoder_hidden_states"].shape == (8, 32)
@@ -160,7 +160,7 @@ def test_cached_latents_are_the_codec_encoding_of_their_window_and_round_trip(sr
     experts = experts_of()
     codec_v, codec_a = experts["a"].codec(), experts["b"].codec()  # the same tiny codecs (seeded)
     picks = (0, 2)  # windows at 0 s and 2 s of a.mp4
-    refs = [reference_window(src / "a.mp4", rows[k]["start"], 21, 48000) for k in picks]
+    refs = [reference_window(src / "a.mp4", rows[k]["start"], 25, 48000) for k in picks]
     ev, ea = codec_v.encode(torch.cat([v for v, _ in refs])), codec_a.encode(torch.cat([a for _, a in refs]))
     enc = [(ev[i: i + 1], ea[i: i + 1]) for i in range(len(picks))]
     for k in range(len(picks)):
@@ -251,7 +251,7 @@ def test_annotator_captions_windows_without_one(src, tmp_path):
     encode(folder, tmp_path / "cache", annotator=fake)
     _, rows, _ = load_cache(tmp_path / "cache")
     assert [(r["caption"], r.get("annotated")) for r in rows] == [("window 1", True)]
-    assert seen == [((21, 64, 64, 3), (2, 48000), 48000)]
+    assert seen == [((25, 64, 64, 3), (2, 48000), 48000)]
     with pytest.raises(AnnotatorError, match="no transformers model"):
         VLMAnnotator(tmp_path)
     (tmp_path / "bad").mkdir()
@@ -348,7 +348,7 @@ def test_wan_with_ace_step_v1_text_encoders_workers_and_aspect_buckets(src, tmp_
     validate_clip_shapes(clips, rows, experts, out)
     for clip, row in zip(clips, rows):
         w = 8 if row["resolution"] == [64, 64] else 12
-        assert clip["a"]["latents"].shape == (4, 6, 8, w) and clip["b"]["latents"].shape == (8, 16, 6)  # 6 = 6 latent frames
+        assert clip["a"]["latents"].shape == (4, 7, 8, w) and clip["b"]["latents"].shape == (8, 16, 7)  # 1 s = 25 frames: 7 latents each
         assert clip["b"]["text_hidden_states"].shape == (256, 768) and clip["b"]["lyric_token_ids"].dtype == torch.long
     assert clips[3]["b"]["lyric_mask"].sum() > 0 and clips[0]["b"]["lyric_mask"].sum() == 0  # b.mov has lyrics
     cfg = load_recipe(DEMO, [*SECONDS, *V1, *te])

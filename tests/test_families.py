@@ -31,12 +31,12 @@ def test_stable_audio_open_real_size_on_meta():
 def test_stable_audio_layout_is_oobleck_rate_without_the_global_token():
     e = tiny("stable-audio-open")
     b = batch_for(e, 2, 2.0)
-    assert b["latents"].shape[-1] == round(2.0 * 44100 / 2048) == 43
+    assert b["latents"].shape[-1] == math.ceil(2.0 * 44100 / 2048) == 44  # whole latents covering 2 s
     layout = e.token_layout(b)
-    assert layout.axes == ("t",) and math.isclose(layout.time_rate, 44100 / 2048) and layout.grid == (43,)
+    assert layout.axes == ("t",) and math.isclose(layout.time_rate, 44100 / 2048) and layout.grid == (44,)
     with torch.no_grad():
         state = e.embed(b)
-    assert state.hidden.shape == (2, 43, e.hidden_size) and state.extras["global_token"].shape == (2, 1, e.hidden_size)
+    assert state.hidden.shape == (2, 44, e.hidden_size) and state.extras["global_token"].shape == (2, 1, e.hidden_size)
 
 
 def test_stable_audio_rectified_flow_conversion_is_exact():

@@ -104,11 +104,11 @@ def test_generate_from_a_trained_demo_run_writes_mp4_with_both_streams(tmp_path,
     with av.open(str(mp4)) as c:
         vs, au = c.streams.video[0], c.streams.audio[0]
         frames = sum(1 for _ in c.decode(video=0))
-        # 2 s -> 12 latent frames at 6.25/s -> 1 + 4 * 11 = 45 frames at 25 fps
-        assert frames == 45 and vs.average_rate == 25
+        # 2 s -> 13 latent frames at 6.25/s (12.5 rounded up) -> 1 + 4 * 12 = 49 frames at 25 fps
+        assert frames == 49 and vs.average_rate == 25
         assert au.rate == 48000 and au.channels == 2
         v_dur, a_dur = float(vs.duration * vs.time_base), float(au.duration * au.time_base)
-        assert v_dur == pytest.approx(1.8) and a_dur == pytest.approx(v_dur, abs=1024 / 48000)
+        assert v_dur == pytest.approx(1.96) and a_dur == pytest.approx(v_dur, abs=1024 / 48000)
     assert Image.open(png).size == (1200, 600)
 
 
@@ -159,3 +159,26 @@ def test_synthetic_preview_shows_and_sounds_the_ground_truth_events():
     inner = bounces[(bounces > 0.2) & (bounces < 3.8)]
     assert av_align(video_motion_events(height.numpy(), 25.0), inner, tolerance=0.2) > 0.6
     assert av_align(audio_onsets(loud.numpy(), 25.0), inner, tolerance=0.1) > 0.6
+
+
+def test_negative_prompt_is_the_null_branch_of_experts_that_take_one():
+    """Wan's null branch is its encoded negative prompt (UniVerse-1: the embedding of ""), not zeros;
+    ACE-Step zeroes its text whatever negative it is given."""
+    st = pair(b_name="ace-step")
+    cond = conditions(st)
+    neg = {"a": {"encoder_hidden_states": torch.randn_like(cond["a"]["encoder_hidden_states"][:1])},
+           "b": {"text_hidden_states": torch.randn_like(cond["b"]["text_hidden_states"][:1])}}
+    seen = []
+
+    def predict(inputs, source_mask):
+        seen.append(inputs)
+        return {"a": st.a(inputs["a"]), "b": st.b(inputs["b"])}
+
+    s = SamplingSettings(steps=2, scheduler="euler", guidance={"a": 3.0, "b": 2.0})
+    with_neg = sample({"a": st.a, "b": st.b}, cond, 1.0, s, predict=predict, negative=neg)
+    null_a, null_b = seen[0]["a"]["encoder_hidden_states"][2:], seen[0]["b"]["text_hidden_states"][2:]
+    assert torch.equal(null_a, neg["a"]["encoder_hidden_states"].expand_as(null_a))
+    assert not null_b.any() and torch.equal(seen[0]["b"]["lyric_mask"][2:], cond["b"]["lyric_mask"])
+    zeros = sample({"a": st.a, "b": st.b}, cond, 1.0, s, predict=predict)
+    assert not seen[-1]["a"]["encoder_hidden_states"][2:].any()
+    assert not torch.allclose(with_neg["a"], zeros["a"])

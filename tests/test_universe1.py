@@ -1,10 +1,13 @@
 """UniVerse-1 fidelity: depth expansion, attention key/value injection, taps, and the converter."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from conftest import batch_for, tiny
-from soe import Stitcher
+from soe import Stitcher, get_expert
 from soe.convert import convert_universe1
 from soe.depth import insertion_points
 from soe.train.checkpoint import load_trained
@@ -139,7 +142,9 @@ def _released_tiny_checkpoint(st) -> dict:
                 continue  # mel_cross_attn has context_pre_only=None: no add_q_proj/to_add_out; add_k/v are the video k/v
             out[f"blocks.{k}.mel_{name}"] = rnd(t)
         d_v, d_a = st.a.hidden_size, st.b.hidden_size
-        out[f"blocks.{k}.mel_attn.add_k_proj.weight"] = torch.randn(d_a, d_a, generator=g)  # released, unused
+        for p in ("add_k_proj", "add_v_proj"):  # released (added_kv_proj_dim), unused by the linear self-attention
+            out[f"blocks.{k}.mel_attn.{p}.weight"] = torch.randn(d_a, d_a, generator=g)
+            out[f"blocks.{k}.mel_attn.{p}.bias"] = torch.randn(d_a, generator=g)
         for attn in ("attn1", "attn2"):
             for p in ("add_k_proj", "add_v_proj"):
                 out[f"blocks.{k}.{attn}.{p}.weight"] = torch.randn(d_v, d_v, generator=g)
@@ -164,7 +169,7 @@ def test_convert_universe1_maps_every_released_tensor(tmp_path):
     (tmp_path / "src").mkdir()
     save_file(released, tmp_path / "src" / "diffusion_pytorch_model.safetensors")
     counts = convert_universe1(tmp_path / "src", tmp_path / "dst", num_audio_blocks=2, every=1)
-    assert counts["dropped"] == len(st.a.blocks)  # only mel_attn.add_k_proj (unused by the released forward)
+    assert counts["dropped"] == 4 * len(st.a.blocks)  # only mel_attn.add_{k,v}_proj (unused by the released forward)
     load_trained(st, tmp_path / "dst")
     mine = st.state_dict()
     checks = {
@@ -199,3 +204,140 @@ def test_fused_stitch_samples_jointly_with_cfg():
     x, y = sample_stitched(st, cond, 1.0, s), sample_stitched(st, cond, 1.0, s)
     for k in ("a", "b"):
         assert torch.isfinite(x[k]).all() and torch.equal(x[k], y[k])
+
+
+def _write_release(tmp_path, st, **config):
+    import json
+
+    released = _released_tiny_checkpoint(st)
+    src = tmp_path / "release"
+    src.mkdir()
+    save_file(released, src / "diffusion_pytorch_model.safetensors")
+    (src / "config.json").write_text(json.dumps({"_class_name": "UniVerseTransformer3DModel", "num_layers": 4, **config}))
+    return src, released
+
+
+@pytest.mark.slow
+def test_convert_reads_block_counts_and_architecture_from_the_release(tmp_path):
+    """No block count is assumed: 4 fused blocks with one inserted after every audio block -> 2 ACE-Step
+    blocks; the sizes a recipe needs come back in universe1.json and build a stitch that loads strictly."""
+    import json
+
+    from soe.cli import main
+
+    st, ba, bb = fused()
+    src, released = _write_release(tmp_path, st, attention_head_dim=16, num_attention_heads=2, mel_num_attention_heads=4,
+                                   mlp_ratio=2.5, ssl_names=["mert", "m-hubert"], ssl_encoder_depths=[1, 1])
+    assert main(["convert", "universe1", str(src), str(tmp_path / "dst"), "--every", "1"]) == 0
+    meta = json.loads((tmp_path / "dst" / "universe1.json").read_text())
+    assert (meta["fused_blocks"], meta["audio_blocks"], meta["inserted_after"]) == (4, 2, [0, 1])
+    ace, wan = meta["architecture"]["b"], meta["architecture"]["a"]
+    cfg_b = st.b.model.config
+    for key in ("num_layers", "num_attention_heads", "attention_head_dim", "speaker_embedding_dim", "text_embedding_dim",
+                "lyric_encoder_vocab_size", "lyric_hidden_size", "lyric_encoder_layers", "lyric_encoder_heads",
+                "lyric_encoder_ff_dim", "ssl_latent_dims"):
+        assert ace[key] == (list(cfg_b[key]) if isinstance(cfg_b[key], (list, tuple)) else cfg_b[key]), key
+    assert wan["num_layers"] == len(st.a.blocks) and ace["inner_dim"] == st.b.hidden_size
+
+    # an explicit audio depth wins; a depth the fused blocks cannot come from is one line, exit 2
+    assert main(["convert", "universe1", str(src), str(tmp_path / "dst2"), "--every", "1", "--audio-blocks", "2"]) == 0
+    assert main(["convert", "universe1", str(src), str(tmp_path / "dst3"), "--audio-blocks", "3"]) == 2
+    assert not (tmp_path / "dst3").exists()
+
+    # every converted tensor is used: changing any one released block tensor changes a prediction
+    load_trained(st, tmp_path / "dst")
+    st.eval()
+    with torch.no_grad():
+        ref = st(ba, bb)
+        for name in ("blocks.3.mel_ff.point_conv.conv.weight", "blocks.1.mel_cross_attn.add_k_proj.weight",
+                     "blocks.2.attn1.add_v_proj.weight"):
+            save_file(dict(released, **{name: released[name] * 1.5}), src / "diffusion_pytorch_model.safetensors")
+            convert_universe1(src, tmp_path / "scratch", every=1)
+            load_trained(st, tmp_path / "scratch")
+            got = st(ba, bb)
+            assert not all(torch.allclose(g, r) for g, r in zip(got, ref)), name
+
+
+def test_convert_refuses_a_folder_that_is_not_a_universe1_release(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from soe.cli import main
+
+    (tmp_path / "wan").mkdir()
+    save_file({"blocks.0.attn1.to_q.weight": torch.ones(2, 2)}, tmp_path / "wan" / "diffusion_pytorch_model.safetensors")
+    assert main(["convert", "universe1", str(tmp_path / "wan"), str(tmp_path / "dst")]) == 2
+    err = capsys.readouterr().err
+    assert "not a UniVerse-1 transformer" in err and len(err.strip().splitlines()) == 1
+    assert main(["convert", "universe1", str(tmp_path / "missing"), str(tmp_path / "dst")]) == 2
+    assert not (tmp_path / "dst").exists()
+
+
+def test_speaker_token_option():
+    """UniVerse-1 conditions audio on [text, lyrics]: no speaker token, the speaker embedding unused."""
+    e = tiny("ace-step", 1)
+    b = batch_for(e, 2, 1.0, seed=5)
+    with torch.no_grad():
+        with_token = e(b)
+        e.speaker_token = False
+        state = e.embed(b)
+        assert state.extras["encoder_hidden_states"].shape[1] == b["text_hidden_states"].shape[1] + b["lyric_token_ids"].shape[1]
+        without = e(b)
+        assert torch.equal(e.split_forward(b), without) and not torch.allclose(without, with_token)
+        assert torch.equal(e({**b, "speaker_embeds": torch.randn_like(b["speaker_embeds"])}), without)
+
+
+def test_null_branch_keeps_masks_and_zeroes_ids():
+    e = tiny("ace-step", 1)
+    b = batch_for(e, 2, 1.0, seed=5)
+    null = e.unconditional(b)
+    assert torch.equal(null["lyric_mask"], b["lyric_mask"]) and torch.equal(null["text_attention_mask"], b["text_attention_mask"])
+    assert not null["lyric_token_ids"].any() and not null["text_hidden_states"].any() and not null["speaker_embeds"].any()
+
+
+def test_padding_of_text_and_lyrics_does_not_change_the_audio_prediction():
+    """Real tokens are packed first, so extra padding (soe's fixed-length text encoders) gives exactly the
+    prediction of the unpadded conditioning (the official pipelines), with or without the speaker token."""
+    e = tiny("ace-step", 1)
+    b = batch_for(e, 1, 1.0, seed=5)
+
+    def pad(x, n):
+        return torch.cat([x, x.new_zeros(x.shape[0], n, *x.shape[2:])], 1)
+
+    padded = {**b, "text_hidden_states": pad(b["text_hidden_states"], 3), "text_attention_mask": pad(b["text_attention_mask"], 3),
+              "lyric_token_ids": pad(b["lyric_token_ids"], 4), "lyric_mask": pad(b["lyric_mask"], 4)}
+    with torch.no_grad():
+        for speaker in (True, False):
+            e.speaker_token = speaker
+            torch.testing.assert_close(e(padded), e(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seconds", [5.0, 5.1, 4.96, 1.0, 0.2])
+def test_video_and_audio_latent_counts_agree_for_the_same_clip(seconds):
+    """Wan at 25 fps and ACE-Step at 25.6 kHz both run at 6.25 latents/s: the same clip gives the same count
+    (5.1 s used to give 32 video vs 31 audio), and the video latents cover 1 + 4k frames of the clip."""
+    from soe.data.windows import window_spec
+
+    wan = tiny("wan2.1")
+    ace = get_expert("ace-step").from_preset("tiny", sample_rate=25600)
+    t_video, t_audio = wan.latent_shape(1, seconds)[2], ace.latent_shape(1, seconds)[-1]
+    assert t_video == t_audio == math.ceil(round(seconds * 6.25, 6))
+    spec = window_spec(seconds, ("a", wan), ("b", ace), 25.0, 25600)
+    assert spec.video_frames == 1 + 4 * (t_video - 1) and spec.audio_samples == spec.video_frames * 1024
+    assert spec.latent_frames == {"a": t_video, "b": t_audio}
+
+
+def test_fused_stitch_trains_under_gradient_checkpointing():
+    """The recipe trains with gradient checkpointing on both experts: recomputing a host block in
+    backward recomputes its connector tokens too, and the gradients equal those without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        st, ba, bb = fused()
+        st.train()
+        st.a.set_gradient_checkpointing(checkpointing)
+        st.b.set_gradient_checkpointing(checkpointing)
+        pa, pb = st(ba, bb)
+        (pa.square().mean() + pb.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in st.named_parameters() if n.startswith(("connectors.", "fusion.")) and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("connectors.") for k in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)

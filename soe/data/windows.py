@@ -1,9 +1,11 @@
 """Cutting clips into training windows, and the media each window needs for each codec.
 
 A window of ``seconds`` becomes, per expert, exactly the latent length the expert expects for that
-many seconds (``expert.latent_shape``): for a Wan-style causal video VAE with temporal stride s that
-is ``1 + s * (T - 1)`` frames, for an audio codec ``T * hop`` samples. So a UniVerse-1 window of
-5 s is 121 frames at 25 fps -> 31 latent frames, and 128000 samples at 25.6 kHz -> 31 latent frames.
+many seconds (``expert.latent_shape``, rounded up by ``soe.expert.latent_frames``): for a Wan-style
+causal video VAE with temporal stride s that is ``1 + s * (T - 1)`` frames, and the audio spans the
+same time as those frames (more only if the audio expert needs more latents). So a UniVerse-1 window
+of 5 s is 125 frames at 25 fps -> 32 latent frames, and 128000 samples at 25.6 kHz -> 32 latent
+frames (the codec prepends a quarter latent so its first latent lines up with the first frame).
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ def window_spec(seconds: float, video: tuple, audio: tuple, fps: float, sample_r
     stride = getattr(ve, "vae_stride", (1,))[0]  # causal VAE: first frame alone, then `stride` frames per latent
     frames = 1 + stride * (tv - 1) if stride > 1 else tv
     hop = sample_rate / ae.latent_rate
-    samples = max(int(round(seconds * sample_rate)), math.ceil(ta * hop))
+    samples = int(round(frames / fps * sample_rate))  # the time the video frames span
+    if math.ceil(round(samples / hop, 6)) < ta:
+        samples = max(int(round(seconds * sample_rate)), math.ceil(ta * hop))
     return WindowSpec(float(seconds), frames, samples, {vs: tv, as_: ta})
 
 
