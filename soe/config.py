@@ -109,6 +109,9 @@ class FlowConfig:
     density: str = "logit_normal"  # uniform | logit_normal
     balance: str = "none"  # none | ema
     balance_momentum: float = 0.99
+    # task per training sample (soe/conditioning.py): joint | v2a | a2v | image | extend -> weight
+    tasks: Dict[str, float] = field(default_factory=lambda: {"joint": 1.0})
+    extend_seconds: Optional[float] = None  # given seconds of the `extend` task; null = half the clip
 
 
 @dataclass
@@ -162,6 +165,13 @@ class SampleConfig:
     every_n_steps: int = 0  # during training: render samples every K steps (0 = never)
     at_end: bool = False  # during training: render once when training ends
     decode: str = "codec"  # codec (each expert's codec) | synthetic_preview (what synthetic-task latents mean)
+    # conditioning media (at most one; soe/given_media.py): encoded by the expert's own codec, kept clean
+    image: Optional[str] = None  # reference image -> first video latent frame (UniVerse-1)
+    video: Optional[str] = None  # video file -> the whole video (video-to-audio)
+    audio: Optional[str] = None  # audio (or video with sound) file -> the whole audio (audio-to-video)
+    extend: Optional[str] = None  # video with sound -> the first extend_seconds of both
+    extend_seconds: Optional[float] = None  # null = half of the clip
+    given_uncond: str = "keep"  # CFG's unconditional half at given frames: keep (clean) | zeros (UniVerse-1)
 
 
 @dataclass
@@ -276,6 +286,7 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
     _choice(cfg.flow.balance, ("none", "ema"), "flow.balance")
     if not 0 < cfg.flow.balance_momentum < 1:
         raise RecipeError(f"flow.balance_momentum: expected a value in (0, 1), got {cfg.flow.balance_momentum}")
+    _validate_tasks(cfg)
     d = cfg.data
     _choice(d.kind, ("synthetic", "latents"), "data.kind")
     if d.kind == "latents":
@@ -310,6 +321,10 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
     s = cfg.sample
     _choice(s.scheduler, ("unipc", "euler"), "sample.scheduler")
     _choice(s.decode, ("codec", "synthetic_preview"), "sample.decode")
+    _choice(s.given_uncond, ("keep", "zeros"), "sample.given_uncond")
+    given = [k for k in ("image", "video", "audio", "extend") if s[k] is not None]
+    if len(given) > 1:
+        raise RecipeError(f"sample.{given[1]}: give one conditioning input at a time, got {' and '.join(k + '=' for k in given)}")
     for k in ("steps", "num_samples"):
         if s[k] < 1:
             raise RecipeError(f"sample.{k}: expected a positive integer, got {s[k]}")
@@ -324,7 +339,7 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
             if value is not None and not value > 0:
                 raise RecipeError(f"sample.{key}.{side}: expected a positive number, got {value}")
     if check_paths:
-        for key in ("ckpt", "conditions"):
+        for key in ("ckpt", "conditions", "image", "video", "audio", "extend"):
             if s[key] is not None and not Path(s[key]).exists():
                 raise RecipeError(f"sample.{key}: not found: '{s[key]}'")
         for side in ("a", "b"):
@@ -332,6 +347,30 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
                 p = cfg.experts[side][key]
                 if p is not None and not Path(p).is_dir():
                     raise RecipeError(f"experts.{side}.{key}: folder not found: '{p}'")
+
+
+def _validate_tasks(cfg: DictConfig) -> None:
+    """``flow.tasks`` names tasks the experts' modalities can serve, with weights >= 0 summing to > 0."""
+    from soe.conditioning import TaskError, check_task
+    from soe.registry import get_expert
+
+    modalities = {side: get_expert(cfg.experts[side].name).modality for side in ("a", "b")}
+    tasks = cfg.flow.tasks
+    if not tasks:
+        raise RecipeError("flow.tasks: expected at least one task with a weight, e.g. {joint: 1.0}")
+    for name, weight in tasks.items():
+        try:
+            check_task(name, modalities)
+        except TaskError as err:
+            raise RecipeError(str(err)) from None
+        if not weight >= 0:
+            raise RecipeError(f"flow.tasks.{name}: expected a weight >= 0, got {weight}")
+    if not sum(tasks.values()) > 0:
+        raise RecipeError("flow.tasks: the weights sum to 0; give at least one task a positive weight")
+    for key in ("flow", "sample"):
+        v = cfg[key].extend_seconds
+        if v is not None and not v > 0:
+            raise RecipeError(f"{key}.extend_seconds: expected a positive number of seconds, got {v}")
 
 
 def _validate_fusion(s, blocks) -> tuple[int, int]:

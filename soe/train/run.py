@@ -14,6 +14,7 @@ from rich.console import Console
 from soe.builders import build_stitcher
 from soe.config import RecipeError, load_recipe, to_container, validate_recipe
 from soe.errors import one_line
+from soe.conditioning import TaskMixture
 from soe.flow import FlowObjective
 from soe.lora import apply_training_setup
 from soe.report import print_tables, stitch_tables
@@ -26,6 +27,7 @@ from soe.train.plots import plot_losses
 
 def build_objective(cfg, stitcher) -> FlowObjective:
     experts = {"a": stitcher.a, "b": stitcher.b}
+    tasks = TaskMixture(dict(to_container(cfg.flow.tasks)), experts, seed=cfg.seed, extend_seconds=cfg.flow.extend_seconds)
     return FlowObjective(
         experts,
         timesteps=cfg.flow.timesteps,
@@ -35,6 +37,7 @@ def build_objective(cfg, stitcher) -> FlowObjective:
         balance=cfg.flow.balance,
         momentum=cfg.flow.balance_momentum,
         seed=cfg.seed,
+        tasks=tasks,
     )
 
 
