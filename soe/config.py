@@ -367,6 +367,12 @@ def _validate_tasks(cfg: DictConfig) -> None:
             raise RecipeError(f"flow.tasks.{name}: expected a weight >= 0, got {weight}")
     if not sum(tasks.values()) > 0:
         raise RecipeError("flow.tasks: the weights sum to 0; give at least one task a positive weight")
+    for key, task in (("image", "image"), ("video", "v2a"), ("audio", "a2v"), ("extend", "extend")):
+        if cfg.sample[key] is not None:
+            try:
+                check_task(task, modalities, key=f"sample.{key}")
+            except TaskError as err:
+                raise RecipeError(f"{err} (sample.{key} asks for task '{task}')") from None
     for key in ("flow", "sample"):
         v = cfg[key].extend_seconds
         if v is not None and not v > 0:

@@ -95,26 +95,44 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
         conditions = text_conditions(stitcher, cfg, cfg.sample.prompt, n)
     else:
         conditions = prompt_conditions(stitcher, cfg, cfg.sample.prompt, n, seconds)
+    codecs = codecs or load_codecs(stitcher, cfg)
+    given = given_inputs(stitcher, cfg, codecs, n, seconds)  # image= | video= | audio= | extend=, or None
     was_training = stitcher.training
     stitcher.eval()
     try:
-        latents = sample_stitched(stitcher, conditions, seconds, sampling_settings(cfg, seed_offset), progress=progress)
+        latents = sample_stitched(stitcher, conditions, seconds, sampling_settings(cfg, seed_offset), progress=progress,
+                                  given=given.latents if given else None)
     finally:
         stitcher.train(was_training)
-    codecs = codecs or load_codecs(stitcher, cfg)
     video = codecs[v_side].decode(latents[v_side].to(_device_of(codecs[v_side])))  # (B, 3, F, H, W)
     audio = codecs[a_side].decode(latents[a_side])  # (B, C, N)
     fps, sr = codecs[v_side].rate, int(codecs[a_side].rate)
+    if given is not None:  # the given stretch of each track is the input itself
+        from soe.given_media import paste_given_media
+
+        video, audio = paste_given_media(given, video, audio, fps, sr)
     if not write:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i in range(n):
         mp4 = write_mp4(out_dir / f"sample_{i:02d}.mp4", video[i], fps, audio[i], sr)
-        png = contact_sheet(out_dir / f"sample_{i:02d}.png", video[i], fps, audio[i], sr)
+        png = contact_sheet(out_dir / f"sample_{i:02d}.png", video[i], fps, audio[i], sr, given=given.seconds if given else None)
         written += [mp4, png]
     save_file({f"{side}/latents": latents[side].float().cpu().contiguous() for side in latents}, out_dir / "latents.safetensors")
     return written
+
+
+def given_inputs(stitcher, cfg, codecs: dict, n: int, seconds: float):
+    """The recipe's conditioning file encoded by each expert's own codec (soe/given_media.py), or None."""
+    from soe.given_media import load_given, requested
+
+    if requested(cfg) is None:
+        return None
+    if cfg.sample.decode != "codec":  # previews decode only: encode with the experts' codecs
+        codecs = {side: getattr(stitcher, side).codec(cfg.experts[side].codec_path).to(getattr(stitcher, side).device)
+                  for side in ("a", "b")}
+    return load_given(stitcher, cfg, codecs, n, seconds)
 
 
 def _device_of(module) -> torch.device:

@@ -86,8 +86,13 @@ def write_mp4(path, video: torch.Tensor, fps: float, audio: torch.Tensor | None 
     return path
 
 
-def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sample_rate: int, columns: int = 8) -> Path:
-    """Frames over time above the waveform and spectrogram, all on one time axis (judge sync at a glance)."""
+def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sample_rate: int, columns: int = 8,
+                  given: dict[str, float] | None = None) -> Path:
+    """Frames over time above the waveform and spectrogram, all on one time axis (judge sync at a glance).
+
+    ``given``: modality -> seconds from the start that were given, not generated (conditioning);
+    those frames get a red border and that stretch of the audio panels a red band."""
+    given = given or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,8 +107,11 @@ def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sa
     for n, idx in enumerate(picks):
         ax = fig.add_subplot(grid[0, n])
         ax.imshow(frames[idx])
-        ax.set_title(f"{idx / fps:.2f}s", fontsize=8)
-        ax.axis("off")
+        ax.set_title(f"{idx / fps:.2f}s" + (" given" if idx / fps < given.get("video", 0) else ""), fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(idx / fps < given.get("video", 0))
+            side.set(color="red", linewidth=3)
     t = np.arange(len(wave)) / sample_rate
     ax_w = fig.add_subplot(grid[1, :])
     ax_w.plot(t, wave, lw=0.5)
@@ -116,6 +124,10 @@ def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sa
     ax_s.specgram(wave + 1e-9, NFFT=nfft, Fs=sample_rate, noverlap=nfft // 2, cmap="magma")
     ax_s.set_xlabel("seconds")
     ax_s.set_ylabel("Hz")
+    if given.get("audio"):
+        for ax in (ax_w, ax_s):
+            ax.axvspan(0, min(given["audio"], seconds), color="red", alpha=0.15, lw=0)
+        ax_w.set_title("audio: red = given", fontsize=8, loc="left")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
