@@ -57,7 +57,7 @@ ABLATIONS = {
     "attention_kv": ["stitch.inject={b_to_a: {mode: attention_kv, targets: [{attention: attn2, mode: concat}]}}"],  # audio->video as k/v
     "connectors_only": ["experts.a.train=frozen", "experts.b.train=frozen"],  # no LoRA
     "trunc_normal_init": ["stitch.connector.init=trunc_normal"],  # connectors not zero-initialised
-    "joint_only": ["flow.tasks={joint: 1.0}"],  # no task mixture
+    "joint_only": ["flow.tasks={joint: 1.0, v2a: 0, a2v: 0, image: 0}"],  # no task mixture (mappings merge: zero the others)
 }
 
 

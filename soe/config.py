@@ -110,7 +110,8 @@ class FlowConfig:
     balance: str = "none"  # none | ema
     balance_momentum: float = 0.99
     # task per training sample (soe/conditioning.py): joint | v2a | a2v | image | extend -> weight
-    tasks: Dict[str, float] = field(default_factory=lambda: {"joint": 1.0})
+    # (empty = {joint: 1.0}; recipe mappings merge key by key, so set a weight to 0 to drop a task)
+    tasks: Dict[str, float] = field(default_factory=dict)
     extend_seconds: Optional[float] = None  # given seconds of the `extend` task; null = half the clip
 
 
@@ -355,9 +356,7 @@ def _validate_tasks(cfg: DictConfig) -> None:
     from soe.registry import get_expert
 
     modalities = {side: get_expert(cfg.experts[side].name).modality for side in ("a", "b")}
-    tasks = cfg.flow.tasks
-    if not tasks:
-        raise RecipeError("flow.tasks: expected at least one task with a weight, e.g. {joint: 1.0}")
+    tasks = cfg.flow.tasks or {"joint": 1.0}
     for name, weight in tasks.items():
         try:
             check_task(name, modalities)

@@ -27,7 +27,7 @@ from soe.train.plots import plot_losses
 
 def build_objective(cfg, stitcher) -> FlowObjective:
     experts = {"a": stitcher.a, "b": stitcher.b}
-    tasks = TaskMixture(dict(to_container(cfg.flow.tasks)), experts, seed=cfg.seed, extend_seconds=cfg.flow.extend_seconds)
+    tasks = TaskMixture(dict(to_container(cfg.flow.tasks)) or {"joint": 1.0}, experts, seed=cfg.seed, extend_seconds=cfg.flow.extend_seconds)
     return FlowObjective(
         experts,
         timesteps=cfg.flow.timesteps,
