@@ -162,15 +162,26 @@ def test_unconditional_half_sees_the_reference_or_zeros(policy):
     seen = []
 
     def spy(inputs, mask):
-        seen.append(inputs["a"]["latents"].clone())
+        seen.append((inputs["a"]["latents"].clone(), inputs["a"]["timestep"].clone()))
         pa, pb = st(inputs["a"], inputs["b"], source_mask=mask)
         return {"a": pa, "b": pb}
 
-    sample(experts, conditions(experts), 1.0, SamplingSettings(steps=2, guidance={"a": 2.0, "b": 1.0}), spy, given=given)
-    for x in seen:
+    out = sample(experts, conditions(experts), 1.0, SamplingSettings(steps=2, guidance={"a": 2.0, "b": 1.0}), spy, given=given)
+    for x, t in seen:
         cond, uncond = x[:2, :, 0], x[2:, :, 0]
         assert torch.equal(cond, ref[:, :, 0])
         assert torch.equal(uncond, ref[:, :, 0] if policy == "keep" else torch.zeros_like(uncond))
+        assert t.shape == (4,) and torch.all(t == t[0]) and t[0] > 0  # wan2.1 keeps the step's one timestep (UniVerse-1)
+    assert torch.equal(out["a"][:, :, 0], ref[:, :, 0])  # pasted back into the final latents
+
+
+def test_universe1_recipe_uses_the_zero_reference():
+    from pathlib import Path
+
+    from soe.config import load_recipe
+
+    cfg = load_recipe(Path(__file__).parents[1] / "recipes" / "universe1.yaml")
+    assert cfg.sample.given_uncond == "zeros" and dict(cfg.flow.tasks) == {"image": 1.0}  # frame 0 = the reference, always
 
 
 def test_given_latents_checks_its_mask():
