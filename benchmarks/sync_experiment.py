@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # pretrain steps, stitch steps, eval clips, sampling steps, training clips, curve: checkpoint every / clips
     "default": dict(pretrain=800, stitch=1500, clips=32, steps=24, num_clips=1024, curve_every=250, curve_clips=16),
     "small": dict(pretrain=300, stitch=400, clips=16, steps=16, num_clips=512, curve_every=100, curve_clips=8),  # a busy 2-core box
+    "ablation": dict(pretrain=300, stitch=60, clips=6, steps=10, num_clips=512, curve_every=10**6, curve_clips=8),  # one per choice
     "quick": dict(pretrain=8, stitch=6, clips=2, steps=3, num_clips=16, curve_every=6, curve_clips=2),
 }
 QUICK_ARCH = {  # --quick: the smallest experts that still run the pipeline
@@ -51,6 +52,7 @@ QUICK_ARCH = {  # --quick: the smallest experts that still run the pipeline
 }
 # Each ablation changes one design choice of the base recipe (recipes/sync_stitch.yaml).
 ABLATIONS = {
+    "reference": [],  # the base recipe at the ablations' size: what each ablation is compared with
     "detach_off": ["stitch.detach_source=false"],  # gradients cross modalities through connectors
     "independent_timesteps": ["flow.timesteps=independent"],  # a flow time per modality (MOVA) vs shared
     "every_2nd_block": ["stitch.pairs={every: 2}"],  # connectors at every 2nd block pair only
@@ -119,8 +121,28 @@ def run(args, size: dict, console: Console) -> dict:
         f"seed={args.seed}", f"run_dir={run_dir}", *base, f"trainer.max_steps={size['stitch']}",
         f"data.num_clips={size['num_clips']}", f"trainer.checkpoint_every_n_steps={size['curve_every']}",
         *ABLATIONS.get(name, []), *args.overrides], console=console, progress=False)
-    stitcher = stitch["module"].stitcher.eval()
-    cfg = load_recipe(ROOT / "recipes" / "sync_stitch.yaml", base)
+    return evaluate(stitch["module"].stitcher.eval(), stitch["run_dir"], name, size["stitch"], args, size, console, t0)
+
+
+def load_run(run_dir: Path):
+    """The stitched model of a (possibly unfinished) run folder at its latest checkpoint, and its step."""
+    from soe.builders import build_stitcher
+    from soe.lora import apply_training_setup
+    from soe.train.checkpoint import read_checkpoint
+
+    cfg = load_recipe(run_dir / "recipe.yaml")
+    torch.manual_seed(cfg.seed)
+    stitcher = build_stitcher(cfg)
+    apply_training_setup(stitcher, cfg)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    stitcher.load_state_dict({k.removeprefix("stitcher."): v for k, v in ckpt["state_dict"].items() if k.startswith("stitcher.")}, strict=False)
+    return stitcher.eval(), int(ckpt["global_step"])
+
+
+def evaluate(stitcher, run_dir: Path, name: str, steps: int, args, size: dict, console: Console, t0: float) -> dict:
+    """Steps 3 and 4: sample every mode on held-out clips, score, curve, previews; writes RUN_DIR/sync_results.json."""
+    out = Path(args.out)
+    cfg = load_recipe(run_dir / "recipe.yaml")
     seconds = cfg.data.seconds
     alone = {"a": build_expert(cfg, "a").eval(), "b": build_expert(cfg, "b").eval()}
 
@@ -133,12 +155,12 @@ def run(args, size: dict, console: Console) -> dict:
     points = []
     if name == "base" or args.curve:
         c_cond, c_truth = held_out(alone, seconds, size["curve_clips"], args.seed + 1)
-        points = curve(stitcher, stitch["run_dir"], alone, c_cond, c_truth, seconds, settings, tol)
-    result = {"name": name, "size": "quick" if args.quick else args.size, "stitch_steps": size["stitch"], "clips": size["clips"],
+        points = curve(stitcher, run_dir, alone, c_cond, c_truth, seconds, settings, tol)
+    result = {"name": name, "size": "quick" if args.quick else args.size, "stitch_steps": steps, "clips": size["clips"],
               "sampling_steps": size["steps"], "guidance": args.guidance, "tolerance_s": tol, "scores": scores, "curve": points,
               "overrides": ABLATIONS.get(name, []) + list(args.overrides), "seconds": time.time() - t0}
     print_table(result, console)
-    folder = stitch["run_dir"]
+    folder = run_dir
     (folder / "sync_results.json").write_text(json.dumps(result, indent=1))
     if name == "base":
         (out / "sync_results.json").write_text(json.dumps(result, indent=1))
@@ -171,11 +193,18 @@ def main(argv=None):
     p.add_argument("--ablation", choices=[*ABLATIONS, "all"], default=None, help="stitch with one design choice changed")
     p.add_argument("--curve", action="store_true", help="also score every checkpoint of an ablation (the base run always does)")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale of both modalities while sampling")
+    p.add_argument("--eval-run", default=None, metavar="RUN_DIR", help="only score this stitch run folder at its latest checkpoint")
     p.add_argument("--report", default=None, metavar="DIR", help="collect OUT's results into DIR/sync_table.md + plots and stop")
     p.add_argument("overrides", nargs="*", help="key=value overrides of recipes/sync_stitch.yaml, e.g. optim.lr=2e-3")
     args = p.parse_args(argv)
     console = Console()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+    if args.eval_run:  # score a finished or unfinished stitch run at its latest checkpoint
+        run_dir = Path(args.eval_run)
+        stitcher, step = load_run(run_dir)
+        size = dict(SIZES[args.size])
+        name = args.ablation or ("base" if run_dir.name.startswith("stitch") else run_dir.name)
+        return evaluate(stitcher, run_dir, name, step, args, size, console, time.time())
     if args.report:
         from sync_report import report
 

@@ -108,10 +108,10 @@ def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sa
         ax = fig.add_subplot(grid[0, n])
         ax.imshow(frames[idx])
         ax.set_title(f"{idx / fps:.2f}s" + (" given" if idx / fps < given.get("video", 0) else ""), fontsize=8)
-        ax.set_xticks([]), ax.set_yticks([])
-        for side in ax.spines.values():
-            side.set_visible(idx / fps < given.get("video", 0))
-            side.set(color="red", linewidth=3)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():  # a red frame around given frames, no frame otherwise
+            spine.set(visible=idx / fps < given.get("video", 0), color="red", linewidth=3)
     t = np.arange(len(wave)) / sample_rate
     ax_w = fig.add_subplot(grid[1, :])
     ax_w.plot(t, wave, lw=0.5)

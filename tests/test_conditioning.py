@@ -191,9 +191,18 @@ def test_given_latents_checks_its_mask():
 
 @pytest.mark.slow
 def test_training_with_a_task_mixture_resumes_exactly(tmp_path):
-    from test_training import train
+    from rich.console import Console
 
-    mix = ["flow.tasks={joint: 0.4, v2a: 0.2, a2v: 0.2, image: 0.1, extend: 0.1}", "trainer.checkpoint_every_n_steps=2"]
+    from soe.train.run import run_training
+    from test_generate_given import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path)
+
+    def train(run_dir, *overrides):
+        return run_training(recipe, [f"run_dir={run_dir}", *overrides], console=Console(file=open("/dev/null", "w")), progress=False)
+
+    mix = ["flow.tasks={joint: 0.4, v2a: 0.2, a2v: 0.2, image: 0.1, extend: 0.1}", "trainer.checkpoint_every_n_steps=2",
+           "sample.at_end=false"]
     straight = train(tmp_path / "straight", "trainer.max_steps=4", *mix)["module"]
     train(tmp_path / "split", "trainer.max_steps=2", *mix)
     resumed = train(tmp_path / "split", "trainer.max_steps=4", "resume=true", *mix)["module"]

@@ -31,6 +31,10 @@ def test_sync_experiment_quick_runs_every_mode_and_reports(tmp_path):
     assert (tmp_path / "video_expert" / "transformer" / "config.json").is_file()  # official formats, reloaded from there
     assert (tmp_path / "audio_expert" / "transformer" / "config.json").is_file()
     assert (tmp_path / "stitch" / "previews" / "v2a_00.png").is_file()
+    # scoring the run folder afterwards (its last checkpoint) gives the same numbers as scoring in the run
+    again = module.main(["--eval-run", str(tmp_path / "stitch"), "--size", "quick", "--out", str(tmp_path)])
+    assert again["stitch_steps"] == 6
+    assert all(again["scores"][m]["sync"] == pytest.approx(scores[m]["sync"]) for m in scores)
     results = module.main(["--out", str(tmp_path), "--report", str(tmp_path / "report")])
     assert set(results) == {"base"}
     assert "| base |" in (tmp_path / "report" / "sync_table.md").read_text()
