@@ -274,15 +274,28 @@ class AceStepV1Expert(Expert):
         return (batch_size, cfg.in_channels, cfg.max_height, frames)
 
     def codec(self, path=None, dtype=None):
-        """Tiny: a linear per-frame codec with this latent shape. The real music DCAE + vocoder of
-        ACE-Step v1 is not implemented in soe yet (no diffusers equivalent)."""
+        """ACE-Step v1's music codec (DCAE + vocoder, ``experts.ace_step_v1_codec``) from a checkpoint
+        root holding ``music_dcae_f8c8/`` and ``music_vocoder/``, at this expert's sample rate (44.1 kHz,
+        or UniVerse-1's 25.6 kHz). ``path=None``: a tiny linear per-frame codec of the same latent shape."""
         if path is not None:
-            raise NotImplementedError("ace-step: the ACE-Step v1 music DCAE + vocoder codec is not implemented yet; "
-                                      "use precomputed latents or the tiny codec (path=None)")
+            from experts.ace_step_v1_codec import MusicCodec
+
+            codec = MusicCodec.load(path, sample_rate=self.sample_rate, dtype=dtype)
+            self._check_codec(codec, path)
+            return codec
         from soe.codec import FrameAudioCodec
 
         c, h = self.model.config.in_channels, self.model.config.max_height
         return FrameAudioCodec(self.sample_rate, MEL_HOP * DCAE_TIME_DOWNSAMPLE, (c, h), time_axis=3, channels=2)
+
+    def _check_codec(self, codec, path) -> None:
+        from soe.errors import CheckpointError
+
+        cfg, dcae = self.model.config, codec.dcae.config
+        height = codec.vocoder.config.n_mels // codec.time_downsample
+        if (dcae.latent_channels, height) != (cfg.in_channels, cfg.max_height) or codec.frame_hop != MEL_HOP * DCAE_TIME_DOWNSAMPLE:
+            raise CheckpointError(f"{path}: the music codec makes {dcae.latent_channels} x {height} latents every {codec.frame_hop} samples, "
+                                  f"the ace-step model takes {cfg.in_channels} x {cfg.max_height} every {MEL_HOP * DCAE_TIME_DOWNSAMPLE}")
 
     def text_encoder(self, path, device=None, dtype=None):
         """umT5-base (``umt5-base/`` of an ACE-Step v1 checkpoint, or that folder) + ACE-Step's lyric

@@ -1,19 +1,37 @@
 """The diffusers autoencoders behind soe's built-in experts, wrapped as ``soe.codec.LatentCodec``s."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan, AutoencoderOobleck
 from torch import nn
 
+from soe.errors import CheckpointError, one_line
 
-def _vae_folder(path, subfolder: str = "vae") -> Path:
+
+def _vae_folder(path, cls, subfolder: str = "vae") -> Path:
+    """The folder of a ``cls`` autoencoder: ``path/vae`` or ``path`` itself; another family's folder is refused."""
     path = Path(path)
     folder = path / subfolder if (path / subfolder / "config.json").is_file() else path
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no autoencoder at '{path}': expected '{path}/{subfolder}/config.json' or '{path}/config.json'")
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path}: no {cls.__name__} folder: expected '{path}/{subfolder}/config.json' or '{path}/config.json'")
+    try:
+        name = json.loads(cfg.read_text()).get("_class_name")
+    except (ValueError, AttributeError) as err:
+        raise CheckpointError(f"{cfg}: not a diffusers model config ({one_line(err)})") from None
+    if name != cls.__name__:
+        raise CheckpointError(f"{cfg}: _class_name is '{name}', expected '{cls.__name__}' for this expert's codec")
     return folder
+
+
+def _from_pretrained(cls, folder: Path, dtype):
+    try:
+        return cls.from_pretrained(folder, torch_dtype=dtype or torch.float32).eval()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{folder}: cannot load {cls.__name__}: {one_line(err)}") from None
 
 
 class WanVideoCodec(nn.Module):
@@ -30,7 +48,7 @@ class WanVideoCodec(nn.Module):
 
     @classmethod
     def load(cls, path, fps: float, dtype=None) -> "WanVideoCodec":
-        return cls(AutoencoderKLWan.from_pretrained(_vae_folder(path), torch_dtype=dtype or torch.float32).eval(), fps)
+        return cls(_from_pretrained(AutoencoderKLWan, _vae_folder(path, AutoencoderKLWan), dtype), fps)
 
     @classmethod
     def tiny(cls, z_dim: int, fps: float, seed: int = 0, spatial: int = 8) -> "WanVideoCodec":
@@ -63,7 +81,7 @@ class OobleckAudioCodec(nn.Module):
 
     @classmethod
     def load(cls, path, dtype=None, time_last: bool = False) -> "OobleckAudioCodec":
-        return cls(AutoencoderOobleck.from_pretrained(_vae_folder(path), torch_dtype=dtype or torch.float32).eval(), time_last)
+        return cls(_from_pretrained(AutoencoderOobleck, _vae_folder(path, AutoencoderOobleck), dtype), time_last)
 
     @classmethod
     def tiny(cls, latent_dim: int, sample_rate: int, hop: int, seed: int = 0, time_last: bool = False) -> "OobleckAudioCodec":
