@@ -58,7 +58,7 @@ def given_frames(task: str, modality: str, n_frames: int, latent_rate: float, ex
         return min(1, n_frames) if modality == "video" else 0
     if task == "extend":
         seconds = n_frames / latent_rate / 2 if extend_seconds is None else extend_seconds
-        return max(1, min(n_frames - 1, math.ceil(seconds * latent_rate - 1e-6)))
+        return max(1, min(n_frames - 1, math.floor(seconds * latent_rate + 1e-6)))  # frames wholly inside the given seconds
     return 0
 
 

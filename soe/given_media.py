@@ -154,7 +154,7 @@ def load_given(stitcher, cfg, codecs: dict, n: int, seconds: float) -> Given | N
         count = given_frames(task, e.modality, shape[axis], e.latent_rate, extend)
         if not count:
             continue
-        given_s = count / e.latent_rate if task != "extend" else extend
+        given_s = count / e.latent_rate  # what the given latent frames cover
         codec = codecs[side]
         mshape = media_shape(codec, shape)  # (3, F, H, W) or (C, N)
         if e.modality == "video":

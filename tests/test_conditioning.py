@@ -209,3 +209,15 @@ def test_training_with_a_task_mixture_resumes_exactly(tmp_path):
     assert straight.objective.tasks is not None
     a, b = straight.trainable_state_dict(), resumed.trainable_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_given_frames_per_task():
+    from soe.conditioning import given_frames
+
+    assert given_frames("extend", "video", 12, 6.25, 0.5) == 3  # frames wholly inside the given 0.5 s
+    assert given_frames("extend", "audio", 50, 25.0, 0.5) == 12
+    assert given_frames("extend", "audio", 50, 25.0, 0.001) == 1 and given_frames("extend", "audio", 50, 25.0, 9.0) == 49
+    assert given_frames("extend", "video", 12, 6.25, None) == 6  # default: half the clip
+    assert given_frames("image", "video", 12, 6.25, None) == 1 and given_frames("image", "audio", 50, 25.0, None) == 0
+    assert given_frames("v2a", "video", 12, 6.25, None) == 12 and given_frames("v2a", "audio", 50, 25.0, None) == 0
+    assert given_frames("a2v", "audio", 50, 25.0, None) == 50 and given_frames("joint", "video", 12, 6.25, None) == 0
