@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.console import Console
 from rich.markup import escape
 
+from soe.console import make_console
 from soe.errors import SoeError, UsageError
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def _cmd_experts(args) -> int:
@@ -70,11 +70,12 @@ def _cmd_generate(args) -> int:
     from soe.config import load_recipe, validate_recipe
     from soe.generate import generate
 
-    # short forms: `ckpt=RUN prompt="..." seconds=5 seed=0 steps=30 out=DIR image=ref.png` mean sample.<key>
+    # short forms: `ckpt=RUN prompt="..." seconds=5 seed=0 steps=30 out=DIR image=ref.png` mean sample.<key>;
+    # the prompt is taken literally (soe.config.LITERAL_KEYS): any text, `prompt=` for an empty one
     overrides = [f"sample.{o}" if o.split("=", 1)[0] in SAMPLE_SHORT_KEYS else o for o in args.overrides]
     cfg = load_recipe(args.recipe, overrides)
     validate_recipe(cfg)
-    generate(cfg, console=console)
+    generate(cfg, console=console, err_console=err_console)
     return 0
 
 
@@ -132,9 +133,20 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _quiet() -> None:
+    """No library chatter on soe's screens (known harmless warnings; Lightning banners once it is imported)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*torch\.nn\.utils\.weight_norm.* is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        from soe.threads import configure_threads
+
+        configure_threads()  # before any torch work; a recipe's trainer.threads refines it later
+        _quiet()
         return args.func(args)
     except SoeError as e:  # recipes, checkpoints, latent caches, arguments, non-finite losses
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)

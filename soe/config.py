@@ -7,6 +7,7 @@ names and presets, existing checkpoint folders, block pairs in range, ...). Ever
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -146,6 +147,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 50
+    threads: Optional[int] = None  # torch CPU threads; null = soe's policy (soe/threads.py), env SOE_NUM_THREADS wins
     on_nonfinite: str = "stop"  # NaN/inf loss: stop (one-line error, exit 1) | skip (skip that optimizer step, warn)
     extra: Dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument
 
@@ -165,6 +167,8 @@ class SampleConfig:
     out: Optional[str] = None  # null = <run_dir>/samples
     every_n_steps: int = 0  # during training: render samples every K steps (0 = never)
     at_end: bool = False  # during training: render once when training ends
+    at_start: bool = False  # during training: also render before the first step (zero-init connectors = the experts alone)
+    sync_clips: int = 0  # AV-Align of N held-out clips before and after training (0 = off; synthetic data only, else skipped)
     decode: str = "codec"  # codec (each expert's codec) | synthetic_preview (what synthetic-task latents mean)
     # conditioning media (at most one; soe/given_media.py): encoded by the expert's own codec, kept clean
     image: Optional[str] = None  # reference image -> first video latent frame (UniVerse-1)
@@ -207,20 +211,48 @@ def load_recipe(path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig
         raise RecipeError(f"recipe: '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, DictConfig):
         raise RecipeError(f"recipe: '{path}' must be a mapping of keys, got a {type(raw).__name__}")
-    return merge_recipe(raw, overrides)
+    cfg = merge_recipe(raw, overrides)
+    given = {o.partition("=")[0] for o in overrides}
+    for key in RECIPE_RELATIVE_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if key not in given and value and not Path(value).is_absolute() and (path.parent / value).exists():
+            OmegaConf.update(cfg, key, str(path.parent / value), merge=False)
+    return cfg
+
+
+# Weights a recipe file ships with or points at: a relative path written in the recipe file is found
+# next to the recipe first (so `soe stitch demo` finds recipes/pretrained/ wherever soe is installed),
+# then in the working directory. Paths given as key=value on the command line are working-directory paths.
+RECIPE_RELATIVE_KEYS = tuple(f"experts.{side}.{key}" for side in ("a", "b") for key in ("path", "codec_path", "text_encoder_path"))
+
+
+LITERAL_KEYS = ("sample.prompt",)  # free text: taken as typed, never parsed as YAML or interpolated
+
+
+def literal(text: str) -> str:
+    """``text`` escaped so OmegaConf reads it back verbatim (``${x}`` is not an interpolation)."""
+    # OmegaConf reads "\\" before "${" as one backslash and a lone "\" as escaping the "${"
+    return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
 
 
 def merge_recipe(raw, overrides=()) -> DictConfig:
     for o in overrides:
         if "=" not in o:
             raise RecipeError(f"override '{o}': expected key=value")
+    texts = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in LITERAL_KEYS}
+    overrides = [o for o in overrides if o.partition("=")[0] not in LITERAL_KEYS]
     for section in ("experts", "stitch", "flow", "data", "optim", "trainer", "sample"):
         value = raw.get(section) if isinstance(raw, DictConfig) else None
         if value is not None and not isinstance(value, DictConfig):
             raise RecipeError(f"{section}: expected a mapping of keys, got {type(OmegaConf.to_object(value) if OmegaConf.is_config(value) else value).__name__}")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw, OmegaConf.from_dotlist(list(overrides)))
-        OmegaConf.resolve(cfg)
+        OmegaConf.resolve(cfg)  # leaves the text of an escaped "\${...}" in a recipe file unescaped: escape it again
+        for key in LITERAL_KEYS:
+            parent, _, leaf = key.rpartition(".")
+            text = texts.get(key, OmegaConf.select(cfg, parent)._get_node(leaf)._value())  # raw text, not re-interpolated
+            if isinstance(text, str):
+                OmegaConf.update(cfg, key, literal(text), merge=False)
         OmegaConf.to_container(cfg, throw_on_missing=True)
     except oc_errors.OmegaConfBaseException as e:
         raise _oc_error(e) from None
@@ -314,6 +346,8 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
     for k in ("accumulate_grad_batches", "log_every_n_steps", "checkpoint_every_n_steps", "num_nodes"):
         if t[k] < 1:
             raise RecipeError(f"trainer.{k}: expected a positive integer, got {t[k]}")
+    if t.threads is not None and t.threads < 1:
+        raise RecipeError(f"trainer.threads: expected a positive number of CPU threads (or null for soe's choice), got {t.threads}")
     _choice(t.on_nonfinite, ("stop", "skip"), "trainer.on_nonfinite")
     validate_sample(cfg, check_paths)
 
@@ -331,6 +365,8 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
             raise RecipeError(f"sample.{k}: expected a positive integer, got {s[k]}")
     if s.seconds is not None and not s.seconds > 0:
         raise RecipeError(f"sample.seconds: expected a positive duration in seconds, got {s.seconds}")
+    if s.sync_clips < 0:
+        raise RecipeError(f"sample.sync_clips: expected >= 0 held-out clips (0 = off), got {s.sync_clips}")
     if s.every_n_steps < 0:
         raise RecipeError(f"sample.every_n_steps: expected >= 0 (0 = never), got {s.every_n_steps}")
     for key in ("guidance", "shift"):

@@ -31,7 +31,7 @@ def prompt_conditions(stitcher, cfg, prompt: str, n: int, seconds: float) -> dic
     out = {}
     for side in ("a", "b"):
         e = getattr(stitcher, side)
-        if cfg.experts[side].path is not None:
+        if cfg.experts[side].path is not None and cfg.data.kind != "synthetic":  # synthetic-task experts learnt these
             raise RecipeError(f"sample.conditions: expert {side} ('{e.name}') has real weights; give precomputed "
                               "conditioning (sample.conditions=FILE.safetensors with a/<key> and b/<key> tensors)")
         g = generator_for(stream_seed(cfg.sample.seed, "prompt", prompt), side)
@@ -78,23 +78,31 @@ def media_sides(stitcher) -> tuple[str, str]:
     return video[0], audio[0]
 
 
+def sheet_title(prompt: str, step: int | None, checkpoint) -> str:
+    """What a contact sheet shows: the prompt, the training step and where the weights came from."""
+    step_text = "untrained connectors" if checkpoint is None else ("step ?" if step is None else f"step {step}")
+    where = "no checkpoint" if checkpoint is None else str(checkpoint)
+    return f'"{prompt}"  ·  {step_text}  ·  {where}'
+
+
 @torch.no_grad()
 def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offset: int = 0, progress=None,
-                   write: bool = True) -> list[Path]:
+                   write: bool = True, title: str | None = None) -> list[Path]:
     """Sample, decode through each expert's codec, write ``sample_NN.mp4`` + ``sample_NN.png`` + latents.
 
-    Under a sharded strategy every rank must sample (the forward gathers parameters); only the
-    rank with ``write=True`` writes files."""
+    ``title`` heads each contact sheet (default: the prompt). Under a sharded strategy every rank
+    must sample (the forward gathers parameters); only the rank with ``write=True`` writes files."""
     out_dir = Path(out_dir)
     seconds = cfg.sample.seconds or cfg.data.seconds
     n = cfg.sample.num_samples
+    prompt = cfg.sample.prompt
     v_side, a_side = media_sides(stitcher)
     if cfg.sample.conditions is not None:
         conditions = file_conditions(stitcher, cfg.sample.conditions, n)
     elif all(cfg.experts[side].text_encoder_path for side in ("a", "b")):
-        conditions = text_conditions(stitcher, cfg, cfg.sample.prompt, n)
+        conditions = text_conditions(stitcher, cfg, prompt, n)
     else:
-        conditions = prompt_conditions(stitcher, cfg, cfg.sample.prompt, n, seconds)
+        conditions = prompt_conditions(stitcher, cfg, prompt, n, seconds)
     codecs = codecs or load_codecs(stitcher, cfg)
     given = given_inputs(stitcher, cfg, codecs, n, seconds)  # image= | video= | audio= | extend=, or None
     was_training = stitcher.training
@@ -117,7 +125,9 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     written = []
     for i in range(n):
         mp4 = write_mp4(out_dir / f"sample_{i:02d}.mp4", video[i], fps, audio[i], sr)
-        png = contact_sheet(out_dir / f"sample_{i:02d}.png", video[i], fps, audio[i], sr, given=given.seconds if given else None)
+        png = contact_sheet(out_dir / f"sample_{i:02d}.png", video[i], fps, audio[i], sr,
+                            title=f"{title or repr(prompt)}  ·  sample {i}" if n > 1 else title or repr(prompt),
+                            given=given.seconds if given else None)
         written += [mp4, png]
     save_file({f"{side}/latents": latents[side].float().cpu().contiguous() for side in latents}, out_dir / "latents.safetensors")
     return written
@@ -143,7 +153,7 @@ def load_codecs(stitcher, cfg) -> dict:
     codecs = {}
     for side in ("a", "b"):
         e = getattr(stitcher, side)
-        if cfg.sample.decode == "synthetic_preview":  # the synthetic task's own readout (demo)
+        if uses_synthetic_preview(cfg):  # the synthetic task's own readout (demo)
             from soe.train.synthetic import SyntheticPreviewCodec
 
             codecs[side] = SyntheticPreviewCodec(e)
@@ -155,25 +165,71 @@ def load_codecs(stitcher, cfg) -> dict:
     return codecs
 
 
-def generate(cfg, console: Console | None = None) -> list[Path]:
-    """Build the recipe's stitched model, load the trained run, render the samples."""
+def uses_synthetic_preview(cfg) -> bool:
+    """``sample.decode: synthetic_preview`` means something only for synthetic-task latents: a model
+    trained on a latent cache of real clips (``data.kind: latents``) decodes through its codecs."""
+    return cfg.sample.decode == "synthetic_preview" and cfg.data.kind == "synthetic"
+
+
+def run_folder_of(ckpt) -> Path:
+    """The ``soe stitch`` run a ``sample.ckpt`` belongs to (the folder itself, or the parent of ``trained/``)."""
+    folder = Path(ckpt)
+    return folder.parent if folder.name == "trained" else folder
+
+
+def new_output_folder(cfg) -> Path:
+    """Where ``soe generate`` writes: ``sample.out`` if given (refused when it already holds samples),
+    else a new ``generate-NNN`` folder in the checkpoint's run (``outputs/`` without a checkpoint).
+    Never an existing folder's samples: nothing is overwritten."""
+    if cfg.sample.out is not None:
+        out = Path(cfg.sample.out)
+        if out.exists() and not out.is_dir():
+            raise RecipeError(f"sample.out: '{out}' is a file, expected a folder")
+        if out.is_dir() and any(out.glob("sample_*")):
+            raise RecipeError(f"sample.out: '{out}' already holds samples; choose another folder (nothing is overwritten)")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    parent = run_folder_of(cfg.sample.ckpt) / "generated" if cfg.sample.ckpt is not None else Path("outputs") / f"{cfg.name}-untrained"
+    parent.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name.split("-")[-1]) for p in parent.glob("generate-*") if p.name.split("-")[-1].isdigit()]
+    n = max(taken, default=0) + 1
+    while True:  # mkdir without exist_ok: two generate commands at once still get two folders
+        try:
+            out = parent / f"generate-{n:03d}"
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
+
+
+def generate(cfg, console: Console | None = None, err_console: Console | None = None) -> list[Path]:
+    """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
     from soe.builders import build_stitcher
     from soe.train.checkpoint import load_trained
 
     console = console or Console()
+    err_console = err_console or Console(stderr=True)
     torch.manual_seed(cfg.seed)
     stitcher = build_stitcher(cfg)
+    step, trained = None, None
     if cfg.sample.ckpt is not None:
-        folder = Path(cfg.sample.ckpt)
-        folder = folder / "trained" if (folder / "trained").is_dir() else folder
+        trained = Path(cfg.sample.ckpt)
+        trained = trained / "trained" if (trained / "trained").is_dir() else trained
         try:
-            load_trained(stitcher, folder)
+            step = load_trained(stitcher, trained)
         except FileNotFoundError as err:
             raise RecipeError(f"sample.ckpt: {err}") from None
-    out = Path(cfg.sample.out or Path(cfg.run_dir) / "samples")
+        console.print(f"loaded [bold]{trained}[/] ({'step ' + str(step) if step is not None else 'step not recorded'})", highlight=False)
+    else:
+        err_console.print("[bold yellow]warning: no ckpt= given: sampling UNTRAINED connectors[/] (the experts as if never "
+                          "stitched); pass ckpt=RUN_DIR of a `soe stitch` run", highlight=False)
+    if cfg.sample.decode == "synthetic_preview" and not uses_synthetic_preview(cfg):
+        err_console.print("note: sample.decode=synthetic_preview applies to synthetic data only; decoding through the experts' codecs")
+    out = new_output_folder(cfg)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=cfg.sample.steps)
-        files = render_samples(stitcher, cfg, out, progress=lambda i, total: bar.update(task, completed=i))
+        files = render_samples(stitcher, cfg, out, progress=lambda i, total: bar.update(task, completed=i),
+                               title=sheet_title(cfg.sample.prompt, step, trained))
     for f in files:
-        console.print(f"wrote [bold]{f}[/]")
+        console.print(f"wrote [bold]{f}[/]", highlight=False)
     return files

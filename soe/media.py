@@ -87,11 +87,11 @@ def write_mp4(path, video: torch.Tensor, fps: float, audio: torch.Tensor | None 
 
 
 def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sample_rate: int, columns: int = 8,
-                  given: dict[str, float] | None = None) -> Path:
-    """Frames over time above the waveform and spectrogram, all on one time axis (judge sync at a glance).
-
-    ``given``: modality -> seconds from the start that were given, not generated (conditioning);
-    those frames get a red border and that stretch of the audio panels a red band."""
+                  title: str | None = None, given: dict[str, float] | None = None) -> Path:
+    """Frames over time above the waveform and spectrogram, all on one time axis (judge sync at a glance);
+    ``title`` (e.g. prompt, step, checkpoint) heads the sheet. ``given``: modality -> seconds from the
+    start that were given, not generated (conditioning); those frames get a red border and that
+    stretch of the audio panels a red band."""
     given = given or {}
     import matplotlib
 
@@ -121,13 +121,17 @@ def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sa
         ax_w.axvline(idx / fps, color="grey", lw=0.5, alpha=0.5)
     ax_s = fig.add_subplot(grid[2, :], sharex=ax_w)
     nfft = max(64, min(1024, len(wave) // 8))
-    ax_s.specgram(wave + 1e-9, NFFT=nfft, Fs=sample_rate, noverlap=nfft // 2, cmap="magma")
+    power, _, _, image = ax_s.specgram(wave + 1e-9, NFFT=nfft, Fs=sample_rate, noverlap=nfft // 2, cmap="magma")
+    top = 10 * np.log10(max(float(power.max()), 1e-20))
+    image.set_clim(top - 60, top)  # 60 dB of range: silence is black, not the colour of rounding noise
     ax_s.set_xlabel("seconds")
     ax_s.set_ylabel("Hz")
     if given.get("audio"):
         for ax in (ax_w, ax_s):
             ax.axvspan(0, min(given["audio"], seconds), color="red", alpha=0.15, lw=0)
         ax_w.set_title("audio: red = given", fontsize=8, loc="left")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

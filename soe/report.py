@@ -21,7 +21,7 @@ def num_params(module, trainable_only: bool = False) -> int:
 def experts_table(classes) -> Table:
     t = Table(title="registered experts")
     for col in ("name", "modality", "blocks", "hidden", "tokens/s", "presets", "source"):
-        t.add_column(col, no_wrap=col == "name", overflow="fold")
+        t.add_column(col, no_wrap=col != "presets")
     import torch
 
     for cls in classes:
@@ -36,7 +36,7 @@ def experts_table(classes) -> Table:
 def stitch_tables(st: Stitcher) -> list[Table]:
     experts = Table(title="experts")
     for col in ("side", "name", "modality", "blocks", "hidden", "parameters", "trainable"):
-        experts.add_column(col, justify="right" if col in ("blocks", "hidden", "parameters", "trainable") else "left")
+        experts.add_column(col, justify="right" if col in ("blocks", "hidden", "parameters", "trainable") else "left", no_wrap=True)
     for side in ("a", "b"):
         e = getattr(st, side)
         experts.add_row(side, e.name, e.modality, str(e.num_blocks), str(e.hidden_size), fmt_count(num_params(e)),
@@ -53,7 +53,7 @@ def stitch_tables(st: Stitcher) -> list[Table]:
     pairs = Table(title=f"block pairs ({len(st.pairs)}, direction {st.direction}, engine {st.engine}, "
                         f"detach_source={st.detach_source})")
     for col in ("#", f"a:{st.a.name}", f"b:{st.b.name}", "a -> b connector", "b -> a connector", "parameters"):
-        pairs.add_column(col)
+        pairs.add_column(col, no_wrap=True)
     stacks = fusion.stacks if fusion is not None else {}
     mark = {s: (lambda k, s=s: f"{k}+" if stacks.get(s) is not None and stacks[s].is_inserted(k) else str(k)) for s in "ab"}
     for n, (i, j) in enumerate(st.pairs):
@@ -72,6 +72,8 @@ def stitch_tables(st: Stitcher) -> list[Table]:
 
 
 def print_tables(tables, console: Console | None = None) -> None:
-    console = console or Console()
+    from soe.console import make_console
+
+    console = console or make_console()
     for t in tables:
         console.print(t)

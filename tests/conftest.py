@@ -3,7 +3,17 @@ import torch
 
 from soe import get_expert, list_experts
 
-torch.set_num_threads(2)
+from soe.threads import configure_threads
+
+configure_threads()  # the CLI's policy: a busy machine must not slow the suite down 10x
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_checkout(tmp_path, monkeypatch):
+    """Every test runs in its own temporary folder: a default run_dir (``runs/<name>``) or output folder
+    lands there, never in the checkout, and a demo run already in the checkout cannot interfere."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SOE_NUM_THREADS", raising=False)
 
 
 def tiny(name: str, seed: int = 0):

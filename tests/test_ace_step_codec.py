@@ -259,7 +259,7 @@ def test_bad_codec_folders_and_rates(folder, tmp_path):
 def test_soe_encode_refuses_a_bad_codec_folder_with_exit_2(folder, tmp_path, capsys):
     from soe.cli import main
 
-    demo = Path(__file__).parents[1] / "recipes" / "demo.yaml"
+    demo = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"
     (tmp_path / "clips").mkdir()
     out = tmp_path / "cache"
     v1 = ["experts.b.name=ace-step", "experts.b.options={sample_rate: 48000}"]

@@ -22,7 +22,7 @@ from soe.train.checkpoint import export_trained, load_trained
 from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
 from soe.train.latent_cache import write_meta, write_shard
 
-DEMO = str(Path(__file__).parents[1] / "recipes" / "demo.yaml")
+DEMO = str(Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml")  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 BASE = ["data.num_clips=8", "data.batch_size=2", "data.seconds=1.0", "trainer.max_steps=1", "trainer.log_every_n_steps=1"]
 ACE_V1 = ["experts.b.name=ace-step", "experts.b.options={sample_rate: 25600}"]
 

@@ -23,7 +23,7 @@ from soe.data.encode import EncodeSettings, encode_folder
 from soe.data.writer import CacheWriter
 from soe.train.latent_cache import load_clips, read_index, validate_clip_shapes
 
-DEMO = Path(__file__).parents[1] / "recipes" / "demo.yaml"
+DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 QUIET = Console(file=open("/dev/null", "w"))
 SECONDS = ["data.seconds=1.0"]
 V1 = ["experts.b.name=ace-step", "experts.b.options={sample_rate: 25600}"]

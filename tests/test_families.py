@@ -145,7 +145,7 @@ def test_new_families_train_through_the_recipe(tmp_path):
 
     from soe.train.run import run_training
 
-    demo = Path(__file__).parents[1] / "recipes" / "demo.yaml"
+    demo = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"
     result = run_training(demo, ["data.num_clips=8", "data.batch_size=2", "data.seconds=1.0", "trainer.max_steps=2",
                                  f"run_dir={tmp_path}/run", "experts.a.name=wan2.2-ti2v", "experts.b.name=stable-audio-open",
                                  "sample.steps=2"],  # the demo renders an mp4 at the end: both codecs run

@@ -18,7 +18,7 @@ from soe.train.checkpoint import AtomicCheckpointIO, read_checkpoint
 from soe.train.run import run_training
 
 ROOT = Path(__file__).parents[1]
-DEMO = ROOT / "recipes" / "demo.yaml"
+DEMO = ROOT / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 QUIET = Console(file=open(os.devnull, "w"))
 SHORT = ["data.num_clips=32", "data.batch_size=4", "data.seconds=1.0", "trainer.log_every_n_steps=1"]
 

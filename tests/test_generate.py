@@ -13,7 +13,7 @@ from soe.cli import main
 from soe.sampling import SamplingSettings, guided, sample, sample_stitched
 from soe.train.run import run_training
 
-DEMO = Path(__file__).parents[1] / "recipes" / "demo.yaml"
+DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 QUIET = Console(file=open("/dev/null", "w"))
 
 

@@ -9,7 +9,7 @@ from soe.cli import main
 from soe.config import load_recipe, validate_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
-DEMO = Path(__file__).parents[1] / "recipes" / "demo.yaml"
+DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

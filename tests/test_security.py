@@ -11,7 +11,7 @@ from soe.errors import CheckpointError
 from soe.train.checkpoint import AtomicCheckpointIO, read_checkpoint
 
 ROOT = Path(__file__).parents[1]
-DEMO = str(ROOT / "recipes" / "demo.yaml")
+DEMO = str(ROOT / "tests" / "recipes" / "tiny.yaml")  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 SOURCE_DIRS = ("soe", "experts", "benchmarks", "examples")
 
 

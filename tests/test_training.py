@@ -14,7 +14,7 @@ from soe.train.checkpoint import load_trained
 from soe.train.plots import read_run_metrics
 from soe.train.run import run_training
 
-DEMO = Path(__file__).parents[1] / "recipes" / "demo.yaml"
+DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 QUIET = Console(file=open("/dev/null", "w"))
 SHORT = ["data.num_clips=32", "data.batch_size=4", "data.seconds=1.0", "trainer.log_every_n_steps=1"]
 

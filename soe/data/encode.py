@@ -31,7 +31,8 @@ from soe.data.sources import Clip, find_clips
 from soe.data.text import TextConditioner
 from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_spec
 from soe.data.writer import CacheWriter
-from soe.errors import UsageError
+from soe.errors import DataError, UsageError
+from soe.threads import configure_threads
 
 
 @dataclass
@@ -297,7 +298,12 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
         raise UsageError(f"soe encode: source folder not found: '{src}'")
     if workers < 0:
         raise UsageError(f"soe encode: --workers must be >= 0, got {workers}")
+    configure_threads(cfg.trainer.threads)
     report = encode_folder(cfg, src, out, settings, workers=workers, console=console)
+    if report.windows_new + report.windows_cached == 0:  # nothing to train on: say why, exit non-zero
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.by_reason.items())) or "no video files found"
+        raise DataError(f"soe encode: no window was encoded from '{src}' ({report.clips} clip(s) found; skipped: {reasons}; "
+                        f"details in {Path(out) / 'encode_report.json'})")
     console.print(report.table())
     console.print(f"latent cache: [bold]{out}[/] (train with data.kind=latents data.path={out})")
     return report

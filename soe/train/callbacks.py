@@ -1,34 +1,126 @@
-"""Training callbacks: render samples (mp4 + contact sheet) into the run folder while training."""
+"""Training callbacks: render samples (mp4 + contact sheet) and report sync while training."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
 
 class SampleCallback(Callback):
-    """Every ``every_n_steps`` optimizer steps (0 = never) and/or once at the end, render the
-    recipe's ``sample`` section into ``<run_dir>/samples/step-NNNNNN/``."""
+    """Every ``every_n_steps`` optimizer steps (0 = never), before the first step (``at_start``) and/or
+    once at the end, render the recipe's ``sample`` section into ``<run_dir>/samples/step-NNNNNN/``.
+    With both ``at_start`` and ``at_end``, ``samples/before_after.png`` stacks the first and last sheets."""
 
-    def __init__(self, cfg, run_dir, every_n_steps: int = 0, at_end: bool = False):
-        self.cfg, self.run_dir, self.every, self.at_end = cfg, Path(run_dir), every_n_steps, at_end
+    def __init__(self, cfg, run_dir, every_n_steps: int = 0, at_end: bool = False, at_start: bool = False):
+        self.cfg, self.run_dir, self.every, self.at_end, self.at_start = cfg, Path(run_dir), every_n_steps, at_end, at_start
         self._codecs = None
+        self._last = None
+        self._first_sheet = None
 
-    def _render(self, trainer, pl_module):
+    def _render(self, trainer, pl_module) -> Path:
         # every rank samples (sharded parameters are gathered in the forward); rank zero writes
-        from soe.generate import load_codecs, render_samples
+        from soe.generate import load_codecs, render_samples, sheet_title
 
         if self._codecs is None:
             self._codecs = load_codecs(pl_module.stitcher, self.cfg)
-        out = self.run_dir / "samples" / f"step-{trainer.global_step:06d}"
-        render_samples(pl_module.stitcher, self.cfg, out, codecs=self._codecs, write=trainer.is_global_zero)
+        step = trainer.global_step
+        out = self.run_dir / "samples" / f"step-{step:06d}"
+        render_samples(pl_module.stitcher, self.cfg, out, codecs=self._codecs, write=trainer.is_global_zero,
+                       title=sheet_title(self.cfg.sample.prompt, step, self.run_dir))
+        self._last = step
+        return out / "sample_00.png"
+
+    def on_train_start(self, trainer, pl_module):
+        if self.at_start and trainer.global_step == 0:
+            self._first_sheet = self._render(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step > 0 and step % self.every == 0 and getattr(self, "_last", None) != step:
-            self._last = step
+        if self.every and step > 0 and step % self.every == 0 and self._last != step:
             self._render(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        if self.at_end and getattr(self, "_last", None) != trainer.global_step:
-            self._render(trainer, pl_module)
+        if not self.at_end:
+            return
+        last = self.run_dir / "samples" / f"step-{trainer.global_step:06d}" / "sample_00.png"
+        if self._last != trainer.global_step:
+            last = self._render(trainer, pl_module)
+        if self._first_sheet is not None and trainer.is_global_zero and self._first_sheet != last:
+            stack_images([self._first_sheet, last], self.run_dir / "samples" / "before_after.png")
+
+
+def stack_images(pngs: list[Path], out: Path) -> Path:
+    """One PNG of ``pngs`` stacked top to bottom (contact sheets of the same size)."""
+    import numpy as np
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in pngs]
+    width = max(i.shape[1] for i in images)
+    images = [np.pad(i, ((0, 0), (0, width - i.shape[1]), (0, 0)), constant_values=255) for i in images]
+    Image.fromarray(np.concatenate(images, axis=0)).save(out)
+    return out
+
+
+class SyncReportCallback(Callback):
+    """AV-Align of the stitched model on ``n`` held-out synthetic clips, before the first step (the
+    experts alone: connectors start at zero) and after the last; printed as a table, saved as ``sync.json``."""
+
+    def __init__(self, cfg, run_dir, n: int, console=None):
+        self.cfg, self.run_dir, self.n, self.console = cfg, Path(run_dir), n, console
+        self.scores: dict[str, dict] = {}
+
+    def _score(self, trainer, pl_module, label: str) -> None:
+        import torch
+
+        from soe.sampling import sample_stitched
+        from soe.train import sync_eval
+        from soe.generate import sampling_settings
+
+        st = pl_module.stitcher
+        experts = {"a": st.a, "b": st.b}
+        seconds = self.cfg.sample.seconds or self.cfg.data.seconds
+        cond, truth = sync_eval.held_out(experts, seconds, self.n, self.cfg.seed)
+        if "truth" not in self.scores:
+            self.scores["truth"] = {"step": None, "sync": sync_eval.sync_score(truth, experts, seconds)}
+        was_training = st.training
+        st.eval()
+        try:
+            with torch.no_grad():
+                cond = {s: {k: v.to(experts[s].device) for k, v in c.items()} for s, c in cond.items()}
+                latents = sample_stitched(st, cond, seconds, sampling_settings(self.cfg))
+        finally:
+            st.train(was_training)
+        latents = {s: v.float().cpu() for s, v in latents.items()}
+        self.scores[label] = {"step": trainer.global_step, "sync": sync_eval.sync_score(latents, experts, seconds),
+                              "frechet": sync_eval.frechet(latents, truth, experts, seconds)}
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_step == 0:
+            self._score(trainer, pl_module, "experts alone")
+
+    def on_train_end(self, trainer, pl_module):
+        self._score(trainer, pl_module, "stitched")
+        if trainer.is_global_zero:
+            (self.run_dir / "sync.json").write_text(json.dumps({"clips": self.n, **self.scores}, indent=1))
+            if self.console is not None:
+                self.console.print(self.table())
+
+    def table(self):
+        from rich.table import Table
+
+        from soe.train.sync_eval import HELD_OUT_SEED_OFFSET
+
+        t = Table(title=f"audio-visual sync on {self.n} held-out clips (AV-Align: 1 = a click at every bounce and nowhere else; "
+                        f"clip seed {self.cfg.seed + HELD_OUT_SEED_OFFSET})")
+        for col in ("model", "step", "AV-Align", "Frechet video vs truth", "Frechet audio vs truth"):
+            t.add_column(col, no_wrap=True, justify="left" if col == "model" else "right")
+        names = {"experts alone": "two experts, independently (untrained connectors)", "stitched": "stitched",
+                 "truth": "ground truth clips"}
+        for key in ("experts alone", "stitched", "truth"):
+            if key in self.scores:
+                r = self.scores[key]
+                f = r.get("frechet", {})
+                t.add_row(names[key], "" if r["step"] is None else str(r["step"]), f"{r['sync']:.3f}",
+                          f"{f['video']:.3f}" if f else "0", f"{f['audio']:.3f}" if f else "0")
+        return t

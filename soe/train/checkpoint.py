@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import re
@@ -87,7 +88,10 @@ def _full_cpu(state: dict) -> dict:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous() for k, v in state.items()}
 
 
-def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = True) -> Path:
+TRAINED_INFO = "soe_trained.json"  # {"step": N}: the optimizer step the exported tensors come from
+
+
+def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = True, step: int | None = None) -> Path:
     """Write everything that trained into ``folder`` (atomically replaced as a whole).
 
     Under a sharded strategy every rank must call this (gathering is collective); only the rank
@@ -103,6 +107,8 @@ def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     save_file(conn, tmp / "connectors.safetensors")
+    if step is not None:
+        (tmp / TRAINED_INFO).write_text(json.dumps({"step": int(step)}))
     if fusion is not None:  # inserted blocks and new k/v projections (soe/depth.py, soe/inject.py)
         save_file(fusion, tmp / "fusion.safetensors")
     for side, mode in train_modes.items():
@@ -118,14 +124,17 @@ def export_trained(stitcher, folder, train_modes: dict[str, str], write: bool = 
     return folder
 
 
-def load_trained(stitcher, folder) -> None:
-    """Load connectors and adapters written by ``export_trained`` into a freshly built Stitcher.
+def load_trained(stitcher, folder) -> int | None:
+    """Load connectors and adapters written by ``export_trained`` into a freshly built Stitcher;
+    returns the training step they come from (None when the folder does not record it, e.g. ``soe convert``).
 
     Anything unusable (missing or truncated files, wrong shapes or keys, adapters of another expert)
     is a one-line :class:`CheckpointError` naming the folder.
     """
     try:
         _load_trained(stitcher, Path(folder))
+        info = Path(folder) / TRAINED_INFO
+        return int(json.loads(info.read_text())["step"]) if info.is_file() else None
     except CheckpointError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
@@ -175,7 +184,7 @@ class ExportTrained(Callback):
         self.folder, self.train_modes = Path(folder), train_modes
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero)
+        export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero, step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module):
-        export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero)
+        export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero, step=trainer.global_step)

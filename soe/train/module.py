@@ -53,7 +53,7 @@ class StitchModule(L.LightningModule):
             return None  # Lightning skips backward and this optimizer step
         for side, value in per_modality.items():
             self.log(f"loss_{side}_{self.objective.modality[side]}", value, prog_bar=True, batch_size=pred_a.shape[0])
-        self.log("loss", loss, prog_bar=True, batch_size=pred_a.shape[0])
+        self.log("loss", loss, batch_size=pred_a.shape[0])  # the (balanced) sum: logs only; the bar shows each modality
         return loss
 
     def _check_finite(self, losses, saved_buffers=None) -> bool:

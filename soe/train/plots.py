@@ -31,24 +31,42 @@ def read_run_metrics(run_dir) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in merged.items()}
 
 
-def plot_losses(run_dir, out_png) -> Path | None:
+def _label(name: str) -> str:
+    """``loss_a_video`` -> ``video loss (expert a)``."""
+    parts = name.split("_", 2)
+    return f"{parts[2]} loss (expert {parts[1]})" if len(parts) == 3 and parts[0] == "loss" else name
+
+
+def loss_figure(series: dict[str, list[tuple[int, float]]]):
+    """One panel per logged loss, log-scaled y with plain tick labels ("1.45", not "1.45x10^0")."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    series = {k: v for k, v in read_run_metrics(run_dir).items() if k != "loss"}
-    if not series:  # fewer steps than log_every_n_steps: nothing logged
-        return None
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
-    for ax, (name, points) in zip(axes[0], sorted(series.items())):
+    for ax, (name, points) in zip(axes[0], series.items()):
         steps, values = zip(*points)
         ax.plot(steps, values)
-        ax.set_title(name)
+        ax.set_title(_label(name))
         ax.set_xlabel("step")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(run_dir, out_png) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    series = {k: v for k, v in sorted(read_run_metrics(run_dir).items()) if k != "loss"}
+    if not series:  # fewer steps than log_every_n_steps: nothing logged
+        return None
+    fig = loss_figure(series)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return Path(out_png)

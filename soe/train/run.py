@@ -1,28 +1,30 @@
 """``soe stitch RECIPE``: recipe -> builders -> Stitcher -> Lightning -> checkpoints and exports."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 from rich.console import Console
 
 from soe.builders import build_stitcher
+from soe.console import console_kwargs, make_console
 from soe.config import RecipeError, load_recipe, to_container, validate_recipe
 from soe.errors import one_line
 from soe.conditioning import TaskMixture
 from soe.flow import FlowObjective
 from soe.lora import apply_training_setup
 from soe.report import print_tables, stitch_tables
-from soe.train.callbacks import SampleCallback
+from soe.threads import configure_threads
+from soe.train.callbacks import SampleCallback, SyncReportCallback
 from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained, read_checkpoint
 from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
 from soe.train.module import OptimSettings, StitchModule
 from soe.train.plots import plot_losses
+from soe.train.progress import StepProgressBar, quiet_libraries
 
 
 def build_objective(cfg, stitcher) -> FlowObjective:
@@ -63,7 +65,7 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = 
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
                            every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=-1)
     loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard", version="")]
-    progress = [RichProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True)] if console_progress else []
+    progress = [StepProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True, console_kwargs=console_kwargs())] if console_progress else []
     try:
         return L.Trainer(
             max_steps=t.max_steps,
@@ -108,9 +110,11 @@ def prepare_run_dir(cfg) -> tuple[Path, str | None]:
 
 
 def run_training(recipe, overrides=(), console: Console | None = None, progress: bool = True) -> dict:
-    console = console or Console()
+    console = console or make_console()
     cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
     validate_recipe(cfg)
+    configure_threads(cfg.trainer.threads)
+    quiet_libraries()  # Lightning's banners and tips, known harmless warnings
     run_dir, resume_from = prepare_run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stitcher = build_stitcher(cfg)
@@ -124,21 +128,20 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}
     callbacks = [ExportTrained(run_dir / "trained", train_modes)]
-    if cfg.sample.every_n_steps or cfg.sample.at_end:
-        callbacks.append(SampleCallback(cfg, run_dir, cfg.sample.every_n_steps, cfg.sample.at_end))
+    if cfg.sample.every_n_steps or cfg.sample.at_end or cfg.sample.at_start:
+        callbacks.append(SampleCallback(cfg, run_dir, cfg.sample.every_n_steps, cfg.sample.at_end, cfg.sample.at_start))
+    if cfg.sample.sync_clips and cfg.data.kind == "synthetic":  # held-out clips exist only for the synthetic task
+        callbacks.append(SyncReportCallback(cfg, run_dir, cfg.sample.sync_clips, console=console))
     datamodule = build_datamodule(cfg, stitcher)
     datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
     trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
     # only now, with everything built, does the run folder get (re)written
     run_dir.mkdir(parents=True, exist_ok=True)
     if trainer.is_global_zero:
-        OmegaConf.save(cfg, run_dir / "recipe.yaml", resolve=True)
+        OmegaConf.save(cfg, run_dir / "recipe.yaml")  # already resolved; free text keeps its escapes
     if trainer.is_global_zero:
         print_tables(stitch_tables(stitcher), console)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*Precision.*is not supported by the model summary.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     result = {"run_dir": run_dir, "module": module, "trainer": trainer}
     if trainer.is_global_zero:
         png = plot_losses(run_dir, run_dir / "loss_curves.png")

@@ -33,10 +33,13 @@ class ExpertModule(StitchModule):
 
 
 def pretrain_expert(expert: Expert, datamodule, side: str, max_steps: int, lr: float = 1e-3, warmup_steps: int = 20,
-                    seed: int = 0, progress: bool = False, **trainer_kwargs) -> ExpertModule:
+                    schedule: str = "constant", seed: int = 0, progress: bool = False, **trainer_kwargs) -> ExpertModule:
     """Fully train ``expert`` on ``datamodule``'s ``side`` latents for ``max_steps`` steps (CPU or GPU)."""
+    from soe.train.progress import quiet_libraries
+
+    quiet_libraries()
     expert.requires_grad_(True).train()
-    module = ExpertModule(expert, side, OptimSettings(lr=lr, warmup_steps=warmup_steps, max_steps=max_steps), seed=seed)
+    module = ExpertModule(expert, side, OptimSettings(lr=lr, warmup_steps=warmup_steps, schedule=schedule, max_steps=max_steps), seed=seed)
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
                         enable_model_summary=False, use_distributed_sampler=False, gradient_clip_val=1.0, **trainer_kwargs)
     trainer.fit(module, datamodule=datamodule)

@@ -148,7 +148,9 @@ class SyntheticPreviewCodec(torch.nn.Module):
         env = feats.amax(dim=1)  # (T,)
         pitch = feats.argmax(dim=1).float() / max(feats.shape[1] - 1, 1)  # (T,) in [0, 1]
         hop = int(round(self.rate / self.expert_rate))
-        n = torch.arange(hop, dtype=torch.float32) / self.rate
-        freq = 300.0 + 900.0 * pitch  # 300-1200 Hz
-        tone = torch.sin(2 * torch.pi * freq[:, None] * n[None]) * env[:, None].clamp(max=1)  # (T, hop)
-        return (0.8 * tone.reshape(1, -1)).clamp(-1, 1)
+        # per sample: loudness interpolated between latent frames, pitch held, phase continuous, so a
+        # click sounds (and shows in the spectrogram) as one decaying tone, not a buzz of frame edges
+        env_s = torch.nn.functional.interpolate(env.clamp(max=1)[None, None], size=t * hop, mode="linear", align_corners=False)[0, 0]
+        freq = (300.0 + 900.0 * pitch).repeat_interleave(hop)  # 300-1200 Hz, (T*hop,)
+        phase = torch.cumsum(2 * torch.pi * freq / self.rate, dim=0)
+        return (0.8 * torch.sin(phase) * env_s)[None].clamp(-1, 1)  # (1, T*hop)
