@@ -87,7 +87,7 @@ def sheet_title(prompt: str, step: int | None, checkpoint) -> str:
 
 @torch.no_grad()
 def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offset: int = 0, progress=None,
-                   write: bool = True, title: str | None = None) -> list[Path]:
+                   write: bool = True, title: str | None = None, given=None) -> list[Path]:
     """Sample, decode through each expert's codec, write ``sample_NN.mp4`` + ``sample_NN.png`` + latents.
 
     ``title`` heads each contact sheet (default: the prompt). Under a sharded strategy every rank
@@ -104,7 +104,8 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     else:
         conditions = prompt_conditions(stitcher, cfg, prompt, n, seconds)
     codecs = codecs or load_codecs(stitcher, cfg)
-    given = given_inputs(stitcher, cfg, codecs, n, seconds)  # image= | video= | audio= | extend=, or None
+    if given is None:
+        given = given_inputs(stitcher, cfg, codecs, n, seconds)  # image= | video= | audio= | extend=, or None
     was_training = stitcher.training
     stitcher.eval()
     try:
@@ -225,10 +226,12 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
                           "stitched); pass ckpt=RUN_DIR of a `soe stitch` run", highlight=False)
     if cfg.sample.decode == "synthetic_preview" and not uses_synthetic_preview(cfg):
         err_console.print("note: sample.decode=synthetic_preview applies to synthetic data only; decoding through the experts' codecs")
+    codecs = load_codecs(stitcher, cfg)  # a bad conditioning file fails here, before any folder is made
+    given = given_inputs(stitcher, cfg, codecs, cfg.sample.num_samples, cfg.sample.seconds or cfg.data.seconds)
     out = new_output_folder(cfg)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=cfg.sample.steps)
-        files = render_samples(stitcher, cfg, out, progress=lambda i, total: bar.update(task, completed=i),
+        files = render_samples(stitcher, cfg, out, codecs=codecs, given=given, progress=lambda i, total: bar.update(task, completed=i),
                                title=sheet_title(cfg.sample.prompt, step, trained))
     for f in files:
         console.print(f"wrote [bold]{f}[/]", highlight=False)
