@@ -8,7 +8,8 @@ TI2V feeds one timestep per *token* (diffusers' ``expand_timesteps``), which is 
 image-to-video: with ``image_latents`` ``(B, 48, 1, H, W)`` in the batch, the first latent frame is
 replaced by the clean image latent and its tokens get timestep 0, exactly as
 ``WanImageToVideoPipeline`` does for this checkpoint. Without it, every token gets the clip's
-timestep (text-to-video).
+timestep (text-to-video). soe's conditioning (``frame_timesteps``) uses the same per-token path:
+``timestep`` may be ``(B, F)``, one sigma per latent frame.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ _TI2V_COMMON = dict(_WAN_COMMON, in_channels=48, out_channels=48)
 @register_expert
 class Wan22TI2VExpert(WanExpert):
     name = "wan2.2-ti2v"
+    frame_timesteps = True  # per-token timesteps: clean (given) frames get timestep 0
     flow_shift = 5.0  # Wan2.2 TI2V-5B samples with shift 5
     vae_stride = (4, 16, 16)
     presets = {
@@ -42,7 +44,9 @@ class Wan22TI2VExpert(WanExpert):
         b, _, f, h, w = x.shape
         pt, ph, pw = self.model.config.patch_size
         per_frame = (h // ph) * (w // pw)  # tokens of one latent frame
-        t = self._model_timestep(batch)[:, None].expand(b, (f // pt) * per_frame)  # (B, N)
+        t = self._model_timestep(batch)  # (B,) or (B, F): one per latent frame
+        t = t[:, ::pt, None] if t.dim() == 2 else t[:, None, None]
+        t = t.expand(b, f // pt, per_frame).flatten(1)  # (B, N)
         image = batch.get("image_latents")
         if image is not None:  # image-to-video: clean first frame at timestep 0
             x = torch.cat([image.to(x.dtype), x[:, :, 1:]], dim=2)

@@ -68,14 +68,15 @@ def _cmd_stitch(args) -> int:
     return 0
 
 
-SAMPLE_SHORT_KEYS = ("ckpt", "prompt", "negative_prompt", "conditions", "seconds", "seed", "steps", "scheduler", "num_samples", "out")
+SAMPLE_SHORT_KEYS = ("ckpt", "prompt", "negative_prompt", "conditions", "seconds", "seed", "steps", "scheduler", "num_samples",
+                     "out", "image", "video", "audio", "extend", "extend_seconds")
 
 
 def _cmd_generate(args) -> int:
     from soe.config import load_recipe, validate_recipe
     from soe.generate import generate
 
-    # short forms: `ckpt=RUN prompt="..." seconds=5 seed=0 steps=30 out=DIR` mean sample.<key>;
+    # short forms: `ckpt=RUN prompt="..." seconds=5 seed=0 steps=30 out=DIR image=ref.png` mean sample.<key>;
     # the prompt is taken literally (soe.config.LITERAL_KEYS): any text, `prompt=` for an empty one
     overrides = [f"sample.{o}" if o.split("=", 1)[0] in SAMPLE_SHORT_KEYS else o for o in args.overrides]
     cfg = load_recipe(args.recipe, overrides)

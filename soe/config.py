@@ -113,6 +113,10 @@ class FlowConfig:
     density: str = "logit_normal"  # uniform | logit_normal
     balance: str = "none"  # none | ema
     balance_momentum: float = 0.99
+    # task per training sample (soe/conditioning.py): joint | v2a | a2v | image | extend -> weight
+    # (empty = {joint: 1.0}; recipe mappings merge key by key, so set a weight to 0 to drop a task)
+    tasks: Dict[str, float] = field(default_factory=dict)
+    extend_seconds: Optional[float] = None  # given seconds of the `extend` task; null = half the clip
 
 
 @dataclass
@@ -180,6 +184,13 @@ class SampleConfig:
     attention_backend: Optional[str] = None  # diffusers attention dispatcher backend (flash, _native_cudnn, ...); null = torch SDPA
     cache: str = "none"  # none | first_block: skip all later blocks on steps where the first blocks barely change
     cache_threshold: float = 0.05  # first_block: relative change of the first blocks' residual below which a step is skipped
+    # conditioning media (at most one; soe/given_media.py): encoded by the expert's own codec, kept clean
+    image: Optional[str] = None  # reference image -> first video latent frame (UniVerse-1)
+    video: Optional[str] = None  # video file -> the whole video (video-to-audio)
+    audio: Optional[str] = None  # audio (or video with sound) file -> the whole audio (audio-to-video)
+    extend: Optional[str] = None  # video with sound -> the first extend_seconds of both
+    extend_seconds: Optional[float] = None  # null = half of the clip
+    given_uncond: str = "keep"  # CFG's unconditional half at given frames: keep (clean) | zeros (UniVerse-1)
 
 
 @dataclass
@@ -248,7 +259,7 @@ def load_recipe(path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig
 RECIPE_RELATIVE_KEYS = tuple(f"experts.{side}.{key}" for side in ("a", "b") for key in ("path", "codec_path", "text_encoder_path"))
 
 
-LITERAL_KEYS = ("sample.prompt",)  # free text: taken as typed, never parsed as YAML or interpolated
+LITERAL_KEYS = ("sample.prompt", "sample.negative_prompt")  # free text: taken as typed, never parsed as YAML or interpolated
 
 
 def literal(text: str) -> str:
@@ -368,6 +379,7 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
     _choice(cfg.flow.balance, ("none", "ema"), "flow.balance")
     if not 0 < cfg.flow.balance_momentum < 1:
         raise RecipeError(f"flow.balance_momentum: expected a value in (0, 1), got {cfg.flow.balance_momentum}")
+    _validate_tasks(cfg)
     d = cfg.data
     _choice(d.kind, ("synthetic", "latents"), "data.kind")
     if d.kind == "latents":
@@ -408,6 +420,10 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
     s = cfg.sample
     _choice(s.scheduler, ("unipc", "euler"), "sample.scheduler")
     _choice(s.decode, ("codec", "synthetic_preview"), "sample.decode")
+    _choice(s.given_uncond, ("keep", "zeros"), "sample.given_uncond")
+    given = [k for k in ("image", "video", "audio", "extend") if s[k] is not None]
+    if len(given) > 1:
+        raise RecipeError(f"sample.{given[1]}: give one conditioning input at a time, got {' and '.join(k + '=' for k in given)}")
     for k in ("steps", "num_samples"):
         if s[k] < 1:
             raise RecipeError(f"sample.{k}: expected a positive integer, got {s[k]}")
@@ -432,7 +448,7 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
             if p.exists() and not p.is_dir():
                 raise RecipeError(f"sample.out: '{p}' is a file, expected a folder for the samples ('{s.out}')")
     if check_paths:
-        for key in ("ckpt", "conditions"):
+        for key in ("ckpt", "conditions", "image", "video", "audio", "extend"):
             if s[key] is not None and not Path(s[key]).exists():
                 raise RecipeError(f"sample.{key}: not found: '{s[key]}'")
         for side in ("a", "b"):
@@ -440,6 +456,34 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
                 p = cfg.experts[side][key]
                 if p is not None and not Path(p).is_dir():
                     raise RecipeError(f"experts.{side}.{key}: folder not found: '{p}'")
+
+
+def _validate_tasks(cfg: DictConfig) -> None:
+    """``flow.tasks`` names tasks the experts' modalities can serve, with weights >= 0 summing to > 0."""
+    from soe.conditioning import TaskError, check_task
+    from soe.registry import get_expert
+
+    modalities = {side: get_expert(cfg.experts[side].name).modality for side in ("a", "b")}
+    tasks = cfg.flow.tasks or {"joint": 1.0}
+    for name, weight in tasks.items():
+        try:
+            check_task(name, modalities)
+        except TaskError as err:
+            raise RecipeError(str(err)) from None
+        if not weight >= 0:
+            raise RecipeError(f"flow.tasks.{name}: expected a weight >= 0, got {weight}")
+    if not sum(tasks.values()) > 0:
+        raise RecipeError("flow.tasks: the weights sum to 0; give at least one task a positive weight")
+    for key, task in (("image", "image"), ("video", "v2a"), ("audio", "a2v"), ("extend", "extend")):
+        if cfg.sample[key] is not None:
+            try:
+                check_task(task, modalities, key=f"sample.{key}")
+            except TaskError as err:
+                raise RecipeError(f"{err} (sample.{key} asks for task '{task}')") from None
+    for key in ("flow", "sample"):
+        v = cfg[key].extend_seconds
+        if v is not None and not v > 0:
+            raise RecipeError(f"{key}.extend_seconds: expected a positive number of seconds, got {v}")
 
 
 def _validate_fusion(s, blocks) -> tuple[int, int]:

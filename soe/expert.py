@@ -94,7 +94,8 @@ class Expert(nn.Module):
     """Base of every expert plugin. Subclasses wrap one model as ``self.model``.
 
     Batches are dicts. Every expert reads the noisy latent from ``batch["latents"]`` and the flow
-    time ``batch["timestep"]`` as sigma in [0, 1] (shape ``(B,)``); the plugin converts sigma to its
+    time ``batch["timestep"]`` as sigma in [0, 1] (shape ``(B,)``, or ``(B, T)`` per latent frame when
+    ``frame_timesteps``); the plugin converts sigma to its
     model's own timestep convention. Conditioning keys are the plugin's own (see ``dummy_batch``).
     """
 
@@ -117,6 +118,9 @@ class Expert(nn.Module):
     # Space of the training loss: "velocity" (plain MSE on eps - x0, Wan) or "x0" (MSE on
     # x0_pred = x_t - sigma * v, a sigma^2-weighted velocity loss, ACE-Step v1).
     flow_loss: ClassVar[str] = "velocity"
+    # True when ``batch["timestep"]`` may also be ``(B, T)``: one sigma per latent frame (per-token
+    # timesteps). Conditioning (soe/conditioning.py) then gives clean frames timestep 0.
+    frame_timesteps: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         super().__init__()

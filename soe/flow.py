@@ -12,6 +12,7 @@ import hashlib
 import torch
 from torch import nn
 
+from soe.conditioning import TaskMixture, expand_mask, frame_timestep
 from soe.expert import Batch, Expert
 
 
@@ -47,11 +48,15 @@ class FlowObjective(nn.Module):
     separate generator stream per modality derived from (seed, modality, step, rank), so audio and
     video noise are never correlated, whatever their shapes. ``balance="ema"`` divides each
     modality's loss by a running mean of itself so neither scale drowns the other.
+
+    ``tasks`` (soe/conditioning.py): a task per sample (v2a, a2v, image, extend, ...) whose given
+    latent frames stay clean in ``x_t`` (timestep 0 where the expert takes one per frame) and carry
+    no loss. ``None`` or ``{joint: 1.0}`` leaves every step exactly as without it.
     """
 
     def __init__(self, experts: dict[str, Expert], timesteps: str = "shared", density: str = "logit_normal",
                  shifts: dict[str, float] | None = None, weights: dict[str, float] | None = None,
-                 balance: str = "none", momentum: float = 0.99, seed: int = 0):
+                 balance: str = "none", momentum: float = 0.99, seed: int = 0, tasks: TaskMixture | None = None):
         super().__init__()
         if timesteps not in ("shared", "independent"):
             raise ValueError(f"flow.timesteps: expected 'shared' or 'independent', got {timesteps!r}")
@@ -63,6 +68,8 @@ class FlowObjective(nn.Module):
         self.shifts = {k: float((shifts or {}).get(k) or e.flow_shift) for k, e in experts.items()}
         self.weights = {k: float((weights or {}).get(k, 1.0)) for k in experts}
         self.timesteps, self.density, self.balance, self.momentum, self.seed = timesteps, density, balance, momentum, seed
+        self.tasks = None if tasks is None or tasks.trivial else tasks
+        self._experts = experts  # plain dict: not registered as submodules (they belong to the stitcher)
         # running loss means live in buffers so they are checkpointed and resume exactly
         self.register_buffer("loss_ema", torch.zeros(len(self.sides)))
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
@@ -88,22 +95,36 @@ class FlowObjective(nn.Module):
         """Model inputs (``latents`` = x_t, ``timestep`` = sigma) and what the loss needs, per side."""
         bsz = next(iter(clean.values()))["latents"].shape[0]
         sig = self.sigmas(bsz, step, rank)
+        given = None
+        if self.tasks is not None:  # drawn from (seed, step, rank) only: resume-exact
+            given = self.tasks.masks(self.tasks.draw(bsz, step, rank), {k: clean[k]["latents"] for k in self.sides})
         inputs, targets = {}, {}
         for k in self.sides:
             x0 = clean[k]["latents"]
             eps = self.noise(k, x0, step, rank)
             s = sig[k].to(x0.device, x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
             x_t = (1 - s) * x0 + s * eps
-            inputs[k] = {**clean[k], "latents": x_t, "timestep": sig[k].to(x0.device, x0.dtype)}
+            timestep = sig[k].to(x0.device, x0.dtype)
             targets[k] = {"x0": x0, "eps": eps, "x_t": x_t, "sigma": s}
+            if given is not None:
+                m = expand_mask(given[k], x0, self.tasks.time_axis[k])  # True on given frames
+                x_t = torch.where(m, x0, x_t)  # given frames stay clean on every call
+                timestep = frame_timestep(self._experts[k], timestep, given[k])
+                targets[k].update(x_t=x_t, loss_mask=(~m).expand_as(x0), task_given=given[k])
+            inputs[k] = {**clean[k], "latents": x_t, "timestep": timestep}
         return inputs, targets
 
     def modality_loss(self, side: str, pred: torch.Tensor, target: dict) -> torch.Tensor:
         pred = pred.float()
         if self.loss_space[side] == "x0":
-            x0_pred = target["x_t"].float() - target["sigma"].float() * pred
-            return torch.mean((x0_pred - target["x0"].float()) ** 2)
-        return torch.mean((pred - (target["eps"].float() - target["x0"].float())) ** 2)
+            err = (target["x_t"].float() - target["sigma"].float() * pred - target["x0"].float()) ** 2
+        else:
+            err = (pred - (target["eps"].float() - target["x0"].float())) ** 2
+        keep = target.get("loss_mask")
+        if keep is None:
+            return torch.mean(err)
+        # mean over the positions that are not given; a side given everywhere contributes 0 (and no gradient)
+        return (err * keep).sum() / keep.sum().clamp(min=1)
 
     def forward(self, preds: dict[str, torch.Tensor], targets: dict[str, dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and the per-modality losses (unweighted, for logging)."""
@@ -114,7 +135,11 @@ class FlowObjective(nn.Module):
         if self.training:
             with torch.no_grad():
                 first = self.ema_steps == 0
-                self.loss_ema.copy_(torch.where(first, current, self.momentum * self.loss_ema + (1 - self.momentum) * current))
+                if self.tasks is not None:  # a side given everywhere this step has no loss: its mean waits
+                    present = torch.tensor([bool(targets[k]["loss_mask"].any()) for k in self.sides], device=current.device)
+                    first = self.loss_ema == 0  # per side: no loss seen yet
+                new = torch.where(first, current, self.momentum * self.loss_ema + (1 - self.momentum) * current)
+                self.loss_ema.copy_(new if self.tasks is None else torch.where(present, new, self.loss_ema))
                 self.ema_steps += 1
         scale = self.loss_ema.clamp(min=1e-8) if self.ema_steps > 0 else current.clamp(min=1e-8)
         total = sum(self.weights[k] * losses[k] / scale[n] for n, k in enumerate(self.sides))

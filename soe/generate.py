@@ -108,7 +108,7 @@ def sheet_title(prompt: str, step: int | None, checkpoint) -> str:
 
 @torch.no_grad()
 def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offset: int = 0, progress=None,
-                   write: bool = True, title: str | None = None) -> list[Path]:
+                   write: bool = True, title: str | None = None, given=None) -> list[Path]:
     """Sample, decode through each expert's codec, write ``sample_NN.mp4`` + ``sample_NN.png`` + latents.
 
     ``title`` heads each contact sheet (default: the prompt). Under a sharded strategy every rank
@@ -125,17 +125,23 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
         conditions, negative = text_conditions(stitcher, cfg, prompt, n, cfg.sample.negative_prompt)
     else:
         conditions = prompt_conditions(stitcher, cfg, prompt, n, seconds)
+    codecs = codecs or load_codecs(stitcher, cfg)
+    if given is None:
+        given = given_inputs(stitcher, cfg, codecs, n, seconds)  # image= | video= | audio= | extend=, or None
     was_training = stitcher.training
     stitcher.eval()
     try:
         latents = sample_stitched(stitcher, conditions, seconds, sampling_settings(cfg, seed_offset), progress=progress,
-                                  negative=negative)
+                                  negative=negative, given=given.latents if given else None)
     finally:
         stitcher.train(was_training)
-    codecs = codecs or load_codecs(stitcher, cfg)
     video = codecs[v_side].decode(latents[v_side].to(_device_of(codecs[v_side])))  # (B, 3, F, H, W)
     audio = codecs[a_side].decode(latents[a_side])  # (B, C, N)
     fps, sr = codecs[v_side].rate, int(codecs[a_side].rate)
+    if given is not None:  # the given stretch of each track is the input itself
+        from soe.given_media import paste_given_media
+
+        video, audio = paste_given_media(given, video, audio, fps, sr)
     if not write:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +149,8 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     for i in range(n):
         mp4 = write_mp4(out_dir / f"sample_{i:02d}.mp4", video[i], fps, audio[i], sr)
         png = contact_sheet(out_dir / f"sample_{i:02d}.png", video[i], fps, audio[i], sr,
-                            title=f"{title or repr(prompt)}  ·  sample {i}" if n > 1 else title or repr(prompt))
+                            title=f"{title or repr(prompt)}  ·  sample {i}" if n > 1 else title or repr(prompt),
+                            given=given.seconds if given else None)
         written += [mp4, png]
     save_file({f"{side}/latents": latents[side].float().cpu().contiguous() for side in latents}, out_dir / "latents.safetensors")
     return written
@@ -156,12 +163,20 @@ def check_sampling(stitcher, cfg) -> dict:
     if cfg.sample.conditions is not None:
         file_conditions(stitcher, cfg.sample.conditions, cfg.sample.num_samples)
     elif not all(cfg.experts[side].text_encoder_path for side in ("a", "b")):
-        for side in ("a", "b"):
-            if cfg.experts[side].path is not None:
-                raise RecipeError(f"sample.conditions: expert {side} ('{getattr(stitcher, side).name}') has real weights; "
-                                  "give precomputed conditioning (sample.conditions=FILE.safetensors) or both "
-                                  "experts' text_encoder_path")
+        prompt_conditions(stitcher, cfg, cfg.sample.prompt, 1, cfg.sample.seconds or cfg.data.seconds)  # same rule as sampling
     return load_codecs(stitcher, cfg)
+
+
+def given_inputs(stitcher, cfg, codecs: dict, n: int, seconds: float):
+    """The recipe's conditioning file encoded by each expert's own codec (soe/given_media.py), or None."""
+    from soe.given_media import load_given, requested
+
+    if requested(cfg) is None:
+        return None
+    if cfg.sample.decode != "codec":  # previews decode only: encode with the experts' codecs
+        codecs = {side: getattr(stitcher, side).codec(cfg.experts[side].codec_path).to(getattr(stitcher, side).device)
+                  for side in ("a", "b")}
+    return load_given(stitcher, cfg, codecs, n, seconds)
 
 
 def _device_of(module) -> torch.device:
@@ -256,10 +271,11 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
         err_console.print("note: sample.decode=synthetic_preview applies to synthetic data only; decoding through the experts' codecs")
     speed = apply_speed(stitcher, speed_spec(cfg.sample), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
     codecs = speed.prepare_codecs(load_codecs(stitcher, cfg))
+    given = given_inputs(stitcher, cfg, codecs, cfg.sample.num_samples, cfg.sample.seconds or cfg.data.seconds)  # before any folder is made
     out = new_output_folder(cfg)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=cfg.sample.steps)
-        files = render_samples(stitcher, cfg, out, codecs=codecs, progress=lambda i, total: bar.update(task, completed=i),
+        files = render_samples(stitcher, cfg, out, codecs=codecs, given=given, progress=lambda i, total: bar.update(task, completed=i),
                                title=sheet_title(cfg.sample.prompt, step, trained))
     for f in files:
         console.print(f"wrote [bold]{f}[/]", highlight=False)

@@ -87,12 +87,15 @@ def write_mp4(path, video: torch.Tensor, fps: float, audio: torch.Tensor | None 
 
 
 def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sample_rate: int, columns: int = 8,
-                  title: str | None = None) -> Path:
+                  title: str | None = None, given: dict[str, float] | None = None) -> Path:
     """Frames over time above the waveform and spectrogram, all on one time axis (judge sync at a glance);
-    ``title`` (e.g. prompt, step, checkpoint) heads the sheet."""
+    ``title`` (e.g. prompt, step, checkpoint) heads the sheet. ``given``: modality -> seconds from the
+    start that were given, not generated (conditioning); those frames get a red border and that
+    stretch of the audio panels a red band."""
     from soe.extras import require
 
     require("matplotlib", "contact sheets (PNG)")
+    given = given or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,8 +110,11 @@ def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sa
     for n, idx in enumerate(picks):
         ax = fig.add_subplot(grid[0, n])
         ax.imshow(frames[idx])
-        ax.set_title(f"{idx / fps:.2f}s", fontsize=8)
-        ax.axis("off")
+        ax.set_title(f"{idx / fps:.2f}s" + (" given" if idx / fps < given.get("video", 0) else ""), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():  # a red frame around given frames, no frame otherwise
+            spine.set(visible=idx / fps < given.get("video", 0), color="red", linewidth=3)
     t = np.arange(len(wave)) / sample_rate
     ax_w = fig.add_subplot(grid[1, :])
     ax_w.plot(t, wave, lw=0.5)
@@ -123,6 +129,10 @@ def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sa
     image.set_clim(top - 60, top)  # 60 dB of range: silence is black, not the colour of rounding noise
     ax_s.set_xlabel("seconds")
     ax_s.set_ylabel("Hz")
+    if given.get("audio"):
+        for ax in (ax_w, ax_s):
+            ax.axvspan(0, min(given["audio"], seconds), color="red", alpha=0.15, lw=0)
+        ax_w.set_title("audio: red = given", fontsize=8, loc="left")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

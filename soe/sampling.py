@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+from soe.conditioning import GivenLatents
 from soe.expert import Batch, Expert
 from soe.flow import generator_for
 from soe.speed import reset_step_caches
@@ -52,14 +53,18 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> tor
 
 @torch.no_grad()
 def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: float, settings: SamplingSettings,
-           predict=None, progress=None, negative: dict[str, Batch] | None = None) -> dict[str, torch.Tensor]:
+           predict=None, progress=None, negative: dict[str, Batch] | None = None,
+           given: dict[str, GivenLatents] | None = None) -> dict[str, torch.Tensor]:
     """Clean latents per side, integrated jointly from noise.
 
     ``predict(inputs: dict[side, batch], source_mask) -> dict[side, velocity]`` runs the model(s):
     a Stitcher for joint sampling, or each expert alone (``predict=None``) for the reference.
     ``conditions[side]`` holds the conditioning of ``B`` samples (batch axis first); ``negative[side]``
     (optional) the encoded negative prompt for experts whose null branch uses one.
+    ``given[side]`` (soe/conditioning.py): latent frames given clean, pasted into the input of every
+    call and into the result; a fully given side is not integrated, it only feeds the connectors.
     """
+    given = given or {}
     sides = list(experts)
     reset_step_caches(experts.values())  # a step cache must not carry residuals over from the last run
     bsz = next(iter(conditions[sides[0]].values())).shape[0]
@@ -68,6 +73,8 @@ def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: fl
         e = experts[k]
         g = generator_for(settings.seed, "sample-noise", f"{k}:{e.modality}")  # independent noise per modality
         lat[k] = torch.randn(e.latent_shape(bsz, seconds), generator=g).to(e.device, torch.float32)
+        if k in given:
+            lat[k] = given[k].paste(lat[k])
     scheds = {}
     for k in sides:
         shift = settings.shifts.get(k) or experts[k].flow_shift
@@ -80,17 +87,23 @@ def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: fl
         inputs = {}
         for k in sides:
             sigma = scheds[k].sigmas[i].to(lat[k].device)
-            cond_batch = {**conditions[k], "latents": lat[k].to(experts[k].dtype), "timestep": sigma.expand(bsz).to(experts[k].dtype)}
-            inputs[k] = _cat([cond_batch, {**uncond[k], "latents": cond_batch["latents"], "timestep": cond_batch["timestep"]}]) if use_cfg else cond_batch
+            x, t = lat[k], sigma.expand(bsz)
+            if k in given:  # given frames clean on every call (timestep 0 where the expert takes one per frame)
+                x, t = given[k].paste(x), given[k].timestep(experts[k], t)
+            cond_batch = {**conditions[k], "latents": x.to(experts[k].dtype), "timestep": t.to(experts[k].dtype)}
+            x_u = given[k].uncond_latents(cond_batch["latents"]) if k in given else cond_batch["latents"]
+            inputs[k] = _cat([cond_batch, {**uncond[k], "latents": x_u, "timestep": cond_batch["timestep"]}]) if use_cfg else cond_batch
         mask = torch.cat([torch.ones(bsz), torch.zeros(bsz)]).to(lat[sides[0]].device) if use_cfg else None
         preds = predict(inputs, mask)
         for k in sides:
+            if k in given and given[k].full:
+                continue  # a given modality is not denoised
             v = preds[k].float()
             c, u = (v[:bsz], v[bsz:]) if use_cfg else (v, None)
             lat[k] = scheds[k].step(guided(c, u, settings.guidance.get(k, 1.0)), scheds[k].timesteps[i], lat[k]).prev_sample
         if progress is not None:
             progress(i + 1, settings.steps)
-    return lat
+    return {k: given[k].paste(lat[k]) if k in given else lat[k] for k in sides}
 
 
 def _experts_alone(experts):
@@ -109,5 +122,6 @@ def stitched_predictor(stitcher):
 
 
 def sample_stitched(stitcher, conditions: dict[str, Batch], seconds: float, settings: SamplingSettings, progress=None,
-                    negative: dict[str, Batch] | None = None):
-    return sample({"a": stitcher.a, "b": stitcher.b}, conditions, seconds, settings, stitched_predictor(stitcher), progress, negative)
+                    negative: dict[str, Batch] | None = None, given: dict[str, GivenLatents] | None = None):
+    return sample({"a": stitcher.a, "b": stitcher.b}, conditions, seconds, settings, stitched_predictor(stitcher), progress,
+                  negative=negative, given=given)

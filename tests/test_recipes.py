@@ -73,6 +73,13 @@ BAD_OVERRIDES = [
     (["trainer.colour=red"], "trainer.colour: Key 'colour' not in 'TrainerConfig'"),
     (["nonsense"], "override 'nonsense': expected key=value"),
     (["resume=true", "run_dir=/tmp/soe-no-such-run-dir"], "resume: no checkpoint to resume from"),
+    (["flow.tasks={i2v: 1.0}"], "flow.tasks.i2v: unknown task; expected one of"),
+    (["flow.tasks={joint: -1.0}"], "flow.tasks.joint: expected a weight >= 0"),
+    (["flow.tasks={joint: 0.0}"], "flow.tasks: the weights sum to 0"),
+    (["flow.tasks={joint: often}"], "flow.tasks.joint: Value 'often'"),
+    (["flow.tasks={v2a: 1.0}", "experts.a.name=ace-step-1.5"], "flow.tasks.v2a: needs a video expert"),
+    (["flow.extend_seconds=-1"], "flow.extend_seconds: expected a positive number of seconds"),
+    (["sample.given_uncond=half"], "sample.given_uncond: expected one of"),
 ]
 
 

@@ -1,6 +1,7 @@
-"""The sync experiment's --quick mode runs end to end and computes its metrics (no value asserted)."""
+"""The sync experiment's --quick mode runs end to end in every mode and its report collects it (no value asserted)."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,17 +9,43 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "sync_experiment.py"
 
 
-@pytest.mark.slow
-def test_sync_experiment_quick_runs_and_scores(tmp_path):
+def load():
     spec = importlib.util.spec_from_file_location("sync_experiment", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_sync_experiment_quick_runs_every_mode_and_reports(tmp_path):
+    module = load()
     result = module.main(["--quick", "--out", str(tmp_path)])
-    assert set(result["sync"]) == {"ground truth", "independent experts", "stitched"}
-    assert all(0.0 <= s <= 1.0 for s in result["sync"].values())
-    assert set(result["frechet"]) == {"independent experts", "stitched"}
-    assert all(v >= 0 for f in result["frechet"].values() for v in f.values())
+    scores = result["scores"]
+    assert set(scores) == {"ground truth", "independent", "joint", "v2a", "a2v", "image"}
+    assert all(0.0 <= s["sync"] <= 1.0 for s in scores.values())
+    # a given modality is the truth: no Frechet distance for it; every generated one has one
+    assert scores["v2a"]["frechet_video"] is None and scores["a2v"]["frechet_audio"] is None
+    assert all(v >= 0 for s in scores.values() for v in (s["frechet_video"], s["frechet_audio"]) if v is not None)
+    assert [p["step"] for p in result["curve"]] == [0, 6]  # step 0 (experts alone) and the checkpoint
     assert json.loads((tmp_path / "sync_results.json").read_text())["size"] == "quick"
-    # both experts were saved in their official formats and reloaded from there
-    assert (tmp_path / "video_expert" / "transformer" / "config.json").is_file()
+    assert (tmp_path / "video_expert" / "transformer" / "config.json").is_file()  # official formats, reloaded from there
     assert (tmp_path / "audio_expert" / "transformer" / "config.json").is_file()
+    assert (tmp_path / "stitch" / "previews" / "v2a_00.png").is_file()
+    # scoring the run folder afterwards (its last checkpoint) gives the same numbers as scoring in the run
+    again = module.main(["--eval-run", str(tmp_path / "stitch"), "--size", "quick", "--out", str(tmp_path)])
+    assert again["stitch_steps"] == 6
+    assert all(again["scores"][m]["sync"] == pytest.approx(scores[m]["sync"]) for m in scores)
+    results = module.main(["--out", str(tmp_path), "--report", str(tmp_path / "report")])
+    assert set(results) == {"base"}
+    assert "| base |" in (tmp_path / "report" / "sync_table.md").read_text()
+    assert (tmp_path / "report" / "sync_vs_steps_base.png").is_file()
+
+
+def test_every_ablation_is_a_valid_recipe_change():
+    from soe.config import load_recipe, validate_recipe
+
+    module = load()
+    for name, overrides in module.ABLATIONS.items():
+        cfg = load_recipe(module.ROOT / "recipes" / "sync_stitch.yaml", ["experts.a.path=null", "experts.b.path=null", *overrides])
+        validate_recipe(cfg, check_paths=False)
+    sys.modules.pop("sync_eval", None)

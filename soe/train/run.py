@@ -16,6 +16,7 @@ from soe.console import console_kwargs, make_console
 from soe.config import RecipeError, load_recipe, to_container, validate_recipe
 from soe.errors import one_line
 from soe.extras import has as has_extra, missing_message
+from soe.conditioning import TaskMixture
 from soe.flow import FlowObjective
 from soe.lora import apply_training_setup
 from soe.train.storage import apply_storage_dtypes
@@ -32,6 +33,7 @@ from soe.train.run_folder import RunLock, check_recipe_changes
 
 def build_objective(cfg, stitcher) -> FlowObjective:
     experts = {"a": stitcher.a, "b": stitcher.b}
+    tasks = TaskMixture(dict(to_container(cfg.flow.tasks)) or {"joint": 1.0}, experts, seed=cfg.seed, extend_seconds=cfg.flow.extend_seconds)
     return FlowObjective(
         experts,
         timesteps=cfg.flow.timesteps,
@@ -41,6 +43,7 @@ def build_objective(cfg, stitcher) -> FlowObjective:
         balance=cfg.flow.balance,
         momentum=cfg.flow.balance_momentum,
         seed=cfg.seed,
+        tasks=tasks,
     )
 
 
