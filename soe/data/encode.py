@@ -8,6 +8,7 @@ Unusable clips are skipped and listed in the report with the reason; a killed ru
 """
 from __future__ import annotations
 
+import shutil
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -193,7 +194,18 @@ def encode_folder(cfg, src, out, settings: EncodeSettings | None = None, workers
     settings = settings or EncodeSettings()
     console = console or Console()
     t0 = time.perf_counter()
+    fresh = not Path(out).exists()
     lock = lock_part(out, *shard)  # before any model is loaded: a second process on this shard stops at once
+    try:
+        return _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, annotator, shard, lock, t0)
+    except BaseException:
+        lock.close()
+        if fresh and not any(p.suffix != ".lock" for p in Path(out).rglob("*") if p.is_file()):
+            shutil.rmtree(out, ignore_errors=True)  # a failed first start leaves no cache folder behind
+        raise
+
+
+def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, annotator, shard, lock, t0) -> EncodeReport:
     experts = {side: _build_expert(cfg, side) for side in ("a", "b")}
     v, a = media_sides(experts)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device)
