@@ -264,19 +264,26 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
         except FileNotFoundError as err:
             raise RecipeError(f"sample.ckpt: {err}") from None
         console.print(f"loaded [bold]{trained}[/] ({'step ' + str(step) if step is not None else 'step not recorded'})", highlight=False)
-    else:
+    speed = apply_speed(stitcher, speed_spec(cfg.sample), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
+    codecs = speed.prepare_codecs(check_sampling(stitcher, cfg))  # bad conditioning fails here, before any folder is made
+    given = given_inputs(stitcher, cfg, codecs, cfg.sample.num_samples, cfg.sample.seconds or cfg.data.seconds)
+    if cfg.sample.ckpt is None:
         err_console.print("[bold yellow]warning: no ckpt= given: sampling UNTRAINED connectors[/] (the experts as if never "
                           "stitched); pass ckpt=RUN_DIR of a `soe stitch` run", highlight=False)
     if cfg.sample.decode == "synthetic_preview" and not uses_synthetic_preview(cfg):
         err_console.print("note: sample.decode=synthetic_preview applies to synthetic data only; decoding through the experts' codecs")
-    speed = apply_speed(stitcher, speed_spec(cfg.sample), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
-    codecs = speed.prepare_codecs(load_codecs(stitcher, cfg))
-    given = given_inputs(stitcher, cfg, codecs, cfg.sample.num_samples, cfg.sample.seconds or cfg.data.seconds)  # before any folder is made
+    existed = cfg.sample.out is not None and Path(cfg.sample.out).exists()
     out = new_output_folder(cfg)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("sampling", total=cfg.sample.steps)
-        files = render_samples(stitcher, cfg, out, codecs=codecs, given=given, progress=lambda i, total: bar.update(task, completed=i),
-                               title=sheet_title(cfg.sample.prompt, step, trained))
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("sampling", total=cfg.sample.steps)
+            files = render_samples(stitcher, cfg, out, codecs=codecs, given=given,
+                                   progress=lambda i, total: bar.update(task, completed=i),
+                                   title=sheet_title(cfg.sample.prompt, step, trained))
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failure before any sample was written (e.g. a text encoder that does not fit) leaves nothing
+        raise
     for f in files:
         console.print(f"wrote [bold]{f}[/]", highlight=False)
     return files

@@ -237,8 +237,10 @@ def one_step_run(tmp_path_factory):
 
 RESUME_CASES = {
     "truncated-last-ckpt": (lambda r: CORRUPTIONS["truncated"](r / "checkpoints" / "last.ckpt"), [], "cannot be read safely"),
-    "other-trainable-set": (lambda r: None, ["experts.b.train=frozen"], "does not match this recipe's trainable tensors"),
-    "other-lora-rank": (lambda r: None, ["experts.a.lora.r=8"], "has shape"),
+    # recipe changes accepted with --allow-changes: the checkpoint itself must still be refused
+    "other-trainable-set": (lambda r: None, ["experts.b.train=frozen", "--allow-changes", "experts.b.train"],
+                            "does not match this recipe's trainable tensors"),
+    "other-lora-rank": (lambda r: None, ["experts.a.lora.r=8", "--allow-changes", "experts.a.lora.r"], "has shape"),
     "no-last-ckpt": (lambda r: (r / "checkpoints" / "last.ckpt").unlink(), [], "resume: no checkpoint to resume from"),
 }
 
@@ -421,7 +423,7 @@ BATCH_CASES = {
     "missing-condition": (lambda a, b: a.pop("encoder_hidden_states"), "batch_a: missing ['encoder_hidden_states']"),
     "timestep-per-token": (lambda a, b: a.update(timestep=torch.rand(2, 5)), "batch_a['timestep']: expected shape (2,), one flow time per sample"),
     "height-not-multiple-of-patch": (lambda a, b: a.update(latents=a["latents"][..., :5, :]),
-                                     "batch_a['latents']: shape [2, 4, 6, 5, 8], axis 3 must be a multiple of 2 (the patch size of expert 'wan2.1')"),
+                                     "batch_a['latents']: shape [2, 4, 7, 5, 8], axis 3 must be a multiple of 2 (the patch size of expert 'wan2.1')"),
     "integer-latents": (lambda a, b: b.update(latents=b["latents"].long()), "batch_b['latents']: expected a floating-point tensor"),
 }
 

@@ -5,6 +5,8 @@ fp8 storage is bounded (3 mantissa bits: ~6% per weight, a few % on outputs of t
 the step cache is exact when it never skips (threshold 0) and, when it skips, equals the cached
 residual rule it promises.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -190,4 +192,4 @@ def test_bad_speed_keys_name_the_key(tmp_path, key, value, match):
     from soe.config import RecipeError, load_recipe, validate_recipe
 
     with pytest.raises(RecipeError, match=match):
-        validate_recipe(load_recipe("recipes/demo.yaml", [f"{key}={value}", f"run_dir={tmp_path}"]))
+        validate_recipe(load_recipe(str(Path(__file__).parent / "recipes" / "tiny.yaml"), [f"{key}={value}", f"run_dir={tmp_path}"]))

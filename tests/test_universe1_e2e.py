@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from soe import get_expert
 from soe.cli import main
-from soe.train.latent_cache import load_clips, read_index
+from soe.data.stream_read import load_cache
 from test_encode import WORDS, make_clip, tiny_umt5_folder
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "universe1.yaml")
@@ -86,8 +86,7 @@ def test_clips_to_mp4_through_official_layout_folders(setup, capsys):
 
     root, clips, overrides = setup
     assert main(["encode", RECIPE, str(clips), *overrides]) == 0
-    _, rows = read_index(root / "cache")
-    clips_cached = load_clips(root / "cache", rows)
+    _, _, clips_cached = load_cache(root / "cache")  # every window of the streamed cache, in index order
     assert len(clips_cached) == 3  # two one-second windows of a.mp4, one of b.mp4
     for clip in clips_cached:  # the same window: as many audio latents as video latent frames (1 s = 25 frames = 1 + 4 * 6)
         assert clip["a"]["latents"].shape[1] == clip["b"]["latents"].shape[-1] == 7

@@ -252,11 +252,16 @@ class ExportTrained(Callback):
         if self._pending is not None:
             stitcher, tensors, step = self._pending
             write_trained(stitcher, self.folder, self.train_modes, tensors, step)
+            self._pending = None
 
     def on_train_end(self, trainer, pl_module):
         if trainer.checkpoint_callback is None:  # otherwise the final checkpoint exported it
             export_trained(pl_module.stitcher, self.folder, self.train_modes, write=trainer.is_global_zero,
                            step=trainer.global_step)
+        elif trainer.is_global_zero and self._pending is not None:
+            # strategies that save without the CheckpointIO plugin (FSDP2's distributed checkpoints) never call
+            # after_save: the gathered tensors of the last checkpoint are written now (no collective needed)
+            self._write_pending(None)
 
 
 class RunCheckpoint(ModelCheckpoint):
