@@ -12,34 +12,12 @@ import numpy as np
 import torch
 
 from soe.conditioning import given_for_task
-from soe.metrics import audio_onsets, av_align, frechet_distance, video_motion_events
+from soe.metrics import av_align, frechet_distance
 from soe.sampling import sample, sample_stitched
-from soe.train.synthetic import audio_envelope_from_latent, video_height_from_latent
+from soe.train.sync_eval import events, features  # the demo's readouts: one definition of events and features
 
 MODES = ("independent", "joint", "v2a", "a2v", "image")
 GIVEN = {"v2a": ("video",), "a2v": ("audio",)}  # modalities a mode copies from the truth (no Frechet for them)
-
-
-def events(latents: dict, experts: dict, seconds: float) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(audio onset times, video impact times) per clip, from clean latents (a = video, b = audio)."""
-    out = []
-    for v, a in zip(latents["a"], latents["b"]):
-        height = video_height_from_latent(v).numpy()
-        env = audio_envelope_from_latent(a, experts["b"].latent_time_axis - 1).numpy()
-        out.append((audio_onsets(env, len(env) / seconds), video_motion_events(height, len(height) / seconds)))
-    return out
-
-
-def features(latents: dict, experts: dict, seconds: float) -> dict[str, np.ndarray]:
-    """Simple per-clip features per modality (for the Frechet distance)."""
-    feats = {"video": [], "audio": []}
-    for v, a in zip(latents["a"], latents["b"]):
-        h = video_height_from_latent(v).numpy()
-        env = audio_envelope_from_latent(a, experts["b"].latent_time_axis - 1).numpy()
-        nv, na = len(video_motion_events(h, len(h) / seconds)), len(audio_onsets(env, len(env) / seconds))
-        feats["video"].append([h.mean(), h.std(), np.abs(np.diff(h)).mean(), nv, v.float().mean().item(), v.float().std().item()])
-        feats["audio"].append([env.mean(), env.std(), np.abs(np.diff(env)).mean(), na, a.float().mean().item(), a.float().std().item()])
-    return {k: np.array(x) for k, x in feats.items()}
 
 
 def sync_score(latents: dict, experts: dict, seconds: float, tolerance: float) -> float:
