@@ -55,9 +55,7 @@ def measure(size: str, device, dtype, batch_size: int, reps: int, checkpointing:
 
     def with_hooks(st, fn):
         def run():
-            if st.direction != "both":
-                st._install_hooks()
-            st._stitched = True
+            st.restitch()
             try:
                 fn()
             finally:

@@ -91,7 +91,7 @@ class KVTargetConfig:  # one attention module of the host block that receives ex
 
 @dataclass
 class InjectConfig:
-    mode: str = "add"  # add | attention_kv (soe/inject.py)
+    mode: str = "add"  # add | attention_kv (soe/attention_kv.py)
     tap: Optional[str] = None  # tap point declared by the source plugin; null = block output
     targets: List[KVTargetConfig] = field(default_factory=list)
 

@@ -81,17 +81,12 @@ class ExpandedStack(nn.Module):
                 k = len(self.order)
                 self.inserted[f"{k:02d}"] = interpolated_block(blocks[i], blocks[i + 1] if i + 1 < n else None)
                 self.order.append((True, k))
-        self.after = after
 
     def __len__(self) -> int:
         return len(self.order)
 
     def is_inserted(self, k: int) -> bool:
         return self.order[k][0]
-
-    def original_index(self, k: int) -> int | None:
-        inserted, i = self.order[k]
-        return None if inserted else i
 
     def module(self, expert, k: int) -> nn.Module:
         inserted, i = self.order[k]

@@ -103,7 +103,7 @@ class Expert(nn.Module):
     modality: ClassVar[str] = ""
     source: ClassVar[str] = ""  # where the model code comes from, e.g. "diffusers.WanTransformer3DModel"
     lora_targets: ClassVar[tuple[str, ...]] = ()  # regexes over module names of ``self.model``
-    # Points inside a block a connector may read (soe/inject.py): name -> (module path in the block,
+    # Points inside a block a connector may read (soe/lockstep.py): name -> (module path in the block,
     # "input" | "output"), e.g. {"after_self_attn": ("cross_attn", "input")}.
     tap_points: ClassVar[dict[str, tuple[str, str]]] = {}
     presets: ClassVar[dict[str, dict]] = {}  # real-size configs by name, plus "tiny"

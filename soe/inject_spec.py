@@ -1,7 +1,7 @@
 """What an ``inject`` section of a recipe means: how a connector reaches its host block.
 
 ``add`` puts the connector output on the host block's output (the default); ``attention_kv`` makes
-it extra key/value tokens of chosen attention modules (see soe/inject.py for the mechanism).
+it extra key/value tokens of chosen attention modules (see soe/attention_kv.py and soe/lockstep.py for the mechanism).
 """
 from __future__ import annotations
 

@@ -154,10 +154,7 @@ class StepCache:
 
 def stitched_blocks(stitcher) -> dict[str, list[nn.Module]]:
     """Each expert's blocks in the order the stitched model runs them (inserted blocks included)."""
-    if stitcher.fusion is not None:
-        f = stitcher.fusion
-        return {s: [f.block(s, k) for k in range(f.num_blocks(s))] for s in ("a", "b")}
-    return {s: list(getattr(stitcher, s).blocks) for s in ("a", "b")}
+    return {s: stitcher.run_order(s) for s in ("a", "b")}
 
 
 def apply_step_cache(stitcher, threshold: float = 0.05) -> StepCache:

@@ -1,40 +1,33 @@
-"""The Stitcher: two experts, connectors between mapped blocks, and the two engines that run them.
+"""The Stitcher: two experts joined by connectors between mapped blocks, run by one of two engines.
 
-* **hooks** (one-way only): the source expert runs its own native forward while capture hooks keep
-  the outputs of mapped blocks; then the host runs its own native forward while injection hooks add
-  the connector outputs. Needs nothing but each expert's block list.
-* **lockstep** (any direction): both experts run through their split forward side by side; at each
-  mapped pair both blocks run, then both connectors fire from the pre-exchange states (symmetric).
+* **hooks** (soe/hook_engine.py; one-way only): each expert runs its own native forward; named
+  forward hooks on the mapped blocks read the source and add the connector output to the host.
+  Needs nothing but each expert's block list, so any model can take part (soe/generic.py).
+* **lockstep** (soe/lockstep.py; any direction): both experts run their split forwards side by side
+  and exchange at each mapped pair. Inserted blocks (``depth``), taps and attention key/value
+  injection (``inject``) are options of this engine.
 
-For a one-way stitch both engines compute the same function (tested).
+``engine: auto`` picks the hook engine for a one-way stitch without options, else lockstep. For a
+one-way stitch both engines compute the same function (tested). Everything the Stitcher puts on an
+expert is a named hook (``stitcher.hooks``, soe/named_hooks.py); ``unstitch()`` removes them all.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from soe.align import Pairs, resolve_depth_map
 from soe.batch_check import check_batches
 from soe.connector import Connector, ConnectorSpec
 from soe.depth import DepthSpec, expand_stacks
-from soe.expert import Batch, BlockState, Expert, TokenLayout
-from soe.inject import Fusion
+from soe.expert import Batch, Expert
+from soe.hook_engine import HookEngine
 from soe.inject_spec import InjectSpec
+from soe.lockstep import Fusion, LockstepEngine
+from soe.named_hooks import NamedHooks
 
 DIRECTIONS = ("a_to_b", "b_to_a", "both")
 ENGINES = ("auto", "hooks", "lockstep")
-
-
-@dataclass
-class _HookRun:
-    """Per-call context the hooks read; they never mutate anything else (pure under recompute)."""
-
-    layouts: dict[str, TokenLayout]
-    source_mask: torch.Tensor | None = None
-    captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Stitcher(nn.Module):
@@ -69,7 +62,7 @@ class Stitcher(nn.Module):
             raise ValueError("engine 'hooks' runs one-way stitches only; direction 'both' needs engine 'lockstep' or 'auto'")
         spec = connector if isinstance(connector, ConnectorSpec) else ConnectorSpec(**(connector or {}))
         self.a, self.b = a, b
-        # Depth expansion and attention injection (soe/depth.py, soe/inject.py) run fused, in lockstep.
+        # Options of the lockstep engine: depth expansion (soe/depth.py), taps and attention_kv (soe/lockstep.py).
         depth = depth if isinstance(depth, DepthSpec) else DepthSpec(**(depth or {}))
         inject = {d: v if isinstance(v, InjectSpec) else InjectSpec(**v) for d, v in (inject or {}).items()}
         stacks = expand_stacks(a, b, depth)
@@ -91,21 +84,20 @@ class Stitcher(nn.Module):
             self.connectors["b_to_a"] = nn.ModuleDict(
                 {f"{i:02d}": Connector(b.hidden_size, a.hidden_size, spec, device=device, dtype=dtype) for i, _ in self.pairs}
             )
-        self._run: _HookRun | None = None
-        # Block input -> the call it belongs to, so a block recomputed in backward (non-reentrant
-        # gradient checkpointing) gets the same injection; weak: entries die with the activations.
-        self._run_of_input = WeakTensorKeyDictionary()
-        self._handles: list = []
-        self._stitched = True
-        self.fusion = None
-        if fused:
-            directions = [d for d in ("a_to_b", "b_to_a") if d in self.connectors]
-            unknown = sorted(set(inject) - set(directions))
-            if unknown:
-                raise ValueError(f"inject: direction(s) {unknown} have no connectors (direction is {direction!r})")
-            self.fusion = Fusion(self, stacks, {d: inject.get(d, InjectSpec()) for d in directions}, device, dtype)
-        elif direction != "both":
-            self._install_hooks()
+        unknown = sorted(set(inject) - set(self.connectors))
+        if unknown:
+            raise ValueError(f"inject: direction(s) {unknown} have no connectors (direction is {direction!r})")
+        inject = {d: inject.get(d, InjectSpec()) for d in self.connectors}  # one spec per direction, "add" by default
+        self.fusion: Fusion | None = None  # inserted blocks and new k/v projections, when the options ask for them
+        if self.engine == "hooks":
+            self._engine = HookEngine(self)
+        else:
+            self._engine = LockstepEngine(self, stacks, inject)
+            if fused:
+                self.fusion = Fusion(self._engine, device, dtype)
+        self.hooks = NamedHooks()
+        self._stitched = False
+        self.restitch()
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     @property
@@ -116,98 +108,38 @@ class Stitcher(nn.Module):
     def connector_for(self, direction: str, host_block: int) -> Connector:
         return self.connectors[direction][f"{host_block:02d}"]
 
-    def unstitch(self) -> None:
-        """Remove every hook: the experts behave exactly as before stitching."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        if self.fusion is not None:
-            self.fusion.remove()  # hooks off, original attention processors back
-        self._stitched = False
-
-    @property
-    def is_stitched(self) -> bool:
-        return self._stitched
-
-    def _source_state(self, hidden: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """What a connector reads: detached (UniVerse-1), and zeroed for samples whose mask is 0
-        (the unconditional branch of classifier-free guidance sees no cross-modal input)."""
+    def connector_input(self, hidden: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What a connector reads from a source hidden state: detached (``detach_source``, UniVerse-1),
+        and zeroed for samples whose mask is 0 (the unconditional half of classifier-free guidance
+        sees no cross-modal input)."""
         h = hidden.detach() if self.detach_source else hidden
         if source_mask is not None:
             h = h * source_mask.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
         return h
 
-    # ---- hook engine ---------------------------------------------------------------------------
-    def _install_hooks(self) -> None:
-        src_name, host_name = self.source_host
-        src, host = getattr(self, src_name), getattr(self, host_name)
-        direction = self.direction
-        for i_a, j_b in self.pairs:
-            i_src, j_host = (i_a, j_b) if direction == "a_to_b" else (j_b, i_a)
-            self._handles.append(src.blocks[i_src].register_forward_hook(self._capture_hook(src, i_src)))
-            self._handles.append(host.blocks[j_host].register_forward_hook(
-                self._inject_hook(host, i_src, j_host, src_name, host_name), with_kwargs=True))
+    def run_order(self, side: str) -> list[nn.Module]:
+        """Expert ``side``'s blocks in the order the stitched model runs them (inserted blocks included)."""
+        if isinstance(self._engine, LockstepEngine):
+            return [self._engine.block(side, k) for k in range(self._engine.num_blocks(side))]
+        return list(getattr(self, side).blocks)
 
-    def _capture_hook(self, src: Expert, i_src: int):
-        def hook(module, args, output):
-            if self._run is not None:  # idle outside a stitched hook-engine call
-                self._run.captured[i_src] = src.block_output_hidden(output)
+    def unstitch(self) -> None:
+        """Remove every hook and wrapped attention processor (``hooks``): each expert runs its own
+        forward again, without connectors. What else was done to the experts stays: LoRA layers
+        that peft added for training, trained weights, gradient checkpointing."""
+        self.hooks.remove_all()
+        self._stitched = False
 
-        return hook
-
-    def _inject_hook(self, host: Expert, i_src: int, j_host: int, src_name: str, host_name: str):
-        conn = self.connector_for(self.direction, j_host)
-
-        def hook(module, args, kwargs, output):
-            block_input = host.block_input_hidden(args, kwargs)
-            run = self._run
-            if run is not None:
-                self._run_of_input[block_input] = run
-            else:  # outside a stitcher call, unless this is a checkpointed block recomputing
-                run = self._run_of_input.get(block_input)
-                if run is None:
-                    return None
-            if i_src not in run.captured:
-                raise RuntimeError(f"stitcher: block {i_src} of expert {src_name} did not run before host block {j_host}")
-            hidden = host.block_output_hidden(output)  # (B, N_host, D_host)
-            delta = conn(self._source_state(run.captured[i_src], run.source_mask), run.layouts[src_name], run.layouts[host_name])
-            return host.with_block_output_hidden(output, hidden + delta.to(hidden.dtype))
-
-        return hook
-
-    def _run_hook_engine(self, batch_a: Batch, batch_b: Batch, source_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = {"a": batch_a, "b": batch_b}
-        src_name, host_name = self.source_host
-        self._run = _HookRun(layouts={"a": self.a.token_layout(batch_a), "b": self.b.token_layout(batch_b)}, source_mask=source_mask)
+    def restitch(self) -> None:
+        """Install the hooks again after ``unstitch()`` (connectors and fusion modules were kept)."""
+        if self._stitched:
+            return
         try:
-            preds = {src_name: getattr(self, src_name)(batches[src_name])}  # fills run.captured
-            preds[host_name] = getattr(self, host_name)(batches[host_name])  # hooks inject
-        finally:
-            self._run = None
-        return preds["a"], preds["b"]
-
-    # ---- lockstep engine -----------------------------------------------------------------------
-    def _run_lockstep_engine(self, batch_a: Batch, batch_b: Batch, source_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        la, lb = self.a.token_layout(batch_a), self.b.token_layout(batch_b)
-        sa, sb = self.a.embed(batch_a), self.b.embed(batch_b)
-        na = nb = 0  # next block to run in each expert
-        for i, j in self.pairs:
-            sa, na = self._run_blocks(self.a, sa, na, i + 1)
-            sb, nb = self._run_blocks(self.b, sb, nb, j + 1)
-            ha, hb = sa.hidden, sb.hidden  # pre-exchange states: the exchange is symmetric
-            if "b_to_a" in self.connectors:
-                sa = sa.replace(ha + self.connector_for("b_to_a", i)(self._source_state(hb, source_mask), lb, la).to(ha.dtype))
-            if "a_to_b" in self.connectors:
-                sb = sb.replace(hb + self.connector_for("a_to_b", j)(self._source_state(ha, source_mask), la, lb).to(hb.dtype))
-        sa, _ = self._run_blocks(self.a, sa, na, self.a.num_blocks)
-        sb, _ = self._run_blocks(self.b, sb, nb, self.b.num_blocks)
-        return self.a.head(sa, batch_a), self.b.head(sb, batch_b)
-
-    @staticmethod
-    def _run_blocks(expert: Expert, state: BlockState, start: int, stop: int) -> tuple[BlockState, int]:
-        for k in range(start, stop):
-            state = expert.run_block(k, state)
-        return state, max(start, stop)
+            self._engine.install(self.hooks)
+        except Exception:
+            self.hooks.remove_all()  # a tap point or module an expert does not have: leave the experts as they were
+            raise
+        self._stitched = True
 
     # ---- public --------------------------------------------------------------------------------
     def forward(self, batch_a: Batch, batch_b: Batch, source_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,14 +151,7 @@ class Stitcher(nn.Module):
         if not self._stitched:
             raise RuntimeError("this Stitcher was unstitched; build a new one to run the experts together")
         check_batches(self.a, self.b, batch_a, batch_b)
-        if self.fusion is not None:
-            return self.fusion(batch_a, batch_b, source_mask)
-        if self.engine == "hooks":
-            return self._run_hook_engine(batch_a, batch_b, source_mask)
-        return self._run_lockstep_engine(batch_a, batch_b, source_mask)
-
-    def connector_parameters(self):
-        return self.connectors.parameters()
+        return self._engine.run(batch_a, batch_b, source_mask)
 
     def extra_repr(self) -> str:
         return f"direction={self.direction!r}, engine={self.engine!r}, pairs={len(self.pairs)}, detach_source={self.detach_source}"

@@ -156,7 +156,7 @@ def _write_trained_files(stitcher, tmp: Path, train_modes, conn, adapters, fusio
     save_file(conn, tmp / "connectors.safetensors")
     if step is not None:
         (tmp / TRAINED_INFO).write_text(json.dumps({"step": int(step)}))
-    if fusion is not None:  # inserted blocks and new k/v projections (soe/depth.py, soe/inject.py)
+    if fusion is not None:  # inserted blocks and new k/v projections (soe/depth.py, soe/attention_kv.py)
         save_file(fusion, tmp / "fusion.safetensors")
     for side, mode in train_modes.items():
         expert = getattr(stitcher, side)
