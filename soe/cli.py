@@ -45,7 +45,7 @@ def _cmd_inspect(args) -> int:
 
     from soe.builders import build_stitcher
     from soe.config import load_recipe, validate_recipe
-    from soe.report import print_tables, stitch_tables
+    from soe.report import hooks_table, print_tables, stitch_tables
 
     cfg = load_recipe(args.recipe, args.overrides)
     validate_recipe(cfg, check_paths=False)
@@ -54,7 +54,7 @@ def _cmd_inspect(args) -> int:
     with torch.device("meta"):  # architecture only (LoRA layers too): full-size recipes inspect in seconds
         st = build_stitcher(cfg, device="meta", load_weights=False)
         apply_training_setup(st, cfg)
-    print_tables(stitch_tables(st), console)
+    print_tables([*stitch_tables(st), hooks_table(st)], console)
     return 0
 
 

@@ -48,8 +48,8 @@ class HookEngine:
             hooks.forward_hook(hook_name(st.direction, src_name, i_src, "capture"), src.blocks[i_src], self._capture(src, i_src),
                                "", "keeps the block output for the connector")
             hooks.forward_hook(hook_name(st.direction, host_name, j_host, "add"), host.blocks[j_host],
-                               self._add(host, i_src, j_host, src_name, host_name), "",
-                               f"adds the connector output (from {src_name} block {i_src}) to the block output", with_kwargs=True)
+                               self._add(host, i_src, j_host, src_name, host_name), "", "adds the connector output to the block output",
+                               with_kwargs=True)
 
     def _capture(self, src: Expert, i_src: int):
         def hook(module, args, output):

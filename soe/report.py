@@ -80,6 +80,39 @@ def stitch_tables(st: Stitcher) -> list[Table]:
     return [experts, pairs]
 
 
+def block_ranges(blocks) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out, run = [], []
+    for k in sorted(set(blocks)):
+        if run and k != run[-1] + 1:
+            out.append(run)
+            run = []
+        run.append(k)
+    if run:
+        out.append(run)
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in out)
+
+
+def hooks_table(st: Stitcher) -> Table:
+    """What the stitch put on the experts (``st.hooks``), one row per name with the block index as ``*``."""
+    from soe.named_hooks import KINDS
+
+    groups: dict[str, list] = {}
+    for h in st.hooks:
+        parts = h.name.split(".")
+        groups.setdefault(".".join([*parts[:3], "*", *parts[4:]]), []).append(h)
+    t = Table(title=f"hooks on the experts ({len(st.hooks)}; unstitch() removes them)")
+    for col in ("name", "blocks", "on", "kind", "does"):
+        t.add_column(col, no_wrap=col != "does")
+    for pattern, hooks in groups.items():
+        h = hooks[0]
+        on = f"{h.side}:{getattr(st, h.side).name} block" + (f" / {h.target}" if h.target else "")
+        t.add_row(pattern, block_ranges(x.block for x in hooks), on, KINDS[h.kind], h.does)
+    if not groups:
+        t.add_row("(none)", "", "", "", f"the {st.engine} engine exchanges between the blocks it runs: nothing sits on the experts")
+    return t
+
+
 def print_tables(tables, console: Console | None = None) -> None:
     from soe.console import make_console
 
