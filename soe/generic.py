@@ -11,7 +11,9 @@ a one-way Stitcher from a registered source expert into such a host::
 
 The block list is given as a module path (``"transformer_blocks"``) or found with ``"auto"``: the
 largest ``nn.ModuleList`` of identical blocks, failing with the candidates listed when none or
-several similar-sized lists exist (diffusers' block-list resolution works the same way).
+several similar-sized lists exist. (diffusers' own block hooks, e.g. its caches, instead look for
+fixed attribute names such as ``blocks``, ``transformer_blocks`` or ``layers``; "auto" also finds a
+list under any other name, and refuses to guess between two similar ones.)
 """
 from __future__ import annotations
 

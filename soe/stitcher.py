@@ -36,7 +36,9 @@ class Stitcher(nn.Module):
     ``pairs``: ``"linear"``, ``{"every": k}``, ``"identity"`` or explicit ``[(i_a, j_b), ...]``.
     ``direction``: ``"a_to_b"``, ``"b_to_a"`` or ``"both"``. ``detach_source``: no gradient flows
     back into the source expert through a connector (UniVerse-1). Connectors live under
-    ``connectors.<direction>.<host block index>``, never inside the experts.
+    ``connectors.<direction>.<host block index>``, never inside the experts. ``depth`` and
+    ``inject`` are options of the lockstep engine (soe/lockstep.py); the modules they add live
+    under ``fusion``. ``engine``: ``"auto"``, ``"hooks"`` or ``"lockstep"``.
     """
 
     def __init__(
@@ -149,7 +151,7 @@ class Stitcher(nn.Module):
         input for that sample (the unconditional half of a batched CFG call).
         """
         if not self._stitched:
-            raise RuntimeError("this Stitcher was unstitched; build a new one to run the experts together")
+            raise RuntimeError("this Stitcher was unstitched; call restitch() or build a new one to run the experts together")
         check_batches(self.a, self.b, batch_a, batch_b)
         return self._engine.run(batch_a, batch_b, source_mask)
 
