@@ -26,8 +26,8 @@ def demo_step_fn(recipe: Path):
     """A closure running one forward + backward + optimizer step of the recipe's stitched model."""
     from soe.builders import build_stitcher
     from soe.config import load_recipe
-    from soe.lora import apply_training_setup
-    from soe.train.run import build_datamodule, build_objective
+    from soe.builders import apply_training_setup
+    from soe.builders import build_datamodule, build_objective
 
     cfg = load_recipe(recipe, ["data.num_clips=16"])
     stitcher = build_stitcher(cfg)

@@ -18,17 +18,11 @@ from rich.console import Console
 from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
-from soe.config import RecipeError, to_container
+from soe.config import RecipeError
 from soe.errors import one_line
 from soe.flow import generator_for, stream_seed
 from soe.media import contact_sheet, write_mp4
-from soe.sampling import SamplingSettings, sample_stitched
-
-
-def sampling_settings(cfg, seed_offset: int = 0) -> SamplingSettings:
-    s = cfg.sample
-    return SamplingSettings(steps=s.steps, scheduler=s.scheduler, guidance=dict(to_container(s.guidance)),
-                            shifts=dict(to_container(s.shift)), seed=s.seed + seed_offset)
+from soe.sampling import sample_stitched
 
 
 def prompt_conditions(stitcher, cfg, prompt: str, n: int, seconds: float) -> dict:
@@ -113,6 +107,8 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
 
     ``title`` heads each contact sheet (default: the prompt). Under a sharded strategy every rank
     must sample (the forward gathers parameters); only the rank with ``write=True`` writes files."""
+    from soe.builders import build_sampler
+
     out_dir = Path(out_dir)
     seconds = cfg.sample.seconds or cfg.data.seconds
     n = cfg.sample.num_samples
@@ -131,7 +127,7 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     was_training = stitcher.training
     stitcher.eval()
     try:
-        latents = sample_stitched(stitcher, conditions, seconds, sampling_settings(cfg, seed_offset), progress=progress,
+        latents = sample_stitched(stitcher, conditions, seconds, build_sampler(cfg, seed_offset), progress=progress,
                                   negative=negative, given=given.latents if given else None)
     finally:
         stitcher.train(was_training)
@@ -238,8 +234,7 @@ def new_output_folder(cfg) -> Path:
 
 def generate(cfg, console: Console | None = None, err_console: Console | None = None) -> list[Path]:
     """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
-    from soe.builders import build_stitcher
-    from soe.config import speed_spec
+    from soe.builders import build_sample, build_stitcher
     from soe.speed import apply_speed
     from soe.train.checkpoint import load_trained
 
@@ -264,7 +259,7 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
         except FileNotFoundError as err:
             raise RecipeError(f"sample.ckpt: {err}") from None
         console.print(f"loaded [bold]{trained}[/] ({'step ' + str(step) if step is not None else 'step not recorded'})", highlight=False)
-    speed = apply_speed(stitcher, speed_spec(cfg.sample), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
+    speed = apply_speed(stitcher, build_sample(cfg), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
     codecs = speed.prepare_codecs(check_sampling(stitcher, cfg))  # bad conditioning fails here, before any folder is made
     given = given_inputs(stitcher, cfg, codecs, cfg.sample.num_samples, cfg.sample.seconds or cfg.data.seconds)
     if cfg.sample.ckpt is None:

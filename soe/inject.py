@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soe.align import pool_time_steps, resample_time
-from soe.inject_spec import InjectSpec, KVTarget
+from soe.schema.stitch import InjectConfig, KVTargetConfig
 
 class _Pending(Exception):
     """A block needs tokens from a block of the other expert that has not run yet (retried later)."""
@@ -104,7 +104,7 @@ class KVProjection(nn.Module):
 class KVProcessor:
     """Wraps a host attention processor: original behaviour when idle, extra keys/values when injecting."""
 
-    def __init__(self, inner, fusion: "Fusion", direction: str, k: int, target: KVTarget):
+    def __init__(self, inner, fusion: "Fusion", direction: str, k: int, target: KVTargetConfigConfig):
         self.inner, self.fusion, self.direction, self.k, self.target = inner, fusion, direction, k, target
 
     def __getattr__(self, name):  # diffusers inspects processor attributes (signatures, backends)
@@ -179,7 +179,7 @@ class _FusedRun:
 class Fusion(nn.Module):
     """Inserted blocks, new k/v projections and the hooks that run a fused (interleaved) lockstep step."""
 
-    def __init__(self, stitcher, stacks: dict, inject: dict[str, InjectSpec], device=None, dtype=None):
+    def __init__(self, stitcher, stacks: dict, inject: dict[str, InjectConfig], device=None, dtype=None):
         super().__init__()
         self.inserted = nn.ModuleDict({side: s.inserted for side, s in stacks.items() if s is not None and len(s.inserted)})
         self.kv = nn.ModuleDict()
@@ -268,7 +268,7 @@ class Fusion(nn.Module):
         run.taps.setdefault((side, k), hidden[:, :n])
         return None
 
-    def _install_targets(self, direction: str, spec: InjectSpec, device, dtype):
+    def _install_targets(self, direction: str, spec: InjectConfig, device, dtype):
         _, host_name = self.sides(direction)
         host = self.expert(host_name)
         kv = nn.ModuleDict()

@@ -17,7 +17,7 @@ from soe.builders import build_stitcher
 from soe.cli import main
 from soe.config import load_recipe
 from soe.errors import CheckpointError
-from soe.lora import apply_training_setup
+from soe.builders import apply_training_setup
 from soe.train.checkpoint import export_trained, load_trained
 from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
 from soe.train.latent_cache import write_meta, write_shard

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from soe.schema import Dtype
+
 FOLDERS = {"video": "video_expert", "audio": "audio_expert"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {d.value: d.torch for d in Dtype}
 
 
 def pretrain(recipe, out, overrides=(), dtype: str = "float32", sides=("a", "b"), console=None) -> dict:
