@@ -194,8 +194,8 @@ def test_convert_universe1_maps_every_released_tensor(tmp_path):
 
 def test_fused_stitch_samples_jointly_with_cfg():
     """The UniVerse-1 fusion runs through the joint sampler (UniPC, shift 15, CFG video 1.2 / audio 5.0)."""
+    from soe.sampling import sample_stitched
     from soe.schema import SamplerConfig
-from soe.sampling import sample_stitched
 
     st, _, _ = fused()
     st.eval()
