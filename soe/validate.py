@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from soe.schema import Recipe, RecipeError, build
+from soe.schema.sample import GIVEN_MEDIA
 
 
 def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | None = None) -> dict:
@@ -136,7 +137,7 @@ def _check_tasks(recipe: Recipe) -> None:
             check_task(name, modalities)
         except TaskError as err:
             raise RecipeError(str(err)) from None
-    for key, task in (("image", "image"), ("video", "v2a"), ("audio", "a2v"), ("extend", "extend")):
+    for key, task in GIVEN_MEDIA.items():
         if getattr(recipe.sample, key) is not None:
             try:
                 check_task(task, modalities, key=f"sample.{key}")

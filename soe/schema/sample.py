@@ -8,7 +8,8 @@ from typing import Dict, Optional
 
 from soe.schema.base import Choice, OptionError, StorageDtype, choice, optional_choice, require
 
-GIVEN_MEDIA = ("image", "video", "audio", "extend")  # conditioning inputs of `soe generate` (at most one)
+# conditioning inputs of `soe generate` (at most one): sample.<key> -> the task it asks of the experts
+GIVEN_MEDIA = {"image": "image", "video": "v2a", "audio": "a2v", "extend": "extend"}
 
 
 class Scheduler(Choice):  # diffusers flow-matching schedulers
