@@ -70,9 +70,8 @@ def measure_step(variant: str, args) -> dict:
 
 # ---- universe1 at full size on the meta device --------------------------------------------------------
 def universe1_counts(overrides=()) -> dict:
-    from soe.builders import build_stitcher
+    from soe.builders import apply_training_setup, build_stitcher
     from soe.config import load_recipe
-    from soe.builders import apply_training_setup
 
     cfg = load_recipe(UNIVERSE1, list(overrides))
     with torch.device("meta"):

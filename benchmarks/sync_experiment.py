@@ -126,8 +126,7 @@ def run(args, size: dict, console: Console) -> dict:
 
 def load_run(run_dir: Path):
     """The stitched model of a (possibly unfinished) run folder at its latest checkpoint, and its step."""
-    from soe.builders import build_stitcher
-    from soe.builders import apply_training_setup
+    from soe.builders import apply_training_setup, build_stitcher
     from soe.train.checkpoint import read_checkpoint
 
     cfg = load_recipe(run_dir / "recipe.yaml")

@@ -104,7 +104,7 @@ class KVProjection(nn.Module):
 class KVProcessor:
     """Wraps a host attention processor: original behaviour when idle, extra keys/values when injecting."""
 
-    def __init__(self, inner, fusion: "Fusion", direction: str, k: int, target: KVTargetConfigConfig):
+    def __init__(self, inner, fusion: "Fusion", direction: str, k: int, target: KVTargetConfig):
         self.inner, self.fusion, self.direction, self.k, self.target = inner, fusion, direction, k, target
 
     def __getattr__(self, name):  # diffusers inspects processor attributes (signatures, backends)

@@ -227,8 +227,7 @@ def test_recipe_relative_weight_paths_are_found_next_to_the_recipe(tmp_path):
 def test_training_reports_sync_before_and_after_and_stacks_the_sheets(tmp_path, capsys):
     import json
 
-    from soe.builders import build_stitcher
-    from soe.builders import build_sampler
+    from soe.builders import build_sampler, build_stitcher
     from soe.sampling import sample
     from soe.train import sync_eval
 
