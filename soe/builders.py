@@ -66,6 +66,27 @@ def build_stitcher(cfg: DictConfig, device=None, load_weights: bool = True, expe
         raise RecipeError(f"stitch.{err}") from None
 
 
+def build_codec(cfg: DictConfig, side: str, expert: Expert, device=None):
+    """``experts.<side>.codec_path`` -> the expert's latent codec (its family's tiny random codec without a path)."""
+    try:
+        codec = expert.codec(cfg.experts[side].codec_path)
+    except NotImplementedError as err:
+        raise RecipeError(f"experts.{side}.codec_path: {err}") from None
+    return codec.to(device) if device is not None else codec
+
+
+def build_text_encoder(cfg: DictConfig, side: str, expert: Expert, device=None):
+    """``experts.<side>.text_encoder_path`` -> the expert's own text encoder (prompts -> its conditioning)."""
+    path = cfg.experts[side].text_encoder_path
+    try:
+        return expert.text_encoder(path, device=device)
+    except NotImplementedError as err:
+        raise RecipeError(f"experts.{side}.text_encoder_path: {err}") from None
+    except (OSError, ValueError) as err:  # missing files, another model's encoder, a width the expert cannot take
+        raise RecipeError(f"experts.{side}.text_encoder_path: cannot use '{path}' for expert '{expert.name}': "
+                          f"{one_line(err, 300)}") from None
+
+
 # ---- training ------------------------------------------------------------------------------------
 def apply_training_setup(stitcher: Stitcher, cfg: DictConfig) -> dict[str, list[str]]:
     """``experts.{a,b}.train`` / ``lora``: LoRA, full or frozen per expert; connectors (and inserted

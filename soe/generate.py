@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
+from soe.builders import build_codec, build_sampler, build_text_encoder
 from soe.config import RecipeError
 from soe.errors import one_line
 from soe.flow import generator_for, stream_seed
@@ -44,14 +45,7 @@ def text_conditions(stitcher, cfg, prompt: str, n: int, negative_prompt: str | N
     out, negative = {}, {}
     for side in ("a", "b"):
         e = getattr(stitcher, side)
-        path = cfg.experts[side].text_encoder_path
-        try:
-            encode = e.text_encoder(path, device=e.device)
-        except NotImplementedError as err:
-            raise RecipeError(f"experts.{side}.text_encoder_path: {err}") from None
-        except (OSError, ValueError) as err:  # missing files, another model's encoder, a width the expert cannot take
-            raise RecipeError(f"experts.{side}.text_encoder_path: cannot use '{path}' for expert '{e.name}': "
-                              f"{' '.join(str(err).split())[:300]}") from None
+        encode = build_text_encoder(cfg, side, e, device=e.device)
         out[side] = {k: v.to(e.device) for k, v in encode([prompt] * n).items()}
         if negative_prompt is not None and e.null_condition == "negative_prompt":
             negative[side] = {k: v.to(e.device) for k, v in encode([negative_prompt]).items()}
@@ -107,8 +101,6 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
 
     ``title`` heads each contact sheet (default: the prompt). Under a sharded strategy every rank
     must sample (the forward gathers parameters); only the rank with ``write=True`` writes files."""
-    from soe.builders import build_sampler
-
     out_dir = Path(out_dir)
     seconds = cfg.sample.seconds or cfg.data.seconds
     n = cfg.sample.num_samples
@@ -170,8 +162,7 @@ def given_inputs(stitcher, cfg, codecs: dict, n: int, seconds: float):
     if requested(cfg) is None:
         return None
     if cfg.sample.decode != "codec":  # previews decode only: encode with the experts' codecs
-        codecs = {side: getattr(stitcher, side).codec(cfg.experts[side].codec_path).to(getattr(stitcher, side).device)
-                  for side in ("a", "b")}
+        codecs = {side: build_codec(cfg, side, getattr(stitcher, side), getattr(stitcher, side).device) for side in ("a", "b")}
     return load_given(stitcher, cfg, codecs, n, seconds)
 
 
@@ -188,10 +179,7 @@ def load_codecs(stitcher, cfg) -> dict:
 
             codecs[side] = SyntheticPreviewCodec(e)
             continue
-        try:
-            codecs[side] = e.codec(cfg.experts[side].codec_path).to(e.device)
-        except NotImplementedError as err:
-            raise RecipeError(f"experts.{side}.codec_path: {err}") from None
+        codecs[side] = build_codec(cfg, side, e, e.device)
     return codecs
 
 

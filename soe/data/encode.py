@@ -210,15 +210,14 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
     v, a = media_sides(experts)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device)
     if codecs is None:
+        from soe.builders import build_codec
+
         codecs = {}
         for side in (v, a):
             if cfg.experts[side].path is not None and cfg.experts[side].codec_path is None:
                 raise RecipeError(f"experts.{side}.codec_path: expert '{experts[side].name}' has real weights; give its codec "
                                   "folder (a tiny random codec would write meaningless latents)")
-            try:
-                codecs[side] = experts[side].codec(cfg.experts[side].codec_path)
-            except NotImplementedError as err:
-                raise RecipeError(f"experts.{side}.codec_path: {err}") from None
+            codecs[side] = build_codec(cfg, side, experts[side])
     codecs = {s: c.to(device).eval() for s, c in codecs.items()}
     ve = experts[v]
     fps, sample_rate = float(ve.fps), int(codecs[a].rate)
