@@ -81,7 +81,7 @@ class SpeedConfig:
 
 
 @dataclass
-class SampleConfig(SamplerConfig, SpeedConfig):
+class SampleConfig(SpeedConfig, SamplerConfig):  # fields: the sampler's, the speed switches', then these
     ckpt: Optional[str] = None  # run folder of `soe stitch` (or its trained/ folder); null = untrained connectors
     prompt: str = ""
     # CFG null branch of experts that take a negative prompt (Wan): its own text encoder's encoding of this
