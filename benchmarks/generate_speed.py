@@ -27,8 +27,10 @@ from rich.table import Table
 import _common as C  # noqa: F401  (puts the checkout on sys.path)
 from soe.builders import build_stitcher
 from soe.config import load_recipe
-from soe.sampling import SamplingSettings, sample, sample_stitched
-from soe.speed import SpeedSpec, apply_speed
+from soe.schema import SamplerConfig
+from soe.sampling import sample, sample_stitched
+from soe.schema import SpeedConfig
+from soe.speed import apply_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 MID = ["experts.a.architecture={num_attention_heads: 4, attention_head_dim: 64, ffn_dim: 1024, num_layers: 6, text_dim: 256}",
@@ -37,7 +39,7 @@ MID = ["experts.a.architecture={num_attention_heads: 4, attention_head_dim: 64, 
        "ssl_encoder_depths: [1, 1], ssl_latent_dims: [16, 12], lyric_hidden_size: 32, lyric_encoder_layers: 1, "
        "lyric_encoder_heads: 2, lyric_encoder_ff_dim: 64, patch_embed_channels: 32}",
        "stitch.depth.every=2", "experts.a.dtype=float32", "experts.b.dtype=float32"]
-# name -> (SpeedSpec keys, whole trajectory?)
+# name -> (SpeedConfig keys, whole trajectory?)
 MODES = {
     "none": (dict(), True),
     "cache": (dict(cache="first_block", cache_threshold=0.05), True),
@@ -56,9 +58,9 @@ def recipe(size: str):
     return load_recipe(ROOT / "recipes" / "universe1.yaml", over)
 
 
-def settings(cfg, steps: int) -> SamplingSettings:
+def settings(cfg, steps: int) -> SamplerConfig:
     s = cfg.sample
-    return SamplingSettings(steps=steps, scheduler=s.scheduler, guidance=dict(s.guidance), shifts=dict(s.shift), seed=0)
+    return SamplerConfig(steps=steps, scheduler=s.scheduler, guidance=dict(s.guidance), shift=dict(s.shift), seed=0)
 
 
 class Clock:
@@ -76,7 +78,7 @@ class Clock:
 
 def run_mode(name: str, cfg, device, args, console) -> dict:
     keys, whole = MODES[name]
-    spec = SpeedSpec(**keys)
+    spec = SpeedConfig(**keys)
     build_dev = device if spec.memory == "none" else device  # built on the device: fast random init
     torch.manual_seed(0)
     t0 = time.perf_counter()

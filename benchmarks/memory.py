@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 import _common as C
-from soe.lora import LoraSpec, set_trainable
+from soe.lora import set_trainable
+from soe.schema import LoraConfig
 from soe.stitcher import Stitcher
 
 UNIVERSE1 = Path(__file__).parents[1] / "recipes" / "universe1.yaml"
@@ -38,7 +39,7 @@ def _rss_bytes() -> int:
 def train_step(variant: str, size: str, device, dtype, batch_size: int, checkpointing: bool = False) -> dict:
     a, b = C.build_pair(size, device, dtype, checkpointing=checkpointing)
     for e in (a, b):
-        set_trainable(e, "lora", LoraSpec(r=8, alpha=8))
+        set_trainable(e, "lora", LoraConfig(r=8, alpha=8))
     st = Stitcher(a, b, pairs="linear", direction="both", device=device, dtype=dtype) if variant == "stitched" else None
     ba, bb = C.batches(a, b, batch_size, C.SIZES[size]["seconds"])
     params = [p for m in (a, b, *( [st.connectors] if st else [])) for p in m.parameters() if p.requires_grad]
@@ -69,9 +70,8 @@ def measure_step(variant: str, args) -> dict:
 
 # ---- universe1 at full size on the meta device --------------------------------------------------------
 def universe1_counts(overrides=()) -> dict:
-    from soe.builders import build_stitcher
+    from soe.builders import apply_training_setup, build_stitcher
     from soe.config import load_recipe
-    from soe.lora import apply_training_setup
 
     cfg = load_recipe(UNIVERSE1, list(overrides))
     with torch.device("meta"):

@@ -19,9 +19,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import _common as C  # noqa: F401  (puts the checkout on sys.path)
-from soe.builders import build_stitcher
+from soe.builders import apply_training_setup, build_stitcher
 from soe.config import load_recipe
-from soe.lora import apply_training_setup
 
 UNIVERSE1 = Path(__file__).parents[1] / "recipes" / "universe1.yaml"
 OUT = Path(__file__).parent / "scale.md"

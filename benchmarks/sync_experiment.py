@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
 import sync_eval as E  # noqa: E402
 from soe.builders import build_expert  # noqa: E402
 from soe.config import load_recipe  # noqa: E402
-from soe.sampling import SamplingSettings  # noqa: E402
+from soe.schema import SamplerConfig  # noqa: E402
 from soe.train.data import SyntheticAVDataModule  # noqa: E402
 from soe.train.run import run_training  # noqa: E402
 from soe.train.single import pretrain_expert  # noqa: E402
@@ -126,8 +126,7 @@ def run(args, size: dict, console: Console) -> dict:
 
 def load_run(run_dir: Path):
     """The stitched model of a (possibly unfinished) run folder at its latest checkpoint, and its step."""
-    from soe.builders import build_stitcher
-    from soe.lora import apply_training_setup
+    from soe.builders import apply_training_setup, build_stitcher
     from soe.train.checkpoint import read_checkpoint
 
     cfg = load_recipe(run_dir / "recipe.yaml")
@@ -148,7 +147,7 @@ def evaluate(stitcher, run_dir: Path, name: str, steps: int, args, size: dict, c
 
     console.print(f"[bold]3. generating[/] {size['clips']} clips in each of {', '.join(E.MODES)}")
     cond, truth = held_out(alone, seconds, size["clips"], args.seed)
-    settings = SamplingSettings(steps=size["steps"], scheduler="unipc", seed=args.seed, guidance={"a": args.guidance, "b": args.guidance})
+    settings = SamplerConfig(steps=size["steps"], scheduler="unipc", seed=args.seed, guidance={"a": args.guidance, "b": args.guidance})
     rows = {mode: E.generate(mode, stitcher, alone, cond, truth, seconds, settings) for mode in E.MODES}
     tol = 1.5 / min(alone["a"].latent_rate, alone["b"].latent_rate)
     scores = E.score(rows, truth, alone, seconds, tol)

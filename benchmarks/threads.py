@@ -24,10 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def demo_step_fn(recipe: Path):
     """A closure running one forward + backward + optimizer step of the recipe's stitched model."""
-    from soe.builders import build_stitcher
+    from soe.builders import apply_training_setup, build_datamodule, build_objective, build_stitcher
     from soe.config import load_recipe
-    from soe.lora import apply_training_setup
-    from soe.train.run import build_datamodule, build_objective
 
     cfg = load_recipe(recipe, ["data.num_clips=16"])
     stitcher = build_stitcher(cfg)

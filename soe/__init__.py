@@ -10,7 +10,7 @@ from importlib import import_module
 _PUBLIC = {
     "BlockListExpert": "soe.generic", "stitch_into": "soe.generic",
     "BlockState": "soe.expert", "Expert": "soe.expert", "TokenLayout": "soe.expert",
-    "Connector": "soe.connector", "ConnectorSpec": "soe.connector",
+    "Connector": "soe.connector", "ConnectorConfig": "soe.schema",
     "Stitcher": "soe.stitcher",
     "get_expert": "soe.registry", "list_experts": "soe.registry", "register_expert": "soe.registry",
     "linear_pairs": "soe.align", "resolve_depth_map": "soe.align",

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soe.expert import Expert
-from soe.inject_spec import KVTarget
+from soe.schema.stitch import KVTargetConfig
 
 
 def submodule(block: nn.Module, path: str, where: str) -> nn.Module:
@@ -104,7 +104,7 @@ class KVProcessor:
     ``engine.extra_tokens(call, direction, k)`` gives the connector output ``(B, T_host, D_host)``.
     """
 
-    def __init__(self, inner, engine, direction: str, k: int, target: KVTarget, kv: KVProjection):
+    def __init__(self, inner, engine, direction: str, k: int, target: KVTargetConfig, kv: KVProjection):
         self.inner, self.engine, self.direction, self.k, self.target, self.kv = inner, engine, direction, k, target, kv
 
     def __getattr__(self, name):  # diffusers inspects processor attributes (signatures, backends)
@@ -153,7 +153,7 @@ class KVProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def wrap_processor(inner, engine, direction: str, k: int, target: KVTarget, kv: KVProjection) -> KVProcessor:
+def wrap_processor(inner, engine, direction: str, k: int, target: KVTargetConfig, kv: KVProjection) -> KVProcessor:
     """A KVProcessor whose ``__call__`` shows the inner processor's signature: diffusers drops call
     keyword arguments that the processor's signature does not name."""
     sig = inspect.signature(type(inner).__call__)

@@ -1,39 +1,47 @@
-"""Recipe -> experts -> Stitcher. The only place where recipe sections turn into objects."""
+"""Recipe -> objects. The only place where recipe sections become experts, the Stitcher, what trains,
+the flow objective, the data, the optimiser settings and the sampler settings.
+
+Each section is first built as its option dataclass (:mod:`soe.schema`, checked in ``__post_init__``);
+the classes below take those dataclasses or plain arguments, never the recipe.
+"""
 from __future__ import annotations
 
-import torch
+import dataclasses
+
 from omegaconf import DictConfig
 
-from soe.config import RecipeError, to_container
 from soe.errors import CheckpointError, SoeError, one_line, without_loader_advice
-from soe.connector import ConnectorSpec
 from soe.expert import Expert
 from soe.registry import get_expert
+from soe.schema import (ExpertConfig, OptimConfig, Recipe, RecipeError, SampleConfig, SamplerConfig, StitchConfig, build)
 from soe.stitcher import Stitcher
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def recipe_options(cfg: DictConfig) -> Recipe:
+    """The whole recipe as its dataclasses (every option's own checks run)."""
+    return build(Recipe, cfg)
 
 
+# ---- experts and the Stitcher --------------------------------------------------------------------
 def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = True) -> Expert:
     """One expert of the recipe: real weights from ``path``, else random weights of ``preset``.
 
     ``load_weights=False`` (meta-device inspection) builds the preset architecture only.
     """
-    e = cfg.experts[side]
+    e: ExpertConfig = build(ExpertConfig, cfg.experts[side], f"experts.{side}")
     cls = get_expert(e.name)
-    options = dict(to_container(e.options))
-    dtype = DTYPES[e.dtype]
+    from_path = e.path is not None and load_weights
     try:
-        if e.path is not None and load_weights:
-            expert = cls.load(e.path, dtype=dtype, device=device, **options)
+        if from_path:
+            expert = cls.load(e.path, dtype=e.dtype.torch, device=device, **e.options)
         else:
-            expert = cls.from_preset(e.preset, device=device, dtype=dtype, **dict(to_container(e.architecture)), **options)
+            expert = cls.from_preset(e.preset, device=device, dtype=e.dtype.torch, **e.architecture, **e.options)
     except SoeError:
         raise
     except Exception as err:
-        from_path = e.path is not None and load_weights
         if isinstance(err, TypeError) and (not from_path or "argument" in str(err)):  # an option the expert or model does not take
-            raise RecipeError(f"experts.{side}.options: {err}") from None
+            model_key = not from_path and any(f"'{k}'" in str(err) for k in e.architecture)
+            raise RecipeError(f"experts.{side}.{'architecture' if model_key else 'options'}: {err}") from None
         if not from_path:
             raise
         # missing/truncated files, wrong shapes, dtypes or keys, another family's config: one line naming the key
@@ -44,22 +52,105 @@ def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = T
     return expert
 
 
-def build_stitcher(cfg: DictConfig, device=None, load_weights: bool = True) -> Stitcher:
-    a = build_expert(cfg, "a", device, load_weights)
-    b = build_expert(cfg, "b", device, load_weights)
-    s = cfg.stitch
+def build_stitcher(cfg: DictConfig, device=None, load_weights: bool = True, experts: dict | None = None) -> Stitcher:
+    """Both experts (``experts``: already built ones to reuse, e.g. what ``validate_recipe`` built on
+    the meta device) joined as ``stitch`` says."""
+    a, b = ((experts or {}).get(side) or build_expert(cfg, side, device, load_weights) for side in ("a", "b"))
+    s: StitchConfig = build(StitchConfig, cfg.stitch, "stitch")
     try:
-        return Stitcher(
-            a,
-            b,
-            pairs=to_container(s.pairs),
-            direction=s.direction,
-            detach_source=s.detach_source,
-            connector=ConnectorSpec(**to_container(s.connector)),
-            engine=s.engine,
-            device=device,
-            depth=to_container(s.depth),
-            inject=to_container(s.inject),
-        )
+        return Stitcher(a, b, pairs=s.pairs, direction=s.direction, detach_source=s.detach_source, connector=s.connector,
+                        engine=s.engine, device=device, depth=s.depth, inject=s.inject)
+    except RecipeError:
+        raise
     except ValueError as err:  # a tap point, attention module or copy_from the experts do not have
         raise RecipeError(f"stitch.{err}") from None
+
+
+def build_codec(cfg: DictConfig, side: str, expert: Expert, device=None):
+    """``experts.<side>.codec_path`` -> the expert's latent codec (its family's tiny random codec without a path)."""
+    try:
+        codec = expert.codec(cfg.experts[side].codec_path)
+    except NotImplementedError as err:
+        raise RecipeError(f"experts.{side}.codec_path: {err}") from None
+    return codec.to(device) if device is not None else codec
+
+
+def build_text_encoder(cfg: DictConfig, side: str, expert: Expert, device=None):
+    """``experts.<side>.text_encoder_path`` -> the expert's own text encoder (prompts -> its conditioning)."""
+    path = cfg.experts[side].text_encoder_path
+    try:
+        return expert.text_encoder(path, device=device)
+    except NotImplementedError as err:
+        raise RecipeError(f"experts.{side}.text_encoder_path: {err}") from None
+    except (OSError, ValueError) as err:  # missing files, another model's encoder, a width the expert cannot take
+        raise RecipeError(f"experts.{side}.text_encoder_path: cannot use '{path}' for expert '{expert.name}': "
+                          f"{one_line(err, 300)}") from None
+
+
+# ---- training ------------------------------------------------------------------------------------
+def apply_training_setup(stitcher: Stitcher, cfg: DictConfig) -> dict[str, list[str]]:
+    """``experts.{a,b}.train`` / ``lora``: LoRA, full or frozen per expert; connectors (and inserted
+    blocks, new k/v projections) always train. Returns the LoRA target modules per side."""
+    from soe.lora import set_trainable
+
+    targets = {}
+    for side in ("a", "b"):
+        e: ExpertConfig = build(ExpertConfig, cfg.experts[side], f"experts.{side}")
+        targets[side] = set_trainable(getattr(stitcher, side), e.train, e.lora, where=f"experts.{side}")
+    stitcher.connectors.requires_grad_(True)
+    if getattr(stitcher, "fusion", None) is not None:
+        stitcher.fusion.requires_grad_(True)
+    return targets
+
+
+def build_objective(cfg: DictConfig, stitcher: Stitcher):
+    """``flow`` (+ each expert's ``flow_shift`` and ``loss_weight``) -> the FlowObjective."""
+    from soe.conditioning import TaskMixture
+    from soe.flow import FlowObjective
+
+    r = recipe_options(cfg)
+    experts = {"a": stitcher.a, "b": stitcher.b}
+    f = r.flow
+    tasks = TaskMixture(dict(f.tasks) or {"joint": 1.0}, experts, seed=r.seed, extend_seconds=f.extend_seconds)
+    sides = {"a": r.experts.a, "b": r.experts.b}
+    return FlowObjective(experts, timesteps=f.timesteps, density=f.density, shifts={s: e.flow_shift for s, e in sides.items()},
+                         weights={s: e.loss_weight for s, e in sides.items()}, balance=f.balance, momentum=f.balance_momentum,
+                         seed=r.seed, tasks=tasks)
+
+
+def build_optim(cfg: DictConfig) -> OptimConfig:
+    return build(OptimConfig, cfg.optim, "optim")
+
+
+def build_datamodule(cfg: DictConfig, stitcher: Stitcher):
+    """``data`` -> a LightningDataModule: synthetic clips, a streamed cache (``soe encode``) or an older cache folder."""
+    experts, d = {"a": stitcher.a, "b": stitcher.b}, cfg.data
+    if d.kind == "synthetic":
+        from soe.train.data import SyntheticAVDataModule
+
+        return SyntheticAVDataModule(experts, seconds=d.seconds, num_clips=d.num_clips, batch_size=d.batch_size, seed=cfg.seed,
+                                     num_workers=d.num_workers)
+    from soe.data.stream_format import is_stream_cache
+
+    if is_stream_cache(d.path):  # written by `soe encode`: streamed, bounded memory per rank
+        from soe.data.streaming import StreamingLatentDataModule
+
+        return StreamingLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
+                                         shuffle_chunks=d.shuffle_chunks, seconds=d.seconds)
+    from soe.train.data import PairedLatentDataModule
+
+    return PairedLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
+                                  seconds=d.seconds)
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+def build_sample(cfg: DictConfig) -> SampleConfig:
+    """The ``sample`` section: a SamplerConfig (for ``soe.sampling``) and a SpeedConfig (for ``soe.speed``) in one."""
+    return build(SampleConfig, cfg.sample, "sample")
+
+
+def build_sampler(cfg: DictConfig, seed_offset: int = 0) -> SamplerConfig:
+    """What the joint sampler takes from ``sample``; ``seed_offset`` shifts the seed (samples during training)."""
+    s = build_sample(cfg)
+    return SamplerConfig(**{f.name: getattr(s, f.name) for f in dataclasses.fields(SamplerConfig)} | {"seed": s.seed + seed_offset})
+

@@ -48,11 +48,11 @@ def _cmd_inspect(args) -> int:
     from soe.report import hooks_table, print_tables, stitch_tables
 
     cfg = load_recipe(args.recipe, args.overrides)
-    validate_recipe(cfg, check_paths=False)
-    from soe.lora import apply_training_setup
+    experts = validate_recipe(cfg, check_paths=False)  # the experts it built on meta: not built twice
+    from soe.builders import apply_training_setup
 
     with torch.device("meta"):  # architecture only (LoRA layers too): full-size recipes inspect in seconds
-        st = build_stitcher(cfg, device="meta", load_weights=False)
+        st = build_stitcher(cfg, device="meta", load_weights=False, experts=experts)
         apply_training_setup(st, cfg)
     print_tables([*stitch_tables(st), hooks_table(st)], console)
     return 0

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from soe.expert import Expert
+from soe.schema.base import choice
+from soe.schema.sample import GivenUncond
 
 TASKS = ("joint", "v2a", "a2v", "image", "extend")
-UNCOND_POLICIES = ("keep", "zeros")
 
 
 class TaskError(ValueError):
@@ -102,8 +103,7 @@ class GivenLatents:
     uncond: str = "keep"
 
     def __post_init__(self):
-        if self.uncond not in UNCOND_POLICIES:
-            raise ValueError(f"uncond: expected one of {list(UNCOND_POLICIES)}, got {self.uncond!r}")
+        self.uncond = choice(GivenUncond, self.uncond, "uncond")
         t = self.clean.shape[self.time_axis]
         if self.mask.shape != (self.clean.shape[0], t):
             raise ValueError(f"mask: expected shape {(self.clean.shape[0], t)} (batch, latent frames), got {tuple(self.mask.shape)}")

@@ -7,58 +7,26 @@ freshly stitched model reproduces both experts exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import nn
 
 from soe.align import broadcast_to_grid, pool_time_steps, resample_time
 from soe.expert import TokenLayout
+from soe.schema.stitch import Activation, ConnectorConfig, ConnectorMlp
 
-MLP_TYPES = {"mlp": Mlp, "glu": GluMlp, "swiglu": SwiGLU}
-ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
-INITS = ("zero", "trunc_normal")
-RESAMPLE_MODES = ("auto", "linear", "area")
-
-
-@dataclass(frozen=True)
-class ConnectorSpec:
-    """How every connector of a stitch is built.
-
-    ``hidden=None`` means ``D_src + D_host`` (UniVerse-1's Linear(Da, Da+Dv)-SiLU-Linear(Da+Dv, Dv)).
-    ``init="zero"`` zeroes the output layer (step 0 equals the unstitched experts);
-    ``"trunc_normal"`` gives it small random weights (tests, ablations).
-    """
-
-    mlp: str = "mlp"
-    hidden: int | None = None
-    act: str = "silu"
-    init: str = "zero"
-    resample: str = "auto"
-    input_norm: bool = False  # LayerNorm on the pooled source state before the MLP
-
-    def __post_init__(self):
-        if self.mlp not in MLP_TYPES:
-            raise ValueError(f"connector.mlp: expected one of {sorted(MLP_TYPES)}, got {self.mlp!r}")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"connector.act: expected one of {sorted(ACTIVATIONS)}, got {self.act!r}")
-        if self.init not in INITS:
-            raise ValueError(f"connector.init: expected one of {list(INITS)}, got {self.init!r}")
-        if self.resample not in RESAMPLE_MODES:
-            raise ValueError(f"connector.resample: expected one of {list(RESAMPLE_MODES)}, got {self.resample!r}")
-        if self.hidden is not None and (not isinstance(self.hidden, int) or self.hidden < 1):
-            raise ValueError(f"connector.hidden: expected a positive integer or null (= D_src + D_host), got {self.hidden!r}")
-
-    def hidden_size(self, src_dim: int, dst_dim: int) -> int:
-        return self.hidden if self.hidden is not None else src_dim + dst_dim
+# the names are declared once, in soe.schema.stitch (ConnectorMlp, Activation): these map them to timm/torch
+MLP_TYPES = {ConnectorMlp.mlp: Mlp, ConnectorMlp.glu: GluMlp, ConnectorMlp.swiglu: SwiGLU}
+ACTIVATIONS = {Activation.silu: nn.SiLU, Activation.gelu: nn.GELU, Activation.gelu_tanh: lambda: nn.GELU(approximate="tanh"),
+               Activation.relu: nn.ReLU}
 
 
 class Connector(nn.Module):
     """One direction at one block pair: source tokens -> additive update of the host tokens."""
 
-    def __init__(self, src_dim: int, dst_dim: int, spec: ConnectorSpec = ConnectorSpec(), device=None, dtype=None):
+    def __init__(self, src_dim: int, dst_dim: int, spec: ConnectorConfig | None = None, device=None, dtype=None):
         super().__init__()
+        spec = spec if spec is not None else ConnectorConfig()
         self.src_dim, self.dst_dim, self.resample = src_dim, dst_dim, spec.resample
         self.norm = nn.LayerNorm(src_dim, device=device, dtype=dtype) if spec.input_norm else nn.Identity()
         self.mlp = MLP_TYPES[spec.mlp](

@@ -9,30 +9,11 @@ run through ``Expert.run_block_module`` with the same call signature as the expe
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-DEPTH_MODES = ("none", "insert_interpolated")
-
-
-@dataclass(frozen=True)
-class DepthSpec:
-    """``mode: insert_interpolated`` expands the shallower expert to the deeper one's depth.
-
-    ``every: k`` inserts a block after every k-th original block (k=4: every fifth expanded block is
-    new); ``null`` spreads the inserted blocks evenly.
-    """
-
-    mode: str = "none"
-    every: int | None = None
-
-    def __post_init__(self):
-        if self.mode not in DEPTH_MODES:
-            raise ValueError(f"depth.mode: expected one of {list(DEPTH_MODES)}, got {self.mode!r}")
-        if self.every is not None and (not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1):
-            raise ValueError(f"depth.every: expected a positive integer or null, got {self.every!r}")
+from soe.schema.stitch import DepthConfig
 
 
 def insertion_points(n_orig: int, n_target: int, every: int | None = None) -> list[int]:
@@ -99,7 +80,7 @@ class ExpandedStack(nn.Module):
         return expert.run_block(i, state)
 
 
-def expand_stacks(a, b, spec: DepthSpec) -> dict:
+def expand_stacks(a, b, spec: DepthConfig) -> dict:
     """``{"a": ExpandedStack | None, "b": ...}``: the shallower expert expanded to the deeper's depth."""
     stacks = {"a": None, "b": None}
     if spec.mode == "insert_interpolated" and a.num_blocks != b.num_blocks:

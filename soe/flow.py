@@ -14,6 +14,8 @@ from torch import nn
 
 from soe.conditioning import TaskMixture, expand_mask, frame_timestep
 from soe.expert import Batch, Expert
+from soe.schema.base import choice
+from soe.schema.train import Balance, Density, Timesteps
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -33,11 +35,9 @@ def generator_for(seed: int, *parts, device="cpu") -> torch.Generator:
 
 def sample_base_times(n: int, density: str, generator: torch.Generator) -> torch.Tensor:
     """Unshifted flow times in (0, 1): ``uniform`` or ``logit_normal`` (sigmoid of a standard normal)."""
-    if density == "uniform":
+    if choice(Density, density, "flow.density") == Density.uniform:
         return torch.rand(n, generator=generator)
-    if density == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=generator))
-    raise ValueError(f"flow.density: expected 'uniform' or 'logit_normal', got {density!r}")
+    return torch.sigmoid(torch.randn(n, generator=generator))
 
 
 class FlowObjective(nn.Module):
@@ -58,10 +58,8 @@ class FlowObjective(nn.Module):
                  shifts: dict[str, float] | None = None, weights: dict[str, float] | None = None,
                  balance: str = "none", momentum: float = 0.99, seed: int = 0, tasks: TaskMixture | None = None):
         super().__init__()
-        if timesteps not in ("shared", "independent"):
-            raise ValueError(f"flow.timesteps: expected 'shared' or 'independent', got {timesteps!r}")
-        if balance not in ("none", "ema"):
-            raise ValueError(f"flow.balance: expected 'none' or 'ema', got {balance!r}")
+        timesteps, balance = choice(Timesteps, timesteps, "flow.timesteps"), choice(Balance, balance, "flow.balance")
+        density = choice(Density, density, "flow.density")
         self.sides = list(experts)
         self.modality = {k: e.modality for k, e in experts.items()}
         self.loss_space = {k: getattr(e, "flow_loss", "velocity") for k, e in experts.items()}

@@ -18,17 +18,12 @@ from rich.console import Console
 from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
-from soe.config import RecipeError, to_container
+from soe.builders import build_codec, build_sampler, build_text_encoder
+from soe.config import RecipeError
 from soe.errors import one_line
 from soe.flow import generator_for, stream_seed
 from soe.media import contact_sheet, write_mp4
-from soe.sampling import SamplingSettings, sample_stitched
-
-
-def sampling_settings(cfg, seed_offset: int = 0) -> SamplingSettings:
-    s = cfg.sample
-    return SamplingSettings(steps=s.steps, scheduler=s.scheduler, guidance=dict(to_container(s.guidance)),
-                            shifts=dict(to_container(s.shift)), seed=s.seed + seed_offset)
+from soe.sampling import sample_stitched
 
 
 def prompt_conditions(stitcher, cfg, prompt: str, n: int, seconds: float) -> dict:
@@ -50,14 +45,7 @@ def text_conditions(stitcher, cfg, prompt: str, n: int, negative_prompt: str | N
     out, negative = {}, {}
     for side in ("a", "b"):
         e = getattr(stitcher, side)
-        path = cfg.experts[side].text_encoder_path
-        try:
-            encode = e.text_encoder(path, device=e.device)
-        except NotImplementedError as err:
-            raise RecipeError(f"experts.{side}.text_encoder_path: {err}") from None
-        except (OSError, ValueError) as err:  # missing files, another model's encoder, a width the expert cannot take
-            raise RecipeError(f"experts.{side}.text_encoder_path: cannot use '{path}' for expert '{e.name}': "
-                              f"{' '.join(str(err).split())[:300]}") from None
+        encode = build_text_encoder(cfg, side, e, device=e.device)
         out[side] = {k: v.to(e.device) for k, v in encode([prompt] * n).items()}
         if negative_prompt is not None and e.null_condition == "negative_prompt":
             negative[side] = {k: v.to(e.device) for k, v in encode([negative_prompt]).items()}
@@ -131,7 +119,7 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     was_training = stitcher.training
     stitcher.eval()
     try:
-        latents = sample_stitched(stitcher, conditions, seconds, sampling_settings(cfg, seed_offset), progress=progress,
+        latents = sample_stitched(stitcher, conditions, seconds, build_sampler(cfg, seed_offset), progress=progress,
                                   negative=negative, given=given.latents if given else None)
     finally:
         stitcher.train(was_training)
@@ -174,8 +162,7 @@ def given_inputs(stitcher, cfg, codecs: dict, n: int, seconds: float):
     if requested(cfg) is None:
         return None
     if cfg.sample.decode != "codec":  # previews decode only: encode with the experts' codecs
-        codecs = {side: getattr(stitcher, side).codec(cfg.experts[side].codec_path).to(getattr(stitcher, side).device)
-                  for side in ("a", "b")}
+        codecs = {side: build_codec(cfg, side, getattr(stitcher, side), getattr(stitcher, side).device) for side in ("a", "b")}
     return load_given(stitcher, cfg, codecs, n, seconds)
 
 
@@ -192,10 +179,7 @@ def load_codecs(stitcher, cfg) -> dict:
 
             codecs[side] = SyntheticPreviewCodec(e)
             continue
-        try:
-            codecs[side] = e.codec(cfg.experts[side].codec_path).to(e.device)
-        except NotImplementedError as err:
-            raise RecipeError(f"experts.{side}.codec_path: {err}") from None
+        codecs[side] = build_codec(cfg, side, e, e.device)
     return codecs
 
 
@@ -238,8 +222,7 @@ def new_output_folder(cfg) -> Path:
 
 def generate(cfg, console: Console | None = None, err_console: Console | None = None) -> list[Path]:
     """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
-    from soe.builders import build_stitcher
-    from soe.config import speed_spec
+    from soe.builders import build_sample, build_stitcher
     from soe.speed import apply_speed
     from soe.train.checkpoint import load_trained
 
@@ -264,7 +247,7 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
         except FileNotFoundError as err:
             raise RecipeError(f"sample.ckpt: {err}") from None
         console.print(f"loaded [bold]{trained}[/] ({'step ' + str(step) if step is not None else 'step not recorded'})", highlight=False)
-    speed = apply_speed(stitcher, speed_spec(cfg.sample), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
+    speed = apply_speed(stitcher, build_sample(cfg), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
     codecs = speed.prepare_codecs(check_sampling(stitcher, cfg))  # bad conditioning fails here, before any folder is made
     given = given_inputs(stitcher, cfg, codecs, cfg.sample.num_samples, cfg.sample.seconds or cfg.data.seconds)
     if cfg.sample.ckpt is None:

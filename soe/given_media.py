@@ -19,8 +19,9 @@ import torch
 
 from soe.conditioning import GivenLatents, TaskError, check_task, given_frames, prefix_mask
 from soe.config import RecipeError
+from soe.schema.sample import GIVEN_MEDIA
 
-MODES = {"image": "image", "video": "v2a", "audio": "a2v", "extend": "extend"}  # sample.<key> -> task
+MODES = GIVEN_MEDIA  # sample.<key> -> task
 
 
 class GivenMediaError(RecipeError):

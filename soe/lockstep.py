@@ -32,7 +32,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from soe.align import pool_time_steps, resample_time
 from soe.attention_kv import KVProjection, submodule, wrap_processor
 from soe.expert import Batch, BlockState, Expert
-from soe.inject_spec import InjectSpec
+from soe.schema.stitch import InjectConfig
 from soe.named_hooks import NamedHooks, hook_name
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class _Call:
 class LockstepEngine:
     """Runs a :class:`~soe.stitcher.Stitcher` through both split forwards; see the module docstring."""
 
-    def __init__(self, stitcher: Stitcher, stacks: dict[str, ExpandedStack | None], inject: dict[str, InjectSpec]):
+    def __init__(self, stitcher: Stitcher, stacks: dict[str, ExpandedStack | None], inject: dict[str, InjectConfig]):
         self.st = stitcher
         self.stacks, self.inject = stacks, inject  # inject: one spec per direction that has connectors
         # direction -> {host block: source block}
@@ -123,7 +123,7 @@ class LockstepEngine:
             else:
                 hooks.forward_hook(name, mod, lambda m, a, out, k=k: self._tap(side, k, expert.block_output_hidden(out)), path, does)
 
-    def _install_targets(self, hooks: NamedHooks, direction: str, spec: InjectSpec, k: int, kv: nn.ModuleDict) -> None:
+    def _install_targets(self, hooks: NamedHooks, direction: str, spec: InjectConfig, k: int, kv: nn.ModuleDict) -> None:
         host = sides(direction)[1]
         block = self.block(host, k)
         for t in spec.targets:

@@ -7,25 +7,15 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
-
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
 from torch import nn
 
-from soe.config import RecipeError, to_container
 from soe.expert import Expert
+from soe.schema import LoraConfig, RecipeError
 
 ADAPTER = "soe"
 _LORA_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] | None = None
-    init_from: str | None = None  # a LoRA file or folder (diffusers, peft or ComfyUI) to start from
 
 
 def match_modules(model: nn.Module, patterns, where: str = "lora.targets") -> list[str]:
@@ -45,7 +35,7 @@ def match_modules(model: nn.Module, patterns, where: str = "lora.targets") -> li
     return sorted(matched)
 
 
-def add_lora(expert: Expert, spec: LoraSpec, where: str = "lora") -> list[str]:
+def add_lora(expert: Expert, spec: LoraConfig, where: str = "lora") -> list[str]:
     """Inject a peft LoRA adapter into ``expert.model``; only the adapter weights train.
 
     With ``spec.init_from`` the adapter is the one in that file (its modules, ranks and alphas) and
@@ -54,13 +44,13 @@ def add_lora(expert: Expert, spec: LoraSpec, where: str = "lora") -> list[str]:
     if spec.init_from is not None:
         return _add_lora_from_file(expert, spec, where, on_meta)
     targets = match_modules(expert.model, spec.targets or expert.lora_targets, f"{where}.targets")
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
+    config = PeftLoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
     inject_adapter_in_model(config, expert.model, adapter_name=ADAPTER, low_cpu_mem_usage=on_meta)
     _train_only_lora(expert)
     return targets
 
 
-def _add_lora_from_file(expert: Expert, spec: LoraSpec, where: str, on_meta: bool) -> list[str]:
+def _add_lora_from_file(expert: Expert, spec: LoraConfig, where: str, on_meta: bool) -> list[str]:
     from peft import set_peft_model_state_dict
 
     from soe.lora_formats import COMFYUI_NAMES, LoraFileError, read_lora
@@ -94,27 +84,12 @@ def _train_only_lora(expert: Expert) -> None:
         p.requires_grad_("lora_" in name and f".{ADAPTER}." in name + ".")
 
 
-def set_trainable(expert: Expert, mode: str, lora: LoraSpec | None = None, where: str = "expert") -> list[str]:
+def set_trainable(expert: Expert, mode: str, lora: LoraConfig | None = None, where: str = "expert") -> list[str]:
     """``frozen``: nothing trains; ``full``: every weight trains; ``lora``: only adapter weights."""
     expert.requires_grad_(mode == "full")
     if mode == "lora":
-        return add_lora(expert, lora or LoraSpec(), where=f"{where}.lora")
+        return add_lora(expert, lora or LoraConfig(), where=f"{where}.lora")
     return []
-
-
-def apply_training_setup(stitcher, cfg) -> dict[str, list[str]]:
-    """Apply the recipe's ``experts.{a,b}.train`` / ``lora`` settings; connectors always train."""
-    targets = {}
-    for side in ("a", "b"):
-        e = cfg.experts[side]
-        lora = to_container(e.lora)
-        spec = LoraSpec(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                        targets=tuple(lora["targets"]) if lora["targets"] else None, init_from=lora.get("init_from"))
-        targets[side] = set_trainable(getattr(stitcher, side), e.train, spec, where=f"experts.{side}")
-    stitcher.connectors.requires_grad_(True)
-    if getattr(stitcher, "fusion", None) is not None:  # inserted blocks and new k/v projections train too
-        stitcher.fusion.requires_grad_(True)
-    return targets
 
 
 def trainable_state_dict(module: nn.Module) -> dict:

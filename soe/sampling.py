@@ -8,32 +8,14 @@ cross-modal input). Deterministic for a seed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from soe.conditioning import GivenLatents
 from soe.expert import Batch, Expert
 from soe.flow import generator_for
+from soe.schema import SamplerConfig
 from soe.speed import reset_step_caches
-
-SCHEDULERS = ("euler", "unipc")
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    steps: int = 30
-    scheduler: str = "unipc"  # euler | unipc (diffusers flow-matching schedulers)
-    guidance: dict[str, float] = field(default_factory=lambda: {"a": 1.0, "b": 1.0})
-    shifts: dict[str, float | None] = field(default_factory=dict)  # None: each expert's flow_shift
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"sample.scheduler: expected one of {list(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.steps < 1:
-            raise ValueError(f"sample.steps: expected a positive number of steps, got {self.steps}")
 
 
 def make_scheduler(kind: str, shift: float):
@@ -52,7 +34,7 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> tor
 
 
 @torch.no_grad()
-def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: float, settings: SamplingSettings,
+def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: float, settings: SamplerConfig,
            predict=None, progress=None, negative: dict[str, Batch] | None = None,
            given: dict[str, GivenLatents] | None = None) -> dict[str, torch.Tensor]:
     """Clean latents per side, integrated jointly from noise.
@@ -77,7 +59,7 @@ def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: fl
             lat[k] = given[k].paste(lat[k])
     scheds = {}
     for k in sides:
-        shift = settings.shifts.get(k) or experts[k].flow_shift
+        shift = settings.shift.get(k) or experts[k].flow_shift
         scheds[k] = make_scheduler(settings.scheduler, shift)
         scheds[k].set_timesteps(settings.steps, device=lat[k].device)
     use_cfg = any(settings.guidance.get(k, 1.0) != 1.0 for k in sides)
@@ -121,7 +103,7 @@ def stitched_predictor(stitcher):
     return predict
 
 
-def sample_stitched(stitcher, conditions: dict[str, Batch], seconds: float, settings: SamplingSettings, progress=None,
+def sample_stitched(stitcher, conditions: dict[str, Batch], seconds: float, settings: SamplerConfig, progress=None,
                     negative: dict[str, Batch] | None = None, given: dict[str, GivenLatents] | None = None):
     return sample({"a": stitcher.a, "b": stitcher.b}, conditions, seconds, settings, stitched_predictor(stitcher), progress,
                   negative=negative, given=given)

@@ -21,46 +21,17 @@ through it (Wan's do; ACE-Step's linear attention does not and keeps torch's SDP
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading, apply_layerwise_casting
 from torch import nn
 
+from soe.schema import SpeedConfig, StorageDtype
 from soe.step_cache import StepCache, apply_step_cache, stitched_blocks
 
-MEMORY_MODES = ("none", "offload_blocks", "offload_model")
-STORAGE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-CACHES = ("none", "first_block")
 # Kept in the compute dtype under fp8 storage: diffusers' defaults plus LoRA and ACE-Step's embedders.
 SKIP_CAST = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$", "lora_", "time_proj", "timestep_embedder")
 _ORDER_HOOK = "soe_offload_order"
-
-
-@dataclass(frozen=True)
-class SpeedSpec:
-    memory: str = "none"
-    storage_dtype: str | None = None
-    compile: bool = False
-    attention_backend: str | None = None
-    cache: str = "none"
-    cache_threshold: float = 0.05
-
-    def __post_init__(self):
-        if self.memory not in MEMORY_MODES:
-            raise ValueError(f"sample.memory: expected one of {list(MEMORY_MODES)}, got {self.memory!r}")
-        if self.storage_dtype is not None and self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"sample.storage_dtype: expected null or one of {list(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
-        if self.cache not in CACHES:
-            raise ValueError(f"sample.cache: expected one of {list(CACHES)}, got {self.cache!r}")
-        if not self.cache_threshold >= 0:
-            raise ValueError(f"sample.cache_threshold: expected a number >= 0, got {self.cache_threshold}")
-        if self.attention_backend is not None:
-            from diffusers.models.attention_dispatch import AttentionBackendName
-
-            names = sorted(b.value for b in AttentionBackendName)
-            if self.attention_backend not in names:
-                raise ValueError(f"sample.attention_backend: expected null or one of {names}, got {self.attention_backend!r}")
 
 
 # ---- fp8 storage ---------------------------------------------------------------------------------------
@@ -68,7 +39,7 @@ def store_in(module: nn.Module, storage_dtype: str, compute_dtype: torch.dtype) 
     """Layerwise casting: ``module``'s layers stored in ``storage_dtype``, computed in ``compute_dtype``.
     Trainable (LoRA) layers and norms are left alone."""
     skip = SKIP_CAST + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ())  # the model's own list
-    apply_layerwise_casting(module, STORAGE_DTYPES[storage_dtype], compute_dtype, skip_modules_pattern=skip)
+    apply_layerwise_casting(module, StorageDtype(storage_dtype).torch, compute_dtype, skip_modules_pattern=skip)
 
 
 # ---- block offloading ----------------------------------------------------------------------------------
@@ -222,7 +193,7 @@ def compile_blocks(blocks, **kwargs) -> None:
 class SpeedSetup:
     """What :func:`apply_speed` did; ``cache`` is the step cache (or None), ``offload`` the model offloader."""
 
-    def __init__(self, spec: SpeedSpec, device, cache: StepCache | None, offload: ModelOffload | None, attention: list[str]):
+    def __init__(self, spec: SpeedConfig, device, cache: StepCache | None, offload: ModelOffload | None, attention: list[str]):
         self.spec, self.device, self.cache, self.offload, self.attention = spec, torch.device(device), cache, offload, attention
 
     def prepare_codecs(self, codecs: dict) -> dict:
@@ -239,7 +210,7 @@ class SpeedSetup:
         return codecs
 
 
-def apply_speed(stitcher, spec: SpeedSpec, device=None) -> SpeedSetup:
+def apply_speed(stitcher, spec: SpeedConfig, device=None) -> SpeedSetup:
     """Apply ``spec`` to a built Stitcher (on any device; weights move where ``spec`` says).
 
     Order matters and is diffusers' own: layerwise casting, then offloading, then the step cache

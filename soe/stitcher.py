@@ -18,16 +18,13 @@ from torch import nn
 
 from soe.align import Pairs, resolve_depth_map
 from soe.batch_check import check_batches
-from soe.connector import Connector, ConnectorSpec
-from soe.depth import DepthSpec, expand_stacks
+from soe.connector import Connector
+from soe.depth import expand_stacks
 from soe.expert import Batch, Expert
 from soe.hook_engine import HookEngine
-from soe.inject_spec import InjectSpec
 from soe.lockstep import Fusion, LockstepEngine
 from soe.named_hooks import NamedHooks
-
-DIRECTIONS = ("a_to_b", "b_to_a", "both")
-ENGINES = ("auto", "hooks", "lockstep")
+from soe.schema import ConnectorConfig, DepthConfig, InjectConfig, StitchConfig, build
 
 
 class Stitcher(nn.Module):
@@ -48,25 +45,20 @@ class Stitcher(nn.Module):
         pairs="linear",
         direction: str = "both",
         detach_source: bool = True,
-        connector: ConnectorSpec | dict | None = None,
+        connector: ConnectorConfig | dict | None = None,
         engine: str = "auto",
         device=None,
         dtype=None,
-        depth: DepthSpec | dict | None = None,
+        depth: DepthConfig | dict | None = None,
         inject: dict | None = None,
     ):
         super().__init__()
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction: expected one of {list(DIRECTIONS)}, got {direction!r}")
-        if engine not in ENGINES:
-            raise ValueError(f"engine: expected one of {list(ENGINES)}, got {engine!r}")
-        if engine == "hooks" and direction == "both":
-            raise ValueError("engine 'hooks' runs one-way stitches only; direction 'both' needs engine 'lockstep' or 'auto'")
-        spec = connector if isinstance(connector, ConnectorSpec) else ConnectorSpec(**(connector or {}))
+        # the options' own checks (soe/schema/stitch.py): a bad value raises a RecipeError (a ValueError) naming it
+        opts = build(StitchConfig, dict(pairs=pairs, direction=direction, detach_source=detach_source, engine=engine,
+                                        connector=connector, depth=depth, inject=inject or {}))
+        direction, engine, spec, depth, inject = opts.direction, opts.engine, opts.connector, opts.depth, opts.inject
         self.a, self.b = a, b
         # Options of the lockstep engine: depth expansion (soe/depth.py), taps and attention_kv (soe/lockstep.py).
-        depth = depth if isinstance(depth, DepthSpec) else DepthSpec(**(depth or {}))
-        inject = {d: v if isinstance(v, InjectSpec) else InjectSpec(**v) for d, v in (inject or {}).items()}
         stacks = expand_stacks(a, b, depth)
         fused = any(stacks.values()) or any(v.mode != "add" or v.tap is not None for v in inject.values())
         if fused and engine == "hooks":
@@ -86,10 +78,7 @@ class Stitcher(nn.Module):
             self.connectors["b_to_a"] = nn.ModuleDict(
                 {f"{i:02d}": Connector(b.hidden_size, a.hidden_size, spec, device=device, dtype=dtype) for i, _ in self.pairs}
             )
-        unknown = sorted(set(inject) - set(self.connectors))
-        if unknown:
-            raise ValueError(f"inject: direction(s) {unknown} have no connectors (direction is {direction!r})")
-        inject = {d: inject.get(d, InjectSpec()) for d in self.connectors}  # one spec per direction, "add" by default
+        inject = {d: inject.get(d, InjectConfig()) for d in self.connectors}  # one spec per direction, "add" by default
         self.fusion: Fusion | None = None  # inserted blocks and new k/v projections, when the options ask for them
         if self.engine == "hooks":
             self._engine = HookEngine(self)

@@ -13,11 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from soe import get_expert
-from soe.builders import build_stitcher
+from soe.builders import apply_training_setup, build_stitcher
 from soe.cli import main
 from soe.config import load_recipe
 from soe.errors import CheckpointError
-from soe.lora import apply_training_setup
 from soe.train.checkpoint import export_trained, load_trained
 from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
 from soe.train.latent_cache import write_meta, write_shard

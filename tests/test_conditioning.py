@@ -5,7 +5,8 @@ import torch
 from conftest import batch_for, tiny
 from soe.conditioning import GivenLatents, TaskError, TaskMixture, given_for_task, prefix_mask
 from soe.flow import FlowObjective
-from soe.sampling import SamplingSettings, sample, sample_stitched
+from soe.sampling import sample, sample_stitched
+from soe.schema import SamplerConfig
 from soe.stitcher import Stitcher
 
 
@@ -117,7 +118,7 @@ def test_sampled_latents_equal_the_given_clean_latents_exactly(task):
     experts, st = stitched_pair()
     truth = {k: batch_for(e, 2, seed=9)["latents"].float() for k, e in experts.items()}
     given = given_for_task(task, experts, truth, extend_seconds=0.5)
-    settings = SamplingSettings(steps=3, scheduler="unipc", guidance={"a": 2.0, "b": 3.0})
+    settings = SamplerConfig(steps=3, scheduler="unipc", guidance={"a": 2.0, "b": 3.0})
     out = sample_stitched(st, conditions(experts), 1.0, settings, given=given)
     for k, g in given.items():
         m = g.mask
@@ -129,7 +130,7 @@ def test_sampled_latents_equal_the_given_clean_latents_exactly(task):
 
 def test_fully_given_modality_is_not_denoised_yet_feeds_the_connectors():
     experts, st = stitched_pair()
-    settings = SamplingSettings(steps=3, scheduler="euler")
+    settings = SamplerConfig(steps=3, scheduler="euler")
     video = [batch_for(experts["a"], 2, seed=s)["latents"].float() for s in (1, 2)]
     seen = []
 
@@ -148,7 +149,7 @@ def test_fully_given_modality_is_not_denoised_yet_feeds_the_connectors():
 
 def test_no_given_is_todays_sampler_bit_for_bit():
     experts, st = stitched_pair()
-    settings = SamplingSettings(steps=3, guidance={"a": 1.5, "b": 1.0})
+    settings = SamplerConfig(steps=3, guidance={"a": 1.5, "b": 1.0})
     assert all(torch.equal(x, y) for x, y in zip(sample_stitched(st, conditions(experts), 1.0, settings).values(),
                                                    sample_stitched(st, conditions(experts), 1.0, settings, given={}).values()))
 
@@ -166,7 +167,7 @@ def test_unconditional_half_sees_the_reference_or_zeros(policy):
         pa, pb = st(inputs["a"], inputs["b"], source_mask=mask)
         return {"a": pa, "b": pb}
 
-    out = sample(experts, conditions(experts), 1.0, SamplingSettings(steps=2, guidance={"a": 2.0, "b": 1.0}), spy, given=given)
+    out = sample(experts, conditions(experts), 1.0, SamplerConfig(steps=2, guidance={"a": 2.0, "b": 1.0}), spy, given=given)
     for x, t in seen:
         cond, uncond = x[:2, :, 0], x[2:, :, 0]
         assert torch.equal(cond, ref[:, :, 0])

@@ -23,7 +23,7 @@ from soe.builders import build_expert
 from soe.cli import main
 from soe.config import load_recipe
 from soe.data.annotate import AnnotatorError, VLMAnnotator
-from soe.data.encode import EncodeSettings, encode_folder
+from soe.data.encode import EncodeConfig, encode_folder
 from soe.data.stream_writer import PartWriter
 from soe.data.stream_read import load_cache
 from soe.train.latent_cache import LatentCacheError, validate_clip_shapes
@@ -93,7 +93,7 @@ def src(tmp_path_factory):
 
 def encode(src, out, overrides=(), **kw):
     cfg = load_recipe(DEMO, [*SECONDS, *overrides])
-    return encode_folder(cfg, src, out, kw.pop("settings", EncodeSettings(shard_size=2)), console=QUIET, progress=False, **kw)
+    return encode_folder(cfg, src, out, kw.pop("settings", EncodeConfig(shard_size=2)), console=QUIET, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +338,7 @@ def test_wan_with_ace_step_v1_text_encoders_workers_and_aspect_buckets(src, tmp_
     two decode processes, and aspect-ratio buckets."""
     te = [f"experts.a.text_encoder_path={wan_text_folder(tmp_path / 'wan')}", f"experts.b.text_encoder_path={ace_text_folder(tmp_path / 'ace')}"]
     out = tmp_path / "v1"
-    settings = EncodeSettings(shard_size=2, resolutions=[[64, 64], [64, 96]])
+    settings = EncodeConfig(shard_size=2, resolutions=[[64, 64], [64, 96]])
     report = encode(src, out, [*V1, *te], settings=settings, workers=2)
     assert report.windows_new == 5 and report.by_reason["no audio"] == 1
     meta, rows, clips = cached(out)

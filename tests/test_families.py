@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import batch_for, tiny
-from soe import ConnectorSpec, Stitcher, get_expert
+from soe import ConnectorConfig, Stitcher, get_expert
 
 PAIRS = [
     ("wan2.2-ti2v", "stable-audio-open"), ("stable-audio-open", "wan2.2-ti2v"),  # video + audio
@@ -105,7 +105,7 @@ def test_wan22_image_to_video_conditions_the_first_frame():
 def make(a_name, b_name, direction, init="zero"):
     a, b = tiny(a_name, 0), tiny(b_name, 1)
     torch.manual_seed(2)
-    st = Stitcher(a, b, direction=direction, connector=ConnectorSpec(init=init))
+    st = Stitcher(a, b, direction=direction, connector=ConnectorConfig(init=init))
     return st, batch_for(a, 2, 1.0, seed=3), batch_for(b, 2, 1.0, seed=4)
 
 

@@ -227,8 +227,7 @@ def test_recipe_relative_weight_paths_are_found_next_to_the_recipe(tmp_path):
 def test_training_reports_sync_before_and_after_and_stacks_the_sheets(tmp_path, capsys):
     import json
 
-    from soe.builders import build_stitcher
-    from soe.generate import sampling_settings
+    from soe.builders import build_sampler, build_stitcher
     from soe.sampling import sample
     from soe.train import sync_eval
 
@@ -246,7 +245,7 @@ def test_training_reports_sync_before_and_after_and_stacks_the_sheets(tmp_path, 
     seconds = cfg.sample.seconds or cfg.data.seconds
     cond, _ = sync_eval.held_out(experts, seconds, 2, cfg.seed)
     with torch.no_grad():
-        alone = sample(experts, cond, seconds, sampling_settings(cfg))
+        alone = sample(experts, cond, seconds, build_sampler(cfg))
     assert report["experts alone"]["sync"] == pytest.approx(sync_eval.sync_score(alone, experts, seconds))
     assert "audio-visual sync on 2 held-out clips" in (tmp_path / "screen.txt").read_text()
     sheets = [Image.open(run / "samples" / f"step-{s:06d}" / "sample_00.png") for s in (0, 2)]

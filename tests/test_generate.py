@@ -8,9 +8,10 @@ from PIL import Image
 from rich.console import Console
 
 from conftest import tiny
-from soe import ConnectorSpec, Stitcher
+from soe import ConnectorConfig, Stitcher
 from soe.cli import main
-from soe.sampling import SamplingSettings, guided, sample, sample_stitched
+from soe.sampling import guided, sample, sample_stitched
+from soe.schema import SamplerConfig
 from soe.train.run import run_training
 
 DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
@@ -20,7 +21,7 @@ QUIET = Console(file=open("/dev/null", "w"))
 def pair(init="zero", b_name="ace-step-1.5"):
     a, b = tiny("wan2.1", 0), tiny(b_name, 1)
     torch.manual_seed(5)
-    return Stitcher(a, b, connector=ConnectorSpec(init=init))
+    return Stitcher(a, b, connector=ConnectorConfig(init=init))
 
 
 def conditions(st, n=2):
@@ -32,7 +33,7 @@ def conditions(st, n=2):
 @pytest.mark.parametrize("b_name", ["ace-step-1.5", "ace-step"])
 def test_zero_init_joint_sampling_equals_each_expert_alone(scheduler, b_name):
     st = pair(b_name=b_name)
-    s = SamplingSettings(steps=5, scheduler=scheduler, guidance={"a": 1.2, "b": 5.0})
+    s = SamplerConfig(steps=5, scheduler=scheduler, guidance={"a": 1.2, "b": 5.0})
     joint = sample_stitched(st, conditions(st), 1.0, s)
     alone = sample({"a": st.a, "b": st.b}, conditions(st), 1.0, s)
     for k in ("a", "b"):
@@ -42,7 +43,7 @@ def test_zero_init_joint_sampling_equals_each_expert_alone(scheduler, b_name):
 
 def test_sampling_is_deterministic_for_a_seed_and_noise_is_independent_per_modality():
     st = pair(init="trunc_normal")
-    s0, s1 = SamplingSettings(steps=3, seed=0), SamplingSettings(steps=3, seed=1)
+    s0, s1 = SamplerConfig(steps=3, seed=0), SamplerConfig(steps=3, seed=1)
     x, y, z = (sample_stitched(st, conditions(st), 1.0, s) for s in (s0, s0, s1))
     assert all(torch.equal(x[k], y[k]) for k in x)
     assert not torch.allclose(x["a"], z["a"])
@@ -61,7 +62,7 @@ def test_cfg_scale_one_is_the_conditional_prediction():
         pa, pb = st(inputs["a"], inputs["b"], source_mask=mask)
         return {"a": pa, "b": pb}
 
-    sample({"a": st.a, "b": st.b}, conditions(st), 1.0, SamplingSettings(steps=2, guidance={"a": 1.0, "b": 1.0}), predict)
+    sample({"a": st.a, "b": st.b}, conditions(st), 1.0, SamplerConfig(steps=2, guidance={"a": 1.0, "b": 1.0}), predict)
     assert seen == [None, None]
 
 
@@ -174,7 +175,7 @@ def test_negative_prompt_is_the_null_branch_of_experts_that_take_one():
         seen.append(inputs)
         return {"a": st.a(inputs["a"]), "b": st.b(inputs["b"])}
 
-    s = SamplingSettings(steps=2, scheduler="euler", guidance={"a": 3.0, "b": 2.0})
+    s = SamplerConfig(steps=2, scheduler="euler", guidance={"a": 3.0, "b": 2.0})
     with_neg = sample({"a": st.a, "b": st.b}, cond, 1.0, s, predict=predict, negative=neg)
     null_a, null_b = seen[0]["a"]["encoder_hidden_states"][2:], seen[0]["b"]["text_hidden_states"][2:]
     assert torch.equal(null_a, neg["a"]["encoder_hidden_states"].expand_as(null_a))

@@ -15,7 +15,7 @@ from torch import nn
 import soe.registry as registry
 from conftest import tiny
 from soe.experts.wan import WanExpert
-from soe import BlockListExpert, ConnectorSpec, Stitcher, TokenLayout, stitch_into
+from soe import BlockListExpert, ConnectorConfig, Stitcher, TokenLayout, stitch_into
 from soe.cli import main
 from soe.generic import BlockListError, find_block_list
 from soe.testing import assert_expert_contract, check_expert, run_check
@@ -193,7 +193,7 @@ def test_stitch_into_a_model_without_plugin(source_name):
 
 def test_plugin_less_model_as_the_source():
     host_expert, source = tiny("ace-step-1.5"), BlockListExpert(ltx_host(), ltx_layout, blocks="transformer_blocks")
-    st = Stitcher(source, host_expert, direction="a_to_b", connector=ConnectorSpec(init="trunc_normal"))
+    st = Stitcher(source, host_expert, direction="a_to_b", connector=ConnectorConfig(init="trunc_normal"))
     hb = host_expert.dummy_batch(2, 1.0, torch.Generator().manual_seed(1))
     with torch.no_grad():
         ps, ph = st(ltx_batch(), hb)

@@ -12,9 +12,10 @@ import torch
 
 from conftest import batch_for, tiny
 from soe import Stitcher
-from soe.lora import LoraSpec, set_trainable
-from soe.sampling import SamplingSettings, sample_stitched
-from soe.speed import SpeedSpec, apply_speed
+from soe.lora import set_trainable
+from soe.sampling import sample_stitched
+from soe.schema import LoraConfig, SamplerConfig, SpeedConfig
+from soe.speed import apply_speed
 from soe.step_cache import StepCache, stitched_blocks
 from soe.train.storage import store_frozen_in
 from test_universe1 import fused
@@ -41,7 +42,7 @@ def test_offloading_is_exact_and_stitching_hooks_still_fire(engine, memory):
     with torch.no_grad():
         ref = st(ba, bb)
         alone = (st.a(ba), st.b(bb))  # the experts without stitching
-        apply_speed(st, SpeedSpec(memory=memory), "cpu")
+        apply_speed(st, SpeedConfig(memory=memory), "cpu")
         got = st(ba, bb)
         again = st(ba, bb)  # second call: after the first call recorded the block order
     for g, r, a in zip(got, ref, alone):
@@ -52,7 +53,7 @@ def test_offloading_is_exact_and_stitching_hooks_still_fire(engine, memory):
 
 def test_offload_blocks_registers_one_group_per_block_and_keeps_the_rest_resident():
     st, ba, bb = fused()
-    apply_speed(st, SpeedSpec(memory="offload_blocks"), "cpu")
+    apply_speed(st, SpeedConfig(memory="offload_blocks"), "cpu")
     blocks = stitched_blocks(st)
     assert len(blocks["b"]) > st.b.num_blocks  # inserted blocks are offloaded too
     for side in ("a", "b"):
@@ -65,7 +66,7 @@ def test_fp8_storage_is_bounded():
     st, ba, bb = fused()
     with torch.no_grad():
         ref = st(ba, bb)
-        apply_speed(st, SpeedSpec(storage_dtype="float8_e4m3fn"), "cpu")
+        apply_speed(st, SpeedConfig(storage_dtype="float8_e4m3fn"), "cpu")
         got = st(ba, bb)
     assert st.a.model.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn  # really stored in fp8
     assert st.a.model.patch_embedding.weight.dtype == torch.float32  # skipped: patch embedding, norms
@@ -77,7 +78,7 @@ def test_attention_backend_reaches_wrapped_processors_and_is_exact():
     st, ba, bb = fused()
     with torch.no_grad():
         ref = st(ba, bb)
-        setup = apply_speed(st, SpeedSpec(attention_backend="native"), "cpu")
+        setup = apply_speed(st, SpeedConfig(attention_backend="native"), "cpu")
         got = st(ba, bb)
     assert "model.blocks.0.attn1" in setup.attention  # Wan's processors (wrapped by the injection) use the dispatcher
     assert not any(n.startswith("model.transformer_blocks") for n in setup.attention)  # ACE-Step's own do not
@@ -89,7 +90,7 @@ def test_regional_compile_matches():
     st, ba, bb = lockstep()
     with torch.no_grad():
         ref = st(ba, bb)
-        apply_speed(st, SpeedSpec(), "cpu")
+        apply_speed(st, SpeedConfig(), "cpu")
         from soe.speed import compile_blocks
 
         compile_blocks([b for bl in stitched_blocks(st).values() for b in bl], backend="eager")
@@ -106,9 +107,9 @@ def _conditions(st):
 @pytest.mark.parametrize("engine", list(MAKERS))
 def test_step_cache_threshold_zero_is_exact_and_a_loose_one_skips(engine):
     st, _, _ = MAKERS[engine]()
-    cond, s = _conditions(st), SamplingSettings(steps=5, guidance={"a": 1.2, "b": 5.0})
+    cond, s = _conditions(st), SamplerConfig(steps=5, guidance={"a": 1.2, "b": 5.0})
     ref = sample_stitched(st, cond, 1.0, s)
-    setup = apply_speed(st, SpeedSpec(cache="first_block", cache_threshold=0.0), "cpu")
+    setup = apply_speed(st, SpeedConfig(cache="first_block", cache_threshold=0.0), "cpu")
     got = sample_stitched(st, cond, 1.0, s)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     assert setup.cache.stats["skipped"] == 0 and setup.cache.stats["computed"] == 5
@@ -161,7 +162,7 @@ def test_training_with_fp8_frozen_weights_has_bounded_gradients(checkpointing):
     def grads(fp8):
         a, b = tiny("wan2.1"), tiny("ace-step", 1)
         for e in (a, b):
-            set_trainable(e, "lora", LoraSpec(r=4, alpha=4))
+            set_trainable(e, "lora", LoraConfig(r=4, alpha=4))
             for n, p in e.named_parameters():
                 if "lora_B" in n:
                     torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(n)))

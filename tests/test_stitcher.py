@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import batch_for, tiny
-from soe import ConnectorSpec, Stitcher
+from soe import ConnectorConfig, Stitcher
 
 PAIRS_OF_FAMILIES = [("wan2.1", "ace-step-1.5"), ("ace-step-1.5", "wan2.1"), ("wan2.1", "wan2.1"), ("ace-step-1.5", "ace-step-1.5"),
                      ("wan2.1", "ace-step"), ("ace-step", "wan2.1"), ("ace-step", "ace-step-1.5")]
@@ -12,7 +12,7 @@ PAIRS_OF_FAMILIES = [("wan2.1", "ace-step-1.5"), ("ace-step-1.5", "wan2.1"), ("w
 def make(a_name="wan2.1", b_name="ace-step-1.5", direction="both", init="zero", seed=0, **kw):
     a, b = tiny(a_name, seed), tiny(b_name, seed + 1)
     torch.manual_seed(seed + 2)
-    st = Stitcher(a, b, direction=direction, connector=ConnectorSpec(init=init), **kw)
+    st = Stitcher(a, b, direction=direction, connector=ConnectorConfig(init=init), **kw)
     return st, batch_for(a, 2, 1.0, seed=3), batch_for(b, 2, 1.0, seed=4)
 
 
@@ -81,7 +81,7 @@ def test_unstitch_restores_native_outputs_and_keys():
     ba, bb = batch_for(a), batch_for(b)
     with torch.no_grad():
         ref_a, ref_b = a(ba), b(bb)
-        st = Stitcher(a, b, direction="a_to_b", connector=ConnectorSpec(init="trunc_normal"))
+        st = Stitcher(a, b, direction="a_to_b", connector=ConnectorConfig(init="trunc_normal"))
         assert list(a.state_dict()) == keys_a and list(b.state_dict()) == keys_b
         assert sum(len(blk._forward_hooks) for blk in b.blocks) == len(st.pairs)
         _, pb = st(ba, bb)

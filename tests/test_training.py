@@ -7,9 +7,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from soe.builders import build_stitcher
+from soe.builders import apply_training_setup, build_stitcher
 from soe.config import load_recipe
-from soe.lora import apply_training_setup
 from soe.train.checkpoint import load_trained
 from soe.train.plots import read_run_metrics
 from soe.train.run import run_training

@@ -194,13 +194,14 @@ def test_convert_universe1_maps_every_released_tensor(tmp_path):
 
 def test_fused_stitch_samples_jointly_with_cfg():
     """The UniVerse-1 fusion runs through the joint sampler (UniPC, shift 15, CFG video 1.2 / audio 5.0)."""
-    from soe.sampling import SamplingSettings, sample_stitched
+    from soe.sampling import sample_stitched
+    from soe.schema import SamplerConfig
 
     st, _, _ = fused()
     st.eval()
     cond = {"a": st.a.conditioning(1, 1.0, torch.Generator().manual_seed(0)),
             "b": st.b.conditioning(1, 1.0, torch.Generator().manual_seed(1))}
-    s = SamplingSettings(steps=3, scheduler="unipc", guidance={"a": 1.2, "b": 5.0}, shifts={"a": 15.0, "b": 15.0})
+    s = SamplerConfig(steps=3, scheduler="unipc", guidance={"a": 1.2, "b": 5.0}, shift={"a": 15.0, "b": 15.0})
     x, y = sample_stitched(st, cond, 1.0, s), sample_stitched(st, cond, 1.0, s)
     for k in ("a", "b"):
         assert torch.isfinite(x[k]).all() and torch.equal(x[k], y[k])

@@ -38,7 +38,7 @@ from soe.threads import configure_threads
 
 
 @dataclass
-class EncodeSettings:
+class EncodeConfig:
     """``encode.<key>=value`` on the ``soe encode`` command line."""
 
     durations: Optional[List[float]] = None  # window lengths in seconds, one duration bucket each; null = [data.seconds]
@@ -72,11 +72,11 @@ class EncodeSettings:
             raise RecipeError(f"encode.max_windows: expected a positive integer, got {self.max_windows}")
 
 
-def parse_settings(overrides: list[str]) -> tuple[list[str], EncodeSettings]:
+def parse_settings(overrides: list[str]) -> tuple[list[str], EncodeConfig]:
     """Split ``encode.*`` overrides (settings of this command) from recipe overrides."""
     ours = [o[len("encode."):] for o in overrides if o.startswith("encode.")]
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(EncodeSettings), OmegaConf.from_dotlist(ours))
+        merged = OmegaConf.merge(OmegaConf.structured(EncodeConfig), OmegaConf.from_dotlist(ours))
         settings = OmegaConf.to_object(merged)
     except oc_errors.OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
@@ -184,14 +184,14 @@ class _Encoder:
             self.writer.add(record)
 
 
-def encode_folder(cfg, src, out, settings: EncodeSettings | None = None, workers: int = 0, console: Console | None = None,
+def encode_folder(cfg, src, out, settings: EncodeConfig | None = None, workers: int = 0, console: Console | None = None,
                   progress: bool = True, codecs: dict | None = None, annotator: Annotator | None = None,
                   shard: tuple[int, int] = (0, 1)) -> EncodeReport:
     """Encode every usable clip of ``src`` into the latent cache ``out`` (resuming what is there).
 
     ``shard=(I, N)``: this process encodes clips I, I+N, I+2N, ... of the sorted clip list (part I of N);
     the last part to finish merges the cache."""
-    settings = settings or EncodeSettings()
+    settings = settings or EncodeConfig()
     console = console or Console()
     t0 = time.perf_counter()
     fresh = not Path(out).exists()
@@ -210,15 +210,14 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
     v, a = media_sides(experts)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device)
     if codecs is None:
+        from soe.builders import build_codec
+
         codecs = {}
         for side in (v, a):
             if cfg.experts[side].path is not None and cfg.experts[side].codec_path is None:
                 raise RecipeError(f"experts.{side}.codec_path: expert '{experts[side].name}' has real weights; give its codec "
                                   "folder (a tiny random codec would write meaningless latents)")
-            try:
-                codecs[side] = experts[side].codec(cfg.experts[side].codec_path)
-            except NotImplementedError as err:
-                raise RecipeError(f"experts.{side}.codec_path: {err}") from None
+            codecs[side] = build_codec(cfg, side, experts[side])
     codecs = {s: c.to(device).eval() for s, c in codecs.items()}
     ve = experts[v]
     fps, sample_rate = float(ve.fps), int(codecs[a].rate)

@@ -31,12 +31,13 @@ from pathlib import Path
 
 import torch
 
+from soe.schema import Dtype
 from soe.train.latent_cache import LatentCacheError
 
 FORMAT = 2
 WINDOWS, TEXTS, PARTS = "windows", "texts", "parts"
 INDEX = "index.json"  # litdata's index file name
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {d.value: d.torch for d in Dtype}  # stored dtypes: the recipe's dtype names
 
 
 def latent_dtype_for(precision: str) -> str:

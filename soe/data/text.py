@@ -22,12 +22,9 @@ class TextConditioner:
         e = cfg.experts[side]
         self.encoder = None
         if e.text_encoder_path is not None:
-            try:
-                self.encoder = expert.text_encoder(e.text_encoder_path, device=device)
-            except NotImplementedError as err:
-                raise RecipeError(f"experts.{side}.text_encoder_path: {err}") from None
-            except (OSError, ValueError) as err:
-                raise RecipeError(f"experts.{side}.text_encoder_path: cannot load '{e.text_encoder_path}': {' '.join(str(err).split())[:300]}") from None
+            from soe.builders import build_text_encoder
+
+            self.encoder = build_text_encoder(cfg, side, expert, device)
         elif e.path is not None:
             raise RecipeError(f"experts.{side}.text_encoder_path: expert '{expert.name}' has real weights; encoding captions "
                               "needs its own text encoder (a local folder), pseudo-embeddings are for random tiny experts only")

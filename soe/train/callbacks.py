@@ -79,7 +79,7 @@ class SyncReportCallback(Callback):
 
         from soe.sampling import sample_stitched
         from soe.train import sync_eval
-        from soe.generate import sampling_settings
+        from soe.builders import build_sampler
 
         st = pl_module.stitcher
         experts = {"a": st.a, "b": st.b}
@@ -92,7 +92,7 @@ class SyncReportCallback(Callback):
         try:
             with torch.no_grad():
                 cond = {s: {k: v.to(experts[s].device) for k, v in c.items()} for s, c in cond.items()}
-                latents = sample_stitched(st, cond, seconds, sampling_settings(self.cfg))
+                latents = sample_stitched(st, cond, seconds, build_sampler(self.cfg))
         finally:
             st.train(was_training)
         latents = {s: v.float().cpu() for s, v in latents.items()}

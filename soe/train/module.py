@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -11,35 +10,26 @@ import torch
 from soe.batch_check import cast_batch
 from soe.errors import CheckpointError, NonFiniteLossError
 from soe.flow import FlowObjective, stream_seed
+from soe.schema import NonFinite, OptimConfig, choice
 from soe.stitcher import Stitcher
 
 
-@dataclass(frozen=True)
-class OptimSettings:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine
-    max_steps: int = 1000
-
-
-def lr_factor(step: int, s: OptimSettings) -> float:
+def lr_factor(step: int, s: OptimConfig, max_steps: int) -> float:
     """Linear warmup, then constant or cosine decay to zero at ``max_steps``."""
     if step < s.warmup_steps:
         return (step + 1) / s.warmup_steps
     if s.schedule == "cosine":
-        progress = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
+        progress = (step - s.warmup_steps) / max(1, max_steps - s.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
 
 
 class StitchModule(L.LightningModule):
-    def __init__(self, stitcher: Stitcher, objective: FlowObjective, optim: OptimSettings, on_nonfinite: str = "stop"):
+    def __init__(self, stitcher: Stitcher, objective: FlowObjective, optim: OptimConfig, max_steps: int = 1000,
+                 on_nonfinite: str = "stop"):
         super().__init__()
-        if on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {on_nonfinite!r}")
-        self.stitcher, self.objective, self.optim, self.on_nonfinite = stitcher, objective, optim, on_nonfinite
+        self.stitcher, self.objective, self.optim, self.max_steps = stitcher, objective, optim, max_steps
+        self.on_nonfinite = choice(NonFinite, on_nonfinite, "trainer.on_nonfinite")
         self.skipped_steps: list[int] = []  # steps skipped for a non-finite loss (on_nonfinite: skip)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
 
@@ -86,7 +76,7 @@ class StitchModule(L.LightningModule):
     def configure_optimizers(self):
         s = self.optim
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- strategies ----------------------------------------------------------------------------

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from soe.schema import Dtype
+
 FOLDERS = {"video": "video_expert", "audio": "audio_expert"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {d.value: d.torch for d in Dtype}
 
 
 def pretrain(recipe, out, overrides=(), dtype: str = "float32", sides=("a", "b"), console=None) -> dict:
@@ -53,12 +55,13 @@ def pretrain(recipe, out, overrides=(), dtype: str = "float32", sides=("a", "b")
 
 def judge(experts: dict, seconds: float, n: int = 32, steps: int = 20, seed: int = 0) -> dict:
     """Frechet distance per modality and AV-Align of the experts sampled independently, on ``n`` held-out clips."""
-    from soe.sampling import SamplingSettings, sample
+    from soe.sampling import sample
+    from soe.schema import SamplerConfig
     from soe.train import sync_eval
 
     cond, truth = sync_eval.held_out(experts, seconds, n, seed)
     with torch.no_grad():
-        latents = sample({s: e.eval() for s, e in experts.items()}, cond, seconds, SamplingSettings(steps=steps, seed=seed))
+        latents = sample({s: e.eval() for s, e in experts.items()}, cond, seconds, SamplerConfig(steps=steps, seed=seed))
     return {"frechet": sync_eval.frechet(latents, truth, experts, seconds), "sync": sync_eval.sync_score(latents, experts, seconds),
             "sync_truth": sync_eval.sync_score(truth, experts, seconds), "latents": latents, "truth": truth}
 

@@ -11,55 +11,20 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from soe.builders import build_stitcher
+from soe.builders import apply_training_setup, build_datamodule, build_objective, build_optim, build_stitcher
 from soe.console import console_kwargs, make_console
 from soe.config import RecipeError, load_recipe, to_container, validate_recipe
 from soe.errors import one_line
 from soe.extras import has as has_extra, missing_message
-from soe.conditioning import TaskMixture
-from soe.flow import FlowObjective
-from soe.lora import apply_training_setup
 from soe.train.storage import apply_storage_dtypes
 from soe.report import print_tables, stitch_tables
 from soe.threads import configure_threads
 from soe.train.callbacks import SampleCallback, SyncReportCallback
 from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained, RunCheckpoint, read_checkpoint
-from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
-from soe.train.module import OptimSettings, StitchModule
+from soe.train.module import StitchModule
 from soe.train.plots import plot_losses
 from soe.train.progress import StepProgressBar, quiet_libraries
 from soe.train.run_folder import RunLock, check_recipe_changes
-
-
-def build_objective(cfg, stitcher) -> FlowObjective:
-    experts = {"a": stitcher.a, "b": stitcher.b}
-    tasks = TaskMixture(dict(to_container(cfg.flow.tasks)) or {"joint": 1.0}, experts, seed=cfg.seed, extend_seconds=cfg.flow.extend_seconds)
-    return FlowObjective(
-        experts,
-        timesteps=cfg.flow.timesteps,
-        density=cfg.flow.density,
-        shifts={s: cfg.experts[s].flow_shift for s in experts},
-        weights={s: cfg.experts[s].loss_weight for s in experts},
-        balance=cfg.flow.balance,
-        momentum=cfg.flow.balance_momentum,
-        seed=cfg.seed,
-        tasks=tasks,
-    )
-
-
-def build_datamodule(cfg, stitcher):
-    experts, d = {"a": stitcher.a, "b": stitcher.b}, cfg.data
-    if d.kind == "synthetic":
-        return SyntheticAVDataModule(experts, seconds=d.seconds, num_clips=d.num_clips, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers)
-    from soe.data.stream_format import is_stream_cache
-
-    if is_stream_cache(d.path):  # written by `soe encode`: streamed, bounded memory per rank
-        from soe.data.streaming import StreamingLatentDataModule
-
-        return StreamingLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
-                                         shuffle_chunks=d.shuffle_chunks, seconds=d.seconds)
-    return PairedLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
-                                  seconds=d.seconds)
 
 
 def build_strategy(name: str, devices, num_nodes: int):
@@ -152,10 +117,8 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     apply_training_setup(stitcher, cfg)
     apply_storage_dtypes(stitcher, cfg)  # experts.<side>.storage_dtype: frozen weights in fp8
     stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training
-    module = StitchModule(stitcher, build_objective(cfg, stitcher), OptimSettings(
-        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
-        warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule, max_steps=cfg.trainer.max_steps),
-        on_nonfinite=cfg.trainer.on_nonfinite)
+    module = StitchModule(stitcher, build_objective(cfg, stitcher), build_optim(cfg), max_steps=cfg.trainer.max_steps,
+                          on_nonfinite=cfg.trainer.on_nonfinite)
     if resume_from:  # a bad checkpoint fails here, before Lightning's loggers touch the run folder
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}

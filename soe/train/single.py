@@ -8,15 +8,16 @@ import lightning as L
 
 from soe.expert import Expert
 from soe.flow import FlowObjective
-from soe.train.module import OptimSettings, StitchModule
+from soe.schema import OptimConfig
+from soe.train.module import StitchModule
 
 
 class ExpertModule(StitchModule):
     """A ``StitchModule`` whose model is one expert, fed the ``side`` of each paired batch."""
 
-    def __init__(self, expert: Expert, side: str, optim: OptimSettings, seed: int = 0, density: str = "logit_normal"):
+    def __init__(self, expert: Expert, side: str, optim: OptimConfig, max_steps: int, seed: int = 0, density: str = "logit_normal"):
         L.LightningModule.__init__(self)
-        self.expert, self.side, self.optim = expert, side, optim
+        self.expert, self.side, self.optim, self.max_steps = expert, side, optim, max_steps
         self.objective = FlowObjective({side: expert}, density=density, seed=seed)
         self.strict_loading = False
 
@@ -39,7 +40,7 @@ def pretrain_expert(expert: Expert, datamodule, side: str, max_steps: int, lr: f
 
     quiet_libraries()
     expert.requires_grad_(True).train()
-    module = ExpertModule(expert, side, OptimSettings(lr=lr, warmup_steps=warmup_steps, schedule=schedule, max_steps=max_steps), seed=seed)
+    module = ExpertModule(expert, side, OptimConfig(lr=lr, warmup_steps=warmup_steps, schedule=schedule), max_steps, seed=seed)
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=progress,
                         enable_model_summary=False, use_distributed_sampler=False, gradient_clip_val=1.0, **trainer_kwargs)
     trainer.fit(module, datamodule=datamodule)

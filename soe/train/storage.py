@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from soe.speed import SKIP_CAST, STORAGE_DTYPES
+from soe.schema import StorageDtype
+from soe.speed import SKIP_CAST
 
 HOOK_NAME = "soe_fp8_storage"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -45,7 +46,7 @@ def store_frozen_in(model: nn.Module, storage_dtype: str, compute_dtype: torch.d
         params = [m.weight] + ([m.bias] if m.bias is not None else [])
         if any(p.requires_grad for p in params):
             continue
-        m.weight.data = m.weight.data.to(STORAGE_DTYPES[storage_dtype])
+        m.weight.data = m.weight.data.to(StorageDtype(storage_dtype).torch)
         HookRegistry.check_if_exists_or_initialize(m).register_hook(_CastCopyHook(compute_dtype), HOOK_NAME)
         done.append(name)
     return done

@@ -1,0 +1,40 @@
+"""The recipe schema: the option dataclasses the code takes, which OmegaConf also reads as the
+structured config of a recipe file. Each option is declared once, here, one file per recipe section.
+
+    >>> from soe.schema import ConnectorConfig, build
+    >>> build(ConnectorConfig, {"init": "trunc_normal"}).init
+    'trunc_normal'
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from soe.schema.base import Choice, Dtype, OptionError, RecipeError, StorageDtype, build, choice
+from soe.schema.experts import ExpertConfig, ExpertsConfig, LoraConfig, TrainMode
+from soe.schema.sample import SampleConfig, SamplerConfig, Scheduler, SpeedConfig
+from soe.schema.stitch import (ConnectorConfig, DepthConfig, DepthMode, Direction, Engine, InjectConfig, InjectMode,
+                               KVTargetConfig, StitchConfig)
+from soe.schema.train import DataConfig, FlowConfig, NonFinite, OptimConfig, TrainerConfig
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    run_dir: str = "runs/${name}"
+    resume: bool = False
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    stitch: StitchConfig = field(default_factory=StitchConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+SECTIONS = ("experts", "stitch", "flow", "data", "optim", "trainer", "sample")
+
+__all__ = ["Choice", "ConnectorConfig", "DataConfig", "DepthConfig", "DepthMode", "Direction", "Dtype", "Engine", "ExpertConfig",
+           "ExpertsConfig", "FlowConfig", "InjectConfig", "InjectMode", "KVTargetConfig", "LoraConfig", "NonFinite", "OptimConfig",
+           "OptionError", "Recipe", "RecipeError", "SECTIONS", "SampleConfig", "SamplerConfig", "Scheduler", "SpeedConfig",
+           "StitchConfig", "StorageDtype", "TrainMode", "TrainerConfig", "build", "choice"]

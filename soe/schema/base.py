@@ -1,0 +1,132 @@
+"""What every option dataclass shares: choices as string Enums, one-line errors that name the key,
+and ``build``, which turns a recipe section (or a plain dict) into its dataclass.
+
+An option dataclass is declared once and serves twice: OmegaConf reads it as the recipe schema
+(types, defaults, unknown keys, the names of a choice) and the code takes an instance of it. Its
+``__post_init__`` checks what a type cannot express and raises :class:`OptionError` with the key
+relative to the dataclass; ``build`` puts the section's path in front (``stitch.connector.mlp: ...``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from enum import StrEnum
+
+from soe.errors import SoeError
+
+
+class RecipeError(SoeError, ValueError):
+    """A recipe problem, reported as one line: ``<key>: <what is wrong and what was expected>``."""
+
+
+class OptionError(RecipeError):
+    """A bad option value; ``key`` is relative to the dataclass that checked it until ``build`` prefixes it."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason = key, reason
+
+    def under(self, prefix: str) -> "OptionError":
+        return OptionError(f"{prefix}.{self.key}" if prefix and self.key else prefix or self.key, self.reason)
+
+
+class Choice(StrEnum):
+    """A closed set of names. A member equals, hashes and prints as its name (``repr`` too), so
+    ``cfg.flow.timesteps == "shared"`` and messages read as plain text."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [m.value for m in cls]
+
+
+class _TorchDtype(Choice):
+    @property
+    def torch(self):
+        """The ``torch.dtype`` of this name."""
+        import torch
+
+        return getattr(torch, self.value)
+
+
+class Dtype(_TorchDtype):
+    """Compute dtypes of experts and stored tensors (the name is the torch attribute)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class StorageDtype(_TorchDtype):
+    """fp8 formats frozen weights can be stored in (each layer computes in the expert's dtype)."""
+
+    float8_e4m3fn = "float8_e4m3fn"
+    float8_e5m2 = "float8_e5m2"
+
+
+def choice(cls: type[Choice], value, key: str) -> Choice:
+    """``value`` as a member of ``cls``, or an OptionError listing the names."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        raise OptionError(key, f"expected one of {cls.names()}, got {value!r}") from None
+
+
+def optional_choice(cls: type[Choice], value, key: str) -> Choice | None:
+    if value is None:
+        return None
+    try:
+        return choice(cls, value, key)
+    except OptionError:
+        raise OptionError(key, f"expected null or one of {cls.names()}, got {value!r}") from None
+
+
+def require(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise OptionError(key, reason)
+
+
+def build(cls, value=None, key: str = ""):
+    """``value`` (None for the defaults, an instance, a mapping or an OmegaConf node) as dataclass ``cls``.
+
+    Nested option dataclasses (also in lists and dicts) are built first, each under its own key; a
+    check that fails raises a RecipeError naming the full key, e.g. ``stitch.inject.b_to_a.targets.0.mode``.
+    """
+    if isinstance(value, cls):
+        return value
+    value = {} if value is None else value
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.init and f.name in value:
+            kwargs[f.name] = _build_value(hints[f.name], value[f.name], f"{key}.{f.name}" if key else f.name)
+    unknown = [k for k in value if k not in kwargs and k not in {f.name for f in dataclasses.fields(cls)}]
+    if unknown:
+        raise OptionError(f"{key}.{unknown[0]}" if key else str(unknown[0]), f"not an option of {cls.__name__}; "
+                          f"expected one of {[f.name for f in dataclasses.fields(cls)]}")
+    try:
+        return cls(**kwargs)
+    except OptionError as err:
+        raise err.under(key) from None
+
+
+def _build_value(tp, value, key: str):
+    from omegaconf import OmegaConf
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin in (list, tuple) and args and dataclasses.is_dataclass(args[0]):
+        return [build(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return {k: build(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value

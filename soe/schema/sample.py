@@ -1,0 +1,120 @@
+"""``sample``: how ``soe generate`` (and sampling during training) integrates, what it is given, and
+the memory/speed switches (soe/sampling.py takes a ``SamplerConfig``, soe/speed.py a ``SpeedConfig``;
+the ``sample`` section is both)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from soe.schema.base import Choice, OptionError, StorageDtype, choice, optional_choice, require
+
+# conditioning inputs of `soe generate` (at most one): sample.<key> -> the task it asks of the experts
+GIVEN_MEDIA = {"image": "image", "video": "v2a", "audio": "a2v", "extend": "extend"}
+
+
+class Scheduler(Choice):  # diffusers flow-matching schedulers
+    unipc = "unipc"
+    euler = "euler"
+
+
+class Memory(Choice):
+    none = "none"
+    offload_blocks = "offload_blocks"  # blocks wait on the CPU, moved to the device just before they run
+    offload_model = "offload_model"  # each model on the device only while it is used
+
+
+class StepCacheMode(Choice):
+    none = "none"
+    first_block = "first_block"  # skip all later blocks on steps where the first blocks barely change
+
+
+class Decode(Choice):
+    codec = "codec"  # each expert's own codec
+    synthetic_preview = "synthetic_preview"  # what synthetic-task latents mean (the demo)
+
+
+class GivenUncond(Choice):
+    keep = "keep"  # CFG's unconditional half sees the given frames clean
+    zeros = "zeros"  # ... or zeros (UniVerse-1)
+
+
+@dataclass
+class SamplerConfig:
+    """The joint sampler: shared timestep grid, per-expert CFG scale and schedule shift."""
+
+    steps: int = 30
+    scheduler: Scheduler = Scheduler.unipc
+    guidance: Dict[str, float] = field(default_factory=lambda: {"a": 1.0, "b": 1.0})  # CFG scale per expert
+    shift: Dict[str, Optional[float]] = field(default_factory=dict)  # per expert; null = its flow_shift
+    seed: int = 0
+
+    def __post_init__(self):
+        self.scheduler = choice(Scheduler, self.scheduler, "scheduler")
+        require(self.steps >= 1, "steps", f"expected a positive integer, got {self.steps}")
+        for key in ("guidance", "shift"):
+            for side, value in getattr(self, key).items():
+                require(side in ("a", "b"), f"{key}.{side}", "expected keys 'a' and 'b' (the two experts)")
+                require(value is None or value > 0, f"{key}.{side}", f"expected a positive number, got {value}")
+
+
+@dataclass
+class SpeedConfig:
+    """Memory and speed switches, all through diffusers hooks (soe/speed.py)."""
+
+    memory: Memory = Memory.none
+    storage_dtype: Optional[StorageDtype] = None  # weights stored in fp8, computed in the expert's dtype
+    compile: bool = False  # torch.compile each block (regional compilation)
+    attention_backend: Optional[str] = None  # diffusers attention dispatcher backend (flash, _native_cudnn, ...); null = torch SDPA
+    cache: StepCacheMode = StepCacheMode.none
+    cache_threshold: float = 0.05  # first_block: relative change of the first blocks' residual below which a step is skipped
+
+    def __post_init__(self):
+        self.memory = choice(Memory, self.memory, "memory")
+        self.storage_dtype = optional_choice(StorageDtype, self.storage_dtype, "storage_dtype")
+        self.cache = choice(StepCacheMode, self.cache, "cache")
+        require(self.cache_threshold >= 0, "cache_threshold", f"expected a number >= 0, got {self.cache_threshold}")
+        if self.attention_backend is not None:
+            from diffusers.models.attention_dispatch import AttentionBackendName
+
+            names = sorted(b.value for b in AttentionBackendName)
+            require(self.attention_backend in names, "attention_backend", f"expected null or one of {names}, got {self.attention_backend!r}")
+
+
+@dataclass
+class SampleConfig(SpeedConfig, SamplerConfig):  # fields: the sampler's, the speed switches', then these
+    ckpt: Optional[str] = None  # run folder of `soe stitch` (or its trained/ folder); null = untrained connectors
+    prompt: str = ""
+    # CFG null branch of experts that take a negative prompt (Wan): its own text encoder's encoding of this
+    negative_prompt: str = ""
+    conditions: Optional[str] = None  # safetensors of precomputed conditioning: "a/<key>", "b/<key>" (+ "a/negative/<key>")
+    seconds: Optional[float] = None  # null = data.seconds
+    num_samples: int = 1
+    out: Optional[str] = None  # null = <run_dir>/samples
+    every_n_steps: int = 0  # during training: render samples every K steps (0 = never)
+    at_end: bool = False  # during training: render once when training ends
+    at_start: bool = False  # during training: also render before the first step (zero-init connectors = the experts alone)
+    sync_clips: int = 0  # AV-Align of N held-out clips before and after training (0 = off; synthetic data only, else skipped)
+    decode: Decode = Decode.codec
+    device: Optional[str] = None  # null = cuda when available, else cpu
+    # conditioning media (at most one; soe/given_media.py): encoded by the expert's own codec, kept clean
+    image: Optional[str] = None  # reference image -> first video latent frame (UniVerse-1)
+    video: Optional[str] = None  # video file -> the whole video (video-to-audio)
+    audio: Optional[str] = None  # audio (or video with sound) file -> the whole audio (audio-to-video)
+    extend: Optional[str] = None  # video with sound -> the first extend_seconds of both
+    extend_seconds: Optional[float] = None  # null = half of the clip
+    given_uncond: GivenUncond = GivenUncond.keep  # CFG's unconditional half at given frames
+
+    def __post_init__(self):
+        SamplerConfig.__post_init__(self)
+        SpeedConfig.__post_init__(self)
+        self.decode = choice(Decode, self.decode, "decode")
+        self.given_uncond = choice(GivenUncond, self.given_uncond, "given_uncond")
+        given = [k for k in GIVEN_MEDIA if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise OptionError(given[1], f"give one conditioning input at a time, got {' and '.join(k + '=' for k in given)}")
+        require(self.num_samples >= 1, "num_samples", f"expected a positive integer, got {self.num_samples}")
+        require(self.seconds is None or self.seconds > 0, "seconds", f"expected a positive duration in seconds, got {self.seconds}")
+        require(self.sync_clips >= 0, "sync_clips", f"expected >= 0 held-out clips (0 = off), got {self.sync_clips}")
+        require(self.every_n_steps >= 0, "every_n_steps", f"expected >= 0 (0 = never), got {self.every_n_steps}")
+        require(self.extend_seconds is None or self.extend_seconds > 0, "extend_seconds",
+                f"expected a positive number of seconds, got {self.extend_seconds}")
