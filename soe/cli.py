@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except SoeError as e:  # recipes, checkpoints, latent caches, arguments, non-finite losses
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
+    except KeyboardInterrupt as e:  # Ctrl-C; training says which checkpoint a resume uses (soe.train.interrupt)
+        err_console.print(f"[bold yellow]interrupted:[/] {escape(str(e) or 'stopped by Ctrl-C')}", highlight=False, soft_wrap=True)
+        return 130
 
 
 if __name__ == "__main__":
