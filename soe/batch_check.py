@@ -32,6 +32,7 @@ def check_batch(expert, batch: dict, name: str) -> int:
     if not torch.is_tensor(t) or t.shape != (n,):
         raise BatchError(f"{name}['timestep']: expected shape ({n},), one flow time per sample, got "
                          f"{list(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+    check_axes(expert, batch, name)
     for axis, multiple in expert.latent_multiples().items():
         if latents.dim() <= axis or latents.shape[axis] % multiple:
             raise BatchError(f"{name}['latents']: shape {list(latents.shape)}, axis {axis} must be a multiple of "
@@ -41,6 +42,20 @@ def check_batch(expert, batch: dict, name: str) -> int:
         if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] not in (n, 1):
             raise BatchError(f"{name}['{k}']: batch size {v.shape[0]}, the latents have {n}")
     return n
+
+
+def check_axes(expert, batch: dict, name: str) -> None:
+    """Rank and fixed sizes of each tensor the expert describes (``Expert.batch_axes``)."""
+    axes = expert.batch_axes()
+    latent_sizes = dict(zip((a for a, _ in axes.get("latents", ())), batch["latents"].shape))
+    for key, spec in axes.items():
+        v = batch.get(key)
+        if not torch.is_tensor(v):
+            continue
+        want = [latent_sizes.get(size) if isinstance(size, str) else size for _, size in spec]
+        if v.dim() != len(spec) or any(w is not None and w != got for w, got in zip(want, v.shape)):
+            shown = ", ".join(axis if w is None else f"{axis}={w}" for (axis, _), w in zip(spec, want))
+            raise BatchError(f"{name}['{key}']: shape {list(v.shape)}, expert '{expert.name}' expects ({shown})")
 
 
 def check_batches(a, b, batch_a: dict, batch_b: dict) -> None:
