@@ -7,6 +7,8 @@ names and presets, existing checkpoint folders, block pairs in range, ...). Ever
 """
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,8 +397,10 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
     if not d.seconds > 0:
         raise RecipeError(f"data.seconds: expected a positive clip length in seconds, got {d.seconds}")
     o = cfg.optim
-    if not o.lr > 0:
-        raise RecipeError(f"optim.lr: expected a positive learning rate, got {o.lr}")
+    if not 0 < o.lr < math.inf:
+        raise RecipeError(f"optim.lr: expected a positive finite learning rate, got {o.lr}")
+    if not o.grad_clip >= 0:
+        raise RecipeError(f"optim.grad_clip: expected a gradient-norm limit >= 0 (0 = no clipping), got {o.grad_clip}")
     if o.weight_decay < 0:
         raise RecipeError(f"optim.weight_decay: expected >= 0, got {o.weight_decay}")
     if o.warmup_steps < 0:
@@ -404,6 +408,8 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise RecipeError(f"optim.betas: expected two values in [0, 1), got {list(o.betas)}")
     _choice(o.schedule, ("constant", "cosine"), "optim.schedule")
+    if not 0 <= cfg.seed < 2**32:  # the range every RNG soe seeds (numpy's included) accepts
+        raise RecipeError(f"seed: expected an integer in [0, 2**32 - 1], got {cfg.seed}")
     t = cfg.trainer
     if t.max_steps < 1:
         raise RecipeError(f"trainer.max_steps: expected a positive number of steps, got {t.max_steps}")
@@ -451,6 +457,8 @@ def validate_sample(cfg: DictConfig, check_paths: bool = True) -> None:
         for key in ("ckpt", "conditions", "image", "video", "audio", "extend"):
             if s[key] is not None and not Path(s[key]).exists():
                 raise RecipeError(f"sample.{key}: not found: '{s[key]}'")
+        if s.ckpt is not None and not Path(s.ckpt).is_dir():
+            raise RecipeError(f"sample.ckpt: '{s.ckpt}' is a file, expected a run folder of `soe stitch` (or its trained/ folder)")
         for side in ("a", "b"):
             for key in ("codec_path", "text_encoder_path"):
                 p = cfg.experts[side][key]

@@ -6,6 +6,7 @@ data epochs, a warmup (a cosine schedule is a function of max_steps, so raising 
 Resuming at step s to a total T covers both sides of the old failure (T < 2s and T > 2s: Lightning's
 restored batch counter against the sampler's length) and a raised ``max_steps``.
 """
+import json
 import os
 import signal
 import subprocess
@@ -168,6 +169,81 @@ def test_killed_between_a_checkpoint_and_its_log_row_loses_no_row(recipe, tmp_pa
     module, straight_dir = straight_runs[7]
     assert_same_run(module, resumed["module"])
     assert_same_logs(straight_dir, run, 7)
+
+
+@pytest.fixture
+def ctrl_c_at(monkeypatch):
+    """``ctrl_c_at(step, times)``: SIGINT this process ``times`` times in the middle of training step ``step``
+    (after the forward, before backward and the optimizer step), as a user's Ctrl-C would land."""
+    from soe.train.module import StitchModule
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever started pytest
+    step_fn = StitchModule.training_step
+
+    def arm(step: int, times: int = 1):
+        fired = []
+
+        def training_step(module, batch, batch_idx):
+            loss = step_fn(module, batch, batch_idx)
+            if module.global_step == step and not fired:  # once: a resumed run passes the step again
+                fired.append(step)
+                for _ in range(times):
+                    signal.raise_signal(signal.SIGINT)
+            return loss
+
+        monkeypatch.setattr(StitchModule, "training_step", training_step)
+
+    yield arm
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(recipe, tmp_path, straight_runs, ctrl_c_at):
+    from soe.train.interrupt import TrainingInterrupted
+
+    run = tmp_path / "run"
+    ctrl_c_at(2)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(recipe, run, 7)
+    last = run / "checkpoints" / "last.ckpt"
+    assert str(info.value) == (f"stopped by Ctrl-C after step 3; '{last}' holds step 3; resume with: "
+                               f"soe stitch {run / 'recipe.yaml'} resume=true")
+    assert read_checkpoint(last)["global_step"] == 3  # the step under way was completed, then saved
+    assert json.loads((run / "trained" / "soe_trained.json").read_text()) == {"step": 3}
+    assert [s for s, _ in read_run_metrics(run)["loss"]] == [0, 1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    resumed = train(recipe, run, 7, "resume=true")
+    module, straight_dir = straight_runs[7]
+    assert_same_run(module, resumed["module"])
+    assert_same_logs(straight_dir, run, 7)
+
+
+def test_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(recipe, tmp_path, straight_runs, ctrl_c_at):
+    from soe.train.interrupt import TrainingInterrupted
+
+    run = tmp_path / "run"
+    ctrl_c_at(3, times=2)  # the second one interrupts step 3 itself: nothing of it may be saved
+    with pytest.raises(TrainingInterrupted) as info:
+        train(recipe, run, 7, "trainer.checkpoint_every_n_steps=2")
+    last = run / "checkpoints" / "last.ckpt"
+    assert str(info.value).startswith(f"stopped by Ctrl-C during training; '{last}' holds step 2; resume with: ")
+    assert read_checkpoint(last)["global_step"] == 2
+    resumed = train(recipe, run, 7, "resume=true")
+    module, straight_dir = straight_runs[7]
+    assert_same_run(module, resumed["module"])
+    assert_same_logs(straight_dir, run, 7)
+
+
+def test_ctrl_c_in_the_cli_prints_one_line_exits_130_and_skips_end_of_run_sampling(recipe, tmp_path, capsys, ctrl_c_at):
+    from soe.cli import main
+
+    run = tmp_path / "run"
+    ctrl_c_at(1)
+    assert main(["stitch", str(recipe), f"run_dir={run}", "trainer.max_steps=7", "sample.at_end=true", "sample.steps=2",
+                 "sample.decode=synthetic_preview"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.endswith(f"interrupted: stopped by Ctrl-C after step 2; '{run / 'checkpoints' / 'last.ckpt'}' holds step 2; "
+                        f"resume with: soe stitch {run / 'recipe.yaml'} resume=true"), err
+    assert "Traceback" not in err and not (run / "samples").exists()
 
 
 @pytest.mark.slow

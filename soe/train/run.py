@@ -139,6 +139,9 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     validate_recipe(cfg)
     configure_threads(cfg.trainer.threads)
     quiet_libraries()  # Lightning's banners and tips, known harmless warnings
+    if allow_changes and not cfg.resume:
+        raise RecipeError(f"--allow-changes {' '.join(allow_changes)}: only a resume (resume=true) compares the recipe "
+                          f"with the run's recipe.yaml; a new run has no changes to allow")
     lock = RunLock(cfg.run_dir)
     owner = rank_zero_only.rank == 0  # DDP's worker processes re-run this script under the owner's lock
     if owner:
