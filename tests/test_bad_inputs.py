@@ -486,9 +486,10 @@ def test_bad_adapter_config_names_the_file(trained_folder, tmp_path, text):
 # ---- issue 15, second round: what else a demanding user tries (CLI) ------------------------------------
 # Same contract as above: one line naming the key or file, exit status 2, nothing written or overwritten.
 # Count (issue 15, second round): 68 more cases trying 73 inputs (the recipe-file cases go through inspect and
-# stitch), so this file now collects 161 cases; 7 of the new inputs ended in a traceback or were silently
-# accepted before (optim.lr=inf, optim.grad_clip=-1, two out-of-range seeds, ckpt naming a file, --allow-changes
-# on a new run) or in a raw torch error (the batch cases: non-dict, empty, integer timesteps, device, ranks, widths).
+# stitch), so this file now collects 161 cases. 18 of the 73 were defects before: optim.lr=inf (trained, then a
+# traceback in the mp4 encoder), optim.grad_clip=-1 and --allow-changes on a new run (silently accepted), two
+# out-of-range seeds (numpy traceback), ckpt naming a file (blamed a missing lora_a/), and all 12 batch cases
+# (raw torch errors deep in a layer, or integer timesteps silently taken as flow times).
 MORE_RECIPE_CASES = [
     (["optim.lr=inf"], "optim.lr: expected a positive finite learning rate, got inf"),  # trained, then crashed in the mp4 encoder
     (["optim.lr=nan"], "optim.lr: expected a positive finite learning rate, got nan"),
