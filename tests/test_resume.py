@@ -145,6 +145,7 @@ def test_stopped_between_checkpoints_resumes_exactly(recipe, tmp_path, straight_
     assert_same_logs(straight[1], run, total)
 
 
+@pytest.mark.slow
 def test_killed_between_a_checkpoint_and_its_log_row_loses_no_row(recipe, tmp_path, straight_runs, monkeypatch):
     """Lightning writes batch k's log row only after the checkpoint of step k+1 is on disk. A kill in
     between (here: right after ``last.ckpt`` of step 4) must not cost the resumed run's logs that row."""
@@ -217,6 +218,7 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(recipe, tmp_path,
     assert_same_logs(straight_dir, run, 7)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(recipe, tmp_path, straight_runs, ctrl_c_at):
     from soe.train.interrupt import TrainingInterrupted
 
