@@ -21,11 +21,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a job stopped by Ctrl-C
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C. The message says which checkpoint a resume uses and how to resume."""
+from soe.errors import TrainingInterrupted
 
 
 class _Critical:
@@ -106,6 +102,8 @@ class StopOnInterrupt(Callback):
         """The one line the user sees: which checkpoint a resume uses, and the command that resumes."""
         from soe.train.checkpoint import read_checkpoint
 
+        if not getattr(self, "_announce", True):
+            return TrainingInterrupted("")  # another DDP rank: the first rank tells the user, once
         last = self.run_dir / "checkpoints" / "last.ckpt"
         try:
             saved = int(read_checkpoint(last)["global_step"]) if last.is_file() else None
