@@ -120,6 +120,14 @@ class AceStep15Expert(DiffusersExpert):
         t = -(-batch["latents"].shape[1] // p)  # ceil: the model pads the last patch
         return TokenLayout((t,), ("t",), self.latent_rate / p)
 
+    def batch_axes(self):
+        """Frames need not be a multiple of the patch: like diffusers' forward, ``embed`` pads the last
+        patch and ``head`` crops it off again (1 s at 25 frames/s is 25 frames)."""
+        cfg = self.model.config
+        return {"latents": (("batch", None), ("frames", None), ("channels", cfg.audio_acoustic_hidden_dim)),
+                "context_latents": (("batch", None), ("frames", "frames"), ("channels", self.context_channels)),
+                "encoder_hidden_states": (("batch", None), ("tokens", None), ("width", cfg.encoder_hidden_size or self.hidden_size))}
+
     def latent_shape(self, batch_size: int, seconds: float) -> tuple[int, ...]:
         return (batch_size, latent_frames(seconds, self.latent_rate), self.model.config.audio_acoustic_hidden_dim)
 

@@ -129,6 +129,11 @@ class WanExpert(DiffusersExpert):
         cfg = self.model.config  # the rotary table holds rope_max_seq_len positions per axis
         return cfg.rope_max_seq_len * cfg.patch_size[0] / self.latent_rate
 
+    def batch_axes(self):
+        cfg = self.model.config
+        return {"latents": (("batch", None), ("channels", cfg.in_channels), ("frames", None), ("height", None), ("width", None)),
+                "encoder_hidden_states": (("batch", None), ("tokens", None), ("width", cfg.text_dim))}
+
     def latent_multiples(self) -> dict[int, int]:
         pt, ph, pw = self.model.config.patch_size  # latents (B, C, F, H, W)
         return {2: pt, 3: ph, 4: pw}

@@ -6,6 +6,8 @@ the key and what was expected.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from soe.errors import SoeError
@@ -18,6 +20,8 @@ class BatchError(SoeError, ValueError):
 
 def check_batch(expert, batch: dict, name: str) -> int:
     """Checks one expert's batch; returns its batch size."""
+    if not isinstance(batch, Mapping):
+        raise BatchError(f"{name}: expected a dict of tensors (latents, timestep, conditioning), got {type(batch).__name__}")
     needed = ("latents", "timestep", *expert.condition_keys)
     missing = [k for k in needed if k not in batch]
     if missing:
@@ -28,10 +32,18 @@ def check_batch(expert, batch: dict, name: str) -> int:
     if latents.dtype != expert.dtype:
         raise BatchError(f"{name}['latents']: dtype {latents.dtype}, but expert '{expert.name}' computes in {expert.dtype} "
                          "(cast the batch or set the expert's dtype)")
-    n = latents.shape[0]
+    if not _same_device(latents.device, expert.device):
+        raise BatchError(f"{name}['latents']: on {latents.device}, but expert '{expert.name}' is on {expert.device} "
+                         "(move the batch to the expert's device)")
+    n = latents.shape[0] if latents.dim() else 0
+    if n == 0:
+        raise BatchError(f"{name}['latents']: shape {list(latents.shape)} holds no sample; expected (batch >= 1, ...)")
     if not torch.is_tensor(t) or t.shape != (n,):
         raise BatchError(f"{name}['timestep']: expected shape ({n},), one flow time per sample, got "
                          f"{list(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+    if not t.is_floating_point():  # e.g. diffusers' integer 0..999 scheduler steps
+        raise BatchError(f"{name}['timestep']: dtype {t.dtype}; expected floating-point flow times in [0, 1] (soe's convention)")
+    check_axes(expert, batch, name)
     for axis, multiple in expert.latent_multiples().items():
         if latents.dim() <= axis or latents.shape[axis] % multiple:
             raise BatchError(f"{name}['latents']: shape {list(latents.shape)}, axis {axis} must be a multiple of "
@@ -41,6 +53,24 @@ def check_batch(expert, batch: dict, name: str) -> int:
         if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] not in (n, 1):
             raise BatchError(f"{name}['{k}']: batch size {v.shape[0]}, the latents have {n}")
     return n
+
+
+def _same_device(x: torch.device, y: torch.device) -> bool:
+    return x.type == y.type and (x.index is None or y.index is None or x.index == y.index)  # "cuda" is "cuda:<current>"
+
+
+def check_axes(expert, batch: dict, name: str) -> None:
+    """Rank and fixed sizes of each tensor the expert describes (``Expert.batch_axes``)."""
+    axes = expert.batch_axes()
+    latent_sizes = dict(zip((a for a, _ in axes.get("latents", ())), batch["latents"].shape))
+    for key, spec in axes.items():
+        v = batch.get(key)
+        if not torch.is_tensor(v):
+            continue
+        want = [latent_sizes.get(size) if isinstance(size, str) else size for _, size in spec]
+        if v.dim() != len(spec) or any(w is not None and w != got for w, got in zip(want, v.shape)):
+            shown = ", ".join(axis if w is None else f"{axis}={w}" for (axis, _), w in zip(spec, want))
+            raise BatchError(f"{name}['{key}']: shape {list(v.shape)}, expert '{expert.name}' expects ({shown})")
 
 
 def check_batches(a, b, batch_a: dict, batch_b: dict) -> None:

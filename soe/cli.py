@@ -5,7 +5,8 @@ imports what it needs (torch, diffusers, Lightning) when it runs.
 
 Bad input (recipe keys, paths, names, checkpoint folders, latent caches, arguments) prints one line
 naming the problem and exits with status 2; a run stopped by a non-finite loss
-(``trainer.on_nonfinite: stop``) prints one line naming the modality and step and exits with status 1.
+(``trainer.on_nonfinite: stop``) prints one line naming the modality and step and exits with status 1; Ctrl-C
+prints one line (for training: the checkpoint a resume uses and the command) and exits with status 130.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 from rich.markup import escape
 
 from soe.console import make_console
-from soe.errors import SoeError, UsageError
+from soe.errors import SoeError, TrainingInterrupted, UsageError
 
 console = make_console()
 err_console = make_console(stderr=True)
@@ -204,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     except SoeError as e:  # recipes, checkpoints, latent caches, arguments, non-finite losses
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
+    except KeyboardInterrupt as e:  # Ctrl-C; training says which checkpoint a resume uses (soe.train.interrupt)
+        if str(e) or not isinstance(e, TrainingInterrupted):  # an empty one: a second DDP rank, rank 0 has said it
+            err_console.print(f"[bold yellow]interrupted:[/] {escape(str(e) or 'stopped by Ctrl-C')}", highlight=False, soft_wrap=True)
+        return TrainingInterrupted.exit_code
 
 
 if __name__ == "__main__":

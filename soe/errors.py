@@ -39,6 +39,13 @@ class DiskFullError(SoeError, OSError):
     exit_code = 1
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (a ``KeyboardInterrupt``, so ``except Exception`` never swallows it). The
+    message says which checkpoint a resume uses and how to resume; ``soe`` prints it and exits with status 130."""
+
+    exit_code = 130  # 128 + SIGINT, what shells report for a job stopped by Ctrl-C
+
+
 DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
 
 

@@ -240,6 +240,12 @@ class Expert(nn.Module):
         """Longest clip the model can position (e.g. the length of its rotary table); None = no limit."""
         return None
 
+    def batch_axes(self) -> dict[str, tuple[tuple[str, int | str | None], ...]]:
+        """``{batch key: ((axis name, size), ...)}``, checked before a forward so a tensor of the wrong rank or
+        width is one line naming the key, not a torch error deep in a layer. ``size``: an int (fixed, e.g.
+        channels), None (any) or the name of a ``latents`` axis it must equal. Default: no constraint."""
+        return {}
+
     def latent_multiples(self) -> dict[int, int]:
         """``{latent axis: size it must be a multiple of}`` (the patch sizes); checked before a forward,
         so a latent the patch embedding would silently crop is refused. Default: no constraint."""

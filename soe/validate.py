@@ -156,6 +156,8 @@ def _check_sample_paths(recipe: Recipe, check_paths: bool) -> None:
     for key in ("ckpt", "conditions", "image", "video", "audio", "extend"):
         if getattr(s, key) is not None and not Path(getattr(s, key)).exists():
             raise RecipeError(f"sample.{key}: not found: '{getattr(s, key)}'")
+    if s.ckpt is not None and not Path(s.ckpt).is_dir():
+        raise RecipeError(f"sample.ckpt: '{s.ckpt}' is a file, expected a run folder of `soe stitch` (or its trained/ folder)")
     for side in ("a", "b"):
         for key in ("codec_path", "text_encoder_path"):
             p = getattr(getattr(recipe.experts, side), key)

@@ -480,3 +480,170 @@ def test_bad_adapter_config_names_the_file(trained_folder, tmp_path, text):
     with pytest.raises(CheckpointError) as info:
         load_trained(_fresh(cfg), folder)
     assert f"'{folder / 'lora_a' / 'adapter_config.json'}' is not a peft LoRA adapter config" in str(info.value), info.value
+
+
+# ---- issue 15, second round: what else a demanding user tries (CLI) ------------------------------------
+# Same contract as above: one line naming the key or file, exit status 2, nothing written or overwritten.
+# Count (issue 15, second round): 68 more cases trying 73 inputs (the recipe-file cases go through inspect and
+# stitch), so this file now collects 161 cases. 18 of the 73 were defects before: optim.lr=inf (trained, then a
+# traceback in the mp4 encoder), optim.grad_clip=-1 and --allow-changes on a new run (silently accepted), two
+# out-of-range seeds (numpy traceback), ckpt naming a file (blamed a missing lora_a/), and all 12 batch cases
+# (raw torch errors deep in a layer, or integer timesteps silently taken as flow times).
+MORE_RECIPE_CASES = [
+    (["optim.lr=inf"], "optim.lr: expected a positive finite learning rate, got inf"),  # trained, then crashed in the mp4 encoder
+    (["optim.lr=nan"], "optim.lr: expected a positive finite learning rate, got nan"),
+    (["optim.lr=0"], "optim.lr: expected a positive finite learning rate, got 0.0"),
+    (["optim.grad_clip=-1"], "optim.grad_clip: expected a gradient-norm limit >= 0 (0 = no clipping), got -1.0"),  # was silently off
+    (["seed=-1"], "seed: expected an integer in [0, 2**32 - 1], got -1"),  # was numpy's ValueError traceback
+    (["seed=1180591620717411303424"], "seed: expected an integer in [0, 2**32 - 1], got 1180591620717411303424"),
+    (["seed=abc"], "seed: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["trainer.max_steps=0"], "trainer.max_steps: expected a positive number of steps, got 0"),
+    (["trainer.max_steps=1.5"], "trainer.max_steps: Value '1.5' of type 'float' could not be converted to Integer"),
+    (["trainer.max_step=3"], "trainer.max_step: Key 'max_step' not in"),
+    (["trainer.max_steps"], "override 'trainer.max_steps': expected key=value"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps: expected a positive integer, got 0"),
+    (["trainer.threads=0"], "trainer.threads: expected a positive number of CPU threads"),
+    (["trainer.extra={bogus_arg: 1}"], "trainer: Trainer.__init__() got an unexpected keyword argument 'bogus_arg'"),
+    (["resume=maybe"], "resume: Value 'maybe' is not a valid bool"),
+    (["seed=${nope}"], "seed: Interpolation key 'nope' not found"),
+    (["name=${oc.env:SOE_SURELY_UNSET_VARIABLE}"], "Environment variable 'SOE_SURELY_UNSET_VARIABLE' not found"),
+    (["data.batch_size=0"], "data.batch_size: expected a positive integer, got 0"),
+    (["data.seconds=nan"], "data.seconds: expected a positive clip length in seconds, got nan"),
+    (["data.kind=latents"], "data.path: 'latents' data needs the folder of a latent cache"),
+    (["optim.betas=[0.9]"], "optim.betas: expected two values in [0, 1), got [0.9]"),
+    (["optim.schedule=linear"], "optim.schedule: expected one of ['constant', 'cosine'], got 'linear'"),
+    (["experts.a.lora.r=0"], "experts.a.lora.r: expected a positive rank, got 0"),
+    (["experts.a.lora.dropout=1.5"], "experts.a.lora.dropout: expected a value in [0, 1), got 1.5"),
+    (["experts.a.lora.targets=[nomatch]"], "experts.a.lora.targets: 'nomatch' matches no Linear/Conv module"),
+    (["experts.a.preset=huge"], "experts.a.preset: expert 'wan2.1' has no preset 'huge'"),
+    (["experts.a.flow_shift=0"], "experts.a.flow_shift: expected a positive shift, got 0.0"),
+    (["stitch.connector.hidden=0"], "stitch.connector.hidden: expected a positive integer or null"),
+    (["stitch.pairs=[]"], "stitch.pairs: depth map: the explicit pair list is empty"),
+    (["stitch.pairs=[[0,0],[0,0]]"], "stitch.pairs: depth map pair #1 [0, 0]: pairs must be strictly increasing"),
+    (["stitch.pairs=[[0]]"], "stitch.pairs: depth map pair #0: expected [i, j] with two integers, got [0]"),
+    (["flow.balance_momentum=2"], "flow.balance_momentum: expected a value in (0, 1), got 2.0"),
+    (["flow.tasks={teleport: 1.0}"], "flow.tasks.teleport: unknown task"),
+    (["flow.tasks={joint: 0.0}"], "flow.tasks: the weights sum to 0"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", MORE_RECIPE_CASES, ids=[" ".join(o) for o, _ in MORE_RECIPE_CASES])
+def test_more_bad_recipe_values(tmp_path, capsys, overrides, message):
+    fails_cleanly(stitch(tmp_path / "run", *overrides), capsys, tmp_path, message)
+
+
+@pytest.mark.parametrize("case", ["a-folder", "empty", "bad-yaml", "binary", "duplicate-key"])
+def test_recipe_files_that_are_not_recipes(tmp_path, capsys, case):
+    recipe = tmp_path / "recipe.yaml"
+    if case == "a-folder":
+        recipe.mkdir()
+    else:
+        recipe.write_bytes({"empty": b"", "bad-yaml": b"a: [1, 2\n", "binary": b"\x00\xff\xfe\x00garbage",
+                            "duplicate-key": b"seed: 5\nseed: 6\n"}[case])
+    message = {"a-folder": "recipe: file not found", "empty": "experts.a.name: Missing mandatory value",
+               "bad-yaml": "is not valid YAML", "binary": "is not valid YAML", "duplicate-key": "is not valid YAML"}[case]
+    for command in ("inspect", "stitch"):
+        fails_cleanly([command, str(recipe), f"run_dir={tmp_path / 'run'}"], capsys, tmp_path, message)
+
+
+def test_recipe_with_a_utf8_byte_order_mark_is_read(tmp_path, capsys):
+    """Editors on Windows save one; it is not an error."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"\xef\xbb\xbf" + Path(DEMO).read_bytes())
+    assert main(["inspect", str(recipe)]) == 0
+
+
+def test_allow_changes_on_a_new_run(tmp_path, capsys):
+    fails_cleanly([*stitch(tmp_path / "run"), "--allow-changes", "optim.lr"], capsys, tmp_path,
+                  "--allow-changes optim.lr: only a resume (resume=true) compares the recipe with the run's recipe.yaml")
+
+
+GENERATE_CASES = {
+    "ckpt-is-a-file": (lambda t: [f"ckpt={_file(t)}"], "sample.ckpt: '{t}/a_file.txt' is a file, expected a run folder"),
+    "ckpt-missing": (lambda t: [f"ckpt={t / 'none'}"], "sample.ckpt: not found: '{t}/none'"),
+    "ckpt-empty-folder": (lambda t: [f"ckpt={(t / 'empty').mkdir() or t / 'empty'}"], "sample.ckpt: '{t}/empty' has no lora_a/ adapter folder"),
+    "seconds=0": (lambda t: ["seconds=0"], "sample.seconds: expected a positive duration in seconds, got 0.0"),
+    "steps=-3": (lambda t: ["steps=-3"], "sample.steps: expected a positive integer, got -3"),
+    "num_samples=0": (lambda t: ["num_samples=0"], "sample.num_samples: expected a positive integer, got 0"),
+    "scheduler=bogus": (lambda t: ["scheduler=bogus"], "sample.scheduler: expected one of ['unipc', 'euler'], got 'bogus'"),
+    "image-missing": (lambda t: [f"image={t / 'none.png'}"], "sample.image: not found: '{t}/none.png'"),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATE_CASES))
+def test_more_bad_generate_arguments(tmp_path, capsys, case):
+    extra, message = GENERATE_CASES[case]
+    fails_cleanly(["generate", DEMO, *BASE, *extra(tmp_path), f"out={tmp_path / 'out'}"], capsys, tmp_path,
+                  message.format(t=tmp_path))
+
+
+OTHER_COMMAND_CASES = [
+    (["experts", "check", "nope"], "unknown expert 'nope'; known experts:"),
+    (["export"], "soe export: the following arguments are required: run_dir, --format"),
+    (["encode", DEMO, "{t}/none", "--out", "{t}/enc"], "soe encode: source folder not found: '{t}/none'"),
+    (["encode", DEMO, "{t}", "--out", "{t}/enc", "--shard", "3/2"], "soe encode: --shard expects I/N with 0 <= I < N"),
+    (["encode", DEMO, "{t}", "--out", "{t}/enc", "--shard", "x"], "soe encode: --shard expects I/N with 0 <= I < N"),
+    (["convert", "bogus", "{t}", "{t}/d"], "soe convert: argument model: invalid choice: 'bogus'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", OTHER_COMMAND_CASES, ids=[" ".join(a[:2] + a[-1:]) for a, _ in OTHER_COMMAND_CASES])
+def test_more_bad_command_lines(tmp_path, capsys, argv, message):
+    fails_cleanly([a.format(t=tmp_path) for a in argv], capsys, tmp_path, message.format(t=tmp_path))
+
+
+# ---- issue 15, second round: the Python API ------------------------------------------------------------
+def _meta(batch):
+    return {k: v.to("meta") if k == "latents" else v for k, v in batch.items()}
+
+
+MORE_BATCH_CASES = {
+    "not-a-dict": (lambda a, b: torch.zeros(2), None, "batch_a: expected a dict of tensors (latents, timestep, conditioning), got Tensor"),
+    "no-sample": (lambda a, b: {**a, "latents": a["latents"][:0], "timestep": a["timestep"][:0]}, None,
+                  "batch_a['latents']: shape [0, 4, 7, 8, 8] holds no sample"),
+    "integer-timesteps": (lambda a, b: {**a, "timestep": torch.tensor([500, 900])}, None,
+                          "batch_a['timestep']: dtype torch.int64; expected floating-point flow times in [0, 1]"),
+    "other-device": (lambda a, b: _meta(a), None, "batch_a['latents']: on meta, but expert 'wan2.1' is on cpu"),
+    "video-channels": (lambda a, b: {**a, "latents": a["latents"][:, :3]}, None,
+                       "batch_a['latents']: shape [2, 3, 7, 8, 8], expert 'wan2.1' expects (batch, channels=4, frames, height, width)"),
+    "video-without-time-axis": (lambda a, b: {**a, "latents": a["latents"][:, :, 0]}, None,
+                                "batch_a['latents']: shape [2, 4, 8, 8], expert 'wan2.1' expects (batch, channels=4, frames, height, width)"),
+    "video-text-width": (lambda a, b: {**a, "encoder_hidden_states": a["encoder_hidden_states"][..., :5]}, None,
+                         "batch_a['encoder_hidden_states']: shape [2, 8, 5], expert 'wan2.1' expects (batch, tokens, width=32)"),
+    "audio-channels": (None, lambda a, b: {**b, "latents": b["latents"][..., :3]},
+                       "batch_b['latents']: shape [2, 25, 3], expert 'ace-step-1.5' expects (batch, frames, channels=4)"),
+    "audio-extra-axis": (None, lambda a, b: {**b, "latents": b["latents"][:, None]},
+                         "batch_b['latents']: shape [2, 1, 25, 4], expert 'ace-step-1.5' expects (batch, frames, channels=4)"),
+    "audio-context-frames": (None, lambda a, b: {**b, "context_latents": b["context_latents"][:, :5]},
+                             "batch_b['context_latents']: shape [2, 5, 8], expert 'ace-step-1.5' expects (batch, frames=25, channels=8)"),
+    "audio-context-channels": (None, lambda a, b: {**b, "context_latents": b["context_latents"][..., :3]},
+                               "batch_b['context_latents']: shape [2, 25, 3], expert 'ace-step-1.5' expects (batch, frames=25, channels=8)"),
+    "audio-text-width": (None, lambda a, b: {**b, "encoder_hidden_states": b["encoder_hidden_states"][..., :3]},
+                         "batch_b['encoder_hidden_states']: shape [2, 8, 3], expert 'ace-step-1.5' expects (batch, tokens, width=32)"),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_BATCH_CASES))
+def test_more_bad_batches_for_a_stitched_forward(demo_stitcher, case):
+    """Each used to end in a raw torch error deep in a layer (or, for the device, in a kernel)."""
+    from soe.batch_check import BatchError
+
+    a, b = _batches(demo_stitcher)
+    change_a, change_b, message = MORE_BATCH_CASES[case]
+    a, b = (change_a(a, b) if change_a else a), (change_b(a, b) if change_b else b)
+    with pytest.raises(BatchError) as info, torch.no_grad():
+        demo_stitcher(a, b)
+    assert str(info.value) == message or (message in str(info.value) and len(str(info.value).splitlines()) == 1), info.value
+
+
+def test_ace_step_15_frames_need_not_be_a_multiple_of_its_patch(demo_stitcher):
+    """ACE-Step 1.5 pads the last patch and crops it off (as diffusers' own forward does), so an odd number
+    of frames (1 s = 25) is valid input, not an error: the prediction has the input's shape and, for the
+    expert alone, equals the model's own forward."""
+    a, b = _batches(demo_stitcher)
+    b = {**b, "latents": b["latents"][:, :5], "context_latents": b["context_latents"][:, :5]}
+    with torch.no_grad():
+        _, pred_b = demo_stitcher(a, b)
+        native = demo_stitcher.b(b)
+    assert pred_b.shape == b["latents"].shape == native.shape == (2, 5, 4)
+    torch.testing.assert_close(pred_b, native)  # zero-initialised connectors: stitched = the expert alone

@@ -6,6 +6,7 @@ data epochs, a warmup (a cosine schedule is a function of max_steps, so raising 
 Resuming at step s to a total T covers both sides of the old failure (T < 2s and T > 2s: Lightning's
 restored batch counter against the sampler's length) and a raised ``max_steps``.
 """
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from soe.train.checkpoint import read_checkpoint
+from soe.train.checkpoint import AtomicCheckpointIO, read_checkpoint
 from soe.train.plots import read_run_metrics
 from soe.train.run import run_training
 
@@ -112,10 +113,7 @@ def _wait_for(path: Path, proc, step: int, timeout=240):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.xfail(
-    strict=False, reason="known race (open): Lightning saves the checkpoint of step k+1 in on_train_batch_end before it "
-                         "writes step k's log row; a Ctrl-C between the two loses that row (weights stay exact)"))],
-    ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_stopped_between_checkpoints_resumes_exactly(recipe, tmp_path, straight_runs, sig):
     """Killed (no cleanup) or interrupted (Ctrl-C) some steps after a checkpoint: resume from it."""
     run = tmp_path / "run"
@@ -130,12 +128,14 @@ def test_stopped_between_checkpoints_resumes_exactly(recipe, tmp_path, straight_
         _, err = proc.communicate(timeout=400)  # a graceful Ctrl-C finishes the step and tears down
     finally:
         proc.kill()
-    if sig == signal.SIGKILL:
-        assert proc.returncode == -9
-    else:  # Ctrl-C: Lightning stops gracefully, soe exits non-zero without a traceback
-        assert "Traceback" not in err, err[-2000:]
     step = read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
     assert 2 <= step < 400
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -9
+    else:  # Ctrl-C: the step under way finishes and is saved; one line says how to resume; 128 + SIGINT
+        assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+        assert step > 2 and f"stopped by Ctrl-C after step {step}; '{run / 'checkpoints' / 'last.ckpt'}' holds step {step}; " \
+            f"resume with: soe stitch {run / 'recipe.yaml'} resume=true" in " ".join(err.split()), err[-2000:]
     total = 7 if step < 7 else step + 1
     resumed = train(recipe, run, total, "resume=true")
     straight = straight_runs[total] if total in straight_runs else (None, None)
@@ -143,6 +143,109 @@ def test_stopped_between_checkpoints_resumes_exactly(recipe, tmp_path, straight_
         straight = (train(recipe, tmp_path / "straight", total)["module"], tmp_path / "straight")
     assert_same_run(straight[0], resumed["module"])
     assert_same_logs(straight[1], run, total)
+
+
+@pytest.mark.slow
+def test_killed_between_a_checkpoint_and_its_log_row_loses_no_row(recipe, tmp_path, straight_runs, monkeypatch):
+    """Lightning writes batch k's log row only after the checkpoint of step k+1 is on disk. A kill in
+    between (here: right after ``last.ckpt`` of step 4) must not cost the resumed run's logs that row."""
+    class Killed(BaseException):  # like SIGKILL: nothing after this point runs (no soe handler catches it)
+        pass
+
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def save_then_die(io, checkpoint, path, storage_options=None):
+        save(io, checkpoint, path, storage_options)
+        if Path(path).name == "last.ckpt" and checkpoint["global_step"] == 4:
+            raise Killed
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(recipe, run, 7, "trainer.checkpoint_every_n_steps=2")
+    monkeypatch.undo()
+    assert [s for s, _ in read_run_metrics(run)["loss"]] == [0, 1, 2]  # the window was hit: batch 3's row is missing
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    resumed = train(recipe, run, 7, "resume=true")
+    module, straight_dir = straight_runs[7]
+    assert_same_run(module, resumed["module"])
+    assert_same_logs(straight_dir, run, 7)
+
+
+@pytest.fixture
+def ctrl_c_at(monkeypatch):
+    """``ctrl_c_at(step, times)``: SIGINT this process ``times`` times in the middle of training step ``step``
+    (after the forward, before backward and the optimizer step), as a user's Ctrl-C would land."""
+    from soe.train.module import StitchModule
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever started pytest
+    step_fn = StitchModule.training_step
+
+    def arm(step: int, times: int = 1):
+        fired = []
+
+        def training_step(module, batch, batch_idx):
+            loss = step_fn(module, batch, batch_idx)
+            if module.global_step == step and not fired:  # once: a resumed run passes the step again
+                fired.append(step)
+                for _ in range(times):
+                    signal.raise_signal(signal.SIGINT)
+            return loss
+
+        monkeypatch.setattr(StitchModule, "training_step", training_step)
+
+    yield arm
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(recipe, tmp_path, straight_runs, ctrl_c_at):
+    from soe.train.interrupt import TrainingInterrupted
+
+    run = tmp_path / "run"
+    ctrl_c_at(2)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(recipe, run, 7)
+    last = run / "checkpoints" / "last.ckpt"
+    assert str(info.value) == (f"stopped by Ctrl-C after step 3; '{last}' holds step 3; resume with: "
+                               f"soe stitch {run / 'recipe.yaml'} resume=true")
+    assert read_checkpoint(last)["global_step"] == 3  # the step under way was completed, then saved
+    assert json.loads((run / "trained" / "soe_trained.json").read_text()) == {"step": 3}
+    assert [s for s, _ in read_run_metrics(run)["loss"]] == [0, 1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    resumed = train(recipe, run, 7, "resume=true")
+    module, straight_dir = straight_runs[7]
+    assert_same_run(module, resumed["module"])
+    assert_same_logs(straight_dir, run, 7)
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(recipe, tmp_path, straight_runs, ctrl_c_at):
+    from soe.train.interrupt import TrainingInterrupted
+
+    run = tmp_path / "run"
+    ctrl_c_at(3, times=2)  # the second one interrupts step 3 itself: nothing of it may be saved
+    with pytest.raises(TrainingInterrupted) as info:
+        train(recipe, run, 7, "trainer.checkpoint_every_n_steps=2")
+    last = run / "checkpoints" / "last.ckpt"
+    assert str(info.value).startswith(f"stopped by Ctrl-C during training; '{last}' holds step 2; resume with: ")
+    assert read_checkpoint(last)["global_step"] == 2
+    resumed = train(recipe, run, 7, "resume=true")
+    module, straight_dir = straight_runs[7]
+    assert_same_run(module, resumed["module"])
+    assert_same_logs(straight_dir, run, 7)
+
+
+def test_ctrl_c_in_the_cli_prints_one_line_exits_130_and_skips_end_of_run_sampling(recipe, tmp_path, capsys, ctrl_c_at):
+    from soe.cli import main
+
+    run = tmp_path / "run"
+    ctrl_c_at(1)
+    assert main(["stitch", str(recipe), f"run_dir={run}", "trainer.max_steps=7", "sample.at_end=true", "sample.steps=2",
+                 "sample.decode=synthetic_preview"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.endswith(f"interrupted: stopped by Ctrl-C after step 2; '{run / 'checkpoints' / 'last.ckpt'}' holds step 2; "
+                        f"resume with: soe stitch {run / 'recipe.yaml'} resume=true"), err
+    assert "Traceback" not in err and not (run / "samples").exists()
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from soe.schema.base import Choice, Dtype, OptionError, RecipeError, StorageDtype, build, choice
+from soe.schema.base import Choice, Dtype, OptionError, RecipeError, StorageDtype, build, choice, require
 from soe.schema.experts import ExpertConfig, ExpertsConfig, LoraConfig, TrainMode
 from soe.schema.sample import SampleConfig, SamplerConfig, Scheduler, SpeedConfig
 from soe.schema.stitch import (ConnectorConfig, DepthConfig, DepthMode, Direction, Engine, InjectConfig, InjectMode,
@@ -30,6 +30,9 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):  # the range every RNG soe seeds (numpy's included) accepts
+        require(0 <= self.seed < 2**32, "seed", f"expected an integer in [0, 2**32 - 1], got {self.seed}")
 
 
 SECTIONS = ("experts", "stitch", "flow", "data", "optim", "trainer", "sample")

@@ -2,6 +2,7 @@
 (soe/flow.py, soe/train/)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -93,7 +94,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = no clipping
 
     def __post_init__(self):
-        require(self.lr > 0, "lr", f"expected a positive learning rate, got {self.lr}")
+        require(0 < self.lr < math.inf, "lr", f"expected a positive finite learning rate, got {self.lr}")
+        require(self.grad_clip >= 0, "grad_clip", f"expected a gradient-norm limit >= 0 (0 = no clipping), got {self.grad_clip}")
         require(self.weight_decay >= 0, "weight_decay", f"expected >= 0, got {self.weight_decay}")
         require(self.warmup_steps >= 0, "warmup_steps", f"expected >= 0, got {self.warmup_steps}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from soe.train.interrupt import interrupted
+
 
 class SampleCallback(Callback):
     """Every ``every_n_steps`` optimizer steps (0 = never), before the first step (``at_start``) and/or
@@ -38,11 +40,11 @@ class SampleCallback(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step > 0 and step % self.every == 0 and self._last != step:
+        if self.every and step > 0 and step % self.every == 0 and self._last != step and not interrupted(trainer):
             self._render(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        if not self.at_end:
+        if not self.at_end or interrupted(trainer):  # Ctrl-C: the user wants the run to end, not to sample
             return
         last = self.run_dir / "samples" / f"step-{trainer.global_step:06d}" / "sample_00.png"
         if self._last != trainer.global_step:
@@ -104,6 +106,8 @@ class SyncReportCallback(Callback):
             self._score(trainer, pl_module, "experts alone")
 
     def on_train_end(self, trainer, pl_module):
+        if interrupted(trainer):
+            return
         self._score(trainer, pl_module, "stitched")
         if trainer.is_global_zero:
             (self.run_dir / "sync.json").write_text(json.dumps({"clips": self.n, **self.scores}, indent=1))

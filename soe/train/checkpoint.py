@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from soe.errors import DISK_FULL_ERRNOS, CheckpointError, DiskFullError, one_line
 from soe.lora import ADAPTER
+from soe.train.interrupt import uninterrupted
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,7 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
-        with _disk_full_errors(f"checkpoint '{path}'", "the previous checkpoint is intact"):
+        with uninterrupted(), _disk_full_errors(f"checkpoint '{path}'", "the previous checkpoint is intact"):
             self._write(checkpoint, path)
         for hook in self.after_save:
             hook(path)
@@ -141,7 +142,7 @@ def write_trained(stitcher, folder, train_modes: dict[str, str], tensors: tuple,
     """Write ``gather_trained``'s tensors into a temporary folder, then swap it in; a failure (a full
     disk) removes the temporary folder and leaves the previous export as it was."""
     folder = Path(folder)
-    with _disk_full_errors(f"trained folder '{folder}'", "the previous export is intact"):
+    with uninterrupted(), _disk_full_errors(f"trained folder '{folder}'", "the previous export is intact"):
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:

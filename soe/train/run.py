@@ -21,6 +21,8 @@ from soe.report import print_tables, stitch_tables
 from soe.threads import configure_threads
 from soe.train.callbacks import SampleCallback, SyncReportCallback
 from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained, RunCheckpoint, read_checkpoint
+from soe.train.interrupt import StopOnInterrupt
+from soe.train.log_rows import KeepLogRow
 from soe.train.module import StitchModule
 from soe.train.plots import plot_losses
 from soe.train.progress import StepProgressBar, quiet_libraries
@@ -102,6 +104,9 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     validate_recipe(cfg)
     configure_threads(cfg.trainer.threads)
     quiet_libraries()  # Lightning's banners and tips, known harmless warnings
+    if allow_changes and not cfg.resume:
+        raise RecipeError(f"--allow-changes {' '.join(allow_changes)}: only a resume (resume=true) compares the recipe "
+                          f"with the run's recipe.yaml; a new run has no changes to allow")
     lock = RunLock(cfg.run_dir)
     owner = rank_zero_only.rank == 0  # DDP's worker processes re-run this script under the owner's lock
     if owner:
@@ -122,7 +127,8 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     if resume_from:  # a bad checkpoint fails here, before Lightning's loggers touch the run folder
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}
-    callbacks = [ExportTrained(run_dir / "trained", train_modes)]
+    stop = StopOnInterrupt(run_dir)  # Ctrl-C: finish the step, save, say how to resume (soe/train/interrupt.py)
+    callbacks = [stop, KeepLogRow(run_dir), ExportTrained(run_dir / "trained", train_modes)]
     if cfg.sample.every_n_steps or cfg.sample.at_end or cfg.sample.at_start:  # checked before the first step
         from soe.generate import check_sampling
 
@@ -147,7 +153,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
             csv_log.experiment  # creates this start's logs/version_N (it warns about a folder that exists)
             OmegaConf.save(cfg, Path(csv_log.log_dir) / "recipe.yaml")
             print_tables(stitch_tables(stitcher), console)
-        with warnings.catch_warnings():
+        with stop.installed(announce=owner), stop.converting(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*Precision.*is not supported by the model summary.*")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
