@@ -66,7 +66,7 @@ BAD_OVERRIDES = [
     (["data.kind=latents", "data.path=/no/cache"], "data.path: latent cache folder not found"),
     (["data.batch_size=0"], "data.batch_size: expected a positive integer"),
     (["data.seconds=-2"], "data.seconds: expected a positive clip length"),
-    (["optim.lr=0"], "optim.lr: expected a positive learning rate"),
+    (["optim.lr=0"], "optim.lr: expected a positive finite learning rate"),
     (["optim.betas=[0.9]"], "optim.betas: expected two values"),
     (["trainer.max_steps=-5"], "trainer.max_steps: expected a positive number of steps"),
     (["trainer.max_steps=many"], "trainer.max_steps: Value 'many'"),
