@@ -385,7 +385,7 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True) -> None:
     if d.kind == "latents":
         if d.path is None:
             raise RecipeError("data.path: 'latents' data needs the folder of a latent cache (see `soe encode`)")
-        if check_paths and not Path(d.path).is_dir():
+        if check_paths and "://" not in str(d.path) and not str(d.path).startswith("local:") and not Path(d.path).is_dir():
             raise RecipeError(f"data.path: latent cache folder not found: '{d.path}'")
     if d.num_workers < 0:
         raise RecipeError(f"data.num_workers: expected >= 0 loader processes (0 = load in the training process), got {d.num_workers}")

@@ -46,6 +46,9 @@ def latent_dtype_for(precision: str) -> str:
 
 
 def is_stream_cache(folder) -> bool:
+    """A format 2 cache folder; a URL always names one (format 1 caches are local only)."""
+    if isinstance(folder, str) and ("://" in folder or folder.startswith("local:")):
+        return not folder.startswith("file://") or is_stream_cache(folder[len("file://"):])
     meta = Path(folder) / "meta.json"
     if not meta.is_file():
         return False
@@ -103,9 +106,11 @@ def part_name(part: int, parts: int) -> str:
     return f"part-{part}-of-{parts}"
 
 
-def read_meta(folder) -> dict:
+def read_meta(folder, name: str | None = None) -> dict:
+    """``name``: what messages call the cache (its URL when ``folder`` is a local copy)."""
     folder = Path(folder)
     meta_file = folder / "meta.json"
+    folder = name or folder
     if not meta_file.is_file():
         raise LatentCacheError(f"latent cache '{folder}': missing 'meta.json' (write one with `soe encode`)")
     try:
