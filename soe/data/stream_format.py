@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from soe.train.latent_cache import LatentCacheError
+from soe.data.latent_cache import LatentCacheError
 
 FORMAT = 2
 WINDOWS, TEXTS, PARTS = "windows", "texts", "parts"

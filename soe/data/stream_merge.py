@@ -14,7 +14,7 @@ from pathlib import Path
 
 from soe.data.stream_format import INDEX, PARTS, TEXTS, WINDOWS, part_name, write_json_atomic
 from soe.data.stream_writer import read_log
-from soe.train.latent_cache import LatentCacheError
+from soe.data.latent_cache import LatentCacheError
 
 
 def _check_chunk(folder: Path, rel: str, info: dict) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from soe.data.stream_format import INDEX, TEXTS, WINDOWS, read_meta, unpack
 from soe.errors import one_line
-from soe.train.latent_cache import LatentCacheError
+from soe.data.latent_cache import LatentCacheError
 
 TEXT_CACHE_BYTES = 16 << 20  # decoded (trimmed) text chunks kept per process: bounded, whatever the cache size
 

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from soe.data.stream_read import StreamingCache
 from soe.errors import DataError, SoeError
 from soe.flow import generator_for
-from soe.train.data import StepDataLoader, _StitchDataModule
-from soe.train.latent_cache import LatentCacheError
+from soe.data.datamodule import StepDataLoader, _StitchDataModule
+from soe.data.latent_cache import LatentCacheError
 
 
 class StreamBatchSampler(Sampler):

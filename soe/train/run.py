@@ -24,7 +24,7 @@ from soe.report import print_tables, stitch_tables
 from soe.threads import configure_threads
 from soe.train.callbacks import SampleCallback, SyncReportCallback
 from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained, RunCheckpoint, read_checkpoint
-from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
+from soe.data.datamodule import PairedLatentDataModule, SyntheticAVDataModule
 from soe.train.module import OptimSettings, StitchModule
 from soe.train.plots import plot_losses
 from soe.train.progress import StepProgressBar, quiet_libraries
