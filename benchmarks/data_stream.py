@@ -64,31 +64,23 @@ def write(folder: Path, n: int) -> None:
 def measure(folder: str, mode: str, batch_size: int) -> dict:
     import torch
     from soe.data.stream_read import StreamingCache
-    from soe.data.streaming import StreamBatchSampler, StreamDataLoader, StreamWindows
+    from soe.data.streaming import StreamBatchSampler, StreamDataLoader, StreamWindows, collate_batch
 
     from litdata import StreamingDataset
-    from torch.utils.data import default_collate
-
-    from soe.data.stream_format import unpack
-
     torch.set_num_threads(1)
     cache = StreamingCache(folder, buffer_chunks=8)
     t0, windows = time.perf_counter(), 0
     if mode == "loader":
         sizes = {b: cache.chunk_sizes(b) for b in cache.buckets}
         sampler = StreamBatchSampler(sizes, batch_size, seed=0, length=1)
-        loader = iter(StreamDataLoader(StreamWindows(cache), batch_sampler=sampler, num_workers=0))
+        loader = iter(StreamDataLoader(StreamWindows(cache), batch_sampler=sampler, num_workers=0, collate_fn=collate_batch))
         for _ in range(sampler.batches_per_epoch()):  # one epoch (the sampler runs on until training stops)
             windows += next(loader)["a"]["latents"].shape[0]
-    elif mode == "raw-batches":  # the loader's product without its order: file order, texts attached, collated
+    elif mode == "raw-batches":  # the loader's product without its order: consecutive windows in file order, no DataLoader
         for bucket in cache.buckets:
-            batch = []
-            for item in StreamingDataset(str(cache.folder / "windows" / bucket)):
-                batch.append({s: {"latents": unpack(item[s], cache.storage["latents"]),
-                                  **cache._text(s, cache.offsets[s][item["part"]] + item[f"text_{s}"])} for s in ("a", "b")})
-                if len(batch) == batch_size:
-                    windows += default_collate(batch)["a"]["latents"].shape[0]
-                    batch = []
+            n = sum(cache.chunk_sizes(bucket))
+            for first in range(0, n - batch_size + 1, batch_size):
+                windows += cache.batch(bucket, list(range(first, first + batch_size)))["a"]["latents"].shape[0]
     else:  # raw: every chunk once, in file order, through litdata's own iterator (windows and text states), nothing else
         for sub in [f"windows/{b}" for b in cache.buckets] + ["texts/a", "texts/b"]:
             for item in StreamingDataset(str(cache.folder / sub)):

@@ -36,7 +36,7 @@ import sync_eval as E  # noqa: E402
 from soe.builders import build_expert  # noqa: E402
 from soe.config import load_recipe  # noqa: E402
 from soe.schema import SamplerConfig  # noqa: E402
-from soe.train.data import SyntheticAVDataModule  # noqa: E402
+from soe.data.datamodule import SyntheticAVDataModule  # noqa: E402
 from soe.train.run import run_training  # noqa: E402
 from soe.train.single import pretrain_expert  # noqa: E402
 

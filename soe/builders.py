@@ -126,7 +126,7 @@ def build_datamodule(cfg: DictConfig, stitcher: Stitcher):
     """``data`` -> a LightningDataModule: synthetic clips, a streamed cache (``soe encode``) or an older cache folder."""
     experts, d = {"a": stitcher.a, "b": stitcher.b}, cfg.data
     if d.kind == "synthetic":
-        from soe.train.data import SyntheticAVDataModule
+        from soe.data.datamodule import SyntheticAVDataModule
 
         return SyntheticAVDataModule(experts, seconds=d.seconds, num_clips=d.num_clips, batch_size=d.batch_size, seed=cfg.seed,
                                      num_workers=d.num_workers)
@@ -137,7 +137,7 @@ def build_datamodule(cfg: DictConfig, stitcher: Stitcher):
 
         return StreamingLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
                                          shuffle_chunks=d.shuffle_chunks, seconds=d.seconds)
-    from soe.train.data import PairedLatentDataModule
+    from soe.data.datamodule import PairedLatentDataModule
 
     return PairedLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
                                   seconds=d.seconds)

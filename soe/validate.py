@@ -66,7 +66,9 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | N
     _check_depths(recipe, blocks)
     _check_tasks(recipe)
     d = recipe.data
-    if check_paths and d.kind == "latents" and not Path(d.path).is_dir():
+    from soe.data.stream_format import is_url
+
+    if check_paths and d.kind == "latents" and not is_url(d.path) and not Path(d.path).is_dir():
         raise RecipeError(f"data.path: latent cache folder not found: '{d.path}'")
     _check_sample_paths(recipe, check_paths)
     return built

@@ -18,8 +18,8 @@ from soe.cli import main
 from soe.config import load_recipe
 from soe.errors import CheckpointError
 from soe.train.checkpoint import export_trained, load_trained
-from soe.train.data import PairedLatentDataModule, SyntheticAVDataModule
-from soe.train.latent_cache import write_meta, write_shard
+from soe.data.datamodule import PairedLatentDataModule, SyntheticAVDataModule
+from soe.data.latent_cache import write_meta, write_shard
 
 DEMO = str(Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml")  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 BASE = ["data.num_clips=8", "data.batch_size=2", "data.seconds=1.0", "trainer.max_steps=1", "trainer.log_every_n_steps=1"]

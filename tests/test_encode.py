@@ -26,7 +26,7 @@ from soe.data.annotate import AnnotatorError, VLMAnnotator
 from soe.data.encode import EncodeConfig, encode_folder
 from soe.data.stream_writer import PartWriter
 from soe.data.stream_read import load_cache
-from soe.train.latent_cache import LatentCacheError, validate_clip_shapes
+from soe.data.latent_cache import LatentCacheError, validate_clip_shapes
 
 DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 QUIET = Console(file=open("/dev/null", "w"))

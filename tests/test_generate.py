@@ -143,7 +143,7 @@ def test_synthetic_preview_shows_and_sounds_the_ground_truth_events():
     import numpy as np
 
     from soe.metrics import audio_onsets, av_align, video_motion_events
-    from soe.train.data import SyntheticAVDataModule
+    from soe.data.datamodule import SyntheticAVDataModule
     from soe.train.synthetic import BounceClip, SyntheticPreviewCodec
 
     video, audio = tiny("wan2.1"), tiny("ace-step-1.5")

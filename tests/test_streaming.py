@@ -18,7 +18,7 @@ from soe.data.stream_format import pack, pad, trim, unpack
 from soe.data.stream_read import StreamingCache, load_cache
 from soe.data.stream_synthetic import synthetic_record, write_cache
 from soe.data.streaming import StreamBatchSampler, StreamingLatentDataModule
-from soe.train.latent_cache import LatentCacheError
+from soe.data.latent_cache import LatentCacheError
 
 ROOT = Path(__file__).parents[1]
 QUIET = Console(file=open(os.devnull, "w"))

@@ -1,4 +1,5 @@
-"""From a folder of audio-video clips to the latent cache that training reads (``soe encode``).
+"""Everything about data: from a folder of audio-video clips to the latent cache (``soe encode``), and
+the data modules that feed training from it.
 
 - ``sources``   which clips and captions a folder holds (sidecar ``clip.txt`` or ``captions.jsonl``)
 - ``media_io``  PyAV decoding: probe, frames at the expert's fps and size, audio at its sample rate
@@ -9,4 +10,6 @@
   chunks, text states once per caption): resumable per-part writer (``--shard I/N``) and the merge
 - ``stream_read``, ``streaming``  reading it lazily; the batch sampler and data module training uses
 - ``encode``    the pipeline, its settings and report
+- ``datamodule``, ``latent_cache``  the data modules training uses (synthetic clips, cache format 1 read whole)
+  and the batch sampler whose position is in the checkpoint
 """

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
+from soe.data.latent_cache import LatentCacheError
 from soe.schema import Dtype
-from soe.train.latent_cache import LatentCacheError
 
 FORMAT = 2
 WINDOWS, TEXTS, PARTS = "windows", "texts", "parts"
@@ -46,7 +46,15 @@ def latent_dtype_for(precision: str) -> str:
     return "bfloat16" if p.startswith("bf16") else "float16" if p.startswith("16") else "float32"
 
 
+def is_url(folder) -> bool:
+    """An object-store or litdata URL (s3://, gs://, local:, file://, ...) rather than a local folder."""
+    return isinstance(folder, str) and ("://" in folder or folder.startswith("local:"))
+
+
 def is_stream_cache(folder) -> bool:
+    """A format 2 cache folder; a URL always names one (format 1 caches are local only)."""
+    if is_url(folder):
+        return not folder.startswith("file://") or is_stream_cache(folder[len("file://"):])
     meta = Path(folder) / "meta.json"
     if not meta.is_file():
         return False
@@ -104,9 +112,11 @@ def part_name(part: int, parts: int) -> str:
     return f"part-{part}-of-{parts}"
 
 
-def read_meta(folder) -> dict:
+def read_meta(folder, name: str | None = None) -> dict:
+    """``name``: what messages call the cache (its URL when ``folder`` is a local copy)."""
     folder = Path(folder)
     meta_file = folder / "meta.json"
+    folder = name or folder
     if not meta_file.is_file():
         raise LatentCacheError(f"latent cache '{folder}': missing 'meta.json' (write one with `soe encode`)")
     try:

@@ -2,44 +2,75 @@
 
 ``StreamingCache`` knows the layout (buckets, chunk sizes, text offsets: a few numbers per chunk) and
 nothing of the windows themselves; a window is read when a batch asks for it, from the chunk that
-holds it, by litdata (which maps the chunk and drops what it no longer needs). Each process (rank or
-DataLoader worker) opens its own litdata datasets on first use.
+holds it, by litdata. Each process (rank or DataLoader worker) opens its own litdata datasets on
+first use.
+
+Where the cache lives: a local folder (or ``file://`` URL), or any URL litdata streams from
+(``s3://``, ``gs://``, ``azure://``, ``hf://``, ``r2://``, ``local:`` and prefixes registered with
+``litdata.streaming.downloader.register_downloader``). A remote cache is read through litdata's own
+downloader into a local cache folder (``cache_dir``, default ``$SOE_CACHE_DIR`` or ``~/.cache/soe``,
+one sub-folder per URL): ``meta.json`` and the ``index.json`` files are fetched when the cache is
+opened, chunks when a batch first needs them.
 """
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 from collections import OrderedDict
 from pathlib import Path
 
-from soe.data.stream_format import INDEX, TEXTS, WINDOWS, pad, read_meta, unpack
+import torch
+
+from soe.data.stream_format import INDEX, TEXTS, WINDOWS, is_url, read_meta, unpack
 from soe.errors import one_line
-from soe.train.latent_cache import LatentCacheError
+from soe.data.latent_cache import LatentCacheError
 
 TEXT_CACHE_BYTES = 16 << 20  # decoded (trimmed) text chunks kept per process: bounded, whatever the cache size
 
 
-def _read_index(folder: Path, sub: str) -> dict:
-    path = folder / sub / INDEX
-    if not path.is_file():
-        raise LatentCacheError(f"latent cache '{folder}': missing '{sub}/{INDEX}' (merge the shards: run the last "
-                               "`soe encode ... --shard I/N` again)")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SOE_CACHE_DIR") or Path.home() / ".cache" / "soe")
+
+
+def resolve_location(folder, cache_dir=None) -> tuple[Path, str | None]:
+    """``(local folder, remote URL or None)``. A URL must name a store litdata has a downloader for."""
+    if not is_url(folder):
+        return Path(folder), None
+    url = str(folder).rstrip("/")
+    if url.startswith("file://"):
+        return Path(url[len("file://"):]), None
+    from litdata.streaming.downloader import LocalDownloader, get_downloader
+
+    local = Path(cache_dir or default_cache_dir()) / "streams" / hashlib.sha1(url.encode()).hexdigest()[:16]
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LatentCacheError(f"latent cache '{folder}': corrupt JSON in '{sub}/{INDEX}' ({e})") from None
+        downloader = get_downloader(url, str(local), [])
+    except ModuleNotFoundError as e:  # e.g. gs:// without google-cloud-storage
+        raise LatentCacheError(f"latent cache '{url}': litdata needs an extra package for this store ({one_line(e, 120)})") from None
+    if type(downloader) is LocalDownloader and not url.startswith("local:"):  # litdata's fallback: no downloader matched
+        scheme = url.split("://", 1)[0]
+        raise LatentCacheError(f"latent cache '{url}': litdata has no downloader for '{scheme}://' (use a local folder or "
+                               "s3://, gs://, azure://, hf://, r2://, local:)")
+    return local, url
 
 
 class StreamingCache:
     """``buffer_chunks``: decoded window chunks kept per bucket and process (the shuffle buffer:
-    ``data.shuffle_chunks``); a chunk is decoded whole, in order, the first time a batch needs one of
-    its windows. Memory: buckets x buffer_chunks chunks + 16 MB of text states, whatever the cache size."""
+    ``data.shuffle_chunks``); a chunk is decoded whole the first time a batch needs one of its
+    windows. Memory: buckets x buffer_chunks chunks + 16 MB of text states, whatever the cache size.
+    ``folder``: a local folder or a URL (see the module docstring); ``cache_dir``: where a remote
+    cache's files are kept locally."""
 
-    def __init__(self, folder, buffer_chunks: int = 8):
+    def __init__(self, folder, buffer_chunks: int = 8, cache_dir=None):
         self.buffer_chunks = max(1, int(buffer_chunks))
-        self.folder = Path(folder)
-        self.meta = read_meta(self.folder)
+        self.folder, self.url = resolve_location(folder, cache_dir)
+        self.name = self.url or str(self.folder)  # what error messages call the cache
+        if self.url:
+            self._fetch("meta.json")
+        self.meta = read_meta(self.folder, self.name)
         self.storage = self.meta["storage"]
         self.lengths = self.meta.get("text_lengths", {})
         self.offsets = self.meta["text_offsets"]
@@ -47,29 +78,61 @@ class StreamingCache:
         self.files: dict[str, list[str]] = {}  # dataset -> chunk file names, in index order
         self.starts: dict[str, list[int]] = {}  # dataset -> first item of each chunk
         self.sizes: dict[str, list[int]] = {}
-        self.paths: dict[str, list[str]] = {}
         for sub in [f"{WINDOWS}/{b}" for b in self.buckets] + [f"{TEXTS}/a", f"{TEXTS}/b"]:
-            chunks = _read_index(self.folder, sub)["chunks"]
+            chunks = self._read_index(sub)["chunks"]
             self.files[sub] = [c["filename"] for c in chunks]
             self.sizes[sub] = [int(c["chunk_size"]) for c in chunks]
-            self.paths[sub] = [str(self.folder / sub / c["filename"]) for c in chunks]
             self.starts[sub] = [0]
             for n in self.sizes[sub][:-1]:
                 self.starts[sub].append(self.starts[sub][-1] + n)
+            if self.url:  # a remote chunk is checked by litdata when it is downloaded
+                continue
             for c in chunks:  # a stat per chunk: missing or truncated shards fail before the first step
                 path = self.folder / sub / c["filename"]
                 if not path.is_file():
-                    raise LatentCacheError(f"latent cache '{self.folder}': index lists missing shard '{sub}/{c['filename']}'")
+                    raise LatentCacheError(f"latent cache '{self.name}': index lists missing shard '{sub}/{c['filename']}'")
                 if path.stat().st_size != int(c["chunk_bytes"]):
-                    raise LatentCacheError(f"latent cache '{self.folder}': shard '{sub}/{c['filename']}' is truncated "
+                    raise LatentCacheError(f"latent cache '{self.name}': shard '{sub}/{c['filename']}' is truncated "
                                            f"({path.stat().st_size} of {c['chunk_bytes']} bytes)")
         self._datasets: dict = {}
         self._texts: OrderedDict = OrderedDict()  # (dataset, chunk) -> decoded text states, at most TEXT_CACHE_BYTES
         self._text_bytes = 0
-        self._chunks: dict[str, OrderedDict] = {}  # bucket dataset -> {(dataset, chunk): decoded windows}, buffer_chunks each
+        self._chunks: dict[str, OrderedDict] = {}  # bucket dataset -> {chunk: decoded windows}, buffer_chunks each
 
     def __getstate__(self):  # DataLoader workers open their own litdata datasets
         return {**self.__dict__, "_datasets": {}, "_texts": OrderedDict(), "_text_bytes": 0, "_chunks": {}}
+
+    # ---- where the files are ---------------------------------------------------------------------
+    def _fetch(self, rel: str) -> None:
+        """Download ``rel`` of the remote cache into the local folder with litdata's downloader (always
+        anew: the remote cache may have been merged again); atomic, so ranks sharing the folder are safe."""
+        from litdata.streaming.downloader import get_downloader
+
+        local = self.folder / rel
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+        try:
+            get_downloader(self.url, str(self.folder), []).download_file(f"{self.url}/{rel}", str(tmp))
+            os.replace(tmp, local)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            missing = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({one_line(e, 160)})"
+            raise LatentCacheError(f"latent cache '{self.name}': '{rel}' is {missing}") from None
+
+    def _read_index(self, sub: str) -> dict:
+        if self.url:
+            try:
+                self._fetch(f"{sub}/{INDEX}")
+            except LatentCacheError:
+                pass  # reported below as the index a merge writes
+        path = self.folder / sub / INDEX
+        if not path.is_file():
+            raise LatentCacheError(f"latent cache '{self.name}': missing '{sub}/{INDEX}' (merge the shards: run the last "
+                                   "`soe encode ... --shard I/N` again)")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise LatentCacheError(f"latent cache '{self.name}': corrupt JSON in '{sub}/{INDEX}' ({e})") from None
 
     def chunk_sizes(self, bucket: str) -> list[int]:
         return self.sizes[f"{WINDOWS}/{bucket}"]
@@ -78,72 +141,89 @@ class StreamingCache:
         ds = self._datasets.get(sub)
         if ds is None:
             from litdata import StreamingDataset
+            from litdata.streaming.resolver import Dir
 
-            # whole chunks are read in order (see _row): let litdata decode them in one go
-            ds = self._datasets[sub] = StreamingDataset(str(self.folder / sub), batch_decode=-1)
+            source = Dir(path=str(self.folder / sub), url=f"{self.url}/{sub}") if self.url else str(self.folder / sub)
+            ds = self._datasets[sub] = StreamingDataset(source)  # read a chunk at a time, in order (see _read_chunk)
         return ds
 
-    def _row(self, sub: str, index: int) -> dict:
-        """Item ``index`` of dataset ``sub``, from its chunk decoded whole (kept in a bounded LRU)."""
-        chunk = bisect.bisect_right(self.starts[sub], index) - 1
+    # ---- decoded chunks ---------------------------------------------------------------------------
+    def _chunk(self, sub: str, chunk: int) -> list[dict]:
+        """The items of chunk ``chunk`` of dataset ``sub``, decoded (kept in a bounded LRU)."""
         text = sub.startswith(TEXTS)
         lru = self._texts if text else self._chunks.setdefault(sub, OrderedDict())  # per bucket: batches alternate buckets
-        rows = lru.get((sub, chunk))
-        if rows is None:
-            first, n = self.starts[sub][chunk], self.sizes[sub][chunk]
-            head = self._item(sub, first, chunk)  # litdata decodes the whole chunk (batch_decode=-1) ...
-            rows = self._decoded_rows(sub, chunk, n) or [head] + [self._item(sub, first + i, chunk) for i in range(1, n)]
-            if text:  # kept decoded (trimmed); padded per use
-                rows = [{k: unpack(v, self.storage["text"]) for k, v in r.items()} for r in rows]
-                self._text_bytes += sum(v.nbytes for r in rows for v in r.values())
-            lru[(sub, chunk)] = rows
-            while len(lru) > 1 and (self._text_bytes > TEXT_CACHE_BYTES if text else len(lru) > self.buffer_chunks):
-                _, old = lru.popitem(last=False)
-                if text:
-                    self._text_bytes -= sum(v.nbytes for r in old for v in r.values())
-        else:
-            lru.move_to_end((sub, chunk))
-        return rows[index - self.starts[sub][chunk]]
+        key = (sub, chunk) if text else chunk
+        rows = lru.get(key)
+        if rows is not None:
+            lru.move_to_end(key)
+            return rows
+        rows = self._read_chunk(sub, chunk)
+        if text:  # kept decoded (trimmed) as float32; padded into each batch
+            rows = [{k: unpack(v, self.storage["text"]) for k, v in r.items()} for r in rows]
+            self._text_bytes += sum(v.nbytes for r in rows for v in r.values())
+        lru[key] = rows
+        while len(lru) > 1 and (self._text_bytes > TEXT_CACHE_BYTES if text else len(lru) > self.buffer_chunks):
+            _, old = lru.popitem(last=False)
+            if text:
+                self._text_bytes -= sum(v.nbytes for r in old for v in r.values())
+        return rows
 
-    def _decoded_rows(self, sub: str, chunk: int, n: int) -> list | None:
-        """... and keeps the rows: take them all at once rather than item by item through ``__getitem__``
-        (4x less overhead for small windows). Relies on litdata's PyTreeLoader internals; when they
-        are not as expected, None and the caller reads item by item."""
-        loader = getattr(getattr(self._dataset(sub).cache, "_reader", None), "_item_loader", None)
-        rows = getattr(loader, "_chunk_rows", None)
-        if isinstance(rows, list) and len(rows) == n and getattr(loader, "_chunk_rows_index", None) == chunk \
-                and getattr(loader, "_win_start", None) == 0:
-            return list(rows)
-        return None
-
-    def _item(self, sub: str, index: int, chunk: int | None = None) -> dict:
-        if chunk is None:
-            chunk = bisect.bisect_right(self.starts[sub], index) - 1
-        if not os.path.exists(self.paths[sub][chunk]):  # litdata would wait for a download that never comes
-            name = f"{sub}/{self.files[sub][chunk]}"
-            raise LatentCacheError(f"latent cache '{self.folder}': shard '{name}' disappeared during training")
+    def _read_chunk(self, sub: str, chunk: int) -> list[dict]:
+        name = f"{sub}/{self.files[sub][chunk]}"
+        if not self.url and not os.path.exists(self.folder / name):  # litdata would wait for a download that never comes
+            raise LatentCacheError(f"latent cache '{self.name}': shard '{name}' disappeared during training")
+        first = self.starts[sub][chunk]
         try:
-            return self._dataset(sub)[index]
+            ds = self._dataset(sub)
+            return [ds[i] for i in range(first, first + self.sizes[sub][chunk])]
         except LatentCacheError:
             raise
-        except Exception as e:  # truncated or rewritten under us
-            name = f"{sub}/{self.files[sub][chunk]}"
-            raise LatentCacheError(f"latent cache '{self.folder}': shard '{name}' is unreadable ({one_line(e, 200)})") from None
+        except Exception as e:  # truncated, rewritten under us, or a failed download
+            raise LatentCacheError(f"latent cache '{self.name}': shard '{name}' is unreadable ({one_line(e, 200)})") from None
 
-    def window(self, bucket: str, index: int) -> dict:
-        """``{"a": {"latents", cond...}, "b": {...}, "id"}``: tensors without batch axis, floats as float32,
-        conditioning padded back to the encoder's length with zeros. Tensors may share memory with the
-        read buffer (collating copies them): do not modify them in place."""
-        item = self._row(f"{WINDOWS}/{bucket}", index)
-        out = {"id": item["id"]}
-        for side in ("a", "b"):
-            cond = self._text(side, self.offsets[side][item["part"]] + item[f"text_{side}"])
-            out[side] = {"latents": unpack(item[side], self.storage["latents"]), **cond}
+    def _rows(self, sub: str, indices: list[int]) -> list[dict]:
+        starts, out, seen = self.starts[sub], [], {}
+        for i in indices:
+            c = bisect.bisect_right(starts, i) - 1
+            rows = seen.get(c)
+            if rows is None:
+                rows = seen[c] = self._chunk(sub, c)
+            out.append(rows[i - starts[c]])
         return out
 
-    def _text(self, side: str, index: int) -> dict:
-        lengths = self.lengths.get(side, {})
-        return {k: pad(v, lengths[k][0]) if lengths.get(k) else v for k, v in self._row(f"{TEXTS}/{side}", index).items()}
+    # ---- windows ----------------------------------------------------------------------------------
+    def batch(self, bucket: str, indices: list[int]) -> dict:
+        """Windows ``indices`` of ``bucket`` as one batch: ``{"id": [...], "a": {"latents", cond...}, "b": {...}}``,
+        tensors with a leading batch axis, floats as float32, conditioning zero-padded back to the encoder's
+        length straight into the batch tensor (one copy per window, no per-window padded tensor)."""
+        items = self._rows(f"{WINDOWS}/{bucket}", indices)
+        out: dict = {"id": [it["id"] for it in items]}
+        for side in ("a", "b"):
+            latents = unpack(torch.stack([it[side] for it in items]), self.storage["latents"])  # (B, ...), a copy
+            offsets = self.offsets[side]
+            texts = self._rows(f"{TEXTS}/{side}", [offsets[it["part"]] + it[f"text_{side}"] for it in items])
+            lengths = self.lengths.get(side, {})
+            out[side] = {"latents": latents, **{k: _stack_padded([t[k] for t in texts], (lengths.get(k) or [None])[0])
+                                                for k in texts[0]}}
+        return out
+
+    def window(self, bucket: str, index: int) -> dict:
+        """One window: ``{"a": {"latents", cond...}, "b": {...}, "id"}``, tensors without batch axis."""
+        b = self.batch(bucket, [index])
+        return {"id": b["id"][0], **{side: {k: v[0] for k, v in b[side].items()} for side in ("a", "b")}}
+
+
+def _stack_padded(tensors: list[torch.Tensor], length: int | None) -> torch.Tensor:
+    """Stack along a new batch axis, zero-padding the first axis of each to ``length`` (None: as they are).
+    A fixed number of tensor operations per batch, whatever its size (a Python loop over rows or
+    ``pad_sequence`` cost 4-10x more for small text states)."""
+    first = tensors[0]
+    if length is None or first.ndim == 0 or all(t.shape[0] == length for t in tensors):
+        return torch.stack(tensors)
+    out = first.new_zeros((len(tensors), length, *first.shape[1:]))
+    rows = torch.arange(length) < torch.tensor([t.shape[0] for t in tensors])[:, None]  # (B, length): kept rows
+    out[rows] = torch.cat(tensors)  # row-major order of the mask = the tensors one after the other
+    return out
 
 
 def load_cache(folder) -> tuple[dict, list[dict], list[dict]]:

@@ -19,7 +19,7 @@ from litdata.streaming.writer import BinaryWriter
 
 from soe.data.stream_format import (FORMAT, INDEX, PARTS, TEXTS, WINDOWS, pack, part_name, text_key, trim,
                                     write_json_atomic)
-from soe.train.latent_cache import LatentCacheError
+from soe.data.latent_cache import LatentCacheError
 
 CHUNK_ITEMS = 1 << 30  # chunk boundaries are ours (one flush = one chunk); recorded in every chunk's config
 

@@ -15,13 +15,13 @@ import bisect
 from functools import lru_cache
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from soe.data.stream_read import StreamingCache
 from soe.errors import DataError, SoeError
 from soe.flow import generator_for
-from soe.train.data import StepDataLoader, _StitchDataModule
-from soe.train.latent_cache import LatentCacheError
+from soe.data.datamodule import StepDataLoader, _StitchDataModule
+from soe.data.latent_cache import LatentCacheError
 
 
 class StreamBatchSampler(Sampler):
@@ -103,7 +103,10 @@ class StreamBatchSampler(Sampler):
 
 
 class StreamWindows(Dataset):
-    """Map-style view for the DataLoader: key ``(batch number, bucket, window)`` -> a window."""
+    """Map-style view for the DataLoader: key ``(batch number, bucket, window)`` -> a window. The
+    DataLoader asks for a whole batch at once (``__getitems__``), which ``StreamingCache.batch``
+    builds in one go: a batch's latents are stacked and converted once, its text states padded
+    straight into the batch tensors (``collate_batch`` then passes it on)."""
 
     def __init__(self, cache: StreamingCache):
         self.cache = cache
@@ -112,6 +115,18 @@ class StreamWindows(Dataset):
         step, bucket, index = key
         window = self.cache.window(bucket, index)
         return {"a": window["a"], "b": window["b"], "step": step}
+
+    def __getitems__(self, keys: list) -> dict:
+        steps, buckets = {k[0] for k in keys}, {k[1] for k in keys}
+        if len(steps) != 1 or len(buckets) != 1:  # StreamBatchSampler never mixes them
+            raise ValueError(f"a streamed batch comes from one batch number and one bucket, got {sorted(steps)}, {sorted(buckets)}")
+        batch = self.cache.batch(buckets.pop(), [k[2] for k in keys])
+        return {"a": batch["a"], "b": batch["b"], "step": torch.full((len(keys),), steps.pop(), dtype=torch.long)}
+
+
+def collate_batch(batch):
+    """A batch built by ``StreamWindows.__getitems__`` as it is; a list of windows collated as usual."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
 
 
 class StreamDataLoader(StepDataLoader):
@@ -138,15 +153,16 @@ class StreamingLatentDataModule(_StitchDataModule):
     """Streams a latent cache written by ``soe encode`` (format 2): bounded memory per rank."""
 
     def __init__(self, experts: dict, path, batch_size: int = 4, seed: int = 0, num_workers: int = 0, shuffle_chunks: int = 8,
-                 seconds: float | None = None):
+                 seconds: float | None = None, cache_dir=None):
         super().__init__(experts, batch_size, seed, num_workers)
         self.path, self.shuffle_chunks, self.seconds = path, shuffle_chunks, seconds  # seconds: data.seconds
+        self.cache_dir = cache_dir  # local copy of a remote (URL) cache; None: $SOE_CACHE_DIR or ~/.cache/soe
         self.cache: StreamingCache | None = None
 
     def setup(self, stage=None):
         if self.cache is not None:
             return
-        cache = StreamingCache(self.path, buffer_chunks=self.shuffle_chunks)
+        cache = StreamingCache(self.path, buffer_chunks=self.shuffle_chunks, cache_dir=self.cache_dir)
         names = {side: e.name for side, e in self.experts.items()}
         if cache.meta.get("experts") != names:
             raise LatentCacheError(f"latent cache '{self.path}' holds latents of experts {cache.meta.get('experts')}, the recipe stitches {names}")
@@ -179,5 +195,5 @@ class StreamingLatentDataModule(_StitchDataModule):
         return StreamBatchSampler(sizes, self.batch_size, self.seed, length, next_batch, rank, world_size, self.shuffle_chunks)
 
     def make_loader(self, sampler) -> DataLoader:
-        return StreamDataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+        return StreamDataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate_batch,
                                 persistent_workers=False, prefetch_factor=2 if self.num_workers else None)

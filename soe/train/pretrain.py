@@ -28,7 +28,7 @@ def pretrain(recipe, out, overrides=(), dtype: str = "float32", sides=("a", "b")
     from soe.builders import build_expert
     from soe.config import load_recipe, validate_recipe
     from soe.console import make_console
-    from soe.train.data import SyntheticAVDataModule
+    from soe.data.datamodule import SyntheticAVDataModule
     from soe.train.single import pretrain_expert
 
     console = console or make_console()

@@ -19,7 +19,7 @@ HELD_OUT_SEED_OFFSET = 10_000  # held-out clips: a clip stream training never dr
 
 def held_out(experts: dict, seconds: float, n: int, seed: int) -> tuple[dict, dict]:
     """(conditioning, ground-truth latents) of ``n`` held-out clips, batched per side."""
-    from soe.train.data import SyntheticAVDataModule
+    from soe.data.datamodule import SyntheticAVDataModule
 
     data = SyntheticAVDataModule(experts, seconds=seconds, num_clips=n, batch_size=1, seed=seed + HELD_OUT_SEED_OFFSET)
     clips = [data.make_clip(i) for i in range(n)]

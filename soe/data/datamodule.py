@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from soe.errors import DataError
 from soe.flow import generator_for
-from soe.train.latent_cache import load_clips, read_index, validate_clip_shapes
+from soe.data.latent_cache import load_clips, read_index, validate_clip_shapes
 from soe.train.synthetic import BounceClip, render_for_expert
 
 
@@ -174,12 +174,12 @@ class PairedLatentDataModule(_StitchDataModule):
         meta, rows = read_index(self.path)
         names = {side: e.name for side, e in self.experts.items()}
         if meta.get("experts") != names:
-            from soe.train.latent_cache import LatentCacheError
+            from soe.data.latent_cache import LatentCacheError
 
             raise LatentCacheError(f"latent cache '{self.path}' holds latents of experts {meta.get('experts')}, the recipe stitches {names}")
         lengths = sorted({float(r["seconds"]) for r in rows})
         if self.seconds is not None and all(abs(s - self.seconds) > 1e-6 for s in lengths):  # bucketed caches hold several
-            from soe.train.latent_cache import LatentCacheError
+            from soe.data.latent_cache import LatentCacheError
 
             raise LatentCacheError(f"data.seconds: {self.seconds} s, but the latent cache '{self.path}' holds clips of "
                                    f"{', '.join(f'{s:g}' for s in lengths)} s (set data.seconds to match, or encode the clips again)")
