@@ -513,8 +513,6 @@ def _num_blocks(cls, e) -> int:
     folder is there, else the preset (plus ``architecture``) built on the meta device."""
     import json
 
-    import torch
-
     cfg_file = _find_config_json(Path(e.path)) if e.path is not None else None
     if cfg_file is not None:
         try:
@@ -528,21 +526,36 @@ def _num_blocks(cls, e) -> int:
             raise RecipeError(f"experts: '{cfg_file}' names no layer count; also give 'preset'")
     if e.preset is None:
         raise RecipeError(f"experts: cannot read the depth of '{e.path}' without a config.json; also give 'preset'")
-    with torch.device("meta"):
-        return cls.from_preset(e.preset, device="meta", **dict(e.architecture), **dict(e.options)).num_blocks
+    return _meta_preset(cls, e).num_blocks
 
 
 def _max_seconds(cls, e) -> float | None:
     """The expert's clip-length limit, from its preset built on the meta device (None when unknown)."""
-    import torch
-
     if e.preset is None:
         return None
     try:
-        with torch.device("meta"):
-            return cls.from_preset(e.preset, device="meta", **dict(e.architecture), **dict(e.options)).max_seconds()
+        return _meta_preset(cls, e).max_seconds()
     except (TypeError, ValueError):  # reported by the depth check with the key at fault
         return None
+
+
+_META_BUILDS: dict = {}
+
+
+def _meta_preset(cls, e):
+    """The expert's preset (plus ``architecture`` and ``options``) built on the meta device, once per
+    validation of the same settings (the depth and clip-length checks both read it)."""
+    import json
+
+    import torch
+
+    key = (cls, e.preset, json.dumps([to_container(e.architecture), to_container(e.options)], sort_keys=True, default=str))
+    if key not in _META_BUILDS:
+        with torch.device("meta"):
+            expert = cls.from_preset(e.preset, device="meta", **dict(e.architecture), **dict(e.options))
+        _META_BUILDS.clear()  # keep the last one only: meta tensors hold no memory, the module tree does
+        _META_BUILDS[key] = expert
+    return _META_BUILDS[key]
 
 
 def _names_model_key(err: Exception, e) -> bool:

@@ -6,10 +6,10 @@ module names. A pattern that matches nothing fails loudly and lists close candid
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from soe.config import RecipeError, to_container
@@ -50,7 +50,9 @@ def add_lora(expert: Expert, spec: LoraSpec, where: str = "lora") -> list[str]:
 
     With ``spec.init_from`` the adapter is the one in that file (its modules, ranks and alphas) and
     starts from its weights, e.g. a community Wan LoRA in diffusers or ComfyUI format."""
-    on_meta = any(p.is_meta for p in expert.model.parameters())  # `soe inspect`: shapes only, no init
+    from peft import LoraConfig, inject_adapter_in_model
+
+    on_meta = any(p.is_meta for p in expert.model.parameters())  # built on meta: shapes only, no init
     if spec.init_from is not None:
         return _add_lora_from_file(expert, spec, where, on_meta)
     targets = match_modules(expert.model, spec.targets or expert.lora_targets, f"{where}.targets")
@@ -60,8 +62,31 @@ def add_lora(expert: Expert, spec: LoraSpec, where: str = "lora") -> list[str]:
     return targets
 
 
+def lora_parameter_count(expert: Expert, spec: LoraSpec, where: str = "lora") -> int | None:
+    """How many parameters :func:`add_lora` would add, from the targeted modules' shapes alone
+    (``soe inspect`` counts instead of injecting hundreds of peft layers). peft's LoRA of rank r adds
+    lora_A and lora_B without bias: ``r * (in + out)`` to a Linear, ``r * (num_embeddings + dim)`` to an
+    Embedding, ``r * in * prod(kernel) + out * r / groups`` to a convolution (B is a grouped 1x1 conv).
+    None when the count needs peft itself: ``init_from`` (its ranks and modules come from the file)."""
+    if spec.init_from is not None:
+        return None
+    layers = dict(expert.model.named_modules())
+    total = 0
+    for name in match_modules(expert.model, spec.targets or expert.lora_targets, f"{where}.targets"):
+        m = layers[name]
+        if isinstance(m, nn.Linear):
+            total += spec.r * (m.in_features + m.out_features)
+        elif isinstance(m, nn.Embedding):
+            total += spec.r * (m.num_embeddings + m.embedding_dim)
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and spec.r % m.groups == 0:  # else peft refuses: let it say so
+            total += spec.r * m.in_channels * math.prod(m.kernel_size) + m.out_channels * spec.r // m.groups
+        else:
+            return None
+    return total
+
+
 def _add_lora_from_file(expert: Expert, spec: LoraSpec, where: str, on_meta: bool) -> list[str]:
-    from peft import set_peft_model_state_dict
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     from soe.lora_formats import COMFYUI_NAMES, LoraFileError, read_lora
 
@@ -102,19 +127,46 @@ def set_trainable(expert: Expert, mode: str, lora: LoraSpec | None = None, where
     return []
 
 
-def apply_training_setup(stitcher, cfg) -> dict[str, list[str]]:
-    """Apply the recipe's ``experts.{a,b}.train`` / ``lora`` settings; connectors always train."""
-    targets = {}
+def _recipe_training(cfg) -> dict[str, tuple[str, LoraSpec]]:
+    """The recipe's ``experts.{a,b}.train`` mode and ``lora`` section of each side."""
+    out = {}
     for side in ("a", "b"):
         e = cfg.experts[side]
         lora = to_container(e.lora)
-        spec = LoraSpec(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                        targets=tuple(lora["targets"]) if lora["targets"] else None, init_from=lora.get("init_from"))
-        targets[side] = set_trainable(getattr(stitcher, side), e.train, spec, where=f"experts.{side}")
+        out[side] = e.train, LoraSpec(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                                      targets=tuple(lora["targets"]) if lora["targets"] else None, init_from=lora.get("init_from"))
+    return out
+
+
+def _train_stitch(stitcher) -> None:
     stitcher.connectors.requires_grad_(True)
     if getattr(stitcher, "fusion", None) is not None:  # inserted blocks and new k/v projections train too
         stitcher.fusion.requires_grad_(True)
+
+
+def apply_training_setup(stitcher, cfg) -> dict[str, list[str]]:
+    """Apply the recipe's ``experts.{a,b}.train`` / ``lora`` settings; connectors always train."""
+    targets = {side: set_trainable(getattr(stitcher, side), mode, spec, where=f"experts.{side}")
+               for side, (mode, spec) in _recipe_training(cfg).items()}
+    _train_stitch(stitcher)
     return targets
+
+
+def count_training_setup(stitcher, cfg) -> dict[str, int]:
+    """:func:`apply_training_setup` for ``soe inspect``: the same modules train, but a LoRA that
+    :func:`lora_parameter_count` can count is counted instead of injected (its expert stays frozen).
+    Returns the counted LoRA parameters per side (0 where none was counted)."""
+    counts = {}
+    for side, (mode, spec) in _recipe_training(cfg).items():
+        expert = getattr(stitcher, side)
+        n = lora_parameter_count(expert, spec, f"experts.{side}.lora") if mode == "lora" else None
+        if n is None:
+            set_trainable(expert, mode, spec, where=f"experts.{side}")
+        else:
+            expert.requires_grad_(False)
+        counts[side] = n or 0
+    _train_stitch(stitcher)
+    return counts
 
 
 def trainable_state_dict(module: nn.Module) -> dict:
