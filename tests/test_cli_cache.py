@@ -1,4 +1,5 @@
 """`soe experts` / `soe inspect` start fast: LoRA counted from shapes, tables cached (soe/cli_cache.py)."""
+import io
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ UNIVERSE1 = ROOT / "recipes" / "universe1.yaml"
 
 
 def text(tables) -> str:
-    console = Console(width=250, record=True, file=open(os.devnull, "w"))
+    console = Console(width=250, record=True, file=io.StringIO())
     for t in tables:
         console.print(t)
     return console.export_text()
