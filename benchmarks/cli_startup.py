@@ -41,11 +41,12 @@ COMMANDS = {
 
 
 def run_once(code: str, args: list[str], python: str | None, cache_dir: str, importtime: bool = False) -> tuple[float, float, str]:
+    os.makedirs(cache_dir, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200", "SOE_CACHE_DIR": cache_dir}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([python or sys.executable, *(["-X", "importtime"] if importtime else []), "-c", code, *args],
-                          env=env, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True, cwd=cache_dir)  # not the checkout: its soe/ would shadow the installed one
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
