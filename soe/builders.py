@@ -97,10 +97,35 @@ def apply_training_setup(stitcher: Stitcher, cfg: DictConfig) -> dict[str, list[
     for side in ("a", "b"):
         e: ExpertConfig = build(ExpertConfig, cfg.experts[side], f"experts.{side}")
         targets[side] = set_trainable(getattr(stitcher, side), e.train, e.lora, where=f"experts.{side}")
+    _train_stitch(stitcher)
+    return targets
+
+
+def count_training_setup(stitcher: Stitcher, cfg: DictConfig) -> dict[str, int]:
+    """:func:`apply_training_setup` for ``soe inspect``: the same modules train, but a LoRA that
+    ``soe.lora.lora_parameter_count`` can count is counted instead of injected (its expert stays frozen).
+    Returns the counted LoRA parameters per side (0 where none was counted)."""
+    from soe.lora import lora_parameter_count, set_trainable
+
+    counts = {}
+    for side in ("a", "b"):
+        e: ExpertConfig = build(ExpertConfig, cfg.experts[side], f"experts.{side}")
+        expert = getattr(stitcher, side)
+        n = lora_parameter_count(expert, e.lora, f"experts.{side}.lora") if e.train == "lora" else None
+        if n is None:
+            set_trainable(expert, e.train, e.lora, where=f"experts.{side}")
+        else:
+            expert.requires_grad_(False)
+        counts[side] = n or 0
+    _train_stitch(stitcher)
+    return counts
+
+
+def _train_stitch(stitcher: Stitcher) -> None:
+    """Connectors (and inserted blocks, new k/v projections) always train."""
     stitcher.connectors.requires_grad_(True)
     if getattr(stitcher, "fusion", None) is not None:
         stitcher.fusion.requires_grad_(True)
-    return targets
 
 
 def build_objective(cfg: DictConfig, stitcher: Stitcher):

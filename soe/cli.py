@@ -23,10 +23,17 @@ err_console = make_console(stderr=True)
 
 
 def _cmd_experts(args) -> int:
-    from soe.registry import get_expert, list_experts
-    from soe.report import experts_table
+    from soe import cli_cache
 
-    console.print(experts_table([get_expert(n) for n in list_experts()], details=args.details))
+    key = None if args.details or args.no_cache else cli_cache.experts_key()
+    tables = cli_cache.load(key)  # a repeated listing imports no torch (soe/cli_cache.py)
+    if tables is None:
+        from soe.registry import get_expert, list_experts
+        from soe.report import experts_table
+
+        tables = [experts_table([get_expert(n) for n in list_experts()], details=args.details)]
+        cli_cache.save(key, tables)
+    print_tables(tables)
     return 0
 
 
@@ -42,21 +49,24 @@ def _cmd_experts_check(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    import torch
-
-    from soe.builders import build_stitcher
-    from soe.config import load_recipe, validate_recipe
-    from soe.report import hooks_table, print_tables, stitch_tables
+    from soe import cli_cache
+    from soe.config import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
-    experts = validate_recipe(cfg, check_paths=False)  # the experts it built on meta: not built twice
-    from soe.builders import apply_training_setup
+    key = None if args.no_cache else cli_cache.recipe_key(cfg)
+    tables = cli_cache.load(key)  # the same recipe, soe and libraries as last time: no torch import
+    if tables is None:
+        from soe.report import recipe_tables
 
-    with torch.device("meta"):  # architecture only (LoRA layers too): full-size recipes inspect in seconds
-        st = build_stitcher(cfg, device="meta", load_weights=False, experts=experts)
-        apply_training_setup(st, cfg)
-    print_tables([*stitch_tables(st), hooks_table(st)], console)
+        tables = recipe_tables(cfg)  # validated, built on the meta device: full-size recipes in seconds
+        cli_cache.save(key, tables)
+    print_tables(tables)
     return 0
+
+
+def print_tables(tables) -> None:
+    for t in tables:
+        console.print(t)
 
 
 def _cmd_stitch(args) -> int:
@@ -109,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     experts = sub.add_parser("experts", help="list registered experts; `soe experts check X` runs the contract checks")
     experts.add_argument("--details", action="store_true", help="also blocks, width and tokens/s of each real-size preset (builds on meta; slower)")
+    experts.add_argument("--no-cache", action="store_true", help="list from the expert classes, not from the start-up cache")
     experts.set_defaults(func=_cmd_experts)
     check = experts.add_subparsers(dest="experts_command").add_parser("check", help="run the expert contract checks (soe.testing)")
     check.add_argument("expert", help="a registered name (wan2.1) or module:Class of a plugin")
@@ -122,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe (demo, universe1, ...)")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
         sp.set_defaults(func=func)
+        if name == "inspect":
+            sp.add_argument("--no-cache", action="store_true", help="build on meta even when the start-up cache has these tables")
         if name == "stitch":
             sp.add_argument("--allow-changes", nargs="+", metavar="KEY", default=[],
                             help="on resume, accept these recipe keys (or sections) differing from the run's recipe.yaml")
@@ -197,9 +210,10 @@ def _quiet() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        from soe.threads import configure_threads
+        if args.func not in (_cmd_experts, _cmd_inspect):  # listings compute nothing (and may not import torch)
+            from soe.threads import configure_threads
 
-        configure_threads()  # before any torch work; a recipe's trainer.threads refines it later
+            configure_threads()  # before any torch work; a recipe's trainer.threads refines it later
         _quiet()
         return args.func(args)
     except SoeError as e:  # recipes, checkpoints, latent caches, arguments, non-finite losses

@@ -258,7 +258,7 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
     existed = cfg.sample.out is not None and Path(cfg.sample.out).exists()
     out = new_output_folder(cfg)
     try:
-        with Progress(console=console, transient=True) as bar:
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:  # piped: no blank line
             task = bar.add_task("sampling", total=cfg.sample.steps)
             files = render_samples(stitcher, cfg, out, codecs=codecs, given=given,
                                    progress=lambda i, total: bar.update(task, completed=i),

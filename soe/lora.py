@@ -6,9 +6,9 @@ module names. A pattern that matches nothing fails loudly and lists close candid
 from __future__ import annotations
 
 import difflib
+import math
 import re
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
+
 from torch import nn
 
 from soe.expert import Expert
@@ -40,7 +40,10 @@ def add_lora(expert: Expert, spec: LoraConfig, where: str = "lora") -> list[str]
 
     With ``spec.init_from`` the adapter is the one in that file (its modules, ranks and alphas) and
     starts from its weights, e.g. a community Wan LoRA in diffusers or ComfyUI format."""
-    on_meta = any(p.is_meta for p in expert.model.parameters())  # `soe inspect`: shapes only, no init
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    on_meta = any(p.is_meta for p in expert.model.parameters())  # built on meta: shapes only, no init
     if spec.init_from is not None:
         return _add_lora_from_file(expert, spec, where, on_meta)
     targets = match_modules(expert.model, spec.targets or expert.lora_targets, f"{where}.targets")
@@ -50,8 +53,31 @@ def add_lora(expert: Expert, spec: LoraConfig, where: str = "lora") -> list[str]
     return targets
 
 
+def lora_parameter_count(expert: Expert, spec: LoraConfig, where: str = "lora") -> int | None:
+    """How many parameters :func:`add_lora` would add, from the targeted modules' shapes alone
+    (``soe inspect`` counts instead of injecting hundreds of peft layers). peft's LoRA of rank r adds
+    lora_A and lora_B without bias: ``r * (in + out)`` to a Linear, ``r * (num_embeddings + dim)`` to an
+    Embedding, ``r * in * prod(kernel) + out * r / groups`` to a convolution (B is a grouped 1x1 conv).
+    None when the count needs peft itself: ``init_from`` (its ranks and modules come from the file)."""
+    if spec.init_from is not None:
+        return None
+    layers = dict(expert.model.named_modules())
+    total = 0
+    for name in match_modules(expert.model, spec.targets or expert.lora_targets, f"{where}.targets"):
+        m = layers[name]
+        if isinstance(m, nn.Linear):
+            total += spec.r * (m.in_features + m.out_features)
+        elif isinstance(m, nn.Embedding):
+            total += spec.r * (m.num_embeddings + m.embedding_dim)
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and spec.r % m.groups == 0:  # else peft refuses: let it say so
+            total += spec.r * m.in_channels * math.prod(m.kernel_size) + m.out_channels * spec.r // m.groups
+        else:
+            return None
+    return total
+
+
 def _add_lora_from_file(expert: Expert, spec: LoraConfig, where: str, on_meta: bool) -> list[str]:
-    from peft import set_peft_model_state_dict
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     from soe.lora_formats import COMFYUI_NAMES, LoraFileError, read_lora
 

@@ -124,7 +124,8 @@ def contact_sheet(path, video: torch.Tensor, fps: float, audio: torch.Tensor, sa
         ax_w.axvline(idx / fps, color="grey", lw=0.5, alpha=0.5)
     ax_s = fig.add_subplot(grid[2, :], sharex=ax_w)
     nfft = max(64, min(1024, len(wave) // 8))
-    power, _, _, image = ax_s.specgram(wave + 1e-9, NFFT=nfft, Fs=sample_rate, noverlap=nfft // 2, cmap="magma")
+    with np.errstate(divide="ignore"):  # bins of exact silence are log10(0) = -inf, drawn black: no warning on screen
+        power, _, _, image = ax_s.specgram(wave + 1e-9, NFFT=nfft, Fs=sample_rate, noverlap=nfft // 2, cmap="magma")
     top = 10 * np.log10(max(float(power.max()), 1e-20))
     image.set_clim(top - 60, top)  # 60 dB of range: silence is black, not the colour of rounding noise
     ax_s.set_xlabel("seconds")

@@ -29,11 +29,11 @@ def experts_table(classes, details: bool = False) -> Table:
     detail_cols = ("blocks", "hidden", "tokens/s") if details else ()
     for col in ("name", "modality", *detail_cols, "presets", "source", "plugin"):
         t.add_column(col, no_wrap=col != "presets")
-    import torch
-
     for cls in classes:
         cells = []
         if details:
+            import torch
+
             preset = next((p for p in cls.presets if p != "tiny"), "tiny")
             with torch.device("meta"):
                 e = cls.from_preset(preset, device="meta")
@@ -42,14 +42,18 @@ def experts_table(classes, details: bool = False) -> Table:
     return t
 
 
-def stitch_tables(st: Stitcher) -> list[Table]:
+def stitch_tables(st: Stitcher, lora: dict[str, int] | None = None) -> list[Table]:
+    """The experts (with parameter counts), connectors and block pairs of ``st``. ``lora``: LoRA
+    parameters per side counted rather than injected (``soe.builders.count_training_setup``); they add
+    to that expert's parameters and trainable parameters exactly as injected ones would."""
+    lora = lora or {}
     experts = Table(title="experts")
     for col in ("side", "name", "modality", "blocks", "hidden", "parameters", "trainable"):
         experts.add_column(col, justify="right" if col in ("blocks", "hidden", "parameters", "trainable") else "left", no_wrap=True)
     for side in ("a", "b"):
-        e = getattr(st, side)
-        experts.add_row(side, e.name, e.modality, str(e.num_blocks), str(e.hidden_size), fmt_count(num_params(e)),
-                        fmt_count(num_params(e, trainable_only=True)))
+        e, extra = getattr(st, side), lora.get(side, 0)
+        experts.add_row(side, e.name, e.modality, str(e.num_blocks), str(e.hidden_size), fmt_count(num_params(e) + extra),
+                        fmt_count(num_params(e, trainable_only=True) + extra))
     experts.add_row("", "connectors", "", "", "", fmt_count(num_params(st.connectors)),
                     fmt_count(num_params(st.connectors, trainable_only=True)))
     fusion = getattr(st, "fusion", None)
@@ -111,6 +115,21 @@ def hooks_table(st: Stitcher) -> Table:
     if not groups:
         t.add_row("(none)", "", "", "", f"the {st.engine} engine exchanges between the blocks it runs: nothing sits on the experts")
     return t
+
+
+def recipe_tables(cfg) -> list[Table]:
+    """What ``soe inspect`` shows for a recipe: validated, then built on the meta device (shapes, no
+    weights or memory), LoRA parameters counted from the targeted modules' shapes."""
+    import torch
+
+    from soe.builders import build_stitcher, count_training_setup
+    from soe.config import validate_recipe
+
+    experts = validate_recipe(cfg, check_paths=False)  # the experts it built on meta: not built twice
+    with torch.device("meta"):
+        st = build_stitcher(cfg, device="meta", load_weights=False, experts=experts)
+        lora = count_training_setup(st, cfg)
+    return [*stitch_tables(st, lora), hooks_table(st)]
 
 
 def print_tables(tables, console: Console | None = None) -> None:

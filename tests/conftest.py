@@ -9,11 +9,14 @@ configure_threads()  # the CLI's policy: a busy machine must not slow the suite 
 
 
 @pytest.fixture(autouse=True)
-def _outside_the_checkout(tmp_path, monkeypatch):
+def _outside_the_checkout(tmp_path, tmp_path_factory, monkeypatch):
     """Every test runs in its own temporary folder: a default run_dir (``runs/<name>``) or output folder
-    lands there, never in the checkout, and a demo run already in the checkout cannot interfere."""
+    lands there, never in the checkout, and a demo run already in the checkout cannot interfere.
+    The CLI's start-up cache (soe/cli_cache.py) is a new empty folder too: `soe experts` and
+    `soe inspect` compute their tables in every test, and nothing lands in the user's cache."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SOE_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SOE_CACHE_DIR", str(tmp_path_factory.mktemp("soe-cache")))
 
 
 def tiny(name: str, seed: int = 0):

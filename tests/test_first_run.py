@@ -93,6 +93,21 @@ def test_contact_sheet_is_titled(tmp_path):
     assert dark[1] > dark[0] + 50, dark  # text there only with a title
 
 
+def test_contact_sheet_of_partly_silent_audio_prints_no_warning(tmp_path):
+    import warnings
+
+    from soe.media import contact_sheet
+
+    audio = torch.zeros(1, 16000)
+    audio[0, :8000] = torch.sin(torch.arange(8000) * 0.3)  # a tone, then the exact silence sampling pads with
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "divide by zero encountered in log10" reached the screen
+        contact_sheet(tmp_path / "s.png", torch.zeros(3, 20, 16, 16), 10, audio, 8000, title="t")
+    img = np.asarray(Image.open(tmp_path / "s.png").convert("L"))
+    h, w = img.shape
+    assert img[int(0.72 * h):int(0.78 * h), int(0.75 * w):int(0.83 * w)].mean() < 40  # its silent end (1.5 s) is black
+
+
 def test_real_clip_training_does_not_render_the_synthetic_preview():
     from soe.generate import uses_synthetic_preview
 
@@ -163,6 +178,8 @@ def test_loss_plot_has_plain_ticks():
     fig.canvas.draw()
     labels = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True)]
     assert any(labels) and not any("times" in s or "^" in s for s in labels), labels
+    steps = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()]
+    assert steps and all(s.lstrip("−-").isdigit() for s in steps), steps  # whole optimizer steps, not 2.5
     assert [ax.get_title() for ax in fig.axes] == ["video loss (expert a)", "audio loss (expert b)"]
 
 
@@ -191,7 +208,7 @@ def test_stitch_screen_is_quiet_and_shows_step_and_modality_losses(tmp_path):
         text = proc.stdout + proc.stderr
         assert proc.returncode == 0, text
         for noise in ("GPU available", "TPU available", "litlogger", "Tip:", "Epoch", "v_num", "exists and is not empty",
-                      "weight_norm", "Trainer.fit` stopped"):
+                      "weight_norm", "Trainer.fit` stopped", "logging interval", "RuntimeWarning"):
             assert noise not in text, (noise, text)
         assert "video loss" in text and "audio loss" in text
     assert "step 2/2" in outputs[0].stdout and "step 4/4" in outputs[1].stdout

@@ -38,12 +38,12 @@ def _label(name: str) -> str:
 
 
 def loss_figure(series: dict[str, list[tuple[int, float]]]):
-    """One panel per logged loss, log-scaled y with plain tick labels ("1.45", not "1.45x10^0")."""
+    """One panel per logged loss, log-scaled y with plain tick labels ("1.45", not "1.45x10^0"), whole steps on x."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     plain = FuncFormatter(lambda v, _: f"{v:.3g}")
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
@@ -52,6 +52,7 @@ def loss_figure(series: dict[str, list[tuple[int, float]]]):
         ax.plot(steps, values)
         ax.set_title(_label(name))
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps: 5, 10, 15, not 2.5, 7.5
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)

@@ -21,6 +21,8 @@ _NOISE = (
     (UserWarning, r".*Checkpoint directory .* exists and is not empty"),  # soe's own run-folder check decides
     (UserWarning, r".*does not have many workers"),  # synthetic data and cached latents are in memory
     (UserWarning, r".*Precision.*is not supported by the model summary"),
+    # soe trains by steps: a run shorter than the log interval just logs no loss rows (its end says "no plot")
+    (UserWarning, r".*number of training batches .* is smaller than the logging interval"),
 )
 
 
