@@ -67,13 +67,16 @@ class FolderWeights:
     def reading(self) -> "_Reading":
         return _Reading(self)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """The tensor ``key``, or only its part ``index`` (only those bytes are read)."""
         if self._open is None:
             raise RuntimeError("FolderWeights.get outside a reading() block")
         f = self.file_of[key]
         if f not in self._open:
             self._open[f] = self._stack.enter_context(safe_open(f, framework="pt"))
-        return self._open[f].get_tensor(key)
+        if index is None:
+            return self._open[f].get_tensor(key)
+        return self._open[f].get_slice(key)[index]
 
 
 class _Reading:

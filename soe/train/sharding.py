@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # what DCP uses to place shards
 
 from soe.errors import CheckpointError
 from soe.weights import FolderWeights
@@ -62,23 +63,30 @@ def load_shards(expert, weights: FolderWeights, side: str = "expert") -> int:
                 for bname, b in module._buffers.items():
                     key = file_key(prefix + bname)
                     if b is not None and bname not in module._non_persistent_buffers_set and key in files:
-                        b.copy_(_read(files, key, b, weights, side))
+                        _check(files, key, b, weights, side)
+                        b.copy_(files.get(key))
                         loaded += 1
     expert._execution_device = None  # inputs follow the weights again
     return loaded
 
 
-def _read(files: FolderWeights, key: str, like: torch.Tensor, weights: FolderWeights, side: str) -> torch.Tensor:
+def _check(files: FolderWeights, key: str, like: torch.Tensor, weights: FolderWeights, side: str) -> None:
     if key not in files:
         raise CheckpointError(f"experts.{side}.path: '{weights.folder}' has no tensor '{key}' that the model needs")
     if tuple(files.shapes[key]) != tuple(like.shape):
         raise CheckpointError(f"experts.{side}.path: '{weights.folder}': tensor '{key}' has shape "
                               f"{list(files.shapes[key])}, the model's is {list(like.shape)}")
-    return files.get(key)
 
 
 def _shard_of(files: FolderWeights, key: str, p: torch.Tensor, weights: FolderWeights, side: str) -> torch.Tensor:
-    full = _read(files, key, p, weights, side).to(p.dtype)
-    if isinstance(p, DTensor):  # every rank holds the full tensor in flight and keeps its own piece: no communication
-        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
-    return full
+    """This rank's piece of parameter ``p``, read from the files: only its own rows are read."""
+    _check(files, key, p, weights, side)
+    if not isinstance(p, DTensor):
+        return files.get(key).to(p.dtype)
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if 0 in shape:
+        local = torch.empty(shape, dtype=p.dtype)
+    else:
+        local = files.get(key, tuple(slice(o, o + n) for o, n in zip(offset, shape))).to(p.dtype)
+    local = local.to(p.device_mesh.device_type)
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
