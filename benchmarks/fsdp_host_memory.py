@@ -9,8 +9,8 @@ folder (Wan2.1 + ACE-Step v1 architectures, about 1.1 GB of fp32 weights togethe
   device (``build_stitcher_to_shard``), then ``configure_model`` shards and loads each rank's shard
   one block at a time.
 
-Each rank reports its peak resident set size (``ru_maxrss``, file pages read through mmap
-included) and the resident size right after the imports. Printed: the peaks and their ratio
+Each rank reads every byte of its shards once, then reports its peak resident set size (``VmHWM``,
+file pages read through mmap included) and its resident size right after the imports. Printed: the peaks and their ratio
 (target <= 0.6), and the same for the memory above the imports.
 
     python benchmarks/fsdp_host_memory.py [--wan-layers 8 --ace-layers 6 --width 1024]
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import socket
 import sys
 import tempfile
@@ -28,9 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1]))  # run as `python benchmarks/x.py` from a checkout
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def status_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, in MiB. Not ``ru_maxrss``:
+    that one keeps the peak of the parent the worker was forked from."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
 def recipe(folder: Path):
@@ -66,7 +69,7 @@ def worker(rank: int, mode: str, folder: str, out: str, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     cfg = recipe(Path(folder))
-    imported = rss_mb()
+    imported = status_mb("VmRSS")
     torch.manual_seed(0)
     if mode == "whole":
         stitcher, weights = build_stitcher(cfg), {}
@@ -76,8 +79,10 @@ def worker(rank: int, mode: str, folder: str, out: str, port: int) -> None:
     module = StitchModule(stitcher, build_objective(cfg, stitcher), OptimSettings(), weights=weights)
     module._device_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
     module.configure_model()  # what Lightning's ModelParallelStrategy calls
+    for p in stitcher.parameters():  # read every byte of this rank's shards: weights only mapped from a file count too
+        p.to_local().sum()
     local = sum(p.to_local().numel() * p.element_size() for p in stitcher.parameters()) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
     Path(f"{out}.{rank}").write_text(f"{imported} {peak} {local}")
     dist.barrier()
     dist.destroy_process_group()

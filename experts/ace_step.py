@@ -254,7 +254,7 @@ class AceStepV1Expert(Expert):
         names = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_attention_mask",
                  "rotary_freqs_cis", "rotary_freqs_cis_cross")
         call = {**dict(zip(names, args)), **kwargs}
-        from soe.experts.ace_step_v1_model import CrossAttnProcessor, apply_rope
+        from soe.experts.ace_step_v1_block import CrossAttnProcessor, apply_rope
 
         if not isinstance(attn.processor.inner if hasattr(attn.processor, "inner") else attn.processor, CrossAttnProcessor):
             raise NotImplementedError("ace-step: attention_kv targets the softmax 'cross_attn' only (self-attention is linear)")

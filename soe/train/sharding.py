@@ -87,6 +87,7 @@ def _shard_of(files: FolderWeights, key: str, p: torch.Tensor, weights: FolderWe
     if 0 in shape:
         local = torch.empty(shape, dtype=p.dtype)
     else:
-        local = files.get(key, tuple(slice(o, o + n) for o, n in zip(offset, shape))).to(p.dtype)
-    local = local.to(p.device_mesh.device_type)
+        part = files.get(key, tuple(slice(o, o + n) for o, n in zip(offset, shape)))
+        # a copy in the process's own memory: what safetensors hands back may still be backed by the file
+        local = part.to(p.device_mesh.device_type, p.dtype, copy=True)
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
