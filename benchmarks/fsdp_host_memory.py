@@ -36,11 +36,7 @@ def status_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def recipe(folder: Path):
-    from omegaconf import OmegaConf
-
-    from soe.config import load_recipe
-
+def write_recipe(folder: Path) -> None:
     text = f"""
 name: fsdp_host_memory
 run_dir: {folder}/run
@@ -52,7 +48,6 @@ data: {{kind: synthetic, seconds: 1.0, batch_size: 2, num_clips: 4}}
 trainer: {{accelerator: cpu, devices: 2, strategy: fsdp2}}
 """
     (folder / "recipe.yaml").write_text(text)
-    return load_recipe(folder / "recipe.yaml", [])
 
 
 def worker(rank: int, mode: str, folder: str, out: str, port: int) -> None:
@@ -68,7 +63,9 @@ def worker(rank: int, mode: str, folder: str, out: str, port: int) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    cfg = recipe(Path(folder))
+    from soe.config import load_recipe
+
+    cfg = load_recipe(Path(folder) / "recipe.yaml", [])
     imported = status_mb("VmRSS")
     torch.manual_seed(0)
     if mode == "whole":
@@ -117,6 +114,7 @@ def main() -> None:
         ace = get_expert("ace-step").from_preset("tiny", num_layers=args.ace_layers, inner_dim=args.width,
                                                  num_attention_heads=heads, attention_head_dim=128, sample_rate=25600)
         total = sum(p.numel() * p.element_size() for e in (wan, ace) for p in e.parameters()) / 2**20
+        write_recipe(folder)
         wan.save(folder / "wan")
         ace.save(folder / "ace")
         del wan, ace
