@@ -65,6 +65,7 @@ def build_stitcher_to_shard(cfg: DictConfig) -> tuple[Stitcher, dict]:
         built[side], w = _build_expert(cfg, side, empty=True)
         if w is not None:
             weights[side] = w
+            built[side]._execution_device = torch.device("cpu")  # until its shards load: batches are made on the host
     return build_stitcher(cfg, device="cpu", experts=(built["a"], built["b"])), weights
 
 

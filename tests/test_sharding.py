@@ -41,6 +41,15 @@ def test_experts_from_files_are_built_on_meta_with_real_buffers_and_connectors(s
         assert not any(b.is_meta for b in expert.buffers())  # rotary tables etc. are computed, not loaded
         assert all(file_key(n) in weights[side] for n, _ in expert.model.named_parameters())
     assert not any(p.is_meta for p in stitcher.connectors.parameters())
+    # what run.py builds before the Trainer exists works on the meta experts: the same synthetic clips
+    from soe.train.data import SyntheticAVDataModule
+
+    eager = build_stitcher(recipe(saved))
+    clips = [SyntheticAVDataModule({"a": st.a, "b": st.b}, seconds=1.0, num_clips=1).make_clip(0) for st in (stitcher, eager)]
+    for side in ("a", "b"):
+        assert clips[0][side].keys() == clips[1][side].keys()
+        for k in clips[0][side]:
+            assert torch.equal(clips[0][side][k], clips[1][side][k]), (side, k)
     # inserted blocks start from the experts' weights: such stitches are built whole
     whole, none = build_stitcher_to_shard(recipe(saved, "stitch.depth.mode=insert_interpolated"))
     assert none == {} and not any(p.is_meta for p in whole.parameters())
