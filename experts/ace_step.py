@@ -24,23 +24,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from soe.expert import Batch, BlockState, Expert, TokenLayout, latent_frames
 from soe.registry import register_expert
+from soe.weights import WEIGHTS, FolderWeights, has_weights, load_weights
 
 if TYPE_CHECKING:  # the model module imports diffusers: loaded where a model is built or run
     from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
 
 SUBFOLDER = "ace_step_transformer"  # the transformer's folder inside an ACE-Step v1 checkpoint
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX = WEIGHTS + ".index.json"  # sharded variant written by save_pretrained for big fp32 models
 OPTIONS = ("sample_rate", "speaker_token", "lyric_len", "empty_lyric_tokens")  # expert settings, not model config
 MEL_HOP, DCAE_TIME_DOWNSAMPLE = 512, 8
 
@@ -141,7 +138,7 @@ class AceStepV1Expert(Expert):
         root = Path(path)
         for folder in (root / SUBFOLDER, root):
             if (folder / "config.json").is_file():
-                if not ((folder / WEIGHTS).is_file() or (folder / WEIGHTS_INDEX).is_file()):
+                if not has_weights(folder):
                     raise FileNotFoundError(f"ACE-Step v1 transformer folder '{folder}' has config.json but no '{WEIGHTS}'")
                 return folder
         raise FileNotFoundError(
@@ -161,17 +158,23 @@ class AceStepV1Expert(Expert):
         config = ACEStepTransformer2DModel.load_config(folder)
         with torch.device("meta"):  # no random init of 3.5B weights that are overwritten anyway
             model = ACEStepTransformer2DModel.from_config(config)
-        files = [folder / WEIGHTS]
-        if not files[0].is_file():
-            shards = json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values()
-            files = [folder / f for f in sorted(set(shards))]
-        state = {}
-        for f in files:
-            state.update(load_file(f, device=str(device or "cpu")))
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(load_weights(folder, device), strict=True, assign=True)
         if dtype is not None:
             nn.Module.to(model, dtype=dtype)
         return cls(model.eval(), **options)
+
+    @classmethod
+    def load_empty(cls, path, dtype=None, **options):
+        from accelerate import init_empty_weights
+
+        from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
+
+        folder = cls._transformer_folder(path)
+        with init_empty_weights(include_buffers=False):
+            model = ACEStepTransformer2DModel.from_config(ACEStepTransformer2DModel.load_config(folder))
+        if dtype is not None:
+            nn.Module.to(model, dtype=dtype)
+        return cls(model.eval(), **options), FolderWeights(folder)
 
     def save(self, path) -> None:
         """Write ``path/ace_step_transformer/{config.json, diffusion_pytorch_model.safetensors}``."""
@@ -251,7 +254,7 @@ class AceStepV1Expert(Expert):
         names = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_attention_mask",
                  "rotary_freqs_cis", "rotary_freqs_cis_cross")
         call = {**dict(zip(names, args)), **kwargs}
-        from soe.experts.ace_step_v1_model import CrossAttnProcessor, apply_rope
+        from soe.experts.ace_step_v1_block import CrossAttnProcessor, apply_rope
 
         if not isinstance(attn.processor.inner if hasattr(attn.processor, "inner") else attn.processor, CrossAttnProcessor):
             raise NotImplementedError("ace-step: attention_kv targets the softmax 'cross_attn' only (self-attention is linear)")

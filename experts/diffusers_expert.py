@@ -57,9 +57,7 @@ class DiffusersExpert(Expert):
         return cls(cast_keeping_fp32(model, dtype), **opts)
 
     @classmethod
-    def load(cls, path, dtype=None, device=None, **opts):
-        """A diffusers pipeline folder (with ``transformer/``) or the transformer folder itself."""
-        path = Path(path)
+    def _model_folder(cls, path: Path) -> Path:
         folder = path / cls.subfolder if (path / cls.subfolder / "config.json").is_file() else path
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
@@ -67,16 +65,37 @@ class DiffusersExpert(Expert):
                 f"expected '{path}/{cls.subfolder}/config.json' or '{path}/config.json'"
             )
         _check_float_weights(folder)
+        return folder
+
+    @classmethod
+    def _saved_options(cls, path: Path, opts: dict) -> dict:
+        saved = path / OPTIONS_FILE  # expert options (fps, resolution, ...) written by `save`
+        return {**json.loads(saved.read_text()).get("options", {}), **opts} if saved.is_file() else opts
+
+    @classmethod
+    def load(cls, path, dtype=None, device=None, **opts):
+        """A diffusers pipeline folder (with ``transformer/``) or the transformer folder itself."""
+        path = Path(path)
+        folder = cls._model_folder(path)
         model, info = cls.model_cls().from_pretrained(folder, torch_dtype=dtype, output_loading_info=True)
         if info.get("missing_keys"):  # diffusers would initialise them randomly with only a log line
             missing = sorted(info["missing_keys"])
             raise ValueError(f"{cls.name}: '{folder}' lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}")
         if device is not None:
             model = model.to(device)
-        saved = path / OPTIONS_FILE  # expert options (fps, resolution, ...) written by `save`
-        if saved.is_file():
-            opts = {**json.loads(saved.read_text()).get("options", {}), **opts}
-        return cls(model, **opts)
+        return cls(model, **cls._saved_options(path, opts))
+
+    @classmethod
+    def load_empty(cls, path, dtype=None, **opts):
+        from accelerate import init_empty_weights
+
+        from soe.weights import FolderWeights
+
+        path = Path(path)
+        folder = cls._model_folder(path)
+        with init_empty_weights(include_buffers=False):
+            model = cls.model_cls().from_config(cls.model_cls().load_config(folder))
+        return cls(cast_keeping_fp32(model, dtype), **cls._saved_options(path, opts)), FolderWeights(folder)
 
     def expert_options(self) -> dict:
         return {k: getattr(self, k) for k in self.expert_keys if hasattr(self, k)}

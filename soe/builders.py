@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from omegaconf import DictConfig
 
 from soe.errors import CheckpointError, SoeError, one_line, without_loader_advice
@@ -28,11 +29,21 @@ def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = T
 
     ``load_weights=False`` (meta-device inspection) builds the preset architecture only.
     """
+    return _build_expert(cfg, side, device, load_weights)[0]
+
+
+def _build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = True, empty: bool = False):
+    """``(expert, weights)``; with ``empty`` (FSDP2) an expert from ``path`` whose family offers
+    ``load_empty`` has its parameters on the meta device and ``weights`` reads its files lazily."""
     e: ExpertConfig = build(ExpertConfig, cfg.experts[side], f"experts.{side}")
     cls = get_expert(e.name)
     from_path = e.path is not None and load_weights
+    weights = None
+    empty = empty and cls.load_empty.__func__ is not Expert.load_empty.__func__  # the family can load lazily
     try:
-        if from_path:
+        if from_path and empty:
+            expert, weights = cls.load_empty(e.path, dtype=e.dtype.torch, **e.options)
+        elif from_path:
             expert = cls.load(e.path, dtype=e.dtype.torch, device=device, **e.options)
         else:
             expert = cls.from_preset(e.preset, device=device, dtype=e.dtype.torch, **e.architecture, **e.options)
@@ -49,7 +60,25 @@ def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = T
                               f"{one_line(without_loader_advice(err), 300)}") from None
     if e.gradient_checkpointing:
         expert.set_gradient_checkpointing(True)
-    return expert
+    return expert, weights
+
+
+def build_stitcher_to_shard(cfg: DictConfig) -> tuple[Stitcher, dict]:
+    """The Stitcher for FSDP2, and ``{side: FolderWeights}``: each expert with a ``path`` (and a family
+    that offers ``load_empty``) has its parameters on the meta device, to be loaded shard by shard by
+    ``StitchModule.configure_model``; preset experts and connectors are built as ``build_stitcher``
+    builds them. Inserted blocks and k/v injection start from the experts' weights: such stitches,
+    like families without ``load_empty``, are built whole."""
+    s: StitchConfig = build(StitchConfig, cfg.stitch, "stitch")
+    if s.depth.mode != "none" or s.inject:
+        return build_stitcher(cfg), {}
+    built, weights = {}, {}
+    for side in ("a", "b"):
+        built[side], w = _build_expert(cfg, side, empty=True)
+        if w is not None:
+            weights[side] = w
+            built[side]._execution_device = torch.device("cpu")  # until its shards load: batches are made on the host
+    return build_stitcher(cfg, device="cpu", experts=built), weights
 
 
 def build_stitcher(cfg: DictConfig, device=None, load_weights: bool = True, experts: dict | None = None) -> Stitcher:
@@ -88,15 +117,16 @@ def build_text_encoder(cfg: DictConfig, side: str, expert: Expert, device=None):
 
 
 # ---- training ------------------------------------------------------------------------------------
-def apply_training_setup(stitcher: Stitcher, cfg: DictConfig) -> dict[str, list[str]]:
+def apply_training_setup(stitcher: Stitcher, cfg: DictConfig, adapters_on=None) -> dict[str, list[str]]:
     """``experts.{a,b}.train`` / ``lora``: LoRA, full or frozen per expert; connectors (and inserted
-    blocks, new k/v projections) always train. Returns the LoRA target modules per side."""
+    blocks, new k/v projections) always train. Returns the LoRA target modules per side.
+    ``adapters_on``: a device for real LoRA adapters on experts waiting on meta (see ``soe.lora.add_lora``)."""
     from soe.lora import set_trainable
 
     targets = {}
     for side in ("a", "b"):
         e: ExpertConfig = build(ExpertConfig, cfg.experts[side], f"experts.{side}")
-        targets[side] = set_trainable(getattr(stitcher, side), e.train, e.lora, where=f"experts.{side}")
+        targets[side] = set_trainable(getattr(stitcher, side), e.train, e.lora, where=f"experts.{side}", adapters_on=adapters_on)
     _train_stitch(stitcher)
     return targets
 

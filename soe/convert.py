@@ -26,10 +26,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from soe.depth import insertion_points
 from soe.errors import CheckpointError, one_line
+from soe.weights import load_weights
 
 WAN_BLOCK = re.compile(r"^(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k)\.|^(norm2|ffn|scale_shift_table)\b")
 # Released but unused by the released forward (mel_attn is linear self-attention with no context).
@@ -53,16 +54,13 @@ def read_state(src) -> dict[str, torch.Tensor]:
 
 def _read_state(src: Path) -> dict[str, torch.Tensor]:
     if src.is_file():
-        return load_file(src)
+        return load_weights(src)
     if not src.is_dir():
         raise CheckpointError(f"convert: '{src}' not found (expected the released UniVerse-1 transformer folder)")
-    index = src / "diffusion_pytorch_model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["diffusion_pytorch_model.safetensors"]
-    state = {}
-    for f in files:
-        if not (src / f).is_file():
-            raise CheckpointError(f"convert: '{src / f}' not found (expected a UniVerse-1 transformer folder)")
-        state.update(load_file(src / f))
+    try:
+        state = load_weights(src)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"convert: {e} (expected a UniVerse-1 transformer folder)") from None
     if not any(k.startswith("blocks.") and ".mel_" in k for k in state):
         raise CheckpointError(f"convert: '{src}' holds no fused blocks (blocks.N.mel_*): not a UniVerse-1 transformer")
     return state

@@ -148,6 +148,14 @@ class Expert(nn.Module):
         """Load real pretrained weights from a local folder in the family's official format."""
         raise NotImplementedError
 
+    @classmethod
+    def load_empty(cls, path, dtype=None, **options) -> tuple["Expert", Any]:
+        """``load`` without reading a weight: the model at ``path`` with its parameters on the meta
+        device (buffers real), and a ``soe.weights.FolderWeights`` over its files, keyed by the model's
+        own parameter names. FSDP2 runs materialise each rank's shard from it (``soe.train.sharding``).
+        Families that rename tensors while loading leave this out; they are then loaded whole."""
+        raise NotImplementedError(f"expert '{cls.name}' cannot be loaded shard by shard")
+
     def save(self, path) -> None:
         """Write the model in the family's official format (inverse of ``load``)."""
         raise NotImplementedError

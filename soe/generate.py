@@ -22,7 +22,7 @@ from soe.builders import build_codec, build_sampler, build_text_encoder
 from soe.config import RecipeError
 from soe.errors import one_line
 from soe.flow import generator_for, stream_seed
-from soe.media import contact_sheet, write_mp4
+from soe.media import contact_sheet, media_sides, write_mp4
 from soe.sampling import sample_stitched
 
 
@@ -78,13 +78,8 @@ def file_conditions(stitcher, path, n: int) -> tuple[dict, dict]:
     return out, negative
 
 
-def media_sides(stitcher) -> tuple[str, str]:
-    mods = {side: getattr(stitcher, side).modality for side in ("a", "b")}
-    video = [s for s, m in mods.items() if m == "video"]
-    audio = [s for s, m in mods.items() if m == "audio"]
-    if len(video) != 1 or len(audio) != 1:
-        raise RecipeError(f"generate: an mp4 with sound needs one video and one audio expert, got {mods}")
-    return video[0], audio[0]
+def stitch_media_sides(stitcher) -> tuple[str, str]:
+    return media_sides({side: getattr(stitcher, side) for side in ("a", "b")}, "generate: an mp4 with sound")
 
 
 def sheet_title(prompt: str, step: int | None, checkpoint) -> str:
@@ -105,7 +100,7 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
     seconds = cfg.sample.seconds or cfg.data.seconds
     n = cfg.sample.num_samples
     prompt = cfg.sample.prompt
-    v_side, a_side = media_sides(stitcher)
+    v_side, a_side = stitch_media_sides(stitcher)
     negative = None
     if cfg.sample.conditions is not None:
         conditions, negative = file_conditions(stitcher, cfg.sample.conditions, n)
@@ -147,7 +142,7 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
 def check_sampling(stitcher, cfg) -> dict:
     """Everything ``render_samples`` needs, checked without sampling (a training run calls this before
     its first step, so a sampling problem never surfaces after hours of training). Returns the codecs."""
-    media_sides(stitcher)
+    stitch_media_sides(stitcher)
     if cfg.sample.conditions is not None:
         file_conditions(stitcher, cfg.sample.conditions, cfg.sample.num_samples)
     elif not all(cfg.experts[side].text_encoder_path for side in ("a", "b")):

@@ -35,20 +35,24 @@ def match_modules(model: nn.Module, patterns, where: str = "lora.targets") -> li
     return sorted(matched)
 
 
-def add_lora(expert: Expert, spec: LoraConfig, where: str = "lora") -> list[str]:
+def add_lora(expert: Expert, spec: LoraConfig, where: str = "lora", adapters_on=None) -> list[str]:
     """Inject a peft LoRA adapter into ``expert.model``; only the adapter weights train.
 
     With ``spec.init_from`` the adapter is the one in that file (its modules, ranks and alphas) and
-    starts from its weights, e.g. a community Wan LoRA in diffusers or ComfyUI format."""
+    starts from its weights, e.g. a community Wan LoRA in diffusers or ComfyUI format. An expert on
+    the meta device gets shapes only (`soe inspect`), or with ``adapters_on`` real, initialised
+    adapters on that device (FSDP2: the expert's own weights are loaded shard by shard later)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    on_meta = any(p.is_meta for p in expert.model.parameters())  # built on meta: shapes only, no init
+    on_meta = any(p.is_meta for p in expert.model.parameters())
     if spec.init_from is not None:
-        return _add_lora_from_file(expert, spec, where, on_meta)
+        return _add_lora_from_file(expert, spec, where, on_meta, adapters_on)
     targets = match_modules(expert.model, spec.targets or expert.lora_targets, f"{where}.targets")
     config = PeftLoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
     inject_adapter_in_model(config, expert.model, adapter_name=ADAPTER, low_cpu_mem_usage=on_meta)
+    if on_meta and adapters_on is not None:
+        _materialise_adapters(expert.model, adapters_on)
     _train_only_lora(expert)
     return targets
 
@@ -76,7 +80,21 @@ def lora_parameter_count(expert: Expert, spec: LoraConfig, where: str = "lora") 
     return total
 
 
-def _add_lora_from_file(expert: Expert, spec: LoraConfig, where: str, on_meta: bool) -> list[str]:
+def _materialise_adapters(model: nn.Module, device) -> None:
+    """Adapters that peft left on the meta device (beside meta base weights): allocated on ``device``
+    and initialised as peft initialises them."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for name in m.adapter_layer_names:
+                part = getattr(m, name)
+                if ADAPTER in part and any(p.is_meta for p in part.parameters()):
+                    part.to_empty(device=device)
+            m.reset_lora_parameters(ADAPTER, True)
+
+
+def _add_lora_from_file(expert: Expert, spec: LoraConfig, where: str, on_meta: bool, adapters_on=None) -> list[str]:
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     from soe.lora_formats import COMFYUI_NAMES, LoraFileError, read_lora
@@ -93,7 +111,9 @@ def _add_lora_from_file(expert: Expert, spec: LoraConfig, where: str, on_meta: b
         raise RecipeError(f"{key}: '{spec.init_from}' adapts module '{unknown[0]}' that expert '{expert.name}' does not have "
                           f"({len(unknown)} such); close candidates: {close}")
     inject_adapter_in_model(weights.peft_config(spec.dropout), expert.model, adapter_name=ADAPTER, low_cpu_mem_usage=on_meta)
-    if not on_meta:
+    if on_meta and adapters_on is not None:
+        _materialise_adapters(expert.model, adapters_on)
+    if not on_meta or adapters_on is not None:
         try:
             result = set_peft_model_state_dict(expert.model, weights.tensors, adapter_name=ADAPTER)
         except RuntimeError as e:  # shape mismatch: a LoRA of another model size
@@ -110,15 +130,9 @@ def _train_only_lora(expert: Expert) -> None:
         p.requires_grad_("lora_" in name and f".{ADAPTER}." in name + ".")
 
 
-def set_trainable(expert: Expert, mode: str, lora: LoraConfig | None = None, where: str = "expert") -> list[str]:
+def set_trainable(expert: Expert, mode: str, lora: LoraConfig | None = None, where: str = "expert", adapters_on=None) -> list[str]:
     """``frozen``: nothing trains; ``full``: every weight trains; ``lora``: only adapter weights."""
     expert.requires_grad_(mode == "full")
     if mode == "lora":
-        return add_lora(expert, lora or LoraConfig(), where=f"{where}.lora")
+        return add_lora(expert, lora or LoraConfig(), where=f"{where}.lora", adapters_on=adapters_on)
     return []
-
-
-def trainable_state_dict(module: nn.Module) -> dict:
-    """Only the tensors that train (connectors, LoRA, fully-trained experts): what a checkpoint holds."""
-    names = {n for n, p in module.named_parameters() if p.requires_grad}
-    return {k: v for k, v in module.state_dict().items() if k in names}

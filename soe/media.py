@@ -9,6 +9,19 @@ import numpy as np
 import torch
 
 
+
+def media_sides(experts: dict, what: str) -> tuple[str, str]:
+    """``(video side, audio side)`` of ``{side: expert}``: the one video and the one audio expert that an
+    mp4 with sound needs; otherwise a one-line ``RecipeError`` beginning with ``what``."""
+    mods = {side: e.modality for side, e in experts.items()}
+    video = [s for s, m in mods.items() if m == "video"]
+    audio = [s for s, m in mods.items() if m == "audio"]
+    if len(video) != 1 or len(audio) != 1:
+        from soe.config import RecipeError
+
+        raise RecipeError(f"{what} needs one video and one audio expert, got {mods}")
+    return video[0], audio[0]
+
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """``(3, F, H, W)`` in [-1, 1] -> ``(F, H, W, 3)`` uint8 (H and W padded to even sizes for H.264)."""
     x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()

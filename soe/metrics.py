@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def match_events(a: np.ndarray, b: np.ndarray, tolerance: float) -> int:
@@ -78,6 +77,3 @@ def frechet_distance(x: np.ndarray, y: np.ndarray, eps: float = 1e-6) -> float:
     eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum())
 
-
-def to_numpy(t) -> np.ndarray:
-    return t.detach().float().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)

@@ -194,7 +194,7 @@ def test_gradient_checkpointing_same_gradients(path, batch):
 
 def test_self_attention_is_relu_kernel_linear_attention(expert):
     """out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j), phi = ReLU, after RoPE on q and k."""
-    from soe.experts.ace_step_v1_model import apply_rope
+    from soe.experts.ace_step_v1_block import apply_rope
 
     attn = expert.blocks[0].attn
     x = torch.randn(2, 7, expert.hidden_size)

@@ -167,3 +167,17 @@ def test_nonfinite_stop_is_a_floating_point_error_for_library_callers(tmp_path, 
     with pytest.raises(FloatingPointError, match=r"non-finite video loss \(expert a\) = nan at step 0") as info:
         _train(tmp_path / "run", "trainer.max_steps=2")
     assert isinstance(info.value, NonFiniteLossError)
+
+
+def test_pretrain_expert_stops_on_a_nonfinite_loss_with_the_one_line_error(monkeypatch):
+    """``pretrain_expert`` trains through ExpertModule, which skips StitchModule.__init__: the
+    non-finite check must still find its setting and stop with the one-line error."""
+    from soe.registry import get_expert
+    from soe.data.datamodule import SyntheticAVDataModule
+    from soe.train.single import pretrain_expert
+
+    expert = get_expert("wan2.1").tiny()
+    data = SyntheticAVDataModule({"a": expert}, seconds=1.0, num_clips=8, batch_size=2)
+    inject_nan(monkeypatch, "a", step=1)
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite video loss \(expert a\) = nan at step 1; training stopped"):
+        pretrain_expert(expert, data, "a", max_steps=2, accelerator="cpu")

@@ -34,6 +34,7 @@ from soe.data.windows import bucket_name, nearest_resolution, plan_windows, wind
 from soe.data.stream_format import DTYPES, latent_dtype_for, text_key
 from soe.data.stream_writer import PartWriter, lock_part
 from soe.errors import DataError, UsageError
+from soe.media import media_sides
 from soe.threads import configure_threads
 
 
@@ -101,14 +102,6 @@ class _Task:
     clip: Clip
     size: tuple
     windows: list = field(default_factory=list)  # [(wid, start, spec)]
-
-
-def media_sides(experts: dict) -> tuple[str, str]:
-    video = [s for s, e in experts.items() if e.modality == "video"]
-    audio = [s for s, e in experts.items() if e.modality == "audio"]
-    if len(video) != 1 or len(audio) != 1:
-        raise RecipeError(f"experts: soe encode needs one video and one audio expert, got {({s: e.modality for s, e in experts.items()})}")
-    return video[0], audio[0]
 
 
 def _build_expert(cfg, side):
@@ -207,7 +200,7 @@ def encode_folder(cfg, src, out, settings: EncodeConfig | None = None, workers: 
 
 def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, annotator, shard, lock, t0) -> EncodeReport:
     experts = {side: _build_expert(cfg, side) for side in ("a", "b")}
-    v, a = media_sides(experts)
+    v, a = media_sides(experts, "experts: soe encode")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device)
     if codecs is None:
         from soe.builders import build_codec

@@ -25,11 +25,15 @@ def lr_factor(step: int, s: OptimConfig, max_steps: int) -> float:
 
 
 class StitchModule(L.LightningModule):
+    """``weights``: ``{side: soe.weights.FolderWeights}`` of experts built on the meta device
+    (``soe.builders.build_stitcher_to_shard``), loaded shard by shard in ``configure_model``."""
+
     def __init__(self, stitcher: Stitcher, objective: FlowObjective, optim: OptimConfig, max_steps: int = 1000,
-                 on_nonfinite: str = "stop"):
+                 on_nonfinite: str = "stop", weights: dict | None = None):
         super().__init__()
         self.stitcher, self.objective, self.optim, self.max_steps = stitcher, objective, optim, max_steps
         self.on_nonfinite = choice(NonFinite, on_nonfinite, "trainer.on_nonfinite")
+        self._pending_weights = dict(weights or {})
         self.skipped_steps: list[int] = []  # steps skipped for a non-finite loss (on_nonfinite: skip)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
 
@@ -81,23 +85,20 @@ class StitchModule(L.LightningModule):
 
     # ---- strategies ----------------------------------------------------------------------------
     def configure_model(self):
-        """Under FSDP2 (ModelParallelStrategy): shard every expert block, then each expert."""
+        """Under FSDP2 (ModelParallelStrategy): shard every expert block, each expert, each connector;
+        then the experts built on the meta device are loaded, one block at a time, into each rank's
+        shard (``soe.train.sharding``)."""
         mesh = getattr(self, "device_mesh", None)
         if mesh is None or getattr(self, "_soe_sharded", False):
+            if self._pending_weights and not getattr(self, "_soe_sharded", False):
+                raise RuntimeError("experts built on the meta device need the fsdp2 strategy to be loaded")
             return
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from soe.train.sharding import load_shards, shard_stitcher
 
-        dp_mesh = mesh["data_parallel"]
-        for expert in (self.stitcher.a, self.stitcher.b):
-            for block in expert.blocks:
-                fully_shard(block, mesh=dp_mesh)
-            fully_shard(expert, mesh=dp_mesh)
-            for method in ("embed", "head"):  # the lockstep engine calls these, not forward: gather params there too
-                register_fsdp_forward_method(expert, method)
-        for group in self.stitcher.connectors.values():
-            for connector in group.values():
-                fully_shard(connector, mesh=dp_mesh)
-        fully_shard(self.stitcher, mesh=dp_mesh)
+        shard_stitcher(self.stitcher, mesh["data_parallel"])
+        for side, weights in self._pending_weights.items():
+            load_shards(getattr(self.stitcher, side), weights, side)
+        self._pending_weights = {}
         self._soe_sharded = True
 
     # ---- checkpoints hold only what trains -----------------------------------------------------

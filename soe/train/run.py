@@ -11,7 +11,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from soe.builders import apply_training_setup, build_datamodule, build_objective, build_optim, build_stitcher
+from soe.builders import (apply_training_setup, build_datamodule, build_objective, build_optim, build_stitcher,
+                          build_stitcher_to_shard)
 from soe.console import console_kwargs, make_console
 from soe.config import RecipeError, load_recipe, to_container, validate_recipe
 from soe.errors import one_line
@@ -118,12 +119,15 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
             for key, (old, new) in accepted.items():
                 console.print(f"resume: {key} {old!r} -> {new!r}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    stitcher = build_stitcher(cfg)
-    apply_training_setup(stitcher, cfg)
+    if cfg.trainer.strategy == "fsdp2":  # experts from files stay on the meta device until configure_model shards them
+        stitcher, weights = build_stitcher_to_shard(cfg)
+    else:
+        stitcher, weights = build_stitcher(cfg), {}
+    apply_training_setup(stitcher, cfg, adapters_on="cpu" if weights else None)
     apply_storage_dtypes(stitcher, cfg)  # experts.<side>.storage_dtype: frozen weights in fp8
     stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training
     module = StitchModule(stitcher, build_objective(cfg, stitcher), build_optim(cfg), max_steps=cfg.trainer.max_steps,
-                          on_nonfinite=cfg.trainer.on_nonfinite)
+                          on_nonfinite=cfg.trainer.on_nonfinite, weights=weights)
     if resume_from:  # a bad checkpoint fails here, before Lightning's loggers touch the run folder
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}

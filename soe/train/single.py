@@ -16,9 +16,10 @@ class ExpertModule(StitchModule):
     """A ``StitchModule`` whose model is one expert, fed the ``side`` of each paired batch."""
 
     def __init__(self, expert: Expert, side: str, optim: OptimConfig, max_steps: int, seed: int = 0, density: str = "logit_normal"):
-        L.LightningModule.__init__(self)
+        L.LightningModule.__init__(self)  # not StitchModule's: there is no Stitcher
         self.expert, self.side, self.optim, self.max_steps = expert, side, optim, max_steps
         self.objective = FlowObjective({side: expert}, density=density, seed=seed)
+        self.on_nonfinite, self.skipped_steps = "stop", []  # what _check_finite reads: a bad loss stops in one line
         self.strict_loading = False
 
     def training_step(self, batch, batch_idx):

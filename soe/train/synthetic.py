@@ -47,6 +47,25 @@ def _times(n: int, rate: float) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.float32) + 0.5) / rate
 
 
+def blob_colour(channels: int, device=None) -> torch.Tensor:
+    """The square's fixed colour over the video latent channels, ``(C, 1, 1, 1)``."""
+    return torch.linspace(1.5, -1.5, channels, device=device).view(channels, 1, 1, 1)
+
+
+def blob_map(latent: torch.Tensor) -> torch.Tensor:
+    """``(C, T, H, W)`` -> ``(T, H, W)``: the latent projected on the blob colour, ~1 on the square and
+    0 on the background (the inverse of ``render_video``'s colouring)."""
+    mix = blob_colour(latent.shape[0], latent.device)
+    return ((latent.float() * mix).sum(0) / (mix**2).sum() + 0.5).clamp(min=0)
+
+
+def click_features(latent: torch.Tensor, time_axis: int) -> torch.Tensor:
+    """An audio latent rendered like ``render_audio`` -> ``(T, F)``: the click bump per latent frame
+    (~its loudness at its pitch position, ~0 elsewhere)."""
+    x = latent.float().movedim(time_axis, 0)
+    return ((x.reshape(x.shape[0], -1) + 0.3) / 2).clamp(min=0)
+
+
 def render_video(clip: BounceClip, shape: tuple[int, ...], rate: float) -> torch.Tensor:
     """A blob at the square's position in every latent frame: ``(C, T, H, W)``."""
     c, t, h, w = shape
@@ -56,7 +75,7 @@ def render_video(clip: BounceClip, shape: tuple[int, ...], rate: float) -> torch
     yy = torch.arange(h, dtype=torch.float32)[None, :, None]
     xx = torch.arange(w, dtype=torch.float32)[None, None, :]
     blob = torch.exp(-((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) / (2 * 0.6**2))  # (T, H, W)
-    mix = torch.linspace(1.5, -1.5, c)[:, None, None, None]  # a fixed colour over latent channels
+    mix = blob_colour(c)  # a fixed colour over latent channels
     return mix * blob[None] - 0.5 * mix  # (C, T, H, W), background -0.5*mix, blob +mix
 
 
@@ -97,8 +116,7 @@ def video_height_from_latent(latent: torch.Tensor) -> torch.Tensor:
     """Height above the floor per latent frame, read off a ``(C, T, H, W)`` latent rendered (or
     generated) like ``render_video``: project on the blob colour, take the row centre of mass."""
     c, t, h, w = latent.shape
-    mix = torch.linspace(1.5, -1.5, c).view(c, 1, 1, 1)
-    blob = ((latent.float() * mix).sum(0) / (mix**2).sum() + 0.5).clamp(min=0)  # (T, H, W), ~1 on the square
+    blob = blob_map(latent)  # (T, H, W), ~1 on the square
     rows = torch.arange(h, dtype=torch.float32).view(1, h, 1)
     cy = (blob * rows).sum((1, 2)) / blob.sum((1, 2)).clamp(min=1e-6)  # (T,)
     return 1 - cy / (h - 1)  # 0 on the floor
@@ -106,8 +124,7 @@ def video_height_from_latent(latent: torch.Tensor) -> torch.Tensor:
 
 def audio_envelope_from_latent(latent: torch.Tensor, time_axis: int) -> torch.Tensor:
     """Click envelope per latent frame of an audio latent rendered like ``render_audio``."""
-    x = latent.float().movedim(time_axis, 0).reshape(latent.shape[time_axis], -1)
-    return ((x + 0.3) / 2).clamp(min=0).amax(dim=1)
+    return click_features(latent, time_axis).amax(dim=1)
 
 
 # ---- previews: latents of the synthetic task as watchable video and audible clicks ---------------
@@ -133,18 +150,16 @@ class SyntheticPreviewCodec(torch.nn.Module):
         return torch.stack([self._video(x) if self.modality == "video" else self._audio(x) for x in latents])
 
     def _video(self, latent: torch.Tensor) -> torch.Tensor:  # (C, T, H, W) -> (3, F, H*s, W*s)
-        c, t, h, w = latent.shape
-        mix = torch.linspace(1.5, -1.5, c).view(c, 1, 1, 1).to(latent)
-        blob = ((latent.float() * mix).sum(0) / (mix**2).sum() + 0.5).clamp(0, 1)  # (T, H, W)
+        t = latent.shape[1]
+        blob = blob_map(latent).clamp(max=1)  # (T, H, W)
         frames = max(1, round(t * self.rate / self.expert_rate))
         idx = (torch.arange(frames) * self.expert_rate / self.rate).long().clamp(max=t - 1)
         img = torch.nn.functional.interpolate(blob[idx][:, None], scale_factor=self.scale, mode="nearest")[:, 0]  # (F, H', W')
         return (img * 2 - 1)[None].expand(3, -1, -1, -1)  # grey square on black, in [-1, 1]
 
     def _audio(self, latent: torch.Tensor) -> torch.Tensor:  # (..T..) -> (1, N)
-        x = latent.float().movedim(self.time_axis, 0)
-        t = x.shape[0]
-        feats = ((x.reshape(t, -1) + 0.3) / 2).clamp(min=0)  # (T, F): the rendered bump, ~0 elsewhere
+        feats = click_features(latent, self.time_axis)  # (T, F): the rendered bump, ~0 elsewhere
+        t = feats.shape[0]
         env = feats.amax(dim=1)  # (T,)
         pitch = feats.argmax(dim=1).float() / max(feats.shape[1] - 1, 1)  # (T,) in [0, 1]
         hop = int(round(self.rate / self.expert_rate))

@@ -1,0 +1,93 @@
+"""FSDP2 (torch ``fully_shard``, through Lightning's ModelParallelStrategy): shard the Stitcher, then
+load the experts that were built on the meta device one block at a time, each rank filling only its
+own shard from the expert's weight files.
+
+Host memory per rank is then the shards plus one block's tensors in flight, instead of every expert
+whole on every rank before sharding (``benchmarks/fsdp_host_memory.py`` measures both).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # what DCP uses to place shards
+
+from soe.errors import CheckpointError
+from soe.weights import FolderWeights
+
+
+def shard_stitcher(stitcher, mesh) -> None:
+    """``fully_shard`` every expert block, then each expert, each connector and the whole Stitcher."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for expert in (stitcher.a, stitcher.b):
+        for block in expert.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(expert, mesh=mesh)
+        for method in ("embed", "head"):  # the lockstep engine calls these, not forward: gather params there too
+            register_fsdp_forward_method(expert, method)
+    for group in stitcher.connectors.values():
+        for connector in group.values():
+            fully_shard(connector, mesh=mesh)
+    fully_shard(stitcher, mesh=mesh)
+
+
+def file_key(name: str) -> str:
+    """The name a parameter of an expert model has in the family's files (peft's LoRA wrapping adds
+    ``base_layer``; soe never renames anything else)."""
+    return name.replace(".base_layer.", ".")
+
+
+def load_shards(expert, weights: FolderWeights, side: str = "expert") -> int:
+    """Materialise the meta parameters of ``expert.model`` (sharded DTensors after ``shard_stitcher``)
+    block by block: each tensor is read from ``weights``, cut to this rank's shard and dropped before
+    the next block is read. Persistent buffers stored in the files are copied in too. Returns the
+    number of tensors loaded; a tensor missing from the files or of another shape is a one-line
+    :class:`CheckpointError`."""
+    model = expert.model
+    names = {m: n for n, m in model.named_modules()}
+    blocks = list(expert.blocks)
+    in_blocks = {m for b in blocks for m in b.modules()}
+    rest = [m for m in model.modules() if m not in in_blocks]
+    loaded = 0
+    for group in [list(b.modules()) for b in blocks] + [rest]:
+        with weights.reading() as files:  # the files are closed (unmapped) after each block
+            for module in group:
+                prefix = names[module] + "." if names[module] else ""
+                for pname, p in list(module._parameters.items()):
+                    if p is None or not p.is_meta:
+                        continue
+                    module._parameters[pname] = nn.Parameter(_shard_of(files, file_key(prefix + pname), p, weights, side),
+                                                             requires_grad=p.requires_grad)
+                    loaded += 1
+                for bname, b in module._buffers.items():
+                    key = file_key(prefix + bname)
+                    if b is not None and bname not in module._non_persistent_buffers_set and key in files:
+                        _check(files, key, b, weights, side)
+                        b.copy_(files.get(key))
+                        loaded += 1
+    expert._execution_device = None  # inputs follow the weights again
+    return loaded
+
+
+def _check(files: FolderWeights, key: str, like: torch.Tensor, weights: FolderWeights, side: str) -> None:
+    if key not in files:
+        raise CheckpointError(f"experts.{side}.path: '{weights.folder}' has no tensor '{key}' that the model needs")
+    if tuple(files.shapes[key]) != tuple(like.shape):
+        raise CheckpointError(f"experts.{side}.path: '{weights.folder}': tensor '{key}' has shape "
+                              f"{list(files.shapes[key])}, the model's is {list(like.shape)}")
+
+
+def _shard_of(files: FolderWeights, key: str, p: torch.Tensor, weights: FolderWeights, side: str) -> torch.Tensor:
+    """This rank's piece of parameter ``p``, read from the files: only its own rows are read."""
+    _check(files, key, p, weights, side)
+    if not isinstance(p, DTensor):
+        return files.get(key).to(p.dtype)
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if 0 in shape:
+        local = torch.empty(shape, dtype=p.dtype)
+    else:
+        part = files.get(key, tuple(slice(o, o + n) for o, n in zip(offset, shape)))
+        # a copy in the process's own memory: what safetensors hands back may still be backed by the file
+        local = part.to(p.device_mesh.device_type, p.dtype, copy=True)
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
