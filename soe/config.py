@@ -67,6 +67,7 @@ class ConnectorConfig:
     init: str = "zero"  # zero | trunc_normal
     resample: str = "auto"  # auto | linear | area
     input_norm: bool = False
+    pool: str = "mean"  # mean (UniVerse-1) | moments (mean + where in the frame: soe.align.pool_time_moments)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soe.align import pool_time_steps, resample_time
+from soe.align import resample_time
 from soe.inject_spec import InjectSpec, KVTarget
 
 class _Pending(Exception):
@@ -317,7 +317,7 @@ class Fusion(nn.Module):
                 raise _Pending(f"{direction} block {k} waits for {src} block {i}")
             conn = self._st.connector_for(direction, k)
             h = self._st._source_state(run.taps[(src, i)])  # (B, N_src, D_src), detached per recipe
-            steps = pool_time_steps(h, run.layouts[src])  # (B, T_src, D_src)
+            steps = conn.pool_steps(h, run.layouts[src])  # (B, T_src, D_src or 3 * D_src)
             steps = resample_time(steps, run.layouts[src], run.layouts[host], conn.resample)  # (B, T_host, D_src)
             run.extras[key] = conn.mlp(conn.norm(steps))  # (B, T_host, D_host)
         return run.extras[key]
