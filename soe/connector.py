@@ -66,7 +66,7 @@ class Connector(nn.Module):
     def __init__(self, src_dim: int, dst_dim: int, spec: ConnectorSpec = ConnectorSpec(), device=None, dtype=None):
         super().__init__()
         self.src_dim, self.dst_dim, self.resample, self.pool = src_dim, dst_dim, spec.resample, spec.pool
-        width = src_dim * (MOMENT_SLOTS if spec.pool == "moments" else 1)
+        self.in_width = width = src_dim * (MOMENT_SLOTS if spec.pool == "moments" else 1)  # what the MLP reads
         self.norm = nn.LayerNorm(width, device=device, dtype=dtype) if spec.input_norm else nn.Identity()
         self.mlp = MLP_TYPES[spec.mlp](
             in_features=width,

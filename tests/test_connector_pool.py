@@ -43,7 +43,8 @@ def test_moments_connectors_start_at_zero_and_read_three_widths():
     with torch.no_grad():
         pa, pb = st(ba, bb)
         assert torch.equal(pa, a(ba)) and torch.equal(pb, b(bb))
-    assert st.connector_for("a_to_b", st.pairs[0][1]).mlp.fc1.in_features == 3 * a.hidden_size
+    c = st.connector_for("a_to_b", st.pairs[0][1])
+    assert c.mlp.fc1.in_features == c.in_width == 3 * a.hidden_size
 
 
 def test_moments_pooling_is_the_same_in_both_engines():
