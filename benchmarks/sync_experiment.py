@@ -10,6 +10,7 @@ On synthetic clips where each bounce of a square makes a click (random timing pe
   4. score sync with AV-Align (soe.metrics.av_align) and per-modality quality with a Frechet distance
      on simple features vs the true clips; a curve of sync against stitching steps from the checkpoints.
 
+    python benchmarks/sync_experiment.py --experts recipes/pretrained   # base run on the shipped experts (docs/evidence.md)
     python benchmarks/sync_experiment.py                           # base run: pretrain + stitch + score
     python benchmarks/sync_experiment.py --reuse-experts --ablation detach_off   # one ablation (see ABLATIONS)
     python benchmarks/sync_experiment.py --reuse-experts --ablation all          # every ablation in turn
