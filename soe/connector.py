@@ -1,8 +1,9 @@
 """Connectors: the light MLPs that carry one expert's hidden state into another's.
 
 A connector reads the source block's tokens ``(B, N_src, D_src)``, pools them to one vector per
-time step (their mean, or with ``pool: moments`` also where in the frame they are), resamples those to the host's time steps by seconds, maps them with an MLP to the host
-width and broadcasts them over the host's non-time axes. Its output layer starts at zero, so a
+time step (their mean, or with ``pool: moments`` also where in the frame they are), resamples
+those to the host's time steps by seconds, maps them with an MLP to the host width and
+broadcasts them over the host's non-time axes. Its output layer starts at zero, so a
 freshly stitched model reproduces both experts exactly.
 """
 from __future__ import annotations
