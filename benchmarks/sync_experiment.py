@@ -10,6 +10,7 @@ On synthetic clips where each bounce of a square makes a click (random timing pe
   4. score sync with AV-Align (soe.metrics.av_align) and per-modality quality with a Frechet distance
      on simple features vs the true clips; a curve of sync against stitching steps from the checkpoints.
 
+    python benchmarks/sync_experiment.py --experts recipes/pretrained   # base run on the shipped experts (docs/evidence.md)
     python benchmarks/sync_experiment.py                           # base run: pretrain + stitch + score
     python benchmarks/sync_experiment.py --reuse-experts --ablation detach_off   # one ablation (see ABLATIONS)
     python benchmarks/sync_experiment.py --reuse-experts --ablation all          # every ablation in turn
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # pretrain steps, stitch steps, eval clips, sampling steps, training clips, curve: checkpoint every / clips
     "default": dict(pretrain=800, stitch=1500, clips=32, steps=24, num_clips=1024, curve_every=250, curve_clips=16),
     "small": dict(pretrain=300, stitch=400, clips=16, steps=16, num_clips=512, curve_every=100, curve_clips=8),  # a busy 2-core box
-    "ablation": dict(pretrain=300, stitch=60, clips=6, steps=10, num_clips=512, curve_every=10**6, curve_clips=8),  # one per choice
+    "ablation": dict(pretrain=300, stitch=200, clips=12, steps=10, num_clips=512, curve_every=10**6, curve_clips=8),  # one per choice
     "quick": dict(pretrain=8, stitch=6, clips=2, steps=3, num_clips=16, curve_every=6, curve_clips=2),
 }
 QUICK_ARCH = {  # --quick: the smallest experts that still run the pipeline
@@ -60,6 +61,7 @@ ABLATIONS = {
     "connectors_only": ["experts.a.train=frozen", "experts.b.train=frozen"],  # no LoRA
     "trunc_normal_init": ["stitch.connector.init=trunc_normal"],  # connectors not zero-initialised
     "joint_only": ["flow.tasks={joint: 1.0, v2a: 0, a2v: 0, image: 0}"],  # no task mixture (mappings merge: zero the others)
+    "mean_pool": ["stitch.connector.pool=mean"],  # connectors average each time step (UniVerse-1): where the square is is lost
 }
 
 
@@ -75,7 +77,8 @@ def pretrain(out: Path, size: dict, seed: int, reuse: bool, quick: bool, console
             console.print(f"[bold]1. reusing[/] {out / name}")
             continue
         console.print(f"[bold]1. pretraining the {experts[side].modality} expert alone[/] ({size['pretrain']} steps)")
-        pretrain_expert(experts[side], data, side, size["pretrain"], lr=pre.optim.lr, seed=seed, accelerator="cpu")
+        pretrain_expert(experts[side], data, side, size["pretrain"], lr=pre.optim.lr, warmup_steps=pre.optim.warmup_steps,
+                        schedule=pre.optim.schedule, seed=seed, accelerator="cpu")
         experts[side].save(out / name)
 
 

@@ -91,6 +91,38 @@ def pool_time_steps(hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return hidden.reshape(b, layout.num_steps, layout.tokens_per_step, d).mean(dim=2)
 
 
+MOMENT_SLOTS = 3  # mean, first moment along the first non-time axis, along the last one
+
+
+def pool_time_moments(hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Per time step, the mean of the tokens and their first moments along the first and the last
+    non-time axis (rows and columns of a video grid): ``(B, N, D) -> (B, T, 3 * D)``.
+
+    The mean alone is blind to *where* something is within a time step (a video expert's tokens
+    carry no absolute position); the moments ``mean(h * y)``, ``mean(h * x)`` with coordinates in
+    [-1, 1] keep it at a fixed width for any resolution. A layout with only a time axis (audio) has
+    zero moments.
+    """
+    b, n, d = hidden.shape
+    steps = hidden.reshape(b, layout.num_steps, layout.tokens_per_step, d)
+    mean = steps.mean(dim=2)
+    if len(layout.grid) == 1:
+        return torch.cat([mean, torch.zeros_like(mean), torch.zeros_like(mean)], dim=-1)
+    inner = layout.grid[1:]
+    moments = []
+    for axis in (0, len(inner) - 1):
+        shape = [1] * len(inner)
+        shape[axis] = inner[axis]
+        coord = torch.linspace(-1, 1, inner[axis], device=hidden.device, dtype=hidden.dtype).view(shape).expand(inner).reshape(-1)
+        moments.append((steps * coord[:, None]).mean(dim=2))
+    return torch.cat([mean, *moments], dim=-1)
+
+
+def pool_steps(hidden: torch.Tensor, layout: TokenLayout, mode: str = "mean") -> torch.Tensor:
+    """``mean``: :func:`pool_time_steps`; ``moments``: :func:`pool_time_moments`."""
+    return pool_time_moments(hidden, layout) if mode == "moments" else pool_time_steps(hidden, layout)
+
+
 def broadcast_to_grid(steps: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Repeat one vector per time step over the non-time axes: ``(B, T, D) -> (B, N, D)``."""
     b, t, d = steps.shape

@@ -1,8 +1,9 @@
 """Connectors: the light MLPs that carry one expert's hidden state into another's.
 
 A connector reads the source block's tokens ``(B, N_src, D_src)``, pools them to one vector per
-time step, resamples those to the host's time steps by seconds, maps them with an MLP to the host
-width and broadcasts them over the host's non-time axes. Its output layer starts at zero, so a
+time step (their mean, or with ``pool: moments`` also where in the frame they are), resamples
+those to the host's time steps by seconds, maps them with an MLP to the host width and
+broadcasts them over the host's non-time axes. Its output layer starts at zero, so a
 freshly stitched model reproduces both experts exactly.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import nn
 
-from soe.align import broadcast_to_grid, pool_time_steps, resample_time
+from soe.align import MOMENT_SLOTS, broadcast_to_grid, pool_steps, resample_time
 from soe.expert import TokenLayout
 from soe.schema.stitch import Activation, ConnectorConfig, ConnectorMlp
 
@@ -27,10 +28,11 @@ class Connector(nn.Module):
     def __init__(self, src_dim: int, dst_dim: int, spec: ConnectorConfig | None = None, device=None, dtype=None):
         super().__init__()
         spec = spec if spec is not None else ConnectorConfig()
-        self.src_dim, self.dst_dim, self.resample = src_dim, dst_dim, spec.resample
-        self.norm = nn.LayerNorm(src_dim, device=device, dtype=dtype) if spec.input_norm else nn.Identity()
+        self.src_dim, self.dst_dim, self.resample, self.pool = src_dim, dst_dim, spec.resample, spec.pool
+        self.in_width = width = src_dim * (MOMENT_SLOTS if spec.pool == "moments" else 1)  # what the MLP reads
+        self.norm = nn.LayerNorm(width, device=device, dtype=dtype) if spec.input_norm else nn.Identity()
         self.mlp = MLP_TYPES[spec.mlp](
-            in_features=src_dim,
+            in_features=width,
             hidden_features=spec.hidden_size(src_dim, dst_dim),
             out_features=dst_dim,
             act_layer=ACTIVATIONS[spec.act],
@@ -52,10 +54,14 @@ class Connector(nn.Module):
             nn.init.zeros_(out.bias)
 
     def forward(self, src: torch.Tensor, src_layout: TokenLayout, dst_layout: TokenLayout) -> torch.Tensor:
-        steps = pool_time_steps(src, src_layout)  # (B, T_src, D_src)
+        steps = self.pool_steps(src, src_layout)  # (B, T_src, D_src or 3 * D_src)
         steps = resample_time(steps, src_layout, dst_layout, self.resample)  # (B, T_dst, D_src)
         steps = self.mlp(self.norm(steps))  # (B, T_dst, D_dst)
         return broadcast_to_grid(steps, dst_layout)  # (B, N_dst, D_dst)
 
+    def pool_steps(self, src: torch.Tensor, src_layout: TokenLayout) -> torch.Tensor:
+        """The source tokens as one vector per source time step, as this connector's ``pool`` says."""
+        return pool_steps(src, src_layout, self.pool)
+
     def extra_repr(self) -> str:
-        return f"{self.src_dim} -> {self.dst_dim}, resample={self.resample}"
+        return f"{self.src_dim} -> {self.dst_dim}, pool={self.pool}, resample={self.resample}"

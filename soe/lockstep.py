@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from soe.align import pool_time_steps, resample_time
+from soe.align import resample_time
 from soe.attention_kv import KVProjection, submodule, wrap_processor
 from soe.expert import Batch, BlockState, Expert
 from soe.schema.stitch import InjectConfig
@@ -190,7 +190,7 @@ class LockstepEngine:
                 raise _Pending(f"{direction} block {k} waits for {src} block {i}")
             conn = self.st.connector_for(direction, k)
             h = self.st.connector_input(call.taps[(src, i)])  # (B, N_src, D_src); the CFG mask applies per target
-            steps = pool_time_steps(h, call.layouts[src])  # (B, T_src, D_src)
+            steps = conn.pool_steps(h, call.layouts[src])  # (B, T_src, D_src or 3 * D_src)
             steps = resample_time(steps, call.layouts[src], call.layouts[host], conn.resample)  # (B, T_host, D_src)
             call.extras[key] = conn.mlp(conn.norm(steps))  # (B, T_host, D_host)
         return call.extras[key]

@@ -76,7 +76,7 @@ def stitch_tables(st: Stitcher, lora: dict[str, int] | None = None) -> list[Tabl
                 c = st.connector_for(direction, host)
                 how = fusion.inject[direction] if fusion is not None else None
                 into = f" kv:{'+'.join(t.attention for t in how.targets)}" if how is not None and how.targets else ""
-                shapes.append(f"{c.src_dim} -> {c.mlp.fc2.in_features} -> {c.dst_dim}{into}")
+                shapes.append(f"{c.in_width} -> {c.mlp.fc2.in_features} -> {c.dst_dim}{into}")
                 count += num_params(c)
             else:
                 shapes.append("-")

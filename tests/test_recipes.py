@@ -60,6 +60,7 @@ BAD_OVERRIDES = [
     (["stitch.engine=hooks"], "stitch.engine: 'hooks' runs one-way stitches only"),
     (["stitch.connector.mlp=kan"], "stitch.connector.mlp: expected one of"),
     (["stitch.connector.hidden=0"], "stitch.connector.hidden: expected a positive integer"),
+    (["stitch.connector.pool=max"], "stitch.connector.pool: expected one of"),
     (["flow.timesteps=sometimes"], "flow.timesteps: expected one of"),
     (["flow.balance_momentum=1.5"], "flow.balance_momentum"),
     (["data.kind=latents"], "data.path: 'latents' data needs the folder"),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from soe.schema.base import Choice, Dtype, OptionError, RecipeError, StorageDtype, build, choice, require
 from soe.schema.experts import ExpertConfig, ExpertsConfig, LoraConfig, TrainMode
 from soe.schema.sample import SampleConfig, SamplerConfig, Scheduler, SpeedConfig
-from soe.schema.stitch import (ConnectorConfig, DepthConfig, DepthMode, Direction, Engine, InjectConfig, InjectMode,
+from soe.schema.stitch import (ConnectorConfig, ConnectorPool, DepthConfig, DepthMode, Direction, Engine, InjectConfig, InjectMode,
                                KVTargetConfig, StitchConfig)
 from soe.schema.train import DataConfig, FlowConfig, NonFinite, OptimConfig, TrainerConfig
 
@@ -37,7 +37,7 @@ class Recipe:
 
 SECTIONS = ("experts", "stitch", "flow", "data", "optim", "trainer", "sample")
 
-__all__ = ["Choice", "ConnectorConfig", "DataConfig", "DepthConfig", "DepthMode", "Direction", "Dtype", "Engine", "ExpertConfig",
+__all__ = ["Choice", "ConnectorConfig", "ConnectorPool", "DataConfig", "DepthConfig", "DepthMode", "Direction", "Dtype", "Engine", "ExpertConfig",
            "ExpertsConfig", "FlowConfig", "InjectConfig", "InjectMode", "KVTargetConfig", "LoraConfig", "NonFinite", "OptimConfig",
            "OptionError", "Recipe", "RecipeError", "SECTIONS", "SampleConfig", "SamplerConfig", "Scheduler", "SpeedConfig",
            "StitchConfig", "StorageDtype", "TrainMode", "TrainerConfig", "build", "choice"]

@@ -44,6 +44,11 @@ class Resample(Choice):
     area = "area"
 
 
+class ConnectorPool(Choice):
+    mean = "mean"  # the tokens of a time step averaged (UniVerse-1)
+    moments = "moments"  # mean + first moments along the source grid's rows and columns (soe.align.pool_time_moments)
+
+
 class DepthMode(Choice):
     none = "none"
     insert_interpolated = "insert_interpolated"  # expand the shallower expert (soe/depth.py)
@@ -83,9 +88,11 @@ class ConnectorConfig:
     init: ConnectorInit = ConnectorInit.zero
     resample: Resample = Resample.auto
     input_norm: bool = False  # LayerNorm on the pooled source state before the MLP
+    pool: ConnectorPool = ConnectorPool.mean  # moments: 3x the MLP's input width, sees where things are in a frame
 
     def __post_init__(self):
         self.mlp = choice(ConnectorMlp, self.mlp, "mlp")
+        self.pool = choice(ConnectorPool, self.pool, "pool")
         self.act = choice(Activation, self.act, "act")
         self.init = choice(ConnectorInit, self.init, "init")
         self.resample = choice(Resample, self.resample, "resample")
