@@ -23,6 +23,7 @@ import torch
 
 from soe.config import RecipeError
 from soe.errors import CheckpointError, UsageError
+from soe.schema import TrainMode
 from soe.lora_formats import (COMFYUI_NAMES, DIFFUSERS_FILE, PEFT_FILE, LoraFileError, LoraWeights,
                               comfyui_state_dict, read_lora)
 
@@ -173,7 +174,7 @@ def export_merged(cfg, trained: Path, out: Path) -> None:
     merged = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for side in ("a", "b"):  # the experts of this folder, nothing left to train or to load from elsewhere
         merged.experts[side].path = f"expert_{side}"
-        merged.experts[side].train = "frozen"
+        merged.experts[side].train = TrainMode.frozen
     merged.sample.ckpt = None
     OmegaConf.save(merged, out / "recipe.yaml")
 
@@ -188,7 +189,7 @@ def use_merged_experts(cfg, folder) -> None:
     folder = Path(folder)
     for side in ("a", "b"):
         cfg.experts[side].path = str(folder / f"expert_{side}")
-        cfg.experts[side].train = "frozen"
+        cfg.experts[side].train = TrainMode.frozen
 
 
 def load_stitch_file(stitcher, file) -> None:
