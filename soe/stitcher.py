@@ -20,6 +20,7 @@ from soe.align import Pairs, resolve_depth_map
 from soe.batch_check import check_batches
 from soe.connector import Connector
 from soe.depth import expand_stacks
+from soe.errors import UsageError
 from soe.expert import Batch, Expert
 from soe.hook_engine import HookEngine
 from soe.lockstep import Fusion, LockstepEngine
@@ -53,6 +54,12 @@ class Stitcher(nn.Module):
         inject: dict | None = None,
     ):
         super().__init__()
+        for side, e in (("a", a), ("b", b)):
+            if not isinstance(e, Expert):
+                raise UsageError(f"Stitcher: expert {side} is a {type(e).__name__}; expected a soe.Expert (see `soe experts`, "
+                                 "or soe.generic.BlockListExpert / stitch_into for a plain model)")
+        if a is b or a.model is b.model:
+            raise UsageError(f"Stitcher: experts a and b are the same model ('{a.name}'); stitching joins two different experts")
         # the options' own checks (soe/schema/stitch.py): a bad value raises a RecipeError (a ValueError) naming it
         opts = build(StitchConfig, dict(pairs=pairs, direction=direction, detach_source=detach_source, engine=engine,
                                         connector=connector, depth=depth, inject=inject or {}))

@@ -647,3 +647,21 @@ def test_ace_step_15_frames_need_not_be_a_multiple_of_its_patch(demo_stitcher):
         native = demo_stitcher.b(b)
     assert pred_b.shape == b["latents"].shape == native.shape == (2, 5, 4)
     torch.testing.assert_close(pred_b, native)  # zero-initialised connectors: stitched = the expert alone
+
+
+@pytest.mark.parametrize("case", ["same-expert-twice", "plain-module", "none"])
+def test_stitcher_refuses_what_is_not_two_experts_with_one_soe_error(demo_stitcher, case):
+    from soe import Stitcher
+    from soe.errors import SoeError
+
+    a = demo_stitcher.a
+    args, expected = {
+        "same-expert-twice": ((a, a), "Stitcher: experts a and b are the same model ('wan2.1')"),
+        "plain-module": ((torch.nn.Linear(2, 2), a), "Stitcher: expert a is a Linear; expected a soe.Expert"),
+        "none": ((a, None), "Stitcher: expert b is a NoneType; expected a soe.Expert"),
+    }[case]
+    before = {n: p.clone() for n, p in a.model.state_dict().items()}
+    with pytest.raises(SoeError) as info:
+        Stitcher(*args)
+    assert str(info.value).startswith(expected) and len(str(info.value).splitlines()) == 1
+    assert all(torch.equal(before[n], p) for n, p in a.model.state_dict().items())  # nothing was hooked or changed
