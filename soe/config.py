@@ -101,7 +101,11 @@ def merge_recipe(raw, overrides=()) -> DictConfig:
         if value is not None and not isinstance(value, DictConfig):
             raise RecipeError(f"{section}: expected a mapping of keys, got {type(OmegaConf.to_object(value) if OmegaConf.is_config(value) else value).__name__}")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
+        for o in overrides:  # one at a time by path, so `targets.1.pre_norm=...` reaches into a list
+            key, _, _ = o.partition("=")
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={o.partition('=')[2]}"]))["value"]  # read as YAML
+            OmegaConf.update(cfg, key, value, merge=True)
         OmegaConf.resolve(cfg)  # leaves the text of an escaped "\${...}" in a recipe file unescaped: escape it again
         for key in LITERAL_KEYS:
             parent, _, leaf = key.rpartition(".")

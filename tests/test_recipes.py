@@ -121,3 +121,11 @@ def test_universe1_samples_like_the_release():
     cfg = load_recipe(RECIPES[[p.name for p in RECIPES].index("universe1.yaml")])
     s = cfg.sample
     assert (s.scheduler, s.steps, dict(s.shift), dict(s.guidance)) == ("unipc", 35, {"a": 15.0, "b": 15.0}, {"a": 1.2, "b": 5.0})
+
+
+def test_an_override_reaches_into_a_list_of_the_recipe():
+    """`key.N.field=value` sets one field of list element N (it used to end in a TypeError traceback)."""
+    universe1 = Path(__file__).parents[1] / "recipes" / "universe1.yaml"
+    cfg = load_recipe(universe1, ["stitch.inject.b_to_a.targets.1.rope=cat"])
+    assert [t.rope for t in cfg.stitch.inject.b_to_a.targets] == ["none", "cat"]
+    assert cfg.stitch.inject.b_to_a.targets[1].attention == "attn2"  # the rest of the element is kept

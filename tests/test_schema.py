@@ -91,3 +91,14 @@ def test_inspect_builds_each_expert_once(monkeypatch, capsys):
     assert main(["inspect", str(TINY)]) == 0
     assert "block pairs" in capsys.readouterr().out
     assert sorted(calls) == sorted([cfg.experts.a.name, cfg.experts.b.name]), calls
+
+
+def test_two_attention_targets_joining_one_pre_norm_is_one_recipe_line(capsys):
+    """Each pre_norm takes one target's injected tokens (a second join would hook the module twice)."""
+    universe1 = Path(__file__).parents[1] / "recipes" / "universe1.yaml"
+    assert main(["inspect", str(universe1), "stitch.inject.b_to_a.targets.1.pre_norm=norm1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: stitch.inject.b_to_a.targets.1.pre_norm: 'norm1' already takes the injected tokens of targets.0; "
+                   "give each target its own pre_norm (or null)"], err
+    targets = [{"attention": "attn1", "pre_norm": "norm1"}, {"attention": "attn2", "pre_norm": None}]
+    build(StitchConfig, {"inject": {"b_to_a": {"mode": "attention_kv", "targets": targets}}}, "stitch")  # distinct: fine

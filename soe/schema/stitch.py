@@ -155,6 +155,13 @@ class InjectConfig:
                 "expected KVTargetConfig entries (build them with soe.schema.build)")
         if self.mode == InjectMode.attention_kv:
             require(bool(self.targets), "targets", "attention_kv needs at least one target attention")
+            joined = {}  # pre_norm -> first target that joins its injected tokens there (one join per module)
+            for i, t in enumerate(self.targets):
+                if t.pre_norm is not None:
+                    require(t.pre_norm not in joined, f"targets.{i}.pre_norm",
+                            f"'{t.pre_norm}' already takes the injected tokens of targets.{joined.get(t.pre_norm)}; "
+                            "give each target its own pre_norm (or null)")
+                    joined[t.pre_norm] = i
         else:
             require(not self.targets, "targets", "only attention_kv takes targets")
 
