@@ -103,8 +103,8 @@ def merge_recipe(raw, overrides=()) -> DictConfig:
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
         for o in overrides:  # one at a time by path, so `targets.1.pre_norm=...` reaches into a list
-            key, _, _ = o.partition("=")
-            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={o.partition('=')[2]}"]))["value"]  # read as YAML
+            key, _, text = o.partition("=")
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]  # read as YAML
             OmegaConf.update(cfg, key, value, merge=True)
         OmegaConf.resolve(cfg)  # leaves the text of an escaped "\${...}" in a recipe file unescaped: escape it again
         for key in LITERAL_KEYS:

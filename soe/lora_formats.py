@@ -42,21 +42,22 @@ class ModuleNames:
         def rx(t):
             return re.compile(re.escape(t).replace(r"\{i\}", r"(?P<i>\d+)"))
 
-        self._pairs = [(rx(a), b, rx(b), a) for a, b in pairs]
+        self._to_other = [(rx(a), b) for a, b in pairs]
+        self._from_other = [(rx(b), a) for a, b in pairs]
+
+    @staticmethod
+    def _rename(name: str, rules) -> str | None:
+        for src, dst in rules:
+            m = src.fullmatch(name)
+            if m:
+                return dst.format(**m.groupdict())
+        return None
 
     def to_other(self, name: str) -> str | None:
-        for src, dst, _, _ in self._pairs:
-            m = src.fullmatch(name)
-            if m:
-                return dst.format(**m.groupdict())
-        return None
+        return self._rename(name, self._to_other)
 
     def from_other(self, name: str) -> str | None:
-        for _, _, src, dst in self._pairs:
-            m = src.fullmatch(name)
-            if m:
-                return dst.format(**m.groupdict())
-        return None
+        return self._rename(name, self._from_other)
 
 
 class SameNames:

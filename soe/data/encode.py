@@ -31,10 +31,11 @@ from soe.data.report import EncodeReport
 from soe.data.sources import Clip, find_clips
 from soe.data.text import TextConditioner
 from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_spec
-from soe.data.stream_format import DTYPES, latent_dtype_for, text_key
+from soe.data.stream_format import latent_dtype_for, text_key
 from soe.data.stream_writer import PartWriter, lock_part
 from soe.errors import DataError, UsageError
 from soe.media import media_sides
+from soe.schema import Dtype
 from soe.threads import configure_threads
 
 
@@ -66,7 +67,7 @@ class EncodeConfig:
         if self.missing_caption not in ("skip", "empty"):
             raise RecipeError(f"encode.missing_caption: expected one of ['skip', 'empty'], got {self.missing_caption!r}")
         for k in ("latent_dtype", "text_dtype"):
-            allowed = [*DTYPES] + (["auto"] if k == "latent_dtype" else [])
+            allowed = [d.value for d in Dtype] + (["auto"] if k == "latent_dtype" else [])
             if getattr(self, k) not in allowed:
                 raise RecipeError(f"encode.{k}: expected one of {allowed}, got {getattr(self, k)!r}")
         if self.max_windows is not None and self.max_windows < 1:

@@ -37,7 +37,6 @@ from soe.schema import Dtype
 FORMAT = 2
 WINDOWS, TEXTS, PARTS = "windows", "texts", "parts"
 INDEX = "index.json"  # litdata's index file name
-DTYPES = {d.value: d.torch for d in Dtype}  # stored dtypes: the recipe's dtype names
 
 
 def latent_dtype_for(precision: str) -> str:
@@ -73,7 +72,7 @@ def pack(t: torch.Tensor, dtype: str) -> torch.Tensor:
     t = t.detach().cpu().contiguous()
     if not t.is_floating_point():
         return t.int() if t.dtype == torch.int16 else t  # int16 means bf16 bits in a stored tensor
-    t = t.to(DTYPES[dtype])
+    t = t.to(Dtype(dtype).torch)
     return t.view(torch.int16) if dtype == "bfloat16" else t
 
 

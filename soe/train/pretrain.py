@@ -21,7 +21,6 @@ import torch
 from soe.schema import Dtype
 
 FOLDERS = {"video": "video_expert", "audio": "audio_expert"}
-DTYPES = {d.value: d.torch for d in Dtype}
 
 
 def pretrain(recipe, out, overrides=(), dtype: str = "float32", sides=("a", "b"), console=None) -> dict:
@@ -46,7 +45,7 @@ def pretrain(recipe, out, overrides=(), dtype: str = "float32", sides=("a", "b")
         pretrain_expert(e, data, side, cfg.trainer.max_steps, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
                         schedule=cfg.optim.schedule, seed=cfg.seed, accelerator=cfg.trainer.accelerator)
         folder = out / FOLDERS[e.modality]
-        torch.nn.Module.to(e.model, DTYPES[dtype])  # plain cast (diffusers' .to() warns about fp32-kept modules)
+        torch.nn.Module.to(e.model, Dtype(dtype).torch)  # plain cast (diffusers' .to() warns about fp32-kept modules)
         e.save(folder)
         torch.nn.Module.to(e.model, torch.float32)
         console.print(f"  saved {folder} ({time.perf_counter() - t0:.0f} s)")
@@ -70,7 +69,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m soe.train.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("recipe", help="recipe with the two experts' architectures and the synthetic data (e.g. recipes/sync_pretrain.yaml)")
     p.add_argument("--out", required=True, help="folder for video_expert/ and audio_expert/")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=sorted(d.value for d in Dtype), default="float32", help="dtype of the saved weights")
     p.add_argument("--eval-clips", type=int, default=32, help="held-out clips for the Frechet/AV-Align check (0: skip)")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. trainer.max_steps=100")
     args = p.parse_intermixed_args(argv)  # options before or after the key=value overrides
