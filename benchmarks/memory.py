@@ -84,9 +84,12 @@ def universe1_counts(overrides=()) -> dict:
         lora = [p for p in e.parameters() if p.requires_grad]
         rows[f"{side}:{e.name}"] = dict(frozen=sum(p.numel() for p in frozen), frozen_bytes=sum(p.numel() * p.element_size() for p in frozen),
                                         trainable=sum(p.numel() for p in lora), trainable_bytes=sum(p.numel() * p.element_size() for p in lora))
-    conn = list(st.connectors.parameters())
-    rows["connectors"] = dict(frozen=0, frozen_bytes=0, trainable=sum(p.numel() for p in conn),
-                              trainable_bytes=sum(p.numel() * p.element_size() for p in conn))
+    stitch = {"connectors": list(st.connectors.parameters())}
+    if st.fusion is not None:  # UniVerse-1's inserted blocks and new key/value projections train too
+        stitch["fusion"] = list(st.fusion.parameters())
+    for name, params in stitch.items():
+        rows[name] = dict(frozen=0, frozen_bytes=0, trainable=sum(p.numel() for p in params),
+                          trainable_bytes=sum(p.numel() * p.element_size() for p in params))
     return rows
 
 
@@ -102,7 +105,9 @@ def universe1_table(console: Console) -> float:
                   C.fmt_bytes(r["trainable_bytes"]), C.fmt_bytes(ckpt))
     console.print(t)
     share = tot["trainable"] / (tot["frozen"] + tot["trainable"])
-    console.print(f"universe1: {tot['trainable'] / 1e6:.1f}M trainable (connectors {rows['connectors']['trainable'] / 1e6:.1f}M + LoRA) "
+    fused = rows.get("fusion", {}).get("trainable", 0)
+    console.print(f"universe1: {tot['trainable'] / 1e6:.1f}M trainable (connectors {rows['connectors']['trainable'] / 1e6:.1f}M + "
+                  f"fusion {fused / 1e6:.1f}M + LoRA) "
                   f"vs {tot['frozen'] / 1e9:.2f}B frozen = {100 * share:.2f}% trains; export (trained/) "
                   f"{C.fmt_bytes(tot['trainable_bytes'])}, last.ckpt ~{C.fmt_bytes(tot['trainable_bytes'] + 8 * tot['trainable'])}, "
                   f"vs {C.fmt_bytes(tot['frozen_bytes'])} of frozen weights never written")

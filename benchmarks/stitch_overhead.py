@@ -71,6 +71,8 @@ def measure(size: str, device, dtype, batch_size: int, reps: int, checkpointing:
     if torch.device(device).type == "cuda":  # FLOPs of one stitched step (lockstep), for the MFU
         from torch.utils.flop_counter import FlopCounterMode
 
+        zero_grads(a, b, *stitchers.values())  # the timed runs' gradients would sit beside this run's (OOM at full size)
+        torch.cuda.empty_cache()
         counter = FlopCounterMode(display=False)
         with counter:
             variants["lockstep"]()

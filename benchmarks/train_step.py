@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
+import sys
 import time
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 import _common as C  # noqa: F401  (puts the checkout on sys.path)
 from generate_speed import recipe
@@ -34,8 +37,7 @@ def measure(variant: str, size: str, device, reps: int) -> dict:
     cfg = recipe(size)
     for kv in VARIANTS[variant]:
         key, value = kv.split("=")
-        side = key.split(".")[1]
-        cfg.experts[side].storage_dtype = value
+        OmegaConf.update(cfg, key, value)
     torch.manual_seed(0)
     st = build_stitcher(cfg, device=device, load_weights=False)
     apply_training_setup(st, cfg)
@@ -97,15 +99,25 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=["bf16", "fp8"], choices=list(VARIANTS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     size = args.size or ("full" if device.type == "cuda" else "mid")
     results = []
     for v in args.variants:
-        try:
-            r = measure(v, size, device, args.reps)
-        except Exception as err:
-            r = dict(variant=v, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-2000:])
+        if len(args.variants) > 1:  # one process per variant: the previous variant's model must not count in the peak
+            cmd = [sys.executable, __file__, "--device", args.device, "--size", size, "--reps", str(args.reps), "--variants", v, "--_child"]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+            r = json.loads(lines[-1]) if lines else dict(variant=v, error=f"child exit {out.returncode}", trace=out.stderr[-2000:])
+        else:
+            try:
+                r = measure(v, size, device, args.reps)
+            except Exception as err:
+                r = dict(variant=v, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-2000:])
+        if args._child:
+            print(json.dumps(r), flush=True)
+            return
         results.append(r)
         print(json.dumps({k: x for k, x in r.items() if k != "trace"}), flush=True)
         if "trace" in r:

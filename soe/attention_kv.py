@@ -73,7 +73,8 @@ class KVProjection(nn.Module):
         self.k = nn.Linear(dim, inner_k, bias=attn.to_k.bias is not None, device=device, dtype=dtype)
         self.v = nn.Linear(dim, inner_v, bias=attn.to_v.bias is not None, device=device, dtype=dtype)
         norm = getattr(attn, "norm_k", None)  # the host normalises its keys: so do the new ones
-        self.norm_k = copy.deepcopy(norm) if isinstance(norm, nn.Module) else None
+        # in the projections' dtype (float32 by default), not the host's: k reaches it straight from self.k
+        self.norm_k = copy.deepcopy(norm).to(dtype=self.k.weight.dtype) if isinstance(norm, nn.Module) else None
         if init == "copy":
             for mine, theirs, name in ((self.k, source.to_k, "to_k"), (self.v, source.to_v, "to_v")):
                 if theirs.weight.shape != mine.weight.shape:
@@ -89,6 +90,7 @@ class KVProjection(nn.Module):
                 self.norm_k.load_state_dict(src_norm.state_dict())
 
     def forward(self, tokens: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokens.to(self.k.weight.dtype)  # float32 projections read a bfloat16 host when sampling without autocast
         k, v = self.k(tokens), self.v(tokens)  # (B, T, H*d)
         if self.norm_k is not None:
             k = self.norm_k(k)
@@ -127,7 +129,7 @@ class KVProcessor:
         if t.cfg_mask and call.source_mask is not None:
             extra = extra * call.source_mask.to(extra.dtype).view(-1, 1, 1)
         q, k, v, bias = host.attention_qkv(attn, args, kwargs)  # (B, H, S, d), (B, H, L, d), bias (B, 1|H, S, L) or None
-        ke, ve = self.kv(extra.to(q.dtype), attn.heads)  # (B, H, T, d)
+        ke, ve = (x.to(q.dtype) for x in self.kv(extra, attn.heads))  # (B, H, T, d)
         layout = call.layouts["b" if self.direction == "a_to_b" else "a"]  # the host's
         q_step = torch.arange(layout.num_steps, device=q.device).repeat_interleave(layout.tokens_per_step)  # (S,)
         k_step = torch.arange(ke.shape[2], device=q.device)  # one extra token per host time step

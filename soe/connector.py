@@ -56,8 +56,13 @@ class Connector(nn.Module):
     def forward(self, src: torch.Tensor, src_layout: TokenLayout, dst_layout: TokenLayout) -> torch.Tensor:
         steps = self.pool_steps(src, src_layout)  # (B, T_src, D_src or 3 * D_src)
         steps = resample_time(steps, src_layout, dst_layout, self.resample)  # (B, T_dst, D_src)
-        steps = self.mlp(self.norm(steps))  # (B, T_dst, D_dst)
-        return broadcast_to_grid(steps, dst_layout)  # (B, N_dst, D_dst)
+        return broadcast_to_grid(self.project(steps), dst_layout)  # (B, N_dst, D_dst)
+
+    def project(self, steps: torch.Tensor) -> torch.Tensor:
+        """The MLP on pooled steps ``(B, T, in_width) -> (B, T, D_dst)``, computed in the connector's own
+        dtype: float32 connectors read bfloat16 experts when sampling without autocast (callers cast the
+        result to the host's dtype)."""
+        return self.mlp(self.norm(steps.to(self.mlp.fc1.weight.dtype)))
 
     def pool_steps(self, src: torch.Tensor, src_layout: TokenLayout) -> torch.Tensor:
         """The source tokens as one vector per source time step, as this connector's ``pool`` says."""

@@ -192,7 +192,7 @@ class LockstepEngine:
             h = self.st.connector_input(call.taps[(src, i)])  # (B, N_src, D_src); the CFG mask applies per target
             steps = conn.pool_steps(h, call.layouts[src])  # (B, T_src, D_src or 3 * D_src)
             steps = resample_time(steps, call.layouts[src], call.layouts[host], conn.resample)  # (B, T_host, D_src)
-            call.extras[key] = conn.mlp(conn.norm(steps))  # (B, T_host, D_host)
+            call.extras[key] = conn.project(steps)  # (B, T_host, D_host)
         return call.extras[key]
 
     # ---- the run ---------------------------------------------------------------------------------

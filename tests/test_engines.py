@@ -94,10 +94,10 @@ def test_a_tap_feeds_the_connector_from_inside_the_source_block():
     torch.testing.assert_close(pb, ref_b, rtol=1e-5, atol=1e-6)
 
 
-def mixed(seed=0, init="zero"):
+def mixed(seed=0, init="zero", dtype=torch.float32):
     """Both directions, different options: b is expanded; b -> a injects key/values from a tap into
     wan's attn2; a -> b adds from a tap inside wan's blocks."""
-    a, b = tiny("wan2.1", seed), tiny("ace-step", seed + 1)
+    a, b = tiny("wan2.1", seed).to(dtype), tiny("ace-step", seed + 1).to(dtype)
     torch.manual_seed(seed + 2)
     st = Stitcher(a, b, pairs="identity", depth=DEPTH, inject={"b_to_a": KV_INTO_WAN, "a_to_b": {"tap": "cross_attn_input"}},
                   connector={"init": init})
@@ -141,3 +141,20 @@ def test_a_missing_module_leaves_the_experts_as_they_were():
         Stitcher(a, b, pairs="identity", depth=DEPTH, inject=bad)
     assert all(torch_hooks(m) == 0 for m in (*a.modules(), *b.modules()))
     assert all(type(m.processor).__name__ != "KVProcessor" for m in a.modules() if hasattr(m, "processor"))
+
+
+def test_float32_connectors_and_projections_read_bfloat16_experts_without_autocast():
+    """Sampling runs bf16 experts with the stitch's own modules in float32 and no autocast (on a GPU
+    this was a dtype error in the connector MLP and the new key/value projections): the mixed model
+    computes the float32 model's function, off by no more than bf16 puts the experts alone off."""
+    ref_st, ba, bb = mixed(init="trunc_normal")
+    st, _, _ = mixed(init="trunc_normal", dtype=torch.bfloat16)
+    assert {p.dtype for p in st.connectors.parameters()} | {p.dtype for p in st.fusion.kv.parameters()} == {torch.float32}
+    cast = lambda batch: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}  # noqa: E731
+    rel = lambda got, ref: ((got.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+    with torch.no_grad():
+        stitched = [rel(g, r) for g, r in zip(st(cast(ba), cast(bb)), ref_st(ba, bb))]
+        alone = [rel(tiny(name, seed).to(torch.bfloat16)(cast(batch)), tiny(name, seed)(batch))
+                 for name, seed, batch in (("wan2.1", 0, ba), ("ace-step", 1, bb))]
+    for side, err, own in zip("ab", stitched, alone):
+        assert err < 1.5 * own + 0.01, f"{side}: stitched bf16 error {err:.3f} vs the expert's own {own:.3f}"
