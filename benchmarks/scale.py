@@ -66,13 +66,16 @@ def count(args) -> dict:
             st.connector_for("a_to_b", j)(h_a, la, lb)
     out["connector_flops"] = fc.get_total_flops()
     out["connectors"] = sum(p.numel() for p in st.connectors.parameters())
+    # UniVerse-1's inserted blocks and new key/value projections train too (their FLOPs are small: the
+    # inserted blocks run on the audio expert's few tokens, the projections on one token per time step)
+    out["fusion"] = sum(p.numel() for p in st.fusion.parameters()) if st.fusion is not None else 0
     return out
 
 
 def estimate(c: dict, n_gpus: int, mode: str) -> dict:
     a, b = c["a"], c["b"]
     frozen = a["frozen"] + b["frozen"]  # bf16
-    trainable = a["lora"] + b["lora"] + c["connectors"]  # fp32 param + grad + 2 AdamW moments = 16 B
+    trainable = a["lora"] + b["lora"] + c["connectors"] + c.get("fusion", 0)  # fp32 param + grad + 2 AdamW moments = 16 B
     fwd = a["fwd_flops"] + b["fwd_flops"] + c["connector_flops"]
     # LoRA on frozen weights: backward needs input grads (~1x fwd) but no weight grads of frozen layers.
     step_flops = fwd * (2 + (1 if mode == "fsdp+ac" else 0))  # + one recomputed forward with activation checkpointing
@@ -135,7 +138,9 @@ def render(c: dict, calib: str | None) -> str:
         f"- audio `{b['name']}`: {b['blocks']} blocks, hidden {b['hidden']}, {b['tokens']} tokens; "
         f"{b['block_flops'] / 1e12:.4f} TFLOP per block forward, {b['fwd_flops'] / 1e12:.2f} TFLOP whole forward",
         f"- connectors: {c['connectors'] / 1e6:.1f}M parameters, {c['connector_flops'] / 1e9:.2f} GFLOP forward (all pairs, both directions)",
-        f"- frozen {(a['frozen'] + b['frozen']) / 1e9:.2f}B parameters (bf16); trainable {(a['lora'] + b['lora'] + c['connectors']) / 1e6:.0f}M (LoRA r=64 + connectors, fp32 + AdamW)",
+        f"- fusion (inserted blocks + new key/value projections): {c.get('fusion', 0) / 1e6:.1f}M parameters, all trained",
+        f"- frozen {(a['frozen'] + b['frozen']) / 1e9:.2f}B parameters (bf16); trainable "
+        f"{(a['lora'] + b['lora'] + c['connectors'] + c.get('fusion', 0)) / 1e6:.0f}M (LoRA r=64 + connectors + fusion, fp32 + AdamW)",
         "",
         "FLOPs from `torch.utils.flop_counter.FlopCounterMode` on the meta device (matmuls and attention). The video",
         "expert's self-attention over ~48k tokens dominates: the audio side and the connectors are noise in the budget.",

@@ -8,7 +8,8 @@ What StitchModule.training_step does, without Lightning around it: the recipe's 
 r=64 on both experts + connectors, gradient checkpointing), its flow objective on one 5 s clip of
 random latents, bf16 autocast (Lightning's bf16-mixed), backward, AdamW step. The recipe accumulates
 4 micro-batches per optimizer step; "s / optimizer step" is 4 x the measured micro-step.
-benchmarks/scale.md predicts 41.6 GB and 18.0 s per optimizer step on one H100 (fsdp+ac row).
+benchmarks/scale.md predicts 65.0 GB and 19.1 s per optimizer step on one H100 (fsdp+ac row); one H200
+measured 74.8 GB and 23.2 s (benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def main(argv=None):
             peak = f"{r['peak_gb']:.1f} GB" if r["peak_gb"] else "-"
             print(f"{r['variant']:>5}: {r['s_per_micro_step']:.2f} s / micro-batch, {r['s_per_optimizer_step']:.1f} s / optimizer step "
                   f"(x4), peak {peak}, frozen weights {r['frozen_gb']:.1f} GB, {r['trainable'] / 1e6:.0f}M trainable "
-                  "(scale.md: 41.6 GB, 18.0 s)")
+                  "(scale.md: 65.0 GB, 19.1 s)")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class Connector(nn.Module):
         """The MLP on pooled steps ``(B, T, in_width) -> (B, T, D_dst)``, computed in the connector's own
         dtype: float32 connectors read bfloat16 experts when sampling without autocast (callers cast the
         result to the host's dtype)."""
-        return self.mlp(self.norm(steps.to(self.mlp.fc1.weight.dtype)))
+        return self.mlp(self.norm(steps.to(self.mlp.fc2.weight.dtype)))
 
     def pool_steps(self, src: torch.Tensor, src_layout: TokenLayout) -> torch.Tensor:
         """The source tokens as one vector per source time step, as this connector's ``pool`` says."""
