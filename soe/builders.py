@@ -32,6 +32,20 @@ def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = T
     return _build_expert(cfg, side, device, load_weights)[0]
 
 
+def build_stand_in(cfg: DictConfig, side: str) -> Expert | None:
+    """The preset expert of ``side`` over its family's shape-only stand-in (``Expert.stand_in``), for
+    ``soe inspect``; None when the family has none or the section does not build one (an unknown name,
+    preset or option: building the real expert then reports it as usual)."""
+    try:
+        e: ExpertConfig = build(ExpertConfig, cfg.experts[side], f"experts.{side}")
+        cls = get_expert(e.name)
+        if e.preset not in cls.presets:
+            return None
+        return cls.stand_in({**cls.presets[e.preset], **e.architecture, **e.options})
+    except Exception:
+        return None
+
+
 def _build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = True, empty: bool = False):
     """``(expert, weights)``; with ``empty`` (FSDP2) an expert from ``path`` whose family offers
     ``load_empty`` has its parameters on the meta device and ``weights`` reads its files lazily."""

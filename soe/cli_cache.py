@@ -74,10 +74,10 @@ def code_fingerprint(plugin_modules=()) -> dict:
     return {"python": sys.version, "libraries": _versions(LIBRARIES), "source": digest.hexdigest()}
 
 
-def expert_entry_points() -> dict[str, dict]:
-    """The installed ``soe.experts`` entry points: name -> target and providing distribution."""
+def expert_entry_points(group: str = "soe.experts") -> dict[str, dict]:
+    """The installed ``soe.experts`` (or ``soe.experts.info``) entry points: name -> target and providing distribution."""
     out = {}
-    for ep in entry_points(group="soe.experts"):
+    for ep in entry_points(group=group):
         dist = getattr(ep, "dist", None)
         out[ep.name] = {"value": ep.value, "dist": f"{dist.name} {dist.version}" if dist is not None else None}
     return out
@@ -88,7 +88,8 @@ def experts_key() -> str | None:
     eps = expert_entry_points()
     if any(name not in eps or cls is not _loaded(eps, name) for name, cls in _runtime_registry().items()):
         return None
-    return _hash({"command": "experts", "entry_points": eps, "code": code_fingerprint(e["value"].split(":")[0] for e in eps.values())})
+    return _hash({"command": "experts", "entry_points": eps, "info": expert_entry_points("soe.experts.info"),
+                  "code": code_fingerprint(e["value"].split(":")[0] for e in eps.values())})
 
 
 def recipe_key(cfg) -> str | None:

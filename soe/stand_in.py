@@ -1,0 +1,162 @@
+"""Shape-only stand-ins of expert models: what ``soe inspect`` builds instead of the model itself.
+
+``soe inspect`` shows what a stitch would build (blocks, widths, connector shapes, inserted blocks,
+new key/value projections, hooks, parameter counts) on the meta device. Building the real model
+means importing its library first: diffusers' model modules pull in every diffusers transformer,
+transformers, peft and torch's compiler, seconds before the first layer exists. A family may instead
+describe its model from its config with plain torch modules (``Expert.stand_in``):
+
+* its **blocks** with the real module and parameter names and shapes (``nn.Linear``/``nn.Conv1d``
+  where the model has them, :class:`Attention` for a diffusers attention module, :class:`Params`
+  for any other module with parameters), so taps, key/value injection, inserted blocks, hooks and
+  LoRA counts are computed by the same Stitcher code as for the real model;
+* everything outside the blocks as one parameter of the right size (:class:`StandInModel`);
+* the model's ``config`` (all constructor arguments, defaults filled in), which the expert's own
+  properties read (hidden size, depth, longest clip).
+
+The Stitcher then runs as usual on the stand-ins (connectors too: :func:`shapes_only` makes them use
+:data:`MLP_STAND_INS` instead of importing timm). Nothing here runs a forward. A stand-in that
+disagrees with the real model would make ``soe inspect`` print wrong numbers, so each one is checked
+against the meta-built model: ``soe experts check`` (``meta_presets``) for every preset, and
+tests/test_stand_in.py for every shipped recipe (the whole ``soe inspect`` output must be equal).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+_SHAPES_ONLY = contextvars.ContextVar("soe_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Connectors built inside use :data:`MLP_STAND_INS` (same names and shapes, no timm import)."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def is_shapes_only() -> bool:
+    return _SHAPES_ONLY.get()
+
+
+def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=bias, device="meta")
+
+
+class Params(nn.Module):
+    """A module holding parameters of the given shapes (norms, tables, embeddings): ``Params(weight=(d,))``."""
+
+    def __init__(self, **shapes: tuple[int, ...]):
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, device="meta")))
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a soe.stand_in module holds shapes only; build the real model to run it")
+
+
+class _StandInProcessor:
+    """What an :class:`Attention` stand-in holds as its processor (soe wraps it when it injects keys)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        raise RuntimeError("a soe.stand_in attention holds shapes only; build the real model to run it")
+
+
+class Attention(Params):
+    """A diffusers attention module's parameters: ``to_q``, ``to_k``, ``to_v``, ``to_out`` (linear,
+    dropout) and any further modules (``norm_k=Params(weight=(d,))``, ``add_k_proj=linear(...)``), plus
+    ``heads`` and the processor interface soe's key/value injection uses."""
+
+    def __init__(self, query_dim: int, inner_dim: int, heads: int, kv_dim: int | None = None, out_dim: int | None = None,
+                 bias: bool = True, out_bias: bool = True, **modules: nn.Module):
+        super().__init__()
+        kv_dim = kv_dim or query_dim
+        self.heads = heads
+        self.to_q = linear(query_dim, inner_dim, bias)
+        self.to_k = linear(kv_dim, inner_dim, bias)
+        self.to_v = linear(kv_dim, inner_dim, bias)
+        self.to_out = nn.ModuleList([linear(inner_dim, out_dim or query_dim, out_bias), nn.Dropout(0.0)])
+        for name, module in modules.items():
+            setattr(self, name, module)
+        self.processor = _StandInProcessor()
+
+    def set_processor(self, processor) -> None:
+        self.processor = processor
+
+
+class StandInModel(nn.Module):
+    """A model stand-in: ``config`` (attribute access, like diffusers' FrozenDict), the blocks under
+    the model's own attribute name (``blocks``, ``transformer_blocks``, ...) and one parameter
+    ``outside_blocks`` with as many elements as all parameters outside the blocks together."""
+
+    def __init__(self, config: dict, blocks_attr: str, blocks: list[nn.Module], outside_blocks: int, **attrs):
+        super().__init__()
+        self.config = Config(config)
+        setattr(self, blocks_attr, nn.ModuleList(blocks))
+        self.outside_blocks = nn.Parameter(torch.empty(outside_blocks, device="meta"))
+        for name, value in attrs.items():
+            setattr(self, name, value)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a soe.stand_in model holds shapes only; build the real model to run it")
+
+
+class Config(dict):
+    """A dict whose keys read as attributes (``config.num_layers``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def full_config(defaults: dict, config: dict, model: str) -> dict:
+    """``config`` over the model's constructor ``defaults``; an unknown key is the TypeError the model would raise."""
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise TypeError(f"{model}.__init__() got an unexpected keyword argument '{unknown[0]}'")
+    return {**defaults, **config}
+
+
+def constructor_defaults(cls) -> dict:
+    """The keyword defaults of ``cls.__init__`` (tests compare a family's copy with the real model's)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+# ---- connector MLPs (timm's Mlp, GluMlp, SwiGLU: the same module names and shapes) -------------------
+class _Mlp(Params):
+    def __init__(self, in_features, hidden_features, out_features, act_layer=None, device=None, dtype=None, glu=False):
+        super().__init__()
+        self.fc1 = linear(in_features, hidden_features)
+        self.act, self.drop1, self.norm = nn.Identity(), nn.Dropout(0.0), nn.Identity()
+        if glu and hidden_features % 2:
+            raise ValueError(f"stitch.connector: a glu connector needs an even hidden width, got {hidden_features}")
+        self.fc2 = linear(hidden_features // 2 if glu else hidden_features, out_features)
+        self.drop2 = nn.Dropout(0.0)
+
+
+class _GluMlp(_Mlp):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, glu=True)
+
+
+class _SwiGLU(Params):
+    def __init__(self, in_features, hidden_features, out_features, act_layer=None, device=None, dtype=None):
+        super().__init__()
+        self.fc1_g, self.fc1_x = linear(in_features, hidden_features), linear(in_features, hidden_features)
+        self.act, self.drop1, self.norm = nn.Identity(), nn.Dropout(0.0), nn.Identity()
+        self.fc2 = linear(hidden_features, out_features)
+        self.drop2 = nn.Dropout(0.0)
+
+
+MLP_STAND_INS = {"mlp": _Mlp, "glu": _GluMlp, "swiglu": _SwiGLU}
