@@ -160,3 +160,47 @@ class _SwiGLU(Params):
 
 
 MLP_STAND_INS = {"mlp": _Mlp, "glu": _GluMlp, "swiglu": _SwiGLU}
+
+
+# ---- checking a stand-in against the model -----------------------------------------------------------
+def _plain(v):
+    return tuple(_plain(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def differences(stand_in: nn.Module, real: nn.Module) -> list[str]:
+    """Where the stand-in expert ``stand_in`` differs from ``real`` (the same expert built on meta) in
+    anything ``soe inspect`` reads: depth, width, longest clip, config, parameter count, and each
+    block's modules (names; linear, convolution and attention modules alike) and parameter shapes.
+    Empty when they agree."""
+    out = []
+    for what in ("num_blocks", "hidden_size", "latent_rate"):
+        mine, theirs = getattr(stand_in, what, None), getattr(real, what, None)
+        if mine != theirs:
+            out.append(f"{what}: stand-in {mine}, model {theirs}")
+    if stand_in.max_seconds() != real.max_seconds():
+        out.append(f"max_seconds(): stand-in {stand_in.max_seconds()}, model {real.max_seconds()}")
+    counts = [sum(p.numel() for p in e.model.parameters()) for e in (stand_in, real)]
+    if counts[0] != counts[1]:
+        out.append(f"parameters: stand-in {counts[0]:,}, model {counts[1]:,} ({counts[0] - counts[1]:+,})")
+    config = {k: _plain(v) for k, v in real.model.config.items() if not k.startswith("_")}
+    mine = {k: _plain(v) for k, v in stand_in.model.config.items()}
+    if mine != config:
+        keys = sorted(k for k in set(mine) | set(config) if mine.get(k, "?") != config.get(k, "?"))
+        out.append(f"config differs at {keys}")
+    for i, (s, r) in enumerate(zip(stand_in.blocks, real.blocks)):
+        shapes = [{n: tuple(p.shape) for n, p in b.named_parameters()} for b in (s, r)]
+        if shapes[0] != shapes[1]:
+            diff = sorted(set(shapes[0].items()) ^ set(shapes[1].items()))
+            out.append(f"block {i}: parameter shapes differ (stand-in ^ model: {diff[:4]})")
+        modules = [dict(b.named_modules()) for b in (s, r)]
+        if set(modules[0]) != set(modules[1]):
+            out.append(f"block {i}: module names differ (stand-in ^ model: {sorted(set(modules[0]) ^ set(modules[1]))[:4]})")
+        for name, m in modules[1].items():
+            other = modules[0].get(name)
+            kinds = [type(x) if isinstance(x, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) else
+                     ("attention", x.heads) if hasattr(x, "set_processor") else None for x in (other, m)]
+            if other is not None and kinds[0] != kinds[1]:
+                out.append(f"block {i}: '{name}' is {kinds[0]} in the stand-in, {kinds[1]} in the model")
+        if out:
+            break
+    return out
