@@ -48,7 +48,13 @@ def is_shapes_only() -> bool:
 
 
 def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=bias, device="meta")
+    """An ``nn.Linear`` on meta, without running its initialisation (nothing to initialise on meta)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.weight = nn.Parameter(torch.empty(out_features, in_features, device="meta"))
+    layer.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
+    return layer
 
 
 class Params(nn.Module):
