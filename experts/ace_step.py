@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from soe.errors import CheckpointNotFoundError
 from soe.expert import Batch, BlockState, Expert, TokenLayout, latent_frames
 from soe.registry import register_expert
 from soe.weights import WEIGHTS, FolderWeights, has_weights, load_weights
@@ -192,9 +193,9 @@ class AceStepV1Expert(Expert):
         for folder in (root / SUBFOLDER, root):
             if (folder / "config.json").is_file():
                 if not has_weights(folder):
-                    raise FileNotFoundError(f"ACE-Step v1 transformer folder '{folder}' has config.json but no '{WEIGHTS}'")
+                    raise CheckpointNotFoundError(f"ACE-Step v1 transformer folder '{folder}' has config.json but no '{WEIGHTS}'")
                 return folder
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"no ACE-Step v1 transformer at '{root}': expected '{root / SUBFOLDER}/config.json' + '{WEIGHTS}' "
             f"(checkpoint root) or '{root}/config.json' + '{WEIGHTS}' (the {SUBFOLDER} folder itself)"
         )

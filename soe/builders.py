@@ -11,7 +11,7 @@ import dataclasses
 import torch
 from omegaconf import DictConfig
 
-from soe.errors import CheckpointError, SoeError, one_line, without_loader_advice
+from soe.errors import CheckpointError, CheckpointNotFoundError, SoeError, one_line, without_loader_advice
 from soe.expert import Expert
 from soe.registry import get_expert
 from soe.schema import (ExpertConfig, OptimConfig, Recipe, RecipeError, SampleConfig, SamplerConfig, StitchConfig, build)
@@ -61,9 +61,9 @@ def _build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = 
             expert = cls.load(e.path, dtype=e.dtype.torch, device=device, **e.options)
         else:
             expert = cls.from_preset(e.preset, device=device, dtype=e.dtype.torch, **e.architecture, **e.options)
-    except SoeError:
-        raise
     except Exception as err:
+        if isinstance(err, SoeError) and not (from_path and isinstance(err, CheckpointNotFoundError)):
+            raise  # a missing checkpoint is reported below, under its recipe key
         if isinstance(err, TypeError) and (not from_path or "argument" in str(err)):  # an option the expert or model does not take
             model_key = not from_path and any(f"'{k}'" in str(err) for k in e.architecture)
             raise RecipeError(f"experts.{side}.{'architecture' if model_key else 'options'}: {err}") from None
