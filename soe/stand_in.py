@@ -81,15 +81,15 @@ class Attention(Params):
     dropout) and any further modules (``norm_k=Params(weight=(d,))``, ``add_k_proj=linear(...)``), plus
     ``heads`` and the processor interface soe's key/value injection uses."""
 
-    def __init__(self, query_dim: int, inner_dim: int, heads: int, kv_dim: int | None = None, out_dim: int | None = None,
-                 bias: bool = True, out_bias: bool = True, **modules: nn.Module):
+    def __init__(self, query_dim: int, inner_dim: int, heads: int, kv_dim: int | None = None, kv_inner_dim: int | None = None,
+                 out_dim: int | None = None, bias: bool = True, out_bias: bool | None = None, **modules: nn.Module):
         super().__init__()
-        kv_dim = kv_dim or query_dim
+        kv_dim, kv_inner_dim = kv_dim or query_dim, kv_inner_dim or inner_dim  # grouped-query attention: fewer k/v heads
         self.heads = heads
         self.to_q = linear(query_dim, inner_dim, bias)
-        self.to_k = linear(kv_dim, inner_dim, bias)
-        self.to_v = linear(kv_dim, inner_dim, bias)
-        self.to_out = nn.ModuleList([linear(inner_dim, out_dim or query_dim, out_bias), nn.Dropout(0.0)])
+        self.to_k = linear(kv_dim, kv_inner_dim, bias)
+        self.to_v = linear(kv_dim, kv_inner_dim, bias)
+        self.to_out = nn.ModuleList([linear(inner_dim, out_dim or query_dim, bias if out_bias is None else out_bias), nn.Dropout(0.0)])
         for name, module in modules.items():
             setattr(self, name, module)
         self.processor = _StandInProcessor()

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import AceStepTransformer1DModel, WanTransformer3DModel
 
 from soe import get_expert, list_experts
+from soe.builders import build_stand_in
 from soe.cli_cache import table_to_json
 from soe.config import load_recipe, shipped_recipes
 from soe.connector import Connector
 from soe.experts.ace_step import MODEL_DEFAULTS as ACE_DEFAULTS
+from soe.experts.ace_step_15 import MODEL_DEFAULTS as ACE_15_DEFAULTS
 from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
 from soe.experts.wan import WAN_MODEL_DEFAULTS
 from soe.report import recipe_tables
@@ -30,10 +32,11 @@ WITH_STAND_IN = [(name, preset) for name in list_experts() for preset in get_exp
 def test_the_families_copies_of_the_model_defaults_are_the_models():
     assert WAN_MODEL_DEFAULTS == constructor_defaults(WanTransformer3DModel)
     assert ACE_DEFAULTS == constructor_defaults(ACEStepTransformer2DModel)
+    assert ACE_15_DEFAULTS == constructor_defaults(AceStepTransformer1DModel)
 
 
 def test_wan_and_ace_step_offer_stand_ins_for_every_preset():
-    assert {n for n, _ in WITH_STAND_IN} >= {"wan2.1", "wan2.2-ti2v", "ace-step"}
+    assert {n for n, _ in WITH_STAND_IN} >= {"wan2.1", "wan2.2-ti2v", "ace-step", "ace-step-1.5"}
     assert ("wan2.1", "1.3b") in WITH_STAND_IN and ("ace-step", "3.5b") in WITH_STAND_IN
 
 
@@ -61,6 +64,9 @@ def test_differences_name_what_disagrees():
                          ids=lambda p: Path(p).stem)
 def test_inspect_prints_the_same_tables_with_stand_ins(recipe):
     cfg = load_recipe(recipe)
+    for side in ("a", "b"):  # the families that offer stand-ins do build them here (not silently the model)
+        e = cfg.experts[side]
+        assert (build_stand_in(cfg, side) is not None) == ((e.name, e.preset) in WITH_STAND_IN), side
     with_stand_ins = [table_to_json(t) for t in recipe_tables(cfg)]
     built = [table_to_json(t) for t in recipe_tables(load_recipe(recipe), stand_ins=False)]
     assert with_stand_ins == built
