@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AceStepTransformer1DModel, WanTransformer3DModel
+from diffusers import AceStepTransformer1DModel, StableAudioDiTModel, WanTransformer3DModel
 
 from soe import get_expert, list_experts
 from soe.builders import build_stand_in
@@ -19,6 +19,7 @@ from soe.connector import Connector
 from soe.experts.ace_step import MODEL_DEFAULTS as ACE_DEFAULTS
 from soe.experts.ace_step_15 import MODEL_DEFAULTS as ACE_15_DEFAULTS
 from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
+from soe.experts.stable_audio import STABLE_AUDIO_OPEN_1_0
 from soe.experts.wan import WAN_MODEL_DEFAULTS
 from soe.report import recipe_tables
 from soe.schema import ConnectorConfig
@@ -33,10 +34,11 @@ def test_the_families_copies_of_the_model_defaults_are_the_models():
     assert WAN_MODEL_DEFAULTS == constructor_defaults(WanTransformer3DModel)
     assert ACE_DEFAULTS == constructor_defaults(ACEStepTransformer2DModel)
     assert ACE_15_DEFAULTS == constructor_defaults(AceStepTransformer1DModel)
+    assert STABLE_AUDIO_OPEN_1_0 == constructor_defaults(StableAudioDiTModel)
 
 
-def test_wan_and_ace_step_offer_stand_ins_for_every_preset():
-    assert {n for n, _ in WITH_STAND_IN} >= {"wan2.1", "wan2.2-ti2v", "ace-step", "ace-step-1.5"}
+def test_every_builtin_family_offers_stand_ins_for_every_preset():
+    assert {n for n, _ in WITH_STAND_IN} >= {"wan2.1", "wan2.2-ti2v", "ace-step", "ace-step-1.5", "stable-audio-open"}
     assert ("wan2.1", "1.3b") in WITH_STAND_IN and ("ace-step", "3.5b") in WITH_STAND_IN
 
 
@@ -60,15 +62,26 @@ def test_differences_name_what_disagrees():
     assert any("block 0: parameter shapes differ" in f and "ffn.net.0.proj.weight" in f for f in found)
 
 
-@pytest.mark.parametrize("recipe", [*sorted(shipped_recipes().values()), ROOT / "tests" / "recipes" / "tiny.yaml"],
-                         ids=lambda p: Path(p).stem)
-def test_inspect_prints_the_same_tables_with_stand_ins(recipe):
-    cfg = load_recipe(recipe)
+TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
+VARIANTS = {  # beyond the shipped recipes: the other family, train modes, connector MLPs, depth and k/v injection
+    "stable-audio": (TINY, ["experts.b.name=stable-audio-open", "experts.b.train=full", "stitch.connector.mlp=swiglu"]),
+    "glu-frozen-depth": (TINY, ["experts.a.train=frozen", "stitch.connector.mlp=glu", "stitch.connector.pool=moments",
+                                "stitch.connector.input_norm=true", "stitch.depth.mode=insert_interpolated", "stitch.pairs=identity"]),
+    "universe1-full": (ROOT / "recipes" / "universe1.yaml", ["experts.a.train=full", "experts.b.lora.r=16",
+                                                               "experts.b.architecture.num_layers=20", "stitch.depth.every=null"]),
+}
+RECIPES = {**{p.stem: (p, []) for p in sorted(shipped_recipes().values())}, "tiny": (TINY, []), **VARIANTS}
+
+
+@pytest.mark.parametrize("case", RECIPES)
+def test_inspect_prints_the_same_tables_with_stand_ins(case):
+    recipe, overrides = RECIPES[case]
+    cfg = load_recipe(recipe, overrides)
     for side in ("a", "b"):  # the families that offer stand-ins do build them here (not silently the model)
         e = cfg.experts[side]
         assert (build_stand_in(cfg, side) is not None) == ((e.name, e.preset) in WITH_STAND_IN), side
     with_stand_ins = [table_to_json(t) for t in recipe_tables(cfg)]
-    built = [table_to_json(t) for t in recipe_tables(load_recipe(recipe), stand_ins=False)]
+    built = [table_to_json(t) for t in recipe_tables(load_recipe(recipe, overrides), stand_ins=False)]
     assert with_stand_ins == built
 
 
