@@ -1,10 +1,10 @@
 """A cache of what ``soe experts`` and ``soe inspect`` print, so that they answer in well under a second.
 
 Both commands print facts derived from code: the registered expert classes, and models built on the
-meta device. Importing torch alone takes 2-3 s of CPU, diffusers with it (peft, transformers,
-torch._dynamo) several more, so a listing that imports them cannot be fast. The first run of a command
-computes its tables as before and stores them as JSON; a later run with the same inputs reads them
-back without importing torch at all.
+meta device. A first run is already quick (``soe experts`` reads the plugins' torch-free descriptions,
+soe/listing.py; ``soe inspect`` builds shape-only stand-ins, soe/stand_in.py, and pays about the
+1.5-3 s of ``import torch``); it stores its tables as JSON, and a later run with the same inputs
+reads them back without importing torch at all.
 
 The cache key holds everything the tables derive from: the command's inputs (the fully resolved
 recipe, the ``config.json`` files its expert folders hold, the installed ``soe.experts`` entry points),

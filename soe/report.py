@@ -25,8 +25,8 @@ def num_params(module, trainable_only: bool = False) -> int:
 def experts_table(experts, details: bool = False) -> Table:
     """Name, modality, presets and model source of each expert: classes, or rows of ``soe.listing``
     (read without importing the plugins). ``details`` (classes only): also depth, width and tokens
-    per second of its first real-size preset, built on the meta device (imports the model libraries,
-    so ``soe experts`` leaves it to ``--details``)."""
+    per second of its first real-size preset, from the family's stand-in or else built on the meta
+    device (this imports the plugins and torch, so ``soe experts`` leaves it to ``--details``)."""
     from soe.listing import ExpertListing
 
     t = Table(title="registered experts")
@@ -40,8 +40,10 @@ def experts_table(experts, details: bool = False) -> Table:
             import torch
 
             preset = next((p for p in e.presets if p != "tiny"), "tiny")
-            with torch.device("meta"):
-                built = e.from_preset(preset, device="meta")
+            built = e.stand_in(dict(e.presets[preset]))  # equal in all three (soe/stand_in.py), no model library imported
+            if built is None:
+                with torch.device("meta"):
+                    built = e.from_preset(preset, device="meta")
             cells = [str(built.num_blocks), str(built.hidden_size), f"{built.token_rate:.2f}"]
         t.add_row(row.name, row.modality, *cells, ", ".join(row.presets), row.source, row.plugin)
     return t

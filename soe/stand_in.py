@@ -175,11 +175,12 @@ def _plain(v):
 
 def differences(stand_in: nn.Module, real: nn.Module) -> list[str]:
     """Where the stand-in expert ``stand_in`` differs from ``real`` (the same expert built on meta) in
-    anything ``soe inspect`` reads: depth, width, longest clip, config, parameter count, and each
+    anything ``soe inspect`` and ``soe experts --details`` read: depth, width, latent and token rates,
+    longest clip, config, parameter count, and each
     block's modules (names; linear, convolution and attention modules alike) and parameter shapes.
     Empty when they agree."""
     out = []
-    for what in ("num_blocks", "hidden_size", "latent_rate"):
+    for what in ("num_blocks", "hidden_size", "latent_rate", "token_rate"):
         mine, theirs = getattr(stand_in, what, None), getattr(real, what, None)
         if mine != theirs:
             out.append(f"{what}: stand-in {mine}, model {theirs}")

@@ -116,3 +116,19 @@ def test_a_first_inspect_of_universe1_imports_no_model_library():
 def test_a_first_listing_imports_no_torch_and_no_plugin():
     plugins = tuple(f"soe.experts.{m}" for m in ("wan", "wan22", "ace_step", "ace_step_15", "stable_audio"))
     assert _run(["experts", "--no-cache"], ("torch", "numpy", "soe.registry", *HEAVY, *plugins)) == []
+
+
+def test_the_contract_check_fails_on_a_stand_in_that_drifts():
+    from soe.experts.wan import WanExpert
+    from soe.testing import run_check
+
+    class DriftingStandIn(WanExpert):
+        presets = {"tiny": WanExpert.presets["tiny"]}
+
+        @classmethod
+        def stand_in(cls, config):
+            return super().stand_in({**config, "ffn_dim": config["ffn_dim"] * 2})
+
+    assert "stand-ins equal for tiny" in run_check("meta_presets", WanExpert).detail
+    result = run_check("meta_presets", DriftingStandIn)
+    assert not result.passed and "preset 'tiny': the stand-in differs from the model" in result.detail and "ffn_dim" in result.detail
