@@ -141,12 +141,12 @@ class AceStepV1Expert(Expert):
         return cls(model.eval(), **options)
 
     @classmethod
-    def stand_in(cls, config: dict, **options) -> "AceStepV1Expert":
+    def stand_in(cls, config: dict) -> "AceStepV1Expert":
         """ACE-Step v1's blocks from its config (soe/stand_in.py), without importing diffusers."""
         from soe.stand_in import Attention, Params, StandInModel, full_config, linear
 
         config = dict(config)
-        options = {**{k: config.pop(k) for k in OPTIONS if k in config}, **{k: v for k, v in options.items() if v is not None}}
+        options = {k: config.pop(k) for k in OPTIONS if k in config}
         c = full_config(MODEL_DEFAULTS, config, "ACEStepTransformer2DModel")
         heads, d = c["num_attention_heads"], c["num_attention_heads"] * c["attention_head_dim"]
         if c["inner_dim"] != d:  # as the model itself refuses

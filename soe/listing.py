@@ -3,15 +3,18 @@
 A plugin registers its class in the ``soe.experts`` entry-point group (``name = "module:Class"``,
 soe/registry.py). Importing that module imports torch and the model library, which costs seconds, so
 a plugin may also declare a short, torch-free description of the class under the same name in the
-``soe.experts.info`` group: an entry point that loads a plain dict
+``soe.experts.info`` group: an entry point that loads a plain dict of the class attributes
+``modality``, ``presets`` (its keys, in order) and ``source``::
 
-    # pyproject.toml                                   # my_pkg/info.py (imports nothing heavy)
-    [project.entry-points."soe.experts.info"]         TOY = {"modality": "audio", "presets": ["base", "tiny"],
-    my-expert = "my_pkg.info:TOY"                             "source": "my_pkg.ToyModel"}
+    # pyproject.toml
+    [project.entry-points."soe.experts.info"]
+    my-expert = "my_pkg.info:TOY"
 
-with the class attributes ``modality``, ``presets`` (its keys, in order) and ``source``. Experts
-without a description (or with one that is not such a dict) are listed from their class, as before:
-only slower. ``soe experts check NAME`` checks that the description equals the class
+    # my_pkg/info.py (imports nothing heavy, and neither does my_pkg/__init__.py)
+    TOY = {"modality": "audio", "presets": ["base", "tiny"], "source": "my_pkg.ToyModel"}
+
+Experts without a description (or with one that is not such a dict) are listed from their class, as
+before: only slower. ``soe experts check NAME`` checks that the description equals the class
 (``soe.testing``), so the two cannot drift apart unnoticed; soe's own descriptions are in
 ``soe/experts/info.py``. Classes registered at run time (``@register_expert``) are listed from the class.
 """
