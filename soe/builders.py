@@ -35,11 +35,13 @@ def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = T
 def build_stand_in(cfg: DictConfig, side: str) -> Expert | None:
     """The preset expert of ``side`` over its family's shape-only stand-in (``Expert.stand_in``), for
     ``soe inspect``; None when the family has none or the section does not build one (an unknown name,
-    preset or option: building the real expert then reports it as usual)."""
+    preset or option: building the real expert then reports it as usual). A stand-in has the model's
+    modules inside the blocks only, so a LoRA with its own ``targets`` (which may name modules outside
+    them) or from a file (``init_from``: the file names its modules) is counted on the real model."""
     try:
         e: ExpertConfig = build(ExpertConfig, cfg.experts[side], f"experts.{side}")
         cls = get_expert(e.name)
-        if e.preset not in cls.presets:
+        if e.preset not in cls.presets or (e.train == "lora" and (e.lora.targets is not None or e.lora.init_from is not None)):
             return None
         return cls.stand_in({**cls.presets[e.preset], **e.architecture, **e.options})
     except Exception:
