@@ -53,7 +53,7 @@ def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
     nn.Module.__init__(layer)
     layer.in_features, layer.out_features = in_features, out_features
     layer.weight = nn.Parameter(torch.empty(out_features, in_features, device="meta"))
-    layer.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
+    layer.register_parameter("bias", nn.Parameter(torch.empty(out_features, device="meta")) if bias else None)  # as nn.Linear does
     return layer
 
 
