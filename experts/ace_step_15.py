@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from diffusers import AceStepTransformer1DModel
 
 EXPERT_KEYS = ("sample_rate", "hop_length", "text_len")
+# AceStepTransformer1DModel's constructor arguments and their defaults (the stand-in fills them in as the
+# model does; tests/test_stand_in.py compares this copy with diffusers' signature).
+MODEL_DEFAULTS = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
+                      head_dim=128, in_channels=192, audio_acoustic_hidden_dim=64, patch_size=2, rope_theta=1000000.0,
+                      attention_bias=False, attention_dropout=0.0, rms_norm_eps=1e-6, sliding_window=128, layer_types=None,
+                      encoder_hidden_size=None, is_turbo=False, model_version=None)
 
 
 @register_expert
@@ -43,6 +49,40 @@ class AceStep15Expert(DiffusersExpert):
         from diffusers import AceStepTransformer1DModel  # here, not at import: listing experts imports no diffusers model
 
         return AceStepTransformer1DModel
+
+    @classmethod
+    def stand_in(cls, config: dict):
+        """ACE-Step 1.5's blocks from its config (soe/stand_in.py), without importing diffusers."""
+        from soe.stand_in import Attention, Params, StandInModel, full_config, linear
+
+        config = dict(config)
+        opts = {k: config.pop(k) for k in cls.expert_keys if k in config}
+        c = full_config(MODEL_DEFAULTS, config, "AceStepTransformer1DModel")
+        d, hd, bias, patch = c["hidden_size"], c["head_dim"], c["attention_bias"], c["patch_size"]
+        heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+
+        def attention():
+            return Attention(d, heads * hd, heads, kv_inner_dim=kv_heads * hd, bias=bias,
+                             norm_q=Params(weight=(hd,)), norm_k=Params(weight=(hd,)))
+
+        def block():
+            b = Params(scale_shift_table=(1, 6, d))
+            b.self_attn_norm, b.self_attn = Params(weight=(d,)), attention()
+            b.cross_attn_norm, b.cross_attn = Params(weight=(d,)), attention()
+            b.mlp_norm, b.mlp = Params(weight=(d,)), Params()
+            b.mlp.gate_proj, b.mlp.up_proj = linear(d, c["intermediate_size"], False), linear(d, c["intermediate_size"], False)
+            b.mlp.down_proj = linear(c["intermediate_size"], d, False)
+            return b
+
+        time_embed = 256 * d + d + d * d + d + d * 6 * d + 6 * d  # linear_1, linear_2, time_proj
+        outside = (c["in_channels"] * d * patch + d  # proj_in_conv
+                   + 2 * time_embed  # time_embed, time_embed_r
+                   + (c["encoder_hidden_size"] or d) * d + d  # condition_embedder
+                   + d  # norm_out
+                   + d * c["audio_acoustic_hidden_dim"] * patch + c["audio_acoustic_hidden_dim"]  # proj_out_conv
+                   + 2 * d)  # scale_shift_table
+        model = StandInModel(c, "layers", [block() for _ in range(c["num_hidden_layers"])], outside, patch_size=patch)
+        return cls(model, **opts)
 
     def __init__(self, model: AceStepTransformer1DModel, sample_rate: int = 48000, hop_length: int = 1920, text_len: int = 64):
         super().__init__(model)

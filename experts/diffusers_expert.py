@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from safetensors import safe_open
 
+from soe.errors import CheckpointNotFoundError
 from soe.expert import Expert
 
 
@@ -60,7 +61,7 @@ class DiffusersExpert(Expert):
     def _model_folder(cls, path: Path) -> Path:
         folder = path / cls.subfolder if (path / cls.subfolder / "config.json").is_file() else path
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"{cls.name}: no diffusers {cls.model_cls().__name__} at '{path}': "
                 f"expected '{path}/{cls.subfolder}/config.json' or '{path}/config.json'"
             )

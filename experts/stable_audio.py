@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import math
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from soe.experts.diffusers_expert import DiffusersExpert
@@ -64,6 +65,36 @@ class StableAudioExpert(DiffusersExpert):
                      num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=32, time_proj_dim=32,
                      global_states_input_dim=24, cross_attention_input_dim=16, text_len=6),
     }
+
+    @classmethod
+    def stand_in(cls, config: dict):
+        """Stable Audio Open's blocks from its config (soe/stand_in.py), without importing diffusers."""
+        from soe.stand_in import Attention, Params, StandInModel, full_config, linear
+
+        config = dict(config)
+        opts = {k: config.pop(k) for k in cls.expert_keys if k in config}
+        c = full_config({**STABLE_AUDIO_OPEN_1_0}, config, "StableAudioDiTModel")  # the release's config = the defaults
+        heads, hd, cross = c["num_attention_heads"], c["attention_head_dim"], c["cross_attention_dim"]
+        d, ff = heads * hd, 4 * heads * hd  # diffusers' FeedForward: 4x wide (SwiGLU: its input projection twice that)
+
+        def block():
+            b = Params()
+            b.norm1, b.attn1 = Params(weight=(d,), bias=(d,)), Attention(d, d, heads, bias=False)
+            b.norm2 = Params(weight=(d,), bias=(d,))
+            b.attn2 = Attention(d, d, heads, kv_dim=cross, kv_inner_dim=c["num_key_value_attention_heads"] * hd, bias=False)
+            b.norm3, b.ff = Params(weight=(d,), bias=(d,)), Params()
+            b.ff.net = nn.ModuleList([Params(), nn.Dropout(0.0), linear(ff, d)])
+            b.ff.net[0].proj, b.ff.net[0].activation = linear(d, 2 * ff), nn.SiLU()
+            return b
+
+        n_in, n_out, tp = c["in_channels"], c["out_channels"], c["time_proj_dim"]
+        outside = (tp // 2  # time_proj (a fixed Fourier table, stored as a parameter)
+                   + tp * d + d + d * d + d  # timestep_proj
+                   + c["global_states_input_dim"] * d + d * d  # global_proj
+                   + c["cross_attention_input_dim"] * cross + cross * cross  # cross_attention_proj
+                   + n_in * n_in + n_in * d + d * n_out + n_out * n_out)  # preprocess_conv, proj_in, proj_out, postprocess_conv
+        model = StandInModel(c, "transformer_blocks", [block() for _ in range(c["num_layers"])], outside, inner_dim=d)
+        return cls(model, **opts)
 
     @classmethod
     def model_cls(cls):

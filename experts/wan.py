@@ -6,9 +6,11 @@ frames per second; Wan's own default is 16 fps (pass ``fps=16``).
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from soe.experts.diffusers_expert import DiffusersExpert
@@ -21,6 +23,12 @@ if TYPE_CHECKING:
 _WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
                    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
 EXPERT_KEYS = ("fps", "height", "width", "text_len")  # expert options that are not model config
+# WanTransformer3DModel's constructor arguments and their defaults (the stand-in fills them in as the
+# model does; tests/test_stand_in.py compares this copy with diffusers' signature).
+WAN_MODEL_DEFAULTS = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                          text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                          qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+                          pos_embed_seq_len=None)
 
 
 @register_expert
@@ -50,6 +58,41 @@ class WanExpert(DiffusersExpert):
         from diffusers import WanTransformer3DModel  # here, not at import: listing experts imports no diffusers model
 
         return WanTransformer3DModel
+
+    @classmethod
+    def stand_in(cls, config: dict):
+        """Wan's blocks from its config (soe/stand_in.py); None for the image-conditioned variants
+        (``image_dim``, ``added_kv_proj_dim``, ``pos_embed_seq_len``), which are built instead."""
+        from soe.stand_in import Attention, Params, StandInModel, full_config, linear
+
+        config = dict(config)
+        opts = {k: config.pop(k) for k in cls.expert_keys if k in config}
+        c = full_config(WAN_MODEL_DEFAULTS, config, "WanTransformer3DModel")
+        if any(c[k] is not None for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")):
+            return None
+        d, heads, patch = c["num_attention_heads"] * c["attention_head_dim"], c["num_attention_heads"], math.prod(c["patch_size"])
+        out = c["out_channels"] or c["in_channels"]
+
+        def attention():
+            return Attention(d, d, heads, norm_q=Params(weight=(d,)), norm_k=Params(weight=(d,)))
+
+        def block():
+            b = Params(scale_shift_table=(1, 6, d))
+            b.norm1, b.attn1, b.attn2 = Params(), attention(), attention()
+            b.norm2 = Params(weight=(d,), bias=(d,)) if c["cross_attn_norm"] else nn.Identity()
+            b.ffn = Params()
+            b.ffn.net = nn.ModuleList([Params(), nn.Dropout(0.0), linear(c["ffn_dim"], d)])
+            b.ffn.net[0].proj = linear(d, c["ffn_dim"])
+            b.norm3 = Params()
+            return b
+
+        outside = (c["in_channels"] * d * patch + d  # patch_embedding (Conv3d)
+                   + c["freq_dim"] * d + d + d * d + d  # condition_embedder.time_embedder
+                   + d * 6 * d + 6 * d  # condition_embedder.time_proj
+                   + c["text_dim"] * d + d + d * d + d  # condition_embedder.text_embedder
+                   + d * out * patch + out * patch  # proj_out
+                   + 2 * d)  # scale_shift_table
+        return cls(StandInModel(c, "blocks", [block() for _ in range(c["num_layers"])], outside), **opts)
 
     def __init__(self, model: WanTransformer3DModel, fps: float = 25.0, height: int = 480, width: int = 832, text_len: int = 512):
         super().__init__(model)

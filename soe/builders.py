@@ -11,7 +11,7 @@ import dataclasses
 import torch
 from omegaconf import DictConfig
 
-from soe.errors import CheckpointError, SoeError, one_line, without_loader_advice
+from soe.errors import CheckpointError, CheckpointNotFoundError, SoeError, one_line, without_loader_advice
 from soe.expert import Expert
 from soe.registry import get_expert
 from soe.schema import (ExpertConfig, OptimConfig, Recipe, RecipeError, SampleConfig, SamplerConfig, StitchConfig, build)
@@ -32,6 +32,22 @@ def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = T
     return _build_expert(cfg, side, device, load_weights)[0]
 
 
+def build_stand_in(cfg: DictConfig, side: str) -> Expert | None:
+    """The preset expert of ``side`` over its family's shape-only stand-in (``Expert.stand_in``), for
+    ``soe inspect``; None when the family has none or the section does not build one (an unknown name,
+    preset or option: building the real expert then reports it as usual). A stand-in has the model's
+    modules inside the blocks only, so a LoRA with its own ``targets`` (which may name modules outside
+    them) or from a file (``init_from``: the file names its modules) is counted on the real model."""
+    try:
+        e: ExpertConfig = build(ExpertConfig, cfg.experts[side], f"experts.{side}")
+        cls = get_expert(e.name)
+        if e.preset not in cls.presets or (e.train == "lora" and (e.lora.targets is not None or e.lora.init_from is not None)):
+            return None
+        return cls.stand_in({**cls.presets[e.preset], **e.architecture, **e.options})
+    except Exception:
+        return None
+
+
 def _build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = True, empty: bool = False):
     """``(expert, weights)``; with ``empty`` (FSDP2) an expert from ``path`` whose family offers
     ``load_empty`` has its parameters on the meta device and ``weights`` reads its files lazily."""
@@ -47,9 +63,9 @@ def _build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = 
             expert = cls.load(e.path, dtype=e.dtype.torch, device=device, **e.options)
         else:
             expert = cls.from_preset(e.preset, device=device, dtype=e.dtype.torch, **e.architecture, **e.options)
-    except SoeError:
-        raise
     except Exception as err:
+        if isinstance(err, SoeError) and not (from_path and isinstance(err, CheckpointNotFoundError)):
+            raise  # a missing checkpoint is reported below, under its recipe key
         if isinstance(err, TypeError) and (not from_path or "argument" in str(err)):  # an option the expert or model does not take
             model_key = not from_path and any(f"'{k}'" in str(err) for k in e.architecture)
             raise RecipeError(f"experts.{side}.{'architecture' if model_key else 'options'}: {err}") from None

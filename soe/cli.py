@@ -28,10 +28,17 @@ def _cmd_experts(args) -> int:
     key = None if args.details or args.no_cache else cli_cache.experts_key()
     tables = cli_cache.load(key)  # a repeated listing imports no torch (soe/cli_cache.py)
     if tables is None:
-        from soe.registry import get_expert, list_experts
         from soe.report import experts_table
 
-        tables = [experts_table([get_expert(n) for n in list_experts()], details=args.details)]
+        if args.details:  # built on meta: the classes themselves
+            from soe.registry import get_expert, list_experts
+
+            rows = [get_expert(n) for n in list_experts()]
+        else:  # the plugins' torch-free descriptions where they declare one (soe/listing.py)
+            from soe.listing import listings
+
+            rows = listings()
+        tables = [experts_table(rows, details=args.details)]
         cli_cache.save(key, tables)
     print_tables(tables)
     return 0

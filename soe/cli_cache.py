@@ -1,10 +1,10 @@
 """A cache of what ``soe experts`` and ``soe inspect`` print, so that they answer in well under a second.
 
 Both commands print facts derived from code: the registered expert classes, and models built on the
-meta device. Importing torch alone takes 2-3 s of CPU, diffusers with it (peft, transformers,
-torch._dynamo) several more, so a listing that imports them cannot be fast. The first run of a command
-computes its tables as before and stores them as JSON; a later run with the same inputs reads them
-back without importing torch at all.
+meta device. A first run is already quick (``soe experts`` reads the plugins' torch-free descriptions,
+soe/listing.py; ``soe inspect`` builds shape-only stand-ins, soe/stand_in.py, and pays about the
+1.5-3 s of ``import torch``); it stores its tables as JSON, and a later run with the same inputs
+reads them back without importing torch at all.
 
 The cache key holds everything the tables derive from: the command's inputs (the fully resolved
 recipe, the ``config.json`` files its expert folders hold, the installed ``soe.experts`` entry points),
@@ -74,10 +74,10 @@ def code_fingerprint(plugin_modules=()) -> dict:
     return {"python": sys.version, "libraries": _versions(LIBRARIES), "source": digest.hexdigest()}
 
 
-def expert_entry_points() -> dict[str, dict]:
-    """The installed ``soe.experts`` entry points: name -> target and providing distribution."""
+def expert_entry_points(group: str = "soe.experts") -> dict[str, dict]:
+    """The installed ``soe.experts`` (or ``soe.experts.info``) entry points: name -> target and providing distribution."""
     out = {}
-    for ep in entry_points(group="soe.experts"):
+    for ep in entry_points(group=group):
         dist = getattr(ep, "dist", None)
         out[ep.name] = {"value": ep.value, "dist": f"{dist.name} {dist.version}" if dist is not None else None}
     return out
@@ -88,7 +88,8 @@ def experts_key() -> str | None:
     eps = expert_entry_points()
     if any(name not in eps or cls is not _loaded(eps, name) for name, cls in _runtime_registry().items()):
         return None
-    return _hash({"command": "experts", "entry_points": eps, "code": code_fingerprint(e["value"].split(":")[0] for e in eps.values())})
+    return _hash({"command": "experts", "entry_points": eps, "info": expert_entry_points("soe.experts.info"),
+                  "code": code_fingerprint(e["value"].split(":")[0] for e in eps.values())})
 
 
 def recipe_key(cfg) -> str | None:

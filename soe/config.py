@@ -9,6 +9,7 @@ message names the key and what was expected.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def shipped_recipes() -> dict[str, Path]:
 
 def find_recipe(path) -> Path:
     """``path`` itself when it is a file, else a shipped recipe named ``path`` (``demo`` or ``demo.yaml``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise RecipeError(f"recipe: expected a YAML file path or the name of a shipped recipe (or the DictConfig that "
+                          f"soe.config.load_recipe returns), got a {type(path).__name__}")
     path = Path(path)
     if path.is_file():
         return path

@@ -9,15 +9,26 @@ freshly stitched model reproduces both experts exactly.
 from __future__ import annotations
 
 import torch
-from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import nn
 
 from soe.align import MOMENT_SLOTS, broadcast_to_grid, pool_steps, resample_time
 from soe.expert import TokenLayout
 from soe.schema.stitch import Activation, ConnectorConfig, ConnectorMlp
 
-# the names are declared once, in soe.schema.stitch (ConnectorMlp, Activation): these map them to timm/torch
-MLP_TYPES = {ConnectorMlp.mlp: Mlp, ConnectorMlp.glu: GluMlp, ConnectorMlp.swiglu: SwiGLU}
+
+def mlp_type(kind: ConnectorMlp) -> type[nn.Module]:
+    """timm's MLP for ``kind`` (the names are declared once, in soe.schema.stitch). timm is imported
+    here, not with this module: its import pulls in torchvision and torch's compiler (~1.5 s), which
+    ``soe inspect`` does without (it builds shape-only stand-ins, soe/stand_in.py)."""
+    from soe.stand_in import MLP_STAND_INS, is_shapes_only
+
+    if is_shapes_only():
+        return MLP_STAND_INS[ConnectorMlp(kind).value]
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    return {ConnectorMlp.mlp: Mlp, ConnectorMlp.glu: GluMlp, ConnectorMlp.swiglu: SwiGLU}[kind]
+
+
 ACTIVATIONS = {Activation.silu: nn.SiLU, Activation.gelu: nn.GELU, Activation.gelu_tanh: lambda: nn.GELU(approximate="tanh"),
                Activation.relu: nn.ReLU}
 
@@ -31,7 +42,7 @@ class Connector(nn.Module):
         self.src_dim, self.dst_dim, self.resample, self.pool = src_dim, dst_dim, spec.resample, spec.pool
         self.in_width = width = src_dim * (MOMENT_SLOTS if spec.pool == "moments" else 1)  # what the MLP reads
         self.norm = nn.LayerNorm(width, device=device, dtype=dtype) if spec.input_norm else nn.Identity()
-        self.mlp = MLP_TYPES[spec.mlp](
+        self.mlp = mlp_type(spec.mlp)(
             in_features=width,
             hidden_features=spec.hidden_size(src_dim, dst_dim),
             out_features=dst_dim,

@@ -47,6 +47,8 @@ def _compare(got: torch.Tensor, ref: torch.Tensor, what: str, rtol: float, atol:
 
 # ---- the checks ----------------------------------------------------------------------------------
 def check_attributes(s: _Subject) -> str:
+    from soe.listing import declared_info, info_dict
+
     cls = s.cls
     missing = [a for a in ("name", "modality") if not getattr(cls, a, "")]
     if missing:
@@ -63,7 +65,16 @@ def check_attributes(s: _Subject) -> str:
     if tuple(b["latents"].shape) != tuple(e.latent_shape(2, 1.0)):
         raise ContractFailure(f"dummy_batch latents {tuple(b['latents'].shape)} != latent_shape(2, 1.0) {tuple(e.latent_shape(2, 1.0))}")
     n_params = sum(p.numel() for p in e.parameters())
+    listed = declared_info(cls.name)  # what `soe experts` lists without importing the class (soe/listing.py)
+    if listed is not None and _entry_point_class(cls.name) is cls and info_dict(cls) != info_dict(listed):
+        raise ContractFailure(f"the soe.experts.info description {info_dict(listed)} differs from the class: {info_dict(cls)}")
     return f"{cls.name!r} ({cls.modality}), {e.num_blocks} blocks, width {e.hidden_size}, tiny has {n_params:,} parameters"
+
+
+def _entry_point_class(name: str):
+    from soe.registry import _entry_points, get_expert
+
+    return get_expert(name) if name in _entry_points() else None
 
 
 def check_split_forward(s: _Subject) -> str:
@@ -178,7 +189,9 @@ def check_zero_init_stitch(s: _Subject, partner: str | None = "auto") -> str:
 
 
 def check_meta_presets(s: _Subject) -> str:
-    sizes = []
+    from soe.stand_in import differences
+
+    sizes, stand_ins = [], []
     for preset in s.cls.presets:
         with torch.device("meta"):
             e = s.cls.from_preset(preset, device="meta")
@@ -187,10 +200,16 @@ def check_meta_presets(s: _Subject) -> str:
             raise ContractFailure(f"preset {preset!r} allocated real memory for {len(real)} tensors, e.g. {real[0]}")
         if not e.num_blocks or e.num_blocks != len(e.blocks):
             raise ContractFailure(f"preset {preset!r}: num_blocks {e.num_blocks}, len(blocks) {len(e.blocks)}")
+        stand_in = s.cls.stand_in(dict(s.cls.presets[preset]))  # what `soe inspect` builds instead (soe/stand_in.py)
+        if stand_in is not None:
+            wrong = differences(stand_in, e)
+            if wrong:
+                raise ContractFailure(f"preset {preset!r}: the stand-in differs from the model: {'; '.join(wrong)}")
+            stand_ins.append(preset)
         sizes.append(f"{preset}: {sum(p.numel() for p in e.parameters()):,}")
     if not sizes:
         raise ContractFailure("the class declares no presets")
-    return "parameters on meta: " + ", ".join(sizes)
+    return "parameters on meta: " + ", ".join(sizes) + (f"; stand-ins equal for {', '.join(stand_ins)}" if stand_ins else "")
 
 
 def check_save_load(s: _Subject) -> str:

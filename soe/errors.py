@@ -18,6 +18,14 @@ class CheckpointError(SoeError, ValueError):
     """A checkpoint folder or file that cannot be used: missing, truncated, wrong shapes, dtypes or keys."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected (``Expert.load`` of a missing folder); names the files looked for."""
+
+
+class UnstitchedError(SoeError, RuntimeError):
+    """A Stitcher called after ``unstitch()`` (its hooks are gone): ``restitch()`` it first."""
+
+
 class DataError(SoeError, ValueError):
     """Training data that cannot form the requested batches."""
 

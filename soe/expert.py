@@ -132,6 +132,15 @@ class Expert(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def stand_in(cls, config: dict) -> "Expert | None":
+        """This expert over a shape-only stand-in of its model (soe/stand_in.py), from the same ``config``
+        as ``from_config``, built without importing the model's library: what ``soe inspect`` shows
+        (blocks, widths, parameter counts, the hooks a stitch puts on them) in a fraction of a second.
+        It must equal the model built on meta in all of that (``soe experts check``: ``meta_presets``).
+        None (the default): no stand-in, ``soe inspect`` builds the model on the meta device."""
+        return None
+
+    @classmethod
     def from_preset(cls, preset: str, device=None, dtype=None, **overrides) -> "Expert":
         if preset not in cls.presets:
             raise KeyError(f"expert '{cls.name}' has no preset '{preset}'; known presets: {sorted(cls.presets)}")

@@ -1,6 +1,7 @@
 """Rich tables that show what was built: experts, block pairs, connector shapes, parameter counts."""
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -21,24 +22,30 @@ def num_params(module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def experts_table(classes, details: bool = False) -> Table:
-    """Name, modality, presets and model source of each expert class. ``details``: also depth, width
-    and tokens per second of its first real-size preset, built on the meta device (imports the model
-    libraries, so ``soe experts`` leaves it to ``--details``)."""
+def experts_table(experts, details: bool = False) -> Table:
+    """Name, modality, presets and model source of each expert: classes, or rows of ``soe.listing``
+    (read without importing the plugins). ``details`` (classes only): also depth, width and tokens
+    per second of its first real-size preset, from the family's stand-in or else built on the meta
+    device (this imports the plugins and torch, so ``soe experts`` leaves it to ``--details``)."""
+    from soe.listing import ExpertListing
+
     t = Table(title="registered experts")
     detail_cols = ("blocks", "hidden", "tokens/s") if details else ()
     for col in ("name", "modality", *detail_cols, "presets", "source", "plugin"):
         t.add_column(col, no_wrap=col != "presets")
-    for cls in classes:
+    for e in experts:
+        row = e if isinstance(e, ExpertListing) else ExpertListing.of_class(e)
         cells = []
         if details:
             import torch
 
-            preset = next((p for p in cls.presets if p != "tiny"), "tiny")
-            with torch.device("meta"):
-                e = cls.from_preset(preset, device="meta")
-            cells = [str(e.num_blocks), str(e.hidden_size), f"{e.token_rate:.2f}"]
-        t.add_row(cls.name, cls.modality, *cells, ", ".join(cls.presets), cls.source, cls.__module__)
+            preset = next((p for p in e.presets if p != "tiny"), "tiny")
+            built = e.stand_in(dict(e.presets[preset]))  # equal in all three (soe/stand_in.py), no model library imported
+            if built is None:
+                with torch.device("meta"):
+                    built = e.from_preset(preset, device="meta")
+            cells = [str(built.num_blocks), str(built.hidden_size), f"{built.token_rate:.2f}"]
+        t.add_row(row.name, row.modality, *cells, ", ".join(row.presets), row.source, row.plugin)
     return t
 
 
@@ -117,16 +124,20 @@ def hooks_table(st: Stitcher) -> Table:
     return t
 
 
-def recipe_tables(cfg) -> list[Table]:
+def recipe_tables(cfg, stand_ins: bool = True) -> list[Table]:
     """What ``soe inspect`` shows for a recipe: validated, then built on the meta device (shapes, no
-    weights or memory), LoRA parameters counted from the targeted modules' shapes."""
+    weights or memory), LoRA parameters counted from the targeted modules' shapes. ``stand_ins``: each
+    expert whose family offers a shape-only stand-in (``Expert.stand_in``, soe/stand_in.py) is built as
+    one, without importing its model library; the tables are the same (tests/test_stand_in.py)."""
     import torch
 
-    from soe.builders import build_stitcher, count_training_setup
+    from soe.builders import build_stand_in, build_stitcher, count_training_setup
     from soe.config import validate_recipe
+    from soe.stand_in import shapes_only
 
-    experts = validate_recipe(cfg, check_paths=False)  # the experts it built on meta: not built twice
-    with torch.device("meta"):
+    given = {side: build_stand_in(cfg, side) for side in ("a", "b")} if stand_ins else {}
+    experts = validate_recipe(cfg, check_paths=False, experts=given)  # the experts it built on meta: not built twice
+    with torch.device("meta"), shapes_only() if stand_ins else contextlib.nullcontext():
         st = build_stitcher(cfg, device="meta", load_weights=False, experts=experts)
         lora = count_training_setup(st, cfg)
     return [*stitch_tables(st, lora), hooks_table(st)]

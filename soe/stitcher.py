@@ -20,7 +20,7 @@ from soe.align import Pairs, resolve_depth_map
 from soe.batch_check import check_batches
 from soe.connector import Connector
 from soe.depth import expand_stacks
-from soe.errors import UsageError
+from soe.errors import UnstitchedError, UsageError
 from soe.expert import Batch, Expert
 from soe.hook_engine import HookEngine
 from soe.lockstep import Fusion, LockstepEngine
@@ -147,7 +147,8 @@ class Stitcher(nn.Module):
         input for that sample (the unconditional half of a batched CFG call).
         """
         if not self._stitched:
-            raise RuntimeError("this Stitcher was unstitched; call restitch() or build a new one to run the experts together")
+            raise UnstitchedError("Stitcher: called after unstitch() (its hooks were removed); call restitch() first, "
+                                  "or build a new Stitcher, to run the experts together")
         check_batches(self.a, self.b, batch_a, batch_b)
         return self._engine.run(batch_a, batch_b, source_mask)
 

@@ -134,6 +134,17 @@ def test_encode_fails_when_no_window_was_encoded(tmp_path, capsys, what):
     err = captured.err.strip()
     assert err.startswith("error: soe encode: no window was encoded") and len(err.splitlines()) == 1, err
     assert "train with data.kind=latents" not in captured.out
+    assert not (tmp_path / "cache").exists()  # nothing left behind: no empty cache, no encode_report.json
+
+
+def test_a_failed_encode_into_an_existing_folder_removes_only_what_it_wrote(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "cache"
+    src.mkdir()
+    (out / "old").mkdir(parents=True)
+    (out / "old" / "notes.txt").write_text("kept")
+    assert main(["encode", str(TINY), str(src), "--out", str(out)]) == 2
+    assert "no video files found" in capsys.readouterr().err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["old", "old/notes.txt"]
 
 
 # ---- threads -----------------------------------------------------------------------------------

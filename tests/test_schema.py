@@ -78,19 +78,26 @@ def test_the_stitcher_takes_the_recipe_dataclass():
     assert OmegaConf.get_type(cfg.stitch.connector) is ConnectorConfig  # one class: the schema node and the code's option
 
 
-def test_inspect_builds_each_expert_once(monkeypatch, capsys):
-    """`soe inspect` reuses the experts validation built on the meta device to learn their depth."""
+@pytest.mark.parametrize("stand_ins", [True, False])
+def test_inspect_builds_each_expert_once(monkeypatch, capsys, stand_ins):
+    """`soe inspect` reuses the experts validation built (shape-only stand-ins, soe/stand_in.py, or
+    models on the meta device for families without one) to learn their depth."""
+    from soe.expert import Expert
     from soe.registry import get_expert
 
     cfg = load_recipe(TINY)
     calls = []
     for side in ("a", "b"):
         cls = get_expert(cfg.experts[side].name)
-        original = cls.from_preset.__func__
-        monkeypatch.setattr(cls, "from_preset", classmethod(lambda c, *a, _f=original, **k: calls.append(c.name) or _f(c, *a, **k)))
-    assert main(["inspect", str(TINY)]) == 0
+        for how in ("from_preset", "stand_in"):
+            original = getattr(cls, how).__func__ if how == "from_preset" or stand_ins else Expert.stand_in.__func__
+            monkeypatch.setattr(cls, how, classmethod(lambda c, *a, _f=original, _h=how, **k: calls.append((_h, c.name)) or _f(c, *a, **k)))
+    assert main(["inspect", str(TINY), "--no-cache"]) == 0
     assert "block pairs" in capsys.readouterr().out
-    assert sorted(calls) == sorted([cfg.experts.a.name, cfg.experts.b.name]), calls
+    built = [("stand_in", n) for n in (cfg.experts.a.name, cfg.experts.b.name)]
+    if not stand_ins:  # the families offer none: each is asked once, then built once
+        built += [("from_preset", n) for n in (cfg.experts.a.name, cfg.experts.b.name)]
+    assert sorted(calls) == sorted(built), calls
 
 
 def test_two_attention_targets_joining_one_pre_norm_is_one_recipe_line(capsys):

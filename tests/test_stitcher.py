@@ -91,7 +91,7 @@ def test_unstitch_restores_native_outputs_and_keys():
         assert all(len(blk._forward_hooks) == 0 for blk in (*a.blocks, *b.blocks))
         assert torch.equal(a(ba), ref_a) and torch.equal(b(bb), ref_b)
         assert list(a.state_dict()) == keys_a and list(b.state_dict()) == keys_b
-    with pytest.raises(RuntimeError, match="unstitched"):
+    with pytest.raises(RuntimeError, match="unstitch"):
         st(ba, bb)
 
 

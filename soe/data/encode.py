@@ -327,17 +327,32 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
     if workers < 0:
         raise UsageError(f"soe encode: --workers must be >= 0, got {workers}")
     configure_threads(cfg.trainer.threads)
+    new_root = next((p for p in reversed([Path(out), *Path(out).parents]) if not p.exists()), None)  # made by this run
+    before = set(Path(out).rglob("*")) if new_root is None else set()
     report = encode_folder(cfg, src, out, settings, workers=workers, console=console, shard=part)
     if part[1] == 1 and report.windows_new + report.windows_cached == 0:  # nothing to train on: say why, exit non-zero
+        _remove_new(Path(out), new_root, before)  # and leave nothing behind (no empty cache, no report)
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.by_reason.items())) or "no video files found"
-        raise DataError(f"soe encode: no window was encoded from '{src}' ({report.clips} clip(s) found; skipped: {reasons}; "
-                        f"details in {Path(out) / 'encode_report.json'})")
+        raise DataError(f"soe encode: no window was encoded from '{src}' ({report.clips} clip(s) found; skipped: {reasons})")
     console.print(report.table())
     if report.merged:
         console.print(f"latent cache: [bold]{out}[/] (train with data.kind=latents data.path={out})")
     else:
         console.print(f"shard {part[0]}/{part[1]} of [bold]{out}[/] done; the last shard to finish merges the cache")
     return report
+
+
+def _remove_new(out: Path, new_root: Path | None, before: set[Path]) -> None:
+    """Remove what an encode run wrote: the folder it created (``new_root``), else the paths under
+    ``out`` that were not there ``before``."""
+    if new_root is not None:
+        shutil.rmtree(new_root, ignore_errors=True)
+        return
+    for p in sorted(set(out.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):  # files before their folders
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
