@@ -40,6 +40,7 @@ from soe.schema import SamplerConfig  # noqa: E402
 from soe.data.datamodule import SyntheticAVDataModule  # noqa: E402
 from soe.train.run import run_training  # noqa: E402
 from soe.train.single import pretrain_expert  # noqa: E402
+from soe.train.sync_eval import held_out  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # pretrain steps, stitch steps, eval clips, sampling steps, training clips, curve: checkpoint every / clips
@@ -80,14 +81,6 @@ def pretrain(out: Path, size: dict, seed: int, reuse: bool, quick: bool, console
         pretrain_expert(experts[side], data, side, size["pretrain"], lr=pre.optim.lr, warmup_steps=pre.optim.warmup_steps,
                         schedule=pre.optim.schedule, seed=seed, accelerator="cpu")
         experts[side].save(out / name)
-
-
-def held_out(alone: dict, seconds: float, n: int, seed: int):
-    data = SyntheticAVDataModule(alone, seconds=seconds, num_clips=n, batch_size=1, seed=seed + 10_000)
-    clips = [data.make_clip(i) for i in range(n)]
-    cond = {s: {k: torch.stack([c[s][k] for c in clips]) for k in clips[0][s] if k != "latents"} for s in ("a", "b")}
-    truth = {s: torch.stack([c[s]["latents"] for c in clips]) for s in ("a", "b")}
-    return cond, truth
 
 
 def curve(stitcher, run_dir: Path, alone, cond, truth, seconds, settings, tol) -> list[dict]:
