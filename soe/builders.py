@@ -63,22 +63,28 @@ def _build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = 
     return expert, weights
 
 
-def build_stitcher_to_shard(cfg: DictConfig) -> tuple[Stitcher, dict]:
-    """The Stitcher for FSDP2, and ``{side: FolderWeights}``: each expert with a ``path`` (and a family
-    that offers ``load_empty``) has its parameters on the meta device, to be loaded shard by shard by
-    ``StitchModule.configure_model``; preset experts and connectors are built as ``build_stitcher``
-    builds them. Inserted blocks and k/v injection start from the experts' weights: such stitches,
-    like families without ``load_empty``, are built whole."""
+def build_stitcher_to_shard(cfg: DictConfig):
+    """The Stitcher for FSDP2 and a ``soe.train.sharding.ShardPlan`` of what waits on the meta device
+    for ``StitchModule.configure_model``: each expert with a ``path`` (and a family that offers
+    ``load_empty``), read shard by shard from its files, and every connector, drawn again there from
+    the RNG state recorded here (so its values equal :func:`build_stitcher`'s). Pass the plan to
+    :func:`apply_training_setup` to leave the LoRA adapters on the meta device too. Preset experts
+    are built whole (their random weights are drawn as one model); inserted blocks and k/v injection
+    start from the experts' weights: such stitches, like families without ``load_empty``, are built
+    whole (an empty plan)."""
+    from soe.train.sharding import ShardPlan
+
     s: StitchConfig = build(StitchConfig, cfg.stitch, "stitch")
     if s.depth.mode != "none" or s.inject:
-        return build_stitcher(cfg), {}
-    built, weights = {}, {}
+        return build_stitcher(cfg), ShardPlan()
+    built, plan = {}, ShardPlan()
     for side in ("a", "b"):
         built[side], w = _build_expert(cfg, side, empty=True)
         if w is not None:
-            weights[side] = w
+            plan.weights[side] = w
             built[side]._execution_device = torch.device("cpu")  # until its shards load: batches are made on the host
-    return build_stitcher(cfg, device="cpu", experts=built), weights
+    plan.rng_state = torch.get_rng_state()  # where build_stitcher draws the connectors
+    return build_stitcher(cfg, device="meta", experts=built), plan
 
 
 def build_stitcher(cfg: DictConfig, device=None, load_weights: bool = True, experts: dict | None = None) -> Stitcher:
@@ -117,16 +123,20 @@ def build_text_encoder(cfg: DictConfig, side: str, expert: Expert, device=None):
 
 
 # ---- training ------------------------------------------------------------------------------------
-def apply_training_setup(stitcher: Stitcher, cfg: DictConfig, adapters_on=None) -> dict[str, list[str]]:
+def apply_training_setup(stitcher: Stitcher, cfg: DictConfig, plan=None) -> dict[str, list[str]]:
     """``experts.{a,b}.train`` / ``lora``: LoRA, full or frozen per expert; connectors (and inserted
     blocks, new k/v projections) always train. Returns the LoRA target modules per side.
-    ``adapters_on``: a device for real LoRA adapters on experts waiting on meta (see ``soe.lora.add_lora``)."""
+    ``plan`` (FSDP2, from :func:`build_stitcher_to_shard`): LoRA adapters are left on the meta device
+    and noted in the plan, to be drawn after the connectors when the Stitcher is sharded."""
     from soe.lora import set_trainable
 
+    defer = plan is not None and plan.rng_state is not None
     targets = {}
     for side in ("a", "b"):
         e: ExpertConfig = build(ExpertConfig, cfg.experts[side], f"experts.{side}")
-        targets[side] = set_trainable(getattr(stitcher, side), e.train, e.lora, where=f"experts.{side}", adapters_on=adapters_on)
+        targets[side] = set_trainable(getattr(stitcher, side), e.train, e.lora, where=f"experts.{side}", defer=defer)
+        if defer and e.train == "lora":
+            plan.lora[side] = e.lora
     _train_stitch(stitcher)
     return targets
 

@@ -120,14 +120,14 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
                 console.print(f"resume: {key} {old!r} -> {new!r}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.strategy == "fsdp2":  # experts from files stay on the meta device until configure_model shards them
-        stitcher, weights = build_stitcher_to_shard(cfg)
+        stitcher, plan = build_stitcher_to_shard(cfg)
     else:
-        stitcher, weights = build_stitcher(cfg), {}
-    apply_training_setup(stitcher, cfg, adapters_on="cpu" if weights else None)
+        stitcher, plan = build_stitcher(cfg), None
+    apply_training_setup(stitcher, cfg, plan=plan)
     apply_storage_dtypes(stitcher, cfg)  # experts.<side>.storage_dtype: frozen weights in fp8
     stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training
     module = StitchModule(stitcher, build_objective(cfg, stitcher), build_optim(cfg), max_steps=cfg.trainer.max_steps,
-                          on_nonfinite=cfg.trainer.on_nonfinite, weights=weights)
+                          on_nonfinite=cfg.trainer.on_nonfinite, plan=plan)
     if resume_from:  # a bad checkpoint fails here, before Lightning's loggers touch the run folder
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}

@@ -1,11 +1,18 @@
-"""FSDP2 (torch ``fully_shard``, through Lightning's ModelParallelStrategy): shard the Stitcher, then
-load the experts that were built on the meta device one block at a time, each rank filling only its
-own shard from the expert's weight files.
+"""FSDP2 (torch ``fully_shard``, through Lightning's ModelParallelStrategy): what
+``soe.builders.build_stitcher_to_shard`` left on the meta device is filled in here, each rank keeping
+only its own shard:
+
+* connectors and LoRA adapters are drawn again, one module at a time, from the global RNG state the
+  build recorded and in the order an eager build draws them, so their values equal a single-process
+  build's bit for bit; each connector is sharded before the next is drawn;
+* the experts' weights are read from their files one block at a time, each rank reading only its rows.
 
 Host memory per rank is then the shards plus one block's tensors in flight, instead of every expert
 whole on every rank before sharding (``benchmarks/fsdp_host_memory.py`` measures both).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,9 +23,69 @@ from soe.errors import CheckpointError
 from soe.weights import FolderWeights
 
 
+@dataclass
+class ShardPlan:
+    """What ``StitchModule.configure_model`` fills in after the Stitcher is sharded.
+
+    ``rng_state``: the global CPU RNG where an eager build would draw the connectors (they, and
+    the LoRA adapters of ``lora``, were built on the meta device). ``weights``: ``{side:
+    FolderWeights}`` of experts on the meta device. ``lora``: ``{side: LoraConfig}`` whose adapters
+    wait on the meta device (``soe.builders.apply_training_setup(..., plan=)``)."""
+
+    rng_state: torch.Tensor | None = None
+    weights: dict[str, FolderWeights] = field(default_factory=dict)
+    lora: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.rng_state is not None or bool(self.weights)
+
+
+def materialise(stitcher, plan: ShardPlan, mesh) -> None:
+    """Everything ``plan`` left on the meta device, each rank keeping its shard (module docstring)."""
+    if plan.rng_state is not None:
+        from soe.lora import materialise_adapters
+
+        outside = torch.get_rng_state()
+        torch.set_rng_state(plan.rng_state)
+        try:
+            draw_connectors(stitcher, mesh)
+            for side, spec in plan.lora.items():  # LoRA drew after the connectors, a then b
+                materialise_adapters(getattr(stitcher, side), spec, "cpu", f"experts.{side}.lora")
+        finally:
+            torch.set_rng_state(outside)  # what the rest of the run draws does not depend on the mesh
+    shard_stitcher(stitcher, mesh)
+    for side, weights in plan.weights.items():
+        load_shards(getattr(stitcher, side), weights, side)
+
+
+def draw_connectors(stitcher, mesh=None) -> int:
+    """Build each connector again on the host in ``Stitcher.connector_plan`` order (the draws of the
+    eager constructor), move its values into the meta connector and, with a mesh, shard it before the
+    next is built. Returns the number of connectors filled."""
+    from torch.distributed.fsdp import fully_shard
+
+    from soe.connector import Connector
+
+    filled = 0
+    plan = stitcher.connector_plan()
+    last = {(d, key): n for n, (d, key, _, _) in enumerate(plan)}
+    for n, (d, key, src_dim, dst_dim) in enumerate(plan):
+        target = stitcher.connectors[d][key]
+        dtype = next(target.parameters()).dtype
+        real = Connector(src_dim, dst_dim, stitcher.spec, device="cpu", dtype=dtype)  # draws as the eager build did
+        if last[(d, key)] != n or not any(p.is_meta for p in target.parameters()):
+            continue  # replaced later in the eager build too
+        target.load_state_dict(real.state_dict(), assign=True)
+        del real
+        if mesh is not None:
+            fully_shard(target, mesh=mesh)  # only this rank's rows stay; the whole copy is freed
+        filled += 1
+    return filled
+
+
 def shard_stitcher(stitcher, mesh) -> None:
-    """``fully_shard`` every expert block, then each expert, each connector and the whole Stitcher."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    """``fully_shard`` every expert block, then each expert, each connector not yet sharded and the whole Stitcher."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     for expert in (stitcher.a, stitcher.b):
         for block in expert.blocks:
@@ -28,7 +95,8 @@ def shard_stitcher(stitcher, mesh) -> None:
             register_fsdp_forward_method(expert, method)
     for group in stitcher.connectors.values():
         for connector in group.values():
-            fully_shard(connector, mesh=mesh)
+            if not isinstance(connector, FSDPModule):
+                fully_shard(connector, mesh=mesh)
     fully_shard(stitcher, mesh=mesh)
 
 
