@@ -69,14 +69,15 @@ def build_stitcher_to_shard(cfg: DictConfig):
     for ``StitchModule.configure_model``: each expert with a ``path`` (and a family that offers
     ``load_empty``), read shard by shard from its files, and every connector, drawn again there from
     the RNG state recorded here (so its values equal :func:`build_stitcher`'s). Pass the plan to
-    :func:`apply_training_setup` to leave the LoRA adapters on the meta device too. Preset experts
-    are built whole (their random weights are drawn as one model); inserted blocks and k/v injection
-    start from the experts' weights: such stitches, like families without ``load_empty``, are built
-    whole (an empty plan)."""
+    :func:`apply_training_setup` to leave the LoRA adapters on the meta device too. Inserted blocks
+    (``depth``) of an expert from files wait on the meta device too and are read as the mean of their
+    neighbours' tensors. Preset experts are built whole (their random weights are drawn as one model);
+    k/v injection (``inject``) starts from the experts' weights and draws new projections after the
+    connectors: such stitches are built whole (an empty plan)."""
     from soe.train.sharding import ShardPlan
 
     s: StitchConfig = build(StitchConfig, cfg.stitch, "stitch")
-    if s.depth.mode != "none" or s.inject:
+    if s.inject:
         return build_stitcher(cfg), ShardPlan()
     built, plan = {}, ShardPlan()
     for side in ("a", "b"):

@@ -11,7 +11,7 @@ from soe.builders import apply_training_setup, build_stitcher, build_stitcher_to
 from soe.config import load_recipe
 from soe.errors import CheckpointError
 from soe.registry import get_expert
-from soe.train.sharding import file_key, load_shards
+from soe.train.sharding import file_key, load_inserted_shards, load_shards
 from soe.weights import FolderWeights, load_weights, weight_files
 
 ROOT = Path(__file__).parents[1]
@@ -55,8 +55,8 @@ def test_experts_from_files_connectors_and_lora_are_built_on_meta_with_real_buff
         assert clips[0][side].keys() == clips[1][side].keys()
         for k in clips[0][side]:
             assert torch.equal(clips[0][side][k], clips[1][side][k]), (side, k)
-    # inserted blocks start from the experts' weights: such stitches are built whole
-    whole, none = build_stitcher_to_shard(recipe(saved, "stitch.depth.mode=insert_interpolated"))
+    # k/v injection copies the experts' projections and draws new ones: such stitches are built whole
+    whole, none = build_stitcher_to_shard(recipe(saved, "stitch.inject={b_to_a: {mode: attention_kv, targets: [{attention: attn2}]}}"))
     assert not none and not any(p.is_meta for p in whole.parameters())
 
 
@@ -103,10 +103,11 @@ def test_connectors_and_lora_drawn_after_the_build_equal_the_eager_build(saved):
 
 
 def test_load_shards_without_a_mesh_equals_the_eager_load_and_names_a_missing_tensor(saved, tmp_path):
-    cfg = recipe(saved)
+    cfg = recipe(saved, "stitch.depth.mode=insert_interpolated")  # ace-step's 2 blocks + 2 inserted ones
     eager = build_stitcher(cfg)
     lazy, plan = build_stitcher_to_shard(cfg)
     weights = plan.weights
+    assert len(lazy.fusion.inserted["b"]) == 2 and all(p.is_meta for p in lazy.fusion.parameters())
     for side in ("a", "b"):
         assert load_shards(getattr(lazy, side), weights[side], side) > 0
         want = getattr(eager, side).model.state_dict()
@@ -114,6 +115,11 @@ def test_load_shards_without_a_mesh_equals_the_eager_load_and_names_a_missing_te
         assert set(got) == set(want)
         for k in want:
             assert torch.equal(got[k], want[k]), k
+    assert load_inserted_shards(lazy, "b", weights["b"]) > 0 and load_inserted_shards(lazy, "a", weights["a"]) == 0
+    want, got = eager.fusion.state_dict(), lazy.fusion.state_dict()
+    assert set(got) == set(want) and len(want) > 0
+    for k in want:  # the mean of the neighbouring blocks, as the eager build computes it
+        assert torch.equal(got[k], want[k]), k
     # a file that lacks a tensor the model has: one line naming the key and the folder
     from safetensors.torch import save_file
 
@@ -142,7 +148,11 @@ WORKER = textwrap.dedent("""
     def main(rank, overrides, out):
         os.environ.update(RANK=str(rank), WORLD_SIZE="2")
         dist.init_process_group("gloo", rank=rank, world_size=2)
-        cfg = load_recipe(overrides[0], overrides[1:])
+        for n, extra in enumerate([[], ["stitch.depth.mode=insert_interpolated"]]):
+            compare(rank, load_recipe(overrides[0], overrides[1:] + extra), f"{out}.{n}")
+        dist.destroy_process_group()
+
+    def compare(rank, cfg, out):
         L.seed_everything(0, verbose=False)
         stitcher, plan = build_stitcher_to_shard(cfg)
         apply_training_setup(stitcher, cfg, plan=plan)
@@ -166,7 +176,6 @@ WORKER = textwrap.dedent("""
                             ref={n: p.detach() for n, p in ref.named_parameters()},
                             ref_grad={n for n, p in ref.named_parameters() if p.requires_grad},
                             got=got, want=want), out)
-        dist.destroy_process_group()
 
     if __name__ == "__main__":
         import torch.multiprocessing as mp
@@ -189,10 +198,15 @@ def test_two_gloo_ranks_hold_half_and_compute_what_the_eager_stitch_computes(sav
     proc = subprocess.run([sys.executable, str(script), str(port), str(tmp_path / "out.pt"), *cfg],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r = torch.load(tmp_path / "out.pt", weights_only=False)
+    for n in range(2):  # as built, and with depth expansion's inserted blocks
+        check_gathered(torch.load(tmp_path / f"out.pt.{n}", weights_only=False), inserted=n == 1)
+
+
+def check_gathered(r, inserted):
     assert r["all_meta"]  # before sharding no rank holds an expert, connector or adapter whole
     assert set(r["full"]) == set(r["ref"]) and r["grad"] == r["ref_grad"]
     assert any("lora_A" in n for n in r["ref"]) and any(n.startswith("connectors.") for n in r["ref"])
+    assert any(n.startswith("fusion.inserted.b.") for n in r["ref"]) == inserted
     for name, p in r["ref"].items():
         # expert tensors as the files hold them; connectors and LoRA as the eager build drew them
         assert r["full"][name].dtype == p.dtype and torch.equal(r["full"][name], p), name

@@ -57,6 +57,7 @@ def materialise(stitcher, plan: ShardPlan, mesh) -> None:
     shard_stitcher(stitcher, mesh)
     for side, weights in plan.weights.items():
         load_shards(getattr(stitcher, side), weights, side)
+        load_inserted_shards(stitcher, side, weights)
 
 
 def draw_connectors(stitcher, mesh=None) -> int:
@@ -105,6 +106,9 @@ def shard_stitcher(stitcher, mesh) -> None:
         fully_shard(expert, mesh=mesh)
         for method in ("embed", "head"):  # the lockstep engine calls these, not forward: gather params there too
             register_fsdp_forward_method(expert, method)
+    for inserted in (stitcher.fusion.inserted.values() if stitcher.fusion is not None else ()):
+        for block in inserted.values():  # depth expansion's new blocks
+            fully_shard(block, mesh=mesh)
     for group in stitcher.connectors.values():
         for connector in group.values():
             if not isinstance(connector, FSDPModule):
@@ -159,16 +163,55 @@ def _check(files: FolderWeights, key: str, like: torch.Tensor, weights: FolderWe
                               f"{list(files.shapes[key])}, the model's is {list(like.shape)}")
 
 
-def _shard_of(files: FolderWeights, key: str, p: torch.Tensor, weights: FolderWeights, side: str) -> torch.Tensor:
-    """This rank's piece of parameter ``p``, read from the files: only its own rows are read."""
-    _check(files, key, p, weights, side)
+def _shard_of(files: FolderWeights, key: str | list[str], p: torch.Tensor, weights: FolderWeights, side: str) -> torch.Tensor:
+    """This rank's piece of parameter ``p``, read from the files: only its own rows are read. A list
+    of two keys: their mean, in ``p``'s dtype (an inserted block between two original ones)."""
+    keys = [key] if isinstance(key, str) else key
+    for k in keys:
+        _check(files, k, p, weights, side)
     if not isinstance(p, DTensor):
-        return files.get(key).to(p.dtype)
+        return _mean([files.get(k).to(p.dtype) for k in keys])
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     if 0 in shape:
         local = torch.empty(shape, dtype=p.dtype)
     else:
-        part = files.get(key, tuple(slice(o, o + n) for o, n in zip(offset, shape)))
+        index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
         # a copy in the process's own memory: what safetensors hands back may still be backed by the file
-        local = part.to(p.device_mesh.device_type, p.dtype, copy=True)
+        local = _mean([files.get(k, index).to(p.device_mesh.device_type, p.dtype, copy=True) for k in keys])
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _mean(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2  # soe.depth.interpolated_block's arithmetic
+
+
+def load_inserted_shards(stitcher, side: str, weights: FolderWeights) -> int:
+    """Depth expansion's inserted blocks of expert ``side`` (``fusion.inserted.<side>``), built as meta
+    copies of the expert's blocks: each parameter and persistent floating buffer is the mean of the
+    two neighbouring original blocks' tensors in the files (the left one's alone at the end of the
+    stack), as ``soe.depth.interpolated_block`` computes it eagerly. Returns the tensors loaded."""
+    fusion = stitcher.fusion
+    if fusion is None or side not in fusion.inserted:
+        return 0
+    expert, stack = getattr(stitcher, side), fusion.stacks[side]
+    names = {m: n for n, m in expert.model.named_modules()}
+    loaded = 0
+    for key, block in stack.inserted.items():
+        i, j = stack.neighbours[key]
+        prefixes = [names[expert.blocks[i]]] + ([names[expert.blocks[j]]] if j is not None else [])
+        with weights.reading() as files:
+            for mname, module in block.named_modules():
+                sub = "." + mname if mname else ""
+                for pname, p in list(module._parameters.items()):
+                    if p is None or not p.is_meta:
+                        continue
+                    keys = [file_key(f"{pre}{sub}.{pname}") for pre in prefixes]
+                    module._parameters[pname] = nn.Parameter(_shard_of(files, keys, p, weights, side), requires_grad=p.requires_grad)
+                    loaded += 1
+                for bname, b in module._buffers.items():
+                    keys = [file_key(f"{pre}{sub}.{bname}") for pre in prefixes]
+                    if b is not None and bname not in module._non_persistent_buffers_set and all(k in files for k in keys):
+                        b.copy_(_mean([files.get(k).to(b.dtype) for k in keys]) if b.is_floating_point() else files.get(keys[0]))
+                        loaded += 1
+        give_back_freed_memory()
+    return loaded
