@@ -70,21 +70,24 @@ def build_stitcher_to_shard(cfg: DictConfig):
     ``load_empty``), read shard by shard from its files, and every connector, drawn again there from
     the RNG state recorded here (so its values equal :func:`build_stitcher`'s). Pass the plan to
     :func:`apply_training_setup` to leave the LoRA adapters on the meta device too. Inserted blocks
-    (``depth``) of an expert from files wait on the meta device too and are read as the mean of their
-    neighbours' tensors. Preset experts are built whole (their random weights are drawn as one model);
-    k/v injection (``inject``) starts from the experts' weights and draws new projections after the
-    connectors: such stitches are built whole (an empty plan)."""
+    (``depth``) and k/v injection's new projections (``inject``) wait on the meta device too: read
+    from the files (an inserted block as the mean of its neighbours) and drawn after the connectors.
+    Preset experts are built whole (their random weights are drawn as one model); a k/v injection
+    into a preset expert copies its weights: such a stitch is built whole (an empty plan)."""
     from soe.train.sharding import ShardPlan
 
     s: StitchConfig = build(StitchConfig, cfg.stitch, "stitch")
-    if s.inject:
-        return build_stitcher(cfg), ShardPlan()
+    before = torch.get_rng_state()
     built, plan = {}, ShardPlan()
     for side in ("a", "b"):
         built[side], w = _build_expert(cfg, side, empty=True)
         if w is not None:
             plan.weights[side] = w
             built[side]._execution_device = torch.device("cpu")  # until its shards load: batches are made on the host
+    hosts = {"a_to_b": "b", "b_to_a": "a"}
+    if any(v.mode == "attention_kv" and hosts[d] not in plan.weights for d, v in s.inject.items()):
+        torch.set_rng_state(before)  # k/v copied from a preset host: everything whole, drawn as build_stitcher draws
+        return build_stitcher(cfg), ShardPlan()
     plan.rng_state = torch.get_rng_state()  # where build_stitcher draws the connectors
     return build_stitcher(cfg, device="meta", experts=built), plan
 

@@ -56,8 +56,12 @@ class Connector(nn.Module):
     def forward(self, src: torch.Tensor, src_layout: TokenLayout, dst_layout: TokenLayout) -> torch.Tensor:
         steps = self.pool_steps(src, src_layout)  # (B, T_src, D_src or 3 * D_src)
         steps = resample_time(steps, src_layout, dst_layout, self.resample)  # (B, T_dst, D_src)
-        steps = self.mlp(self.norm(steps))  # (B, T_dst, D_dst)
-        return broadcast_to_grid(steps, dst_layout)  # (B, N_dst, D_dst)
+        return broadcast_to_grid(self.map_steps(steps), dst_layout)  # (B, N_dst, D_dst)
+
+    def map_steps(self, steps: torch.Tensor) -> torch.Tensor:
+        """The MLP: ``(B, T, in_width)`` per-step vectors -> ``(B, T, dst_dim)`` (FSDP2 gathers the
+        connector's parameters around this call too: attention k/v injection calls it directly)."""
+        return self.mlp(self.norm(steps))
 
     def pool_steps(self, src: torch.Tensor, src_layout: TokenLayout) -> torch.Tensor:
         """The source tokens as one vector per source time step, as this connector's ``pool`` says."""

@@ -15,6 +15,10 @@ from soe.train.sharding import file_key, load_inserted_shards, load_shards
 from soe.weights import FolderWeights, load_weights, weight_files
 
 ROOT = Path(__file__).parents[1]
+KV_B_TO_A = "{b_to_a: {mode: attention_kv, targets: [{attention: attn2}]}}"  # into Wan's cross-attention (it has norm_k)
+KV_BOTH = ("{b_to_a: {mode: attention_kv, targets: [{attention: attn2}]}, "
+           "a_to_b: {mode: attention_kv, targets: [{attention: cross_attn}]}}")  # and into ACE-Step's, inserted blocks too
+KV_A_TO_B = "{a_to_b: {mode: attention_kv, targets: [{attention: cross_attn}]}}"  # one way: the stitch can run
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
 
 
@@ -55,8 +59,8 @@ def test_experts_from_files_connectors_and_lora_are_built_on_meta_with_real_buff
         assert clips[0][side].keys() == clips[1][side].keys()
         for k in clips[0][side]:
             assert torch.equal(clips[0][side][k], clips[1][side][k]), (side, k)
-    # k/v injection copies the experts' projections and draws new ones: such stitches are built whole
-    whole, none = build_stitcher_to_shard(recipe(saved, "stitch.inject={b_to_a: {mode: attention_kv, targets: [{attention: attn2}]}}"))
+    # k/v injection into a preset expert copies its random weights: such stitches are built whole
+    whole, none = build_stitcher_to_shard(recipe(saved, f"stitch.inject={KV_B_TO_A}", "experts.a.path=null"))
     assert not none and not any(p.is_meta for p in whole.parameters())
 
 
@@ -148,7 +152,7 @@ WORKER = textwrap.dedent("""
     def main(rank, overrides, out):
         os.environ.update(RANK=str(rank), WORLD_SIZE="2")
         dist.init_process_group("gloo", rank=rank, world_size=2)
-        for n, extra in enumerate([[], ["stitch.depth.mode=insert_interpolated"]]):
+        for n, extra in enumerate([[], ["stitch.depth.mode=insert_interpolated", "stitch.inject=" + sys.argv[-1]]]):
             compare(rank, load_recipe(overrides[0], overrides[1:] + extra), f"{out}.{n}")
         dist.destroy_process_group()
 
@@ -180,7 +184,7 @@ WORKER = textwrap.dedent("""
     if __name__ == "__main__":
         import torch.multiprocessing as mp
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-        mp.spawn(main, args=(sys.argv[3:], sys.argv[2]), nprocs=2)
+        mp.spawn(main, args=(sys.argv[3:-1], sys.argv[2]), nprocs=2)
 """)
 
 
@@ -195,10 +199,10 @@ def test_two_gloo_ranks_hold_half_and_compute_what_the_eager_stitch_computes(sav
     script.write_text(WORKER)
     cfg = [str(TINY), f"experts.a.path={saved / 'wan'}", "experts.b.name=ace-step", f"experts.b.path={saved / 'ace'}",
            "experts.b.options={sample_rate: 25600}", "stitch.connector.init=trunc_normal"]
-    proc = subprocess.run([sys.executable, str(script), str(port), str(tmp_path / "out.pt"), *cfg],
+    proc = subprocess.run([sys.executable, str(script), str(port), str(tmp_path / "out.pt"), *cfg, KV_A_TO_B],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for n in range(2):  # as built, and with depth expansion's inserted blocks
+    for n in range(2):  # as built, and with depth expansion's inserted blocks and k/v injection
         check_gathered(torch.load(tmp_path / f"out.pt.{n}", weights_only=False), inserted=n == 1)
 
 
@@ -207,9 +211,40 @@ def check_gathered(r, inserted):
     assert set(r["full"]) == set(r["ref"]) and r["grad"] == r["ref_grad"]
     assert any("lora_A" in n for n in r["ref"]) and any(n.startswith("connectors.") for n in r["ref"])
     assert any(n.startswith("fusion.inserted.b.") for n in r["ref"]) == inserted
+    assert any(n.startswith("fusion.kv.a_to_b.") for n in r["ref"]) == inserted
     for name, p in r["ref"].items():
         # expert tensors as the files hold them; connectors and LoRA as the eager build drew them
         assert r["full"][name].dtype == p.dtype and torch.equal(r["full"][name], p), name
     assert r["local"] / r["glob"] < 0.53  # rank 0 holds its half (the first rank takes the odd rows)
     for g, w in zip(r["got"], r["want"]):
         torch.testing.assert_close(g, w)  # the same function as the eager stitch (connector outputs drawn, not zero)
+
+
+def test_k_v_injection_and_inserted_blocks_filled_from_the_files_equal_the_eager_build(saved):
+    """Without a mesh: new k/v projections (drawn after the connectors, copied weights and key norms read
+    from the files, an inserted block's as its neighbours' mean) and everything else equal the eager build."""
+    from soe.lora import materialise_adapters
+    from soe.train.sharding import draw_connectors, draw_kv
+
+    cfg = recipe(saved, "stitch.depth.mode=insert_interpolated", f"stitch.inject={KV_BOTH}", "stitch.connector.init=trunc_normal")
+    torch.manual_seed(5)
+    lazy, plan = build_stitcher_to_shard(cfg)
+    apply_training_setup(lazy, cfg, plan=plan)
+    assert plan and all(p.is_meta for p in lazy.parameters())
+    torch.set_rng_state(plan.rng_state)
+    draw_connectors(lazy)
+    assert draw_kv(lazy, plan.weights) == len(lazy.fusion.kv["a_to_b"]) + len(lazy.fusion.kv["b_to_a"])
+    for side, spec in plan.lora.items():
+        materialise_adapters(getattr(lazy, side), spec, "cpu")
+    for side in ("a", "b"):
+        load_shards(getattr(lazy, side), plan.weights[side], side)
+        load_inserted_shards(lazy, side, plan.weights[side])
+    torch.manual_seed(5)
+    eager = build_stitcher(cfg)
+    apply_training_setup(eager, cfg)
+    want, got = dict(eager.named_parameters()), dict(lazy.named_parameters())
+    assert set(got) == set(want)
+    assert any(".norm_k." in n for n in want if n.startswith("fusion.kv.b_to_a"))
+    assert set(lazy.fusion.kv["a_to_b"]) & set(lazy.fusion.inserted["b"])  # k/v copied from an inserted block
+    for n, w in want.items():
+        assert got[n].dtype == w.dtype and got[n].requires_grad == w.requires_grad and torch.equal(got[n], w), n

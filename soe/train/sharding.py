@@ -50,6 +50,7 @@ def materialise(stitcher, plan: ShardPlan, mesh) -> None:
         torch.set_rng_state(plan.rng_state)
         try:
             draw_connectors(stitcher, mesh)
+            draw_kv(stitcher, plan.weights, mesh)  # attention k/v injection's new projections drew next
             for side, spec in plan.lora.items():  # LoRA drew after the connectors, a then b
                 materialise_adapters(getattr(stitcher, side), spec, "cpu", f"experts.{side}.lora")
         finally:
@@ -64,8 +65,6 @@ def draw_connectors(stitcher, mesh=None) -> int:
     """Build each connector again on the host in ``Stitcher.connector_plan`` order (the draws of the
     eager constructor), move its values into the meta connector and, with a mesh, shard it before the
     next is built. Returns the number of connectors filled."""
-    from torch.distributed.fsdp import fully_shard
-
     from soe.connector import Connector
 
     filled = 0
@@ -80,10 +79,86 @@ def draw_connectors(stitcher, mesh=None) -> int:
         target.load_state_dict(real.state_dict(), assign=True)
         del real
         if mesh is not None:
-            fully_shard(target, mesh=mesh)  # only this rank's rows stay; the whole copy is freed
+            shard_connector(target, mesh)  # only this rank's rows stay; the whole copy is freed
             give_back_freed_memory()
         filled += 1
     return filled
+
+
+def draw_kv(stitcher, weights: dict, mesh=None) -> int:
+    """Attention k/v injection's new projections (``fusion.kv``), built on the meta device: each is
+    built again on the host in construction order (its ``nn.Linear`` draws), its copied weights
+    (``init: copy``) and key norm read from the host expert's files as the eager build copies them
+    from the loaded expert, then, with a mesh, sharded before the next. Returns the number filled."""
+    from torch.distributed.fsdp import fully_shard
+
+    fusion = stitcher.fusion
+    if fusion is None:
+        return 0
+    filled = 0
+    for per_block in fusion.kv.values():
+        for mods in per_block.values():
+            for proj in mods.values():
+                if not any(p.is_meta for p in proj.parameters()):
+                    continue
+                side, k, attention, source, init = proj.origin
+                values = {}
+                for name in ("k", "v"):  # nn.Linear's own init: the draws of the eager constructor
+                    m = getattr(proj, name)
+                    real = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=m.weight.dtype)
+                    values.update({f"{name}.{n}": t for n, t in real.state_dict().items()})
+                expert = getattr(stitcher, side)
+                with weights[side].reading() as files:
+                    read = _block_reader(stitcher, side, k, files, weights[side])
+                    if init == "copy":
+                        for name, lin in (("k", "to_k"), ("v", "to_v")):
+                            for n in list(values):
+                                if n.startswith(name + "."):
+                                    values[n] = read(f"{source}.{lin}.{n[2:]}").to(values[n].dtype)
+                    if proj.norm_k is not None:
+                        src_block = stitcher._engine.block(side, k)
+                        has_norm = isinstance(getattr(_submodule(src_block, source), "norm_k", None), nn.Module)
+                        owner = source if init == "copy" and has_norm else attention
+                        for n, t in proj.norm_k.state_dict().items():
+                            values[f"norm_k.{n}"] = read(f"{owner}.norm_k.{n}").to(t.dtype)
+                proj.load_state_dict(values, assign=True)
+                del values
+                if mesh is not None:
+                    fully_shard(proj, mesh=mesh)
+                give_back_freed_memory()
+                filled += 1
+    return filled
+
+
+def _submodule(block: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        block = getattr(block, part)
+    return block
+
+
+def _block_reader(stitcher, side: str, k: int, files: FolderWeights, weights: FolderWeights):
+    """``read(path)``: the whole tensor at ``path`` inside run-order block ``k`` of expert ``side``, read
+    from the files in the expert's dtype: an inserted block's is the mean of its neighbours'."""
+    expert = getattr(stitcher, side)
+    names = {m: n for n, m in expert.model.named_modules()}
+    stack = stitcher.fusion.stacks.get(side) if stitcher.fusion is not None else None
+    if stack is not None and stack.is_inserted(k):
+        i, j = stack.neighbours[f"{stack.order[k][1]:02d}"]
+        prefixes = [names[expert.blocks[i]]] + ([names[expert.blocks[j]]] if j is not None else [])
+    else:
+        prefixes = [names[expert.blocks[stack.order[k][1] if stack is not None else k]]]
+    block = stitcher._engine.block(side, k)
+
+    def read(path: str) -> torch.Tensor:
+        like = _submodule(block, path.rsplit(".", 1)[0])
+        t = getattr(like, path.rsplit(".", 1)[1])
+        keys = [file_key(f"{pre}.{path}") for pre in prefixes]
+        for key in keys:
+            _check(files, key, t, weights, side)
+        parts = [files.get(key).to(t.dtype) for key in keys]
+        return _mean(parts) if t.is_floating_point() else parts[0]
+
+    return read
 
 
 def give_back_freed_memory() -> None:
@@ -94,6 +169,13 @@ def give_back_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def shard_connector(connector, mesh) -> None:
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    fully_shard(connector, mesh=mesh)
+    register_fsdp_forward_method(connector, "map_steps")  # the lockstep engine's k/v injection calls it, not forward
 
 
 def shard_stitcher(stitcher, mesh) -> None:
@@ -112,7 +194,7 @@ def shard_stitcher(stitcher, mesh) -> None:
     for group in stitcher.connectors.values():
         for connector in group.values():
             if not isinstance(connector, FSDPModule):
-                fully_shard(connector, mesh=mesh)
+                shard_connector(connector, mesh)
     fully_shard(stitcher, mesh=mesh)
 
 
