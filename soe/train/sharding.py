@@ -2,10 +2,12 @@
 ``soe.builders.build_stitcher_to_shard`` left on the meta device is filled in here, each rank keeping
 only its own shard:
 
-* connectors and LoRA adapters are drawn again, one module at a time, from the global RNG state the
-  build recorded and in the order an eager build draws them, so their values equal a single-process
-  build's bit for bit; each connector is sharded before the next is drawn;
-* the experts' weights are read from their files one block at a time, each rank reading only its rows.
+* connectors, attention k/v injection's new projections and LoRA adapters are drawn again, one
+  module at a time, from the global RNG state the build recorded and in the order an eager build
+  draws them (copied k/v weights read from the files), so their values equal a single-process
+  build's bit for bit; each connector and projection is sharded before the next is drawn;
+* the experts' weights are read from their files one block at a time, each rank reading only its
+  rows; depth expansion's inserted blocks as the mean of their neighbours' rows.
 
 Host memory per rank is then the shards plus one block's tensors in flight, instead of every expert
 whole on every rank before sharding (``benchmarks/fsdp_host_memory.py`` measures both).
@@ -28,8 +30,8 @@ from soe.weights import FolderWeights
 class ShardPlan:
     """What ``StitchModule.configure_model`` fills in after the Stitcher is sharded.
 
-    ``rng_state``: the global CPU RNG where an eager build would draw the connectors (they, and
-    the LoRA adapters of ``lora``, were built on the meta device). ``weights``: ``{side:
+    ``rng_state``: the global CPU RNG where an eager build would draw the connectors (they, the new
+    k/v projections and the LoRA adapters of ``lora`` were built on the meta device). ``weights``: ``{side:
     FolderWeights}`` of experts on the meta device. ``lora``: ``{side: LoraConfig}`` whose adapters
     wait on the meta device (``soe.builders.apply_training_setup(..., plan=)``)."""
 
@@ -107,7 +109,6 @@ def draw_kv(stitcher, weights: dict, mesh=None) -> int:
                     m = getattr(proj, name)
                     real = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=m.weight.dtype)
                     values.update({f"{name}.{n}": t for n, t in real.state_dict().items()})
-                expert = getattr(stitcher, side)
                 with weights[side].reading() as files:
                     read = _block_reader(stitcher, side, k, files, weights[side])
                     if init == "copy":
@@ -116,8 +117,7 @@ def draw_kv(stitcher, weights: dict, mesh=None) -> int:
                                 if n.startswith(name + "."):
                                     values[n] = read(f"{source}.{lin}.{n[2:]}").to(values[n].dtype)
                     if proj.norm_k is not None:
-                        src_block = stitcher._engine.block(side, k)
-                        has_norm = isinstance(getattr(_submodule(src_block, source), "norm_k", None), nn.Module)
+                        has_norm = isinstance(getattr(_submodule(stitcher.run_order(side)[k], source), "norm_k", None), nn.Module)
                         owner = source if init == "copy" and has_norm else attention
                         for n, t in proj.norm_k.state_dict().items():
                             values[f"norm_k.{n}"] = read(f"{owner}.norm_k.{n}").to(t.dtype)
@@ -147,7 +147,7 @@ def _block_reader(stitcher, side: str, k: int, files: FolderWeights, weights: Fo
         prefixes = [names[expert.blocks[i]]] + ([names[expert.blocks[j]]] if j is not None else [])
     else:
         prefixes = [names[expert.blocks[stack.order[k][1] if stack is not None else k]]]
-    block = stitcher._engine.block(side, k)
+    block = stitcher.run_order(side)[k]
 
     def read(path: str) -> torch.Tensor:
         like = _submodule(block, path.rsplit(".", 1)[0])
