@@ -5,9 +5,10 @@ folder (Wan2.1 + ACE-Step v1 architectures, about 1.1 GB of fp32 weights togethe
 
 * ``whole``: what every strategy but fsdp2 does, and what fsdp2 did before: each rank loads both
   experts whole (``build_stitcher``), then ``StitchModule.configure_model`` shards them.
-* ``meta``: what ``soe stitch`` does under ``trainer.strategy=fsdp2`` now: experts built on the meta
-  device (``build_stitcher_to_shard``), then ``configure_model`` shards and loads each rank's shard
-  one block at a time.
+* ``meta``: what ``soe stitch`` does under ``trainer.strategy=fsdp2`` now: experts, connectors and
+  LoRA adapters built on the meta device (``build_stitcher_to_shard``), then ``configure_model``
+  draws each connector and adapter (sharding each connector before the next), shards, and loads each
+  rank's shard of the experts one block at a time.
 
 Each rank reads every byte of its shards once, then reports its peak resident set size (``VmHWM``,
 file pages read through mmap included) and its resident size right after the imports. Printed: the peaks and their ratio
@@ -70,11 +71,11 @@ def worker(rank: int, mode: str, folder: str, out: str, port: int) -> None:
     imported = status_mb("VmRSS")
     torch.manual_seed(0)
     if mode == "whole":
-        stitcher, weights = build_stitcher(cfg), {}
+        stitcher, plan = build_stitcher(cfg), None
     else:
-        stitcher, weights = build_stitcher_to_shard(cfg)
-    apply_training_setup(stitcher, cfg, adapters_on="cpu" if weights else None)
-    module = StitchModule(stitcher, build_objective(cfg, stitcher), OptimConfig(), weights=weights)
+        stitcher, plan = build_stitcher_to_shard(cfg)
+    apply_training_setup(stitcher, cfg, plan=plan)
+    module = StitchModule(stitcher, build_objective(cfg, stitcher), OptimConfig(), plan=plan)
     module._device_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
     module.configure_model()  # what Lightning's ModelParallelStrategy calls
     for p in stitcher.parameters():  # read every byte of this rank's shards: weights only mapped from a file count too

@@ -224,7 +224,8 @@ class AceStepV1Expert(Expert):
         from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
 
         folder = cls._transformer_folder(path)
-        with init_empty_weights(include_buffers=False):
+        # load builds on the meta device and draws nothing from the global RNG: neither may this
+        with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
             model = ACEStepTransformer2DModel.from_config(ACEStepTransformer2DModel.load_config(folder))
         if dtype is not None:
             nn.Module.to(model, dtype=dtype)

@@ -67,12 +67,13 @@ class Connector(nn.Module):
     def forward(self, src: torch.Tensor, src_layout: TokenLayout, dst_layout: TokenLayout) -> torch.Tensor:
         steps = self.pool_steps(src, src_layout)  # (B, T_src, D_src or 3 * D_src)
         steps = resample_time(steps, src_layout, dst_layout, self.resample)  # (B, T_dst, D_src)
-        return broadcast_to_grid(self.project(steps), dst_layout)  # (B, N_dst, D_dst)
+        return broadcast_to_grid(self.map_steps(steps), dst_layout)  # (B, N_dst, D_dst)
 
-    def project(self, steps: torch.Tensor) -> torch.Tensor:
-        """The MLP on pooled steps ``(B, T, in_width) -> (B, T, D_dst)``, computed in the connector's own
-        dtype: float32 connectors read bfloat16 experts when sampling without autocast (callers cast the
-        result to the host's dtype)."""
+    def map_steps(self, steps: torch.Tensor) -> torch.Tensor:
+        """The MLP: ``(B, T, in_width)`` per-step vectors -> ``(B, T, dst_dim)``, computed in the connector's own
+        dtype (float32 connectors read bfloat16 experts when sampling without autocast; callers cast the result
+        to the host's dtype). FSDP2 gathers the connector's parameters around this call too: attention k/v
+        injection calls it directly."""
         return self.mlp(self.norm(steps.to(self.mlp.fc2.weight.dtype)))
 
     def pool_steps(self, src: torch.Tensor, src_layout: TokenLayout) -> torch.Tensor:

@@ -55,12 +55,14 @@ class ExpandedStack(nn.Module):
         after = insertion_points(n, n_target, every)
         self.order: list[tuple[bool, int]] = []  # (inserted?, original index or virtual index)
         self.inserted = nn.ModuleDict()
+        self.neighbours: dict[str, tuple[int, int | None]] = {}  # inserted key -> the original blocks it averages
         blocks = expert.blocks
         for i in range(n):
             self.order.append((False, i))
             if i in after:
                 k = len(self.order)
                 self.inserted[f"{k:02d}"] = interpolated_block(blocks[i], blocks[i + 1] if i + 1 < n else None)
+                self.neighbours[f"{k:02d}"] = (i, i + 1 if i + 1 < n else None)
                 self.order.append((True, k))
 
     def __len__(self) -> int:

@@ -162,7 +162,9 @@ class Expert(nn.Module):
         """``load`` without reading a weight: the model at ``path`` with its parameters on the meta
         device (buffers real), and a ``soe.weights.FolderWeights`` over its files, keyed by the model's
         own parameter names. FSDP2 runs materialise each rank's shard from it (``soe.train.sharding``).
-        Families that rename tensors while loading leave this out; they are then loaded whole."""
+        It must leave the global RNG where ``load`` leaves it: connectors and LoRA adapters are drawn
+        from that state, equal to a single-process build's. Families that rename tensors while
+        loading leave this out; they are then loaded whole."""
         raise NotImplementedError(f"expert '{cls.name}' cannot be loaded shard by shard")
 
     def save(self, path) -> None:

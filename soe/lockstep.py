@@ -192,7 +192,7 @@ class LockstepEngine:
             h = self.st.connector_input(call.taps[(src, i)])  # (B, N_src, D_src); the CFG mask applies per target
             steps = conn.pool_steps(h, call.layouts[src])  # (B, T_src, D_src or 3 * D_src)
             steps = resample_time(steps, call.layouts[src], call.layouts[host], conn.resample)  # (B, T_host, D_src)
-            call.extras[key] = conn.project(steps)  # (B, T_host, D_host)
+            call.extras[key] = conn.map_steps(steps)  # (B, T_host, D_host)
         return call.extras[key]
 
     # ---- the run ---------------------------------------------------------------------------------
@@ -274,7 +274,10 @@ class Fusion(nn.Module):
                     if not hasattr(attn, "set_processor"):
                         raise ValueError(f"inject.targets.attention: '{t.attention}' of '{host.name}' is not a diffusers attention module")
                     source = submodule(block, t.copy_from or t.attention, "inject.targets.copy_from")
-                    mods[t.attention.replace(".", "_")] = KVProjection(host.hidden_size, attn, source, t.init, device, dtype)
+                    kv_proj = KVProjection(host.hidden_size, attn, source, t.init, device, dtype)
+                    # where its values come from, for FSDP2's meta build (soe.train.sharding.draw_kv)
+                    kv_proj.origin = (host_name, k, t.attention, t.copy_from or t.attention, str(t.init))
+                    mods[t.attention.replace(".", "_")] = kv_proj
                     if t.pre_norm is not None:
                         submodule(block, t.pre_norm, "inject.targets.pre_norm")
                 kv[f"{k:02d}"] = mods

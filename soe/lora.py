@@ -35,24 +35,25 @@ def match_modules(model: nn.Module, patterns, where: str = "lora.targets") -> li
     return sorted(matched)
 
 
-def add_lora(expert: Expert, spec: LoraConfig, where: str = "lora", adapters_on=None) -> list[str]:
+def add_lora(expert: Expert, spec: LoraConfig, where: str = "lora", adapters_on=None, defer: bool = False) -> list[str]:
     """Inject a peft LoRA adapter into ``expert.model``; only the adapter weights train.
 
     With ``spec.init_from`` the adapter is the one in that file (its modules, ranks and alphas) and
     starts from its weights, e.g. a community Wan LoRA in diffusers or ComfyUI format. An expert on
     the meta device gets shapes only (`soe inspect`), or with ``adapters_on`` real, initialised
-    adapters on that device (FSDP2: the expert's own weights are loaded shard by shard later)."""
+    adapters on that device. ``defer`` (FSDP2): adapters on the meta device whatever the expert's
+    weights, drawn later by :func:`materialise_adapters` (``StitchModule.configure_model``)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    on_meta = any(p.is_meta for p in expert.model.parameters())
+    on_meta = defer or any(p.is_meta for p in expert.model.parameters())
     if spec.init_from is not None:
-        return _add_lora_from_file(expert, spec, where, on_meta, adapters_on)
+        return _add_lora_from_file(expert, spec, where, on_meta, None if defer else adapters_on)
     targets = match_modules(expert.model, spec.targets or expert.lora_targets, f"{where}.targets")
     config = PeftLoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
     inject_adapter_in_model(config, expert.model, adapter_name=ADAPTER, low_cpu_mem_usage=on_meta)
-    if on_meta and adapters_on is not None:
-        _materialise_adapters(expert.model, adapters_on)
+    if on_meta and adapters_on is not None and not defer:
+        materialise_adapters(expert, spec, adapters_on, where)
     _train_only_lora(expert)
     return targets
 
@@ -80,30 +81,54 @@ def lora_parameter_count(expert: Expert, spec: LoraConfig, where: str = "lora") 
     return total
 
 
-def _materialise_adapters(model: nn.Module, device) -> None:
-    """Adapters that peft left on the meta device (beside meta base weights): allocated on ``device``
-    and initialised as peft initialises them."""
+def materialise_adapters(expert: Expert, spec: LoraConfig, device, where: str = "lora") -> int:
+    """Adapters that peft left on the meta device: allocated on ``device`` with the values an eager
+    :func:`add_lora` draws from the global RNG in the same state. peft builds each adapted layer's
+    ``lora_A`` / ``lora_B`` as new ``nn.Linear`` / ``nn.Conv`` (their default init draws) or, for an
+    embedding, ``torch.randn`` parameters, then resets them (``reset_lora_parameters``) and casts them
+    to the base layer's dtype: the same draws in the same module order here. With ``spec.init_from``
+    the file's tensors are loaded afterwards, as eagerly. Returns the number of layers filled."""
     from peft.tuners.lora import LoraLayer
 
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            for name in m.adapter_layer_names:
-                part = getattr(m, name)
-                if ADAPTER in part and any(p.is_meta for p in part.parameters()):
-                    part.to_empty(device=device)
-            m.reset_lora_parameters(ADAPTER, True)
+    done = 0
+    for m in expert.model.modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        parts = [getattr(m, n) for n in m.adapter_layer_names if ADAPTER in getattr(m, n)]
+        if not any(p.is_meta for part in parts for p in part.parameters()):
+            continue
+        for part in parts:
+            part.to_empty(device=device)
+            item = part[ADAPTER]
+            if isinstance(item, nn.Module):
+                item.reset_parameters()  # what its constructor drew
+            else:
+                item.data.normal_()  # torch.randn
+        m.reset_lora_parameters(ADAPTER, True)
+        base = m.get_base_layer().weight
+        if base.dtype.is_floating_point:
+            for part in parts:
+                part.to(dtype=base.dtype)
+        done += 1
+    if spec.init_from is not None:
+        _load_lora_file(expert, spec, f"{where}.init_from")
+    return done
+
+
+def _read_lora_file(expert: Expert, spec: LoraConfig, key: str):
+    from soe.lora_formats import COMFYUI_NAMES, LoraFileError, read_lora
+
+    try:
+        return read_lora(spec.init_from, COMFYUI_NAMES.get(expert.name))
+    except LoraFileError as e:
+        raise RecipeError(f"{key}: {e}") from None
 
 
 def _add_lora_from_file(expert: Expert, spec: LoraConfig, where: str, on_meta: bool, adapters_on=None) -> list[str]:
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
-
-    from soe.lora_formats import COMFYUI_NAMES, LoraFileError, read_lora
+    from peft import inject_adapter_in_model
 
     key = f"{where}.init_from"
-    try:
-        weights = read_lora(spec.init_from, COMFYUI_NAMES.get(expert.name))
-    except LoraFileError as e:
-        raise RecipeError(f"{key}: {e}") from None
+    weights = _read_lora_file(expert, spec, key)
     layers = dict(expert.model.named_modules())
     unknown = [m for m in weights.modules if not isinstance(layers.get(m), _LORA_LAYERS)]
     if unknown:
@@ -112,17 +137,24 @@ def _add_lora_from_file(expert: Expert, spec: LoraConfig, where: str, on_meta: b
                           f"({len(unknown)} such); close candidates: {close}")
     inject_adapter_in_model(weights.peft_config(spec.dropout), expert.model, adapter_name=ADAPTER, low_cpu_mem_usage=on_meta)
     if on_meta and adapters_on is not None:
-        _materialise_adapters(expert.model, adapters_on)
-    if not on_meta or adapters_on is not None:
-        try:
-            result = set_peft_model_state_dict(expert.model, weights.tensors, adapter_name=ADAPTER)
-        except RuntimeError as e:  # shape mismatch: a LoRA of another model size
-            raise RecipeError(f"{key}: '{spec.init_from}' does not fit expert '{expert.name}': {' '.join(str(e).split())[:300]}") from None
-        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
-        if missing or getattr(result, "unexpected_keys", []):
-            raise RecipeError(f"{key}: '{spec.init_from}' leaves LoRA tensors unloaded: {(missing or result.unexpected_keys)[:3]}")
+        materialise_adapters(expert, spec, adapters_on, where)  # loads the file too
+    elif not on_meta:
+        _load_lora_file(expert, spec, key, weights)
     _train_only_lora(expert)
     return weights.modules
+
+
+def _load_lora_file(expert: Expert, spec: LoraConfig, key: str, weights=None) -> None:
+    from peft import set_peft_model_state_dict
+
+    weights = weights or _read_lora_file(expert, spec, key)
+    try:
+        result = set_peft_model_state_dict(expert.model, weights.tensors, adapter_name=ADAPTER)
+    except RuntimeError as e:  # shape mismatch: a LoRA of another model size
+        raise RecipeError(f"{key}: '{spec.init_from}' does not fit expert '{expert.name}': {' '.join(str(e).split())[:300]}") from None
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing or getattr(result, "unexpected_keys", []):
+        raise RecipeError(f"{key}: '{spec.init_from}' leaves LoRA tensors unloaded: {(missing or result.unexpected_keys)[:3]}")
 
 
 def _train_only_lora(expert: Expert) -> None:
@@ -130,9 +162,10 @@ def _train_only_lora(expert: Expert) -> None:
         p.requires_grad_("lora_" in name and f".{ADAPTER}." in name + ".")
 
 
-def set_trainable(expert: Expert, mode: str, lora: LoraConfig | None = None, where: str = "expert", adapters_on=None) -> list[str]:
+def set_trainable(expert: Expert, mode: str, lora: LoraConfig | None = None, where: str = "expert", adapters_on=None,
+                  defer: bool = False) -> list[str]:
     """``frozen``: nothing trains; ``full``: every weight trains; ``lora``: only adapter weights."""
     expert.requires_grad_(mode == "full")
     if mode == "lora":
-        return add_lora(expert, lora or LoraConfig(), where=f"{where}.lora", adapters_on=adapters_on)
+        return add_lora(expert, lora or LoraConfig(), where=f"{where}.lora", adapters_on=adapters_on, defer=defer)
     return []

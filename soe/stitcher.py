@@ -76,15 +76,9 @@ class Stitcher(nn.Module):
         self.engine = ("hooks" if direction != "both" and not fused else "lockstep") if engine == "auto" else engine
         device = device if device is not None else a.device
 
-        self.connectors = nn.ModuleDict()
-        if direction in ("a_to_b", "both"):
-            self.connectors["a_to_b"] = nn.ModuleDict(
-                {f"{j:02d}": Connector(a.hidden_size, b.hidden_size, spec, device=device, dtype=dtype) for _, j in self.pairs}
-            )
-        if direction in ("b_to_a", "both"):
-            self.connectors["b_to_a"] = nn.ModuleDict(
-                {f"{i:02d}": Connector(b.hidden_size, a.hidden_size, spec, device=device, dtype=dtype) for i, _ in self.pairs}
-            )
+        self.connectors = nn.ModuleDict({d: nn.ModuleDict() for d in ("a_to_b", "b_to_a") if direction in (d, "both")})
+        for d, key, src_dim, dst_dim in self.connector_plan():
+            self.connectors[d][key] = Connector(src_dim, dst_dim, spec, device=device, dtype=dtype)
         inject = {d: inject.get(d, InjectConfig()) for d in self.connectors}  # one spec per direction, "add" by default
         self.fusion: Fusion | None = None  # inserted blocks and new k/v projections, when the options ask for them
         if self.engine == "hooks":
@@ -102,6 +96,14 @@ class Stitcher(nn.Module):
     def source_host(self) -> tuple[str, str]:
         """Names of (source, host) for a one-way stitch."""
         return ("a", "b") if self.direction == "a_to_b" else ("b", "a")
+
+    def connector_plan(self) -> list[tuple[str, str, int, int]]:
+        """``(direction, key, source width, host width)`` of each connector in the order they are built
+        (a pair list may name one host block twice: the later connector replaces the earlier). FSDP2
+        builds them again in this order, drawing what this constructor drew (``soe.train.sharding``)."""
+        a, b = self.a.hidden_size, self.b.hidden_size
+        plan = [("a_to_b", f"{j:02d}", a, b) for _, j in self.pairs] if "a_to_b" in self.connectors else []
+        return plan + ([("b_to_a", f"{i:02d}", b, a) for i, _ in self.pairs] if "b_to_a" in self.connectors else [])
 
     def connector_for(self, direction: str, host_block: int) -> Connector:
         return self.connectors[direction][f"{host_block:02d}"]

@@ -25,15 +25,16 @@ def lr_factor(step: int, s: OptimConfig, max_steps: int) -> float:
 
 
 class StitchModule(L.LightningModule):
-    """``weights``: ``{side: soe.weights.FolderWeights}`` of experts built on the meta device
-    (``soe.builders.build_stitcher_to_shard``), loaded shard by shard in ``configure_model``."""
+    """``plan``: a ``soe.train.sharding.ShardPlan`` of what ``soe.builders.build_stitcher_to_shard``
+    left on the meta device (experts from files, connectors, LoRA adapters), filled in shard by shard
+    in ``configure_model``."""
 
     def __init__(self, stitcher: Stitcher, objective: FlowObjective, optim: OptimConfig, max_steps: int = 1000,
-                 on_nonfinite: str = "stop", weights: dict | None = None):
+                 on_nonfinite: str = "stop", plan=None):
         super().__init__()
         self.stitcher, self.objective, self.optim, self.max_steps = stitcher, objective, optim, max_steps
         self.on_nonfinite = choice(NonFinite, on_nonfinite, "trainer.on_nonfinite")
-        self._pending_weights = dict(weights or {})
+        self._plan = plan  # None once filled in
         self.skipped_steps: list[int] = []  # steps skipped for a non-finite loss (on_nonfinite: skip)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
 
@@ -85,20 +86,18 @@ class StitchModule(L.LightningModule):
 
     # ---- strategies ----------------------------------------------------------------------------
     def configure_model(self):
-        """Under FSDP2 (ModelParallelStrategy): shard every expert block, each expert, each connector;
-        then the experts built on the meta device are loaded, one block at a time, into each rank's
-        shard (``soe.train.sharding``)."""
+        """Under FSDP2 (ModelParallelStrategy): draw the connectors and LoRA adapters left on the meta
+        device, shard every expert block, each expert, each connector, then load the experts built on
+        the meta device one block at a time into each rank's shard (``soe.train.sharding``)."""
         mesh = getattr(self, "device_mesh", None)
         if mesh is None or getattr(self, "_soe_sharded", False):
-            if self._pending_weights and not getattr(self, "_soe_sharded", False):
-                raise RuntimeError("experts built on the meta device need the fsdp2 strategy to be loaded")
+            if self._plan and not getattr(self, "_soe_sharded", False):
+                raise RuntimeError("a stitch built on the meta device needs the fsdp2 strategy to be filled in")
             return
-        from soe.train.sharding import load_shards, shard_stitcher
+        from soe.train.sharding import ShardPlan, materialise
 
-        shard_stitcher(self.stitcher, mesh["data_parallel"])
-        for side, weights in self._pending_weights.items():
-            load_shards(getattr(self.stitcher, side), weights, side)
-        self._pending_weights = {}
+        materialise(self.stitcher, self._plan or ShardPlan(), mesh["data_parallel"])
+        self._plan = None
         self._soe_sharded = True
 
     # ---- checkpoints hold only what trains -----------------------------------------------------

@@ -5,79 +5,25 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from soe.builders import (apply_training_setup, build_datamodule, build_objective, build_optim, build_stitcher,
-                          build_stitcher_to_shard)
-from soe.console import console_kwargs, make_console
-from soe.config import RecipeError, load_recipe, to_container, validate_recipe
-from soe.errors import one_line
+from soe.builders import (apply_storage_dtypes, apply_training_setup, build_datamodule, build_objective, build_optim,
+                          build_stitcher, build_stitcher_to_shard, build_trainer)
+from soe.console import make_console
+from soe.config import RecipeError, load_recipe, validate_recipe
 from soe.extras import has as has_extra, missing_message
-from soe.train.storage import apply_storage_dtypes
 from soe.report import print_tables, stitch_tables
 from soe.threads import configure_threads
 from soe.train.callbacks import SampleCallback, SyncReportCallback
-from soe.train.checkpoint import AtomicCheckpointIO, ExportTrained, RunCheckpoint, read_checkpoint
+from soe.train.checkpoint import ExportTrained, read_checkpoint
 from soe.train.interrupt import StopOnInterrupt
 from soe.train.log_rows import KeepLogRow
 from soe.train.module import StitchModule
 from soe.train.plots import plot_losses
-from soe.train.progress import StepProgressBar, quiet_libraries
+from soe.train.progress import quiet_libraries
 from soe.train.run_folder import RunLock, check_recipe_changes
-
-
-def build_strategy(name: str, devices, num_nodes: int):
-    if name == "fsdp2":  # per-parameter sharding (torch fully_shard) through Lightning's ModelParallelStrategy
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if not isinstance(devices, int):
-            raise RecipeError("trainer.devices: strategy 'fsdp2' needs a device count (an integer), not a list or 'auto'")
-        return ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
-    return name
-
-
-def build_trainer(cfg, run_dir: Path, callbacks: list, console_progress: bool = True) -> L.Trainer:
-    t = cfg.trainer
-    io = AtomicCheckpointIO()
-    for callback in callbacks:
-        if isinstance(callback, ExportTrained):  # trained/ follows each checkpoint once it is on disk
-            callback.attach(io)
-    ckpt = RunCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
-                           every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=-1)
-    # every logged row reaches the disk at once: a killed run keeps the losses of the steps it made
-    loggers = [CSVLogger(run_dir, name="logs", flush_logs_every_n_steps=1)]
-    if has_extra("tensorboard"):
-        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
-    progress = [StepProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2), leave=True, console_kwargs=console_kwargs())] if console_progress else []
-    try:
-        return L.Trainer(
-            max_steps=t.max_steps,
-            accelerator=t.accelerator,
-            devices=to_container(t.devices),
-            num_nodes=t.num_nodes,
-            strategy=build_strategy(t.strategy, to_container(t.devices), t.num_nodes),
-            precision=t.precision,
-            accumulate_grad_batches=t.accumulate_grad_batches,
-            log_every_n_steps=t.log_every_n_steps,
-            gradient_clip_val=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else None,
-            callbacks=[ckpt, *progress, *callbacks],
-            logger=loggers,
-            plugins=[io],
-            default_root_dir=run_dir,
-            enable_progress_bar=console_progress,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,  # StepBatchSampler slices batches per rank itself
-            **to_container(t.extra),
-        )
-    except RecipeError:
-        raise
-    except (MisconfigurationException, ValueError, TypeError) as e:  # a strategy, precision, device, accelerator
-        raise RecipeError(f"trainer: {one_line(e, 300)}") from None  # or extra argument Lightning cannot use here
 
 
 def prepare_run_dir(cfg) -> tuple[Path, str | None]:
@@ -120,14 +66,14 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
                 console.print(f"resume: {key} {old!r} -> {new!r}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.strategy == "fsdp2":  # experts from files stay on the meta device until configure_model shards them
-        stitcher, weights = build_stitcher_to_shard(cfg)
+        stitcher, plan = build_stitcher_to_shard(cfg)
     else:
-        stitcher, weights = build_stitcher(cfg), {}
-    apply_training_setup(stitcher, cfg, adapters_on="cpu" if weights else None)
+        stitcher, plan = build_stitcher(cfg), None
+    apply_training_setup(stitcher, cfg, plan=plan)
     apply_storage_dtypes(stitcher, cfg)  # experts.<side>.storage_dtype: frozen weights in fp8
     stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training
     module = StitchModule(stitcher, build_objective(cfg, stitcher), build_optim(cfg), max_steps=cfg.trainer.max_steps,
-                          on_nonfinite=cfg.trainer.on_nonfinite, weights=weights)
+                          on_nonfinite=cfg.trainer.on_nonfinite, plan=plan)
     if resume_from:  # a bad checkpoint fails here, before Lightning's loggers touch the run folder
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}

@@ -6,6 +6,7 @@ for sampling, see ``soe.speed``), which casts the parameter itself up before a l
 down after it, the parameter is never changed here: autograd and gradient-checkpoint recomputation
 keep seeing the tensors they saved. Trainable layers (LoRA, fully trained experts) are left alone.
 Halves the frozen weights of a LoRA run (UniVerse-1: about 9.4 GB -> 4.7 GB of bf16 weights).
+The recipe's ``experts.<side>.storage_dtype`` reaches here through ``soe.builders.apply_storage_dtypes``.
 """
 from __future__ import annotations
 
@@ -50,14 +51,3 @@ def store_frozen_in(model: nn.Module, storage_dtype: str, compute_dtype: torch.d
         HookRegistry.check_if_exists_or_initialize(m).register_hook(_CastCopyHook(compute_dtype), HOOK_NAME)
         done.append(name)
     return done
-
-
-def apply_storage_dtypes(stitcher, cfg) -> dict[str, list[str]]:
-    """``experts.<side>.storage_dtype`` of the recipe, after LoRA is set up (so trainable layers are known)."""
-    out = {}
-    for side in ("a", "b"):
-        dtype = cfg.experts[side].get("storage_dtype")
-        if dtype is not None:
-            e = getattr(stitcher, side)
-            out[side] = store_frozen_in(e.model, dtype, e.dtype)
-    return out
