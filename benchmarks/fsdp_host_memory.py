@@ -10,9 +10,16 @@ folder (Wan2.1 + ACE-Step v1 architectures, about 1.1 GB of fp32 weights togethe
   draws each connector and adapter (sharding each connector before the next), shards, and loads each
   rank's shard of the experts one block at a time.
 
-Each rank reads every byte of its shards once, then reports its peak resident set size (``VmHWM``,
-file pages read through mmap included) and its resident size right after the imports. Printed: the peaks and their ratio
-(target <= 0.6), and the same for the memory above the imports.
+Each rank reads every byte of its shards once, then reports two peaks, each next to its value right
+after the imports:
+
+* resident set size (``VmHWM``): everything mapped and touched, including the pages of torch's shared
+  libraries and of the weight files, which every rank on a node shares with the others (the page cache
+  holds them once);
+* private memory (``RssAnon``, the heap; sampled every millisecond by a thread, the kernel keeps no peak
+  of it): what each rank adds on its own, so what a node needs per extra rank.
+
+Printed: the peaks and their ratio (target <= 0.6), and the same for the memory above the imports.
 
     python benchmarks/fsdp_host_memory.py [--wan-layers 8 --ace-layers 6 --width 1024]
 """
@@ -23,6 +30,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # run as `python benchmarks/x.py` from a checkout
@@ -35,6 +43,25 @@ def status_mb(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise KeyError(field)
+
+
+class PeakPrivate:
+    """The highest ``RssAnon`` seen by a thread that reads it every millisecond while it runs."""
+
+    def __init__(self) -> None:
+        self.peak = status_mb("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, status_mb("RssAnon"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, status_mb("RssAnon"))
 
 
 def write_recipe(folder: Path) -> None:
@@ -68,7 +95,8 @@ def worker(rank: int, mode: str, folder: str, out: str, port: int) -> None:
     from soe.config import load_recipe
 
     cfg = load_recipe(Path(folder) / "recipe.yaml", [])
-    imported = status_mb("VmRSS")
+    imported, imported_private = status_mb("VmRSS"), status_mb("RssAnon")
+    private = PeakPrivate()
     torch.manual_seed(0)
     if mode == "whole":
         stitcher, plan = build_stitcher(cfg), None
@@ -81,13 +109,13 @@ def worker(rank: int, mode: str, folder: str, out: str, port: int) -> None:
     for p in stitcher.parameters():  # read every byte of this rank's shards: weights only mapped from a file count too
         p.to_local().sum()
     local = sum(p.to_local().numel() * p.element_size() for p in stitcher.parameters()) / 2**20
-    peak = status_mb("VmHWM")
-    Path(f"{out}.{rank}").write_text(f"{imported} {peak} {local}")
+    peak, peak_private = status_mb("VmHWM"), private.stop()
+    Path(f"{out}.{rank}").write_text(f"{imported} {peak} {local} {imported_private} {peak_private}")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run(mode: str, folder: Path) -> list[tuple[float, float, float]]:
+def run(mode: str, folder: Path) -> list[tuple[float, ...]]:
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -123,10 +151,14 @@ def main() -> None:
         print(f"experts: {total:.0f} MiB of fp32 weights (wan2.1 {args.wan_layers} blocks + ace-step {args.ace_layers} blocks, "
               f"width {args.width}); 2 gloo ranks")
         results = {mode: run(mode, folder) for mode in ("whole", "meta")}
-    print(f"{'rank':>4} {'imports MiB':>12} {'peak whole':>11} {'peak meta':>10} {'ratio':>6} {'above imports: ratio':>21} {'shard MiB':>10}")
-    for r in range(2):
-        (iw, pw, _), (im, pm, local) = results["whole"][r], results["meta"][r]
-        print(f"{r:>4} {im:>12.0f} {pw:>11.0f} {pm:>10.0f} {pm / pw:>6.2f} {(pm - im) / (pw - iw):>21.2f} {local:>10.0f}")
+    print(f"{'memory':>8} {'rank':>4} {'imports MiB':>12} {'peak whole':>11} {'peak meta':>10} {'ratio':>6} "
+          f"{'above imports: ratio':>21} {'shard MiB':>10}")
+    for label, at in (("resident", 0), ("private", 3)):
+        for r in range(2):
+            whole, meta = results["whole"][r], results["meta"][r]
+            iw, pw, im, pm = whole[at], whole[at + 1 if at == 0 else 4], meta[at], meta[at + 1 if at == 0 else 4]
+            print(f"{label:>8} {r:>4} {im:>12.0f} {pw:>11.0f} {pm:>10.0f} {pm / pw:>6.2f} {(pm - im) / (pw - iw):>21.2f} "
+                  f"{meta[2]:>10.0f}")
 
 
 if __name__ == "__main__":
