@@ -168,7 +168,7 @@ def main() -> None:
         lo, rb, raw = g["loader"], g["raw-batches"], g["raw"]
         t.add_row(f"{n:,}", f"{size / 2**20:.1f}", f"{lo['peak_rss_mb']:.0f}", f"{lo['peak_rss_mb'] / base:.3f}", f"{lo['per_s']:.0f}",
                   f"{rb['per_s']:.0f}", f"{lo['per_s'] / rb['per_s']:.2f}", f"{raw['per_s']:.0f}", f"{lo['per_s'] / raw['per_s']:.2f}")
-    Console().print(t)
+    Console(width=160).print(t)
     u = Table(title="bytes per 5 s UniVerse-1 window (Wan2.1 1.3B 480x832 + ACE-Step v1 25.6 kHz), from the shapes")
     for c in ("captions", "format 1 (f32, padded)", "format 2", "of which latents", "of which text", "ratio"):
         u.add_column(c, justify="right")
