@@ -114,12 +114,15 @@ class StreamingCache:
             raise LatentCacheError(f"latent cache '{self.name}': '{rel}' is {missing}") from None
 
     def _read_index(self, sub: str) -> dict:
+        path = self.folder / sub / INDEX
         if self.url:
+            before = _chunk_identities(path)
             try:
                 self._fetch(f"{sub}/{INDEX}")
             except LatentCacheError:
                 pass  # reported below as the index a merge writes
-        path = self.folder / sub / INDEX
+            else:
+                self._drop_stale_chunks(sub, before, _chunk_identities(path))
         if not path.is_file():
             raise LatentCacheError(f"latent cache '{self.name}': missing '{sub}/{INDEX}' (merge the shards: run the last "
                                    "`soe encode ... --shard I/N` again)")
@@ -127,6 +130,15 @@ class StreamingCache:
             return json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise LatentCacheError(f"latent cache '{self.name}': corrupt JSON in '{sub}/{INDEX}' ({e})") from None
+
+    def _drop_stale_chunks(self, sub: str, before: dict | None, now: dict | None) -> None:
+        """Delete local copies of chunks the remote index no longer lists as they were (re-encoded under
+        the same name, or gone); litdata downloads them again when a batch needs them. Copies that no
+        earlier index vouches for are dropped too."""
+        for p in (self.folder / sub).glob("chunk-*.bin"):
+            name = p.name
+            if before is None or now is None or name not in now or before.get(name) != now[name]:
+                p.unlink(missing_ok=True)
 
     def chunk_sizes(self, bucket: str) -> list[int]:
         return self.sizes[f"{WINDOWS}/{bucket}"]
@@ -186,6 +198,16 @@ class StreamingCache:
         """One window: ``{"a": {"latents", cond...}, "b": {...}, "id"}``, tensors without batch axis."""
         b = self.batch(bucket, [index])
         return {"id": b["id"][0], **{side: {k: v[0] for k, v in b[side].items()} for side in ("a", "b")}}
+
+
+def _chunk_identities(index_file: Path) -> dict | None:
+    """``{chunk file name: (bytes, items, sha1)}`` of a local ``index.json``, None when there is none to trust.
+    ``sha1`` is None for caches written before chunks carried one (then size and item count decide)."""
+    try:
+        chunks = json.loads(index_file.read_text())["chunks"]
+        return {c["filename"]: (c["chunk_bytes"], c["chunk_size"], c.get("sha1")) for c in chunks}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_cache(folder) -> tuple[dict, list[dict], list[dict]]:
