@@ -97,40 +97,43 @@ class WindowBuffer:
 
 
 class TextChunks:
-    """Text states of one side: decoded chunks as stored (``{key: [trimmed tensor per item]}``), at most
-    ``max_chunks`` of them and ``max_bytes`` (always the last one read)."""
+    """Text states of one side: decoded chunks as stored (each item a tuple of trimmed tensors, one per
+    key), at most ``max_chunks`` of them and ``max_bytes`` (always the last one read)."""
 
     def __init__(self, chunk_sizes: list[int], read: Callable[[int], list[dict]], max_chunks: int, max_bytes: int):
-        self.starts = [0]
+        self.sizes, self.starts = chunk_sizes, [0]
         for n in chunk_sizes[:-1]:
             self.starts.append(self.starts[-1] + n)
         self.read, self.max_chunks, self.max_bytes = read, max(1, max_chunks), max_bytes
-        self.held: OrderedDict[int, tuple[dict, int]] = OrderedDict()  # chunk -> (columns, bytes)
+        self.held: OrderedDict[int, int] = OrderedDict()  # chunk -> bytes, least recently used first
+        self.items: dict[int, tuple] = {}  # text state number -> (chunk, its tensors one per key), held chunks only
+        self.keys: list[str] = []
 
-    def _chunk(self, c: int) -> dict:
-        got = self.held.get(c)
-        if got is not None:
-            self.held.move_to_end(c)
-            return got[0]
+    def _load(self, c: int) -> None:
         items = self.read(c)
-        columns = {k: [it[k] for it in items] for k in items[0]}
-        self.held[c] = (columns, sum(t.nbytes for v in columns.values() for t in v))
-        while len(self.held) > 1 and (len(self.held) > self.max_chunks or sum(b for _, b in self.held.values()) > self.max_bytes):
-            self.held.popitem(last=False)
-        return columns
+        self.keys = list(items[0])
+        for j, it in enumerate(items):
+            self.items[self.starts[c] + j] = (c, tuple(it[k] for k in self.keys))
+        self.held[c] = sum(t.nbytes for it in items for t in it.values())
+        while len(self.held) > 1 and (len(self.held) > self.max_chunks or sum(self.held.values()) > self.max_bytes):
+            old, _ = self.held.popitem(last=False)
+            for i in range(self.starts[old], self.starts[old] + self.sizes[old]):
+                del self.items[i]
 
     def batch(self, numbers: list[int], lengths: dict, dtype: str) -> dict:
         """Text states ``numbers`` as batch tensors, each key zero-padded back to ``lengths[key][0]``."""
-        starts, held, picked = self.starts, {}, None
+        rows, used = [], set()
         for i in numbers:
-            c = bisect.bisect_right(starts, i) - 1
-            columns = held.get(c)
-            if columns is None:
-                columns = held[c] = self._chunk(c)
-                picked = picked or {k: [] for k in columns}
-            for k, items in columns.items():
-                picked[k].append(items[i - starts[c]])
-        return {k: unpack(stack_padded(v, (lengths.get(k) or [None])[0]), dtype) for k, v in picked.items()}
+            row = self.items.get(i)
+            if row is None:
+                self._load(bisect.bisect_right(self.starts, i) - 1)
+                row = self.items[i]
+            used.add(row[0])
+            rows.append(row[1])
+        for c in used:
+            if c in self.held:  # a chunk read for this batch may have pushed out one used earlier in it
+                self.held.move_to_end(c)
+        return {k: unpack(stack_padded([r[j] for r in rows], (lengths.get(k) or [None])[0]), dtype) for j, k in enumerate(self.keys)}
 
 
 def stack_padded(tensors: list[torch.Tensor], length: int | None) -> torch.Tensor:

@@ -54,8 +54,9 @@ def resolve_location(folder, cache_dir=None) -> tuple[Path, str | None]:
 
 class StreamingCache:
     """``buffer_chunks``: decoded window chunks kept per bucket and process (the shuffle buffer:
-    ``data.shuffle_chunks``); a chunk is decoded whole the first time a batch needs one of its
-    windows. Memory: buckets x buffer_chunks chunks + 16 MB of text states, whatever the cache size.
+    ``data.shuffle_chunks``, see ``stream_chunks.WindowBuffer``); a chunk is decoded whole the first
+    time a batch needs one of its windows. Memory: buckets x buffer_chunks chunks + text chunks (at
+    most 2 x buckets x buffer_chunks per side and 16 MB), whatever the cache size.
     ``folder``: a local folder or a URL (see the module docstring); ``cache_dir``: where a remote
     cache's files are kept locally."""
 
