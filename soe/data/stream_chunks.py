@@ -4,7 +4,7 @@
 tensors (latents as stored, each window's text state number, ids), so that a batch is one gather per
 tensor whatever chunks its windows come from, and its size is fixed by ``slots`` x the largest chunk
 of the bucket, whatever the number of windows. ``TextChunks``: text chunks of one side, kept as
-stored (trimmed) up to a number of chunks and of bytes, padded back into each batch.
+stored (trimmed) up to a number of chunks, padded back into each batch.
 
 Why preallocated tensors: a chunk kept as litdata hands it out (a dict of small tensors per window)
 is thousands of Python objects; with 16 of them buffered, Python's garbage collector spent about as
@@ -98,14 +98,14 @@ class WindowBuffer:
 
 class TextChunks:
     """Text states of one side: decoded chunks as stored (each item a tuple of trimmed tensors, one per
-    key), at most ``max_chunks`` of them and ``max_bytes`` (always the last one read)."""
+    key), at most ``max_chunks`` of them, least recently used out first."""
 
-    def __init__(self, chunk_sizes: list[int], read: Callable[[int], list[dict]], max_chunks: int, max_bytes: int):
+    def __init__(self, chunk_sizes: list[int], read: Callable[[int], list[dict]], max_chunks: int):
         self.sizes, self.starts = chunk_sizes, [0]
         for n in chunk_sizes[:-1]:
             self.starts.append(self.starts[-1] + n)
-        self.read, self.max_chunks, self.max_bytes = read, max(1, max_chunks), max_bytes
-        self.held: OrderedDict[int, int] = OrderedDict()  # chunk -> bytes, least recently used first
+        self.read, self.max_chunks = read, max(1, max_chunks)
+        self.held: OrderedDict[int, None] = OrderedDict()  # chunks, least recently used first
         self.items: dict[int, tuple] = {}  # text state number -> (chunk, its tensors one per key), held chunks only
         self.keys: list[str] = []
 
@@ -114,8 +114,8 @@ class TextChunks:
         self.keys = list(items[0])
         for j, it in enumerate(items):
             self.items[self.starts[c] + j] = (c, tuple(it[k] for k in self.keys))
-        self.held[c] = sum(t.nbytes for it in items for t in it.values())
-        while len(self.held) > 1 and (len(self.held) > self.max_chunks or sum(self.held.values()) > self.max_bytes):
+        self.held[c] = None
+        while len(self.held) > self.max_chunks:
             old, _ = self.held.popitem(last=False)
             for i in range(self.starts[old], self.starts[old] + self.sizes[old]):
                 del self.items[i]
