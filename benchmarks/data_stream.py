@@ -5,20 +5,33 @@
 
 For each size a synthetic cache of small windows is written through ``PartWriter`` (what ``soe
 encode`` uses: two buckets, 4 windows per caption, 256 windows per chunk). Then, each in a fresh
-process so peaks do not mix: one epoch of the training loader (``StreamBatchSampler`` + the
-DataLoader over ``StreamingCache``: shuffled chunk order, bounded shuffle buffer, bucket batches,
-text states padded back, collate) against two sequential reads of the same chunks: "raw batches"
-makes the loader's product without its order (windows in file order through litdata's own iterator,
-text states attached, the same batches collated), "raw read" only iterates every window and text
-chunk once with litdata (the floor: decoding, nothing else). Printed: peak RSS of each and windows/s, with the loader's
-RSS relative to the smallest cache and its speed relative to the raw read. Numbers are ratios taken
-side by side on one machine; nothing here passes or fails on time.
+process so peaks do not mix, one epoch of three readers of the same chunks:
+
+- "loader": the training loader as ``StreamingLatentDataModule`` builds it with ``data.num_workers: 0``
+  (``StreamBatchSampler`` + ``StreamDataLoader`` over ``StreamingCache``: shuffled chunk order, the
+  bounded shuffle buffer, batches within a bucket, text states joined and padded back, collate);
+- "raw read" (the baseline of the target): every window and text chunk once, in file order, through
+  litdata's own sequential iterator, decoded to the tensors training gets (latents stacked B windows
+  at a time as float32, text states as float32), nothing else: no shuffle, no join, no padding;
+- "raw batches": the loader's product without its order (consecutive windows in file order).
+
+The raw read stacks the latents it reads: litdata hands out tensors that are views of the mapped
+chunk file, so a read that only iterated them would never touch the latent bytes the loader has to
+copy into its batches. Before timing, each process runs a full garbage collection and freezes what
+it holds (``gc.freeze``): a full collection scans the ~0.5 M objects of importing torch and
+Lightning (0.2-0.5 s on a 2-core box) and fell by chance into one reader's epoch or the other's.
+Modes alternate over ``--repeats`` processes; printed: the median windows/s and the highest peak
+RSS of each, the loader's RSS relative to the smallest cache and its speed relative to the raw read,
+by the clock and by the process's CPU time (steadier where other work shares the cores: all three
+readers run in one thread, ``data.num_workers: 0``).
+Numbers are ratios taken side by side on one machine; nothing here passes or fails on time.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,15 +75,22 @@ def write(folder: Path, n: int) -> None:
 
 
 def measure(folder: str, mode: str, batch_size: int) -> dict:
+    import gc
+
     import torch
+    from litdata import StreamingDataset
+
+    from soe.data.stream_format import unpack
     from soe.data.stream_read import StreamingCache
     from soe.data.streaming import StreamBatchSampler, StreamDataLoader, StreamWindows, collate_batch
 
-    from litdata import StreamingDataset
     torch.set_num_threads(1)
     cache = StreamingCache(folder, buffer_chunks=8)
-    t0, windows = time.perf_counter(), 0
-    if mode == "loader":
+    storage = cache.storage
+    gc.collect()
+    gc.freeze()  # see the module docstring: full collections of the import-time objects are not the data path's
+    t0, cpu0, windows = time.perf_counter(), time.process_time(), 0
+    if mode == "loader":  # what StreamingLatentDataModule.train_dataloader builds (data.num_workers: 0)
         sizes = {b: cache.chunk_sizes(b) for b in cache.buckets}
         sampler = StreamBatchSampler(sizes, batch_size, seed=0, length=1)
         loader = iter(StreamDataLoader(StreamWindows(cache), batch_sampler=sampler, num_workers=0, collate_fn=collate_batch))
@@ -81,18 +101,44 @@ def measure(folder: str, mode: str, batch_size: int) -> dict:
             n = sum(cache.chunk_sizes(bucket))
             for first in range(0, n - batch_size + 1, batch_size):
                 windows += cache.batch(bucket, list(range(first, first + batch_size)))["a"]["latents"].shape[0]
-    else:  # raw: every chunk once, in file order, through litdata's own iterator (windows and text states), nothing else
-        for sub in [f"windows/{b}" for b in cache.buckets] + ["texts/a", "texts/b"]:
-            for item in StreamingDataset(str(cache.folder / sub)):
-                windows += sub.startswith("windows")
-    elapsed = time.perf_counter() - t0
-    return {"windows": windows, "per_s": windows / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    else:  # raw: every chunk once, in file order, through litdata's own iterator, decoded to the tensors training gets
+        for bucket in cache.buckets:
+            batch: dict = {"a": [], "b": []}
+            for item in StreamingDataset(str(cache.folder / "windows" / bucket)):
+                for side in batch:
+                    batch[side].append(item[side])
+                if len(batch["a"]) == batch_size:
+                    windows += _collate(batch, storage["latents"])
+            windows += _collate(batch, storage["latents"])
+        for side in ("a", "b"):  # every text state once, as float32 (not joined to windows, not padded)
+            for item in StreamingDataset(str(cache.folder / "texts" / side)):
+                for v in item.values():
+                    unpack(v, storage["text"])
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"windows": windows, "per_s": windows / elapsed, "per_cpu_s": windows / cpu,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _collate(batch: dict, dtype: str) -> int:
+    """The raw read's batch: each side's latents stacked and decoded to float32 (the bytes are read,
+    as for the loader), then the lists emptied; returns the number of windows."""
+    import torch
+
+    from soe.data.stream_format import unpack
+
+    n = len(batch["a"])
+    for side, tensors in batch.items():
+        if tensors:
+            unpack(torch.stack(tensors), dtype)
+        tensors.clear()
+    return n
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per mode and size; the median windows/s is printed")
     p.add_argument("--measure", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
@@ -106,23 +152,27 @@ def main() -> None:
         for n in args.sizes:
             folder = Path(tmp) / f"cache-{n}"
             write(folder, n)
-            got = {}
-            for mode in ("loader", "raw-batches", "raw"):
-                out = subprocess.run([sys.executable, __file__, "--measure", str(folder), mode, "--batch-size", str(args.batch_size)],
-                                     capture_output=True, text=True, check=True)
-                got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            runs: dict = {}
+            for _ in range(args.repeats):  # the modes alternate, so a burst of load on the machine hits them alike
+                for mode in ("loader", "raw-batches", "raw"):
+                    out = subprocess.run([sys.executable, __file__, "--measure", str(folder), mode, "--batch-size", str(args.batch_size)],
+                                         capture_output=True, text=True, check=True)
+                    runs.setdefault(mode, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            got = {mode: {"per_s": statistics.median(r["per_s"] for r in rs), "per_cpu_s": statistics.median(r["per_cpu_s"] for r in rs),
+                          "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)} for mode, rs in runs.items()}
             size = sum(f.stat().st_size for f in folder.rglob("*.bin"))
             rows.append((n, size, got))
     base = rows[0][2]["loader"]["peak_rss_mb"]
-    t = Table(title=f"streaming latent cache, batch {args.batch_size}, one epoch (peak RSS of the reading process)")
+    t = Table(title=f"streaming latent cache, batch {args.batch_size}, one epoch: median of {args.repeats} processes (windows/s), highest peak RSS")
     for c in ("windows", "cache MB", "loader RSS MB", "RSS vs first", "loader win/s", "raw batches win/s", "loader / raw batches",
-              "raw read win/s", "loader / raw read"):
+              "raw read win/s", "loader / raw read", "same, CPU time"):
         t.add_column(c, justify="right")
     for n, size, g in rows:
         lo, rb, raw = g["loader"], g["raw-batches"], g["raw"]
         t.add_row(f"{n:,}", f"{size / 2**20:.1f}", f"{lo['peak_rss_mb']:.0f}", f"{lo['peak_rss_mb'] / base:.3f}", f"{lo['per_s']:.0f}",
-                  f"{rb['per_s']:.0f}", f"{lo['per_s'] / rb['per_s']:.2f}", f"{raw['per_s']:.0f}", f"{lo['per_s'] / raw['per_s']:.2f}")
-    Console().print(t)
+                  f"{rb['per_s']:.0f}", f"{lo['per_s'] / rb['per_s']:.2f}", f"{raw['per_s']:.0f}", f"{lo['per_s'] / raw['per_s']:.2f}",
+                  f"{lo['per_cpu_s'] / raw['per_cpu_s']:.2f}")
+    Console(width=160).print(t)
     u = Table(title="bytes per 5 s UniVerse-1 window (Wan2.1 1.3B 480x832 + ACE-Step v1 25.6 kHz), from the shapes")
     for c in ("captions", "format 1 (f32, padded)", "format 2", "of which latents", "of which text", "ratio"):
         u.add_column(c, justify="right")

@@ -236,7 +236,7 @@ def build_datamodule(cfg: DictConfig, stitcher: Stitcher):
         from soe.data.streaming import StreamingLatentDataModule
 
         return StreamingLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,
-                                         shuffle_chunks=d.shuffle_chunks, seconds=d.seconds)
+                                         shuffle_chunks=d.shuffle_chunks, seconds=d.seconds, cache_dir=d.cache_dir)
     from soe.data.datamodule import PairedLatentDataModule
 
     return PairedLatentDataModule(experts, d.path, batch_size=d.batch_size, seed=cfg.seed, num_workers=d.num_workers,

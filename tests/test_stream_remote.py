@@ -110,3 +110,19 @@ def test_an_unknown_url_scheme_is_one_line_and_exit_2(tmp_path):
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     assert out.returncode == 2 and len(lines) == 1 and "ftp://" in lines[0], out.stdout + out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_remote_cache_encoded_again_under_the_same_chunk_names_is_read_anew(cache, served, tmp_path):
+    """The local copy keeps chunks only while the remote index lists them unchanged (size, items, sha1)."""
+    local = tmp_path / "soe-cache"
+    every_window(StreamingCache("mock://store", cache_dir=local))  # every chunk copied once
+    again = tmp_path / "again"
+    records = (random_record(i, SHAPES, TEXT, durations=(1.0, 2.0)) for i in range(11))
+    write_cache(again, ({**r, "a": {**r["a"], "latents": -r["a"]["latents"]}} for r in records), {"a": "x", "b": "y"}, shard_size=3)
+    assert sorted(p.name for p in again.rglob("chunk-*.bin")) == sorted(p.name for p in cache.rglob("chunk-*.bin"))
+    Served.root, Served.asked = again, []
+    got = every_window(StreamingCache("mock://store", cache_dir=local))
+    assert_same(got, every_window(StreamingCache(again)))
+    windows = {a for a in served.asked if a.startswith("windows/") and a.endswith(".bin")}
+    assert windows == {p.relative_to(again).as_posix() for p in again.rglob("windows/*/chunk-*.bin")}  # changed: fetched again
+    assert not any(a.startswith("texts/") and a.endswith(".bin") for a in served.asked)  # same text chunks: kept

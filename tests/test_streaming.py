@@ -124,6 +124,48 @@ def test_cache_reads_back_every_window_with_one_text_per_caption(cache, experts)
     assert [sum(c.sizes[f"texts/{s}"]) for s in ("a", "b")] == [4, 4]  # 14 windows, 4 captions
 
 
+def test_batches_from_a_small_buffer_equal_the_windows_read_one_by_one(cache):
+    """A buffer of 1 chunk per bucket: batches that need several chunks (as one straddling two shuffle
+    groups does) come out the same, and the process never holds more than the buffer."""
+    folder, _ = cache
+    meta, rows, windows = load_cache(folder)
+    by_id = {r["id"]: w for r, w in zip(rows, windows)}
+    c = StreamingCache(folder, buffer_chunks=1)
+    for bucket in c.buckets:
+        n = sum(c.chunk_sizes(bucket))
+        indices = [n - 1, 0, 3, 1, n - 1]  # three chunks of 3 windows, one window twice, out of order
+        got = c.batch(bucket, indices)
+        assert len(got["id"]) == len(indices) and got["id"][0] == got["id"][-1]
+        for j, wid in enumerate(got["id"]):
+            for side in ("a", "b"):
+                assert set(got[side]) == set(by_id[wid][side])
+                for k, v in got[side].items():
+                    assert torch.equal(v[j], by_id[wid][side][k]), (wid, side, k)
+        assert len(c._windows[bucket].held) == 1
+    sampler = StreamBatchSampler({b: c.chunk_sizes(b) for b in c.buckets}, 2, seed=1, length=1, shuffle_chunks=2)
+    for k in range(2 * sampler.batches_per_epoch()):  # the sliced batch equals window_at position by position
+        bucket, w = sampler.batch(k)
+        b = sampler.names.index(bucket)
+        e, j = divmod(k, sampler.batches_per_epoch())
+        first = int(sampler._slots(e)[1][j]) * 2
+        assert w == [sampler.window_at(b, e, p) for p in range(first, first + 2)]
+
+
+def test_recipe_data_cache_dir_holds_the_local_copy_of_a_url_cache(cache, experts, tmp_path):
+    from types import SimpleNamespace
+
+    from soe.builders import build_datamodule
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    cfg = load_recipe(recipe, [f"data.path=local:{cache[0]}", f"data.cache_dir={tmp_path / 'copies'}"])
+    assert cfg.data.cache_dir == str(tmp_path / "copies")
+    dm = build_datamodule(cfg, SimpleNamespace(a=experts["a"], b=experts["b"]))
+    dm.setup()
+    assert (tmp_path / "copies") in dm.cache.folder.parents and (dm.cache.folder / "meta.json").is_file()
+    assert any(dm.cache.folder.rglob("chunk-*.bin"))  # setup read a window per bucket through the copy
+
+
 # ---- bad shards ----------------------------------------------------------------------------------
 @pytest.fixture
 def broken(cache, tmp_path):

@@ -14,22 +14,19 @@ opened, chunks when a batch first needs them.
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import os
-from collections import OrderedDict
 from pathlib import Path
 
-import torch
-
-from soe.data.stream_format import INDEX, TEXTS, WINDOWS, is_url, read_meta, unpack
+from soe.data.stream_chunks import TextChunks, WindowBuffer
+from soe.data.stream_format import INDEX, TEXTS, WINDOWS, is_url, read_meta
 from soe.errors import one_line
 from soe.data.latent_cache import LatentCacheError
 
-TEXT_CACHE_BYTES = 16 << 20  # decoded (trimmed) text chunks kept per process: bounded, whatever the cache size
-
-
+TEXT_CHUNKS_PER_BUFFERED = 2  # text chunks kept per side, per window chunk all buckets buffer: a text chunk serves
+# windows of every bucket, whose chunk orders are independent (data_stream.py at 50k windows: each text chunk is read
+# 1.75x an epoch; with 4: 1.4x, loader / raw read 0.64-0.69 instead of 0.61, but +18 MB peak RSS, 1.098x the 1k cache's)
 
 
 def default_cache_dir() -> Path:
@@ -59,8 +56,10 @@ def resolve_location(folder, cache_dir=None) -> tuple[Path, str | None]:
 
 class StreamingCache:
     """``buffer_chunks``: decoded window chunks kept per bucket and process (the shuffle buffer:
-    ``data.shuffle_chunks``); a chunk is decoded whole the first time a batch needs one of its
-    windows. Memory: buckets x buffer_chunks chunks + 16 MB of text states, whatever the cache size.
+    ``data.shuffle_chunks``, see ``stream_chunks.WindowBuffer``); a chunk is decoded whole the first
+    time a batch needs one of its windows. Memory: buckets x buffer_chunks window chunks + at most 2 x
+    as many text chunks per side (text chunks hold a chunk's new captions, trimmed: far smaller than
+    its latents), whatever the cache size.
     ``folder``: a local folder or a URL (see the module docstring); ``cache_dir``: where a remote
     cache's files are kept locally."""
 
@@ -95,12 +94,11 @@ class StreamingCache:
                     raise LatentCacheError(f"latent cache '{self.name}': shard '{sub}/{c['filename']}' is truncated "
                                            f"({path.stat().st_size} of {c['chunk_bytes']} bytes)")
         self._datasets: dict = {}
-        self._texts: OrderedDict = OrderedDict()  # (dataset, chunk) -> decoded text states, at most TEXT_CACHE_BYTES
-        self._text_bytes = 0
-        self._chunks: dict[str, OrderedDict] = {}  # bucket dataset -> {chunk: decoded windows}, buffer_chunks each
+        self._windows: dict[str, WindowBuffer] = {}  # bucket -> its shuffle buffer (buffer_chunks chunks)
+        self._texts: dict[str, TextChunks] = {}  # side -> text chunks in use
 
     def __getstate__(self):  # DataLoader workers open their own litdata datasets
-        return {**self.__dict__, "_datasets": {}, "_texts": OrderedDict(), "_text_bytes": 0, "_chunks": {}}
+        return {**self.__dict__, "_datasets": {}, "_windows": {}, "_texts": {}}
 
     # ---- where the files are ---------------------------------------------------------------------
     def _fetch(self, rel: str) -> None:
@@ -120,12 +118,15 @@ class StreamingCache:
             raise LatentCacheError(f"latent cache '{self.name}': '{rel}' is {missing}") from None
 
     def _read_index(self, sub: str) -> dict:
+        path = self.folder / sub / INDEX
         if self.url:
+            before = _chunk_identities(path)
             try:
                 self._fetch(f"{sub}/{INDEX}")
             except LatentCacheError:
                 pass  # reported below as the index a merge writes
-        path = self.folder / sub / INDEX
+            else:
+                self._drop_stale_chunks(sub, before, _chunk_identities(path))
         if not path.is_file():
             raise LatentCacheError(f"latent cache '{self.name}': missing '{sub}/{INDEX}' (merge the shards: run the last "
                                    "`soe encode ... --shard I/N` again)")
@@ -133,6 +134,15 @@ class StreamingCache:
             return json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise LatentCacheError(f"latent cache '{self.name}': corrupt JSON in '{sub}/{INDEX}' ({e})") from None
+
+    def _drop_stale_chunks(self, sub: str, before: dict | None, now: dict | None) -> None:
+        """Delete local copies of chunks the remote index no longer lists as they were (re-encoded under
+        the same name, or gone); litdata downloads them again when a batch needs them. Copies that no
+        earlier index vouches for are dropped too."""
+        for p in (self.folder / sub).glob("chunk-*.bin"):
+            name = p.name
+            if before is None or now is None or name not in now or before.get(name) != now[name]:
+                p.unlink(missing_ok=True)
 
     def chunk_sizes(self, bucket: str) -> list[int]:
         return self.sizes[f"{WINDOWS}/{bucket}"]
@@ -147,26 +157,21 @@ class StreamingCache:
             ds = self._datasets[sub] = StreamingDataset(source)  # read a chunk at a time, in order (see _read_chunk)
         return ds
 
-    # ---- decoded chunks ---------------------------------------------------------------------------
-    def _chunk(self, sub: str, chunk: int) -> list[dict]:
-        """The items of chunk ``chunk`` of dataset ``sub``, decoded (kept in a bounded LRU)."""
-        text = sub.startswith(TEXTS)
-        lru = self._texts if text else self._chunks.setdefault(sub, OrderedDict())  # per bucket: batches alternate buckets
-        key = (sub, chunk) if text else chunk
-        rows = lru.get(key)
-        if rows is not None:
-            lru.move_to_end(key)
-            return rows
-        rows = self._read_chunk(sub, chunk)
-        if text:  # kept decoded (trimmed) as float32; padded into each batch
-            rows = [{k: unpack(v, self.storage["text"]) for k, v in r.items()} for r in rows]
-            self._text_bytes += sum(v.nbytes for r in rows for v in r.values())
-        lru[key] = rows
-        while len(lru) > 1 and (self._text_bytes > TEXT_CACHE_BYTES if text else len(lru) > self.buffer_chunks):
-            _, old = lru.popitem(last=False)
-            if text:
-                self._text_bytes -= sum(v.nbytes for r in old for v in r.values())
-        return rows
+    # ---- decoded chunks ----------------------------------------------------------------------------
+    def _buffer(self, bucket: str) -> WindowBuffer:
+        buf = self._windows.get(bucket)
+        if buf is None:
+            sub = f"{WINDOWS}/{bucket}"
+            buf = self._windows[bucket] = WindowBuffer(self.sizes[sub], self.buffer_chunks, lambda c: self._read_chunk(sub, c), self.offsets)
+        return buf
+
+    def _text_chunks(self, side: str) -> TextChunks:
+        got = self._texts.get(side)
+        if got is None:  # the text chunks the buffered windows refer to: about one per window chunk
+            sub = f"{TEXTS}/{side}"
+            got = self._texts[side] = TextChunks(self.sizes[sub], lambda c: self._read_chunk(sub, c),
+                                                 TEXT_CHUNKS_PER_BUFFERED * self.buffer_chunks * len(self.buckets))
+        return got
 
     def _read_chunk(self, sub: str, chunk: int) -> list[dict]:
         name = f"{sub}/{self.files[sub][chunk]}"
@@ -181,30 +186,16 @@ class StreamingCache:
         except Exception as e:  # truncated, rewritten under us, or a failed download
             raise LatentCacheError(f"latent cache '{self.name}': shard '{name}' is unreadable ({one_line(e, 200)})") from None
 
-    def _rows(self, sub: str, indices: list[int]) -> list[dict]:
-        starts, out, seen = self.starts[sub], [], {}
-        for i in indices:
-            c = bisect.bisect_right(starts, i) - 1
-            rows = seen.get(c)
-            if rows is None:
-                rows = seen[c] = self._chunk(sub, c)
-            out.append(rows[i - starts[c]])
-        return out
-
     # ---- windows ----------------------------------------------------------------------------------
     def batch(self, bucket: str, indices: list[int]) -> dict:
         """Windows ``indices`` of ``bucket`` as one batch: ``{"id": [...], "a": {"latents", cond...}, "b": {...}}``,
         tensors with a leading batch axis, floats as float32, conditioning zero-padded back to the encoder's
-        length straight into the batch tensor (one copy per window, no per-window padded tensor)."""
-        items = self._rows(f"{WINDOWS}/{bucket}", indices)
-        out: dict = {"id": [it["id"] for it in items]}
+        length straight into the batch tensor."""
+        ids, latents, texts = self._buffer(bucket).gather(indices, self.storage["latents"])
+        out: dict = {"id": ids}
         for side in ("a", "b"):
-            latents = unpack(torch.stack([it[side] for it in items]), self.storage["latents"])  # (B, ...), a copy
-            offsets = self.offsets[side]
-            texts = self._rows(f"{TEXTS}/{side}", [offsets[it["part"]] + it[f"text_{side}"] for it in items])
-            lengths = self.lengths.get(side, {})
-            out[side] = {"latents": latents, **{k: _stack_padded([t[k] for t in texts], (lengths.get(k) or [None])[0])
-                                                for k in texts[0]}}
+            text = self._text_chunks(side).batch(texts[side], self.lengths.get(side, {}), self.storage["text"])
+            out[side] = {"latents": latents[side], **text}
         return out
 
     def window(self, bucket: str, index: int) -> dict:
@@ -213,17 +204,14 @@ class StreamingCache:
         return {"id": b["id"][0], **{side: {k: v[0] for k, v in b[side].items()} for side in ("a", "b")}}
 
 
-def _stack_padded(tensors: list[torch.Tensor], length: int | None) -> torch.Tensor:
-    """Stack along a new batch axis, zero-padding the first axis of each to ``length`` (None: as they are).
-    A fixed number of tensor operations per batch, whatever its size (a Python loop over rows or
-    ``pad_sequence`` cost 4-10x more for small text states)."""
-    first = tensors[0]
-    if length is None or first.ndim == 0 or all(t.shape[0] == length for t in tensors):
-        return torch.stack(tensors)
-    out = first.new_zeros((len(tensors), length, *first.shape[1:]))
-    rows = torch.arange(length) < torch.tensor([t.shape[0] for t in tensors])[:, None]  # (B, length): kept rows
-    out[rows] = torch.cat(tensors)  # row-major order of the mask = the tensors one after the other
-    return out
+def _chunk_identities(index_file: Path) -> dict | None:
+    """``{chunk file name: (bytes, items, sha1)}`` of a local ``index.json``, None when there is none to trust.
+    ``sha1`` is None for caches written before chunks carried one (then size and item count decide)."""
+    try:
+        chunks = json.loads(index_file.read_text())["chunks"]
+        return {c["filename"]: (c["chunk_bytes"], c["chunk_size"], c.get("sha1")) for c in chunks}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_cache(folder) -> tuple[dict, list[dict], list[dict]]:

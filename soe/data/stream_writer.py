@@ -10,6 +10,7 @@ marker and, if every part is done, merges: the ``index.json`` of each dataset li
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -56,11 +57,9 @@ def _write_chunk(folder: Path, part: int, number: int, items: list[dict]) -> tup
     written = json.loads(index.read_text())
     index.unlink()
     (info,) = written["chunks"]
-    fd = os.open(folder / info["filename"], os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(folder / info["filename"], "rb") as f:
+        os.fsync(f.fileno())
+        info["sha1"] = hashlib.file_digest(f, "sha1").hexdigest()  # the chunk's identity for local copies of a remote cache
     return info, written["config"]
 
 

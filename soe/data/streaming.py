@@ -89,7 +89,18 @@ class StreamBatchSampler(Sampler):
         b, i = int(slots[j]), int(within[j])
         per = self.batch_size * self.world
         first = i * per + self.rank * self.batch_size
-        return self.names[b], [self.window_at(b, e, p) for p in range(first, first + self.batch_size)]
+        return self.names[b], self.windows_at(b, e, first, first + self.batch_size)
+
+    def windows_at(self, b: int, e: int, start: int, stop: int) -> list[int]:
+        """``window_at`` for positions ``start`` to ``stop``: slices of the shuffle groups they fall in."""
+        _, group_starts = self._order(b, e)
+        out, p = [], start
+        while p < stop:
+            g = bisect.bisect_right(group_starts, p) - 1
+            end = min(stop, group_starts[g + 1] if g + 1 < len(group_starts) else stop)
+            out += self._group(b, e, g)[p - group_starts[g]: end - group_starts[g]]
+            p = end
+        return out
 
     def __iter__(self):
         k = self.next_batch  # read now: a restarted iteration (or a restored loader state) continues the sequence

@@ -72,6 +72,7 @@ class DataConfig:
     num_clips: int = 256  # synthetic clips
     num_workers: int = 0
     shuffle_chunks: int = 8  # streamed caches: windows are shuffled within groups of this many chunks (the buffer)
+    cache_dir: Optional[str] = None  # local copy of a cache at a URL (s3://, gs://, ...); None: $SOE_CACHE_DIR or ~/.cache/soe
 
     def __post_init__(self):
         self.kind = choice(DataKind, self.kind, "kind")

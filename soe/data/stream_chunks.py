@@ -1,0 +1,149 @@
+"""The decoded part of a streaming latent cache a process holds: a shuffle buffer per bucket, text states.
+
+``WindowBuffer``: one bucket's shuffle buffer, ``slots`` window chunks decoded into preallocated
+tensors (latents as stored, each window's text state number, ids), so that a batch is one gather per
+tensor whatever chunks its windows come from, and its size is fixed by ``slots`` x the largest chunk
+of the bucket, whatever the number of windows. ``TextChunks``: text chunks of one side, kept as
+stored (trimmed) up to a number of chunks, padded back into each batch.
+
+Why preallocated tensors: a chunk kept as litdata hands it out (a dict of small tensors per window)
+is thousands of Python objects; with 16 of them buffered, Python's garbage collector spent about as
+long scanning them as litdata spent decoding, and a batch cost a tensor op per window it took.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+from soe.data.stream_format import unpack
+
+SIDES = ("a", "b")
+
+
+class WindowBuffer:
+    """``read(chunk)`` -> the chunk's items (litdata's dicts); ``text_offsets[side][part]``: where part
+    ``part``'s text states start in the side's text dataset."""
+
+    def __init__(self, chunk_sizes: list[int], slots: int, read: Callable[[int], list[dict]], text_offsets: dict):
+        self.read, self.text_offsets = read, text_offsets
+        self.starts = [0]  # first window of each chunk: O(chunks) small integers
+        for n in chunk_sizes[:-1]:
+            self.starts.append(self.starts[-1] + n)
+        self.slots, self.rows = max(1, min(slots, len(chunk_sizes))), max(chunk_sizes)
+        self.held: OrderedDict[int, int] = OrderedDict()  # chunk -> first buffer row, least recently used first
+        self.latents: dict[str, torch.Tensor] = {}  # side -> (slots x rows, ...), allocated with the first chunk
+        self.texts = {s: [0] * (self.slots * self.rows) for s in SIDES}  # each row's text state number
+        self.ids: list = [None] * (self.slots * self.rows)
+
+    def _load(self, chunk: int, keep: list[int]) -> None:
+        """Decode ``chunk`` into a free slot, or the least recently used one not in ``keep``."""
+        items = self.read(chunk)  # first: a chunk that fails to read leaves the buffer as it was
+        if len(self.held) < self.slots:
+            first = len(self.held) * self.rows
+        else:
+            first = self.held.pop(next(c for c in self.held if c not in keep))
+        n = len(items)
+        for side in SIDES:
+            tensors = [it[side] for it in items]
+            if side not in self.latents:
+                self.latents[side] = tensors[0].new_empty((self.slots * self.rows, *tensors[0].shape))
+            torch.stack(tensors, out=self.latents[side][first: first + n])  # one copy out of litdata's buffer
+            offsets, key = self.text_offsets[side], f"text_{side}"
+            self.texts[side][first: first + n] = [offsets[it["part"]] + it[key] for it in items]
+        self.ids[first: first + n] = [it["id"] for it in items]
+        self.held[chunk] = first
+
+    def gather(self, indices: list[int], dtype: str) -> tuple[list, dict, dict]:
+        """Windows ``indices`` of the bucket: ids, ``{side: latents (B, ...) float32}``, ``{side: [text state
+        number]}``. A batch that needs more chunks than the buffer holds (one that straddles two shuffle
+        groups) is gathered a buffer's worth of chunks at a time."""
+        starts, n = self.starts, len(indices)
+        chunks = [bisect.bisect_right(starts, i) - 1 for i in indices]
+        needed = list(dict.fromkeys(chunks))
+        if len(needed) <= self.slots:  # the usual case: one gather per tensor
+            self._hold(needed)
+            rows = [self.held[c] + i - starts[c] for c, i in zip(chunks, indices)]
+            where = torch.tensor(rows)
+            latents = {s: self.latents[s].index_select(0, where) for s in SIDES}  # index_select: 2-3x faster than [where]
+        else:  # a batch straddling two shuffle groups: a buffer's worth of chunks at a time
+            ids, texts, latents = [None] * n, {s: [0] * n for s in SIDES}, {}
+            for k in range(0, len(needed), self.slots):
+                group = needed[k: k + self.slots]
+                self._hold(group)
+                mine = [p for p, c in enumerate(chunks) if c in group]
+                rows = [self.held[chunks[p]] + indices[p] - starts[chunks[p]] for p in mine]
+                for p, r in zip(mine, rows):
+                    ids[p] = self.ids[r]
+                    for s in SIDES:
+                        texts[s][p] = self.texts[s][r]
+                where, at = torch.tensor(rows), torch.tensor(mine)
+                for s in SIDES:
+                    got = self.latents[s].index_select(0, where)
+                    latents.setdefault(s, got.new_empty((n, *got.shape[1:])))[at] = got
+            return ids, {s: unpack(v, dtype) for s, v in latents.items()}, texts
+        return [self.ids[r] for r in rows], {s: unpack(v, dtype) for s, v in latents.items()}, \
+            {s: [self.texts[s][r] for r in rows] for s in SIDES}
+
+    def _hold(self, chunks: list[int]) -> None:
+        """Make sure ``chunks`` (at most ``slots`` of them) are in the buffer."""
+        for c in chunks:
+            if c in self.held:
+                self.held.move_to_end(c)
+            else:
+                self._load(c, chunks)
+
+
+class TextChunks:
+    """Text states of one side: decoded chunks as stored (each item a tuple of trimmed tensors, one per
+    key), at most ``max_chunks`` of them, least recently used out first."""
+
+    def __init__(self, chunk_sizes: list[int], read: Callable[[int], list[dict]], max_chunks: int):
+        self.sizes, self.starts = chunk_sizes, [0]
+        for n in chunk_sizes[:-1]:
+            self.starts.append(self.starts[-1] + n)
+        self.read, self.max_chunks = read, max(1, max_chunks)
+        self.held: OrderedDict[int, None] = OrderedDict()  # chunks, least recently used first
+        self.items: dict[int, tuple] = {}  # text state number -> (chunk, its tensors one per key), held chunks only
+        self.keys: list[str] = []
+
+    def _load(self, c: int) -> None:
+        items = self.read(c)
+        self.keys = list(items[0])
+        for j, it in enumerate(items):
+            self.items[self.starts[c] + j] = (c, tuple(it[k] for k in self.keys))
+        self.held[c] = None
+        while len(self.held) > self.max_chunks:
+            old, _ = self.held.popitem(last=False)
+            for i in range(self.starts[old], self.starts[old] + self.sizes[old]):
+                del self.items[i]
+
+    def batch(self, numbers: list[int], lengths: dict, dtype: str) -> dict:
+        """Text states ``numbers`` as batch tensors, each key zero-padded back to ``lengths[key][0]``."""
+        rows, used = [], set()
+        for i in numbers:
+            row = self.items.get(i)
+            if row is None:
+                self._load(bisect.bisect_right(self.starts, i) - 1)
+                row = self.items[i]
+            used.add(row[0])
+            rows.append(row[1])
+        for c in used:
+            if c in self.held:  # a chunk read for this batch may have pushed out one used earlier in it
+                self.held.move_to_end(c)
+        return {k: unpack(stack_padded([r[j] for r in rows], (lengths.get(k) or [None])[0]), dtype) for j, k in enumerate(self.keys)}
+
+
+def stack_padded(tensors: list[torch.Tensor], length: int | None) -> torch.Tensor:
+    """Stack along a new batch axis, zero-padding the first axis of each to ``length`` (None: as they are).
+    A fixed number of tensor operations per batch, whatever its size (a Python loop over rows or
+    ``pad_sequence`` cost 4-10x more for small text states)."""
+    first = tensors[0]
+    if length is None or first.ndim == 0 or all(t.shape[0] == length for t in tensors):
+        return torch.stack(tensors)
+    out = first.new_zeros((len(tensors), length, *first.shape[1:]))
+    rows = torch.arange(length) < torch.tensor([t.shape[0] for t in tensors])[:, None]  # (B, length): kept rows
+    out[rows] = torch.cat(tensors)  # row-major order of the mask = the tensors one after the other
+    return out
