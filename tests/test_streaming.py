@@ -87,12 +87,13 @@ def test_batch_k_depends_on_seed_and_k_only_ranks_disjoint_one_bucket_each():
 
 def test_shuffle_buffer_is_bounded_by_shuffle_chunks():
     s = StreamBatchSampler({"x": [4] * 10}, 1, seed=0, length=1, shuffle_chunks=3)
-    order, group_starts = s._order(0, 0)
+    order, group_starts = s._reader(0, 0, 0)  # one reader: it gets every chunk
+    assert sorted(order) == list(range(10))
     chunk_of = lambda w: w // 4  # noqa: E731
     for g, start in enumerate(group_starts):
         end = group_starts[g + 1] if g + 1 < len(group_starts) else 40
-        assert {chunk_of(s.window_at(0, 0, p)) for p in range(start, end)} == set(order[3 * g: 3 * g + 3])
-    assert [s.window_at(0, 0, p) for p in range(12)] != list(range(12))  # shuffled within the group
+        assert {chunk_of(s.window_at(0, 0, 0, p)) for p in range(start, end)} == set(order[3 * g: 3 * g + 3])
+    assert [s.window_at(0, 0, 0, p) for p in range(12)] != list(range(12))  # shuffled within the group
 
 
 # ---- storage -------------------------------------------------------------------------------------
@@ -147,8 +148,8 @@ def test_batches_from_a_small_buffer_equal_the_windows_read_one_by_one(cache):
         bucket, w = sampler.batch(k)
         b = sampler.names.index(bucket)
         e, j = divmod(k, sampler.batches_per_epoch())
-        first = int(sampler._slots(e)[1][j]) * 2
-        assert w == [sampler.window_at(b, e, p) for p in range(first, first + 2)]
+        first = int(sampler._slots(e, 0)[1][j]) * 2
+        assert w == [sampler.window_at(b, e, 0, p) for p in range(first, first + 2)]
 
 
 def test_recipe_data_cache_dir_holds_the_local_copy_of_a_url_cache(cache, experts, tmp_path):

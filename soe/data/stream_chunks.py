@@ -68,7 +68,9 @@ class WindowBuffer:
             rows = [self.held[c] + i - starts[c] for c, i in zip(chunks, indices)]
             where = torch.tensor(rows)
             latents = {s: self.latents[s].index_select(0, where) for s in SIDES}  # index_select: 2-3x faster than [where]
-        else:  # a batch straddling two shuffle groups: a buffer's worth of chunks at a time
+        else:  # a batch straddling two shuffle groups: a buffer's worth of chunks at a time, the held ones first (the
+            # last of the old group), so that the new group's chunks, loaded last, stay for the batches after this one
+            needed = [c for c in needed if c in self.held] + [c for c in needed if c not in self.held]
             ids, texts, latents = [None] * n, {s: [0] * n for s in SIDES}, {}
             for k in range(0, len(needed), self.slots):
                 group = needed[k: k + self.slots]
