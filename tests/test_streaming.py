@@ -253,3 +253,70 @@ def test_two_ddp_ranks_resume_exactly_on_a_streamed_cache(cache, tmp_path):
     assert resumed["global_step"] == straight["global_step"] == 4
     for k, v in straight["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+# ---- each chunk read once per epoch --------------------------------------------------------------
+def test_two_ranks_two_workers_read_every_chunk_exactly_once_per_epoch(tmp_path, experts, monkeypatch):
+    """4 readers (2 ranks x 2 loader workers): every window chunk is decoded by exactly one worker process
+    in an epoch, each process reads one reader's share, and the epoch's batches use each window once."""
+    import itertools
+    import json
+
+    folder = tmp_path / "cache"
+    records = [synthetic_record(i, experts, durations=(1.0, 2.0), windows_per_caption=4, seed=3) for i in range(32)]
+    write_cache(folder, records, NAMES, shard_size=2)  # 16 windows per bucket, 8 chunks of 2
+    dm = StreamingLatentDataModule(experts, folder, batch_size=2, seed=4, num_workers=2, shuffle_chunks=2)
+    dm.setup()
+    log = tmp_path / "reads.jsonl"
+    read = StreamingCache._read_chunk
+
+    def counted(self, sub, chunk):  # runs in the (forked) worker processes
+        with open(log, "a") as f:
+            f.write(json.dumps([os.getpid(), sub, chunk]) + "\n")
+        return read(self, sub, chunk)
+
+    monkeypatch.setattr(StreamingCache, "_read_chunk", counted)
+    shares, used = [], []  # each reader's chunks ("sub", chunk); every window the epoch's batches use
+    for rank in (0, 1):
+        sampler = dm.make_batch_sampler(100, 0, rank, 2)
+        n = sampler.batches_per_epoch()
+        assert n == 2 * 4  # 2 workers x (2 buckets x 4 windows per reader / batch_size 2)
+        for v in (0, 1):
+            share = set()
+            for k in range(v, n, 2):
+                assert sampler.reader(k) == rank * 2 + v
+                bucket, windows = sampler.batch(k)
+                starts = dm.cache.starts[f"windows/{bucket}"]
+                share |= {(f"windows/{bucket}", max(c for c, s in enumerate(starts) if s <= w)) for w in windows}
+                used += [(bucket, w) for w in windows]
+            shares.append(frozenset(share))
+        batches = list(itertools.islice(iter(sampler), n))  # exactly one epoch: no prefetch into the next
+        got = list(dm.make_loader(batches))
+        assert [int(b["step"][0]) for b in got] == list(range(n))
+    reads = [tuple(r) for r in map(json.loads, log.read_text().splitlines())]
+    window_reads = [(pid, sub, c) for pid, sub, c in reads if sub.startswith("windows/")]
+    every_chunk = {(f"windows/{b}", c) for b in dm.cache.buckets for c in range(len(dm.cache.chunk_sizes(b)))}
+    assert sorted((sub, c) for _, sub, c in window_reads) == sorted(every_chunk)  # each chunk read exactly once
+    by_pid = {}
+    for pid, sub, c in window_reads:
+        by_pid.setdefault(pid, set()).add((sub, c))
+    assert len(by_pid) == 4 and sorted(map(sorted, by_pid.values())) == sorted(map(sorted, shares))  # one share per process
+    epoch = {(b, w) for b in dm.cache.buckets for w in range(sum(dm.cache.chunk_sizes(b)))}
+    assert len(used) == len(set(used)) and set(used) == epoch  # no window twice; with shares this even, none left out
+
+
+def test_resume_with_another_num_workers_is_refused_in_one_line(cache, experts):
+    from soe.errors import DataError
+
+    dm = StreamingLatentDataModule(experts, cache[0], batch_size=2, seed=0, num_workers=2, shuffle_chunks=2)
+    dm.setup()
+    state = dm.make_loader(dm.make_batch_sampler(10, 3, 0, 1)).state_dict()
+    assert state == {"next_batch": 3, "num_workers": 2}
+    other = StreamingLatentDataModule(experts, cache[0], batch_size=2, seed=0, num_workers=0, shuffle_chunks=2)
+    other.setup()
+    loader = other.make_loader(other.make_batch_sampler(10, 0, 0, 1))
+    with pytest.raises(DataError, match=r"data.num_workers: .* resume with data.num_workers=2") as err:
+        loader.load_state_dict(state)
+    assert "\n" not in str(err.value)
+    loader.load_state_dict({"next_batch": 5})  # checkpoints from before the count was recorded
+    assert loader.batch_sampler.next_batch == 5

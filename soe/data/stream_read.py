@@ -100,6 +100,11 @@ class StreamingCache:
     def __getstate__(self):  # DataLoader workers open their own litdata datasets
         return {**self.__dict__, "_datasets": {}, "_windows": {}, "_texts": {}}
 
+    def release(self) -> None:
+        """Drop the decoded chunks (e.g. those setup's checks read): forked DataLoader workers then start
+        with empty buffers and read only the chunks dealt to them."""
+        self._windows, self._texts = {}, {}
+
     # ---- where the files are ---------------------------------------------------------------------
     def _fetch(self, rel: str) -> None:
         """Download ``rel`` of the remote cache into the local folder with litdata's downloader (always

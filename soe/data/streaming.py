@@ -245,6 +245,7 @@ class StreamingLatentDataModule(_StitchDataModule):
                                    f"{', '.join(f'{s:g}' for s in lengths)} s (set data.seconds to match, or encode the clips again)")
         for bucket in cache.buckets:  # one window per bucket: shapes and conditioning keys against the experts
             self._check_window(cache, bucket)
+        cache.release()
         self.cache, self.dataset = cache, StreamWindows(cache)
         self.buckets = [range(sum(cache.chunk_sizes(b))) for b in cache.buckets]
         self.check_buckets()
