@@ -85,6 +85,21 @@ def test_batch_k_depends_on_seed_and_k_only_ranks_disjoint_one_bucket_each():
     assert _run(other_seed, per_epoch) != _run(full[0], per_epoch)
 
 
+def test_chunks_are_dealt_to_devices_x_workers_readers_disjoint_and_balanced():
+    from soe.data.streaming import _deal
+    from soe.errors import DataError
+
+    sizes = [5, 5, 3, 7, 2, 6]
+    loads, dealt = _deal(sizes, [3, 0, 5, 1, 4, 2], 3)
+    assert sorted(c for d in dealt for c in d) == list(range(6)) and loads == [sum(sizes[c] for c in d) for d in dealt]
+    assert max(loads) - min(loads) <= max(sizes) and dealt[0] == [3, 4]  # each reader's chunks in the given order
+    assert sorted(_deal(sizes, [2, 4, 1, 0, 5, 3], 3)[0]) == sorted(loads)  # shares' sizes: chunk sizes alone
+    s = StreamBatchSampler({"x": [4] * 6, "y": [4] * 2}, 2, seed=0, length=1, world_size=2, num_workers=2)
+    assert s.names == ["x"] and s.batches_per_epoch() == 2 * 2  # "y": 2 chunks for 4 readers, left out
+    with pytest.raises(DataError, match=r"data.batch_size: no bucket gives batch_size = 2 windows to each of its 4 readers"):
+        StreamBatchSampler({"y": [4] * 2}, 2, seed=0, length=1, world_size=2, num_workers=2)
+
+
 def test_shuffle_buffer_is_bounded_by_shuffle_chunks():
     s = StreamBatchSampler({"x": [4] * 10}, 1, seed=0, length=1, shuffle_chunks=3)
     order, group_starts = s._reader(0, 0, 0)  # one reader: it gets every chunk
@@ -228,6 +243,10 @@ def test_resume_is_exact_with_workers(cache, tmp_path):
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    from soe.errors import DataError
+
+    with pytest.raises(DataError, match=r"^data.num_workers: .* 2 loader worker\(s\) .* has 1; .*=2$"):  # batches depend on it
+        train(recipe, tmp_path / "split", 8, f"data.path={cache[0]}", "data.num_workers=0", "resume=true")
 
 
 @pytest.mark.slow
