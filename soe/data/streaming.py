@@ -45,12 +45,12 @@ class StreamBatchSampler(Sampler):
         self.rank, self.world, self.shuffle_chunks = rank, world_size, max(1, int(shuffle_chunks))
         self.workers = max(1, int(num_workers))  # batch k goes to loader worker (k - first batch) % workers
         self.readers = world_size * self.workers
-        self.per_reader, self.loads = {}, {}  # bucket -> batches each reader gives per epoch; each reader's window count
+        self.per_reader: dict[str, int] = {}  # bucket -> batches each reader gives per epoch (the same every epoch)
         for b, sizes in sorted(chunk_sizes.items()):
             loads, _ = _deal(sizes, list(range(len(sizes))), self.readers)
             n = min(loads) // batch_size
             if n:
-                self.per_reader[b], self.loads[b] = n, loads
+                self.per_reader[b] = n
         if not self.per_reader:
             chunks = {b: len(s) for b, s in chunk_sizes.items()}
             raise DataError(f"data.batch_size: no bucket gives batch_size = {batch_size} windows to each of its {self.readers} readers "
@@ -59,7 +59,7 @@ class StreamBatchSampler(Sampler):
         self.names = list(self.chunk_sizes)
         self.per_stream = sum(self.per_reader.values())  # batches of one worker's stream per epoch
         self.starts = {b: [0] + torch.tensor(s).cumsum(0).tolist()[:-1] for b, s in self.chunk_sizes.items()}
-        self._deal = lru_cache(maxsize=len(self.names) * 2)(self._bucket_epoch)
+        self._shares = lru_cache(maxsize=len(self.names) * 2)(self._bucket_epoch)
         self._reader = lru_cache(maxsize=len(self.names) * 2 * self.workers)(self._reader_chunks)
         self._group = lru_cache(maxsize=4 * self.shuffle_chunks * self.workers)(self._group_perm)
         self._slots = lru_cache(maxsize=2 * self.workers)(self._stream_slots)
@@ -94,7 +94,7 @@ class StreamBatchSampler(Sampler):
     def _reader_chunks(self, b: int, e: int, v: int) -> tuple[list[int], list[int]]:
         """Chunk order of this rank's reader ``v`` in bucket ``b``, epoch ``e``, and where each shuffle group starts."""
         sizes = self.chunk_sizes[self.names[b]]
-        order = self._deal(b, e)[v]
+        order = self._shares(b, e)[v]
         group_starts, pos = [], 0
         for g in range(0, len(order), self.shuffle_chunks):
             group_starts.append(pos)
@@ -150,17 +150,17 @@ def _deal(sizes: list[int], order: list[int], readers: int) -> tuple[list[int], 
     """Deal chunks to ``readers``: largest first (ties in ``order``), each to the reader holding the fewest
     windows so far (ties: the lowest reader). Each reader's chunks come back in ``order``; the windows each
     reader holds depend on the chunk sizes alone, so the batches per epoch are the same every epoch."""
-    rank = {c: p for p, c in enumerate(order)}
+    position = {c: p for p, c in enumerate(order)}
     heap = [(0, n) for n in range(readers)]
     dealt: list[list[int]] = [[] for _ in range(readers)]
-    for c in sorted(order, key=lambda c: (-sizes[c], rank[c])):
+    for c in sorted(order, key=lambda c: (-sizes[c], position[c])):
         load, n = heapq.heappop(heap)
         dealt[n].append(c)
         heapq.heappush(heap, (load + sizes[c], n))
     loads = [0] * readers
     for load, n in heap:
         loads[n] = load
-    return loads, [sorted(d, key=rank.__getitem__) for d in dealt]
+    return loads, [sorted(d, key=position.__getitem__) for d in dealt]
 
 
 class StreamWindows(Dataset):
