@@ -276,6 +276,7 @@ def test_training_reports_sync_before_and_after_and_stacks_the_sheets(tmp_path, 
         alone = sample(experts, cond, seconds, build_sampler(cfg))
     assert report["experts alone"]["sync"] == pytest.approx(sync_eval.sync_score(alone, experts, seconds))
     assert "audio-visual sync on 2 held-out clips" in (tmp_path / "screen.txt").read_text()
+    assert "swing several-fold from one draw of clips to the next" in (tmp_path / "screen.txt").read_text()
     sheets = [Image.open(run / "samples" / f"step-{s:06d}" / "sample_00.png") for s in (0, 2)]
     both = Image.open(run / "samples" / "before_after.png")
     assert both.size == (sheets[0].size[0], sheets[0].size[1] + sheets[1].size[1])

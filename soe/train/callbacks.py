@@ -121,6 +121,9 @@ class SyncReportCallback(Callback):
 
         t = Table(title=f"audio-visual sync on {self.n} held-out clips (AV-Align: 1 = a click at every bounce and nowhere else; "
                         f"clip seed {self.cfg.seed + HELD_OUT_SEED_OFFSET})")
+        if self.n < 96:  # docs/evidence.md: on 12 draws of 8 clips the experts' audio Frechet alone ran 0.05 to 4.05
+            t.caption = (f"Frechet distances of {self.n} clips swing several-fold from one draw of clips to the next; "
+                         "compare them over 96 or more (benchmarks/sync_noise.py RUN --clips 96; docs/evidence.md)")
         for col in ("model", "step", "AV-Align", "Frechet video vs truth", "Frechet audio vs truth"):
             t.add_column(col, no_wrap=True, justify="left" if col == "model" else "right")
         names = {"experts alone": "two experts, independently (untrained connectors)", "stitched": "stitched",
