@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,3 +36,12 @@ ALL_EXPERTS = list_experts()
 @pytest.fixture(params=ALL_EXPERTS)
 def expert_name(request):
     return request.param
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` of this checkout as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

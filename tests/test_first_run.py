@@ -1,5 +1,6 @@
 """What a new user meets first: literal prompts, generate's output folders and messages, encode with
 nothing to encode, the thread policy, quiet screens, plots and contact sheets (issue 14)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +277,7 @@ def test_training_reports_sync_before_and_after_and_stacks_the_sheets(tmp_path, 
         alone = sample(experts, cond, seconds, build_sampler(cfg))
     assert report["experts alone"]["sync"] == pytest.approx(sync_eval.sync_score(alone, experts, seconds))
     assert "audio-visual sync on 2 held-out clips" in (tmp_path / "screen.txt").read_text()
+    assert "swing several-fold from one draw of clips to the next" in (tmp_path / "screen.txt").read_text()
     sheets = [Image.open(run / "samples" / f"step-{s:06d}" / "sample_00.png") for s in (0, 2)]
     both = Image.open(run / "samples" / "before_after.png")
     assert both.size == (sheets[0].size[0], sheets[0].size[1] + sheets[1].size[1])
@@ -295,3 +297,18 @@ def test_pretrain_command_writes_both_experts_in_their_formats(tmp_path):
 
     with safe_open(str(tmp_path / "audio_expert" / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+
+
+def test_sync_table_fits_an_80_column_terminal_without_cutting_a_number_or_header():
+    from soe.train.callbacks import SyncReportCallback
+
+    cb = SyncReportCallback(load_recipe(DEMO), "unused", 8)
+    cb.scores = {"experts alone": {"step": 0, "sync": 0.218, "frechet": {"video": 0.101, "audio": 0.067}},
+                 "stitched": {"step": 250, "sync": 0.277, "frechet": {"video": 0.029, "audio": 0.189}},
+                 "truth": {"step": None, "sync": 1.0}}
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console.print(cb.table())
+    out = console.export_text()
+    assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out
+    for text in ("Frechet video", "Frechet audio", "0.218", "0.277", "0.189", "250", "stitched"):
+        assert text in out

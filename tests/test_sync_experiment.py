@@ -1,19 +1,14 @@
 """The sync experiment's --quick mode runs end to end in every mode and its report collects it (no value asserted)."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "sync_experiment.py"
+from conftest import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("sync_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sync_experiment")
 
 
 @pytest.mark.slow

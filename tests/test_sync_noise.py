@@ -1,20 +1,13 @@
 """benchmarks/sync_noise.py: per-group scores are the demo's scores of exactly those clips."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from conftest import load_benchmark
 from soe.metrics import frechet_distance
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "sync_noise.py"
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("sync_noise", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sync_noise")
 
 
 def test_group_scores_use_only_the_group_and_worse_reads_each_direction():

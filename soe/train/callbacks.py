@@ -120,10 +120,14 @@ class SyncReportCallback(Callback):
         from soe.train.sync_eval import HELD_OUT_SEED_OFFSET
 
         t = Table(title=f"audio-visual sync on {self.n} held-out clips (AV-Align: 1 = a click at every bounce and nowhere else; "
-                        f"clip seed {self.cfg.seed + HELD_OUT_SEED_OFFSET})")
-        for col in ("model", "step", "AV-Align", "Frechet video vs truth", "Frechet audio vs truth"):
-            t.add_column(col, no_wrap=True, justify="left" if col == "model" else "right")
-        names = {"experts alone": "two experts, independently (untrained connectors)", "stitched": "stitched",
+                        f"Frechet: distance to the true clips' features; clip seed {self.cfg.seed + HELD_OUT_SEED_OFFSET})")
+        if self.n < 96:  # docs/evidence.md: on 12 draws of 8 clips the experts' audio Frechet alone ran 0.05 to 4.05
+            t.caption = (f"Frechet distances of {self.n} clips swing several-fold from one draw of clips to the next; "
+                         "compare them over 96 or more (benchmarks/sync_noise.py RUN --clips 96; docs/evidence.md)")
+        t.add_column("model")  # the one column that may wrap (between words) on a narrow terminal
+        for col in ("step", "AV-Align", "Frechet video", "Frechet audio"):
+            t.add_column(col, no_wrap=True, justify="right")
+        names = {"experts alone": "experts alone (untrained connectors)", "stitched": "stitched",
                  "truth": "ground truth clips"}
         for key in ("experts alone", "stitched", "truth"):
             if key in self.scores:
