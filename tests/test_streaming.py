@@ -243,10 +243,13 @@ def test_resume_is_exact_with_workers(cache, tmp_path):
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    from soe.errors import DataError
+    from soe.train.run_folder import RunFolderError
 
-    with pytest.raises(DataError, match=r"^data.num_workers: .* 2 loader worker\(s\) .* has 1; .*=2$"):  # batches depend on it
-        train(recipe, tmp_path / "split", 8, f"data.path={cache[0]}", "data.num_workers=0", "resume=true")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "split").rglob("*"))
+    with pytest.raises(RunFolderError, match=r"^resume: data.num_workers 2 -> 0: .* resume with data.num_workers=2$"):
+        train(recipe, tmp_path / "split", 8, f"data.path={cache[0]}", "data.num_workers=0", "resume=true")  # batches depend on it
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "split").rglob("*")) == before  # refused before anything is written
+    train(recipe, tmp_path / "split", 7, *data, "resume=true")  # the same count resumes
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ from soe.errors import SoeError
 LOCK_NAME = "soe.lock"
 
 # Keys a resume may change freely: how long to train, how often to log, checkpoint and sample,
-# data-loading processes (the batch sequence is a function of the batch number alone), the name.
+# data-loading processes (the batch sequence is a function of the batch number alone; on a streamed
+# cache also of the loader workers per device, see `check_recipe_changes`), the name.
 FREE_TO_CHANGE = ("resume", "run_dir", "name", "trainer.max_steps", "trainer.log_every_n_steps",
                   "trainer.checkpoint_every_n_steps", "trainer.on_nonfinite", "data.num_workers", "sample")
 
@@ -149,6 +150,7 @@ def check_recipe_changes(run_dir, cfg, allow_changes=()) -> dict[str, tuple]:
     free = list(FREE_TO_CHANGE)
     if cfg.optim.schedule == "cosine" or saved.optim.schedule == "cosine":
         free.remove("trainer.max_steps")
+    _check_stream_workers(cfg, changes.get("data.num_workers"))
     refused = {k: v for k, v in changes.items() if not _covered(k, free) and not _covered(k, allow_changes)}
     if refused:
         shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:4])
@@ -156,3 +158,18 @@ def check_recipe_changes(run_dir, cfg, allow_changes=()) -> dict[str, tuple]:
         raise RunFolderError(f"resume: the recipe differs from '{saved_file}' in {shown}{more}; these change the trained "
                              f"function or the batch sequence; pass --allow-changes {' '.join(refused)} to accept them")
     return changes
+
+
+def _check_stream_workers(cfg, change) -> None:
+    """On a streamed cache each loader worker reads its own share of the chunks, so the batches depend
+    on ``data.num_workers`` (0 and 1 alike): a resume that changes it is refused here, before anything
+    is written (the loader's checkpoint state refuses it too, for runs started from Python)."""
+    if change is None or cfg.data.kind == "synthetic":
+        return
+    from soe.data.stream_format import is_stream_cache
+
+    old, new = (max(1, int(v)) if isinstance(v, int) else v for v in change)
+    if old != new and is_stream_cache(cfg.data.path):
+        raise RunFolderError(f"resume: data.num_workers {change[0]!r} -> {change[1]!r}: on a streamed cache each loader worker "
+                             f"reads its own chunks, so the batches depend on it (0 counts as 1); resume with "
+                             f"data.num_workers={change[0]}")
