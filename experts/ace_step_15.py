@@ -55,8 +55,7 @@ class AceStep15Expert(DiffusersExpert):
         """ACE-Step 1.5's blocks from its config (soe/stand_in.py), without importing diffusers."""
         from soe.stand_in import Attention, Params, StandInModel, full_config, linear
 
-        config = dict(config)
-        opts = {k: config.pop(k) for k in cls.expert_keys if k in config}
+        config, opts = cls.split_config(config)
         c = full_config(MODEL_DEFAULTS, config, "AceStepTransformer1DModel")
         d, hd, bias, patch = c["hidden_size"], c["head_dim"], c["attention_bias"], c["patch_size"]
         heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]

@@ -50,9 +50,14 @@ class DiffusersExpert(Expert):
         return cls.model_class
 
     @classmethod
+    def split_config(cls, config: dict) -> tuple[dict, dict]:
+        """``config`` as (the model's constructor arguments, the expert's own ``expert_keys`` options)."""
+        model = dict(config)
+        return model, {k: model.pop(k) for k in cls.expert_keys if k in model}
+
+    @classmethod
     def from_config(cls, config: dict, device=None, dtype=None):
-        config = dict(config)
-        opts = {k: config.pop(k) for k in cls.expert_keys if k in config}
+        config, opts = cls.split_config(config)
         with torch.device(device or "cpu"):
             model = cls.model_cls()(**config)
         return cls(cast_keeping_fp32(model, dtype), **opts)

@@ -71,8 +71,7 @@ class StableAudioExpert(DiffusersExpert):
         """Stable Audio Open's blocks from its config (soe/stand_in.py), without importing diffusers."""
         from soe.stand_in import Attention, Params, StandInModel, full_config, linear
 
-        config = dict(config)
-        opts = {k: config.pop(k) for k in cls.expert_keys if k in config}
+        config, opts = cls.split_config(config)
         c = full_config({**STABLE_AUDIO_OPEN_1_0}, config, "StableAudioDiTModel")  # the release's config = the defaults
         heads, hd, cross = c["num_attention_heads"], c["attention_head_dim"], c["cross_attention_dim"]
         d, ff = heads * hd, 4 * heads * hd  # diffusers' FeedForward: 4x wide (SwiGLU: its input projection twice that)

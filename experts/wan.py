@@ -65,8 +65,7 @@ class WanExpert(DiffusersExpert):
         (``image_dim``, ``added_kv_proj_dim``, ``pos_embed_seq_len``), which are built instead."""
         from soe.stand_in import Attention, Params, StandInModel, full_config, linear
 
-        config = dict(config)
-        opts = {k: config.pop(k) for k in cls.expert_keys if k in config}
+        config, opts = cls.split_config(config)
         c = full_config(WAN_MODEL_DEFAULTS, config, "WanTransformer3DModel")
         if any(c[k] is not None for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")):
             return None
