@@ -43,7 +43,7 @@ class StreamBatchSampler(Sampler):
                  next_batch: int = 0, rank: int = 0, world_size: int = 1, shuffle_chunks: int = 8, num_workers: int = 0):
         self.batch_size, self.seed, self.length, self.next_batch = batch_size, seed, length, next_batch
         self.rank, self.world, self.shuffle_chunks = rank, world_size, max(1, int(shuffle_chunks))
-        self.workers = max(1, int(num_workers))  # batch k goes to loader worker (k - first batch) % workers
+        self.workers = readers_per_device(num_workers)  # batch k goes to loader worker (k - first batch) % workers
         self.readers = world_size * self.workers
         self.per_reader: dict[str, int] = {}  # bucket -> batches each reader gives per epoch (the same every epoch)
         for b, sizes in sorted(chunk_sizes.items()):
@@ -144,6 +144,12 @@ class StreamBatchSampler(Sampler):
 
     def __len__(self):
         return self.length
+
+
+def readers_per_device(num_workers: int) -> int:
+    """The readers one device's chunks are dealt to: its DataLoader workers, or the device itself without any
+    (so 0 and 1 workers give the same batches)."""
+    return max(1, int(num_workers))
 
 
 def _deal(sizes: list[int], order: list[int], readers: int) -> tuple[list[int], list[list[int]]]:

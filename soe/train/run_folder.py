@@ -167,8 +167,9 @@ def _check_stream_workers(cfg, change) -> None:
     if change is None or cfg.data.kind == "synthetic":
         return
     from soe.data.stream_format import is_stream_cache
+    from soe.data.streaming import readers_per_device
 
-    old, new = (max(1, int(v)) if isinstance(v, int) else v for v in change)
+    old, new = (readers_per_device(v) if isinstance(v, int) else v for v in change)
     if old != new and is_stream_cache(cfg.data.path):
         raise RunFolderError(f"resume: data.num_workers {change[0]!r} -> {change[1]!r}: on a streamed cache each loader worker "
                              f"reads its own chunks, so the batches depend on it (0 counts as 1); resume with "
