@@ -184,8 +184,10 @@ class StreamingCache:
             raise LatentCacheError(f"latent cache '{self.name}': shard '{name}' disappeared during training")
         first = self.starts[sub][chunk]
         try:
+            from litdata.streaming.sampler import ChunkedIndex  # litdata's own (index, chunk): no search over the chunks
+
             ds = self._dataset(sub)
-            return [ds[i] for i in range(first, first + self.sizes[sub][chunk])]
+            return [ds[ChunkedIndex(i, chunk)] for i in range(first, first + self.sizes[sub][chunk])]
         except LatentCacheError:
             raise
         except Exception as e:  # truncated, rewritten under us, or a failed download
