@@ -140,6 +140,37 @@ def test_cache_reads_back_every_window_with_one_text_per_caption(cache, experts)
     assert [sum(c.sizes[f"texts/{s}"]) for s in ("a", "b")] == [4, 4]  # 14 windows, 4 captions
 
 
+def test_text_states_of_any_length_come_back_padded_exactly_with_one_text_chunk_kept(tmp_path, monkeypatch):
+    """Trimmed text states of different lengths (and a 0-d one), a text cache that may keep one chunk
+    only: every batch equals the states as encoded (bf16), padded back to the encoder's length, even when
+    its windows refer to three text chunks."""
+    import soe.data.stream_read as stream_read
+    from soe.data.stream_synthetic import random_record
+
+    def record(i):
+        r = random_record(i, {"a": (2, 3), "b": (4,)}, {"a": (6, 5), "b": (7,)}, windows_per_caption=2)
+        n = 1 + (i // 2) % 6  # the caption's length: 1..6 rows
+        r["a"]["text"][n:] = 0
+        r["b"]["text"][1 + (i // 2) % 7:] = 0
+        r["b"]["scale"] = torch.tensor(float(i // 2))
+        return r
+
+    records = [record(i) for i in range(24)]
+    write_cache(tmp_path / "c", records, {"a": "x", "b": "y"}, shard_size=3)  # 12 captions: 4 text chunks per side
+    monkeypatch.setattr(stream_read, "TEXT_SHARE", 1e-9)
+    c = StreamingCache(tmp_path / "c", buffer_chunks=1)
+    assert [c.text_chunks_kept(s) for s in ("a", "b")] == [1, 1]
+    want = {r["id"]: r for r in records}
+    n = sum(c.chunk_sizes("1s"))
+    for indices in ([0, 7, 13, 1], [n - 1, 0, 4]):  # windows of captions in 3 and 2 text chunks, out of order
+        got = c.batch("1s", indices)
+        for j, wid in enumerate(got["id"]):
+            assert torch.equal(got["a"]["text"][j], want[wid]["a"]["text"].bfloat16().float())  # padded back to 6 rows
+            assert torch.equal(got["b"]["text"][j], want[wid]["b"]["text"].bfloat16().float())
+            assert float(got["b"]["scale"][j]) == float(want[wid]["b"]["scale"])
+        assert all(len(c._texts[s].held) == 1 for s in ("a", "b"))
+
+
 def test_a_chunk_is_read_by_its_number_without_searching_the_index(cache, monkeypatch):
     """litdata finds the chunk of a plain item number by walking every chunk of the index (at 1,563 chunks
     per bucket the last chunk read 24x slower per window); the cache names the chunk itself."""

@@ -24,9 +24,10 @@ from soe.data.stream_format import INDEX, TEXTS, WINDOWS, is_url, read_meta
 from soe.errors import one_line
 from soe.data.latent_cache import LatentCacheError
 
-TEXT_CHUNKS_PER_BUFFERED = 2  # text chunks kept per side, per window chunk all buckets buffer: a text chunk serves
-# windows of every bucket, whose chunk orders are independent (data_stream.py at 50k windows: each text chunk is read
-# 1.75x an epoch; with 4: 1.4x, loader / raw read 0.64-0.69 instead of 0.61, but +18 MB peak RSS, 1.098x the 1k cache's)
+TEXT_SHARE = 0.5  # each side's text chunks are kept up to this share of the bytes of the window buffers: a text chunk
+# serves windows of every bucket, whose chunk orders are independent, so a text cache of a few chunks reads each text
+# chunk again for most window chunks that refer to it (data_stream.py, 50k windows: 1.75x an epoch when it held 2 text
+# chunks per buffered window chunk); text states are small next to latents, so a share of their bytes holds many more
 
 
 def default_cache_dir() -> Path:
@@ -57,9 +58,8 @@ def resolve_location(folder, cache_dir=None) -> tuple[Path, str | None]:
 class StreamingCache:
     """``buffer_chunks``: decoded window chunks kept per bucket and process (the shuffle buffer:
     ``data.shuffle_chunks``, see ``stream_chunks.WindowBuffer``); a chunk is decoded whole the first
-    time a batch needs one of its windows. Memory: buckets x buffer_chunks window chunks + at most 2 x
-    as many text chunks per side (text chunks hold a chunk's new captions, trimmed: far smaller than
-    its latents), whatever the cache size.
+    time a batch needs one of its windows. Memory: buckets x buffer_chunks window chunks, and per side
+    text chunks of up to ``TEXT_SHARE`` of their bytes (see ``text_chunks_kept``), whatever the cache size.
     ``folder``: a local folder or a URL (see the module docstring); ``cache_dir``: where a remote
     cache's files are kept locally."""
 
@@ -77,10 +77,12 @@ class StreamingCache:
         self.files: dict[str, list[str]] = {}  # dataset -> chunk file names, in index order
         self.starts: dict[str, list[int]] = {}  # dataset -> first item of each chunk
         self.sizes: dict[str, list[int]] = {}
+        self.chunk_bytes: dict[str, int] = {}  # dataset -> bytes of its largest chunk (as stored)
         for sub in [f"{WINDOWS}/{b}" for b in self.buckets] + [f"{TEXTS}/a", f"{TEXTS}/b"]:
             chunks = self._read_index(sub)["chunks"]
             self.files[sub] = [c["filename"] for c in chunks]
             self.sizes[sub] = [int(c["chunk_size"]) for c in chunks]
+            self.chunk_bytes[sub] = max(int(c["chunk_bytes"]) for c in chunks)
             self.starts[sub] = [0]
             for n in self.sizes[sub][:-1]:
                 self.starts[sub].append(self.starts[sub][-1] + n)
@@ -174,9 +176,13 @@ class StreamingCache:
         got = self._texts.get(side)
         if got is None:  # the text chunks the buffered windows refer to: about one per window chunk
             sub = f"{TEXTS}/{side}"
-            got = self._texts[side] = TextChunks(self.sizes[sub], lambda c: self._read_chunk(sub, c),
-                                                 TEXT_CHUNKS_PER_BUFFERED * self.buffer_chunks * len(self.buckets))
+            got = self._texts[side] = TextChunks(self.sizes[sub], lambda c: self._read_chunk(sub, c), self.text_chunks_kept(side))
         return got
+
+    def text_chunks_kept(self, side: str) -> int:
+        """Text chunks of ``side`` a process keeps: ``TEXT_SHARE`` of the bytes its window buffers can hold (at least one)."""
+        buffers = sum(min(self.buffer_chunks, len(self.sizes[f"{WINDOWS}/{b}"])) * self.chunk_bytes[f"{WINDOWS}/{b}"] for b in self.buckets)
+        return max(1, int(TEXT_SHARE * buffers) // self.chunk_bytes[f"{TEXTS}/{side}"])
 
     def _read_chunk(self, sub: str, chunk: int) -> list[dict]:
         name = f"{sub}/{self.files[sub][chunk]}"

@@ -184,11 +184,11 @@ class StreamWindows(Dataset):
         return {"a": window["a"], "b": window["b"], "step": step}
 
     def __getitems__(self, keys: list) -> dict:
-        steps, buckets = {k[0] for k in keys}, {k[1] for k in keys}
-        if len(steps) != 1 or len(buckets) != 1:  # StreamBatchSampler never mixes them
-            raise ValueError(f"a streamed batch comes from one batch number and one bucket, got {sorted(steps)}, {sorted(buckets)}")
-        batch = self.cache.batch(buckets.pop(), [k[2] for k in keys])
-        return {"a": batch["a"], "b": batch["b"], "step": torch.full((len(keys),), steps.pop(), dtype=torch.long)}
+        step, bucket, _ = keys[0]
+        if any(k[0] != step or k[1] != bucket for k in keys):  # StreamBatchSampler never mixes them
+            raise ValueError(f"a streamed batch comes from one batch number and one bucket, got {sorted({k[:2] for k in keys})}")
+        batch = self.cache.batch(bucket, [k[2] for k in keys])
+        return {"a": batch["a"], "b": batch["b"], "step": torch.full((len(keys),), step, dtype=torch.long)}
 
 
 def collate_batch(batch):
