@@ -171,6 +171,17 @@ def test_text_states_of_any_length_come_back_padded_exactly_with_one_text_chunk_
         assert all(len(c._texts[s].held) == 1 for s in ("a", "b"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int16])
+def test_a_shuffle_buffer_above_one_huge_page_is_an_ordinary_writable_tensor(dtype):
+    from soe.data.stream_chunks import HUGE_PAGE, huge_page_empty
+
+    rows = HUGE_PAGE // (6 * dtype.itemsize) + 3  # just above one huge page: the mapped allocation
+    t = huge_page_empty((rows, 2, 3), dtype)
+    assert t.shape == (rows, 2, 3) and t.dtype == dtype and t.is_contiguous()
+    t.copy_(torch.arange(rows * 6).reshape(rows, 2, 3) % 1000)
+    assert torch.equal(t.index_select(0, torch.tensor([rows - 1, 0])).long(), torch.tensor([rows * 6 - 6, 0])[:, None, None].add(torch.arange(6).reshape(2, 3)) % 1000)
+
+
 def test_a_chunk_is_read_by_its_number_without_searching_the_index(cache, monkeypatch):
     """litdata finds the chunk of a plain item number by walking every chunk of the index (at 1,563 chunks
     per bucket the last chunk read 24x slower per window); the cache names the chunk itself."""
