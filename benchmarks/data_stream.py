@@ -2,9 +2,11 @@
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/data_stream.py               # 1k, 10k, 50k windows
     python benchmarks/data_stream.py --sizes 1000 5000 --batch-size 16
+    python benchmarks/data_stream.py --sizes 2000 --scale 64 --shard-size 8      # 590 KB windows
 
-For each size a synthetic cache of small windows is written through ``PartWriter`` (what ``soe
-encode`` uses: two buckets, 4 windows per caption, 256 windows per chunk). Then, each in a fresh
+For each size a synthetic cache of small windows (9.2 KB of float32 latents; ``--scale`` multiplies
+their last axis) is written through ``PartWriter`` (what ``soe encode`` uses: two buckets, 4 windows
+per caption, ``--shard-size`` windows per chunk, 256 by default). Then, each in a fresh
 process so peaks do not mix, one epoch of three readers of the same chunks:
 
 - "loader": the training loader as ``StreamingLatentDataModule`` builds it with ``data.num_workers: 0``
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -67,11 +70,12 @@ def universe1_window_bytes(wan_tokens: int = 80, ace_tokens: int = 60, lyric_tok
     return {"before": before, "after": after_latents + after_text, "latents": after_latents, "text": after_text}
 
 
-def write(folder: Path, n: int) -> None:
+def write(folder: Path, n: int, scale: int = 1, shard_size: int = 256) -> None:
     from soe.data.stream_synthetic import random_record, write_cache
 
-    records = (random_record(i, SHAPES, TEXT, durations=(1.0, 2.0)) for i in range(n))
-    write_cache(folder, records, {"a": "video", "b": "audio"}, shard_size=256)
+    shapes = {side: (*shape[:-1], shape[-1] * scale) for side, shape in SHAPES.items()}
+    records = (random_record(i, shapes, TEXT, durations=(1.0, 2.0)) for i in range(n))
+    write_cache(folder, records, {"a": "video", "b": "audio"}, shard_size=shard_size)
 
 
 def measure(folder: str, mode: str, batch_size: int) -> dict:
@@ -138,6 +142,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--scale", type=int, default=1, help="multiply the latents' last axis (the bytes per window) by this")
+    p.add_argument("--shard-size", type=int, default=256, help="windows per chunk")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per mode and size; the median windows/s is printed")
     p.add_argument("--measure", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -151,7 +157,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="soe-stream-") as tmp:
         for n in args.sizes:
             folder = Path(tmp) / f"cache-{n}"
-            write(folder, n)
+            write(folder, n, args.scale, args.shard_size)
             runs: dict = {}
             for _ in range(args.repeats):  # the modes alternate, so a burst of load on the machine hits them alike
                 for mode in ("loader", "raw-batches", "raw"):
@@ -163,7 +169,9 @@ def main() -> None:
             size = sum(f.stat().st_size for f in folder.rglob("*.bin"))
             rows.append((n, size, got))
     base = rows[0][2]["loader"]["peak_rss_mb"]
-    t = Table(title=f"streaming latent cache, batch {args.batch_size}, one epoch: median of {args.repeats} processes (windows/s), highest peak RSS")
+    kb = sum(4 * math.prod(shape) for shape in SHAPES.values()) * args.scale / 1024
+    t = Table(title=f"streaming latent cache, {kb:.1f} KB windows, {args.shard_size} per chunk, batch {args.batch_size}, one epoch: "
+                    f"median of {args.repeats} processes (windows/s), highest peak RSS")
     for c in ("windows", "cache MB", "loader RSS MB", "RSS vs first", "loader win/s", "raw batches win/s", "loader / raw batches",
               "raw read win/s", "loader / raw read", "same, CPU time"):
         t.add_column(c, justify="right")

@@ -228,6 +228,24 @@ def test_batches_from_a_small_buffer_equal_the_windows_read_one_by_one(cache):
         assert w == [sampler.window_at(b, e, 0, p) for p in range(first, first + 2)]
 
 
+@pytest.mark.parametrize("width", [8, 2048])  # windows of 0.2 KB (copied into the buffer) and 72 KB (kept as read)
+def test_batches_equal_windows_read_one_by_one_for_small_and_large_windows(tmp_path, width):
+    from soe.data.stream_chunks import VIEW_BYTES
+    from soe.data.stream_synthetic import random_record
+
+    records = [random_record(i, {"a": (3, width), "b": (6, width)}, {"a": (2, 3), "b": (4,)}) for i in range(10)]
+    write_cache(tmp_path / "c", records, {"a": "x", "b": "y"}, shard_size=3)
+    want = {r["id"]: r for r in records}
+    c = StreamingCache(tmp_path / "c", buffer_chunks=2)
+    for indices in ([9, 0, 4, 1], [5, 5, 2], [7]):  # 3 chunks (more than the buffer holds), a window twice, one alone
+        got = c.batch("1s", indices)
+        assert got["id"] == [f"w{i:07d}" for i in indices]
+        for side in ("a", "b"):
+            assert torch.equal(got[side]["latents"], torch.stack([want[w][side]["latents"] for w in got["id"]]))
+        assert len(c._windows["1s"].held) <= 2
+    assert c._windows["1s"].views == (9 * width * 4 >= VIEW_BYTES)
+
+
 def test_recipe_data_cache_dir_holds_the_local_copy_of_a_url_cache(cache, experts, tmp_path):
     from types import SimpleNamespace
 

@@ -12,7 +12,10 @@ long scanning them as litdata spent decoding, and a batch cost a tensor op per w
 Keeping only litdata's per-window latent tensors (no copy, a batch stacked from them) was measured
 again: faster with the import-time objects frozen (as ``benchmarks/data_stream.py`` does), but in a
 process that has not frozen them, as a training run, the survivors set off full collections that cost
-702 ms per epoch of 50k tiny windows, against 226 ms with the copy.
+702 ms per epoch of 50k tiny windows, against 226 ms with the copy. Large windows are the other way
+round: few objects, and the copy in and out of the buffer is two more passes over every byte (590 KB
+windows: loader / raw read 0.6 with the copy, 0.99 without). So windows of ``VIEW_BYTES`` or more are
+kept as litdata hands them out (views of the mapped chunk file), and a batch is stacked from them.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from soe.data.stream_format import unpack
 
 SIDES = ("a", "b")
 HUGE_PAGE = 2 << 20
+VIEW_BYTES = 64 << 10  # windows at least this large are kept as litdata hands them out, not copied into the buffer
 
 
 class WindowBuffer:
@@ -43,7 +47,8 @@ class WindowBuffer:
             self.starts.append(self.starts[-1] + n)
         self.slots, self.rows = max(1, min(slots, len(chunk_sizes))), max(chunk_sizes)
         self.held: OrderedDict[int, int] = OrderedDict()  # chunk -> first buffer row, least recently used first
-        self.latents: dict[str, torch.Tensor] = {}  # side -> (slots x rows, ...), allocated with the first chunk
+        self.views: bool | None = None  # decided by the first chunk: windows of >= VIEW_BYTES are kept as read
+        self.latents: dict = {}  # side -> (slots x rows, ...) tensor, or a list of each row's tensor (views)
         self.texts = {s: [0] * (self.slots * self.rows) for s in SIDES}  # each row's text state number
         self.ids: list = [None] * (self.slots * self.rows)
 
@@ -55,11 +60,17 @@ class WindowBuffer:
         else:
             first = self.held.pop(next(c for c in self.held if c not in keep))
         n = len(items)
+        if self.views is None:
+            self.views = sum(items[0][side].nbytes for side in SIDES) >= VIEW_BYTES
         for side in SIDES:
             tensors = [it[side] for it in items]
             if side not in self.latents:
-                self.latents[side] = huge_page_empty((self.slots * self.rows, *tensors[0].shape), tensors[0].dtype)
-            torch.stack(tensors, out=self.latents[side][first: first + n])  # one copy out of litdata's buffer
+                self.latents[side] = [None] * (self.slots * self.rows) if self.views else \
+                    huge_page_empty((self.slots * self.rows, *tensors[0].shape), tensors[0].dtype)
+            if self.views:
+                self.latents[side][first: first + n] = tensors
+            else:
+                torch.stack(tensors, out=self.latents[side][first: first + n])  # one copy out of litdata's buffer
             offsets, key = self.text_offsets[side], f"text_{side}"
             self.texts[side][first: first + n] = [offsets[it["part"]] + it[key] for it in items]
         self.ids[first: first + n] = [it["id"] for it in items]
@@ -76,8 +87,7 @@ class WindowBuffer:
             self._hold(needed)
             shift = {c: self.held[c] - starts[c] for c in needed}  # window index -> buffer row
             rows = [shift[c] + i for c, i in zip(chunks, indices)]
-            where = index_tensor(rows)
-            latents = {s: self.latents[s].index_select(0, where) for s in SIDES}  # index_select: 2-3x faster than [where]
+            latents = {s: self._take(s, rows) for s in SIDES}
         else:  # a batch straddling two shuffle groups: a buffer's worth of chunks at a time, the held ones first (the
             # last of the old group), so that the new group's chunks, loaded last, stay for the batches after this one
             needed = [c for c in needed if c in self.held] + [c for c in needed if c not in self.held]
@@ -91,13 +101,20 @@ class WindowBuffer:
                     ids[p] = self.ids[r]
                     for s in SIDES:
                         texts[s][p] = self.texts[s][r]
-                where, at = index_tensor(rows), index_tensor(mine)
+                at = index_tensor(mine)
                 for s in SIDES:
-                    got = self.latents[s].index_select(0, where)
+                    got = self._take(s, rows)
                     latents.setdefault(s, got.new_empty((n, *got.shape[1:])))[at] = got
             return ids, {s: unpack(v, dtype) for s, v in latents.items()}, texts
         pick = itemgetter(*rows) if n > 1 else lambda seq: (seq[rows[0]],)
         return list(pick(self.ids)), {s: unpack(v, dtype) for s, v in latents.items()}, {s: pick(self.texts[s]) for s in SIDES}
+
+    def _take(self, side: str, rows: list[int]) -> torch.Tensor:
+        """Buffer rows ``rows`` of ``side`` as one new tensor: one ``index_select`` (2-3x faster than ``[rows]``),
+        or a stack of the kept views."""
+        if self.views:
+            return torch.stack([self.latents[side][r] for r in rows])
+        return self.latents[side].index_select(0, index_tensor(rows))
 
     def _hold(self, chunks: list[int]) -> None:
         """Make sure ``chunks`` (at most ``slots`` of them) are in the buffer."""
