@@ -125,7 +125,10 @@ def test_text_states_trimmed_and_padded_back_exactly_bf16_bits():
 def test_cache_reads_back_every_window_with_one_text_per_caption(cache, experts):
     folder, records = cache
     meta, rows, windows = load_cache(folder)
-    assert meta["buckets"] == {"1s": {"windows": 7, "seconds": 1.0}, "2s": {"windows": 7, "seconds": 2.0}}
+    shapes = {b: {s: list(next(r for r in records if r["seconds"] == sec)[s]["latents"].shape) for s in ("a", "b")}
+              for b, sec in (("1s", 1.0), ("2s", 2.0))}  # each bucket's first window
+    assert meta["buckets"] == {"1s": {"windows": 7, "seconds": 1.0, "shapes": shapes["1s"]},
+                               "2s": {"windows": 7, "seconds": 2.0, "shapes": shapes["2s"]}}
     assert sorted(r["id"] for r in rows) == [r["id"] for r in records]
     by_id = {r["id"]: w for r, w in zip(rows, windows)}
     for r in records:
@@ -258,7 +261,9 @@ def test_recipe_data_cache_dir_holds_the_local_copy_of_a_url_cache(cache, expert
     dm = build_datamodule(cfg, SimpleNamespace(a=experts["a"], b=experts["b"]))
     dm.setup()
     assert (tmp_path / "copies") in dm.cache.folder.parents and (dm.cache.folder / "meta.json").is_file()
-    assert any(dm.cache.folder.rglob("chunk-*.bin"))  # setup read a window per bucket through the copy
+    assert not any(dm.cache.folder.rglob("windows/*/chunk-*.bin"))  # setup checks shapes from meta.json: no chunk fetched
+    dm.cache.window(dm.cache.buckets[0], 0)
+    assert any(dm.cache.folder.rglob("windows/*/chunk-*.bin"))  # a batch reads its chunk through the copy
 
 
 # ---- bad shards ----------------------------------------------------------------------------------
@@ -269,6 +274,31 @@ def broken(cache, tmp_path):
     folder = tmp_path / "cache"
     shutil.copytree(cache[0], folder)
     return folder
+
+
+def test_setup_checks_shapes_from_meta_without_reading_a_window_chunk(cache, experts, tmp_path, monkeypatch):
+    """Each rank checks every bucket's latent shapes and conditioning keys at setup: from meta.json, where
+    the merge records them, so no window chunk is read (or downloaded) for it; a wrong shape is one line,
+    and caches merged before meta held shapes are checked from their first window as before."""
+    import json
+
+    reads = []
+    read = StreamingCache._read_chunk
+    monkeypatch.setattr(StreamingCache, "_read_chunk", lambda self, sub, c: reads.append(sub) or read(self, sub, c))
+    StreamingLatentDataModule(experts, cache[0], batch_size=2).setup()
+    assert reads == []
+    records = [synthetic_record(i, experts, windows_per_caption=4, seed=3) for i in range(4)]
+    for r in records:
+        r["a"]["latents"] = torch.zeros(3, 3, 3, 3)
+    write_cache(tmp_path / "bad", records, NAMES, shard_size=4)
+    for legacy in (False, True):
+        if legacy:
+            meta = json.loads((tmp_path / "bad" / "meta.json").read_text())
+            del meta["buckets"]["1s"]["shapes"]
+            (tmp_path / "bad" / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(LatentCacheError, match=r"bucket '1s' a/latents has shape \[3, 3, 3, 3\], expert 'wan2.1' expects"):
+            StreamingLatentDataModule(experts, tmp_path / "bad", batch_size=2).setup()
+        assert any(r.startswith("windows/") for r in reads) == legacy
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated"])

@@ -3,6 +3,8 @@
 Layout of a cache folder::
 
     meta.json                    {"format": 2, "experts", "encode", "storage", "text_lengths", "parts", "buckets", "text_offsets"}
+                                 buckets: {name: {"windows", "seconds", "shapes": {side: latent shape of its first window}}}
+                                 (shapes: since 2026-11; training checks them at setup without reading a chunk)
     index.jsonl                  one line per window (id, bucket, seconds, source, start, caption, ...): for people
                                  and tools; training never reads it
     windows/<bucket>/            a litdata dataset per bucket: chunk-<part>-<n>.bin + index.json

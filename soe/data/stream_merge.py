@@ -79,6 +79,8 @@ def merge_parts(folder, require_all: bool = True) -> bool:
                         seen.add(row["id"])
                         b = buckets.setdefault(row["bucket"], {"windows": 0, "seconds": row["seconds"]})
                         b["windows"] += 1
+                    if "shapes" in line and line["rows"]:  # the latent shapes of the bucket's first window (logs from before: none)
+                        buckets[line["bucket"]].setdefault("shapes", line["shapes"])
                     index.write("".join(json.dumps(r) + "\n" for r in line["rows"]))
         if not seen:  # nothing to read: no index is written (soe encode reports why no window was encoded)
             if require_all:

@@ -196,7 +196,9 @@ class StreamingCache:
             return [ds[ChunkedIndex(i, chunk)] for i in range(first, first + self.sizes[sub][chunk])]
         except LatentCacheError:
             raise
-        except Exception as e:  # truncated, rewritten under us, or a failed download
+        except Exception as e:  # truncated, rewritten under us, a failed download, or deleted while litdata opened it
+            if not self.url and not os.path.exists(self.folder / name):
+                raise LatentCacheError(f"latent cache '{self.name}': shard '{name}' disappeared during training") from None
             raise LatentCacheError(f"latent cache '{self.name}': shard '{name}' is unreadable ({one_line(e, 200)})") from None
 
     # ---- windows ----------------------------------------------------------------------------------

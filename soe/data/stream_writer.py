@@ -209,7 +209,8 @@ class PartWriter:
         info, config = self._chunk(f"{WINDOWS}/{bucket}", windows)
         rows = [{"id": r["id"], "bucket": bucket, "seconds": float(r["seconds"]), "chunk": info["filename"], **r.get("index", {})}
                 for r in records]
-        _append_line(self.log, {"bucket": bucket, "chunk": info, "config": config, "texts": texts, "rows": rows})
+        shapes = {side: list(records[0][side]["latents"].shape) for side in sides}  # the bucket's latent shapes, for setup checks
+        _append_line(self.log, {"bucket": bucket, "chunk": info, "config": config, "texts": texts, "rows": rows, "shapes": shapes})
         self.rows += rows
         self.text_ids = new_ids
         self.shards_written += 1

@@ -249,7 +249,7 @@ class StreamingLatentDataModule(_StitchDataModule):
         if self.seconds is not None and all(abs(s - self.seconds) > 1e-6 for s in lengths):  # bucketed caches hold several
             raise LatentCacheError(f"data.seconds: {self.seconds} s, but the latent cache '{self.path}' holds windows of "
                                    f"{', '.join(f'{s:g}' for s in lengths)} s (set data.seconds to match, or encode the clips again)")
-        for bucket in cache.buckets:  # one window per bucket: shapes and conditioning keys against the experts
+        for bucket in cache.buckets:  # shapes and conditioning keys against the experts
             self._check_window(cache, bucket)
         cache.release()
         self.cache, self.dataset = cache, StreamWindows(cache)
@@ -257,16 +257,20 @@ class StreamingLatentDataModule(_StitchDataModule):
         self.check_buckets()
 
     def _check_window(self, cache: StreamingCache, bucket: str) -> None:
-        w = cache.window(bucket, 0)
+        """The bucket's latent shapes and conditioning keys against the experts: from ``meta.json`` (a cache
+        merged since it records them), else from the bucket's first window (which reads its chunk)."""
         seconds = float(cache.meta["buckets"][bucket]["seconds"])
+        shapes = cache.meta["buckets"][bucket].get("shapes")
+        window = None if shapes else cache.window(bucket, 0)
         for side, e in self.experts.items():
-            got = tuple(w[side]["latents"].shape)
+            got = tuple(shapes[side]) if shapes else tuple(window[side]["latents"].shape)
+            keys = set(cache.lengths.get(side, {})) if shapes else set(window[side]) - {"latents"}
             want = tuple(e.latent_shape(1, seconds))[1:]
             t = e.latent_time_axis - 1
             if len(got) != len(want) or any(g != x for i, (g, x) in enumerate(zip(got, want)) if i < t):
                 raise LatentCacheError(f"latent cache '{self.path}': bucket '{bucket}' {side}/latents has shape {list(got)}, "
                                        f"expert '{e.name}' expects {list(want)} (axes from time on may differ)")
-            missing = [k for k in e.condition_keys if k not in w[side]]
+            missing = [k for k in e.condition_keys if k not in keys]
             if missing:
                 raise LatentCacheError(f"latent cache '{self.path}': bucket '{bucket}' lacks {side} conditioning {missing}")
 
