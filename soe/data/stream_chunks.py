@@ -13,8 +13,8 @@ Keeping only litdata's per-window latent tensors (no copy, a batch stacked from 
 again: faster with the import-time objects frozen (as ``benchmarks/data_stream.py`` does), but in a
 process that has not frozen them, as a training run, the survivors set off full collections that cost
 702 ms per epoch of 50k tiny windows, against 226 ms with the copy. Large windows are the other way
-round: few objects, and the copy in and out of the buffer is two more passes over every byte (590 KB
-windows: loader / raw read 0.6 with the copy, 0.99 without). So windows of ``VIEW_BYTES`` or more are
+round: few objects, and the copy in and out of the buffer is two more passes over every byte (576 KB
+windows: loader / raw read 0.5-0.6 with the copy, 0.97 without). So windows of ``VIEW_BYTES`` or more are
 kept as litdata hands them out (views of the mapped chunk file), and a batch is stacked from them.
 """
 from __future__ import annotations
@@ -67,8 +67,8 @@ class WindowBuffer:
             if side not in self.latents:
                 self.latents[side] = [None] * (self.slots * self.rows) if self.views else \
                     huge_page_empty((self.slots * self.rows, *tensors[0].shape), tensors[0].dtype)
-            if self.views:
-                self.latents[side][first: first + n] = tensors
+            if self.views:  # rows past a shorter chunk let go of the views they held
+                self.latents[side][first: first + self.rows] = tensors + [None] * (self.rows - n)
             else:
                 torch.stack(tensors, out=self.latents[side][first: first + n])  # one copy out of litdata's buffer
             offsets, key = self.text_offsets[side], f"text_{side}"

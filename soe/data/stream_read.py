@@ -82,7 +82,7 @@ class StreamingCache:
             chunks = self._read_index(sub)["chunks"]
             self.files[sub] = [c["filename"] for c in chunks]
             self.sizes[sub] = [int(c["chunk_size"]) for c in chunks]
-            self.chunk_bytes[sub] = max(int(c["chunk_bytes"]) for c in chunks)
+            self.chunk_bytes[sub] = max((int(c["chunk_bytes"]) for c in chunks), default=0)
             self.starts[sub] = [0]
             for n in self.sizes[sub][:-1]:
                 self.starts[sub].append(self.starts[sub][-1] + n)
@@ -182,7 +182,7 @@ class StreamingCache:
     def text_chunks_kept(self, side: str) -> int:
         """Text chunks of ``side`` a process keeps: ``TEXT_SHARE`` of the bytes its window buffers can hold (at least one)."""
         buffers = sum(min(self.buffer_chunks, len(self.sizes[f"{WINDOWS}/{b}"])) * self.chunk_bytes[f"{WINDOWS}/{b}"] for b in self.buckets)
-        return max(1, int(TEXT_SHARE * buffers) // self.chunk_bytes[f"{TEXTS}/{side}"])
+        return max(1, int(TEXT_SHARE * buffers) // max(1, self.chunk_bytes[f"{TEXTS}/{side}"]))
 
     def _read_chunk(self, sub: str, chunk: int) -> list[dict]:
         name = f"{sub}/{self.files[sub][chunk]}"
