@@ -117,7 +117,7 @@ def draw_kv(stitcher, weights: dict, mesh=None) -> int:
                                 if n.startswith(name + "."):
                                     values[n] = read(f"{source}.{lin}.{n[2:]}").to(values[n].dtype)
                     if proj.norm_k is not None:
-                        has_norm = isinstance(getattr(_submodule(stitcher.run_order(side)[k], source), "norm_k", None), nn.Module)
+                        has_norm = isinstance(getattr(stitcher.run_order(side)[k].get_submodule(source), "norm_k", None), nn.Module)
                         owner = source if init == "copy" and has_norm else attention
                         for n, t in proj.norm_k.state_dict().items():
                             values[f"norm_k.{n}"] = read(f"{owner}.norm_k.{n}").to(t.dtype)
@@ -128,12 +128,6 @@ def draw_kv(stitcher, weights: dict, mesh=None) -> int:
                 give_back_freed_memory()
                 filled += 1
     return filled
-
-
-def _submodule(block: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        block = getattr(block, part)
-    return block
 
 
 def _block_reader(stitcher, side: str, k: int, files: FolderWeights, weights: FolderWeights):
@@ -150,7 +144,7 @@ def _block_reader(stitcher, side: str, k: int, files: FolderWeights, weights: Fo
     block = stitcher.run_order(side)[k]
 
     def read(path: str) -> torch.Tensor:
-        like = _submodule(block, path.rsplit(".", 1)[0])
+        like = block.get_submodule(path.rsplit(".", 1)[0])
         t = getattr(like, path.rsplit(".", 1)[1])
         keys = [file_key(f"{pre}.{path}") for pre in prefixes]
         for key in keys:
