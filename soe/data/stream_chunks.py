@@ -24,6 +24,7 @@ import math
 import mmap
 from array import array
 from collections import OrderedDict
+from itertools import accumulate
 from operator import itemgetter
 from typing import Callable
 
@@ -36,15 +37,18 @@ HUGE_PAGE = 2 << 20
 VIEW_BYTES = 64 << 10  # windows at least this large are kept as litdata hands them out, not copied into the buffer
 
 
+def chunk_starts(sizes: list[int]) -> list[int]:
+    """The number of the first item of each chunk, from the chunks' item counts."""
+    return [0, *accumulate(sizes[:-1])]
+
+
 class WindowBuffer:
     """``read(chunk)`` -> the chunk's items (litdata's dicts); ``text_offsets[side][part]``: where part
     ``part``'s text states start in the side's text dataset."""
 
     def __init__(self, chunk_sizes: list[int], slots: int, read: Callable[[int], list[dict]], text_offsets: dict):
         self.read, self.text_offsets = read, text_offsets
-        self.starts = [0]  # first window of each chunk: O(chunks) small integers
-        for n in chunk_sizes[:-1]:
-            self.starts.append(self.starts[-1] + n)
+        self.starts = chunk_starts(chunk_sizes)  # first window of each chunk: O(chunks) small integers
         self.slots, self.rows = max(1, min(slots, len(chunk_sizes))), max(chunk_sizes)
         self.held: OrderedDict[int, int] = OrderedDict()  # chunk -> first buffer row, least recently used first
         self.views: bool | None = None  # decided by the first chunk: windows of >= VIEW_BYTES are kept as read
@@ -132,9 +136,7 @@ class TextChunks:
     also hold on to the mapped chunk file."""
 
     def __init__(self, chunk_sizes: list[int], read: Callable[[int], list[dict]], max_chunks: int):
-        self.sizes, self.starts = chunk_sizes, [0]
-        for n in chunk_sizes[:-1]:
-            self.starts.append(self.starts[-1] + n)
+        self.sizes, self.starts = chunk_sizes, chunk_starts(chunk_sizes)
         self.read, self.max_chunks = read, max(1, max_chunks)
         self.held: OrderedDict[int, None] = OrderedDict()  # chunks, least recently used first
         self.items: dict[int, tuple] = {}  # text state number -> (chunk, its tensors and their lengths, one per key), held chunks only

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from soe.data.stream_chunks import TextChunks, WindowBuffer
+from soe.data.stream_chunks import TextChunks, WindowBuffer, chunk_starts
 from soe.data.stream_format import INDEX, TEXTS, WINDOWS, is_url, read_meta
 from soe.errors import one_line
 from soe.data.latent_cache import LatentCacheError
@@ -83,9 +83,7 @@ class StreamingCache:
             self.files[sub] = [c["filename"] for c in chunks]
             self.sizes[sub] = [int(c["chunk_size"]) for c in chunks]
             self.chunk_bytes[sub] = max((int(c["chunk_bytes"]) for c in chunks), default=0)
-            self.starts[sub] = [0]
-            for n in self.sizes[sub][:-1]:
-                self.starts[sub].append(self.starts[sub][-1] + n)
+            self.starts[sub] = chunk_starts(self.sizes[sub])
             if self.url:  # a remote chunk is checked by litdata when it is downloaded
                 continue
             for c in chunks:  # a stat per chunk: missing or truncated shards fail before the first step

@@ -26,6 +26,7 @@ from functools import lru_cache
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from soe.data.stream_chunks import chunk_starts
 from soe.data.stream_read import StreamingCache
 from soe.errors import DataError, SoeError
 from soe.flow import generator_for
@@ -58,7 +59,7 @@ class StreamBatchSampler(Sampler):
         self.chunk_sizes = {b: chunk_sizes[b] for b in self.per_reader}
         self.names = list(self.chunk_sizes)
         self.per_stream = sum(self.per_reader.values())  # batches of one worker's stream per epoch
-        self.starts = {b: [0] + torch.tensor(s).cumsum(0).tolist()[:-1] for b, s in self.chunk_sizes.items()}
+        self.starts = {b: chunk_starts(s) for b, s in self.chunk_sizes.items()}
         self._shares = lru_cache(maxsize=len(self.names) * 2)(self._bucket_epoch)
         self._reader = lru_cache(maxsize=len(self.names) * 2 * self.workers)(self._reader_chunks)
         self._group = lru_cache(maxsize=4 * self.shuffle_chunks * self.workers)(self._group_perm)
