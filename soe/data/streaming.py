@@ -73,9 +73,10 @@ class StreamBatchSampler(Sampler):
         """The reader (``rank x workers + worker``) whose chunks batch ``k`` of this rank comes from."""
         return self.rank * self.workers + k % self.workers
 
-    def _stream_slots(self, e: int, v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stream_slots(self, e: int, v: int) -> tuple[list[int], list[int]]:
         """Which bucket each batch of worker stream ``v`` in epoch ``e`` comes from, and its number within
-        that bucket (the same on every rank: a step draws every rank's batch from one bucket)."""
+        that bucket (the same on every rank: a step draws every rank's batch from one bucket). Lists: each
+        batch reads one entry of each (indexing a tensor made two 0-d tensors per batch)."""
         per = torch.tensor([self.per_reader[b] for b in self.names])
         slots = torch.repeat_interleave(torch.arange(len(self.names)), per)
         slots = slots[torch.randperm(len(slots), generator=generator_for(self.seed, "buckets", e, v))]
@@ -83,7 +84,7 @@ class StreamBatchSampler(Sampler):
         for b in range(len(self.names)):
             mask = slots == b
             within[mask] = torch.arange(int(mask.sum()))
-        return slots, within
+        return slots.tolist(), within.tolist()
 
     def _bucket_epoch(self, b: int, e: int) -> list[list[int]]:
         """The chunks of bucket ``b`` each of this rank's readers gets in epoch ``e``, in the epoch's seeded order."""
@@ -121,7 +122,7 @@ class StreamBatchSampler(Sampler):
         e, j = divmod(k, self.batches_per_epoch())
         v, t = j % self.workers, j // self.workers  # j % workers == k % workers: an epoch is a multiple of workers
         slots, within = self._slots(e, v)
-        b, i = int(slots[t]), int(within[t])
+        b, i = slots[t], within[t]
         first = i * self.batch_size
         return self.names[b], self.windows_at(b, e, v, first, first + self.batch_size)
 
