@@ -7,9 +7,9 @@ Each command runs in a fresh interpreter, timed from outside (wall and CPU of th
 the floor every torch-importing command pays: ``python -c "import torch"``. ``experts`` and
 ``inspect`` run twice over: "first run" with an empty start-up cache (``SOE_CACHE_DIR`` pointing at a
 new empty folder: the tables are computed, as after installing soe or changing its code) and
-"repeat" with the cache the first run filled (soe/cli_cache.py). A first ``experts`` reads the
-plugins' torch-free descriptions (soe/listing.py); a first ``inspect universe1`` builds shape-only
-stand-ins of Wan and ACE-Step v1 (soe/stand_in.py) and imports torch but no model library; ``inspect
+"repeat" with the cache the first run filled (soe/cli/cache.py). A first ``experts`` reads the
+plugins' torch-free descriptions (soe/plugin/listing.py); a first ``inspect universe1`` builds shape-only
+stand-ins of Wan and ACE-Step v1 (soe/plugin/stand_in.py) and imports torch but no model library; ``inspect
 demo`` shows the other path: its ACE-Step 1.5 expert has no stand-in, so diffusers is imported. Runs of this interpreter's soe and
 of ``--baseline`` (another environment's python, e.g. one with an older soe installed) alternate, so
 both see the same machine load. Printed: median wall and CPU seconds, the ratio to the baseline,

@@ -84,15 +84,16 @@ def worker(rank: int, mode: str, folder: str, out: str, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from soe.builders import build_stitcher, build_stitcher_to_shard
-    from soe.builders import apply_training_setup
+    from soe.recipe.builders import build_stitcher
+    from soe.train.build import build_stitcher_to_shard
+    from soe.train.build import apply_training_setup
     from soe.schema import OptimConfig
     from soe.train.module import StitchModule
-    from soe.builders import build_objective
+    from soe.train.build import build_objective
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from soe.config import load_recipe
+    from soe.recipe.reading import load_recipe
 
     cfg = load_recipe(Path(folder) / "recipe.yaml", [])
     imported, imported_private = status_mb("VmRSS"), status_mb("RssAnon")

@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 import _common as C
-from soe.lora import set_trainable
+from soe.lora.adapters import set_trainable
 from soe.schema import LoraConfig
-from soe.stitcher import Stitcher
+from soe.stitch.stitcher import Stitcher
 
 UNIVERSE1 = Path(__file__).parents[1] / "recipes" / "universe1.yaml"
 
@@ -70,8 +70,9 @@ def measure_step(variant: str, args) -> dict:
 
 # ---- universe1 at full size on the meta device --------------------------------------------------------
 def universe1_counts(overrides=()) -> dict:
-    from soe.builders import apply_training_setup, build_stitcher
-    from soe.config import load_recipe
+    from soe.train.build import apply_training_setup
+    from soe.recipe.builders import build_stitcher
+    from soe.recipe.reading import load_recipe
 
     cfg = load_recipe(UNIVERSE1, list(overrides))
     with torch.device("meta"):

@@ -4,7 +4,7 @@ pooled per-time-step states carry, per pooling choice (``connector.pool``), bloc
 A ridge probe is fitted on the pooled states of 64 held-out synthetic clips and scored (R^2) on 32
 others: targets are the square's height per latent frame and a bounce indicator. ``mean`` is what
 UniVerse-1's connectors read; ``moments`` adds first moments along rows and columns
-(soe.align.pool_time_moments); ``flatten`` (every token of the step side by side) is the upper bound
+(soe.stitch.align.pool_time_moments); ``flatten`` (every token of the step side by side) is the upper bound
 a fixed-size pooling can aim for.
 
     python benchmarks/pooled_states.py                       # the shipped video expert
@@ -22,12 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from soe.align import pool_time_moments, pool_time_steps  # noqa: E402
-from soe.builders import build_expert  # noqa: E402
-from soe.config import load_recipe  # noqa: E402
+from soe.stitch.align import pool_time_moments, pool_time_steps  # noqa: E402
+from soe.recipe.builders import build_expert  # noqa: E402
+from soe.recipe.reading import load_recipe  # noqa: E402
 from soe.data.datamodule import SyntheticAVDataModule  # noqa: E402
-from soe.train.sync_eval import HELD_OUT_SEED_OFFSET  # noqa: E402
-from soe.train.synthetic import BounceClip  # noqa: E402
+from soe.evaluate.sync_eval import HELD_OUT_SEED_OFFSET  # noqa: E402
+from soe.data.synthetic import BounceClip  # noqa: E402
 
 POOLS = {"mean": pool_time_steps, "moments": pool_time_moments, "flatten": None}
 

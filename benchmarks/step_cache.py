@@ -21,9 +21,9 @@ from rich.table import Table
 
 import _common as C  # noqa: F401  (puts the checkout on sys.path)
 from generate_speed import recipe, settings
-from soe.builders import build_stitcher
-from soe.sampling import sample_stitched
-from soe.step_cache import apply_step_cache
+from soe.recipe.builders import build_stitcher
+from soe.sample.sampler import sample_stitched
+from soe.sample.step_cache import apply_step_cache
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -21,8 +21,8 @@ from rich.table import Table
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import _common as C
-import soe.connector as connector_mod
-from soe.stitcher import Stitcher
+import soe.stitch.connector as connector_mod
+from soe.stitch.stitcher import Stitcher
 
 ENGINES = {"hooks": "a_to_b", "lockstep": "both"}
 

@@ -7,7 +7,7 @@ On synthetic clips where each bounce of a square makes a click (random timing pe
   2. load them and stitch them with a task mixture (recipes/sync_stitch.yaml: joint, v2a, a2v, image);
   3. sample held-out clips in every mode, same seeds and conditioning: independent experts, joint
      stitched, v2a (true video given), a2v (true audio given), image (true first video frame given);
-  4. score sync with AV-Align (soe.metrics.av_align) and per-modality quality with a Frechet distance
+  4. score sync with AV-Align (soe.evaluate.metrics.av_align) and per-modality quality with a Frechet distance
      on simple features vs the true clips; a curve of sync against stitching steps from the checkpoints.
 
     python benchmarks/sync_experiment.py --experts recipes/pretrained   # base run on the shipped experts (docs/evidence.md)
@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # sync_eval next to this file
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
 
 import sync_eval as E  # noqa: E402
-from soe.builders import build_expert  # noqa: E402
-from soe.config import load_recipe  # noqa: E402
+from soe.recipe.builders import build_expert  # noqa: E402
+from soe.recipe.reading import load_recipe  # noqa: E402
 from soe.schema import SamplerConfig  # noqa: E402
 from soe.data.datamodule import SyntheticAVDataModule  # noqa: E402
-from soe.train.run import run_training  # noqa: E402
+from soe.cli.stitch import run_training  # noqa: E402
 from soe.train.single import pretrain_expert  # noqa: E402
-from soe.train.sync_eval import held_out  # noqa: E402
+from soe.evaluate.sync_eval import held_out  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # pretrain steps, stitch steps, eval clips, sampling steps, training clips, curve: checkpoint every / clips
@@ -122,7 +122,8 @@ def run(args, size: dict, console: Console) -> dict:
 
 def load_run(run_dir: Path):
     """The stitched model of a (possibly unfinished) run folder at its latest checkpoint, and its step."""
-    from soe.builders import apply_training_setup, build_stitcher
+    from soe.train.build import apply_training_setup
+    from soe.recipe.builders import build_stitcher
     from soe.train.checkpoint import read_checkpoint
 
     cfg = load_recipe(run_dir / "recipe.yaml")

@@ -1,6 +1,6 @@
 """How far the demo's held-out numbers can be trusted: the same scores on many groups of clips.
 
-The demo (``sample.sync_clips``, soe/train/callbacks.py) scores the experts alone and the stitched
+The demo (``sample.sync_clips``, soe/sample/callbacks.py) scores the experts alone and the stitched
 model on a handful of held-out clips. This samples ``--clips`` held-out clips with both (same seeds,
 same conditioning; the experts alone are the run's recipe with untrained connectors and adapters,
 i.e. the stitch at step 0), splits them into groups of the demo's size and prints, per group and
@@ -24,8 +24,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
 
-from soe.metrics import frechet_distance  # noqa: E402
-from soe.train import sync_eval  # noqa: E402
+from soe.evaluate.metrics import frechet_distance  # noqa: E402
+from soe.evaluate import sync_eval  # noqa: E402
 
 MODELS = ("alone", "stitched")
 
@@ -45,10 +45,10 @@ def worse(score: dict) -> dict:
 
 @torch.no_grad()
 def measure(run_dir: Path, clips: int, group: int, overrides: list[str]) -> dict:
-    from soe.builders import build_sampler, build_stitcher
-    from soe.config import load_recipe
-    from soe.sampling import sample_stitched
-    from soe.train.checkpoint import load_trained
+    from soe.recipe.builders import build_sampler, build_stitcher
+    from soe.recipe.reading import load_recipe
+    from soe.sample.sampler import sample_stitched
+    from soe.train.trained import load_trained
 
     cfg = load_recipe(run_dir / "recipe.yaml", overrides)
     torch.manual_seed(cfg.seed)
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     p.add_argument("overrides", nargs="*", help="recipe overrides (key=value), e.g. sample.steps=32")
     args = p.parse_args(argv)
     if args.group is None:
-        from soe.config import load_recipe
+        from soe.recipe.reading import load_recipe
 
         args.group = load_recipe(args.run / "recipe.yaml").sample.sync_clips or 8
     result = measure(args.run, args.clips, args.group, args.overrides)

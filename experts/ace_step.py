@@ -31,9 +31,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from soe.errors import CheckpointNotFoundError
-from soe.expert import Batch, BlockState, Expert, TokenLayout, latent_frames
-from soe.registry import register_expert
-from soe.weights import WEIGHTS, FolderWeights, has_weights, load_weights
+from soe.plugin.expert import Batch, BlockState, Expert, TokenLayout, latent_frames
+from soe.plugin.registry import register_expert
+from soe.plugin.weights import WEIGHTS, FolderWeights, has_weights, load_weights
 
 if TYPE_CHECKING:  # the model module imports diffusers: loaded where a model is built or run
     from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
@@ -142,9 +142,9 @@ class AceStepV1Expert(Expert):
 
     @classmethod
     def stand_in(cls, config: dict) -> "AceStepV1Expert":
-        """ACE-Step v1's blocks from its config (soe/stand_in.py), without importing diffusers."""
+        """ACE-Step v1's blocks from its config (soe/plugin/stand_in.py), without importing diffusers."""
         from soe.experts.ace_step_v1_stand_in import stand_in_model
-        from soe.stand_in import full_config
+        from soe.plugin.stand_in import full_config
 
         config = dict(config)
         options = {k: config.pop(k) for k in OPTIONS if k in config}
@@ -339,7 +339,7 @@ class AceStepV1Expert(Expert):
             codec = MusicCodec.load(path, sample_rate=self.sample_rate, dtype=dtype)
             self._check_codec(codec, path)
             return codec
-        from soe.codec import FrameAudioCodec
+        from soe.plugin.codec import FrameAudioCodec
 
         c, h = self.model.config.in_channels, self.model.config.max_height
         return FrameAudioCodec(self.sample_rate, MEL_HOP * DCAE_TIME_DOWNSAMPLE, (c, h), time_axis=3, channels=2)

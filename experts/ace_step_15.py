@@ -12,8 +12,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from soe.experts.diffusers_expert import DiffusersExpert
-from soe.expert import Batch, BlockState, TokenLayout, latent_frames
-from soe.registry import register_expert
+from soe.plugin.expert import Batch, BlockState, TokenLayout, latent_frames
+from soe.plugin.registry import register_expert
 
 if TYPE_CHECKING:
     from diffusers import AceStepTransformer1DModel
@@ -52,8 +52,8 @@ class AceStep15Expert(DiffusersExpert):
 
     @classmethod
     def stand_in(cls, config: dict):
-        """ACE-Step 1.5's blocks from its config (soe/stand_in.py), without importing diffusers."""
-        from soe.stand_in import Attention, Params, StandInModel, full_config, linear
+        """ACE-Step 1.5's blocks from its config (soe/plugin/stand_in.py), without importing diffusers."""
+        from soe.plugin.stand_in import Attention, Params, StandInModel, full_config, linear
 
         config, opts = cls.split_config(config)
         c = full_config(MODEL_DEFAULTS, config, "AceStepTransformer1DModel")

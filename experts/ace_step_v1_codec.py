@@ -1,4 +1,4 @@
-"""ACE-Step v1's music codec: stereo audio <-> ``(B, 8, 16, T)`` latents, as ``soe.codec.LatentCodec``.
+"""ACE-Step v1's music codec: stereo audio <-> ``(B, 8, 16, T)`` latents, as ``soe.plugin.codec.LatentCodec``.
 
 encode: each channel -> log-mel (``MusicVocoder.mel_transform``: 128 bands, hop 512, fp32) ->
 rescaled from [-11, 3] to [-1, 1] -> the music DCAE's encoder (diffusers ``AutoencoderDC``, 2 mel

@@ -1,4 +1,4 @@
-"""A shape-only stand-in of ACE-Step v1's transformer (soe/stand_in.py): its 24 blocks with the real
+"""A shape-only stand-in of ACE-Step v1's transformer (soe/plugin/stand_in.py): its 24 blocks with the real
 module names and shapes, and every parameter outside the blocks counted from the config.
 ``AceStepV1Expert.stand_in`` uses it for ``soe inspect``; tests/test_stand_in.py checks it against the
 model built on the meta device for every preset."""
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from soe.stand_in import Attention, Params, StandInModel, linear
+from soe.plugin.stand_in import Attention, Params, StandInModel, linear
 
 
 def stand_in_model(c: dict) -> StandInModel:

@@ -1,4 +1,4 @@
-"""The diffusers autoencoders behind soe's built-in experts, wrapped as ``soe.codec.LatentCodec``s."""
+"""The diffusers autoencoders behind soe's built-in experts, wrapped as ``soe.plugin.codec.LatentCodec``s."""
 from __future__ import annotations
 
 import json

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from soe.errors import CheckpointNotFoundError
-from soe.expert import Expert
+from soe.plugin.expert import Expert
 
 
 def cast_keeping_fp32(model, dtype):
@@ -95,7 +95,7 @@ class DiffusersExpert(Expert):
     def load_empty(cls, path, dtype=None, **opts):
         from accelerate import init_empty_weights
 
-        from soe.weights import FolderWeights
+        from soe.plugin.weights import FolderWeights
 
         path = Path(path)
         folder = cls._model_folder(path)

@@ -1,4 +1,4 @@
-"""Torch-free descriptions of soe's built-in experts, for ``soe experts`` (see soe/listing.py).
+"""Torch-free descriptions of soe's built-in experts, for ``soe experts`` (see soe/plugin/listing.py).
 
 Each dict repeats three class attributes of its expert (``modality``, the ``presets`` names in order,
 ``source``) so that listing the experts imports no plugin, hence no torch. They are registered in the

@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from soe.experts.diffusers_expert import DiffusersExpert
-from soe.expert import Batch, BlockState, TokenLayout, latent_frames
-from soe.registry import register_expert
+from soe.plugin.expert import Batch, BlockState, TokenLayout, latent_frames
+from soe.plugin.registry import register_expert
 
 if TYPE_CHECKING:
     from diffusers import StableAudioDiTModel
@@ -68,8 +68,8 @@ class StableAudioExpert(DiffusersExpert):
 
     @classmethod
     def stand_in(cls, config: dict):
-        """Stable Audio Open's blocks from its config (soe/stand_in.py), without importing diffusers."""
-        from soe.stand_in import Attention, Params, StandInModel, full_config, linear
+        """Stable Audio Open's blocks from its config (soe/plugin/stand_in.py), without importing diffusers."""
+        from soe.plugin.stand_in import Attention, Params, StandInModel, full_config, linear
 
         config, opts = cls.split_config(config)
         c = full_config({**STABLE_AUDIO_OPEN_1_0}, config, "StableAudioDiTModel")  # the release's config = the defaults

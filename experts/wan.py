@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from soe.experts.diffusers_expert import DiffusersExpert
-from soe.expert import Batch, BlockState, TokenLayout, latent_frames
-from soe.registry import register_expert
+from soe.plugin.expert import Batch, BlockState, TokenLayout, latent_frames
+from soe.plugin.registry import register_expert
 
 if TYPE_CHECKING:
     from diffusers import WanTransformer3DModel
@@ -61,9 +61,9 @@ class WanExpert(DiffusersExpert):
 
     @classmethod
     def stand_in(cls, config: dict):
-        """Wan's blocks from its config (soe/stand_in.py); None for the image-conditioned variants
+        """Wan's blocks from its config (soe/plugin/stand_in.py); None for the image-conditioned variants
         (``image_dim``, ``added_kv_proj_dim``, ``pos_embed_seq_len``), which are built instead."""
-        from soe.stand_in import Attention, Params, StandInModel, full_config, linear
+        from soe.plugin.stand_in import Attention, Params, StandInModel, full_config, linear
 
         config, opts = cls.split_config(config)
         c = full_config(WAN_MODEL_DEFAULTS, config, "WanTransformer3DModel")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from soe.experts.wan import _WAN_COMMON, WanExpert
-from soe.expert import Batch, BlockState
-from soe.registry import register_expert
+from soe.plugin.expert import Batch, BlockState
+from soe.plugin.registry import register_expert
 
 _TI2V_COMMON = dict(_WAN_COMMON, in_channels=48, out_channels=48)
 

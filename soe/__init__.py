@@ -8,14 +8,14 @@ from __future__ import annotations
 from importlib import import_module
 
 _PUBLIC = {
-    "BlockListExpert": "soe.generic", "stitch_into": "soe.generic",
-    "BlockState": "soe.expert", "Expert": "soe.expert", "TokenLayout": "soe.expert",
-    "Connector": "soe.connector", "ConnectorConfig": "soe.schema",
-    "Stitcher": "soe.stitcher",
-    "get_expert": "soe.registry", "list_experts": "soe.registry", "register_expert": "soe.registry",
-    "linear_pairs": "soe.align", "resolve_depth_map": "soe.align",
+    "BlockListExpert": "soe.stitch.generic", "stitch_into": "soe.stitch.generic",
+    "BlockState": "soe.plugin.expert", "Expert": "soe.plugin.expert", "TokenLayout": "soe.plugin.expert",
+    "Connector": "soe.stitch.connector", "ConnectorConfig": "soe.schema",
+    "Stitcher": "soe.stitch.stitcher",
+    "get_expert": "soe.plugin.registry", "list_experts": "soe.plugin.registry", "register_expert": "soe.plugin.registry",
+    "linear_pairs": "soe.stitch.align", "resolve_depth_map": "soe.stitch.align",
     "DiffusersExpert": "soe.experts.diffusers_expert",
-    "load_stitched": "soe.export",
+    "load_stitched": "soe.interop.export",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -23,7 +23,7 @@ __all__ = sorted(_PUBLIC)
 
 def __getattr__(name: str):
     if name == "__version__":
-        from soe.cli import _version
+        from soe.cli.commands import _version
 
         return _version()
     module = _PUBLIC.get(name)

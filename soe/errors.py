@@ -14,6 +14,11 @@ class SoeError(Exception):
     exit_code = 2
 
 
+class RecipeError(SoeError, ValueError):
+    """A recipe problem, reported as one line: ``<key>: <what is wrong and what was expected>``."""
+
+
+
 class CheckpointError(SoeError, ValueError):
     """A checkpoint folder or file that cannot be used: missing, truncated, wrong shapes, dtypes or keys."""
 

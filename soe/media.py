@@ -17,7 +17,7 @@ def media_sides(experts: dict, what: str) -> tuple[str, str]:
     video = [s for s, m in mods.items() if m == "video"]
     audio = [s for s, m in mods.items() if m == "audio"]
     if len(video) != 1 or len(audio) != 1:
-        from soe.config import RecipeError
+        from soe.errors import RecipeError
 
         raise RecipeError(f"{what} needs one video and one audio expert, got {mods}")
     return video[0], audio[0]

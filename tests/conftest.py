@@ -15,7 +15,7 @@ configure_threads()  # the CLI's policy: a busy machine must not slow the suite 
 def _outside_the_checkout(tmp_path, tmp_path_factory, monkeypatch):
     """Every test runs in its own temporary folder: a default run_dir (``runs/<name>``) or output folder
     lands there, never in the checkout, and a demo run already in the checkout cannot interfere.
-    The CLI's start-up cache (soe/cli_cache.py) is a new empty folder too: `soe experts` and
+    The CLI's start-up cache (soe/cli/cache.py) is a new empty folder too: `soe experts` and
     `soe inspect` compute their tables in every test, and nothing lands in the user's cache."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SOE_NUM_THREADS", raising=False)

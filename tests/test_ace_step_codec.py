@@ -225,7 +225,7 @@ def test_bf16_runs(folder):
 
 def test_tiny_codec_without_a_folder_still_works():
     from soe.experts.ace_step import AceStepV1Expert
-    from soe.codec import FrameAudioCodec
+    from soe.plugin.codec import FrameAudioCodec
 
     codec = AceStepV1Expert.from_config(AceStepV1Expert.presets["tiny"]).codec()
     assert isinstance(codec, FrameAudioCodec) and codec.encode(tone(8192)).shape == (1, 8, 16, 2)

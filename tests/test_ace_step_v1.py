@@ -11,7 +11,7 @@ import torch
 
 from soe.experts.ace_step import AceStepV1Expert
 from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
-from soe.registry import get_expert
+from soe.plugin.registry import get_expert
 
 # ace_step_transformer/config.json of ACE-Step/ACE-Step-v1-3.5B, verbatim.
 OFFICIAL_CONFIG = {

@@ -5,7 +5,7 @@ import torch
 
 from conftest import batch_for, tiny
 from soe import Stitcher, get_expert
-from soe.config import load_recipe
+from soe.recipe.reading import load_recipe
 from soe.errors import CheckpointNotFoundError, SoeError, UnstitchedError
 from soe.schema import RecipeError
 
@@ -30,7 +30,7 @@ def test_loading_an_expert_from_a_missing_folder_names_the_files_expected(tmp_pa
 
 
 def test_a_recipe_given_as_a_dict_says_what_is_expected():
-    from soe.train.run import run_training
+    from soe.cli.stitch import run_training
 
     for call in (lambda: run_training({"name": "x"}), lambda: load_recipe({"name": "x"})):
         with pytest.raises(RecipeError, match="recipe: expected a YAML file path or the name of a shipped recipe .* got a dict"):

@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from soe import get_expert
-from soe.builders import apply_training_setup, build_stitcher
+from soe.train.build import apply_training_setup
+from soe.recipe.builders import build_stitcher
 from soe.cli import main
-from soe.config import load_recipe
+from soe.recipe.reading import load_recipe
 from soe.errors import CheckpointError
-from soe.train.checkpoint import export_trained, load_trained
+from soe.train.trained import export_trained, load_trained
 from soe.data.datamodule import PairedLatentDataModule, SyntheticAVDataModule
 from soe.data.latent_cache import write_meta, write_shard
 
@@ -392,9 +393,9 @@ def test_latent_cache_of_other_clip_length(latent_cache, tmp_path, capsys):
 # ---- the Python API: the same errors, all SoeErrors ----------------------------------------------------
 def test_api_errors_are_soe_errors_with_the_cli_wording(tmp_path, capsys):
     from soe import get_expert as get
-    from soe.align import DepthMapError, resolve_depth_map
+    from soe.stitch.align import DepthMapError, resolve_depth_map
     from soe.errors import SoeError
-    from soe.registry import UnknownExpertError
+    from soe.plugin.registry import UnknownExpertError
 
     with pytest.raises(UnknownExpertError) as unknown:
         get("wan9")
@@ -429,7 +430,7 @@ BATCH_CASES = {
 
 @pytest.mark.parametrize("case", list(BATCH_CASES))
 def test_bad_batches_for_a_stitched_forward(demo_stitcher, case):
-    from soe.batch_check import BatchError
+    from soe.stitch.batch_check import BatchError
 
     a, b = _batches(demo_stitcher)
     corrupt, message = BATCH_CASES[case]
@@ -626,7 +627,7 @@ MORE_BATCH_CASES = {
 @pytest.mark.parametrize("case", list(MORE_BATCH_CASES))
 def test_more_bad_batches_for_a_stitched_forward(demo_stitcher, case):
     """Each used to end in a raw torch error deep in a layer (or, for the device, in a kernel)."""
-    from soe.batch_check import BatchError
+    from soe.stitch.batch_check import BatchError
 
     a, b = _batches(demo_stitcher)
     change_a, change_b, message = MORE_BATCH_CASES[case]

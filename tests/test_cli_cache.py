@@ -1,4 +1,4 @@
-"""`soe experts` / `soe inspect` start fast: LoRA counted from shapes, tables cached (soe/cli_cache.py)."""
+"""`soe experts` / `soe inspect` start fast: LoRA counted from shapes, tables cached (soe/cli/cache.py)."""
 import io
 import json
 import os
@@ -10,12 +10,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from soe import cli_cache
-from soe.builders import build_stitcher
+from soe.cli import cache as cli_cache
+from soe.recipe.builders import build_stitcher
 from soe.cli import main
-from soe.config import load_recipe, validate_recipe
-from soe.builders import apply_training_setup, count_training_setup
-from soe.report import hooks_table, num_params, recipe_tables, stitch_tables
+from soe.recipe.reading import load_recipe
+from soe.recipe.validate import validate_recipe
+from soe.train.build import apply_training_setup, count_training_setup
+from soe.cli.tables import hooks_table, num_params, recipe_tables, stitch_tables
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
@@ -121,7 +122,7 @@ def test_the_key_follows_the_recipe_and_the_code(tmp_path, monkeypatch):
 
 
 def test_experts_registered_at_run_time_are_not_cached():
-    from soe.registry import _REGISTRY
+    from soe.plugin.registry import _REGISTRY
 
     assert cli_cache.experts_key() is not None
     _REGISTRY["runtime-only"] = type("RuntimeExpert", (), {})  # e.g. @register_expert in a notebook: no source to key on

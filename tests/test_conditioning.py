@@ -1,13 +1,13 @@
-"""Conditioning (soe/conditioning.py): given latent frames in training and sampling, task mixtures."""
+"""Conditioning (soe/flow/conditioning.py): given latent frames in training and sampling, task mixtures."""
 import pytest
 import torch
 
 from conftest import batch_for, tiny
-from soe.conditioning import GivenLatents, TaskError, TaskMixture, given_for_task, prefix_mask
-from soe.flow import FlowObjective
-from soe.sampling import sample, sample_stitched
+from soe.flow.conditioning import GivenLatents, TaskError, TaskMixture, given_for_task, prefix_mask
+from soe.flow.objective import FlowObjective
+from soe.sample.sampler import sample, sample_stitched
 from soe.schema import SamplerConfig
-from soe.stitcher import Stitcher
+from soe.stitch.stitcher import Stitcher
 
 
 def pair():
@@ -179,7 +179,7 @@ def test_unconditional_half_sees_the_reference_or_zeros(policy):
 def test_universe1_recipe_uses_the_zero_reference():
     from pathlib import Path
 
-    from soe.config import load_recipe
+    from soe.recipe.reading import load_recipe
 
     cfg = load_recipe(Path(__file__).parents[1] / "recipes" / "universe1.yaml")
     assert cfg.sample.given_uncond == "zeros" and dict(cfg.flow.tasks) == {"image": 1.0}  # frame 0 = the reference, always
@@ -194,7 +194,7 @@ def test_given_latents_checks_its_mask():
 def test_training_with_a_task_mixture_resumes_exactly(tmp_path):
     from rich.console import Console
 
-    from soe.train.run import run_training
+    from soe.cli.stitch import run_training
     from test_generate_given import tiny_recipe
 
     recipe = tiny_recipe(tmp_path)
@@ -213,7 +213,7 @@ def test_training_with_a_task_mixture_resumes_exactly(tmp_path):
 
 
 def test_given_frames_per_task():
-    from soe.conditioning import given_frames
+    from soe.flow.conditioning import given_frames
 
     assert given_frames("extend", "video", 12, 6.25, 0.5) == 3  # frames wholly inside the given 0.5 s
     assert given_frames("extend", "audio", 50, 25.0, 0.5) == 12

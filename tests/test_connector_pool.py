@@ -4,8 +4,8 @@ import torch
 
 from conftest import batch_for, tiny
 from soe import ConnectorConfig, Stitcher
-from soe.align import pool_time_moments, pool_time_steps
-from soe.expert import TokenLayout
+from soe.stitch.align import pool_time_moments, pool_time_steps
+from soe.plugin.expert import TokenLayout
 
 VIDEO = TokenLayout((2, 3, 4), ("t", "h", "w"), 12.5)  # 2 time steps of 3 rows x 4 columns
 

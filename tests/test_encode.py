@@ -19,9 +19,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from soe.builders import build_expert
+from soe.recipe.builders import build_expert
 from soe.cli import main
-from soe.config import load_recipe
+from soe.recipe.reading import load_recipe
 from soe.data.annotate import AnnotatorError, VLMAnnotator
 from soe.data.encode import EncodeConfig, encode_folder
 from soe.data.stream_writer import PartWriter
@@ -365,7 +365,7 @@ def test_wan_with_ace_step_v1_text_encoders_workers_and_aspect_buckets(src, tmp_
 
 @pytest.mark.slow
 def test_training_runs_on_the_encoded_cache(demo_cache, tmp_path):
-    from soe.train.run import run_training
+    from soe.cli.stitch import run_training
 
     out, _ = demo_cache
     result = run_training(DEMO, [*SECONDS, "data.kind=latents", f"data.path={out}", "data.batch_size=2", "trainer.max_steps=2",

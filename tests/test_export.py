@@ -11,11 +11,12 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from conftest import batch_for
-from soe.builders import apply_training_setup, build_stitcher
+from soe.train.build import apply_training_setup
+from soe.recipe.builders import build_stitcher
 from soe.cli import main
-from soe.config import merge_recipe
-from soe.export import export_run, load_stitched
-from soe.train.checkpoint import export_trained
+from soe.recipe.reading import merge_recipe
+from soe.interop.export import export_run, load_stitched
+from soe.train.trained import export_trained
 
 INJECT = {  # UniVerse-1's fusion on tiny experts (as tests/test_universe1.py)
     "b_to_a": dict(mode="attention_kv", tap="after_self_attn", targets=[

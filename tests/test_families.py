@@ -143,7 +143,7 @@ def test_new_families_train_through_the_recipe(tmp_path):
     """WAN2.2 TI2V + Stable Audio Open through the Lightning recipe path (demo recipe, overrides)."""
     from rich.console import Console
 
-    from soe.train.run import run_training
+    from soe.cli.stitch import run_training
 
     demo = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"
     result = run_training(demo, ["data.num_clips=8", "data.batch_size=2", "data.seconds=1.0", "trainer.max_steps=2",

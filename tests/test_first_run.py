@@ -12,8 +12,8 @@ from PIL import Image
 from rich.console import Console
 
 from soe.cli import main
-from soe.config import load_recipe
-from soe.train.run import run_training
+from soe.recipe.reading import load_recipe
+from soe.cli.stitch import run_training
 
 ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"  # the README's demo: shipped pretrained experts
@@ -81,7 +81,7 @@ def test_generate_refuses_an_out_folder_that_holds_samples(trained_run, tmp_path
 
 
 def test_contact_sheet_is_titled(tmp_path):
-    from soe.generate import sheet_title
+    from soe.sample.generate import sheet_title
     from soe.media import contact_sheet
 
     video, audio = torch.zeros(3, 10, 16, 16), torch.zeros(1, 8000)
@@ -110,7 +110,7 @@ def test_contact_sheet_of_partly_silent_audio_prints_no_warning(tmp_path):
 
 
 def test_real_clip_training_does_not_render_the_synthetic_preview():
-    from soe.generate import uses_synthetic_preview
+    from soe.sample.generate import uses_synthetic_preview
 
     assert uses_synthetic_preview(load_recipe(DEMO))
     latents = load_recipe(DEMO, ["data.kind=latents", "data.path=/some/cache"])
@@ -256,9 +256,9 @@ def test_recipe_relative_weight_paths_are_found_next_to_the_recipe(tmp_path):
 def test_training_reports_sync_before_and_after_and_stacks_the_sheets(tmp_path, capsys):
     import json
 
-    from soe.builders import build_sampler, build_stitcher
-    from soe.sampling import sample
-    from soe.train import sync_eval
+    from soe.recipe.builders import build_sampler, build_stitcher
+    from soe.sample.sampler import sample
+    from soe.evaluate import sync_eval
 
     run = tmp_path / "run"
     overrides = [*SHORT, "trainer.max_steps=2", f"run_dir={run}", "sample.at_start=true", "sample.at_end=true", "sample.sync_clips=2"]
@@ -286,7 +286,7 @@ def test_training_reports_sync_before_and_after_and_stacks_the_sheets(tmp_path, 
 @pytest.mark.slow
 def test_pretrain_command_writes_both_experts_in_their_formats(tmp_path):
     from soe import get_expert
-    from soe.train.pretrain import main as pretrain_main
+    from soe.cli.pretrain import main as pretrain_main
 
     result = pretrain_main([str(ROOT / "recipes" / "sync_pretrain.yaml"), "--out", str(tmp_path), "--dtype", "float16",
                             "--eval-clips", "2", "trainer.max_steps=2", "data.num_clips=8", "data.batch_size=2"])
@@ -300,7 +300,7 @@ def test_pretrain_command_writes_both_experts_in_their_formats(tmp_path):
 
 
 def test_sync_table_fits_an_80_column_terminal_without_cutting_a_number_or_header():
-    from soe.train.callbacks import SyncReportCallback
+    from soe.sample.callbacks import SyncReportCallback
 
     cb = SyncReportCallback(load_recipe(DEMO), "unused", 8)
     cb.scores = {"experts alone": {"step": 0, "sync": 0.218, "frechet": {"video": 0.101, "audio": 0.067}},

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import batch_for, tiny
-from soe.flow import FlowObjective, generator_for, shift_sigma
+from soe.flow.objective import FlowObjective, shift_sigma
+from soe.rng import generator_for
 
 
 def objective(**kw):

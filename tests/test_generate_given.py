@@ -75,9 +75,9 @@ def expert_latents(out):
 
 @pytest.mark.parametrize("mode", ["image", "video", "audio", "extend"])
 def test_each_mode_writes_an_mp4_whose_given_latents_are_the_encoded_input(tmp_path, mode, capsys):
-    from soe.builders import build_stitcher
-    from soe.config import load_recipe
-    from soe.generate import given_inputs, load_codecs
+    from soe.recipe.builders import build_stitcher
+    from soe.recipe.reading import load_recipe
+    from soe.sample.generate import given_inputs, load_codecs
 
     media = {"image": lambda: png(tmp_path / "ref.png"), "video": lambda: clip(tmp_path / "silent.mp4", sound=False),
              "audio": lambda: wav(tmp_path / "track.wav"), "extend": lambda: clip(tmp_path / "start.mp4", seconds=0.6)}[mode]()

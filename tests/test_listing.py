@@ -1,4 +1,4 @@
-"""`soe experts` lists from the plugins' torch-free descriptions (soe/listing.py): soe's own equal their
+"""`soe experts` lists from the plugins' torch-free descriptions (soe/plugin/listing.py): soe's own equal their
 classes, a plugin without one (or with a broken one) is still listed from its class, and
 `soe experts check` fails when a description drifts from its class."""
 import os
@@ -8,9 +8,9 @@ import textwrap
 from importlib.metadata import entry_points
 from pathlib import Path
 
-import soe.listing
+import soe.plugin.listing
 from soe import get_expert
-from soe.listing import ExpertListing, declared_info, listings
+from soe.plugin.listing import ExpertListing, declared_info, listings
 from soe.testing import run_check
 
 ROOT = Path(__file__).parents[1]
@@ -56,6 +56,6 @@ def test_a_plugin_without_or_with_a_broken_description_is_listed_from_its_class(
 def test_the_contract_check_fails_when_a_description_drifts(monkeypatch):
     assert run_check("attributes", "wan2.1").passed
     drifted = ExpertListing("wan2.1", "video", ("1.3b", "tiny"), "diffusers.WanTransformer3DModel", "soe.experts.wan")
-    monkeypatch.setattr(soe.listing, "declared_info", lambda name: drifted if name == "wan2.1" else None)
+    monkeypatch.setattr(soe.plugin.listing, "declared_info", lambda name: drifted if name == "wan2.1" else None)
     result = run_check("attributes", "wan2.1")
     assert not result.passed and "'presets': ['1.3b', 'tiny']" in result.detail and "'1.3b', '14b', 'tiny'" in result.detail

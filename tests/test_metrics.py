@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from soe.metrics import audio_onsets, av_align, frechet_distance, match_events, video_motion_events
+from soe.evaluate.metrics import audio_onsets, av_align, frechet_distance, match_events, video_motion_events
 
 
 def test_identical_event_times_score_one():

@@ -9,7 +9,8 @@ import torch
 
 import soe
 from soe.cli import main
-from soe.config import RecipeError, find_recipe, shipped_recipes
+from soe.errors import RecipeError
+from soe.recipe.reading import find_recipe, shipped_recipes
 
 
 def test_version(capsys):
@@ -66,7 +67,7 @@ def test_listing_experts_imports_no_model_library(capsys):
     assert main(["experts", "--details"]) == 0  # depth, width, tokens/s of each real-size preset (built on meta)
     from rich.console import Console
 
-    from soe.report import experts_table
+    from soe.cli.tables import experts_table
 
     console = Console(width=200, record=True)
     console.print(experts_table([soe.get_expert("wan2.1")], details=True))

@@ -1,6 +1,6 @@
 """The plugin authoring kit: soe.testing reports broken experts precisely, `soe experts check`, the
 example third-party package (installed and discovered through entry points), and one-way stitching
-into a model that has no plugin at all (soe.generic)."""
+into a model that has no plugin at all (soe.stitch.generic)."""
 import os
 import shutil
 import subprocess
@@ -12,12 +12,12 @@ import torch
 from diffusers import LTXVideoTransformer3DModel
 from torch import nn
 
-import soe.registry as registry
+import soe.plugin.registry as registry
 from conftest import tiny
 from soe.experts.wan import WanExpert
 from soe import BlockListExpert, ConnectorConfig, Stitcher, TokenLayout, stitch_into
 from soe.cli import main
-from soe.generic import BlockListError, find_block_list
+from soe.stitch.generic import BlockListError, find_block_list
 from soe.testing import assert_expert_contract, check_expert, run_check
 
 ROOT = Path(__file__).parents[1]
@@ -95,7 +95,7 @@ def test_cli_experts_check_fails_with_status_1(capsys):
 @pytest.mark.parametrize("spec, message", [
     ("wan2.3", "unknown expert 'wan2.3'"),
     ("no_such_pkg.plugin:MyExpert", "cannot import module 'no_such_pkg.plugin'"),
-    ("soe.expert:TokenLayout", "not a subclass of soe.Expert"),
+    ("soe.plugin.expert:TokenLayout", "not a subclass of soe.Expert"),
     ("wan2.1 --check speed", "unknown check(s) ['speed']"),
 ])
 def test_cli_experts_check_bad_input_is_one_line_with_status_2(capsys, spec, message):

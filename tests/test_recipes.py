@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from soe.cli import main
-from soe.config import load_recipe, validate_recipe
+from soe.recipe.reading import load_recipe
+from soe.recipe.validate import validate_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
@@ -23,7 +24,7 @@ def test_every_shipped_recipe_validates_and_inspects_on_meta(recipe, capsys):
 
 def test_universe1_is_the_paper_setup():
     cfg = load_recipe(RECIPES[[p.name for p in RECIPES].index("universe1.yaml")])
-    from soe.builders import build_stitcher
+    from soe.recipe.builders import build_stitcher
 
     with torch.device("meta"):
         st = build_stitcher(cfg, device="meta", load_weights=False)

@@ -1,6 +1,6 @@
 import pytest
 
-import soe.registry as registry
+import soe.plugin.registry as registry
 from soe import Expert, get_expert, list_experts, register_expert
 
 

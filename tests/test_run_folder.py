@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from soe.cli import main
 from soe.train import checkpoint as checkpoint_module
 from soe.train.checkpoint import read_checkpoint
-from soe.train.run import run_training
+from soe.cli.stitch import run_training
 from soe.train.run_folder import RunFolderError, RunLock
 
 ROOT = Path(__file__).parents[1]
@@ -133,7 +133,7 @@ def test_sampling_problems_fail_before_the_first_step(recipe, tmp_path, capsys):
 @pytest.mark.slow
 def test_last_checkpoint_holds_the_final_step_before_end_of_run_sampling(recipe, tmp_path, monkeypatch):
     """3 steps saving every 2: last.ckpt is step 3 (not 2), and on disk when the sampler starts."""
-    from soe import generate
+    from soe.sample import generate
 
     seen = {}
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import soe.schema as schema
 from soe.cli import main
-from soe.config import load_recipe
+from soe.recipe.reading import load_recipe
 from soe.schema import Choice, ConnectorConfig, Recipe, RecipeError, StitchConfig, build
 
 TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
@@ -70,7 +70,7 @@ def test_choices_read_and_print_as_their_names(tmp_path):
 
 
 def test_the_stitcher_takes_the_recipe_dataclass():
-    from soe.builders import build_stitcher, recipe_options
+    from soe.recipe.builders import build_stitcher, recipe_options
 
     cfg = load_recipe(TINY, ["stitch.connector.init=trunc_normal", "stitch.connector.input_norm=true"])
     st = build_stitcher(cfg)
@@ -80,10 +80,10 @@ def test_the_stitcher_takes_the_recipe_dataclass():
 
 @pytest.mark.parametrize("stand_ins", [True, False])
 def test_inspect_builds_each_expert_once(monkeypatch, capsys, stand_ins):
-    """`soe inspect` reuses the experts validation built (shape-only stand-ins, soe/stand_in.py, or
+    """`soe inspect` reuses the experts validation built (shape-only stand-ins, soe/plugin/stand_in.py, or
     models on the meta device for families without one) to learn their depth."""
-    from soe.expert import Expert
-    from soe.registry import get_expert
+    from soe.plugin.expert import Expert
+    from soe.plugin.registry import get_expert
 
     cfg = load_recipe(TINY)
     calls = []

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from soe.builders import apply_training_setup, build_stitcher, build_stitcher_to_shard
-from soe.config import load_recipe
+from soe.train.build import apply_training_setup, build_stitcher_to_shard
+from soe.recipe.builders import build_stitcher
+from soe.recipe.reading import load_recipe
 from soe.errors import CheckpointError
-from soe.registry import get_expert
+from soe.plugin.registry import get_expert
 from soe.train.sharding import file_key, load_inserted_shards, load_shards
-from soe.weights import FolderWeights, load_weights, weight_files
+from soe.plugin.weights import FolderWeights, load_weights, weight_files
 
 ROOT = Path(__file__).parents[1]
 KV_B_TO_A = "{b_to_a: {mode: attention_kv, targets: [{attention: attn2}]}}"  # into Wan's cross-attention (it has norm_k)
@@ -86,7 +87,7 @@ def test_connectors_and_lora_drawn_after_the_build_equal_the_eager_build(saved):
         torch.manual_seed(5)
         lazy, plan = build_stitcher_to_shard(cfg)
         apply_training_setup(lazy, cfg, plan=plan)
-        from soe.lora import materialise_adapters
+        from soe.lora.adapters import materialise_adapters
         from soe.train.sharding import draw_connectors
 
         outside = torch.get_rng_state()
@@ -142,12 +143,13 @@ WORKER = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     import lightning as L
     from torch.distributed.device_mesh import init_device_mesh
-    from soe.builders import build_stitcher, build_stitcher_to_shard
-    from soe.config import load_recipe
-    from soe.builders import apply_training_setup
+    from soe.recipe.builders import build_stitcher
+    from soe.train.build import build_stitcher_to_shard
+    from soe.recipe.reading import load_recipe
+    from soe.train.build import apply_training_setup
     from soe.schema import OptimConfig
     from soe.train.module import StitchModule
-    from soe.builders import build_objective
+    from soe.train.build import build_objective
 
     def main(rank, overrides, out):
         os.environ.update(RANK=str(rank), WORLD_SIZE="2")
@@ -223,7 +225,7 @@ def check_gathered(r, inserted):
 def test_k_v_injection_and_inserted_blocks_filled_from_the_files_equal_the_eager_build(saved):
     """Without a mesh: new k/v projections (drawn after the connectors, copied weights and key norms read
     from the files, an inserted block's as its neighbours' mean) and everything else equal the eager build."""
-    from soe.lora import materialise_adapters
+    from soe.lora.adapters import materialise_adapters
     from soe.train.sharding import draw_connectors, draw_kv
 
     cfg = recipe(saved, "stitch.depth.mode=insert_interpolated", f"stitch.inject={KV_BOTH}", "stitch.connector.init=trunc_normal")

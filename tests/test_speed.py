@@ -1,4 +1,4 @@
-"""Memory and speed switches (soe/speed.py, soe/step_cache.py, soe/train/storage.py) against the plain path.
+"""Memory and speed switches (soe/sample/speed.py, soe/sample/step_cache.py, soe/train/storage.py) against the plain path.
 
 Tolerances: offloading and the attention backend are exact (same kernels, weights only move);
 fp8 storage is bounded (3 mantissa bits: ~6% per weight, a few % on outputs of tiny random models);
@@ -12,11 +12,11 @@ import torch
 
 from conftest import batch_for, tiny
 from soe import Stitcher
-from soe.lora import set_trainable
-from soe.sampling import sample_stitched
+from soe.lora.adapters import set_trainable
+from soe.sample.sampler import sample_stitched
 from soe.schema import LoraConfig, SamplerConfig, SpeedConfig
-from soe.speed import apply_speed
-from soe.step_cache import StepCache, stitched_blocks
+from soe.sample.speed import apply_speed
+from soe.sample.step_cache import StepCache, stitched_blocks
 from soe.train.storage import store_frozen_in
 from test_universe1 import fused
 
@@ -91,7 +91,7 @@ def test_regional_compile_matches():
     with torch.no_grad():
         ref = st(ba, bb)
         apply_speed(st, SpeedConfig(), "cpu")
-        from soe.speed import compile_blocks
+        from soe.sample.speed import compile_blocks
 
         compile_blocks([b for bl in stitched_blocks(st).values() for b in bl], backend="eager")
         got = st(ba, bb)
@@ -190,7 +190,9 @@ def test_training_with_fp8_frozen_weights_has_bounded_gradients(checkpointing):
     ("experts.a.storage_dtype", "fp4", "experts.a.storage_dtype"),
 ])
 def test_bad_speed_keys_name_the_key(tmp_path, key, value, match):
-    from soe.config import RecipeError, load_recipe, validate_recipe
+    from soe.errors import RecipeError
+    from soe.recipe.reading import load_recipe
+    from soe.recipe.validate import validate_recipe
 
     with pytest.raises(RecipeError, match=match):
         validate_recipe(load_recipe(str(Path(__file__).parent / "recipes" / "tiny.yaml"), [f"{key}={value}", f"run_dir={tmp_path}"]))

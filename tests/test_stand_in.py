@@ -1,4 +1,4 @@
-"""Shape-only stand-ins (soe/stand_in.py): `soe inspect` prints exactly what building the models on meta
+"""Shape-only stand-ins (soe/plugin/stand_in.py): `soe inspect` prints exactly what building the models on meta
 prints, for every preset of the families that offer one and every shipped recipe, and imports none of
 the model libraries (diffusers, timm, peft, transformers, Lightning) on a first run."""
 import json
@@ -12,18 +12,18 @@ import torch
 from diffusers import AceStepTransformer1DModel, StableAudioDiTModel, WanTransformer3DModel
 
 from soe import get_expert, list_experts
-from soe.builders import build_stand_in
-from soe.cli_cache import table_to_json
-from soe.config import load_recipe, shipped_recipes
-from soe.connector import Connector
+from soe.recipe.builders import build_stand_in
+from soe.cli.cache import table_to_json
+from soe.recipe.reading import load_recipe, shipped_recipes
+from soe.stitch.connector import Connector
 from soe.experts.ace_step import MODEL_DEFAULTS as ACE_DEFAULTS
 from soe.experts.ace_step_15 import MODEL_DEFAULTS as ACE_15_DEFAULTS
 from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
 from soe.experts.stable_audio import STABLE_AUDIO_OPEN_1_0
 from soe.experts.wan import WAN_MODEL_DEFAULTS
-from soe.report import recipe_tables
+from soe.cli.tables import recipe_tables
 from soe.schema import ConnectorConfig
-from soe.stand_in import constructor_defaults, differences, shapes_only
+from soe.plugin.stand_in import constructor_defaults, differences, shapes_only
 
 ROOT = Path(__file__).parents[1]
 WITH_STAND_IN = [(name, preset) for name in list_experts() for preset in get_expert(name).presets
@@ -117,7 +117,7 @@ def test_a_first_inspect_of_universe1_imports_no_model_library():
 
 def test_a_first_listing_imports_no_torch_and_no_plugin():
     plugins = tuple(f"soe.experts.{m}" for m in ("wan", "wan22", "ace_step", "ace_step_15", "stable_audio"))
-    assert _run(["experts", "--no-cache"], ("torch", "numpy", "soe.registry", *HEAVY, *plugins)) == []
+    assert _run(["experts", "--no-cache"], ("torch", "numpy", "soe.plugin.registry", *HEAVY, *plugins)) == []
 
 
 def test_the_contract_check_fails_on_a_stand_in_that_drifts():

@@ -12,8 +12,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from soe.builders import build_expert
-from soe.config import load_recipe
+from soe.recipe.builders import build_expert
+from soe.recipe.reading import load_recipe
 from soe.data.stream_format import pack, pad, trim, unpack
 from soe.data.stream_read import StreamingCache, load_cache
 from soe.data.stream_synthetic import synthetic_record, write_cache
@@ -252,7 +252,7 @@ def test_batches_equal_windows_read_one_by_one_for_small_and_large_windows(tmp_p
 def test_recipe_data_cache_dir_holds_the_local_copy_of_a_url_cache(cache, experts, tmp_path):
     from types import SimpleNamespace
 
-    from soe.builders import build_datamodule
+    from soe.data.build import build_datamodule
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
@@ -335,7 +335,7 @@ def test_an_unmerged_cache_is_refused(tmp_path, experts):
 
 # ---- exact resume through Lightning --------------------------------------------------------------
 def train(recipe, run_dir, steps, *overrides):
-    from soe.train.run import run_training
+    from soe.cli.stitch import run_training
 
     return run_training(recipe, [f"run_dir={run_dir}", f"trainer.max_steps={steps}", *overrides], console=QUIET, progress=False)
 

@@ -37,7 +37,8 @@ def test_sync_experiment_quick_runs_every_mode_and_reports(tmp_path):
 
 
 def test_every_ablation_is_a_valid_recipe_change():
-    from soe.config import load_recipe, validate_recipe
+    from soe.recipe.reading import load_recipe
+    from soe.recipe.validate import validate_recipe
 
     module = load()
     for name, overrides in module.ABLATIONS.items():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import load_benchmark
-from soe.metrics import frechet_distance
+from soe.evaluate.metrics import frechet_distance
 
 
 def load():

@@ -7,11 +7,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from soe.builders import apply_training_setup, build_stitcher
-from soe.config import load_recipe
-from soe.train.checkpoint import load_trained
+from soe.recipe.builders import build_stitcher
+from soe.recipe.reading import load_recipe
+from soe.train.trained import load_trained
 from soe.train.plots import read_run_metrics
-from soe.train.run import run_training
+from soe.cli.stitch import run_training
 
 DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 QUIET = Console(file=open("/dev/null", "w"))
@@ -75,7 +75,7 @@ def test_resume_gives_identical_weights(tmp_path):
 
 
 def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tmp_path):
-    from soe.config import RecipeError
+    from soe.errors import RecipeError
 
     train(tmp_path / "r", "trainer.max_steps=1", "trainer.checkpoint_every_n_steps=1")
     with pytest.raises(RecipeError, match="already holds checkpoints"):

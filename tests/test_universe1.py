@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 
 from conftest import batch_for, tiny
 from soe import Stitcher, get_expert
-from soe.convert import convert_universe1
-from soe.depth import insertion_points
-from soe.train.checkpoint import load_trained
+from soe.interop.convert import convert_universe1
+from soe.stitch.depth import insertion_points
+from soe.train.trained import load_trained
 
 # The published fusion (recipes/universe1.yaml), on tiny experts: wan 4 blocks, ace-step 2 -> 4.
 INJECT = {
@@ -194,7 +194,7 @@ def test_convert_universe1_maps_every_released_tensor(tmp_path):
 
 def test_fused_stitch_samples_jointly_with_cfg():
     """The UniVerse-1 fusion runs through the joint sampler (UniPC, shift 15, CFG video 1.2 / audio 5.0)."""
-    from soe.sampling import sample_stitched
+    from soe.sample.sampler import sample_stitched
     from soe.schema import SamplerConfig
 
     st, _, _ = fused()

@@ -70,10 +70,10 @@ def _official_tiny(mu, folder: Path, num_layers: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("num_layers", [5, 10])
 def test_converted_release_matches_the_official_forward(tmp_path, num_layers):
-    from soe.builders import build_stitcher
+    from soe.recipe.builders import build_stitcher
     from soe.cli import main
-    from soe.config import load_recipe
-    from soe.train.checkpoint import load_trained
+    from soe.recipe.reading import load_recipe
+    from soe.train.trained import load_trained
 
     mu = _official_module()
     model = _official_tiny(mu, tmp_path / "transformer", num_layers)

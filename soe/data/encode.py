@@ -24,7 +24,9 @@ from omegaconf import errors as oc_errors
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from soe.config import RecipeError, load_recipe, validate_recipe
+from soe.errors import RecipeError
+from soe.recipe.reading import load_recipe
+from soe.recipe.validate import validate_recipe
 from soe.data.annotate import DEFAULT_PROMPT, Annotator, load_annotator
 from soe.data.media_io import MediaError, safe_probe, safe_read_windows
 from soe.data.report import EncodeReport
@@ -108,7 +110,7 @@ class _Task:
 def _build_expert(cfg, side):
     """Shapes and rates only: the preset on the meta device when a real text encoder is used; on CPU
     (tiny weights) when captions become pseudo-embeddings drawn through the expert's ``conditioning``."""
-    from soe.builders import build_expert
+    from soe.recipe.builders import build_expert
 
     e = cfg.experts[side]
     meta = e.text_encoder_path is not None and e.preset is not None
@@ -204,7 +206,7 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
     v, a = media_sides(experts, "experts: soe encode")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device)
     if codecs is None:
-        from soe.builders import build_codec
+        from soe.recipe.builders import build_codec
 
         codecs = {}
         for side in (v, a):

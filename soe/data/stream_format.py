@@ -39,17 +39,13 @@ from soe.schema import Dtype
 FORMAT = 2
 WINDOWS, TEXTS, PARTS = "windows", "texts", "parts"
 INDEX = "index.json"  # litdata's index file name
+from soe.schema.train import is_url  # noqa: F401  (soe.data.stream_format.is_url)
 
 
 def latent_dtype_for(precision: str) -> str:
     """The dtype a recipe trains in (``trainer.precision``): what its latents are stored as."""
     p = str(precision)
     return "bfloat16" if p.startswith("bf16") else "float16" if p.startswith("16") else "float32"
-
-
-def is_url(folder) -> bool:
-    """An object-store or litdata URL (s3://, gs://, local:, file://, ...) rather than a local folder."""
-    return isinstance(folder, str) and ("://" in folder or folder.startswith("local:"))
 
 
 def is_stream_cache(folder) -> bool:
@@ -131,3 +127,26 @@ def read_meta(folder, name: str | None = None) -> dict:
         raise LatentCacheError(f"latent cache '{folder}': not merged yet" + (f" (encode every shard of {parts} with "
                                "`soe encode ... --shard I/N`; the last one to finish merges)" if parts else " (no windows)"))
     return meta
+
+
+def read_log(path: Path, repair: bool = False) -> list[dict]:
+    """The committed lines of a part log; a torn last line (a kill mid-append) is dropped (and cut off with ``repair``)."""
+    lines, good = [], b""
+    if not path.is_file():
+        return lines
+    data = path.read_bytes()
+    for line in data.splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            break
+        if not line.endswith(b"\n"):
+            break
+        lines.append(row)
+        good += line
+    if repair and len(good) != len(data):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(good)
+        os.replace(tmp, path)
+    return lines
+

@@ -24,8 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from soe.data.stream_format import INDEX, PARTS, TEXTS, WINDOWS, part_name, write_json_atomic
-from soe.data.stream_writer import read_log
+from soe.data.stream_format import INDEX, PARTS, TEXTS, WINDOWS, part_name, read_log, write_json_atomic
 from soe.data.latent_cache import LatentCacheError
 
 

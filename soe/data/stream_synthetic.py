@@ -10,12 +10,12 @@ import torch
 
 from soe.data.stream_format import text_key
 from soe.data.stream_writer import PartWriter
-from soe.flow import generator_for
+from soe.rng import generator_for
 
 
 def synthetic_record(i: int, experts: dict, durations=(1.0,), windows_per_caption: int = 4, seed: int = 0) -> dict:
     """Window ``i``: bouncing-square latents at each expert's shape, pseudo text states of its caption."""
-    from soe.train.synthetic import BounceClip, render_for_expert
+    from soe.data.synthetic import BounceClip, render_for_expert
 
     seconds = float(durations[i % len(durations)])
     caption = f"caption {i // windows_per_caption}"

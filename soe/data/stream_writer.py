@@ -18,7 +18,7 @@ from pathlib import Path
 
 from litdata.streaming.writer import BinaryWriter
 
-from soe.data.stream_format import (FORMAT, INDEX, PARTS, TEXTS, WINDOWS, pack, part_name, text_key, trim,
+from soe.data.stream_format import (FORMAT, read_log, INDEX, PARTS, TEXTS, WINDOWS, pack, part_name, trim,
                                     write_json_atomic)
 from soe.data.latent_cache import LatentCacheError
 
@@ -68,28 +68,6 @@ def _append_line(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_log(path: Path, repair: bool = False) -> list[dict]:
-    """The committed lines of a part log; a torn last line (a kill mid-append) is dropped (and cut off with ``repair``)."""
-    lines, good = [], b""
-    if not path.is_file():
-        return lines
-    data = path.read_bytes()
-    for line in data.splitlines(keepends=True):
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            break
-        if not line.endswith(b"\n"):
-            break
-        lines.append(row)
-        good += line
-    if repair and len(good) != len(data):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(good)
-        os.replace(tmp, path)
-    return lines
 
 
 def write_stream_meta(folder: Path, experts: dict, settings: dict, storage: dict, parts: int) -> None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from soe.data.stream_chunks import chunk_starts
 from soe.data.stream_read import StreamingCache
 from soe.errors import DataError, SoeError
-from soe.flow import generator_for
+from soe.rng import generator_for
 from soe.data.datamodule import StepDataLoader, _StitchDataModule
 from soe.data.latent_cache import LatentCacheError
 

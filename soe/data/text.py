@@ -2,15 +2,15 @@
 
 With ``experts.<side>.text_encoder_path`` set: the expert's own text encoder (``Expert.text_encoder``).
 Without (tiny experts of the demo and tests): the same deterministic pseudo-embedding of the caption
-that ``soe generate`` uses (``soe.generate.prompt_conditions``), so a cached caption and a sampling
+that ``soe generate`` uses (``soe.sample.generate.prompt_conditions``), so a cached caption and a sampling
 prompt with the same text condition the model identically.
 """
 from __future__ import annotations
 
 import torch
 
-from soe.config import RecipeError
-from soe.flow import generator_for, stream_seed
+from soe.errors import RecipeError
+from soe.rng import generator_for, stream_seed
 
 
 class TextConditioner:
@@ -22,7 +22,7 @@ class TextConditioner:
         e = cfg.experts[side]
         self.encoder = None
         if e.text_encoder_path is not None:
-            from soe.builders import build_text_encoder
+            from soe.recipe.builders import build_text_encoder
 
             self.encoder = build_text_encoder(cfg, side, expert, device)
         elif e.path is not None:
@@ -32,7 +32,7 @@ class TextConditioner:
         self.cache_size = cache_size
 
     def _pseudo(self, caption: str) -> dict:
-        g = generator_for(stream_seed(self.seed, "prompt", caption), self.side)  # as soe.generate.prompt_conditions
+        g = generator_for(stream_seed(self.seed, "prompt", caption), self.side)  # as soe.sample.generate.prompt_conditions
         return self.expert.conditioning(1, self.seconds, generator=g)
 
     def __call__(self, captions: list[str], lyrics: list[str | None]) -> dict:

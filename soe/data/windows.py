@@ -1,7 +1,7 @@
 """Cutting clips into training windows, and the media each window needs for each codec.
 
 A window of ``seconds`` becomes, per expert, exactly the latent length the expert expects for that
-many seconds (``expert.latent_shape``, rounded up by ``soe.expert.latent_frames``): for a Wan-style
+many seconds (``expert.latent_shape``, rounded up by ``soe.plugin.expert.latent_frames``): for a Wan-style
 causal video VAE with temporal stride s that is ``1 + s * (T - 1)`` frames, and the audio spans the
 same time as those frames (more only if the audio expert needs more latents). So a UniVerse-1 window
 of 5 s is 125 frames at 25 fps -> 32 latent frames, and 128000 samples at 25.6 kHz -> 32 latent

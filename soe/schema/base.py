@@ -12,11 +12,7 @@ import dataclasses
 import typing
 from enum import StrEnum
 
-from soe.errors import SoeError
-
-
-class RecipeError(SoeError, ValueError):
-    """A recipe problem, reported as one line: ``<key>: <what is wrong and what was expected>``."""
+from soe.errors import RecipeError, SoeError  # noqa: F401  (soe.schema.RecipeError)
 
 
 class OptionError(RecipeError):

@@ -1,4 +1,4 @@
-"""``experts.a`` / ``experts.b``: which model, which weights, what trains (soe/builders.py, soe/lora.py)."""
+"""``experts.a`` / ``experts.b``: which model, which weights, what trains (soe/recipe/builders.py, soe/lora/adapters.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,5 +1,5 @@
 """``sample``: how ``soe generate`` (and sampling during training) integrates, what it is given, and
-the memory/speed switches (soe/sampling.py takes a ``SamplerConfig``, soe/speed.py a ``SpeedConfig``;
+the memory/speed switches (soe/sample/sampler.py takes a ``SamplerConfig``, soe/sample/speed.py a ``SpeedConfig``;
 the ``sample`` section is both)."""
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class SamplerConfig:
 
 @dataclass
 class SpeedConfig:
-    """Memory and speed switches, all through diffusers hooks (soe/speed.py)."""
+    """Memory and speed switches, all through diffusers hooks (soe/sample/speed.py)."""
 
     memory: Memory = Memory.none
     storage_dtype: Optional[StorageDtype] = None  # weights stored in fp8, computed in the expert's dtype
@@ -96,7 +96,7 @@ class SampleConfig(SpeedConfig, SamplerConfig):  # fields: the sampler's, the sp
     sync_clips: int = 0  # AV-Align of N held-out clips before and after training (0 = off; synthetic data only, else skipped)
     decode: Decode = Decode.codec
     device: Optional[str] = None  # null = cuda when available, else cpu
-    # conditioning media (at most one; soe/given_media.py): encoded by the expert's own codec, kept clean
+    # conditioning media (at most one; soe/sample/given_media.py): encoded by the expert's own codec, kept clean
     image: Optional[str] = None  # reference image -> first video latent frame (UniVerse-1)
     video: Optional[str] = None  # video file -> the whole video (video-to-audio)
     audio: Optional[str] = None  # audio (or video with sound) file -> the whole audio (audio-to-video)

@@ -1,5 +1,5 @@
 """``stitch``: which block pairs talk, in which direction, through which connectors and how they reach
-the host (soe/stitcher.py, soe/connector.py, soe/depth.py, soe/lockstep.py, soe/attention_kv.py take these dataclasses)."""
+the host (soe/stitch/stitcher.py, soe/stitch/connector.py, soe/stitch/depth.py, soe/stitch/lockstep.py, soe/stitch/attention_kv.py take these dataclasses)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,17 +46,17 @@ class Resample(Choice):
 
 class ConnectorPool(Choice):
     mean = "mean"  # the tokens of a time step averaged (UniVerse-1)
-    moments = "moments"  # mean + first moments along the source grid's rows and columns (soe.align.pool_time_moments)
+    moments = "moments"  # mean + first moments along the source grid's rows and columns (soe.stitch.align.pool_time_moments)
 
 
 class DepthMode(Choice):
     none = "none"
-    insert_interpolated = "insert_interpolated"  # expand the shallower expert (soe/depth.py)
+    insert_interpolated = "insert_interpolated"  # expand the shallower expert (soe/stitch/depth.py)
 
 
 class InjectMode(Choice):
     add = "add"  # connector output added to the host block's output
-    attention_kv = "attention_kv"  # extra key/value tokens of chosen attention modules (soe/attention_kv.py)
+    attention_kv = "attention_kv"  # extra key/value tokens of chosen attention modules (soe/stitch/attention_kv.py)
 
 
 class KVMode(Choice):

@@ -1,5 +1,5 @@
 """``flow``, ``data``, ``optim``, ``trainer``: what a training step draws and how Lightning runs it
-(soe/flow.py, soe/train/)."""
+(soe/flow/objective.py, soe/train/)."""
 from __future__ import annotations
 
 import math
@@ -45,7 +45,7 @@ class FlowConfig:
     density: Density = Density.logit_normal
     balance: Balance = Balance.none
     balance_momentum: float = 0.99
-    # task per training sample (soe/conditioning.py): joint | v2a | a2v | image | extend -> weight
+    # task per training sample (soe/flow/conditioning.py): joint | v2a | a2v | image | extend -> weight
     # (empty = {joint: 1.0}; recipe mappings merge key by key, so set a weight to 0 to drop a task)
     tasks: Dict[str, float] = field(default_factory=dict)
     extend_seconds: Optional[float] = None  # given seconds of the `extend` task; null = half the clip
@@ -126,3 +126,9 @@ class TrainerConfig:
         require(self.threads is None or self.threads >= 1, "threads",
                 f"expected a positive number of CPU threads (or null for soe's choice), got {self.threads}")
         self.on_nonfinite = choice(NonFinite, self.on_nonfinite, "on_nonfinite")
+
+
+def is_url(folder) -> bool:
+    """An object-store or litdata URL (s3://, gs://, local:, file://, ...) rather than a local folder."""
+    return isinstance(folder, str) and ("://" in folder or folder.startswith("local:"))
+

@@ -22,24 +22,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 
 from soe.errors import TrainingInterrupted
-
-
-class _Critical:
-    depth = 0  # nesting of `uninterrupted` blocks
-    pending = False  # an immediate stop asked for inside one
-
-
-@contextlib.contextmanager
-def uninterrupted():
-    """A block (a file swap) that a Ctrl-C never cuts in half: a stop asked for inside it happens at its end."""
-    _Critical.depth += 1
-    try:
-        yield
-    finally:
-        _Critical.depth -= 1
-    if _Critical.depth == 0 and _Critical.pending:
-        _Critical.pending = False
-        raise KeyboardInterrupt
+from soe.train.critical import _Critical
 
 
 class StopOnInterrupt(Callback):

@@ -7,11 +7,12 @@ import warnings
 import lightning as L
 import torch
 
-from soe.batch_check import cast_batch
+from soe.stitch.batch_check import cast_batch
 from soe.errors import CheckpointError, NonFiniteLossError
-from soe.flow import FlowObjective, stream_seed
+from soe.flow.objective import FlowObjective
+from soe.rng import stream_seed
 from soe.schema import NonFinite, OptimConfig, choice
-from soe.stitcher import Stitcher
+from soe.stitch.stitcher import Stitcher
 
 
 def lr_factor(step: int, s: OptimConfig, max_steps: int) -> float:
@@ -25,7 +26,7 @@ def lr_factor(step: int, s: OptimConfig, max_steps: int) -> float:
 
 
 class StitchModule(L.LightningModule):
-    """``plan``: a ``soe.train.sharding.ShardPlan`` of what ``soe.builders.build_stitcher_to_shard``
+    """``plan``: a ``soe.train.sharding.ShardPlan`` of what ``soe.train.build.build_stitcher_to_shard``
     left on the meta device (experts from files, connectors, LoRA adapters), filled in shard by shard
     in ``configure_model``."""
 

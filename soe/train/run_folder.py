@@ -140,7 +140,7 @@ def check_recipe_changes(run_dir, cfg, allow_changes=()) -> dict[str, tuple]:
     Returns the changes accepted (free ones and those named in ``allow_changes``). A cosine schedule
     is a function of ``trainer.max_steps``, so there raising it must be named too.
     """
-    from soe.config import load_recipe
+    from soe.recipe.reading import load_recipe
 
     saved_file = Path(run_dir) / "recipe.yaml"
     if not saved_file.is_file():

@@ -1,5 +1,5 @@
 """FSDP2 (torch ``fully_shard``, through Lightning's ModelParallelStrategy): what
-``soe.builders.build_stitcher_to_shard`` left on the meta device is filled in here, each rank keeping
+``soe.train.build.build_stitcher_to_shard`` left on the meta device is filled in here, each rank keeping
 only its own shard:
 
 * connectors, attention k/v injection's new projections and LoRA adapters are drawn again, one
@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # what DCP uses to place shards
 
 from soe.errors import CheckpointError
-from soe.weights import FolderWeights
+from soe.plugin.weights import FolderWeights
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ShardPlan:
     ``rng_state``: the global CPU RNG where an eager build would draw the connectors (they, the new
     k/v projections and the LoRA adapters of ``lora`` were built on the meta device). ``weights``: ``{side:
     FolderWeights}`` of experts on the meta device. ``lora``: ``{side: LoraConfig}`` whose adapters
-    wait on the meta device (``soe.builders.apply_training_setup(..., plan=)``)."""
+    wait on the meta device (``soe.train.build.apply_training_setup(..., plan=)``)."""
 
     rng_state: torch.Tensor | None = None
     weights: dict[str, FolderWeights] = field(default_factory=dict)
@@ -46,7 +46,7 @@ class ShardPlan:
 def materialise(stitcher, plan: ShardPlan, mesh) -> None:
     """Everything ``plan`` left on the meta device, each rank keeping its shard (module docstring)."""
     if plan.rng_state is not None:
-        from soe.lora import materialise_adapters
+        from soe.lora.adapters import materialise_adapters
 
         outside = torch.get_rng_state()
         torch.set_rng_state(plan.rng_state)
@@ -67,7 +67,7 @@ def draw_connectors(stitcher, mesh=None) -> int:
     """Build each connector again on the host in ``Stitcher.connector_plan`` order (the draws of the
     eager constructor), move its values into the meta connector and, with a mesh, shard it before the
     next is built. Returns the number of connectors filled."""
-    from soe.connector import Connector
+    from soe.stitch.connector import Connector
 
     filled = 0
     plan = stitcher.connector_plan()
@@ -258,14 +258,14 @@ def _shard_of(files: FolderWeights, key: str | list[str], p: torch.Tensor, weigh
 
 
 def _mean(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2  # soe.depth.interpolated_block's arithmetic
+    return parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2  # soe.stitch.depth.interpolated_block's arithmetic
 
 
 def load_inserted_shards(stitcher, side: str, weights: FolderWeights) -> int:
     """Depth expansion's inserted blocks of expert ``side`` (``fusion.inserted.<side>``), built as meta
     copies of the expert's blocks: each parameter and persistent floating buffer is the mean of the
     two neighbouring original blocks' tensors in the files (the left one's alone at the end of the
-    stack), as ``soe.depth.interpolated_block`` computes it eagerly. Returns the tensors loaded."""
+    stack), as ``soe.stitch.depth.interpolated_block`` computes it eagerly. Returns the tensors loaded."""
     fusion = stitcher.fusion
     if fusion is None or side not in fusion.inserted:
         return 0

@@ -2,11 +2,11 @@
 
 Each frozen ``Linear`` / ``Conv`` layer keeps its weight in fp8 and computes with a copy cast to the
 expert's dtype, through a diffusers ``ModelHook``. Unlike diffusers' ``apply_layerwise_casting`` (used
-for sampling, see ``soe.speed``), which casts the parameter itself up before a layer runs and back
+for sampling, see ``soe.sample.speed``), which casts the parameter itself up before a layer runs and back
 down after it, the parameter is never changed here: autograd and gradient-checkpoint recomputation
 keep seeing the tensors they saved. Trainable layers (LoRA, fully trained experts) are left alone.
 Halves the frozen weights of a LoRA run (UniVerse-1: about 9.4 GB -> 4.7 GB of bf16 weights).
-The recipe's ``experts.<side>.storage_dtype`` reaches here through ``soe.builders.apply_storage_dtypes``.
+The recipe's ``experts.<side>.storage_dtype`` reaches here through ``soe.train.build.apply_storage_dtypes``.
 """
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from soe.schema import StorageDtype
-from soe.speed import SKIP_CAST
 
 HOOK_NAME = "soe_fp8_storage"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+SKIP_CAST = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$", "lora_", "time_proj", "timestep_embedder")
+
 
 
 class _CastCopyHook(ModelHook):

@@ -1,0 +1,124 @@
+"""``soe stitch RECIPE``: recipe -> builders -> Stitcher -> Lightning -> checkpoints and exports."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_objective, build_optim,
+                              build_stitcher_to_shard, build_trainer)
+from soe.data.build import build_datamodule
+from soe.recipe.builders import build_stitcher
+from soe.console import make_console
+from soe.errors import RecipeError
+from soe.recipe.reading import load_recipe
+from soe.recipe.validate import validate_recipe
+from soe.extras import has as has_extra, missing_message
+from soe.cli.tables import print_tables, stitch_tables
+from soe.threads import configure_threads
+from soe.sample.callbacks import SampleCallback, SyncReportCallback
+from soe.train.trained import ExportTrained
+from soe.train.checkpoint import read_checkpoint
+from soe.train.interrupt import StopOnInterrupt
+from soe.train.log_rows import KeepLogRow
+from soe.train.module import StitchModule
+from soe.train.plots import plot_losses
+from soe.train.progress import quiet_libraries
+from soe.train.run_folder import RunLock, check_recipe_changes
+
+
+def prepare_run_dir(cfg) -> tuple[Path, str | None]:
+    """The run folder, and the checkpoint to resume from. Never overwrites an earlier run by accident."""
+    run_dir = Path(cfg.run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    for p in (run_dir, *run_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise RecipeError(f"run_dir: '{p}' is a file, expected a folder for '{run_dir}'")
+    if cfg.resume:
+        if not last.is_file():
+            raise RecipeError(f"resume: no checkpoint to resume from at '{last}'")
+        return run_dir, str(last)
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise RecipeError(f"run_dir: '{run_dir}' already holds checkpoints; pass resume=true to continue it or choose another run_dir")
+    return run_dir, None
+
+
+def run_training(recipe, overrides=(), console: Console | None = None, progress: bool = True,
+                 allow_changes=()) -> dict:
+    """Train the recipe into its run folder. ``allow_changes``: recipe keys a resume may change
+    beyond the free ones (see ``soe.train.run_folder``)."""
+    console = console or make_console()
+    cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
+    validate_recipe(cfg)
+    configure_threads(cfg.trainer.threads)
+    quiet_libraries()  # Lightning's banners and tips, known harmless warnings
+    if allow_changes and not cfg.resume:
+        raise RecipeError(f"--allow-changes {' '.join(allow_changes)}: only a resume (resume=true) compares the recipe "
+                          f"with the run's recipe.yaml; a new run has no changes to allow")
+    lock = RunLock(cfg.run_dir)
+    owner = rank_zero_only.rank == 0  # DDP's worker processes re-run this script under the owner's lock
+    if owner:
+        lock.check()  # a run folder in use fails now, before anything is built or written
+    run_dir, resume_from = prepare_run_dir(cfg)
+    if owner:
+        if resume_from:
+            accepted = check_recipe_changes(run_dir, cfg, allow_changes)
+            for key, (old, new) in accepted.items():
+                console.print(f"resume: {key} {old!r} -> {new!r}")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.strategy == "fsdp2":  # experts from files stay on the meta device until configure_model shards them
+        stitcher, plan = build_stitcher_to_shard(cfg)
+    else:
+        stitcher, plan = build_stitcher(cfg), None
+    apply_training_setup(stitcher, cfg, plan=plan)
+    apply_storage_dtypes(stitcher, cfg)  # experts.<side>.storage_dtype: frozen weights in fp8
+    stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training
+    module = StitchModule(stitcher, build_objective(cfg, stitcher), build_optim(cfg), max_steps=cfg.trainer.max_steps,
+                          on_nonfinite=cfg.trainer.on_nonfinite, plan=plan)
+    if resume_from:  # a bad checkpoint fails here, before Lightning's loggers touch the run folder
+        module.on_load_checkpoint(read_checkpoint(resume_from))
+    train_modes = {s: cfg.experts[s].train for s in ("a", "b")}
+    stop = StopOnInterrupt(run_dir)  # Ctrl-C: finish the step, save, say how to resume (soe/train/interrupt.py)
+    callbacks = [stop, KeepLogRow(run_dir), ExportTrained(run_dir / "trained", train_modes)]
+    if cfg.sample.every_n_steps or cfg.sample.at_end or cfg.sample.at_start:  # checked before the first step
+        from soe.sample.generate import check_sampling
+
+        codecs = check_sampling(stitcher, cfg)
+        callbacks.append(SampleCallback(cfg, run_dir, cfg.sample.every_n_steps, cfg.sample.at_end, cfg.sample.at_start,
+                                        codecs=codecs))
+    if cfg.sample.sync_clips and cfg.data.kind == "synthetic":  # held-out clips exist only for the synthetic task
+        callbacks.append(SyncReportCallback(cfg, run_dir, cfg.sample.sync_clips, console=console))
+    datamodule = build_datamodule(cfg, stitcher)
+    datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
+    trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
+    # only now, with everything built, does the run folder get (re)written, under its lock
+    if owner:
+        lock.acquire()
+        if lock.stale_holder:
+            console.print(f"run_dir: took over the lock of pid {lock.stale_holder.get('pid')} on host "
+                          f"{lock.stale_holder.get('host')}, which is no longer running")
+    try:
+        if owner:  # the run's recipe (already resolved; free text keeps its escapes), and a copy beside this start's logs
+            OmegaConf.save(cfg, run_dir / "recipe.yaml")
+            csv_log = trainer.loggers[0]
+            csv_log.experiment  # creates this start's logs/version_N (it warns about a folder that exists)
+            OmegaConf.save(cfg, Path(csv_log.log_dir) / "recipe.yaml")
+            print_tables(stitch_tables(stitcher), console)
+        with stop.installed(announce=owner), stop.converting(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*Precision.*is not supported by the model summary.*")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        if trainer.is_global_zero:
+            png = plot_losses(run_dir, run_dir / "loss_curves.png")
+            console.print(f"[green]done[/]: {trainer.global_step} steps; run folder [bold]{run_dir}[/] "
+                          f"(checkpoints/, trained/, logs/, {png.name if png else 'no plot'})")
+            for extra, feature in (("tensorboard", "TensorBoard logs"), ("matplotlib", "loss_curves.png")):
+                if not has_extra(extra):
+                    console.print(f"[yellow]note[/]: {missing_message(extra, feature)}")
+    finally:
+        lock.release()
+    return {"run_dir": run_dir, "module": module, "trainer": trainer}

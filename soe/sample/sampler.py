@@ -1,0 +1,109 @@
+"""Joint flow sampling over a Stitcher: both modalities integrate from independent noise.
+
+One timestep grid is shared (``steps`` steps from sigma=1 to 0); each modality's scheduler applies
+its own expert's shift to it. Classifier-free guidance per modality: the conditional and the
+unconditional halves run in one batch; the unconditional half drops text conditioning (zeros, or
+the expert's encoded negative prompt, ``Expert.null_condition``) and its connectors read zeros (no
+cross-modal input). Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+from soe.flow.conditioning import GivenLatents
+from soe.plugin.expert import Batch, Expert
+from soe.rng import generator_for
+from soe.schema import SamplerConfig
+from soe.sample.speed import reset_step_caches
+
+
+def make_scheduler(kind: str, shift: float):
+    if kind == "euler":
+        return FlowMatchEulerDiscreteScheduler(shift=shift)
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+
+
+def _cat(batches: list[Batch]) -> Batch:
+    return {k: torch.cat([b[k] for b in batches]) if torch.is_tensor(batches[0][k]) else batches[0][k] for k in batches[0]}
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Classifier-free guidance; scale 1 is exactly the conditional prediction."""
+    return cond if uncond is None or scale == 1.0 else uncond + scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: float, settings: SamplerConfig,
+           predict=None, progress=None, negative: dict[str, Batch] | None = None,
+           given: dict[str, GivenLatents] | None = None) -> dict[str, torch.Tensor]:
+    """Clean latents per side, integrated jointly from noise.
+
+    ``predict(inputs: dict[side, batch], source_mask) -> dict[side, velocity]`` runs the model(s):
+    a Stitcher for joint sampling, or each expert alone (``predict=None``) for the reference.
+    ``conditions[side]`` holds the conditioning of ``B`` samples (batch axis first); ``negative[side]``
+    (optional) the encoded negative prompt for experts whose null branch uses one.
+    ``given[side]`` (soe/flow/conditioning.py): latent frames given clean, pasted into the input of every
+    call and into the result; a fully given side is not integrated, it only feeds the connectors.
+    """
+    given = given or {}
+    sides = list(experts)
+    reset_step_caches(experts.values())  # a step cache must not carry residuals over from the last run
+    bsz = next(iter(conditions[sides[0]].values())).shape[0]
+    lat = {}
+    for k in sides:
+        e = experts[k]
+        g = generator_for(settings.seed, "sample-noise", f"{k}:{e.modality}")  # independent noise per modality
+        lat[k] = torch.randn(e.latent_shape(bsz, seconds), generator=g).to(e.device, torch.float32)
+        if k in given:
+            lat[k] = given[k].paste(lat[k])
+    scheds = {}
+    for k in sides:
+        shift = settings.shift.get(k) or experts[k].flow_shift
+        scheds[k] = make_scheduler(settings.scheduler, shift)
+        scheds[k].set_timesteps(settings.steps, device=lat[k].device)
+    use_cfg = any(settings.guidance.get(k, 1.0) != 1.0 for k in sides)
+    uncond = {k: experts[k].unconditional(conditions[k], (negative or {}).get(k)) for k in sides}
+    predict = predict or _experts_alone(experts)
+    for i in range(settings.steps):
+        inputs = {}
+        for k in sides:
+            sigma = scheds[k].sigmas[i].to(lat[k].device)
+            x, t = lat[k], sigma.expand(bsz)
+            if k in given:  # given frames clean on every call (timestep 0 where the expert takes one per frame)
+                x, t = given[k].paste(x), given[k].timestep(experts[k], t)
+            cond_batch = {**conditions[k], "latents": x.to(experts[k].dtype), "timestep": t.to(experts[k].dtype)}
+            x_u = given[k].uncond_latents(cond_batch["latents"]) if k in given else cond_batch["latents"]
+            inputs[k] = _cat([cond_batch, {**uncond[k], "latents": x_u, "timestep": cond_batch["timestep"]}]) if use_cfg else cond_batch
+        mask = torch.cat([torch.ones(bsz), torch.zeros(bsz)]).to(lat[sides[0]].device) if use_cfg else None
+        preds = predict(inputs, mask)
+        for k in sides:
+            if k in given and given[k].full:
+                continue  # a given modality is not denoised
+            v = preds[k].float()
+            c, u = (v[:bsz], v[bsz:]) if use_cfg else (v, None)
+            lat[k] = scheds[k].step(guided(c, u, settings.guidance.get(k, 1.0)), scheds[k].timesteps[i], lat[k]).prev_sample
+        if progress is not None:
+            progress(i + 1, settings.steps)
+    return {k: given[k].paste(lat[k]) if k in given else lat[k] for k in sides}
+
+
+def _experts_alone(experts):
+    def predict(inputs, source_mask):
+        return {k: experts[k](inputs[k]) for k in inputs}
+
+    return predict
+
+
+def stitched_predictor(stitcher):
+    def predict(inputs, source_mask):
+        pa, pb = stitcher(inputs["a"], inputs["b"], source_mask=source_mask)
+        return {"a": pa, "b": pb}
+
+    return predict
+
+
+def sample_stitched(stitcher, conditions: dict[str, Batch], seconds: float, settings: SamplerConfig, progress=None,
+                    negative: dict[str, Batch] | None = None, given: dict[str, GivenLatents] | None = None):
+    return sample({"a": stitcher.a, "b": stitcher.b}, conditions, seconds, settings, stitched_predictor(stitcher), progress,
+                  negative=negative, given=given)
