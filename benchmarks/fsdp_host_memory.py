@@ -85,11 +85,9 @@ def worker(rank: int, mode: str, folder: str, out: str, port: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from soe.recipe.builders import build_stitcher
-    from soe.train.build import build_stitcher_to_shard
-    from soe.train.build import apply_training_setup
     from soe.schema import OptimConfig
+    from soe.train.build import apply_training_setup, build_objective, build_stitcher_to_shard
     from soe.train.module import StitchModule
-    from soe.train.build import build_objective
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)

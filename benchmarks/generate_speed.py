@@ -20,17 +20,16 @@ import time
 import traceback
 from pathlib import Path
 
+import _common as C  # noqa: F401  (puts the checkout on sys.path)
 import torch
 from rich.console import Console
 from rich.table import Table
 
-import _common as C  # noqa: F401  (puts the checkout on sys.path)
 from soe.recipe.builders import build_stitcher
 from soe.recipe.reading import load_recipe
-from soe.schema import SamplerConfig
 from soe.sample.sampler import sample, sample_stitched
-from soe.schema import SpeedConfig
 from soe.sample.speed import apply_speed
+from soe.schema import SamplerConfig, SpeedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MID = ["experts.a.architecture={num_attention_heads: 4, attention_head_dim: 64, ffn_dim: 1024, num_layers: 6, text_dim: 256}",

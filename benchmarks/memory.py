@@ -19,11 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _common as C
 import torch
 from rich.console import Console
 from rich.table import Table
 
-import _common as C
 from soe.lora.adapters import set_trainable
 from soe.schema import LoraConfig
 from soe.stitch.stitcher import Stitcher
@@ -70,9 +70,9 @@ def measure_step(variant: str, args) -> dict:
 
 # ---- universe1 at full size on the meta device --------------------------------------------------------
 def universe1_counts(overrides=()) -> dict:
-    from soe.train.build import apply_training_setup
     from soe.recipe.builders import build_stitcher
     from soe.recipe.reading import load_recipe
+    from soe.train.build import apply_training_setup
 
     cfg = load_recipe(UNIVERSE1, list(overrides))
     with torch.device("meta"):

@@ -22,12 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from soe.stitch.align import pool_time_moments, pool_time_steps  # noqa: E402
+from soe.data.datamodule import SyntheticAVDataModule  # noqa: E402
+from soe.data.synthetic import BounceClip  # noqa: E402
+from soe.evaluate.sync_eval import HELD_OUT_SEED_OFFSET  # noqa: E402
 from soe.recipe.builders import build_expert  # noqa: E402
 from soe.recipe.reading import load_recipe  # noqa: E402
-from soe.data.datamodule import SyntheticAVDataModule  # noqa: E402
-from soe.evaluate.sync_eval import HELD_OUT_SEED_OFFSET  # noqa: E402
-from soe.data.synthetic import BounceClip  # noqa: E402
+from soe.stitch.align import pool_time_moments, pool_time_steps  # noqa: E402
 
 POOLS = {"mean": pool_time_steps, "moments": pool_time_moments, "flatten": None}
 

@@ -15,13 +15,13 @@ import argparse
 import math
 from pathlib import Path
 
+import _common as C  # noqa: F401  (puts the checkout on sys.path)
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import _common as C  # noqa: F401  (puts the checkout on sys.path)
-from soe.train.build import apply_training_setup
 from soe.recipe.builders import build_stitcher
 from soe.recipe.reading import load_recipe
+from soe.train.build import apply_training_setup
 
 UNIVERSE1 = Path(__file__).parents[1] / "recipes" / "universe1.yaml"
 OUT = Path(__file__).parent / "scale.md"

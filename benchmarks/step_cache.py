@@ -15,12 +15,12 @@ import argparse
 import math
 import time
 
+import _common as C  # noqa: F401  (puts the checkout on sys.path)
 import torch
+from generate_speed import recipe, settings
 from rich.console import Console
 from rich.table import Table
 
-import _common as C  # noqa: F401  (puts the checkout on sys.path)
-from generate_speed import recipe, settings
 from soe.recipe.builders import build_stitcher
 from soe.sample.sampler import sample_stitched
 from soe.sample.step_cache import apply_step_cache

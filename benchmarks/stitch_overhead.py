@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import functools
 
+import _common as C
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import _common as C
 import soe.stitch.connector as connector_mod
 from soe.stitch.stitcher import Stitcher
 

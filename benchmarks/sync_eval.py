@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soe.flow.conditioning import given_for_task
 from soe.evaluate.metrics import av_align, frechet_distance
-from soe.sample.sampler import sample, sample_stitched
 from soe.evaluate.sync_eval import events, features  # the demo's readouts: one definition of events and features
+from soe.flow.conditioning import given_for_task
+from soe.sample.sampler import sample, sample_stitched
 
 MODES = ("independent", "joint", "v2a", "a2v", "image")
 GIVEN = {"v2a": ("video",), "a2v": ("audio",)}  # modalities a mode copies from the truth (no Frechet for them)
@@ -49,8 +49,8 @@ def score(rows: dict, truth: dict, alone: dict, seconds: float, tolerance: float
 
 def write_previews(folder: Path, rows: dict, experts: dict, n: int) -> list[Path]:
     """What the latents mean, as video with sound (soe.data.synthetic.SyntheticPreviewCodec)."""
-    from soe.media import contact_sheet, write_mp4
     from soe.data.synthetic import SyntheticPreviewCodec
+    from soe.media import contact_sheet, write_mp4
 
     v_codec, a_codec = SyntheticPreviewCodec(experts["a"]), SyntheticPreviewCodec(experts["b"])
     folder.mkdir(parents=True, exist_ok=True)

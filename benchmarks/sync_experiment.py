@@ -34,13 +34,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # sync_eval next to this file
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
 
 import sync_eval as E  # noqa: E402
+
+from soe.cli.stitch import run_training  # noqa: E402
+from soe.data.datamodule import SyntheticAVDataModule  # noqa: E402
+from soe.evaluate.sync_eval import held_out  # noqa: E402
 from soe.recipe.builders import build_expert  # noqa: E402
 from soe.recipe.reading import load_recipe  # noqa: E402
 from soe.schema import SamplerConfig  # noqa: E402
-from soe.data.datamodule import SyntheticAVDataModule  # noqa: E402
-from soe.cli.stitch import run_training  # noqa: E402
 from soe.train.single import pretrain_expert  # noqa: E402
-from soe.evaluate.sync_eval import held_out  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # pretrain steps, stitch steps, eval clips, sampling steps, training clips, curve: checkpoint every / clips
@@ -122,8 +123,8 @@ def run(args, size: dict, console: Console) -> dict:
 
 def load_run(run_dir: Path):
     """The stitched model of a (possibly unfinished) run folder at its latest checkpoint, and its step."""
-    from soe.train.build import apply_training_setup
     from soe.recipe.builders import build_stitcher
+    from soe.train.build import apply_training_setup
     from soe.train.checkpoint import read_checkpoint
 
     cfg = load_recipe(run_dir / "recipe.yaml")

@@ -24,8 +24,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
 
-from soe.evaluate.metrics import frechet_distance  # noqa: E402
 from soe.evaluate import sync_eval  # noqa: E402
+from soe.evaluate.metrics import frechet_distance  # noqa: E402
 
 MODELS = ("alone", "stitched")
 

@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def demo_step_fn(recipe: Path):
     """A closure running one forward + backward + optimizer step of the recipe's stitched model."""
-    from soe.train.build import apply_training_setup, build_objective
     from soe.data.build import build_datamodule
     from soe.recipe.builders import build_stitcher
     from soe.recipe.reading import load_recipe
+    from soe.train.build import apply_training_setup, build_objective
 
     cfg = load_recipe(recipe, ["data.num_clips=16"])
     stitcher = build_stitcher(cfg)

@@ -23,14 +23,13 @@ import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
+import _common as C  # noqa: F401  (puts the checkout on sys.path)
 import torch
+from generate_speed import recipe
 from omegaconf import OmegaConf
 
-import _common as C  # noqa: F401  (puts the checkout on sys.path)
-from generate_speed import recipe
-from soe.train.build import apply_training_setup, build_objective
 from soe.recipe.builders import build_stitcher
-from soe.train.build import apply_storage_dtypes
+from soe.train.build import apply_storage_dtypes, apply_training_setup, build_objective
 
 VARIANTS = {"bf16": [], "fp8": ["experts.a.storage_dtype=float8_e4m3fn", "experts.b.storage_dtype=float8_e4m3fn"]}
 

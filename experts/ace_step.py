@@ -22,9 +22,8 @@ ACE-Step attends to none, UniVerse-1 to 32 tokens of id 0).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn

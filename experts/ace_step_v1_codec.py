@@ -25,8 +25,8 @@ from diffusers import AutoencoderDC
 from safetensors.torch import load_file
 from torch import nn
 
-from soe.experts.ace_step_v1_vocoder import ConvNeXtBlock, MusicVocoder, load_vocoder, save_vocoder, tiny_vocoder_config
 from soe.errors import CheckpointError, SoeError
+from soe.experts.ace_step_v1_vocoder import ConvNeXtBlock, MusicVocoder, load_vocoder, save_vocoder, tiny_vocoder_config
 
 DCAE_FOLDER, VOCODER_FOLDER = "music_dcae_f8c8", "music_vocoder"  # inside an ACE-Step v1 checkpoint root
 DCAE_WEIGHTS = "diffusion_pytorch_model.safetensors"

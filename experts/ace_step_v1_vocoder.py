@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from soe.experts.ace_step_v1_mel import LogMelSpectrogram
 from soe.errors import CheckpointError
+from soe.experts.ace_step_v1_mel import LogMelSpectrogram
 
 CLASS_NAME = "ADaMoSHiFiGANV1"  # ``_class_name`` in the checkpoint's config.json
 WEIGHTS = "diffusion_pytorch_model.safetensors"

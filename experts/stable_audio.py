@@ -24,9 +24,8 @@ model therefore sees exactly its own inputs, and ``forward`` returns a rectified
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn

@@ -1,6 +1,6 @@
 """soe's own error types: every problem a user can fix is one of these, reported by ``soe`` as one line.
 
-``SoeError`` is the common base; ``soe.cli.main`` prints ``error: <message>`` and exits with the
+``SoeError`` is the common base; ``soe.cli.main`` (the ``soe`` command) prints ``error: <message>`` and exits with the
 error's ``exit_code`` (2 for bad input: recipes, checkpoint folders, latent caches, arguments; 1 for a
 training run that stopped on a non-finite loss or a full disk). Library callers catch ``SoeError`` (or the
 ``ValueError``/``FloatingPointError`` each subclass also is).

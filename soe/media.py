@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 
-
 def media_sides(experts: dict, what: str) -> tuple[str, str]:
     """``(video side, audio side)`` of ``{side: expert}``: the one video and the one audio expert that an
     mp4 with sound needs; otherwise a one-line ``RecipeError`` beginning with ``what``."""

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from soe import get_expert, list_experts
-
 from soe.threads import configure_threads
 
 configure_threads()  # the CLI's policy: a busy machine must not slow the suite down 10x

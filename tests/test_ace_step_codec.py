@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from soe.errors import CheckpointError, SoeError
 from soe.experts.ace_step_v1_codec import DCAE_FOLDER, VOCODER_FOLDER, MusicCodec, SampleRateError
 from soe.experts.ace_step_v1_mel import LogMelSpectrogram, hz_to_mel, mel_to_hz, slaney_mel_filterbank
 from soe.experts.ace_step_v1_vocoder import WEIGHTS, MusicVocoder, VocoderConfig, load_vocoder
-from soe.errors import CheckpointError, SoeError
 
 
 @pytest.fixture(autouse=True, scope="module")

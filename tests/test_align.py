@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from soe.stitch.align import (DepthMapError, broadcast_to_grid, linear_pairs, pool_time_steps, resample_matrix,
-                               resample_time, resolve_depth_map)
 from soe.plugin.expert import TokenLayout
+from soe.stitch.align import (DepthMapError, broadcast_to_grid, linear_pairs, pool_time_steps, resample_matrix,
+                              resample_time, resolve_depth_map)
 
 
 def test_linear_30_vs_24_end_aligned_and_monotonic():

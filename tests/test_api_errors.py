@@ -2,11 +2,11 @@
 the built-in type callers may already catch (RuntimeError, FileNotFoundError, ValueError)."""
 import pytest
 import torch
-
 from conftest import batch_for, tiny
+
 from soe import Stitcher, get_expert
-from soe.recipe.reading import load_recipe
 from soe.errors import CheckpointNotFoundError, SoeError, UnstitchedError
+from soe.recipe.reading import load_recipe
 from soe.schema import RecipeError
 
 

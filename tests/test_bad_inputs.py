@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from soe import get_expert
-from soe.train.build import apply_training_setup
-from soe.recipe.builders import build_stitcher
 from soe.cli import main
-from soe.recipe.reading import load_recipe
-from soe.errors import CheckpointError
-from soe.train.trained import export_trained, load_trained
 from soe.data.datamodule import PairedLatentDataModule, SyntheticAVDataModule
 from soe.data.latent_cache import write_meta, write_shard
+from soe.errors import CheckpointError
+from soe.recipe.builders import build_stitcher
+from soe.recipe.reading import load_recipe
+from soe.train.build import apply_training_setup
+from soe.train.trained import export_trained, load_trained
 
 DEMO = str(Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml")  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 BASE = ["data.num_clips=8", "data.batch_size=2", "data.seconds=1.0", "trainer.max_steps=1", "trainer.log_every_n_steps=1"]
@@ -393,9 +393,9 @@ def test_latent_cache_of_other_clip_length(latent_cache, tmp_path, capsys):
 # ---- the Python API: the same errors, all SoeErrors ----------------------------------------------------
 def test_api_errors_are_soe_errors_with_the_cli_wording(tmp_path, capsys):
     from soe import get_expert as get
-    from soe.stitch.align import DepthMapError, resolve_depth_map
     from soe.errors import SoeError
     from soe.plugin.registry import UnknownExpertError
+    from soe.stitch.align import DepthMapError, resolve_depth_map
 
     with pytest.raises(UnknownExpertError) as unknown:
         get("wan9")

@@ -11,12 +11,12 @@ import torch
 from rich.console import Console
 
 from soe.cli import cache as cli_cache
-from soe.recipe.builders import build_stitcher
 from soe.cli import main
+from soe.cli.tables import hooks_table, num_params, recipe_tables, stitch_tables
+from soe.recipe.builders import build_stitcher
 from soe.recipe.reading import load_recipe
 from soe.recipe.validate import validate_recipe
 from soe.train.build import apply_training_setup, count_training_setup
-from soe.cli.tables import hooks_table, num_params, recipe_tables, stitch_tables
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"

@@ -1,8 +1,8 @@
 """Conditioning (soe/flow/conditioning.py): given latent frames in training and sampling, task mixtures."""
 import pytest
 import torch
-
 from conftest import batch_for, tiny
+
 from soe.flow.conditioning import GivenLatents, TaskError, TaskMixture, given_for_task, prefix_mask
 from soe.flow.objective import FlowObjective
 from soe.sample.sampler import sample, sample_stitched
@@ -193,9 +193,9 @@ def test_given_latents_checks_its_mask():
 @pytest.mark.slow
 def test_training_with_a_task_mixture_resumes_exactly(tmp_path):
     from rich.console import Console
+    from test_generate_given import tiny_recipe
 
     from soe.cli.stitch import run_training
-    from test_generate_given import tiny_recipe
 
     recipe = tiny_recipe(tmp_path)
 

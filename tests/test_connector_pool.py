@@ -1,11 +1,11 @@
 """connector.pool: 'moments' keeps where things are within a time step; 'mean' (UniVerse-1) does not."""
 import pytest
 import torch
-
 from conftest import batch_for, tiny
+
 from soe import ConnectorConfig, Stitcher
-from soe.stitch.align import pool_time_moments, pool_time_steps
 from soe.plugin.expert import TokenLayout
+from soe.stitch.align import pool_time_moments, pool_time_steps
 
 VIDEO = TokenLayout((2, 3, 4), ("t", "h", "w"), 12.5)  # 2 time steps of 3 rows x 4 columns
 

@@ -19,14 +19,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from soe.recipe.builders import build_expert
 from soe.cli import main
-from soe.recipe.reading import load_recipe
 from soe.data.annotate import AnnotatorError, VLMAnnotator
 from soe.data.encode import EncodeConfig, encode_folder
-from soe.data.stream_writer import PartWriter
-from soe.data.stream_read import load_cache
 from soe.data.latent_cache import LatentCacheError, validate_clip_shapes
+from soe.data.stream_read import load_cache
+from soe.data.stream_writer import PartWriter
+from soe.recipe.builders import build_expert
+from soe.recipe.reading import load_recipe
 
 DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 QUIET = Console(file=open("/dev/null", "w"))
@@ -308,8 +308,8 @@ def ace_text_folder(root: Path) -> Path:
 
 @torch.no_grad()
 def test_text_encoders_follow_diffusers_and_ace_step(tmp_path):
-    from soe.experts.text_encoders import LYRIC_START, LYRIC_LINE_END
     from soe import get_expert
+    from soe.experts.text_encoders import LYRIC_LINE_END, LYRIC_START
 
     wan = get_expert("wan2.1").tiny()
     enc = wan.text_encoder(wan_text_folder(tmp_path / "wan"))

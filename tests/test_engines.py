@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import batch_for, tiny
+
 from soe import Stitcher
 from soe.cli import main
 

@@ -1,10 +1,11 @@
 """Generic contract tests, run over every registered expert through ``soe.testing`` (the same checks
 plugin authors run), plus the family-specific facts (real sizes, token rates)."""
 import math
+
 import pytest
 import torch
-
 from conftest import batch_for, tiny
+
 from soe import get_expert
 from soe.testing import run_check
 

@@ -7,15 +7,15 @@ import json
 
 import pytest
 import torch
+from conftest import batch_for
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from conftest import batch_for
-from soe.train.build import apply_training_setup
-from soe.recipe.builders import build_stitcher
 from soe.cli import main
-from soe.recipe.reading import merge_recipe
 from soe.interop.export import export_run, load_stitched
+from soe.recipe.builders import build_stitcher
+from soe.recipe.reading import merge_recipe
+from soe.train.build import apply_training_setup
 from soe.train.trained import export_trained
 
 INJECT = {  # UniVerse-1's fusion on tiny experts (as tests/test_universe1.py)

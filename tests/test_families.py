@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import batch_for, tiny
+
 from soe import ConnectorConfig, Stitcher, get_expert
 
 PAIRS = [

@@ -12,10 +12,10 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from soe.cli import main
+from soe.cli.stitch import run_training
 from soe.errors import NonFiniteLossError
 from soe.flow.objective import FlowObjective
 from soe.train.checkpoint import AtomicCheckpointIO, read_checkpoint
-from soe.cli.stitch import run_training
 
 ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
@@ -172,8 +172,8 @@ def test_nonfinite_stop_is_a_floating_point_error_for_library_callers(tmp_path, 
 def test_pretrain_expert_stops_on_a_nonfinite_loss_with_the_one_line_error(monkeypatch):
     """``pretrain_expert`` trains through ExpertModule, which skips StitchModule.__init__: the
     non-finite check must still find its setting and stop with the one-line error."""
-    from soe.plugin.registry import get_expert
     from soe.data.datamodule import SyntheticAVDataModule
+    from soe.plugin.registry import get_expert
     from soe.train.single import pretrain_expert
 
     expert = get_expert("wan2.1").tiny()

@@ -12,8 +12,8 @@ from PIL import Image
 from rich.console import Console
 
 from soe.cli import main
-from soe.recipe.reading import load_recipe
 from soe.cli.stitch import run_training
+from soe.recipe.reading import load_recipe
 
 ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "recipes" / "demo.yaml"  # the README's demo: shipped pretrained experts
@@ -81,8 +81,8 @@ def test_generate_refuses_an_out_folder_that_holds_samples(trained_run, tmp_path
 
 
 def test_contact_sheet_is_titled(tmp_path):
-    from soe.sample.generate import sheet_title
     from soe.media import contact_sheet
+    from soe.sample.generate import sheet_title
 
     video, audio = torch.zeros(3, 10, 16, 16), torch.zeros(1, 8000)
     title = sheet_title("a dog barks", 300, Path("runs/demo"))
@@ -256,9 +256,9 @@ def test_recipe_relative_weight_paths_are_found_next_to_the_recipe(tmp_path):
 def test_training_reports_sync_before_and_after_and_stacks_the_sheets(tmp_path, capsys):
     import json
 
+    from soe.evaluate import sync_eval
     from soe.recipe.builders import build_sampler, build_stitcher
     from soe.sample.sampler import sample
-    from soe.evaluate import sync_eval
 
     run = tmp_path / "run"
     overrides = [*SHORT, "trainer.max_steps=2", f"run_dir={run}", "sample.at_start=true", "sample.at_end=true", "sample.sync_clips=2"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import batch_for, tiny
+
 from soe.flow.objective import FlowObjective, shift_sigma
 from soe.rng import generator_for
 

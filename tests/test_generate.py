@@ -4,15 +4,15 @@ from pathlib import Path
 import av
 import pytest
 import torch
+from conftest import tiny
 from PIL import Image
 from rich.console import Console
 
-from conftest import tiny
 from soe import ConnectorConfig, Stitcher
 from soe.cli import main
+from soe.cli.stitch import run_training
 from soe.sample.sampler import guided, sample, sample_stitched
 from soe.schema import SamplerConfig
-from soe.cli.stitch import run_training
 
 DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 QUIET = Console(file=open("/dev/null", "w"))
@@ -142,9 +142,9 @@ def test_synthetic_preview_shows_and_sounds_the_ground_truth_events():
     tone loudest at the bounce times."""
     import numpy as np
 
-    from soe.evaluate.metrics import audio_onsets, av_align, video_motion_events
     from soe.data.datamodule import SyntheticAVDataModule
     from soe.data.synthetic import BounceClip, SyntheticPreviewCodec
+    from soe.evaluate.metrics import audio_onsets, av_align, video_motion_events
 
     video, audio = tiny("wan2.1"), tiny("ace-step-1.5")
     dm = SyntheticAVDataModule({"a": video, "b": audio}, seconds=4.0, num_clips=1, seed=3)

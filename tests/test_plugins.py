@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny
 from diffusers import LTXVideoTransformer3DModel
 from torch import nn
 
 import soe.plugin.registry as registry
-from conftest import tiny
-from soe.experts.wan import WanExpert
 from soe import BlockListExpert, ConnectorConfig, Stitcher, TokenLayout, stitch_into
 from soe.cli import main
+from soe.experts.wan import WanExpert
 from soe.stitch.generic import BlockListError, find_block_list
 from soe.testing import assert_expert_contract, check_expert, run_check
 

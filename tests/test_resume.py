@@ -18,9 +18,9 @@ import pytest
 import torch
 from rich.console import Console
 
+from soe.cli.stitch import run_training
 from soe.train.checkpoint import AtomicCheckpointIO, read_checkpoint
 from soe.train.plots import read_run_metrics
-from soe.cli.stitch import run_training
 
 ROOT = Path(__file__).parents[1]
 QUIET = Console(file=open(os.devnull, "w"))

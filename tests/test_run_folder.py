@@ -12,9 +12,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from soe.cli import main
+from soe.cli.stitch import run_training
 from soe.train import checkpoint as checkpoint_module
 from soe.train.checkpoint import read_checkpoint
-from soe.cli.stitch import run_training
 from soe.train.run_folder import RunFolderError, RunLock
 
 ROOT = Path(__file__).parents[1]

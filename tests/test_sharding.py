@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from soe.train.build import apply_training_setup, build_stitcher_to_shard
-from soe.recipe.builders import build_stitcher
-from soe.recipe.reading import load_recipe
 from soe.errors import CheckpointError
 from soe.plugin.registry import get_expert
-from soe.train.sharding import file_key, load_inserted_shards, load_shards
 from soe.plugin.weights import FolderWeights, load_weights, weight_files
+from soe.recipe.builders import build_stitcher
+from soe.recipe.reading import load_recipe
+from soe.train.build import apply_training_setup, build_stitcher_to_shard
+from soe.train.sharding import file_key, load_inserted_shards, load_shards
 
 ROOT = Path(__file__).parents[1]
 KV_B_TO_A = "{b_to_a: {mode: attention_kv, targets: [{attention: attn2}]}}"  # into Wan's cross-attention (it has norm_k)

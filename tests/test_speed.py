@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import batch_for, tiny
+from test_universe1 import fused
+
 from soe import Stitcher
 from soe.lora.adapters import set_trainable
 from soe.sample.sampler import sample_stitched
-from soe.schema import LoraConfig, SamplerConfig, SpeedConfig
 from soe.sample.speed import apply_speed
 from soe.sample.step_cache import StepCache, stitched_blocks
+from soe.schema import LoraConfig, SamplerConfig, SpeedConfig
 from soe.train.storage import store_frozen_in
-from test_universe1 import fused
 
 
 def lockstep(seed=0):

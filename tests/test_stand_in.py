@@ -12,18 +12,18 @@ import torch
 from diffusers import AceStepTransformer1DModel, StableAudioDiTModel, WanTransformer3DModel
 
 from soe import get_expert, list_experts
-from soe.recipe.builders import build_stand_in
 from soe.cli.cache import table_to_json
-from soe.recipe.reading import load_recipe, shipped_recipes
-from soe.stitch.connector import Connector
+from soe.cli.tables import recipe_tables
 from soe.experts.ace_step import MODEL_DEFAULTS as ACE_DEFAULTS
 from soe.experts.ace_step_15 import MODEL_DEFAULTS as ACE_15_DEFAULTS
 from soe.experts.ace_step_v1_model import ACEStepTransformer2DModel
 from soe.experts.stable_audio import STABLE_AUDIO_OPEN_1_0
 from soe.experts.wan import WAN_MODEL_DEFAULTS
-from soe.cli.tables import recipe_tables
-from soe.schema import ConnectorConfig
 from soe.plugin.stand_in import constructor_defaults, differences, shapes_only
+from soe.recipe.builders import build_stand_in
+from soe.recipe.reading import load_recipe, shipped_recipes
+from soe.schema import ConnectorConfig
+from soe.stitch.connector import Connector
 
 ROOT = Path(__file__).parents[1]
 WITH_STAND_IN = [(name, preset) for name in list_experts() for preset in get_expert(name).presets

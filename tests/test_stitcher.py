@@ -1,8 +1,8 @@
 """Stitching semantics: init invariance, engine equivalence, gradient routing, unstitching."""
 import pytest
 import torch
-
 from conftest import batch_for, tiny
+
 from soe import ConnectorConfig, Stitcher
 
 PAIRS_OF_FAMILIES = [("wan2.1", "ace-step-1.5"), ("ace-step-1.5", "wan2.1"), ("wan2.1", "wan2.1"), ("ace-step-1.5", "ace-step-1.5"),

@@ -13,9 +13,9 @@ import pytest
 import torch
 from litdata.streaming.downloader import Downloader, register_downloader, unregister_downloader
 
+from soe.data.latent_cache import LatentCacheError
 from soe.data.stream_read import StreamingCache
 from soe.data.stream_synthetic import random_record, write_cache
-from soe.data.latent_cache import LatentCacheError
 
 SHAPES, TEXT = {"a": (2, 3, 4), "b": (4, 5)}, {"a": (6, 8), "b": (3, 4)}
 

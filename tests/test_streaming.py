@@ -12,13 +12,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from soe.recipe.builders import build_expert
-from soe.recipe.reading import load_recipe
+from soe.data.latent_cache import LatentCacheError
 from soe.data.stream_format import pack, pad, trim, unpack
 from soe.data.stream_read import StreamingCache, load_cache
 from soe.data.stream_synthetic import synthetic_record, write_cache
 from soe.data.streaming import StreamBatchSampler, StreamingLatentDataModule
-from soe.data.latent_cache import LatentCacheError
+from soe.recipe.builders import build_expert
+from soe.recipe.reading import load_recipe
 
 ROOT = Path(__file__).parents[1]
 QUIET = Console(file=open(os.devnull, "w"))

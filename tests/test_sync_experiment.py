@@ -3,7 +3,6 @@ import json
 import sys
 
 import pytest
-
 from conftest import load_benchmark
 
 

@@ -1,8 +1,8 @@
 """benchmarks/sync_noise.py: per-group scores are the demo's scores of exactly those clips."""
 import numpy as np
 import pytest
-
 from conftest import load_benchmark
+
 from soe.evaluate.metrics import frechet_distance
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from rich.console import Console
 
+from soe.cli.stitch import run_training
 from soe.recipe.builders import build_stitcher
 from soe.recipe.reading import load_recipe
-from soe.train.trained import load_trained
 from soe.train.plots import read_run_metrics
-from soe.cli.stitch import run_training
+from soe.train.trained import load_trained
 
 DEMO = Path(__file__).parents[1] / "tests" / "recipes" / "tiny.yaml"  # tiny random experts: fast; recipes/demo.yaml is tested in test_first_run.py
 QUIET = Console(file=open("/dev/null", "w"))

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_for, tiny
 from safetensors.torch import save_file
 
-from conftest import batch_for, tiny
 from soe import Stitcher, get_expert
 from soe.interop.convert import convert_universe1
 from soe.stitch.depth import insertion_points

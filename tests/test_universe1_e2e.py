@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_encode import WORDS, make_clip, tiny_umt5_folder
 
 from soe import get_expert
 from soe.cli import main
 from soe.data.stream_read import load_cache
-from test_encode import WORDS, make_clip, tiny_umt5_folder
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "universe1.yaml")
 

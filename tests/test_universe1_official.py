@@ -70,8 +70,8 @@ def _official_tiny(mu, folder: Path, num_layers: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("num_layers", [5, 10])
 def test_converted_release_matches_the_official_forward(tmp_path, num_layers):
-    from soe.recipe.builders import build_stitcher
     from soe.cli import main
+    from soe.recipe.builders import build_stitcher
     from soe.recipe.reading import load_recipe
     from soe.train.trained import load_trained
 

@@ -24,11 +24,11 @@ FOLDERS = {"video": "video_expert", "audio": "audio_expert"}
 
 
 def pretrain(recipe, out, overrides=(), dtype: str = "float32", sides=("a", "b"), console=None) -> dict:
+    from soe.console import make_console
+    from soe.data.datamodule import SyntheticAVDataModule
     from soe.recipe.builders import build_expert
     from soe.recipe.reading import load_recipe
     from soe.recipe.validate import validate_recipe
-    from soe.console import make_console
-    from soe.data.datamodule import SyntheticAVDataModule
     from soe.train.single import pretrain_expert
 
     console = console or make_console()
@@ -55,9 +55,9 @@ def pretrain(recipe, out, overrides=(), dtype: str = "float32", sides=("a", "b")
 
 def judge(experts: dict, seconds: float, n: int = 32, steps: int = 20, seed: int = 0) -> dict:
     """Frechet distance per modality and AV-Align of the experts sampled independently, on ``n`` held-out clips."""
+    from soe.evaluate import sync_eval
     from soe.sample.sampler import sample
     from soe.schema import SamplerConfig
-    from soe.evaluate import sync_eval
 
     cond, truth = sync_eval.held_out(experts, seconds, n, seed)
     with torch.no_grad():

@@ -9,19 +9,19 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_objective, build_optim,
-                              build_stitcher_to_shard, build_trainer)
-from soe.data.build import build_datamodule
-from soe.recipe.builders import build_stitcher
+from soe.cli.tables import print_tables, stitch_tables
 from soe.console import make_console
+from soe.data.build import build_datamodule
 from soe.errors import RecipeError
+from soe.extras import has as has_extra
+from soe.extras import missing_message
+from soe.recipe.builders import build_stitcher
 from soe.recipe.reading import load_recipe
 from soe.recipe.validate import validate_recipe
-from soe.extras import has as has_extra, missing_message
-from soe.cli.tables import print_tables, stitch_tables
-from soe.threads import configure_threads
 from soe.sample.callbacks import SampleCallback, SyncReportCallback
-from soe.train.trained import ExportTrained
+from soe.threads import configure_threads
+from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_objective, build_optim,
+                             build_stitcher_to_shard, build_trainer)
 from soe.train.checkpoint import read_checkpoint
 from soe.train.interrupt import StopOnInterrupt
 from soe.train.log_rows import KeepLogRow
@@ -29,6 +29,7 @@ from soe.train.module import StitchModule
 from soe.train.plots import plot_losses
 from soe.train.progress import quiet_libraries
 from soe.train.run_folder import RunLock, check_recipe_changes
+from soe.train.trained import ExportTrained
 
 
 def prepare_run_dir(cfg) -> tuple[Path, str | None]:

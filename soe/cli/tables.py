@@ -131,10 +131,10 @@ def recipe_tables(cfg, stand_ins: bool = True) -> list[Table]:
     one, without importing its model library; the tables are the same (tests/test_stand_in.py)."""
     import torch
 
-    from soe.recipe.builders import build_stand_in, build_stitcher
-    from soe.train.build import count_training_setup
-    from soe.recipe.validate import validate_recipe
     from soe.plugin.stand_in import shapes_only
+    from soe.recipe.builders import build_stand_in, build_stitcher
+    from soe.recipe.validate import validate_recipe
+    from soe.train.build import count_training_setup
 
     given = {side: build_stand_in(cfg, side) for side in ("a", "b")} if stand_ins else {}
     experts = validate_recipe(cfg, check_paths=False, experts=given)  # the experts it built on meta: not built twice

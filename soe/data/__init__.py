@@ -12,4 +12,9 @@ the data modules that feed training from it.
 - ``encode``    the pipeline, its settings and report
 - ``datamodule``, ``latent_cache``  the data modules training uses (synthetic clips, cache format 1 read whole)
   and the batch sampler whose position is in the checkpoint
+- ``synthetic``  the synthetic bouncing-square-and-click clips of the demo and the tests
+- ``build``     the recipe's ``data`` section -> the data module
+
+May import :mod:`soe.recipe` (encoding builds the experts' codecs and text encoders), :mod:`soe.stitch`,
+:mod:`soe.flow`, :mod:`soe.plugin` and the foundation modules; never training, sampling or the command line.
 """

@@ -10,10 +10,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from soe.errors import DataError
-from soe.rng import generator_for
 from soe.data.latent_cache import load_clips, read_index, validate_clip_shapes
 from soe.data.synthetic import BounceClip, render_for_expert
+from soe.errors import DataError
+from soe.rng import generator_for
 
 
 class ClipDataset(Dataset):

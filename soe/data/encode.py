@@ -24,19 +24,18 @@ from omegaconf import errors as oc_errors
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from soe.errors import RecipeError
-from soe.recipe.reading import load_recipe
-from soe.recipe.validate import validate_recipe
 from soe.data.annotate import DEFAULT_PROMPT, Annotator, load_annotator
 from soe.data.media_io import MediaError, safe_probe, safe_read_windows
 from soe.data.report import EncodeReport
 from soe.data.sources import Clip, find_clips
-from soe.data.text import TextConditioner
-from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_spec
 from soe.data.stream_format import latent_dtype_for, text_key
 from soe.data.stream_writer import PartWriter, lock_part
-from soe.errors import DataError, UsageError
+from soe.data.text import TextConditioner
+from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_spec
+from soe.errors import DataError, RecipeError, UsageError
 from soe.media import media_sides
+from soe.recipe.reading import load_recipe
+from soe.recipe.validate import validate_recipe
 from soe.schema import Dtype
 from soe.threads import configure_threads
 

@@ -24,8 +24,8 @@ import os
 import re
 from pathlib import Path
 
-from soe.data.stream_format import INDEX, PARTS, TEXTS, WINDOWS, part_name, read_log, write_json_atomic
 from soe.data.latent_cache import LatentCacheError
+from soe.data.stream_format import INDEX, PARTS, TEXTS, WINDOWS, part_name, read_log, write_json_atomic
 
 
 def _check_chunk(folder: Path, rel: str, info: dict) -> None:

@@ -19,10 +19,10 @@ import json
 import os
 from pathlib import Path
 
+from soe.data.latent_cache import LatentCacheError
 from soe.data.stream_chunks import TextChunks, WindowBuffer, chunk_starts
 from soe.data.stream_format import INDEX, TEXTS, WINDOWS, is_url, read_meta
 from soe.errors import one_line
-from soe.data.latent_cache import LatentCacheError
 
 TEXT_SHARE = 0.5  # each side's text chunks are kept up to this share of the bytes of the window buffers: a text chunk
 # serves windows of every bucket, whose chunk orders are independent, so a text cache of a few chunks reads each text

@@ -18,9 +18,8 @@ from pathlib import Path
 
 from litdata.streaming.writer import BinaryWriter
 
-from soe.data.stream_format import (FORMAT, read_log, INDEX, PARTS, TEXTS, WINDOWS, pack, part_name, trim,
-                                    write_json_atomic)
 from soe.data.latent_cache import LatentCacheError
+from soe.data.stream_format import FORMAT, INDEX, PARTS, TEXTS, WINDOWS, pack, part_name, read_log, trim, write_json_atomic
 
 CHUNK_ITEMS = 1 << 30  # chunk boundaries are ours (one flush = one chunk); recorded in every chunk's config
 

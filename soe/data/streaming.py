@@ -26,12 +26,12 @@ from functools import lru_cache
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from soe.data.datamodule import StepDataLoader, _StitchDataModule
+from soe.data.latent_cache import LatentCacheError
 from soe.data.stream_chunks import chunk_starts
 from soe.data.stream_read import StreamingCache
 from soe.errors import DataError, SoeError
 from soe.rng import generator_for
-from soe.data.datamodule import StepDataLoader, _StitchDataModule
-from soe.data.latent_cache import LatentCacheError
 
 
 class StreamBatchSampler(Sampler):

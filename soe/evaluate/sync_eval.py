@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from soe.evaluate.metrics import audio_onsets, av_align, frechet_distance, video_motion_events
 from soe.data.synthetic import audio_envelope_from_latent, video_height_from_latent
+from soe.evaluate.metrics import audio_onsets, av_align, frechet_distance, video_motion_events
 
 HELD_OUT_SEED_OFFSET = 10_000  # held-out clips: a clip stream training never draws from
 

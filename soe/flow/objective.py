@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from soe.flow.conditioning import TaskMixture, expand_mask, frame_timestep
-from soe.rng import generator_for
 from soe.plugin.expert import Batch, Expert
+from soe.rng import generator_for
 from soe.schema.base import choice
 from soe.schema.train import Balance, Density, Timesteps
 

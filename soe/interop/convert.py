@@ -7,7 +7,7 @@ own names, the ACE-Step block's names prefixed ``mel_``, the connectors ``mel_to
 modules' ``add_k_proj`` / ``add_v_proj`` / ``norm_added_k``; top-level Wan and ACE-Step modules keep
 their own names. Fused block k pairs Wan block k with virtual audio block k of the expanded stack.
 
-DST receives what ``soe.train.checkpoint.load_trained`` reads: ``expert_a.safetensors`` and
+DST receives what ``soe.train.trained.load_trained`` reads: ``expert_a.safetensors`` and
 ``expert_b.safetensors`` (state of each expert's model), ``connectors.safetensors`` and
 ``fusion.safetensors`` (inserted audio blocks, new k/v projections), plus ``universe1.json``: the
 block counts and both experts' architectures as read from the release (its ``config.json`` and
@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from soe.stitch.depth import insertion_points
 from soe.errors import CheckpointError, one_line
 from soe.plugin.weights import load_weights
+from soe.stitch.depth import insertion_points
 
 WAN_BLOCK = re.compile(r"^(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k)\.|^(norm2|ffn|scale_shift_table)\b")
 # Released but unused by the released forward (mel_attn is linear self-attention with no context).

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from soe.errors import CheckpointError, UsageError
+from soe.lora.formats import (COMFYUI_NAMES, DIFFUSERS_FILE, PEFT_FILE, LoraFileError, LoraWeights, comfyui_state_dict,
+                              read_lora)
 from soe.schema import TrainMode
 from soe.train.trained import STITCH_FILE, is_merged, load_stitch_file, use_merged_experts
-from soe.lora.formats import (COMFYUI_NAMES, DIFFUSERS_FILE, PEFT_FILE, LoraFileError, LoraWeights,
-                              comfyui_state_dict, read_lora)
 
 FORMATS = ("diffusers", "comfyui", "merged")
 # diffusers pipeline mixins whose save_lora_weights / load_lora_weights serve an expert family

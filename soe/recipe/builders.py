@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from soe.errors import CheckpointError, CheckpointNotFoundError, SoeError, one_line, without_loader_advice
 from soe.plugin.expert import Expert
 from soe.plugin.registry import get_expert
-from soe.schema import (ExpertConfig, Recipe, RecipeError, SampleConfig, SamplerConfig, StitchConfig, build)
+from soe.schema import ExpertConfig, Recipe, RecipeError, SampleConfig, SamplerConfig, StitchConfig, build
 from soe.stitch.stitcher import Stitcher
 
 

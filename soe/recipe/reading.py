@@ -17,9 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
-from soe.schema import *  # noqa: F401,F403  (the schema's names: soe.schema.Recipe, soe.schema.TrainerConfig, ...)
 from soe.schema import SECTIONS, Recipe, RecipeError
-from soe.recipe.validate import validate_recipe  # noqa: F401  (soe.recipe.validate.validate_recipe)
 
 
 def to_container(node):

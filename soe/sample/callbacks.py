@@ -79,9 +79,9 @@ class SyncReportCallback(Callback):
     def _score(self, trainer, pl_module, label: str) -> None:
         import torch
 
-        from soe.sample.sampler import sample_stitched
         from soe.evaluate import sync_eval
         from soe.recipe.builders import build_sampler
+        from soe.sample.sampler import sample_stitched
 
         st = pl_module.stitcher
         experts = {"a": st.a, "b": st.b}

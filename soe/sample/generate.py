@@ -18,11 +18,10 @@ from rich.console import Console
 from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
-from soe.recipe.builders import build_codec, build_sampler, build_text_encoder
-from soe.errors import RecipeError
-from soe.errors import one_line
-from soe.rng import generator_for, stream_seed
+from soe.errors import RecipeError, one_line
 from soe.media import contact_sheet, media_sides, write_mp4
+from soe.recipe.builders import build_codec, build_sampler, build_text_encoder
+from soe.rng import generator_for, stream_seed
 from soe.sample.sampler import sample_stitched
 
 
@@ -219,9 +218,7 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
     """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
     from soe.recipe.builders import build_sample, build_stitcher
     from soe.sample.speed import apply_speed
-    from soe.train.trained import load_trained
-
-    from soe.train.trained import resolve_merged_ckpt
+    from soe.train.trained import load_trained, resolve_merged_ckpt
 
     console = console or Console()
     err_console = err_console or Console(stderr=True)

@@ -17,8 +17,8 @@ import av
 import numpy as np
 import torch
 
-from soe.flow.conditioning import GivenLatents, TaskError, check_task, given_frames, prefix_mask
 from soe.errors import RecipeError
+from soe.flow.conditioning import GivenLatents, TaskError, check_task, given_frames, prefix_mask
 from soe.schema.sample import GIVEN_MEDIA
 
 MODES = GIVEN_MEDIA  # sample.<key> -> task

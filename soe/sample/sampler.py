@@ -14,8 +14,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from soe.flow.conditioning import GivenLatents
 from soe.plugin.expert import Batch, Expert
 from soe.rng import generator_for
-from soe.schema import SamplerConfig
 from soe.sample.speed import reset_step_caches
+from soe.schema import SamplerConfig
 
 
 def make_scheduler(kind: str, shift: float):

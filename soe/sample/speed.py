@@ -26,9 +26,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook, apply_group_offloading, apply_layerwise_casting
 from torch import nn
 
+from soe.sample.step_cache import StepCache, apply_step_cache, stitched_blocks
 from soe.schema import SpeedConfig, StorageDtype
 from soe.train.storage import SKIP_CAST
-from soe.sample.step_cache import StepCache, apply_step_cache, stitched_blocks
 
 # Kept in the compute dtype under fp8 storage: diffusers' defaults plus LoRA and ACE-Step's embedders.
 _ORDER_HOOK = "soe_offload_order"

@@ -1,5 +1,6 @@
 """The recipe schema: the option dataclasses the code takes, which OmegaConf also reads as the
 structured config of a recipe file. Each option is declared once, here, one file per recipe section.
+Every layer takes these dataclasses, so the schema sits low: it may import only :mod:`soe.errors`.
 
     >>> from soe.schema import ConnectorConfig, build
     >>> build(ConnectorConfig, {"init": "trunc_normal"}).init
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 from soe.schema.base import Choice, Dtype, OptionError, RecipeError, StorageDtype, build, choice, require
 from soe.schema.experts import ExpertConfig, ExpertsConfig, LoraConfig, TrainMode
 from soe.schema.sample import SampleConfig, SamplerConfig, Scheduler, SpeedConfig
-from soe.schema.stitch import (ConnectorConfig, ConnectorPool, DepthConfig, DepthMode, Direction, Engine, InjectConfig, InjectMode,
-                               KVTargetConfig, StitchConfig)
+from soe.schema.stitch import (ConnectorConfig, ConnectorPool, DepthConfig, DepthMode, Direction, Engine, InjectConfig,
+                               InjectMode, KVTargetConfig, StitchConfig)
 from soe.schema.train import DataConfig, FlowConfig, NonFinite, OptimConfig, TrainerConfig
 
 

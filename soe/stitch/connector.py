@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from soe.stitch.align import MOMENT_SLOTS, broadcast_to_grid, pool_steps, resample_time
 from soe.plugin.expert import TokenLayout
 from soe.schema.stitch import Activation, ConnectorConfig, ConnectorMlp
+from soe.stitch.align import MOMENT_SLOTS, broadcast_to_grid, pool_steps, resample_time
 
 
 def mlp_type(kind: ConnectorMlp) -> type[nn.Module]:

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from soe.stitch.align import resample_time
-from soe.stitch.attention_kv import KVProjection, submodule, wrap_processor
 from soe.plugin.expert import Batch, BlockState, Expert
 from soe.schema.stitch import InjectConfig
+from soe.stitch.align import resample_time
+from soe.stitch.attention_kv import KVProjection, submodule, wrap_processor
 from soe.stitch.named_hooks import NamedHooks, hook_name
 
 if TYPE_CHECKING:

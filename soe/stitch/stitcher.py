@@ -16,16 +16,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from soe.errors import UnstitchedError, UsageError
+from soe.plugin.expert import Batch, Expert
+from soe.schema import ConnectorConfig, DepthConfig, InjectConfig, StitchConfig, build
 from soe.stitch.align import Pairs, resolve_depth_map
 from soe.stitch.batch_check import check_batches
 from soe.stitch.connector import Connector
 from soe.stitch.depth import expand_stacks
-from soe.errors import UnstitchedError, UsageError
-from soe.plugin.expert import Batch, Expert
 from soe.stitch.hook_engine import HookEngine
 from soe.stitch.lockstep import Fusion, LockstepEngine
 from soe.stitch.named_hooks import NamedHooks
-from soe.schema import ConnectorConfig, DepthConfig, InjectConfig, StitchConfig, build
 
 
 class Stitcher(nn.Module):

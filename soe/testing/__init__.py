@@ -28,9 +28,10 @@ from importlib import import_module
 
 import torch
 
-from soe.testing.checks import CHECKS, ContractFailure
 from soe.errors import SoeError
 from soe.plugin.expert import Expert
+from soe.testing.checks import CHECKS, ContractFailure
+
 
 @dataclass(frozen=True)
 class CheckResult:

@@ -140,12 +140,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, console_progr
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from soe.recipe.reading import to_container
     from soe.console import console_kwargs
     from soe.extras import has as has_extra
+    from soe.recipe.reading import to_container
     from soe.train.checkpoint import AtomicCheckpointIO, RunCheckpoint
-    from soe.train.trained import ExportTrained
     from soe.train.progress import StepProgressBar
+    from soe.train.trained import ExportTrained
 
     t = cfg.trainer
     io = AtomicCheckpointIO()

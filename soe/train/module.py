@@ -7,11 +7,11 @@ import warnings
 import lightning as L
 import torch
 
-from soe.stitch.batch_check import cast_batch
 from soe.errors import CheckpointError, NonFiniteLossError
 from soe.flow.objective import FlowObjective
 from soe.rng import stream_seed
 from soe.schema import NonFinite, OptimConfig, choice
+from soe.stitch.batch_check import cast_batch
 from soe.stitch.stitcher import Stitcher
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import lightning as L
 
-from soe.plugin.expert import Expert
 from soe.flow.objective import FlowObjective
+from soe.plugin.expert import Expert
 from soe.schema import OptimConfig
 from soe.train.module import StitchModule
 
