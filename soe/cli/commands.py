@@ -1,4 +1,4 @@
-"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``encode``, ``convert``, ``export``.
+"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``eval``, ``encode``, ``convert``, ``export``.
 
 Start-up stays fast: this module imports only argparse, rich and ``soe.errors``; each subcommand
 imports what it needs (torch, diffusers, Lightning) when it runs.
@@ -107,6 +107,32 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from rich.markup import escape as esc
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from soe.evaluate.report import eval_table
+    from soe.evaluate.run import evaluate, plan, write_json
+
+    if args.workers < 0:
+        raise UsageError(f"--workers: expected a number of processes >= 0, got {args.workers}")
+    p = plan(args.samples, reference=args.reference, prompts=args.prompts, models=args.models, metrics=args.metrics,
+             out=args.out, force=args.force)  # every input checked: nothing is written on bad input
+    for name, why in p["skipped"].items():
+        err_console.print(f"[yellow]skipped[/] {name}: {esc(why)}", highlight=False, soft_wrap=True)
+
+    def failure(stem, why):
+        err_console.print(f"[bold red]failed:[/] {esc(stem)}: {esc(why)}", highlight=False, soft_wrap=True)
+
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        result = evaluate(p, workers=args.workers, device=args.device, progress=progress, on_failure=failure)
+    out = write_json(result, p["out"])
+    console.print(eval_table(result, title=f"soe eval: {len(result['clips'])} clips"))
+    console.print(f"wrote [bold]{esc(str(out))}[/]")
+    return 1 if result["failed"] else 0
+
+
 def _cmd_encode(args) -> int:
     from soe.data.encode import encode_command
 
@@ -146,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stitch":
             sp.add_argument("--allow-changes", nargs="+", metavar="KEY", default=[],
                             help="on resume, accept these recipe keys (or sections) differing from the run's recipe.yaml")
+    ev = sub.add_parser("eval", help="judge generated clips on decoded media: AV-Align, CLAP/CLIP scores, ID consistency, WER, FDs")
+    ev.add_argument("samples", help="folder of mp4 clips (a `soe generate` output folder) or a run folder (its generated/ clips)")
+    ev.add_argument("--reference", default=None, metavar="DIR", help="folder of real clips for the set metrics (fd_audio, fd_video)")
+    ev.add_argument("--prompts", default=None, metavar="FILE", help="JSON lines {id, prompt, audio_prompt?, image?, transcript?} "
+                    "(default: SAMPLES/prompts.jsonl when present)")
+    ev.add_argument("--models", default=None, metavar="DIR", help="local weights: one subfolder per model (clap/, clip/, dino/, whisper/)")
+    ev.add_argument("--metrics", default=None, metavar="NAME,...", help="which metrics (default: every metric whose weights are present)")
+    ev.add_argument("--workers", type=int, default=0, help="processes decoding clips and computing AV-Align (0: this process)")
+    ev.add_argument("--device", default=None, help="device of the models (default: cuda when available, else cpu)")
+    ev.add_argument("--out", default=None, metavar="FILE", help="results file (default: SAMPLES/eval.json)")
+    ev.add_argument("--force", action="store_true", help="overwrite an existing results file")
+    ev.set_defaults(func=_cmd_eval)
     conv = sub.add_parser("convert", help="convert a released checkpoint to soe tensors (load with ckpt=DST)")
     conv.add_argument("model", choices=["universe1"], help="which release")
     conv.add_argument("src", help="the released transformer folder (or one .safetensors file)")
