@@ -5,9 +5,11 @@ convention: per frame ``100 * cos(image embedding, text embedding)``, averaged, 
 (torchmetrics clips the mean, not each frame). The frames are 8 evenly spaced ones (all of them when the
 clip has fewer). The prompt is cut to the text model's maximum length, as torchmetrics does.
 
-Hand-written: the frame choice and the averaging; the scores equal torchmetrics' ``CLIPScore`` fed the
-same frames and prompt (tests/test_eval.py checks it on a tiny saved model). torchmetrics itself is not
-called because it reloads the model per metric object and takes no device/batch control from us.
+Hand-written: the frame choice and the five lines of the score. torchmetrics is not called: its
+``CLIPScore`` loads only hub names (or a callable), and 1.9 breaks on transformers 5, whose
+``get_image_features`` / ``get_text_features`` return output objects instead of tensors; the lines here
+are its ``_clip_score_update`` / ``compute`` arithmetic (tests/test_eval_models.py checks the value
+against a direct transformers computation on a tiny saved model).
 """
 from __future__ import annotations
 

@@ -46,5 +46,6 @@ class WhisperTranscriber:
     @torch.no_grad()
     def transcribe(self, mono_16k: np.ndarray) -> str:
         inputs = self.processor.feature_extractor(np.asarray(mono_16k, np.float32), sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        ids = self.model.generate(inputs.input_features.to(self.device), max_new_tokens=self.max_new_tokens, do_sample=False)
+        budget = min(self.max_new_tokens, self.model.config.max_target_positions - 4)  # room for the start tokens
+        ids = self.model.generate(inputs.input_features.to(self.device), max_new_tokens=budget, do_sample=False)
         return self.processor.batch_decode(ids, skip_special_tokens=True)[0]
