@@ -98,7 +98,7 @@ RECIPE_KEYS = [
     "trainer.checkpoint_every_n_steps", "trainer.threads", "trainer.on_nonfinite", "trainer.extra",
     "sample.steps", "sample.scheduler", "sample.guidance", "sample.shift", "sample.seed", "sample.memory",
     "sample.storage_dtype", "sample.compile", "sample.attention_backend", "sample.cache", "sample.cache_threshold",
-    "sample.ckpt", "sample.prompt", "sample.negative_prompt", "sample.conditions", "sample.seconds",
+    "sample.ckpt", "sample.prompt", "sample.prompts", "sample.negative_prompt", "sample.conditions", "sample.seconds",
     "sample.num_samples", "sample.out", "sample.every_n_steps", "sample.at_end", "sample.at_start", "sample.sync_clips",
     "sample.decode", "sample.device", "sample.image", "sample.video", "sample.audio", "sample.extend",
     "sample.extend_seconds", "sample.given_uncond"]

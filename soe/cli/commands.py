@@ -86,7 +86,7 @@ def _cmd_stitch(args) -> int:
     return 0
 
 
-SAMPLE_SHORT_KEYS = ("ckpt", "prompt", "negative_prompt", "conditions", "seconds", "seed", "steps", "scheduler", "num_samples",
+SAMPLE_SHORT_KEYS = ("ckpt", "prompt", "prompts", "negative_prompt", "conditions", "seconds", "seed", "steps", "scheduler", "num_samples",
                      "out", "image", "video", "audio", "extend", "extend_seconds")
 
 

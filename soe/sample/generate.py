@@ -239,6 +239,13 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
         except FileNotFoundError as err:
             raise RecipeError(f"sample.ckpt: {err}") from None
         console.print(f"loaded [bold]{trained}[/] ({'step ' + str(step) if step is not None else 'step not recorded'})", highlight=False)
+    rows = None
+    if cfg.sample.prompts is not None:  # checked before any model work or folder
+        from soe.sample.prompt_rows import read_rows
+
+        rows = read_rows(cfg.sample.prompts)
+        if cfg.sample.num_samples != 1:
+            raise RecipeError(f"sample.num_samples: prompts= gives one sample per row; expected 1, got {cfg.sample.num_samples}")
     speed = apply_speed(stitcher, build_sample(cfg), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
     codecs = speed.prepare_codecs(check_sampling(stitcher, cfg))  # bad conditioning fails here, before any folder is made
     given = given_inputs(stitcher, cfg, codecs, cfg.sample.num_samples, cfg.sample.seconds or cfg.data.seconds)
@@ -249,6 +256,8 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
         err_console.print("note: sample.decode=synthetic_preview applies to synthetic data only; decoding through the experts' codecs")
     existed = cfg.sample.out is not None and Path(cfg.sample.out).exists()
     out = new_output_folder(cfg)
+    if rows is not None:
+        return _generate_rows(stitcher, cfg, rows, out, codecs, step, trained, console)
     try:
         with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:  # piped: no blank line
             task = bar.add_task("sampling", total=cfg.sample.steps)
@@ -259,6 +268,31 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a failure before any sample was written (e.g. a text encoder that does not fit) leaves nothing
         raise
+    for f in files:
+        console.print(f"wrote [bold]{f}[/]", highlight=False)
+    return files
+
+
+def _generate_rows(stitcher, cfg, rows: list[dict], out: Path, codecs: dict, step, trained, console: Console) -> list[Path]:
+    """One sample per prompts row: ``<id>.mp4``, ``<id>.png``, ``<id>.latents.safetensors``, then ``prompts.jsonl``."""
+    from soe.sample.prompt_rows import write_rows
+
+    base_image, files = cfg.sample.image, []
+    seconds = cfg.sample.seconds or cfg.data.seconds
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("rows", total=len(rows))
+        for row in rows:
+            cfg.sample.prompt, cfg.sample.image = row["prompt"], row.get("image") or base_image
+            given = given_inputs(stitcher, cfg, codecs, 1, seconds)
+            tmp = out / f".row-{row['id']}"
+            render_samples(stitcher, cfg, tmp, codecs=codecs, given=given, title=sheet_title(row["prompt"], step, trained))
+            for src, dst in ((tmp / "sample_00.mp4", out / f"{row['id']}.mp4"), (tmp / "sample_00.png", out / f"{row['id']}.png"),
+                             (tmp / "latents.safetensors", out / f"{row['id']}.latents.safetensors")):
+                src.replace(dst)
+                files.append(dst)
+            tmp.rmdir()
+            bar.advance(task)
+    files.append(write_rows(rows, out))
     for f in files:
         console.print(f"wrote [bold]{f}[/]", highlight=False)
     return files
