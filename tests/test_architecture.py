@@ -99,7 +99,7 @@ RECIPE_KEYS = [
     "sample.steps", "sample.scheduler", "sample.guidance", "sample.shift", "sample.seed", "sample.memory",
     "sample.storage_dtype", "sample.compile", "sample.attention_backend", "sample.cache", "sample.cache_threshold",
     "sample.ckpt", "sample.prompt", "sample.prompts", "sample.negative_prompt", "sample.conditions", "sample.seconds",
-    "sample.num_samples", "sample.out", "sample.every_n_steps", "sample.at_end", "sample.at_start", "sample.sync_clips",
+    "sample.num_samples", "sample.out", "sample.every_n_steps", "sample.at_end", "sample.at_start", "sample.eval", "sample.sync_clips",
     "sample.decode", "sample.device", "sample.image", "sample.video", "sample.audio", "sample.extend",
     "sample.extend_seconds", "sample.given_uncond"]
 

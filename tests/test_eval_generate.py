@@ -29,3 +29,24 @@ def test_bad_prompt_rows_are_one_line_and_make_no_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "p.jsonl:2" in err and "id '../b'" in err
     assert not out.exists()
+
+
+def test_sample_eval_logs_av_align_of_each_render(tmp_path):
+    from rich.console import Console
+
+    from soe.cli.stitch import run_training
+
+    run = tmp_path / "run"
+    run_training(TINY, ["data.num_clips=8", "data.batch_size=4", "data.seconds=1.0", "trainer.max_steps=2", f"run_dir={run}",
+                        "sample.every_n_steps=1", "sample.steps=2", "sample.eval=[av_align]", "trainer.log_every_n_steps=1"],
+                 console=Console(file=open("/dev/null", "w")), progress=False)
+    logged = "".join(p.read_text() for p in run.rglob("metrics.csv"))
+    assert "eval/av_align" in logged.splitlines()[0]
+    values = [float(x) for line in logged.splitlines()[1:] for x in [line.split(",")[logged.splitlines()[0].split(",").index("eval/av_align")]] if x]
+    assert len(values) == 2 and all(0 <= v <= 1 for v in values)
+
+
+def test_sample_eval_names_only_weight_free_metrics(tmp_path, capsys):
+    assert main(["stitch", str(TINY), "sample.eval=[clap_score]", f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sample.eval" in err and "clap_score" in err

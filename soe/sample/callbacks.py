@@ -32,7 +32,21 @@ class SampleCallback(Callback):
         render_samples(pl_module.stitcher, self.cfg, out, codecs=self._codecs, write=trainer.is_global_zero,
                        title=sheet_title(self.cfg.sample.prompt, step, self.run_dir))
         self._last = step
+        if self.cfg.sample.eval and trainer.is_global_zero:
+            self._evaluate(trainer, out, step)
         return out / "sample_00.png"
+
+    def _evaluate(self, trainer, out: Path, step: int) -> None:
+        """``sample.eval``: the `soe eval` metrics of this render's mp4s, their mean logged as ``eval/<name>``."""
+        import numpy as np
+
+        from soe.evaluate.run import CPU_METRICS
+        from soe.evaluate.decode import decode_clip
+
+        clips = [decode_clip(p.stem, p) for p in sorted(out.glob("sample_*.mp4"))]
+        values = {f"eval/{n}": float(np.mean([CPU_METRICS[n](c) for c in clips])) for n in self.cfg.sample.eval}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
 
     def on_train_start(self, trainer, pl_module):
         if self.at_start and trainer.global_step == 0:

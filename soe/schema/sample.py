@@ -4,11 +4,12 @@ the ``sample`` section is both)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from soe.schema.base import Choice, OptionError, StorageDtype, choice, optional_choice, require
 
 # conditioning inputs of `soe generate` (at most one): sample.<key> -> the task it asks of the experts
+TRAINING_EVAL = ("av_align",)  # `soe eval` metrics sample.eval may name: those that need no weights
 GIVEN_MEDIA = {"image": "image", "video": "v2a", "audio": "a2v", "extend": "extend"}
 
 
@@ -94,6 +95,7 @@ class SampleConfig(SpeedConfig, SamplerConfig):  # fields: the sampler's, the sp
     every_n_steps: int = 0  # during training: render samples every K steps (0 = never)
     at_end: bool = False  # during training: render once when training ends
     at_start: bool = False  # during training: also render before the first step (zero-init connectors = the experts alone)
+    eval: List[str] = field(default_factory=list)  # during training: `soe eval` metrics of each render, logged as eval/<name> (weight-free: av_align)
     sync_clips: int = 0  # AV-Align of N held-out clips before and after training (0 = off; synthetic data only, else skipped)
     decode: Decode = Decode.codec
     device: Optional[str] = None  # null = cuda when available, else cpu
@@ -115,6 +117,8 @@ class SampleConfig(SpeedConfig, SamplerConfig):  # fields: the sampler's, the sp
             raise OptionError(given[1], f"give one conditioning input at a time, got {' and '.join(k + '=' for k in given)}")
         require(self.num_samples >= 1, "num_samples", f"expected a positive integer, got {self.num_samples}")
         require(self.seconds is None or self.seconds > 0, "seconds", f"expected a positive duration in seconds, got {self.seconds}")
+        for name in self.eval:
+            require(name in TRAINING_EVAL, "eval", f"expected metrics among {list(TRAINING_EVAL)} (weight-free), got {name!r}")
         require(self.sync_clips >= 0, "sync_clips", f"expected >= 0 held-out clips (0 = off), got {self.sync_clips}")
         require(self.every_n_steps >= 0, "every_n_steps", f"expected >= 0 (0 = never), got {self.every_n_steps}")
         require(self.extend_seconds is None or self.extend_seconds > 0, "extend_seconds",
