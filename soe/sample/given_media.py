@@ -92,7 +92,7 @@ def read_image(path: str, key: str, size: tuple[int, int]) -> torch.Tensor:
     try:
         img = Image.open(path).convert("RGB")
     except Image.DecompressionBombError as e:  # a header claiming a huge size: refused before decoding
-        raise RecipeError(f"{key}: '{path}' is not a usable image ({one_line(e, 160)})") from None
+        raise GivenMediaError(f"sample.{key}: '{path}' is not a usable image ({one_line(e, 160)})") from None
     except (UnidentifiedImageError, OSError):
         return read_frames(path, key, 1, 1.0, size)  # not an image: a video's first frame
     h, w = size
