@@ -674,14 +674,15 @@ def test_stitcher_refuses_what_is_not_two_experts_with_one_soe_error(demo_stitch
 # Same contract: exit 2, one line naming the key or file, no traceback, the file tree (files and folders) before ==
 # after. Count (issue 33): 56 more bad inputs in 56 cases (EXPORT 8, CONVERT 9 + 1 with --force, ENCODE 6, GENERATE 7,
 # OUTPUT_PLACE 8, RECIPE 14 each through inspect and stitch, the plots extra x2, a moved run), plus one control case
-# of 3 good inputs; this file now collects 221 cases. On the code before issue 33, 53 of these 57 cases failed: 27
-# tracebacks or crashes (export/convert/encode/generate places, devices, convert's --every 0, JSONDecodeError,
-# KeyError, UnicodeDecodeError, DecompressionBombError), 11 silently accepted (data.path with synthetic data, tasks a
-# one-way stitch cannot serve, seed -1, seconds under one latent frame, inf guidance/shift/extend, --allow-changes
-# typo, a resume without recipe.yaml, a run into a folder holding trained/), 7 left files or folders behind (RUN/export/,
-# an encode cache folder, generate's mp4 without its sheet), 3 overwrote results (convert into an earlier conversion
-# or trained/, encode into a run) or trained the same steps twice (a moved run), and 5 unclear messages (expert-key
-# typos named the section, not the key, with no suggestion; --every/--audio-blocks without the option's name).
+# of 3 good inputs; this file now collects 221 cases. On the code before issue 33, 53 of these 57 cases failed
+# (measured by running this file against that code): tracebacks (export/convert/encode/generate output places,
+# devices, convert's --every 0, JSONDecodeError, KeyError, UnicodeDecodeError, DecompressionBombError), silent
+# acceptance (data.path with synthetic data, tasks a one-way stitch cannot serve, seed -1, seconds under one latent
+# frame, inf guidance/shift/extend, an expert option that is a model key, an --allow-changes typo, a resume without
+# recipe.yaml, a run into a folder holding trained/), files or folders left behind (RUN/export/, an encode cache
+# folder), results overwritten (convert into an earlier conversion or trained/, encode into a run, a moved run
+# training the same steps twice) and unclear messages (expert-key typos named the section, not the key, with no
+# suggestion; --every/--audio-blocks without the option's name).
 import errno  # noqa: E402
 import tempfile  # noqa: E402
 
