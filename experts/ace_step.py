@@ -140,6 +140,10 @@ class AceStepV1Expert(Expert):
         return cls(model.eval(), **options)
 
     @classmethod
+    def architecture_names(cls) -> list[str]:
+        return [k for k in MODEL_DEFAULTS if k not in OPTIONS]
+
+    @classmethod
     def stand_in(cls, config: dict) -> "AceStepV1Expert":
         """ACE-Step v1's blocks from its config (soe/plugin/stand_in.py), without importing diffusers."""
         from soe.experts.ace_step_v1_stand_in import stand_in_model

@@ -34,6 +34,7 @@ WAN_MODEL_DEFAULTS = dict(patch_size=(1, 2, 2), num_attention_heads=40, attentio
 @register_expert
 class WanExpert(DiffusersExpert):
     expert_keys = EXPERT_KEYS
+    model_defaults = WAN_MODEL_DEFAULTS
     name = "wan2.1"
     modality = "video"
     source = "diffusers.WanTransformer3DModel"

@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--every", type=int, default=4, help="one audio block was inserted after every EVERY (stitch.depth.every)")
     conv.add_argument("--audio-blocks", type=int, default=None,
                       help="the audio expert's own depth (default: read off the checkpoint's fused depth and --every)")
+    conv.add_argument("--force", action="store_true", help="replace an earlier conversion (or trained files) in DST")
     conv.set_defaults(func=_cmd_convert)
     enc = sub.add_parser("encode", help="encode a folder of audio-video clips + captions into a latent cache (soe.data)")
     enc.add_argument("recipe", help="recipe YAML file (experts, codec/text encoder folders, data.seconds)")
@@ -241,7 +242,7 @@ def _cmd_export(args) -> int:
 def _cmd_convert(args) -> int:
     from soe.interop.convert import convert_universe1
 
-    counts = convert_universe1(args.src, args.dst, num_audio_blocks=args.audio_blocks, every=args.every)
+    counts = convert_universe1(args.src, args.dst, num_audio_blocks=args.audio_blocks, every=args.every, force=args.force)
     console.print(f"wrote {args.dst}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

@@ -34,6 +34,7 @@ from soe.data.text import TextConditioner
 from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_spec
 from soe.errors import DataError, RecipeError, UsageError
 from soe.media import media_sides
+from soe.outputs import remove_new
 from soe.recipe.reading import load_recipe
 from soe.recipe.validate import validate_recipe
 from soe.schema import Dtype
@@ -71,6 +72,12 @@ class EncodeConfig:
             allowed = [d.value for d in Dtype] + (["auto"] if k == "latent_dtype" else [])
             if getattr(self, k) not in allowed:
                 raise RecipeError(f"encode.{k}: expected one of {allowed}, got {getattr(self, k)!r}")
+        if self.device != "auto":
+            from soe.schema.base import device_problem
+
+            problem = device_problem(self.device)
+            if problem is not None:
+                raise RecipeError(f"encode.device: {problem}")
         if self.max_windows is not None and self.max_windows < 1:
             raise RecipeError(f"encode.max_windows: expected a positive integer, got {self.max_windows}")
 
@@ -226,13 +233,13 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
                 **{f"{k}_{side}": cfg.experts[side][k] for side in ("a", "b") for k in ("codec_path", "text_encoder_path")}}
     storage = {"latents": latent_dtype_for(cfg.trainer.precision) if settings.latent_dtype == "auto" else settings.latent_dtype,
                "text": settings.text_dtype}
+    if annotator is None:  # a missing annotator folder fails before the cache folder is written
+        annotator = load_annotator(settings.annotator, settings.annotator_prompt, device=device)
+    clips, orphans = find_clips(src)  # captions that cannot be read, too
     writer = PartWriter(out, {s: e.name for s, e in experts.items()}, recorded, settings.shard_size, part=shard[0], parts=shard[1],
                         storage=storage, lock=lock)
     text = {s: TextConditioner(experts[s], s, cfg, device) for s in (v, a)}
-    if annotator is None:
-        annotator = load_annotator(settings.annotator, settings.annotator_prompt, device=device)
     report = EncodeReport(windows_cached=len(writer.rows), seconds_cached=sum(float(r["seconds"]) for r in writer.rows))
-    clips, orphans = find_clips(src)
     clips = clips[shard[0]::shard[1]]
     report.clips = len(clips)
     for path, reason, detail in orphans:
@@ -311,7 +318,7 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
     part = parse_shard(shard)
     overrides, settings = parse_settings(overrides)
     cfg = load_recipe(recipe, overrides)
-    validate_recipe(cfg, check_paths=False)  # data.path is what we are about to write
+    validate_recipe(cfg, check_paths=False, data_path_is_output=True)  # data.path is what we are about to write
     for side in ("a", "b"):
         for key in ("path", "codec_path", "text_encoder_path"):
             p = cfg.experts[side][key]
@@ -320,11 +327,9 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
     out = out or cfg.data.path
     if out is None:
         raise UsageError("soe encode: give the cache folder with --out DIR (or data.path in the recipe)")
-    for p in (Path(out), *Path(out).parents):
-        if p.exists() and not p.is_dir():
-            raise UsageError(f"soe encode --out: '{p}' is a file, expected a folder for the latent cache '{out}'")
     if not Path(src).is_dir():
         raise UsageError(f"soe encode: source folder not found: '{src}'")
+    check_cache_folder(out, src)
     if workers < 0:
         raise UsageError(f"soe encode: --workers must be >= 0, got {workers}")
     configure_threads(cfg.trainer.threads)
@@ -332,7 +337,7 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
     before = set(Path(out).rglob("*")) if new_root is None else set()
     report = encode_folder(cfg, src, out, settings, workers=workers, console=console, shard=part)
     if part[1] == 1 and report.windows_new + report.windows_cached == 0:  # nothing to train on: say why, exit non-zero
-        _remove_new(Path(out), new_root, before)  # and leave nothing behind (no empty cache, no report)
+        remove_new(Path(out), new_root, before)  # and leave nothing behind (no empty cache, no report)
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.by_reason.items())) or "no video files found"
         raise DataError(f"soe encode: no window was encoded from '{src}' ({report.clips} clip(s) found; skipped: {reasons})")
     console.print(report.table())
@@ -343,17 +348,20 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
     return report
 
 
-def _remove_new(out: Path, new_root: Path | None, before: set[Path]) -> None:
-    """Remove what an encode run wrote: the folder it created (``new_root``), else the paths under
-    ``out`` that were not there ``before``."""
-    if new_root is not None:
-        shutil.rmtree(new_root, ignore_errors=True)
-        return
-    for p in sorted(set(out.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):  # files before their folders
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+RUN_FOLDER_ENTRIES = ("checkpoints", "trained", "soe.lock")  # what `soe stitch` keeps in a run folder
+
+
+def check_cache_folder(out, src) -> None:
+    """``--out`` (or data.path) as a place for the cache: a writable folder outside the clips it encodes,
+    not a run folder of ``soe stitch`` (an existing cache is fine: encoding resumes there)."""
+    from soe.outputs import check_output
+
+    key = "soe encode --out"
+    check_output(out, key, sources=[src])
+    held = [n for n in RUN_FOLDER_ENTRIES if (Path(out) / n).exists()]
+    if held:
+        raise UsageError(f"{key}: '{out}' is a run folder of `soe stitch` (holds {', '.join(held)}); choose a folder of its own "
+                         "for the latent cache")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

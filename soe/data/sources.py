@@ -35,10 +35,18 @@ class Clip:
         return f"{stem}-{hashlib.sha1(self.rel.encode()).hexdigest()[:8]}"
 
 
+def _utf8(path: Path) -> str:
+    """The file's text, or a one-line UsageError naming it (captions are UTF-8, not guessed)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the captions as UTF-8") from None
+
+
 def _read_text(path: Path) -> str | None:
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    text = _utf8(path).strip()
     return text or None
 
 
@@ -47,7 +55,7 @@ def read_captions_jsonl(folder: Path) -> dict[str, dict]:
     if not file.is_file():
         return {}
     out = {}
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_utf8(file).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from soe.errors import CheckpointError, UsageError
+from soe.outputs import check_output, removed_on_failure
 from soe.lora.formats import (COMFYUI_NAMES, DIFFUSERS_FILE, PEFT_FILE, LoraFileError, LoraWeights, comfyui_state_dict,
                               read_lora)
 from soe.schema import TrainMode
@@ -45,18 +46,20 @@ def export_run(run_dir, fmt: str, out=None) -> Path:
     if not recipe.is_file() or not trained.is_dir():
         raise CheckpointError(f"'{run_dir}' is not a run folder of `soe stitch`: expected recipe.yaml and trained/")
     out = Path(out) if out is not None else run_dir / "export" / fmt
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out: '{out}' already exists and is not an empty folder; choose another")
+    check_output(out, "--out", sources=[trained, recipe])  # under a file, read-only, inside trained/: refused now
     cfg = load_recipe(recipe)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # nothing half-written at `out`
-    try:
-        {"diffusers": export_diffusers, "comfyui": export_comfyui, "merged": export_merged}[fmt](cfg, trained, tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with removed_on_failure(out, "--out"):  # a failed export leaves no folder it made (RUN/export/ included)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # nothing half-written at `out`
+        try:
+            {"diffusers": export_diffusers, "comfyui": export_comfyui, "merged": export_merged}[fmt](cfg, trained, tmp)
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

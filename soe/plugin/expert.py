@@ -7,6 +7,8 @@ time in seconds. The Stitcher only ever talks to experts through this contract.
 """
 from __future__ import annotations
 
+import inspect
+
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -130,6 +132,21 @@ class Expert(nn.Module):
     @classmethod
     def from_config(cls, config: dict, device=None, dtype=None) -> "Expert":
         raise NotImplementedError
+
+    @classmethod
+    def option_names(cls) -> list[str] | None:
+        """The expert's own options (``experts.<side>.options``): the keyword arguments of its constructor
+        after the model. None when the constructor takes ``**kwargs`` (then any name is passed on)."""
+        params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, model
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    @classmethod
+    def architecture_names(cls) -> list[str] | None:
+        """The model-config keys a preset may be overridden with (``experts.<side>.architecture``); None
+        (the default): not declared, the model's constructor alone judges them."""
+        return None
 
     @classmethod
     def stand_in(cls, config: dict) -> "Expert | None":

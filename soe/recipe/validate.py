@@ -16,13 +16,15 @@ from soe.schema import Recipe, RecipeError, build
 from soe.schema.sample import GIVEN_MEDIA
 
 
-def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | None = None) -> dict:
+def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | None = None,
+                    data_path_is_output: bool = False) -> dict:
     """Raise a one-line RecipeError for the first problem. ``check_paths=False`` for meta-device inspection.
 
     Returns the experts built on the meta device to learn their depth (``{side: Expert | None}``,
     None where the checkpoint's config.json told): ``build_stitcher(cfg, device="meta",
     load_weights=False, experts=...)`` reuses them, so ``soe inspect`` builds each expert once.
     ``experts`` given here (built the same way) are used instead of building them.
+    ``data_path_is_output``: ``soe encode`` writes the cache at ``data.path``, whatever ``data.kind`` says.
     """
     from soe.plugin.registry import UnknownExpertError, get_expert
 
@@ -34,6 +36,7 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | N
             cls = get_expert(e.name)
         except UnknownExpertError as err:
             raise RecipeError(f"{key}.name: {err}") from None
+        _check_expert_keys(e, cls, key)
         if e.preset is None and e.path is None:
             raise RecipeError(f"{key}: give 'preset' (random weights of a known architecture) or 'path' (a checkpoint folder)")
         if e.preset is not None and e.preset not in cls.presets:
@@ -60,6 +63,10 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | N
             if longest is not None and secs is not None and secs > longest:
                 raise RecipeError(f"{skey}: {secs} s is longer than expert {side} ('{e.name}') can position "
                                   f"(at most {longest:.1f} s with this architecture)")
+            rate = built[side].latent_rate if built[side] is not None else None
+            if rate and secs is not None and secs * rate < 1 - 1e-6:
+                raise RecipeError(f"{skey}: {secs} s is shorter than one latent frame of expert {side} ('{e.name}'): "
+                                  f"expected at least {1 / rate:.3g} s")
         if blocks[side] < 1:
             which = next((f"{key}.architecture.{k}" for k in e.architecture if "layers" in k), f"{key}.architecture")
             raise RecipeError(f"{which}: expert '{e.name}' would have {blocks[side]} blocks; expected at least one")
@@ -68,10 +75,28 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | N
     d = recipe.data
     from soe.schema.train import is_url
 
+    if d.kind == "synthetic" and d.path is not None and not data_path_is_output:
+        raise RecipeError(f"data.path: '{d.path}' has no effect with data.kind 'synthetic' (clips are drawn, not read); "
+                          "set data.kind=latents to train on that cache, or remove data.path")
     if check_paths and d.kind == "latents" and not is_url(d.path) and not Path(d.path).is_dir():
         raise RecipeError(f"data.path: latent cache folder not found: '{d.path}'")
     _check_sample_paths(recipe, check_paths)
     return built
+
+
+def _check_expert_keys(e, cls, key: str) -> None:
+    """``options`` and ``architecture`` are free-form mappings: each key must be one the expert (its
+    constructor) or its model (its config) takes, else the closest valid key is suggested."""
+    from soe.schema.base import closest
+
+    options, model = cls.option_names(), cls.architecture_names()
+    for section, given, allowed in (("options", e.options, options),
+                                    ("architecture", e.architecture, None if model is None else [*model, *(options or [])])):
+        for name in given:
+            if allowed is not None and name not in allowed:
+                what = "an option of expert" if section == "options" else "a model-config key of expert"
+                raise RecipeError(f"{key}.{section}.{name}: not {what} '{e.name}'{closest(name, allowed)}; "
+                                  f"expected one of {sorted(allowed)}")
 
 
 def _on_meta(cfg, side: str):
@@ -134,15 +159,16 @@ def _check_tasks(recipe: Recipe) -> None:
     from soe.plugin.registry import get_expert
 
     modalities = {side: get_expert(getattr(recipe.experts, side).name).modality for side in ("a", "b")}
-    for name in recipe.flow.tasks or {"joint": 1.0}:
+    direction = str(recipe.stitch.direction)
+    for name, weight in (recipe.flow.tasks or {"joint": 1.0}).items():
         try:
-            check_task(name, modalities)
+            check_task(name, modalities, direction=direction if weight > 0 else "both")  # weight 0: never drawn
         except TaskError as err:
             raise RecipeError(str(err)) from None
     for key, task in GIVEN_MEDIA.items():
         if getattr(recipe.sample, key) is not None:
             try:
-                check_task(task, modalities, key=f"sample.{key}")
+                check_task(task, modalities, key=f"sample.{key}", direction=direction)
             except TaskError as err:
                 raise RecipeError(f"{err} (sample.{key} asks for task '{task}')") from None
 
