@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from soe.errors import CheckpointNotFoundError
-from soe.plugin.expert import Expert
+from soe.plugin.expert import Expert, hub_patterns
 
 
 def cast_keeping_fp32(model, dtype):
@@ -43,6 +43,8 @@ class DiffusersExpert(Expert):
     model_class: ClassVar[type] = None  # the diffusers ModelMixin; or override model_cls() to import it lazily
     expert_keys: ClassVar[tuple[str, ...]] = ()  # constructor options of the expert, not of the model
     subfolder: ClassVar[str] = "transformer"
+    # a Hub repo id fetches the pipeline's transformer/ (or a transformer repo's own files) and its vae/ for the codec
+    hub_files: ClassVar[dict[str, tuple[str, ...]]] = {"path": hub_patterns("transformer"), "codec_path": hub_patterns("vae")}
 
     @classmethod
     def model_cls(cls) -> type:

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from soe.errors import CheckpointError, one_line
+from soe.hub import resolve
 from soe.plugin.weights import load_weights
 from soe.stitch.depth import insertion_points
 
@@ -37,6 +38,9 @@ WAN_BLOCK = re.compile(r"^(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k
 UNUSED = re.compile(r"^blocks\.\d+\.mel_attn\.(add_k_proj|add_v_proj|add_q_proj|to_add_out|norm_added_[qk])\.")
 ACE_TOP = ("timestep_embedder.", "t_block.", "speaker_embedder.", "genre_embedder.", "lyric_embs.", "lyric_encoder.",
            "lyric_proj.", "projectors.", "proj_in.", "final_layer.")
+# the release's transformer files when SRC is a Hub repo id (top level, or under its :subfolder)
+RELEASE_FILES = ("config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                 "model*.safetensors", "model.safetensors.index.json")
 WAN_TOP = ("patch_embedding.", "condition_embedder.", "proj_out.", "scale_shift_table")
 
 
@@ -156,7 +160,9 @@ def universe1_key_map(keys, num_audio_blocks: int | None = None, every: int = 4)
 
 
 def convert_universe1(src, dst, num_audio_blocks: int | None = None, every: int = 4) -> dict[str, int]:
-    """Write DST (see module doc); returns tensor counts per file and the number dropped."""
+    """Write DST (see module doc); returns tensor counts per file and the number dropped. SRC may be a Hub
+    repo id (``org/name[@revision][:subfolder]``, soe/hub.py): only its top-level config and weights are fetched."""
+    src = resolve(src, "convert SRC", RELEASE_FILES)
     state = read_state(src)
     src = Path(src)
     config_file = (src if src.is_dir() else src.parent) / "config.json"
