@@ -80,6 +80,23 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | N
     return built
 
 
+def block_pairs(cfg) -> list[tuple[int, int]]:
+    """The recipe's block pairs ``(block of a, block of b)``, after depth expansion, from each expert's depth as
+    validation reads it (its checkpoint's config.json, else its preset on the meta device); nothing is loaded."""
+    from soe.stitch.align import resolve_depth_map
+
+    built = validate_recipe(cfg, check_paths=False)
+    recipe = build(Recipe, cfg)
+    depths = []
+    for side in ("a", "b"):
+        e = getattr(recipe.experts, side)
+        depth = _depth_from_config_json(e, local_weights(e, side, "path", config_only=True))
+        depths.append(depth if depth is not None else built[side].num_blocks)
+    if recipe.stitch.depth.mode == "insert_interpolated":
+        depths = [max(depths)] * 2
+    return resolve_depth_map(recipe.stitch.pairs, *depths)
+
+
 def _on_meta(cfg, side: str):
     """The preset (with ``architecture`` and ``options``) built on the meta device: shapes, no memory."""
     import torch
