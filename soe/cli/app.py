@@ -110,6 +110,7 @@ def launch(recipe, overrides, host: str = "127.0.0.1", port: int | None = None, 
 
     session = SampleSession(recipe, overrides)
     app = build_app(session)
+    app.soe_session = session
     app.queue(default_concurrency_limit=1)  # one generation at a time: one model, one device
     out_root = run_folder_of(session.cfg.sample.ckpt) if session.cfg.sample.ckpt else os.path.abspath("outputs")
     _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
