@@ -105,3 +105,14 @@ def test_app_runs_one_generation_at_a_time(served):
     assert all(j.result(timeout=300)[0].startswith("done:") for j in jobs)
     (s1, e1), (s2, e2) = sorted(intervals[before:])
     assert e1 <= s2  # queued: the second sampling starts after the first one ended
+
+
+def test_without_the_app_extra_soe_app_is_one_line(monkeypatch, capsys, tmp_path):
+    import soe.extras
+
+    real = soe.extras.find_spec
+    monkeypatch.setattr(soe.extras, "find_spec", lambda name: None if name == "gradio" else real(name))
+    assert main(["app", TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: soe app: not available without gradio (pip install 'soe[app]')"
+    assert not any(tmp_path.iterdir())  # nothing written
