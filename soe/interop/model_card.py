@@ -91,11 +91,16 @@ def _usage(cfg, fmt: str, index: dict, repo: str) -> list[str]:
     if fmt == "diffusers":
         lines += ["soe (start a run from these adapters):", "", "```bash",
                   "soe stitch RECIPE " + " ".join(f"experts.{s}.lora.init_from={repo}:lora_{s}" for s in sides), "```", "",
-                  "diffusers (each expert alone, with its family's pipeline):", "", "```python"]
+                  "diffusers (each expert alone, with its family's pipeline or model):", "", "```python"]
         for s in sides:
-            base = parse_hub_id(cfg.experts[s].path)
-            lines += [f"# experts.{s}: {cfg.experts[s].name}" + (f", base {base.repo_id}" if base else ""),
-                      f"pipe.load_lora_weights(\"{repo}\", subfolder=\"lora_{s}\")  # {index.get(f'lora_{s}', {}).get('load', '')}"]
+            base, name, load = parse_hub_id(cfg.experts[s].path), cfg.experts[s].name, index.get(f"lora_{s}", {}).get("load", "")
+            lines.append(f"# experts.{s}: {name}" + (f" (base model {base.repo_id})" if base else ""))
+            if "pipe.load_lora_weights" in load:  # a family with a diffusers pipeline LoRA loader (export.py)
+                lines += ["from diffusers import DiffusionPipeline",
+                          f"pipe = DiffusionPipeline.from_pretrained(\"{base.repo_id if base else 'BASE_MODEL'}\")",
+                          f"pipe.load_lora_weights(\"{repo}\", subfolder=\"lora_{s}\")"]
+            else:  # no diffusers pipeline loader for this family: the call export.json names, on the downloaded folder
+                lines.append(f"# stitch/lora_{s}: {load or 'see export.json'}")
         lines += ["```", ""]
     else:
         files = ", ".join(f"`{f}`" for f in index)
