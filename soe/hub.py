@@ -77,6 +77,19 @@ def cache_dir() -> str:
     return os.path.join(home, "hub")
 
 
+def cached_commit(ref: HubRef) -> str | None:
+    """The commit ``ref``'s revision points at in the local cache (``refs/<revision>``), None when not cached;
+    reads one small file, no network, no huggingface_hub import (``soe inspect``'s start-up cache keys on it)."""
+    revision = ref.revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    refs = Path(cache_dir()) / f"models--{ref.repo_id.replace('/', '--')}" / "refs" / revision
+    try:
+        return refs.read_text().strip()
+    except OSError:
+        return None
+
+
 def resolve(value, key: str, allow_patterns=None) -> str:
     """``value`` unchanged when it is a local path (or None); else the local folder of the Hub repo it
     names (its ``:subfolder`` inside the snapshot), downloaded or found in the cache.
@@ -123,10 +136,10 @@ def _snapshot(repo_id, revision, patterns, cache, is_offline, key, shown) -> str
                            f"needs are missing and cannot be downloaded ({'HF_HUB_OFFLINE=1' if is_offline else 'no connection'}); "
                            f"download them with network access (unset {OFFLINE_ENV})") from None
         if is_offline:
-            raise HubError(f"{key}: Hub repo '{shown}' is not in the Hugging Face cache ({cache}) and {OFFLINE_ENV}=1 "
+            raise HubError(f"{key}: '{shown}' is no local folder, and as a Hub repo it is not in the Hugging Face cache ({cache}) and {OFFLINE_ENV}=1 "
                            f"forbids downloading it; download it once with network access (unset {OFFLINE_ENV}), or point "
                            "HF_HOME at a cache that has it") from None
-        raise HubError(f"{key}: Hub repo '{shown}' could not be downloaded (no connection to the Hub?) and is not in the "
+        raise HubError(f"{key}: '{shown}' is no local folder, and as a Hub repo it could not be downloaded (no connection to the Hub?) nor found in the "
                        f"Hugging Face cache ({cache}); connect, or point HF_HOME at a cache that has it and set "
                        f"{OFFLINE_ENV}=1") from None
     except (OSError, ValueError) as err:  # HTTP errors, a cache folder that cannot be written, a malformed id

@@ -76,17 +76,23 @@ def test_recipe_weight_paths_from_the_cache_with_revision_and_subfolder(hf_home)
 
 
 def test_uncached_repo_offline_is_one_line_naming_repo_and_env_var(hf_home, tmp_path, capsys):
-    err = fails_cleanly(["inspect", str(DEMO), "experts.a.path=nobody/missing-model", "--no-cache"], capsys, tmp_path,
-                        "experts.a.path: Hub repo 'nobody/missing-model'")
+    run = f"run_dir={tmp_path / 'run'}"
+    err = fails_cleanly(["stitch", str(DEMO), "experts.a.path=nobody/missing-model", run], capsys, tmp_path,
+                        "experts.a.path: 'nobody/missing-model' is no local folder, and as a Hub repo it is not in the Hugging Face cache")
     assert "HF_HUB_OFFLINE=1" in err
     cache_repo(hf_home, "soe-test/video-expert", {".": PRETRAINED / "video_expert"})
-    fails_cleanly(["inspect", str(DEMO), "experts.a.path=soe-test/video-expert@v9", "--no-cache"], capsys, tmp_path,
-                  "experts.a.path: Hub repo 'soe-test/video-expert@v9' is not in the Hugging Face cache")
-    fails_cleanly(["inspect", str(DEMO), "experts.a.path=soe-test/video-expert:nothing-here", "--no-cache"], capsys, tmp_path,
+    fails_cleanly(["stitch", str(DEMO), "experts.a.path=soe-test/video-expert@v9", run], capsys, tmp_path,
+                  "experts.a.path: 'soe-test/video-expert@v9' is no local folder, and as a Hub repo it is not in")
+    fails_cleanly(["stitch", str(DEMO), "experts.a.path=soe-test/video-expert:nothing-here", run], capsys, tmp_path,
                   "experts.a.path: Hub repo 'soe-test/video-expert' has no folder 'nothing-here'")
     for key in ("codec_path", "text_encoder_path", "lora.init_from"):
-        fails_cleanly(["stitch", str(DEMO), f"experts.a.{key}=nobody/missing-{key.replace('.', '-')}", f"run_dir={tmp_path / 'run'}"],
-                      capsys, tmp_path, f"experts.a.{key}: Hub repo 'nobody/missing-")
+        fails_cleanly(["stitch", str(DEMO), f"experts.a.{key}=nobody/missing-{key.replace('.', '-')}", run],
+                      capsys, tmp_path, f"experts.a.{key}: 'nobody/missing-")
+    # `soe inspect` loads nothing: an uncached repo falls back to the preset, as a missing local folder does
+    assert main(["inspect", str(DEMO), "experts.a.path=nobody/missing-model", "--no-cache"]) == 0
+    capsys.readouterr()
+    fails_cleanly(["inspect", str(DEMO), "experts.a.path=nobody/missing-model", "experts.a.preset=null", "--no-cache"], capsys,
+                  tmp_path, "experts.a.path: 'nobody/missing-model' is no local folder")
 
 
 def test_an_expert_fetches_only_the_files_its_key_needs():
@@ -116,6 +122,6 @@ def test_convert_takes_a_hub_repo_id(hf_home, tmp_path):
     assert main(["convert", "universe1", str(src), str(tmp_path / "local"), "--every", "1"]) == 0
     for f in sorted((tmp_path / "local").iterdir()):
         assert (tmp_path / "hub" / f.name).read_bytes() == f.read_bytes(), f.name
-    with pytest.raises(HubError, match="convert SRC: Hub repo 'soe-test/universe1' is not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+    with pytest.raises(HubError, match="convert SRC: 'soe-test/universe1' is no local folder, and as a Hub repo it is not in the Hugging Face cache.*HF_HUB_OFFLINE"):
         resolve("soe-test/universe1", "convert SRC")  # main was never cached, only v1
     assert json.loads((tmp_path / "hub" / "universe1.json").read_text())["fused_blocks"] == 4

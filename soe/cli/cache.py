@@ -11,8 +11,8 @@ recipe, the ``config.json`` files its expert folders hold, the installed ``soe.e
 the source of soe and of every expert plugin involved (file contents, not dates), and the versions of
 python, torch, diffusers, peft, timm and transformers. Change any of them and the tables are computed
 again. Not cached: experts registered at run time (``@register_expert``, they have no source to
-fingerprint), recipes with ``lora.init_from`` (the LoRA file decides the counts) or a Hub repo id as an
-expert path (its branch may move), ``--details``.
+fingerprint), recipes with ``lora.init_from`` (the LoRA file decides the counts), ``--details``. An expert
+path that is a Hub repo id keys on the commit its revision points at in the local Hugging Face cache.
 
 The folder is ``$SOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/soe``, else ``~/.cache/soe``; ``--no-cache``
 skips it. A folder that cannot be written, or a damaged file, only means the tables are computed.
@@ -99,18 +99,20 @@ def recipe_key(cfg) -> str | None:
 
     from soe.recipe.validate import _find_config_json
 
-    from soe.hub import is_hub_id
+    from soe.hub import cached_commit, parse_hub_id
 
     eps = expert_entry_points()
     sides = [cfg.experts[s] for s in ("a", "b")]
-    if any(is_hub_id(e.path) for e in sides):  # a Hub repo's main may move: its config.json is read each time
-        return None
     registry = _runtime_registry()
     if any(e.name not in eps or registry.get(e.name) not in (None, _loaded(eps, e.name)) or e.lora.get("init_from")
            for e in sides):
         return None
     configs = {}
     for e in sides:
+        ref = parse_hub_id(e.path)
+        if ref is not None:  # a Hub repo id: the commit its revision points at in the local HF cache (a new download moves it)
+            configs[str(ref)] = cached_commit(ref)
+            continue
         found = _find_config_json(Path(e.path)) if e.path is not None else None
         if found is not None:
             configs[str(found)] = hashlib.sha256(found.read_bytes()).hexdigest()

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from soe.hub import resolve
-from soe.lora.adapters import LORA_HUB_FILES
+from soe.hub import HubError, resolve
 from soe.recipe.hub_paths import local_weights
 from soe.schema import Recipe, RecipeError, build
 from soe.schema.sample import GIVEN_MEDIA
@@ -28,6 +27,7 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | N
     load_weights=False, experts=...)`` reuses them, so ``soe inspect`` builds each expert once.
     ``experts`` given here (built the same way) are used instead of building them.
     """
+    from soe.lora.adapters import LORA_HUB_FILES
     from soe.plugin.registry import UnknownExpertError, get_expert
 
     recipe = build(Recipe, cfg)  # each option's own checks, errors under their full key
@@ -42,7 +42,12 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | N
             raise RecipeError(f"{key}: give 'preset' (random weights of a known architecture) or 'path' (a checkpoint folder)")
         if e.preset is not None and e.preset not in cls.presets:
             raise RecipeError(f"{key}.preset: expert '{e.name}' has no preset '{e.preset}'; expected one of {sorted(cls.presets)}")
-        path = local_weights(e, side, "path", config_only=not check_paths)  # a Hub repo id: its local snapshot
+        try:
+            path = local_weights(e, side, "path", config_only=not check_paths)  # a Hub repo id: its local snapshot
+        except HubError:
+            if check_paths or e.preset is None:
+                raise
+            path = None  # inspection without the weights: the preset's architecture, as for a missing local folder
         if check_paths and path is not None and not Path(path).is_dir():
             raise RecipeError(f"{key}.path: checkpoint folder not found: '{e.path}'")
         if e.storage_dtype is not None and any(x in str(recipe.trainer.strategy) for x in ("fsdp", "deepspeed")):
