@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from soe.errors import CheckpointNotFoundError
-from soe.plugin.expert import Expert
+from soe.plugin.expert import Expert, hub_patterns
 
 
 def cast_keeping_fp32(model, dtype):
@@ -46,6 +46,8 @@ class DiffusersExpert(Expert):
     expert_keys: ClassVar[tuple[str, ...]] = ()  # constructor options of the expert, not of the model
     model_defaults: ClassVar[dict | None] = None  # the model constructor's keyword defaults (stand-ins; recipe key checks)
     subfolder: ClassVar[str] = "transformer"
+    # a Hub repo id fetches the pipeline's transformer/ (or a transformer repo's own files) and its vae/ for the codec
+    hub_files: ClassVar[dict[str, tuple[str, ...]]] = {"path": hub_patterns("transformer"), "codec_path": hub_patterns("vae")}
 
     @classmethod
     def model_cls(cls) -> type:

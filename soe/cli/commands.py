@@ -1,4 +1,4 @@
-"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``eval``, ``encode``, ``convert``, ``export``.
+"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``app``, ``eval``, ``encode``, ``convert``, ``export``.
 
 Start-up stays fast: this module imports only argparse, rich and ``soe.errors``; each subcommand
 imports what it needs (torch, diffusers, Lightning) when it runs.
@@ -107,6 +107,16 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_app(args) -> int:
+    from soe.cli.app import launch
+
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port: expected a TCP port between 1 and 65535, got {args.port}")
+    overrides = [f"sample.{o}" if o.split("=", 1)[0] in SAMPLE_SHORT_KEYS else o for o in args.overrides]
+    launch(args.recipe, overrides, host=args.host, port=args.port)
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from rich.markup import escape as esc
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -172,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stitch":
             sp.add_argument("--allow-changes", nargs="+", metavar="KEY", default=[],
                             help="on resume, accept these recipe keys (or sections) differing from the run's recipe.yaml")
+    app = sub.add_parser("app", help="a Gradio app to try a trained stitch in the browser (pip install 'soe[app]')")
+    app.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe")
+    app.add_argument("overrides", nargs="*", help="ckpt=RUN and other key=value overrides, as for soe generate")
+    app.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    app.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    app.set_defaults(func=_cmd_app)
     ev = sub.add_parser("eval", help="judge generated clips on decoded media: AV-Align, CLAP/CLIP scores, ID consistency, WER, FDs")
     ev.add_argument("samples", help="folder of mp4 clips (a `soe generate` output folder) or a run folder (its generated/ clips)")
     ev.add_argument("--reference", default=None, metavar="DIR", help="folder of real clips for the set metrics (fd_audio, fd_video)")
@@ -207,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="diffusers: per-expert LoRA for load_lora_adapter / load_lora_weights; comfyui: ComfyUI key "
                           "naming with alpha tensors; merged: experts with LoRA merged + stitch.safetensors + recipe")
     exp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/FORMAT); must not exist or be empty")
+    exp.add_argument("--push-to-hub", default=None, metavar="REPO", help="then upload the folder (with its model card) to "
+                     "this Hub repo (org/name; created if new; needs `hf auth login` or HF_TOKEN)")
+    exp.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     exp.set_defaults(func=_cmd_export)
     return p
 
@@ -234,8 +253,8 @@ def _version() -> str:
 def _cmd_export(args) -> int:
     from soe.interop.export import export_run
 
-    out = export_run(args.run_dir, args.format, args.out)
-    console.print(f"wrote [bold]{out}[/]")
+    out = export_run(args.run_dir, args.format, args.out, push_to_hub=args.push_to_hub, private=args.private)
+    console.print(f"wrote [bold]{out}[/]" + (f" and uploaded it to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""))
     return 0
 
 

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from soe.errors import CheckpointError, one_line
+from soe.hub import resolve
 from soe.plugin.weights import load_weights
 from soe.stitch.depth import insertion_points
 
@@ -37,6 +38,9 @@ WAN_BLOCK = re.compile(r"^(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k
 UNUSED = re.compile(r"^blocks\.\d+\.mel_attn\.(add_k_proj|add_v_proj|add_q_proj|to_add_out|norm_added_[qk])\.")
 ACE_TOP = ("timestep_embedder.", "t_block.", "speaker_embedder.", "genre_embedder.", "lyric_embs.", "lyric_encoder.",
            "lyric_proj.", "projectors.", "proj_in.", "final_layer.")
+# the release's transformer files when SRC is a Hub repo id (top level, or under its :subfolder)
+RELEASE_FILES = ("config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                 "model*.safetensors", "model.safetensors.index.json")
 WAN_TOP = ("patch_embedding.", "condition_embedder.", "proj_out.", "scale_shift_table")
 
 
@@ -174,15 +178,17 @@ def _read_config(config_file: Path) -> dict:
 
 
 def convert_universe1(src, dst, num_audio_blocks: int | None = None, every: int = 4, force: bool = False) -> dict[str, int]:
-    """Write DST (see module doc); returns tensor counts per file and the number dropped. DST is checked
-    before anything is read (a folder it may write, outside SRC, without earlier results unless ``force``),
-    and a failed conversion leaves nothing there."""
+    """Write DST (see module doc); returns tensor counts per file and the number dropped. SRC may be a Hub
+    repo id (``org/name[@revision][:subfolder]``, soe/hub.py): only its top-level config and weights are fetched.
+    DST is checked before anything is read (a folder it may write, outside SRC, without earlier results unless
+    ``force``), and a failed conversion leaves nothing there."""
     from soe.outputs import check_output, removed_on_failure
 
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise CheckpointError(f"convert --every: expected a positive integer (one block inserted after every N), got {every!r}")
     if num_audio_blocks is not None and num_audio_blocks < 1:
         raise CheckpointError(f"convert --audio-blocks: expected a positive integer, got {num_audio_blocks}")
+    src = resolve(src, "convert SRC", RELEASE_FILES)
     check_output(dst, "convert DST", sources=[src], results=EARLIER_RESULTS, replace=force)
     with removed_on_failure(dst, "convert DST"):
         return _convert(src, Path(dst), num_audio_blocks, every)

@@ -232,14 +232,12 @@ def new_output_folder(cfg) -> Path:
             n += 1
 
 
-def generate(cfg, console: Console | None = None, err_console: Console | None = None) -> list[Path]:
-    """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
-    from soe.recipe.builders import build_sample, build_stitcher
-    from soe.sample.speed import apply_speed
+def load_run(cfg):
+    """The recipe's stitched model with the trained run of ``sample.ckpt`` loaded: ``(stitcher, step, trained folder)``
+    (``soe generate``, and ``soe app`` once per model)."""
+    from soe.recipe.builders import build_stitcher
     from soe.train.trained import load_trained, resolve_merged_ckpt
 
-    console = console or Console()
-    err_console = err_console or Console(stderr=True)
     resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
     place = output_place(cfg)  # where the samples go can be written: checked before any model is built
     torch.manual_seed(cfg.seed)
@@ -257,6 +255,18 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
             step = load_trained(stitcher, trained)
         except FileNotFoundError as err:
             raise RecipeError(f"sample.ckpt: {err}") from None
+    return stitcher, step, trained
+
+
+def generate(cfg, console: Console | None = None, err_console: Console | None = None) -> list[Path]:
+    """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
+    from soe.recipe.builders import build_sample
+    from soe.sample.speed import apply_speed
+
+    console = console or Console()
+    err_console = err_console or Console(stderr=True)
+    stitcher, step, trained = load_run(cfg)
+    if trained is not None:
         console.print(f"loaded [bold]{trained}[/] ({'step ' + str(step) if step is not None else 'step not recorded'})", highlight=False)
     rows = None
     if cfg.sample.prompts is not None:  # checked before any model work or folder
