@@ -239,7 +239,6 @@ def load_run(cfg):
     from soe.train.trained import load_trained, resolve_merged_ckpt
 
     resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
-    place = output_place(cfg)  # where the samples go can be written: checked before any model is built
     torch.manual_seed(cfg.seed)
     stitcher = build_stitcher(cfg)
     step, trained = None, None
@@ -265,6 +264,7 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
 
     console = console or Console()
     err_console = err_console or Console(stderr=True)
+    place = output_place(cfg)  # where the samples go can be written: checked before any model is built
     stitcher, step, trained = load_run(cfg)
     if trained is not None:
         console.print(f"loaded [bold]{trained}[/] ({'step ' + str(step) if step is not None else 'step not recorded'})", highlight=False)
