@@ -177,6 +177,17 @@ def read_windows(path, windows: list[tuple[float, int, int]], fps: float, size: 
     return out
 
 
+def read_speech(path, sample_rate: int = 16000) -> tuple[np.ndarray, float]:
+    """The whole audio track as mono float32 ``(N,)`` at ``sample_rate`` (speech recognisers take 16 kHz), and
+    the time of its first sample on the clip's timeline (add it to times measured in the track)."""
+    try:
+        with av.open(str(path)) as c:
+            audio, first = read_audio(c, float("inf"), sample_rate)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise MediaError("corrupt", _short(e)) from None
+    return audio.mean(axis=0), first
+
+
 # ---- worker entry points (module level, importable without torch: they run in decode processes) ----
 def safe_probe(path) -> MediaInfo | MediaError:
     try:

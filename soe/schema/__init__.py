@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from soe.schema.base import Choice, Dtype, OptionError, RecipeError, StorageDtype, build, choice, require
+from soe.schema.annotate import AnnotateConfig
+from soe.schema.base import Choice, Dtype, OptionError, RecipeError, StorageDtype, build, choice, command_settings, require
 from soe.schema.experts import ExpertConfig, ExpertsConfig, LoraConfig, TrainMode
 from soe.schema.sample import SampleConfig, SamplerConfig, Scheduler, SpeedConfig
 from soe.schema.stitch import (ConnectorConfig, ConnectorPool, DepthConfig, DepthMode, Direction, Engine, InjectConfig,
@@ -38,7 +39,7 @@ class Recipe:
 
 SECTIONS = ("experts", "stitch", "flow", "data", "optim", "trainer", "sample")
 
-__all__ = ["Choice", "ConnectorConfig", "ConnectorPool", "DataConfig", "DepthConfig", "DepthMode", "Direction", "Dtype", "Engine", "ExpertConfig",
+__all__ = ["AnnotateConfig", "Choice", "ConnectorConfig", "ConnectorPool", "DataConfig", "DepthConfig", "DepthMode", "Direction", "Dtype", "Engine", "ExpertConfig",
            "ExpertsConfig", "FlowConfig", "InjectConfig", "InjectMode", "KVTargetConfig", "LoraConfig", "NonFinite", "OptimConfig",
            "OptionError", "Recipe", "RecipeError", "SECTIONS", "SampleConfig", "SamplerConfig", "Scheduler", "SpeedConfig",
-           "StitchConfig", "StorageDtype", "TrainMode", "TrainerConfig", "build", "choice"]
+           "StitchConfig", "StorageDtype", "TrainMode", "TrainerConfig", "build", "choice", "command_settings"]
