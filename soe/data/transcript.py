@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,12 +82,20 @@ def words_in_window(words: list[Word], start: float, seconds: float) -> list[Wor
     return [w for w in words if start <= w.middle < start + seconds]
 
 
+_UNSPACED = re.compile("[\u0e00-\u0e7f\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")  # Thai, CJK, kana
+
+
 def join_words(words: list[Word]) -> str:
-    """The words as one line: as written when they carry their own spaces (Whisper), else space-separated."""
-    if not words:
-        return ""
-    spaced = any(w.text[:1].isspace() for w in words)
-    return " ".join(("" if spaced else " ").join(w.text for w in words).split())
+    """The words as one line: as written when they carry their own spaces (Whisper's English words do),
+    else separated by a space except between two characters of scripts written without spaces (Chinese,
+    Japanese, Thai: Whisper's and WhisperX's words there carry none)."""
+    if any(w.text[:1].isspace() for w in words):
+        return " ".join("".join(w.text for w in words).split())
+    line = ""
+    for w in (w.text.strip() for w in words):
+        unspaced = line and _UNSPACED.match(line[-1]) and _UNSPACED.match(w[:1])
+        line += w if not line or unspaced else " " + w
+    return line
 
 
 class WhisperTranscriber:
