@@ -117,7 +117,7 @@ def test_whisper_words_are_its_pipelines_word_timestamps_on_the_clip_timeline(sr
         WhisperTranscriber(tmp_path)
 
 
-def test_the_thinker_loads_from_the_released_layout_and_sees_and_hears_the_window(src, models, tmp_path):
+def test_the_thinker_loads_from_the_released_layout_and_sees_and_hears_the_window(src, models, tmp_path, monkeypatch):
     from safetensors.torch import load_file
     from transformers import Qwen2_5OmniForConditionalGeneration
 
@@ -151,6 +151,9 @@ def test_the_thinker_loads_from_the_released_layout_and_sees_and_hears_the_windo
     (tmp_path / "vlm" / "config.json").write_text('{"model_type": "qwen2_vl"}')
     with pytest.raises(AnnotatorError, match=r"annotate.omni: .* holds a 'qwen2_vl' model, expected Qwen2.5-Omni"):
         OmniAnnotator(tmp_path / "vlm")
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "4.57.1")  # before Qwen2.5-Omni took a decoded audio track
+    with pytest.raises(AnnotatorError, match=r"annotate.omni: needs transformers >= 5.25, found 4.57.1 \(pip install 'soe\[annotate\]'\)"):
+        OmniAnnotator(models[0])
 
 
 def test_windows_are_cut_where_encode_cuts_and_transcripts_at_word_midpoints(src, annotated):

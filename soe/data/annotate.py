@@ -59,5 +59,17 @@ class VLMAnnotator:
         return self.processor.batch_decode(new, skip_special_tokens=True)[0].strip()
 
 
+def require_transformers(key: str, minimum: str = "5.25") -> None:
+    """``soe annotate`` calls transformers APIs of ``minimum`` and later (Qwen2.5-Omni's processor taking a
+    video's decoded audio track); an older install is one line naming ``key`` and the extra to install."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    found = version("transformers")
+    if Version(found) < Version(minimum):
+        raise AnnotatorError(f"{key}: needs transformers >= {minimum}, found {found} (pip install 'soe[annotate]')")
+
+
 def load_annotator(path, prompt: str = DEFAULT_PROMPT, device=None) -> Annotator | None:
     return None if path is None else VLMAnnotator(path, prompt=prompt, device=device)

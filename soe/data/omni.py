@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soe.data.annotate import AnnotatorError
+from soe.data.annotate import AnnotatorError, require_transformers
 from soe.errors import one_line
 
 OMNI_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")  # the released model, or its thinker alone
@@ -47,6 +47,7 @@ class OmniAnnotator:
         if model_type not in OMNI_TYPES:
             raise AnnotatorError(f"annotate.omni: '{path}' holds a {model_type!r} model, expected Qwen2.5-Omni "
                                  f"(model_type one of {list(OMNI_TYPES)})")
+        require_transformers("annotate.omni")
         try:
             from transformers import AutoProcessor, Qwen2_5OmniThinkerForConditionalGeneration
 

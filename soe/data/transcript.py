@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soe.data.annotate import AnnotatorError
+from soe.data.annotate import AnnotatorError, require_transformers
 from soe.errors import UsageError, one_line
 
 WORDS_SUFFIX = ".words.json"
@@ -105,6 +105,7 @@ class WhisperTranscriber:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise AnnotatorError(f"annotate.whisper: no transformers model at '{path}' (expected '{path}/config.json')")
+        require_transformers("annotate.whisper")
         try:
             from transformers import pipeline
 

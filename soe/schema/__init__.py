@@ -1,5 +1,6 @@
 """The recipe schema: the option dataclasses the code takes, which OmegaConf also reads as the
-structured config of a recipe file. Each option is declared once, here, one file per recipe section.
+structured config of a recipe file. Each option is declared once, here, one file per recipe section
+(and ``annotate.py``: the ``annotate.*`` settings of ``soe annotate``).
 Every layer takes these dataclasses, so the schema sits low: it may import only :mod:`soe.errors`.
 
     >>> from soe.schema import ConnectorConfig, build
