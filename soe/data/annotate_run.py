@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from soe.data.annotation_store import (AnnotationLog, AnnotationStore, clip_hash, model_id, text_key, window_key, words_key,
                                        write_selection)
-from soe.data.command_args import check_folders, options_among, parse_shard
+from soe.data.command_args import check_expert_folders, check_folders, options_among, parse_shard
 from soe.data.media_io import MediaError, read_speech, read_windows, safe_probe
 from soe.data.omni import OmniAnnotator, omni_size
-from soe.data.report import AnnotateReport
+from soe.data.report import AnnotateReport, progress_bars
 from soe.data.sources import find_clips
 from soe.data.transcript import SPEECH_RATE, WhisperTranscriber, Word, join_words, read_words, sidecar_of, words_in_window
 from soe.data.windows import plan_record, plan_windows, window_specs
@@ -89,8 +88,7 @@ def annotate_folder(cfg, src, out, settings: AnnotateConfig | None = None, shard
         store = AnnotationStore(out)
         report = AnnotateReport(clips=len(clips), sidecar_transcripts=len(sidecars))
         run = _Run(store, log, report, omni, omni_model, whisper, whisper_model, prompts, settings.fps, settings.max_pixels)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, disable=not progress) as bar:
+        with progress_bars(console, progress) as bar:
             task = bar.add_task("annotating clips", total=len(clips))
             for clip in clips:
                 run.clip(clip, specs, fps, sample_rate, sidecars.get(clip.rel), sel)
@@ -181,7 +179,8 @@ def annotate_command(recipe, src, overrides, out=None, shard: str | None = None,
     part = parse_shard(shard, "soe annotate")
     overrides, settings = command_settings(AnnotateConfig, "annotate", overrides, literal=PROMPT_KEYS)
     cfg = load_recipe(recipe, overrides)
-    validate_recipe(cfg, check_paths=False)
+    validate_recipe(cfg, check_paths=False)  # data.path is not read
+    check_expert_folders(cfg, ("path",))  # each expert's config: where windows fall
     if out is None:
         raise UsageError("soe annotate: give the annotations folder with --out DIR (then encode with encode.annotations=DIR)")
     check_folders(src, out, "soe annotate", "annotations")

@@ -1,12 +1,12 @@
 """What ``soe encode`` and ``soe annotate`` share on the command line: ``--out DIR`` / ``--workers N`` /
 ``--shard I/N`` given after the positionals (argparse leaves them among the ``key=value`` overrides), part
-``I/N`` itself, the checks of the output folder, and removing what a run that fails wrote."""
+``I/N`` itself, the checks of the output folder and of the experts' folders, and removing what a run that fails wrote."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from soe.errors import UsageError
+from soe.errors import RecipeError, UsageError
 
 OPTIONS = {"--out": "--out DIR", "--workers": "--workers N", "--shard": "--shard I/N"}
 
@@ -59,6 +59,15 @@ def check_folders(src, out, command: str, what: str) -> None:
             raise UsageError(f"{command} --out: '{p}' is a file, expected a folder for the {what} '{out}'")
     if not Path(src).is_dir():
         raise UsageError(f"{command}: source folder not found: '{src}'")
+
+
+def check_expert_folders(cfg, keys: tuple[str, ...]) -> None:
+    """Each expert's folders named by ``keys`` (``path``, ``codec_path``, ...) exist where the recipe gives one."""
+    for side in ("a", "b"):
+        for key in keys:
+            p = cfg.experts[side][key]
+            if p is not None and not Path(p).is_dir():
+                raise RecipeError(f"experts.{side}.{key}: folder not found: '{p}'")
 
 
 def new_root(out) -> Path | None:

@@ -20,13 +20,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from soe.data.annotate import DEFAULT_PROMPT, Annotator, load_annotator
 from soe.data.annotation_store import WindowTexts, read_selection, window_clip, window_key
-from soe.data.command_args import check_folders, new_root, options_among, parse_shard, remove_new
+from soe.data.command_args import check_expert_folders, check_folders, new_root, options_among, parse_shard, remove_new
 from soe.data.media_io import MediaError, safe_probe, safe_read_windows
-from soe.data.report import EncodeReport
+from soe.data.report import EncodeReport, progress_bars
 from soe.data.sources import Clip, find_clips
 from soe.data.stream_format import latent_dtype_for, text_key
 from soe.data.stream_writer import PartWriter, lock_part
@@ -240,8 +239,7 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
         report.skip(path, reason, detail)
     encoder = _Encoder(experts, codecs, text, writer, (v, a), device, with_resolution=resolutions is not None)
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress) as bar:
+    with progress_bars(console, progress) as bar:
         tasks, encoded_clips, window_clips = [], set(), {}  # window_clips: {window id: the clip as that window reads}
         probing = bar.add_task("probing clips", total=len(clips))
         for clip, (_, info) in zip(clips, _ordered_map(safe_probe, [c.path for c in clips], workers)):
@@ -321,11 +319,7 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
     overrides, settings = parse_settings(overrides)
     cfg = load_recipe(recipe, overrides)
     validate_recipe(cfg, check_paths=False)  # data.path is what we are about to write
-    for side in ("a", "b"):
-        for key in ("path", "codec_path", "text_encoder_path"):
-            p = cfg.experts[side][key]
-            if p is not None and not Path(p).is_dir():
-                raise RecipeError(f"experts.{side}.{key}: folder not found: '{p}'")
+    check_expert_folders(cfg, ("path", "codec_path", "text_encoder_path"))
     if settings.annotations is not None:
         read_selection(settings.annotations)  # an annotations folder, before anything is written
     out = out or cfg.data.path

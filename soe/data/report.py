@@ -1,4 +1,5 @@
-"""What ``soe encode`` and ``soe annotate`` did: counts, skipped clips with reasons, hours; a rich table and a JSON file."""
+"""What ``soe encode`` and ``soe annotate`` did: counts, skipped clips with reasons, hours; a rich table and a JSON
+file; and their progress bars."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 
@@ -26,6 +28,12 @@ class _Skips:
             files = ", ".join(s["path"] for s in self.skipped if s["reason"] == reason)
             t.add_row(f"skipped: {reason}", f"{n} ({files})")
         return t
+
+
+def progress_bars(console, enabled: bool = True) -> Progress:
+    """The progress bars of ``soe encode`` and ``soe annotate``: what, bar, done / total, elapsed, remaining."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=console, disable=not enabled)
 
 
 def _table(title: str) -> Table:
