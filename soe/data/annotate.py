@@ -28,13 +28,19 @@ class Annotator(Protocol):
         ...
 
 
+def model_folder(path, key: str) -> Path:
+    """``path`` as a transformers model folder (it has a ``config.json``), else one line naming ``key``."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise AnnotatorError(f"{key}: no transformers model at '{path}' (expected '{path}/config.json')")
+    return path
+
+
 class VLMAnnotator:
     """Captions from a local vision-language model folder, looking at ``num_frames`` evenly spaced frames."""
 
     def __init__(self, path, prompt: str = DEFAULT_PROMPT, num_frames: int = 4, max_new_tokens: int = 64, device=None):
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise AnnotatorError(f"encode.annotator: no transformers model at '{path}' (expected '{path}/config.json')")
+        path = model_folder(path, "encode.annotator")
         try:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 
-from soe.data.annotate import AnnotatorError, require_transformers
+from soe.data.annotate import AnnotatorError, model_folder, require_transformers
 from soe.errors import one_line
 
 OMNI_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")  # the released model, or its thinker alone
@@ -36,10 +35,8 @@ class OmniAnnotator:
     """``describe(frames, audio, prompt)`` with a local Qwen2.5-Omni folder."""
 
     def __init__(self, path, max_new_tokens: int = 128, device=None, dtype="auto"):
-        path = Path(path)
+        path = model_folder(path, "annotate.omni")
         config = path / "config.json"
-        if not config.is_file():
-            raise AnnotatorError(f"annotate.omni: no transformers model at '{path}' (expected '{path}/config.json')")
         try:
             model_type = json.loads(config.read_text()).get("model_type")
         except (OSError, ValueError) as e:

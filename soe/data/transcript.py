@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soe.data.annotate import AnnotatorError, require_transformers
+from soe.data.annotate import AnnotatorError, model_folder, require_transformers
 from soe.errors import UsageError, one_line
 
 WORDS_SUFFIX = ".words.json"
@@ -102,9 +102,7 @@ class WhisperTranscriber:
     """Word-timed speech recognition with a local Whisper folder (transformers' ASR pipeline)."""
 
     def __init__(self, path, language: str | None = None, device=None, dtype="auto"):
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise AnnotatorError(f"annotate.whisper: no transformers model at '{path}' (expected '{path}/config.json')")
+        path = model_folder(path, "annotate.whisper")
         require_transformers("annotate.whisper")
         try:
             from transformers import pipeline
