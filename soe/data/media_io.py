@@ -99,14 +99,14 @@ def read_video(container, targets: np.ndarray, size: tuple[int, int]) -> list[np
     out: list[np.ndarray | None] = [None] * len(targets)
     if targets[0] > 1.0:  # jump to the keyframe before the first target
         container.seek(int((origin + targets[0]) / v.time_base), stream=v, backward=True)
-    j, prev, prev_t, cache = 0, None, None, {}
+    j, prev, prev_t, last = 0, None, None, [None, None]
 
     def pick(frame, t):
-        key = id(frame)
-        if key not in cache:
-            cache.clear()
-            cache[key] = _to_target(frame, size)
-        return cache[key]
+        # one conversion per decoded frame, however many targets it serves; the frame itself is kept with it,
+        # because an id() alone is reused by the next frame once this one is freed (stale frames, at random)
+        if last[0] is not frame:
+            last[:] = [frame, _to_target(frame, size)]
+        return last[1]
 
     for frame in container.decode(v):
         t = (frame.pts * v.time_base if frame.pts is not None else frame.time) - origin
