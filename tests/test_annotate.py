@@ -24,7 +24,7 @@ from soe.data.annotate import AnnotatorError
 from soe.data.annotate_run import annotate_folder, window_plan
 from soe.data.annotation_store import AnnotationStore, clip_hash, read_selection
 from soe.data.encode import EncodeConfig, encode_folder
-from soe.data.media_io import read_speech
+from soe.data.media_io import read_speech, read_windows
 from soe.data.omni import OmniAnnotator
 from soe.data.stream_read import load_cache
 from soe.data.transcript import WhisperTranscriber, Word, join_words, read_words, words_in_window
@@ -156,7 +156,7 @@ def test_the_thinker_loads_from_the_released_layout_and_sees_and_hears_the_windo
         OmniAnnotator(models[0])
 
 
-def test_windows_are_cut_where_encode_cuts_and_transcripts_at_word_midpoints(src, annotated):
+def test_windows_are_cut_where_encode_cuts_and_transcripts_at_word_midpoints(src, models, annotated):
     cfg = load_recipe(TINY, SECONDS)
     specs, fps, rate = window_plan(cfg)
     a, b = clip_windows(annotated, src / "a.mp4"), clip_windows(annotated, src / "b.mp4")
@@ -168,7 +168,12 @@ def test_windows_are_cut_where_encode_cuts_and_transcripts_at_word_midpoints(src
     words = [Word(*w) for w in words]
     assert [w["transcript"] for w in b] == [join_words(words_in_window(words, s, 1.0)) for s in (0.0, 1.0)]
     assert all(w["caption"] and w["sound"] for w in a + b)
-    assert len({w["caption"] for w in a}) == 3  # each window seen on its own: three different frames and sounds
+    omni = OmniAnnotator(models[0], max_new_tokens=6)
+    settings = AnnotateConfig()
+    for clip, windows, field, size in (("a.mp4", a, "caption", (56, 56)), ("b.mp4", b, "sound", (56, 84))):  # whole 28 px patches
+        media = read_windows(src / clip, [(w["start"], 2, 16000) for w in windows], 2.0, size, 16000)  # 2 frames a second
+        prompt = getattr(settings, f"{field}_prompt")
+        assert [w[field] for w in windows] == [omni.describe(v, s.mean(axis=0), 2.0, prompt) for v, s in media]  # each its own window
     report = json.loads((annotated / "annotate_report.json").read_text())
     assert report["skipped_by_reason"] == {"too short": 1} and report["windows"] == 5
     assert (report["texts_new"], report["transcribed_new"], report["sidecar_transcripts"]) == (10, 1, 1)
