@@ -17,6 +17,9 @@ PROMPT_KEYS = ("caption_prompt", "sound_prompt")  # free text: taken as typed on
 
 @dataclass
 class AnnotateConfig:
+    """The settings of ``soe annotate`` (``annotate.<key>=value``): the omni model and its two prompts, Whisper,
+    the windows, and what the omni model sees of each (docs/annotate.md)."""
+
     # the windows: the same as `soe encode` cuts (its encode.durations); null = [data.seconds]
     durations: Optional[List[float]] = None
     # Qwen2.5-Omni folder (the released model, or its thinker alone): a caption and a sound description per window
