@@ -88,16 +88,21 @@ def removed_on_failure(path, key: str | None = None):
     (read-only, permission, full disk) raised while writing becomes a one-line :class:`OutputError`
     naming ``key`` when ``key`` is given."""
     path = Path(path)
-    new_root = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
-    before = set(path.rglob("*")) if new_root is None and path.is_dir() else set()
+    root = new_root(path)
+    before = set(path.rglob("*")) if root is None and path.is_dir() else set()
     try:
         yield path
     except BaseException as err:
-        remove_new(path, new_root, before)
+        remove_new(path, root, before)
         if key is not None and isinstance(err, OSError) and not isinstance(err, SoeError) and err.errno in (
                 errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
             raise OutputError(f"{key}: cannot write '{err.filename or path}' ({_reason(err)})") from None
         raise
+
+
+def new_root(path) -> Path | None:
+    """The outermost folder of ``path``'s own path that does not exist yet (what a command would create), or None."""
+    return next((p for p in reversed([Path(path), *Path(path).parents]) if not p.exists()), None)
 
 
 def remove_new(path: Path, new_root: Path | None, before: set[Path]) -> None:

@@ -1,4 +1,4 @@
-"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``app``, ``eval``, ``encode``, ``convert``, ``export``.
+"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``app``, ``eval``, ``encode``, ``annotate``, ``convert``, ``export``.
 
 Start-up stays fast: this module imports only argparse, rich and ``soe.errors``; each subcommand
 imports what it needs (torch, diffusers, Lightning) when it runs.
@@ -150,6 +150,13 @@ def _cmd_encode(args) -> int:
     return 0
 
 
+def _cmd_annotate(args) -> int:
+    from soe.data.annotate_run import annotate_command
+
+    annotate_command(args.recipe, args.src, args.overrides, out=args.out, shard=args.shard, console=console)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``error: ...``, status 2) instead of usage text."""
 
@@ -217,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--shard", default=None, metavar="I/N", help="encode part I of N (one process per GPU or node); the last to finish merges")
     enc.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and encode.<key>=value settings")
     enc.set_defaults(func=_cmd_encode)
+    ann = sub.add_parser("annotate", help="give each training window of a folder of clips its own caption, sound description and transcript")
+    ann.add_argument("recipe", help="recipe YAML file (the experts and data.seconds decide where windows fall, as in soe encode)")
+    ann.add_argument("src", help="folder of video files (clip.words.json sidecars: word-timed transcripts)")
+    ann.add_argument("--out", default=None, help="annotations folder (encode with encode.annotations=DIR)")
+    ann.add_argument("--shard", default=None, metavar="I/N", help="annotate part I of N (one process per GPU or node)")
+    ann.add_argument("overrides", nargs=argparse.REMAINDER,
+                     help="key=value recipe overrides and annotate.<key>=value settings (annotate.omni=DIR, annotate.whisper=DIR)")
+    ann.set_defaults(func=_cmd_annotate)
     exp = sub.add_parser("export", help="write a trained run in formats others load: diffusers / ComfyUI LoRA, or merged weights")
     exp.add_argument("run_dir", help="run folder of `soe stitch` (with recipe.yaml and trained/)")
     exp.add_argument("--format", required=True, choices=["diffusers", "comfyui", "merged"],

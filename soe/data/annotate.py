@@ -28,13 +28,19 @@ class Annotator(Protocol):
         ...
 
 
+def model_folder(path, key: str) -> Path:
+    """``path`` as a transformers model folder (it has a ``config.json``), else one line naming ``key``."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise AnnotatorError(f"{key}: no transformers model at '{path}' (expected '{path}/config.json')")
+    return path
+
+
 class VLMAnnotator:
     """Captions from a local vision-language model folder, looking at ``num_frames`` evenly spaced frames."""
 
     def __init__(self, path, prompt: str = DEFAULT_PROMPT, num_frames: int = 4, max_new_tokens: int = 64, device=None):
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise AnnotatorError(f"encode.annotator: no transformers model at '{path}' (expected '{path}/config.json')")
+        path = model_folder(path, "encode.annotator")
         try:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -57,6 +63,18 @@ class VLMAnnotator:
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1]:]
         return self.processor.batch_decode(new, skip_special_tokens=True)[0].strip()
+
+
+def require_transformers(key: str, minimum: str = "5.25") -> None:
+    """``soe annotate`` calls transformers APIs of ``minimum`` and later (Qwen2.5-Omni's processor taking a
+    video's decoded audio track); an older install is one line naming ``key`` and the extra to install."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    found = version("transformers")
+    if Version(found) < Version(minimum):
+        raise AnnotatorError(f"{key}: needs transformers >= {minimum}, found {found} (pip install 'soe[annotate]')")
 
 
 def load_annotator(path, prompt: str = DEFAULT_PROMPT, device=None) -> Annotator | None:

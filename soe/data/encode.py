@@ -19,25 +19,25 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from omegaconf import errors as oc_errors
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from soe.data.annotate import DEFAULT_PROMPT, Annotator, load_annotator
+from soe.data.annotation_store import WindowTexts, read_selection, window_clip, window_key
+from soe.data.command_args import check_expert_folders, check_folders, options_among, parse_shard
 from soe.data.media_io import MediaError, safe_probe, safe_read_windows
-from soe.data.report import EncodeReport
+from soe.data.report import EncodeReport, progress_bars
 from soe.data.sources import Clip, find_clips
 from soe.data.stream_format import latent_dtype_for, text_key
 from soe.data.stream_writer import PartWriter, lock_part
 from soe.data.text import TextConditioner
-from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_spec
+from soe.data.windows import bucket_name, nearest_resolution, plan_record, plan_windows, window_specs
 from soe.errors import DataError, RecipeError, UsageError
 from soe.media import media_sides
-from soe.outputs import remove_new
+from soe.outputs import new_root, remove_new
 from soe.recipe.reading import load_recipe
 from soe.recipe.validate import validate_recipe
 from soe.schema import Dtype
+from soe.schema.base import command_settings
 from soe.threads import configure_threads
 
 
@@ -51,6 +51,7 @@ class EncodeConfig:
     shard_size: int = 64  # windows per shard (the unit of resumption)
     windows_per_task: int = 8  # windows one decode task holds in memory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    annotations: Optional[str] = None  # folder of `soe annotate`: each window's own caption, sound description, transcript
     annotator: Optional[str] = None  # local vision-language model folder that captions windows without one
     annotator_prompt: str = DEFAULT_PROMPT
     missing_caption: str = "skip"  # skip (report the clip) | empty (encode an empty caption)
@@ -84,14 +85,7 @@ class EncodeConfig:
 
 def parse_settings(overrides: list[str]) -> tuple[list[str], EncodeConfig]:
     """Split ``encode.*`` overrides (settings of this command) from recipe overrides."""
-    ours = [o[len("encode."):] for o in overrides if o.startswith("encode.")]
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(EncodeConfig), OmegaConf.from_dotlist(ours))
-        settings = OmegaConf.to_object(merged)
-    except oc_errors.OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise RecipeError(f"encode.{key}: {(getattr(e, 'msg', None) or str(e)).splitlines()[0]}") from None
-    return [o for o in overrides if not o.startswith("encode.")], settings
+    return command_settings(EncodeConfig, "encode", overrides)
 
 
 @dataclass
@@ -103,7 +97,8 @@ class _Item:
     frames: np.ndarray  # (F, H, W, 3) uint8
     audio: np.ndarray  # (2, N) float32
     caption: str
-    annotated: bool = False
+    annotated: bool = False  # captioned by encode.annotator
+    from_annotations: bool = False  # texts from encode.annotations
 
 
 @dataclass
@@ -175,6 +170,8 @@ class _Encoder:
                 index["audio_caption"] = it.clip.audio_caption
             if it.annotated:
                 index["annotated"] = True
+            if it.from_annotations:
+                index.update(annotations=True, **({"lyrics": it.clip.lyrics} if it.clip.lyrics else {}))
             if self.with_resolution:
                 index["resolution"] = list(it.frames.shape[1:3])
             texts = {v: text_key(v, it.caption, None), a: text_key(a, it.clip.audio_caption or it.caption, it.clip.lyrics)}
@@ -226,11 +223,14 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
     default_size = (int(ve.height), int(ve.width))
     resolutions = [tuple(int(x) for x in r) for r in settings.resolutions] if settings.resolutions else None
     durations = sorted({float(d) for d in (settings.durations or [cfg.data.seconds])}, reverse=True)
-    specs = [window_spec(d, (v, ve), (a, experts[a]), fps, sample_rate) for d in durations]
+    specs = window_specs(durations, (v, ve), (a, experts[a]), fps, sample_rate)
     recorded = {"durations": durations, "fps": fps, "sample_rate": sample_rate, "size": list(default_size),
                 "resolutions": [list(r) for r in resolutions] if resolutions else None, "seed": cfg.seed,
                 "latent_frames": {f"{s.seconds:g}": s.latent_frames for s in specs},
                 **{f"{k}_{side}": cfg.experts[side][k] for side in ("a", "b") for k in ("codec_path", "text_encoder_path")}}
+    annotations = WindowTexts(settings.annotations, plan_record(specs, fps, sample_rate)) if settings.annotations else None
+    if annotations is not None:
+        recorded["annotations"] = annotations.selection  # a resume must read the same texts
     storage = {"latents": latent_dtype_for(cfg.trainer.precision) if settings.latent_dtype == "auto" else settings.latent_dtype,
                "text": settings.text_dtype}
     if annotator is None:  # a missing annotator folder fails before the cache folder is written
@@ -246,16 +246,16 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
         report.skip(path, reason, detail)
     encoder = _Encoder(experts, codecs, text, writer, (v, a), device, with_resolution=resolutions is not None)
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        tasks, encoded_clips = [], set()
+    with progress_bars(console, progress) as bar:
+        tasks, encoded_clips, window_clips = [], set(), {}  # window_clips: {window id: the clip as that window reads}
         probing = bar.add_task("probing clips", total=len(clips))
         for clip, (_, info) in zip(clips, _ordered_map(safe_probe, [c.path for c in clips], workers)):
             bar.advance(probing)
             if isinstance(info, MediaError):
                 report.skip(clip.rel, info.reason, info.detail)
                 continue
-            if clip.caption is None and annotator is None and settings.missing_caption == "skip":
+            texts = annotations.of(clip.path) if annotations is not None else None
+            if clip.caption is None and texts is None and annotator is None and settings.missing_caption == "skip":
                 report.skip(clip.rel, "no caption", "no sidecar .txt or captions.jsonl entry (or set encode.annotator)")
                 continue
             planned = plan_windows(info.seconds, specs, fps, sample_rate)
@@ -264,6 +264,12 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
                 continue
             size = nearest_resolution(info.width, info.height, resolutions) if resolutions else default_size
             todo = [(f"{clip.clip_id}-w{k:03d}", start, spec) for k, (start, spec) in enumerate(planned)]
+            if texts is not None:
+                own = {wid: window_clip(clip, texts.get(window_key(start, spec.seconds))) for wid, start, spec in todo}
+                if annotator is None and settings.missing_caption == "skip" and any(c.caption is None for c in own.values()):
+                    report.skip(clip.rel, "no caption", "a window has no caption in encode.annotations and the clip no sidecar one")
+                    continue
+                window_clips.update(own)
             if len(todo) > sum(w[0] not in writer.done for w in todo):
                 encoded_clips.add(clip.rel)
             todo = [w for w in todo if w[0] not in writer.done]
@@ -284,11 +290,12 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
                     report.skip(task.clip.rel, result.reason, result.detail)
                 continue
             for (wid, start, spec), (frames, audio) in zip(task.windows, result):
-                caption, annotated = task.clip.caption, False
+                wclip = window_clips.get(wid, task.clip)
+                caption, annotated = wclip.caption, False
                 if caption is None:
                     caption, annotated = (annotator(frames, audio, sample_rate), True) if annotator is not None else ("", False)
                 key = bucket_name(spec.seconds, frames.shape[1:3])
-                pending.setdefault(key, []).append(_Item(wid, task.clip, start, spec, frames, audio, caption, annotated))
+                pending.setdefault(key, []).append(_Item(wid, wclip, start, spec, frames, audio, caption, annotated, wid in window_clips))
                 report.windows_new += 1
                 report.seconds_new += spec.seconds
                 encoded_clips.add(task.clip.rel)
@@ -314,30 +321,26 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
                    shard: str | None = None) -> EncodeReport:
     """``soe encode RECIPE SRC_FOLDER [--out DIR] [--workers N] [--shard I/N] [key=value ...]``."""
     console = console or Console()
-    out, workers, shard, overrides = _options_among(list(overrides), out, workers, shard)
+    out, workers, shard, overrides = options_among(list(overrides), out, workers, shard)
     part = parse_shard(shard)
     overrides, settings = parse_settings(overrides)
     cfg = load_recipe(recipe, overrides)
     validate_recipe(cfg, check_paths=False, data_path_is_output=True)  # data.path is what we are about to write
-    for side in ("a", "b"):
-        for key in ("path", "codec_path", "text_encoder_path"):
-            p = cfg.experts[side][key]
-            if p is not None and not Path(p).is_dir():
-                raise RecipeError(f"experts.{side}.{key}: folder not found: '{p}'")
+    check_expert_folders(cfg, ("path", "codec_path", "text_encoder_path"))
+    if settings.annotations is not None:
+        read_selection(settings.annotations)  # an annotations folder, before anything is written
     out = out or cfg.data.path
     if out is None:
         raise UsageError("soe encode: give the cache folder with --out DIR (or data.path in the recipe)")
-    if not Path(src).is_dir():
-        raise UsageError(f"soe encode: source folder not found: '{src}'")
-    check_cache_folder(out, src)
+    check_folders(src, out, "soe encode", "latent cache")
     if workers < 0:
         raise UsageError(f"soe encode: --workers must be >= 0, got {workers}")
     configure_threads(cfg.trainer.threads)
-    new_root = next((p for p in reversed([Path(out), *Path(out).parents]) if not p.exists()), None)  # made by this run
-    before = set(Path(out).rglob("*")) if new_root is None else set()
+    root = new_root(out)  # made by this run
+    before = set(Path(out).rglob("*")) if root is None else set()
     report = encode_folder(cfg, src, out, settings, workers=workers, console=console, shard=part)
     if part[1] == 1 and report.windows_new + report.windows_cached == 0:  # nothing to train on: say why, exit non-zero
-        remove_new(Path(out), new_root, before)  # and leave nothing behind (no empty cache, no report)
+        remove_new(Path(out), root, before)  # and leave nothing behind (no empty cache, no report)
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.by_reason.items())) or "no video files found"
         raise DataError(f"soe encode: no window was encoded from '{src}' ({report.clips} clip(s) found; skipped: {reasons})")
     console.print(report.table())
@@ -346,60 +349,3 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
     else:
         console.print(f"shard {part[0]}/{part[1]} of [bold]{out}[/] done; the last shard to finish merges the cache")
     return report
-
-
-RUN_FOLDER_ENTRIES = ("checkpoints", "trained", "soe.lock")  # what `soe stitch` keeps in a run folder
-
-
-def check_cache_folder(out, src) -> None:
-    """``--out`` (or data.path) as a place for the cache: a writable folder outside the clips it encodes,
-    not a run folder of ``soe stitch`` (an existing cache is fine: encoding resumes there)."""
-    from soe.outputs import check_output
-
-    key = "soe encode --out"
-    check_output(out, key, sources=[src])
-    held = [n for n in RUN_FOLDER_ENTRIES if (Path(out) / n).exists()]
-    if held:
-        raise UsageError(f"{key}: '{out}' is a run folder of `soe stitch` (holds {', '.join(held)}); choose a folder of its own "
-                         "for the latent cache")
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``; ``None`` -> ``(0, 1)``."""
-    if text is None:
-        return 0, 1
-    i, slash, n = str(text).partition("/")
-    try:
-        part, parts = int(i), int(n)
-    except ValueError:
-        part = parts = -1
-    if not slash or parts < 1 or not 0 <= part < parts:
-        raise UsageError(f"soe encode: --shard expects I/N with 0 <= I < N (e.g. 0/8), got {text!r}")
-    return part, parts
-
-
-def _options_among(args: list[str], out, workers, shard=None) -> tuple:
-    """``--out DIR`` / ``--workers N`` / ``--shard I/N`` given after the positionals (argparse leaves them among the overrides)."""
-    rest, i = [], 0
-    while i < len(args):
-        opt, _, inline = args[i].partition("=") if args[i].startswith("--") else (args[i], "", "")
-        if opt in ("--out", "--workers", "--shard"):
-            value = inline or (args[i + 1] if i + 1 < len(args) else None)
-            if value is None:
-                raise UsageError(f"soe encode: {opt} needs a value")
-            i += 1 if inline else 2
-            if opt == "--out":
-                out = value
-            elif opt == "--shard":
-                shard = value
-            else:
-                try:
-                    workers = int(value)
-                except ValueError:
-                    raise UsageError(f"soe encode: --workers expects an integer, got {value!r}") from None
-            continue
-        if args[i].startswith("-"):
-            raise UsageError(f"soe encode: unknown option '{args[i]}' (options: --out DIR, --workers N, --shard I/N)")
-        rest.append(args[i])
-        i += 1
-    return out, workers, shard, rest

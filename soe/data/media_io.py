@@ -99,14 +99,14 @@ def read_video(container, targets: np.ndarray, size: tuple[int, int]) -> list[np
     out: list[np.ndarray | None] = [None] * len(targets)
     if targets[0] > 1.0:  # jump to the keyframe before the first target
         container.seek(int((origin + targets[0]) / v.time_base), stream=v, backward=True)
-    j, prev, prev_t, cache = 0, None, None, {}
+    j, prev, prev_t, last = 0, None, None, [None, None]
 
     def pick(frame, t):
-        key = id(frame)
-        if key not in cache:
-            cache.clear()
-            cache[key] = _to_target(frame, size)
-        return cache[key]
+        # one conversion per decoded frame, however many targets it serves; the frame itself is kept with it,
+        # because an id() alone is reused by the next frame once this one is freed (stale frames, at random)
+        if last[0] is not frame:
+            last[:] = [frame, _to_target(frame, size)]
+        return last[1]
 
     for frame in container.decode(v):
         t = (frame.pts * v.time_base if frame.pts is not None else frame.time) - origin
@@ -175,6 +175,17 @@ def read_windows(path, windows: list[tuple[float, int, int]], fps: float, size: 
         piece = np.pad(piece, ((0, 0), (lead, max(0, short))))[:, :n_samples]
         out.append((np.stack(clip), np.clip(piece, -1.0, 1.0)))
     return out
+
+
+def read_speech(path, sample_rate: int = 16000) -> tuple[np.ndarray, float]:
+    """The whole audio track as mono float32 ``(N,)`` at ``sample_rate`` (speech recognisers take 16 kHz), and
+    the time of its first sample on the clip's timeline (add it to times measured in the track)."""
+    try:
+        with av.open(str(path)) as c:
+            audio, first = read_audio(c, float("inf"), sample_rate)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise MediaError("corrupt", _short(e)) from None
+    return audio.mean(axis=0), first
 
 
 # ---- worker entry points (module level, importable without torch: they run in decode processes) ----

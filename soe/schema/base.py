@@ -166,3 +166,27 @@ def _build_value(tp, value, key: str):
     if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
         return {k: build(args[1], v, f"{key}.{k}") for k, v in value.items()}
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def command_settings(cls, prefix: str, overrides: list[str], literal: tuple[str, ...] = ()) -> tuple[list[str], object]:
+    """Split a command's own ``<prefix>.<key>=value`` settings (``encode.batch_size=8``) from the recipe overrides.
+
+    Returns ``(the other overrides, an instance of dataclass cls)``. OmegaConf checks types and unknown keys
+    against ``cls``, its ``__post_init__`` checks values; every message names ``<prefix>.<key>``. Keys in
+    ``literal`` (free text such as prompts) are taken as typed, never parsed as YAML."""
+    from omegaconf import OmegaConf
+    from omegaconf import errors as oc_errors
+
+    ours = [o[len(prefix) + 1:] for o in overrides if o.startswith(prefix + ".")]
+    texts = {k: v for k, _, v in (o.partition("=") for o in ours) if k in literal}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.from_dotlist([o for o in ours if o.partition("=")[0] not in texts]))
+        settings = OmegaConf.to_object(merged)
+        if texts:
+            settings = dataclasses.replace(settings, **texts)
+    except oc_errors.OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise RecipeError(f"{prefix}.{key}: {(getattr(e, 'msg', None) or str(e)).splitlines()[0]}") from None
+    except OptionError as err:
+        raise err.under(prefix) from None
+    return [o for o in overrides if not o.startswith(prefix + ".")], settings
