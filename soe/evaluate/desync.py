@@ -19,12 +19,9 @@ with ``"model_type": "synchformer"`` is optional; its other keys override the si
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-from soe.evaluate.synchformer import Synchformer
-from soe.evaluate.synchformer import preprocess as pre
 
 MAX_SECONDS = 8.0  # av-benchmark's default --audio_length
+SAMPLE_RATE = 16_000  # soe.evaluate.synchformer.preprocess.SAMPLE_RATE
 DEFINITION = ("DeSync (av-benchmark): mean |offset| (s) Synchformer predicts on the first and the last 14 of the 0.64 s "
               "segments (every 0.32 s) of a clip's first min(length, 8 s); offsets on the grid linspace(-2, 2, 21)")
 OFFSET_DEFINITION = ("signed mean of the two Synchformer offsets (s) of desync's windows; positive: the sound comes early")
@@ -41,23 +38,33 @@ class DesyncScorer:
     """Synchformer loaded once from a ``synchformer/`` folder; :meth:`scores` of one decoded clip."""
 
     def __init__(self, folder, device: str = "cpu", batch_segments: int = 8):
+        from soe.evaluate.synchformer import Synchformer
+
         self.model = Synchformer.from_folder(folder, device)
         self.device, self.batch = device, batch_segments
-        self._last: tuple[int, dict] | None = None
+        self._last: tuple[tuple, dict] | None = None
 
-    @torch.inference_mode()
-    def _features(self, fn, segments: torch.Tensor) -> torch.Tensor:
+    def _features(self, fn, segments):
+        import torch
+
         return torch.cat([fn(segments[i: i + self.batch].to(self.device)) for i in range(0, len(segments), self.batch)])
 
-    @torch.inference_mode()
     def offsets(self, frames: np.ndarray, fps: float, mono_16k: np.ndarray) -> list[float]:
         """The signed offset (s) of each window of a clip (frames RGB uint8 at ``fps``, mono audio at 16 kHz)."""
+        import torch
+
+        from soe.evaluate.synchformer import preprocess as pre
+
+        with torch.inference_mode():
+            return self._offsets(frames, fps, mono_16k, pre)
+
+    def _offsets(self, frames, fps, mono_16k, pre) -> list[float]:
         seconds = min(len(frames) / fps, len(mono_16k) / pre.SAMPLE_RATE, MAX_SECONDS)
         size = self.model.cfg.segments
         if seconds < (pre.SEG_FRAMES + (size - 1) * pre.STEP_FRAMES) / pre.FPS:
             raise ValueError(f"{seconds:.2f} s of audio and video; Synchformer needs at least "
                              f"{(pre.SEG_FRAMES + (size - 1) * pre.STEP_FRAMES) / pre.FPS:.2f} s")
-        vis = self._features(self.model.video_features, pre.video_segments(frames, fps, seconds))  # (Sv, 8, D)
+        vis = self._features(self.model.video_features, pre.video_segments(frames, fps, seconds, self.model.cfg.image_size))  # (Sv, 8, D)
         aud = self._features(self.model.audio_features, pre.audio_segments(mono_16k, seconds))  # (Sa, 6, D)
         n = min(len(vis), len(aud))
         grid = self.model.class_grid()
@@ -69,7 +76,8 @@ class DesyncScorer:
 
     def scores(self, clip) -> dict[str, float]:
         """``{"desync": mean |offset|, "sync_offset": mean offset}`` of a :class:`soe.evaluate.decode.Clip`."""
-        if self._last is None or self._last[0] != id(clip):
-            offs = self.offsets(clip.frames, clip.fps, clip.audio_at(pre.SAMPLE_RATE))
-            self._last = (id(clip), {"desync": float(np.mean(np.abs(offs))), "sync_offset": float(np.mean(offs))})
+        key = (clip.stem, str(clip.path))  # desync and sync_offset of one clip come from one computation
+        if self._last is None or self._last[0] != key:
+            offs = self.offsets(clip.frames, clip.fps, clip.audio_at(SAMPLE_RATE))
+            self._last = (key, {"desync": float(np.mean(np.abs(offs))), "sync_offset": float(np.mean(offs))})
         return self._last[1]

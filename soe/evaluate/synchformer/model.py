@@ -101,9 +101,22 @@ class Synchformer(nn.Module):
 
     @classmethod
     def from_folder(cls, folder, device: str = "cpu") -> "Synchformer":
-        """``folder/synchformer_state_dict.pth`` (+ optional ``config.json``), loaded strictly, in eval mode."""
+        """``folder/synchformer_state_dict.pth`` (+ optional ``config.json``), loaded strictly, in eval mode; a file that
+        is not this model's state dict is a ``ValueError`` naming the first missing, unexpected or misshapen key."""
         folder = Path(folder)
         model = cls(SynchformerConfig.from_folder(folder))
-        state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle/zip errors of a damaged or foreign file
+            raise ValueError(f"{folder / WEIGHTS}: not a readable state dict ({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{folder / WEIGHTS}: expected a state dict (name -> tensor), got {type(state).__name__}")
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            what = (f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}" if unexpected else
+                    f"{shapes[0]!r} has shape {tuple(state[shapes[0]].shape)}, expected {tuple(own[shapes[0]].shape)}")
+            raise ValueError(f"{folder / WEIGHTS}: not a Synchformer of the sizes in config.json ({what})")
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()

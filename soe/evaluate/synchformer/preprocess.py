@@ -86,10 +86,10 @@ def log_mels(segments: torch.Tensor) -> torch.Tensor:
     return (x - MEAN) / (2 * STD)
 
 
-def video_segments(frames: np.ndarray, fps: float, seconds: float) -> torch.Tensor:
-    """``(S, 16, 3, 224, 224)`` of a clip's first ``seconds`` at 25 fps."""
+def video_segments(frames: np.ndarray, fps: float, seconds: float, size: int = SIZE) -> torch.Tensor:
+    """``(S, 16, 3, size, size)`` of a clip's first ``seconds`` at 25 fps."""
     idx = resample_indices(len(frames), fps)[: int(FPS * seconds)]
-    return segment(resize_crop(frames[idx]), SEG_FRAMES, STEP_FRAMES)
+    return segment(resize_crop(frames[idx], size), SEG_FRAMES, STEP_FRAMES)
 
 
 def audio_segments(mono_16k: np.ndarray, seconds: float) -> torch.Tensor:
