@@ -28,8 +28,15 @@ PROMPTS_FILE = "prompts.jsonl"
 
 def read_prompts(path) -> dict[str, dict]:
     """Rows of a JSON-lines prompts file by ``id`` (``{"id", "prompt", "audio_prompt"?, "image"?, "transcript"?}``);
-    relative image paths are taken from the file's folder."""
+    relative image paths are taken from the file's folder. A folder is read as Verse-Bench (its items by name)."""
     path = Path(path)
+    if path.is_dir():
+        from soe.evaluate.verse_bench import read_items
+
+        try:
+            return {row["id"]: row for row in read_items(path)}
+        except ValueError as e:
+            raise EvalError(f"--prompts {e}") from None
     if not path.is_file():
         raise EvalError(f"--prompts {path}: no such file (expected JSON lines with an 'id' per row)")
     rows = {}
