@@ -5,6 +5,7 @@ DeSync (segments of 16 frames every 8 at 25 fps and of 10,240 samples every 5,12
 last 14), the mel filter bank against librosa's, the 25 fps resampling and the resize, and bad inputs (exit 2, one
 line). Parity with the official code is tests/test_synchformer_official.py (needs a checkout)."""
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -120,6 +121,39 @@ def test_mel_bank_resample_and_resize():
     assert torch.allclose(out, torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1, atol=1e-6)  # no resize: scaling only
     wide = pre.resize_crop(np.zeros((1, 120, 200, 3), np.uint8) + 255)
     assert wide.shape == (1, 3, 224, 224) and torch.allclose(wide, torch.ones_like(wide))
+
+
+def _ffmpeg_fps(n: int, rate: Fraction) -> np.ndarray:
+    """Input index of each frame ffmpeg's own ``fps=25`` filter (PyAV's libavfilter) emits for ``n`` frames at ``rate``."""
+    import av
+
+    graph = av.filter.Graph()
+    src = graph.add_buffer(width=16, height=16, format="gray", time_base=1 / rate)
+    fps, sink = graph.add("fps", "25"), graph.add("buffersink")
+    src.link_to(fps)
+    fps.link_to(sink)
+    graph.configure()
+    out = []
+    for i in [*range(n), None]:
+        if i is None:
+            graph.push(None)
+        else:
+            frame = av.VideoFrame.from_ndarray(np.full((16, 16), i % 256, np.uint8), format="gray")
+            frame.pts, frame.time_base = i, 1 / rate
+            graph.push(frame)
+        while True:
+            try:
+                out.append(int(graph.pull().to_ndarray()[0, 0]))
+            except (av.error.BlockingIOError, av.error.EOFError):
+                break
+    return np.array(out)
+
+
+@pytest.mark.parametrize("rate", [Fraction(24), Fraction(30000, 1001), Fraction(50), Fraction(16)])
+def test_resampling_is_ffmpegs_fps_filter(rate):
+    ours, theirs = pre.resample_indices(120, float(rate)), _ffmpeg_fps(120, rate)
+    # without frame durations ffmpeg stops after the last input timestamp; with a container's durations it runs to the end
+    assert len(theirs) >= len(ours) - 2 and (ours[: len(theirs)] == theirs[: len(ours)]).all()
 
 
 def test_bad_synchformer_folders(tiny, tmp_path, capsys):

@@ -20,6 +20,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +121,31 @@ def _mel():
                                                fmin=0.0, fmax=8000.0, htk=True, norm=None)
             return torch.from_numpy(m).float()
         return mel
+
+
+def test_frames_prepared_as_official():
+    """Resize/crop/normalise of frames: av-benchmark's own ``VideoDataset.sync_transform`` (torchvision v2; the module's
+    torio import stubbed, it only decodes) against soe's torch version, on odd frame sizes."""
+    pytest.importorskip("torchvision")
+    from soe.evaluate.synchformer import preprocess as pre
+
+    sys.modules.setdefault("torio", types.ModuleType("torio"))
+    sys.modules.setdefault("torio.io", types.SimpleNamespace(StreamingMediaDecoder=None))
+    if CODE not in sys.path:
+        sys.path.insert(0, CODE)
+    from av_bench.data.video_dataset import VideoDataset
+
+    transform = VideoDataset([], duration_sec=8.0).sync_transform
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for h, w in ((240, 416), (480, 832), (300, 200), (224, 224), (123, 457)):
+        frames = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
+        official = transform(torch.from_numpy(frames).permute(0, 3, 1, 2))  # (T, C, H, W) uint8, as torio gives
+        mine = pre.resize_crop(frames)
+        assert official.shape == mine.shape == (3, 3, 224, 224)
+        worst = max(worst, float((official - mine).abs().max()))
+    print(f"\nframes: max |diff| {worst:.3g} (one uint8 step is {2 / 255:.3g})")
+    assert worst < 1e-5
 
 
 def test_matches_official(tmp_path, monkeypatch):

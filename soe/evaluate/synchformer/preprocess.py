@@ -2,7 +2,7 @@
 
 * video: resampled to 25 fps by ffmpeg's ``fps`` filter rule (output frame ``n`` shows the last input frame whose
   timestamp, rounded to the 1/25 s grid, is <= n), the first ``floor(25 * seconds)`` frames kept; each frame's
-  shorter side resized to 224 (bicubic, antialiased, rounded back to uint8, as torchvision's ``v2.Resize`` does
+  shorter side resized to 224 (bicubic, antialiased, by torch's uint8 kernel, as torchvision's ``v2.Resize`` does
   with uint8 input; longer side ``int(224 * long / short)``), centre-cropped to 224, scaled to [0, 1] and
   normalised with mean 0.5, std 0.5; segments of 16 frames every 8 frames;
 * audio: mono at 16 kHz, the first ``floor(16000 * seconds)`` samples; segments of 10,240 samples every 5,120
@@ -52,15 +52,17 @@ def resample_indices(n_frames: int, fps: float, out_fps: float = FPS) -> np.ndar
 
 def resize_crop(frames: np.ndarray, size: int = SIZE) -> torch.Tensor:
     """``(T, H, W, 3)`` uint8 -> ``(T, 3, size, size)`` float in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     h, w = x.shape[-2:]
     short, long = min(h, w), max(h, w)
     new = (size, int(size * long / short)) if h <= w else (int(size * long / short), size)
-    if (h, w) != new:
-        x = F.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 255).round_()
     top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
-    x = x[..., top: top + size, left: left + size]
-    return (x / 255.0 - 0.5) / 0.5
+    out = []
+    for chunk in x.split(16):  # bounded memory for long clips at 480p+
+        if (h, w) != new:  # torch's uint8 kernel (what torchvision's v2.Resize runs on uint8 frames), not float + round
+            chunk = F.interpolate(chunk.contiguous(), size=new, mode="bicubic", align_corners=False, antialias=True)
+        out.append((chunk[..., top: top + size, left: left + size].float() / 255.0 - 0.5) / 0.5)
+    return torch.cat(out)
 
 
 def mel_filters(n_freqs: int = N_FFT // 2 + 1, n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
