@@ -87,7 +87,7 @@ class SpeedConfig:
 class SampleConfig(SpeedConfig, SamplerConfig):  # fields: the sampler's, the speed switches', then these
     ckpt: Optional[str] = None  # run folder of `soe stitch` (or its trained/ folder); null = untrained connectors
     prompt: str = ""
-    prompts: Optional[str] = None  # JSON lines {id, prompt, image?, ...}: one sample per row, files named by id (soe/sample/prompt_rows.py)
+    prompts: Optional[str] = None  # JSON lines {id, prompt, image?, ...} or a Verse-Bench folder: one sample per row, files named by id (soe/sample/prompt_rows.py)
     # CFG null branch of experts that take a negative prompt (Wan): its own text encoder's encoding of this
     negative_prompt: str = ""
     conditions: Optional[str] = None  # safetensors of precomputed conditioning: "a/<key>", "b/<key>" (+ "a/negative/<key>")
