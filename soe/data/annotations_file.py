@@ -114,6 +114,15 @@ class AnnotationRows:
                 raise RecipeError(f"{self.file}: line {n}: expected a row of `soe annotate` with {list(ROW_FIELDS)}")
             self.windows.setdefault(row["path"], {})[_window(row["start"], row["end"])] = row
 
+    def check_lengths(self, seconds: list[float]) -> None:
+        """Every row is a window of one of the lengths ``seconds`` this encode cuts (before anything is written)."""
+        for rel, rows in self.windows.items():
+            for start, end in rows:
+                if not any(abs(end - start - s) < 1e-4 for s in seconds):
+                    raise RecipeError(f"{self.file}: the window {start:g}-{end:g} s of '{rel}' is not one this encode cuts "
+                                      f"({', '.join(f'{s:g}' for s in seconds)} s long): annotate with the recipe and "
+                                      "data.seconds / encode.durations this encode uses")
+
     def of(self, rel: str, windows: list[tuple[float, float]]) -> dict | None:
         """``{(start, seconds): {"caption", "sound", "transcript"}}`` for the windows ``(start, seconds)`` this encode
         cuts from clip ``rel``; None when the clip has no rows; a window without a row is one line."""

@@ -213,6 +213,7 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
     annotations = AnnotationRows(settings.annotations, "encode.annotations") if settings.annotations else None
     if annotations is not None:
         recorded["annotations"] = annotations.digest  # a resume must read the same texts
+        annotations.check_lengths([spec.seconds for spec in specs])
     storage = {"latents": latent_dtype_for(cfg.trainer.precision) if settings.latent_dtype == "auto" else settings.latent_dtype,
                "text": settings.text_dtype}
     if annotator is None:  # a missing annotator folder fails before the cache folder is written

@@ -136,16 +136,28 @@ class WhisperTranscriber:
             return []
         kwargs = {"task": "transcribe", **({"language": self.language} if self.language else {})}
         long = {"chunk_length_s": LONG_FORM_SECONDS} if audio.size > LONG_FORM_SECONDS * SPEECH_RATE else {}
-        out = self.pipe({"raw": audio, "sampling_rate": SPEECH_RATE}, return_timestamps="word", return_language=True,
-                        generate_kwargs=kwargs, **long)
+        out = self.pipe({"raw": audio, "sampling_rate": SPEECH_RATE}, return_timestamps="word", generate_kwargs=kwargs, **long)
+        language = self.language or self.detect_language(audio)
         words = []
         for chunk in out.get("chunks", []):
             start, end = chunk["timestamp"]
             end = start if end is None else end
             if chunk["text"].strip():
-                language = chunk.get("language") or self.language
                 words.append(Word(chunk["text"], offset + float(start), offset + float(max(start, end)), language))
         return words
+
+    def detect_language(self, audio: np.ndarray) -> str | None:
+        """The language Whisper hears in the first 30 s (its language token, e.g. ``en``). The pipeline's own
+        ``return_language`` is not used: with word timestamps it leaks timestamp tokens into the words."""
+        import torch
+
+        model = self.pipe.model
+        features = self.pipe.feature_extractor(audio[: LONG_FORM_SECONDS * SPEECH_RATE], sampling_rate=SPEECH_RATE,
+                                               return_tensors="pt").input_features.to(model.device, model.dtype)
+        with torch.no_grad():
+            token = model.detect_language(features)[0]
+        code = self.pipe.tokenizer.decode([int(token)]).strip()
+        return code[2:-2] if code.startswith("<|") and code.endswith("|>") else None
 
 
 def window_language(words: list[Word]) -> str | None:
