@@ -100,7 +100,7 @@ class _Item:
     audio: np.ndarray  # (2, N) float32
     caption: str
     annotated: bool = False  # captioned by encode.annotator
-    from_annotations: bool = False  # texts from encode.annotations
+    from_annotations: bool = False  # texts from the annotations file (annotations.jsonl)
 
 
 @dataclass
