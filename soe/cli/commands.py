@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--captioner", default=None, metavar="PATH",
                      help="local Qwen2.5-Omni folder (caption + sound description, sees and hears) or image-text model (captions)")
     ann.add_argument("--shard", default=None, metavar="I/N", help="annotate part I of N (one process per GPU or node); the last to finish merges")
-    ann.add_argument("--workers", type=int, default=0, help="processes probing and hashing clips (0: this process)")
-    ann.add_argument("--device", default=None, help="device of the models (default: cuda when available, else cpu)")
+    ann.add_argument("--workers", type=int, default=0, metavar="N", help="processes probing and hashing clips (0: this process)")
+    ann.add_argument("--device", default=None, metavar="D", help="device of the models (default: cuda when available, else cpu)")
     ann.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and annotate.<key>=value settings")
     ann.set_defaults(func=_cmd_annotate)
     exp = sub.add_parser("export", help="write a trained run in formats others load: diffusers / ComfyUI LoRA, or merged weights")
