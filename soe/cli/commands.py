@@ -146,14 +146,16 @@ def _cmd_eval(args) -> int:
 def _cmd_encode(args) -> int:
     from soe.data.encode import encode_command
 
-    encode_command(args.recipe, args.src, args.overrides, out=args.out, workers=args.workers, console=console, shard=args.shard)
+    encode_command(args.recipe, args.src, args.overrides, out=args.out, workers=args.workers, console=console, shard=args.shard,
+                   annotations=args.annotations)
     return 0
 
 
 def _cmd_annotate(args) -> int:
     from soe.data.annotate_run import annotate_command
 
-    annotate_command(args.recipe, args.src, args.overrides, out=args.out, shard=args.shard, console=console)
+    annotate_command(args.recipe, args.src, args.overrides, out=args.out, shard=args.shard, console=console, workers=args.workers,
+                     flags={"--asr": args.asr, "--captioner": args.captioner, "--device": args.device})
     return 0
 
 
@@ -222,15 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", default=None, help="cache folder (default: data.path of the recipe)")
     enc.add_argument("--workers", type=int, default=0, help="decode processes (0: decode in this process)")
     enc.add_argument("--shard", default=None, metavar="I/N", help="encode part I of N (one process per GPU or node); the last to finish merges")
+    enc.add_argument("--annotations", default=None, metavar="FILE",
+                     help="annotations.jsonl of soe annotate: each window's own text (default: SRC/annotations.jsonl when present)")
     enc.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and encode.<key>=value settings")
     enc.set_defaults(func=_cmd_encode)
     ann = sub.add_parser("annotate", help="give each training window of a folder of clips its own caption, sound description and transcript")
     ann.add_argument("recipe", help="recipe YAML file (the experts and data.seconds decide where windows fall, as in soe encode)")
-    ann.add_argument("src", help="folder of video files (clip.words.json sidecars: word-timed transcripts)")
-    ann.add_argument("--out", default=None, help="annotations folder (encode with encode.annotations=DIR)")
-    ann.add_argument("--shard", default=None, metavar="I/N", help="annotate part I of N (one process per GPU or node)")
-    ann.add_argument("overrides", nargs=argparse.REMAINDER,
-                     help="key=value recipe overrides and annotate.<key>=value settings (annotate.omni=DIR, annotate.whisper=DIR)")
+    ann.add_argument("src", help="folder of video files (clip.words.json sidecars or words in captions.jsonl: timed transcripts)")
+    ann.add_argument("--out", default=None, metavar="FILE",
+                     help="annotations file, one JSON line per window (default: SRC/annotations.jsonl; cache and shard logs in FILE.parts/)")
+    ann.add_argument("--asr", default=None, metavar="PATH", help="local Whisper folder: word-timed transcripts, cut at word midpoints")
+    ann.add_argument("--captioner", default=None, metavar="PATH",
+                     help="local Qwen2.5-Omni folder (caption + sound description, sees and hears) or image-text model (captions)")
+    ann.add_argument("--shard", default=None, metavar="I/N", help="annotate part I of N (one process per GPU or node); the last to finish merges")
+    ann.add_argument("--workers", type=int, default=0, metavar="N", help="processes probing and hashing clips (0: this process)")
+    ann.add_argument("--device", default=None, metavar="D", help="device of the models (default: cuda when available, else cpu)")
+    ann.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and annotate.<key>=value settings")
     ann.set_defaults(func=_cmd_annotate)
     exp = sub.add_parser("export", help="write a trained run in formats others load: diffusers / ComfyUI LoRA, or merged weights")
     exp.add_argument("run_dir", help="run folder of `soe stitch` (with recipe.yaml and trained/)")

@@ -5,9 +5,10 @@ the data modules that feed training from it.
 - ``media_io``  PyAV decoding: probe, frames at the expert's fps and size, audio at its sample rate
 - ``windows``   cutting clips into windows of the recipe's clip length (duration buckets)
 - ``annotate``  the ``Annotator`` hook that captions windows without one (off by default)
-- ``annotate_run``, ``omni``, ``transcript``, ``annotation_store``  ``soe annotate``: each window's own caption and
-  sound description (Qwen2.5-Omni), transcript (sidecar or Whisper word timestamps, cut at word midpoints), and
-  the annotations folder that caches them and that ``encode.annotations`` reads
+- ``annotate_run``, ``omni``, ``transcript``, ``annotation_store``, ``annotations_file``  ``soe annotate``: each
+  window's own caption and sound description (Qwen2.5-Omni), transcript (sidecar, captions.jsonl or Whisper word
+  timestamps, cut at word midpoints), the cache folder ``FILE.parts/``, and ``annotations.jsonl`` (one row per
+  window) that ``soe encode`` reads
 - ``text``      each expert's text conditioning (its own text encoder, or a pseudo-embedding for tiny experts)
 - ``stream_format``, ``stream_writer``, ``stream_merge``  the cache ``soe encode`` writes (format 2, litdata
   chunks, text states once per caption): resumable per-part writer (``--shard I/N``) and the merge

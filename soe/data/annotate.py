@@ -39,15 +39,16 @@ def model_folder(path, key: str) -> Path:
 class VLMAnnotator:
     """Captions from a local vision-language model folder, looking at ``num_frames`` evenly spaced frames."""
 
-    def __init__(self, path, prompt: str = DEFAULT_PROMPT, num_frames: int = 4, max_new_tokens: int = 64, device=None):
-        path = model_folder(path, "encode.annotator")
+    def __init__(self, path, prompt: str = DEFAULT_PROMPT, num_frames: int = 4, max_new_tokens: int = 64, device=None,
+                 key: str = "encode.annotator"):
+        path = model_folder(path, key)
         try:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
             self.processor = AutoProcessor.from_pretrained(path)
             self.model = AutoModelForImageTextToText.from_pretrained(path).to(device or "cpu").eval()
         except (OSError, ValueError, KeyError) as e:
-            raise AnnotatorError(f"encode.annotator: '{path}' is not a vision-language model transformers can load: {one_line(e, 300)}") from None
+            raise AnnotatorError(f"{key}: '{path}' is not a vision-language model transformers can load: {one_line(e, 300)}") from None
         self.prompt, self.num_frames, self.max_new_tokens = prompt, num_frames, max_new_tokens
 
     def __call__(self, frames: np.ndarray, audio: np.ndarray, sample_rate: int) -> str:

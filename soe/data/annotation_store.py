@@ -1,4 +1,4 @@
-"""The annotations folder: what ``soe annotate`` wrote and ``soe encode`` reads (``encode.annotations=DIR``).
+"""The cache folder of ``soe annotate`` (``FILE.parts/`` beside its annotations file, soe.data.annotations_file).
 
 Layout::
 
@@ -17,8 +17,8 @@ and an edited one loses them)::
 
 ``text`` and ``words`` records are the cache: keyed by (clip, window, model, prompt) and (clip, model), where
 ``model`` names the weights (folder name + a hash of its config and weight files) and the settings that
-change what they write. ``clip`` records are the result ``soe encode`` reads: for each clip, the newest
-record made under the selection ``annotate.json`` names. A record is never rewritten: annotating again with
+change what they write. ``clip`` records are each clip's windows under a selection, merged into the annotations file
+(soe.data.annotations_file) by the last part to finish. A record is never rewritten: annotating again with
 other prompts appends records, and switching back finds the earlier ones. Hand-written: a JSON-lines log per
 process is all this needs (the same commit-by-appended-line scheme as the latent cache's part logs).
 """
@@ -129,7 +129,7 @@ def write_selection(folder, selection: dict) -> str:
     return digest
 
 
-def read_selection(folder, key: str = "encode.annotations") -> dict:
+def read_selection(folder, key: str = "soe annotate") -> dict:
     """``annotate.json`` of an annotations folder; a folder without one is one line naming ``key``."""
     file = Path(folder) / SELECTION_FILE
     if not file.is_file():
@@ -138,23 +138,6 @@ def read_selection(folder, key: str = "encode.annotations") -> dict:
         return json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RecipeError(f"{key}: '{file}' is not readable JSON ({e})") from None
-
-
-class WindowTexts:
-    """What ``soe encode`` reads from an annotations folder: the texts of each window of a clip, as annotated
-    under the folder's selection. ``plan`` is how this encode cuts clips; a folder annotated for other
-    windows is one line naming ``encode.annotations``."""
-
-    def __init__(self, folder, plan: dict):
-        selection = read_selection(folder)
-        if selection.get("plan") != plan:
-            raise RecipeError(f"encode.annotations: '{folder}' was annotated for other windows ({selection.get('plan')}) than "
-                              f"this encode cuts ({plan}): annotate with the same recipe, and annotate.durations = encode.durations")
-        self.selection, self.store = selection["selection"], AnnotationStore(folder)
-
-    def of(self, path) -> dict | None:
-        """``{(start, seconds): texts}`` of the clip file ``path`` (found by its content), or None if not annotated."""
-        return self.store.clip_windows(clip_hash(path), self.selection)
 
 
 def window_clip(clip, texts: dict | None):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from soe.errors import RecipeError, UsageError
 
-OPTIONS = {"--out": "--out DIR", "--workers": "--workers N", "--shard": "--shard I/N"}
+OPTIONS = {"--out": "--out DIR", "--workers": "--workers N", "--shard": "--shard I/N", "--annotations": "--annotations FILE",
+           "--asr": "--asr PATH", "--captioner": "--captioner PATH", "--device": "--device D"}
 
 
 def parse_shard(text: str | None, command: str = "soe encode") -> tuple[int, int]:
@@ -25,8 +26,10 @@ def parse_shard(text: str | None, command: str = "soe encode") -> tuple[int, int
     return part, parts
 
 
-def options_among(args: list[str], out, workers, shard=None, command: str = "soe encode", allowed=tuple(OPTIONS)) -> tuple:
-    """``(out, workers, shard, the other args)``: the ``allowed`` options found among ``args``."""
+def options_among(args: list[str], out, workers, shard=None, command: str = "soe encode", allowed=("--out", "--workers", "--shard"),
+                  extra: dict | None = None) -> tuple:
+    """``(out, workers, shard, the other args)``: the ``allowed`` options found among ``args``; any other allowed
+    option's value goes into ``extra`` under its name (``extra["--asr"]``)."""
     rest, i = [], 0
     while i < len(args):
         opt, _, inline = args[i].partition("=") if args[i].startswith("--") else (args[i], "", "")
@@ -39,6 +42,10 @@ def options_among(args: list[str], out, workers, shard=None, command: str = "soe
                 out = value
             elif opt == "--shard":
                 shard = value
+            elif opt != "--workers":
+                if extra is None:
+                    raise UsageError(f"{command}: unknown option '{opt}'")
+                extra[opt] = value
             else:
                 try:
                     workers = int(value)

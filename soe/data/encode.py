@@ -8,12 +8,10 @@ Unusable clips are skipped and listed in the report with the reason; a killed ru
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,15 +20,17 @@ import torch
 from rich.console import Console
 
 from soe.data.annotate import DEFAULT_PROMPT, Annotator, load_annotator
-from soe.data.annotation_store import WindowTexts, read_selection, window_clip, window_key
+from soe.data.annotation_store import window_clip, window_key
+from soe.data.annotations_file import ANNOTATIONS_FILE, AnnotationRows
 from soe.data.command_args import check_expert_folders, check_folders, options_among, parse_shard
 from soe.data.media_io import MediaError, safe_probe, safe_read_windows
+from soe.data.media_io import ordered_map as _ordered_map
 from soe.data.report import EncodeReport, progress_bars
 from soe.data.sources import Clip, find_clips
 from soe.data.stream_format import latent_dtype_for, text_key
 from soe.data.stream_writer import PartWriter, lock_part
 from soe.data.text import TextConditioner
-from soe.data.windows import bucket_name, nearest_resolution, plan_record, plan_windows, window_specs
+from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_specs
 from soe.errors import DataError, RecipeError, UsageError
 from soe.media import media_sides
 from soe.outputs import new_root, remove_new
@@ -51,7 +51,9 @@ class EncodeConfig:
     shard_size: int = 64  # windows per shard (the unit of resumption)
     windows_per_task: int = 8  # windows one decode task holds in memory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    annotations: Optional[str] = None  # folder of `soe annotate`: each window's own caption, sound description, transcript
+    # annotations.jsonl of `soe annotate` (each window's own caption, sound description, lyrics); the command line's
+    # --annotations FILE, else SRC/annotations.jsonl when there is one
+    annotations: Optional[str] = None
     annotator: Optional[str] = None  # local vision-language model folder that captions windows without one
     annotator_prompt: str = DEFAULT_PROMPT
     missing_caption: str = "skip"  # skip (report the clip) | empty (encode an empty caption)
@@ -98,7 +100,7 @@ class _Item:
     audio: np.ndarray  # (2, N) float32
     caption: str
     annotated: bool = False  # captioned by encode.annotator
-    from_annotations: bool = False  # texts from encode.annotations
+    from_annotations: bool = False  # texts from the annotations file (annotations.jsonl)
 
 
 @dataclass
@@ -117,26 +119,6 @@ def _build_expert(cfg, side):
     meta = e.text_encoder_path is not None and e.preset is not None
     with torch.device("meta" if meta else "cpu"):
         return build_expert(cfg, side, device="meta" if meta else "cpu", load_weights=e.preset is None)
-
-
-def _ordered_map(fn, items, workers: int):
-    """``fn`` over ``items`` in order; with workers, in decode processes with a bounded queue."""
-    if workers <= 0:
-        for x in items:
-            yield x, fn(x)
-        return
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        queue, it = deque(), iter(items)
-        for x in it:
-            queue.append((x, pool.submit(fn, x)))
-            if len(queue) >= 2 * workers:
-                break
-        while queue:
-            x, fut = queue.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                queue.append((nxt, pool.submit(fn, nxt)))
-            yield x, fut.result()
 
 
 def _fit_time(z: torch.Tensor, axis: int, length: int) -> torch.Tensor:
@@ -228,9 +210,10 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
                 "resolutions": [list(r) for r in resolutions] if resolutions else None, "seed": cfg.seed,
                 "latent_frames": {f"{s.seconds:g}": s.latent_frames for s in specs},
                 **{f"{k}_{side}": cfg.experts[side][k] for side in ("a", "b") for k in ("codec_path", "text_encoder_path")}}
-    annotations = WindowTexts(settings.annotations, plan_record(specs, fps, sample_rate)) if settings.annotations else None
+    annotations = AnnotationRows(settings.annotations, "encode.annotations") if settings.annotations else None
     if annotations is not None:
-        recorded["annotations"] = annotations.selection  # a resume must read the same texts
+        recorded["annotations"] = annotations.digest  # a resume must read the same texts
+        annotations.check_lengths([spec.seconds for spec in specs])
     storage = {"latents": latent_dtype_for(cfg.trainer.precision) if settings.latent_dtype == "auto" else settings.latent_dtype,
                "text": settings.text_dtype}
     if annotator is None:  # a missing annotator folder fails before the cache folder is written
@@ -254,7 +237,8 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
             if isinstance(info, MediaError):
                 report.skip(clip.rel, info.reason, info.detail)
                 continue
-            texts = annotations.of(clip.path) if annotations is not None else None
+            texts = None if annotations is None else annotations.of(
+                clip.rel, [(start, spec.seconds) for start, spec in plan_windows(info.seconds, specs, fps, sample_rate)])
             if clip.caption is None and texts is None and annotator is None and settings.missing_caption == "skip":
                 report.skip(clip.rel, "no caption", "no sidecar .txt or captions.jsonl entry (or set encode.annotator)")
                 continue
@@ -267,7 +251,7 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
             if texts is not None:
                 own = {wid: window_clip(clip, texts.get(window_key(start, spec.seconds))) for wid, start, spec in todo}
                 if annotator is None and settings.missing_caption == "skip" and any(c.caption is None for c in own.values()):
-                    report.skip(clip.rel, "no caption", "a window has no caption in encode.annotations and the clip no sidecar one")
+                    report.skip(clip.rel, "no caption", "a window has no caption in the annotations and the clip no sidecar one")
                     continue
                 window_clips.update(own)
             if len(todo) > sum(w[0] not in writer.done for w in todo):
@@ -318,17 +302,23 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
 
 
 def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: Console | None = None,
-                   shard: str | None = None) -> EncodeReport:
-    """``soe encode RECIPE SRC_FOLDER [--out DIR] [--workers N] [--shard I/N] [key=value ...]``."""
+                   shard: str | None = None, annotations: str | None = None) -> EncodeReport:
+    """``soe encode RECIPE SRC_FOLDER [--out DIR] [--workers N] [--shard I/N] [--annotations FILE] [key=value ...]``."""
     console = console or Console()
-    out, workers, shard, overrides = options_among(list(overrides), out, workers, shard)
+    flags = {"--annotations": annotations} if annotations is not None else {}
+    out, workers, shard, overrides = options_among(list(overrides), out, workers, shard,
+                                                   allowed=("--out", "--workers", "--shard", "--annotations"), extra=flags)
     part = parse_shard(shard)
     overrides, settings = parse_settings(overrides)
+    if "--annotations" in flags:
+        settings = dataclasses.replace(settings, annotations=flags["--annotations"])
+    elif settings.annotations is None and (Path(src) / ANNOTATIONS_FILE).is_file():
+        settings = dataclasses.replace(settings, annotations=str(Path(src) / ANNOTATIONS_FILE))  # soe annotate's default place
     cfg = load_recipe(recipe, overrides)
     validate_recipe(cfg, check_paths=False, data_path_is_output=True)  # data.path is what we are about to write
     check_expert_folders(cfg, ("path", "codec_path", "text_encoder_path"))
     if settings.annotations is not None:
-        read_selection(settings.annotations)  # an annotations folder, before anything is written
+        AnnotationRows(settings.annotations, "--annotations" if "--annotations" in flags else "encode.annotations")  # before writing
     out = out or cfg.data.path
     if out is None:
         raise UsageError("soe encode: give the cache folder with --out DIR (or data.path in the recipe)")

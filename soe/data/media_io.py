@@ -8,7 +8,10 @@ so it needs only ``av`` and ``numpy``.
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 
 import av
 import numpy as np
@@ -202,3 +205,23 @@ def safe_read_windows(task: tuple) -> list | MediaError:
         return read_windows(*task)
     except MediaError as e:
         return e
+
+
+def ordered_map(fn, items, workers: int):
+    """``fn`` over ``items`` in order; with workers, in decode processes with a bounded queue."""
+    if workers <= 0:
+        for x in items:
+            yield x, fn(x)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        queue, it = deque(), iter(items)
+        for x in it:
+            queue.append((x, pool.submit(fn, x)))
+            if len(queue) >= 2 * workers:
+                break
+        while queue:
+            x, fut = queue.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(fn, nxt)))
+            yield x, fut.result()

@@ -7,8 +7,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 
 class _Skips:
@@ -30,10 +32,23 @@ class _Skips:
         return t
 
 
-def progress_bars(console, enabled: bool = True) -> Progress:
-    """The progress bars of ``soe encode`` and ``soe annotate``: what, bar, done / total, elapsed, remaining."""
+class RateColumn(ProgressColumn):
+    """Items per second of a task (``windows/s``)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"- {self.unit}/s")
+
+
+def progress_bars(console, enabled: bool = True, unit: str | None = None) -> Progress:
+    """The progress bars of ``soe encode`` and ``soe annotate``: what, bar, done / total, elapsed, remaining
+    (and items per second with a ``unit``)."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    return Progress(*columns, console=console, disable=not enabled)
+    return Progress(*columns, *([RateColumn(unit)] if unit else []), console=console, disable=not enabled)
 
 
 def _table(title: str) -> Table:
@@ -85,7 +100,8 @@ class AnnotateReport(_Skips):
     texts_cached: int = 0  # found in the folder (same clip, window, model and prompt)
     transcribed_new: int = 0  # clips Whisper transcribed in this run
     transcribed_cached: int = 0
-    sidecar_transcripts: int = 0  # clips with a clip.words.json
+    sidecar_transcripts: int = 0  # clips with their own transcript (clip.words.json, words in captions.jsonl)
+    merged: bool = False  # this part was the last to finish: it wrote the annotations file
     elapsed: float = 0.0  # seconds
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason", "detail"}
 
@@ -95,7 +111,7 @@ class AnnotateReport(_Skips):
         t.add_row("windows annotated", str(self.windows))
         t.add_row("captions + sound descriptions", f"{self.texts_new} new, {self.texts_cached} cached")
         t.add_row("transcripts", f"{self.transcribed_new} new, {self.transcribed_cached} cached (Whisper), "
-                  f"{self.sidecar_transcripts} from clip.words.json")
+                  f"{self.sidecar_transcripts} brought (clip.words.json, captions.jsonl)")
         t.add_row("time", f"{self.elapsed:.1f} s")
         return self._skipped_rows(t)
 

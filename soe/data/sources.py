@@ -4,7 +4,8 @@ A folder of video files (``.mp4 .mov .mkv .webm .avi``, searched recursively) wi
 as sidecar text files next to each clip (``clip.txt``, optional ``clip.audio.txt`` and
 ``clip.lyrics.txt``) or in one ``captions.jsonl`` at the folder root, one object per line:
 ``{"path": "sub/clip.mp4", "caption": "...", "audio_caption": "...", "lyrics": "..."}`` (paths relative
-to the folder; ``audio_caption`` and ``lyrics`` optional). ``captions.jsonl`` wins over sidecars.
+to the folder; ``audio_caption`` and ``lyrics`` optional; ``words``, a timed transcript, is read by
+``soe annotate``). ``captions.jsonl`` wins over sidecars.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def read_captions_jsonl(folder: Path) -> dict[str, dict]:
         for key in ("caption", "audio_caption", "lyrics"):
             if row.get(key) is not None and not isinstance(row[key], str):
                 raise UsageError(f"{file}: line {n}: \"{key}\" must be a string")
+        if row.get("words") is not None and not isinstance(row["words"], list):
+            raise UsageError(f"{file}: line {n}: \"words\" must be a list of {{\"word\", \"start\", \"end\"}} (a timed transcript)")
         out[Path(row["path"]).as_posix()] = row
     return out
 

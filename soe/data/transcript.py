@@ -24,6 +24,7 @@ from soe.errors import UsageError, one_line
 
 WORDS_SUFFIX = ".words.json"
 SPEECH_RATE = 16000  # Whisper's sample rate
+LONG_FORM_SECONDS = 30  # Whisper hears 30 s at once: longer clips go through the chunked pipeline
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Word:
     text: str  # as the recogniser wrote it (Whisper's words carry their leading space)
     start: float  # seconds on the clip's timeline
     end: float
+    language: str | None = None  # what Whisper heard (None: a transcript brought along, or not detected)
 
     @property
     def middle(self) -> float:
@@ -44,7 +46,8 @@ def sidecar_of(clip_path) -> Path:
 
 
 def read_words(path) -> list[Word]:
-    """A sidecar's words, in time order; a file that is not one of the layouts is one line naming it."""
+    """A sidecar's words, in time order; a file that is not one of the layouts, or whose words are out of
+    order, is one line naming it."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -58,11 +61,21 @@ def read_words(path) -> list[Word]:
         items = data
     if not isinstance(items, list):
         raise UsageError(f"{path}: expected a list of words, {{\"segments\": [{{\"words\": [...]}}]}} or {{\"chunks\": [...]}}")
-    words = [_word(item, path, n) for n, item in enumerate(items)]
-    return sorted((w for w in words if w.text.strip()), key=lambda w: (w.start, w.end))
+    return parse_words(items, str(path))
 
 
-def _word(item, path: Path, n: int) -> Word:
+def parse_words(items: list, where: str) -> list[Word]:
+    """``[{"word" | "text", "start", "end"} | {"text", "timestamp"}, ...]`` in time order -> words (blank ones
+    dropped); a malformed word or a word starting before the one above it is one line naming ``where``."""
+    words = [_word(item, where, n) for n, item in enumerate(items)]
+    for n in range(1, len(words)):
+        if words[n].start < words[n - 1].start:
+            raise UsageError(f"{where}: words out of order: word {n} starts at {words[n].start:g} s, before word {n - 1} "
+                             f"at {words[n - 1].start:g} s (expected words in time order)")
+    return [w for w in words if w.text.strip()]
+
+
+def _word(item, path: str, n: int) -> Word:
     if not isinstance(item, dict):
         raise UsageError(f"{path}: word {n} is not an object")
     text = item.get("word", item.get("text"))
@@ -117,15 +130,37 @@ class WhisperTranscriber:
         self.language = language
 
     def __call__(self, audio: np.ndarray, offset: float = 0.0) -> list[Word]:
-        """``audio (N,)`` mono float at 16 kHz -> its words, ``offset`` added to every time."""
+        """``audio (N,)`` mono float at 16 kHz -> its words with the language heard, ``offset`` added to every
+        time. Longer than 30 s: the pipeline's chunked long-form mode (30 s chunks, their words merged)."""
         if audio.size == 0:
             return []
         kwargs = {"task": "transcribe", **({"language": self.language} if self.language else {})}
-        out = self.pipe({"raw": audio, "sampling_rate": SPEECH_RATE}, return_timestamps="word", generate_kwargs=kwargs)
+        long = {"chunk_length_s": LONG_FORM_SECONDS} if audio.size > LONG_FORM_SECONDS * SPEECH_RATE else {}
+        out = self.pipe({"raw": audio, "sampling_rate": SPEECH_RATE}, return_timestamps="word", generate_kwargs=kwargs, **long)
+        language = self.language or self.detect_language(audio)
         words = []
         for chunk in out.get("chunks", []):
             start, end = chunk["timestamp"]
             end = start if end is None else end
             if chunk["text"].strip():
-                words.append(Word(chunk["text"], offset + float(start), offset + float(max(start, end))))
+                words.append(Word(chunk["text"], offset + float(start), offset + float(max(start, end)), language))
         return words
+
+    def detect_language(self, audio: np.ndarray) -> str | None:
+        """The language Whisper hears in the first 30 s (its language token, e.g. ``en``). The pipeline's own
+        ``return_language`` is not used: with word timestamps it leaks timestamp tokens into the words."""
+        import torch
+
+        model = self.pipe.model
+        features = self.pipe.feature_extractor(audio[: LONG_FORM_SECONDS * SPEECH_RATE], sampling_rate=SPEECH_RATE,
+                                               return_tensors="pt").input_features.to(model.device, model.dtype)
+        with torch.no_grad():
+            token = model.detect_language(features)[0]
+        code = self.pipe.tokenizer.decode([int(token)]).strip()
+        return code[2:-2] if code.startswith("<|") and code.endswith("|>") else None
+
+
+def window_language(words: list[Word]) -> str | None:
+    """The language most of a window's words were heard in (None: no words, or none detected)."""
+    heard = [w.language for w in words if w.language]
+    return max(heard, key=heard.count) if heard else None

@@ -22,14 +22,16 @@ class AnnotateConfig:
 
     # the windows: the same as `soe encode` cuts (its encode.durations); null = [data.seconds]
     durations: Optional[List[float]] = None
-    # Qwen2.5-Omni folder (the released model, or its thinker alone): a caption and a sound description per window
-    omni: Optional[str] = None
+    # --captioner: Qwen2.5-Omni folder (the released model, or its thinker alone: a caption and a sound description per
+    # window, from its frames and sound), or an image-text-to-text model folder (captions only, from frames)
+    captioner: Optional[str] = None
+    omni: Optional[str] = None  # the same as captioner, a Qwen2.5-Omni folder only (the earlier name)
     caption_prompt: str = CAPTION_PROMPT  # what the video expert's caption asks for
     sound_prompt: str = SOUND_PROMPT  # what the audio expert's caption asks for
     fps: float = 2.0  # frames per second the omni model sees (Qwen2.5-Omni's own default)
     max_pixels: int = 200704  # frame size it sees (256 x 28 x 28: its processor may shrink it further)
     max_new_tokens: int = 128  # the longest caption, in tokens
-    # Whisper folder: word-timed transcripts of clips without a clip.words.json sidecar; null = sidecars only
+    # --asr: Whisper folder: word-timed transcripts of clips without their own (clip.words.json, captions.jsonl words)
     whisper: Optional[str] = None
     language: Optional[str] = None  # Whisper's language (e.g. en); null = detected per clip
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -41,6 +43,7 @@ class AnnotateConfig:
         require(self.fps > 0 and math.isfinite(self.fps), "fps", f"expected frames per second > 0, got {self.fps}")
         require(self.max_pixels >= 28 * 28, "max_pixels", f"expected at least {28 * 28} (one 28 x 28 patch), got {self.max_pixels}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"expected a positive integer, got {self.max_new_tokens}")
+        require(self.captioner is None or self.omni is None, "captioner", "give --captioner or annotate.omni, not both")
         for key in PROMPT_KEYS:
             require(bool(getattr(self, key).strip()), key, "expected a prompt, got an empty one")
         allowed = ["auto", *Dtype.names()]
