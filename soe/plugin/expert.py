@@ -7,9 +7,8 @@ time in seconds. The Stitcher only ever talks to experts through this contract.
 """
 from __future__ import annotations
 
-import inspect
-
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar

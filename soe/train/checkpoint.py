@@ -30,7 +30,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
-        with uninterrupted(), _disk_full_errors(f"checkpoint '{path}'", "the previous checkpoint is intact"):
+        with uninterrupted(), disk_full_errors(f"checkpoint '{path}'", "the previous checkpoint is intact"):
             self._write(checkpoint, path)
         for hook in self.after_save:
             hook(path)
@@ -77,7 +77,7 @@ def _one_line_errors(path):
 
 
 @contextlib.contextmanager
-def _disk_full_errors(what: str, intact: str):
+def disk_full_errors(what: str, intact: str):
     try:
         yield
     except OSError as e:

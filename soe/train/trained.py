@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from soe.errors import CheckpointError, RecipeError, one_line
 from soe.lora.adapters import ADAPTER
 from soe.schema import TrainMode
-from soe.train.checkpoint import AtomicCheckpointIO, _disk_full_errors
+from soe.train.checkpoint import AtomicCheckpointIO, disk_full_errors
 from soe.train.critical import uninterrupted
 
 STITCH_FILE = "stitch.safetensors"
@@ -76,7 +76,7 @@ def write_trained(stitcher, folder, train_modes: dict[str, str], tensors: tuple,
     """Write ``gather_trained``'s tensors into a temporary folder, then swap it in; a failure (a full
     disk) removes the temporary folder and leaves the previous export as it was."""
     folder = Path(folder)
-    with uninterrupted(), _disk_full_errors(f"trained folder '{folder}'", "the previous export is intact"):
+    with uninterrupted(), disk_full_errors(f"trained folder '{folder}'", "the previous export is intact"):
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
