@@ -224,7 +224,9 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
     err_console = err_console or Console(stderr=True)
     resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
     torch.manual_seed(cfg.seed)
-    stitcher = build_stitcher(cfg)
+    from soe.data.auto_pairs import pair_chooser
+
+    stitcher = build_stitcher(cfg, auto_pairs=pair_chooser(cfg) if cfg.stitch.pairs == "auto" else None)  # auto: chosen as training chose
     step, trained = None, None
     if cfg.sample.ckpt is not None:
         trained = Path(cfg.sample.ckpt)
