@@ -144,7 +144,7 @@ class SyncReportCallback(Callback):
 
                 st = pl_module.stitcher
                 task_sheet(self.latents["experts alone"], self.latents["stitched"], self.truth, {"a": st.a, "b": st.b},
-                           self.seconds, self.scores, self.run_dir / "samples" / "before_after.png")
+                           self.seconds, {"clips": self.n, **self.scores}, self.run_dir / "samples" / "before_after.png")
             if self.console is not None:
                 self.console.print(self.task_table() if self.per_task else self.table())
 
