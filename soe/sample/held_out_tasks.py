@@ -5,7 +5,8 @@ clip's true video given clean, the audio sampled), ``a2v`` (its true audio given
 same clips, seeds and noise for every task and for both the experts alone (step 0: zero-initialised
 connectors) and the stitched model. Each is scored with the latent AV-Align of ``soe.evaluate.sync_eval``
 and, with ``sample.sync_media``, decoded by the synthetic preview codec at the video's latent frame rate
-(one picture per latent frame, so optical flow sees the motion, not repeated frames), written as mp4 with
+(one picture per latent frame, so optical flow sees the motion, not repeated frames; click loudness below
+``AUDIO_GATE`` as silence, so librosa counts clicks, not a near-silent latent's hum), written as mp4 with
 the audio also beside it as a lossless ``.wav`` (which ``soe eval`` reads instead of the AAC track), and scored by ``soe eval``'s own pipeline (``soe.evaluate.run``: ``av_align`` on the decoded files, ``eval.json``
 in each folder).
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+AUDIO_GATE = 0.2  # click loudness below this decodes as silence: a true clip is 0 between clicks and ~1 on one
 GIVEN = {"joint": "nothing", "v2a": "the true video", "a2v": "the true audio"}
 GENERATED = {"joint": ("video", "audio"), "v2a": ("audio",), "a2v": ("video",)}
 
@@ -79,7 +81,8 @@ def write_media(latents: dict, experts: dict, folder: Path) -> list[Path]:
     from soe.media import media_sides, write_mp4
 
     v, a = media_sides(experts, "sample.sync_media")
-    vc, ac = SyntheticPreviewCodec(experts[v], fps=experts[v].latent_rate), SyntheticPreviewCodec(experts[a])
+    vc = SyntheticPreviewCodec(experts[v], fps=experts[v].latent_rate)
+    ac = SyntheticPreviewCodec(experts[a], gate=AUDIO_GATE)
     video, audio = vc.decode(latents[v]), ac.decode(latents[a])
     folder.mkdir(parents=True, exist_ok=True)
     out = []
