@@ -49,14 +49,14 @@ def task_sheet(alone: dict, stitched: dict, truth: dict, experts: dict, seconds:
 
     tasks = list(alone)
     bounces = sync_eval.events({s: x[clip: clip + 1] for s, x in truth.items()}, experts, seconds)[0][1]
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 2.2 * len(tasks) + 0.6), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 2.5 * len(tasks) + 0.6), squeeze=False, sharex=True)
     for r, task in enumerate(tasks):
         for c, (key, lat) in enumerate((("experts alone", alone), ("stitched", stitched))):
             s = scores[key]["tasks"][task]
             clip_sync = sync_eval.sync_score({k: x[clip: clip + 1] for k, x in lat[task].items()}, experts, seconds)
-            mean = f"mean of {scores['clips']} clips: sync {s['sync']:.2f}" + (f", AV-Align {s['av_align']:.2f}" if "av_align" in s else "")
+            mean = f"{scores['clips']} clips: sync {s['sync']:.2f}" + (f", AV-Align {s['av_align']:.2f}" if "av_align" in s else "")
             _panel(axes[r, c], lat[task], experts, seconds, clip, bounces, task,
-                   f"{task} (given {GIVEN[task]}) · {key} · this clip {clip_sync:.2f} ({mean})")
+                   f"{task} (given {GIVEN[task]}) · {key}\nthis clip: sync {clip_sync:.2f} · {mean}")
     axes[0, 0].legend(loc="upper right", fontsize=7)
     axes[-1, 0].set_xlabel("seconds (dashed: the true bounces)")
     axes[-1, 1].set_xlabel("seconds (dashed: the true bounces)")
