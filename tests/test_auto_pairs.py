@@ -103,3 +103,34 @@ def test_auto_pairs_recover_block_i_to_block_2i_of_two_experts_built_that_way():
     # fewer connectors: still pairs of the known alignment
     fewer, _ = choose_pairs(a, b, batch, batch, count=2, sigmas=(0.0,))
     assert len(fewer) == 2 and all(j == 2 * i for i, j in fewer)
+
+
+TINY = __import__("pathlib").Path(__file__).resolve().parent / "recipes" / "tiny.yaml"
+
+
+def test_inspect_auto_prints_the_pairs_it_chose_and_writes_the_heat_map(tmp_path, capsys):
+    from soe.cli import main
+    from soe.data.auto_pairs import choose_for_recipe, pair_chooser
+    from soe.recipe.builders import build_stitcher
+    from soe.recipe.reading import load_recipe
+
+    png = tmp_path / "cka.png"
+    over = ["stitch.pairs=auto", "stitch.auto.connectors=2", "stitch.auto.clips=2", "stitch.auto.sigmas=[0.5]", "data.seconds=1.0"]
+    assert main(["inspect", str(TINY), *over, "--heatmap", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "linear CKA" in out and "chose pairs" in out and png.stat().st_size > 0
+    cfg = load_recipe(TINY, over)
+    record = choose_for_recipe(cfg)
+    assert str([list(p) for p in record["pairs"]]) in out.replace("\n", "")
+    st = build_stitcher(cfg, auto_pairs=pair_chooser(cfg))  # what `soe stitch` builds: the same pairs
+    assert st.pairs == record["pairs"] and len(st.pairs) == 2
+    assert record["similarity"].shape == (st.a.num_blocks, st.b.num_blocks)
+    assert ((record["similarity"] >= 0) & (record["similarity"] <= 1 + 1e-9)).all()
+
+
+def test_auto_connectors_beyond_the_shallower_depth_fail_with_one_line(capsys):
+    from soe.cli import main
+
+    assert main(["inspect", str(TINY), "stitch.pairs=auto", "stitch.auto.connectors=9"]) == 2
+    err = capsys.readouterr().err
+    assert "stitch.auto.connectors" in err and len(err.strip().splitlines()) == 1
