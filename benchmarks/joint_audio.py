@@ -7,7 +7,9 @@ Samples ``--clips`` held-out clips jointly (same seeds, conditioning and noise) 
 * ``v->a off above S``: the trained run with the video -> audio connector outputs zeroed while the flow
   time is above S (the audio reads the video only once the video has formed); S = 1 is "as is";
 * ``v->a off``: those connectors zeroed at every step (the audio expert with its LoRA, the video stitched);
-* ``v2a``: the true video given (the audio reads a finished video at every step).
+* ``v2a``: the true video given (the audio reads a finished video at every step);
+* with ``--lora-off``: the trained run with the audio expert's LoRA disabled (connectors on; and with v->a off
+  too, which must give the experts-alone audio back).
 
 For each: sync (latent AV-Align), Frechet distances of the per-clip features to the true clips with a 95%
 bootstrap interval (clips resampled with replacement, 300 draws), onsets per clip and mean click loudness
@@ -62,7 +64,14 @@ class Gate:
 
 
 @torch.no_grad()
-def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint") -> tuple[dict, dict]:
+def audio_lora(model, enabled: bool) -> None:
+    """Switch the peft adapters of expert ``b`` (audio) on or off."""
+    for m in model.b.modules():
+        if hasattr(m, "enable_adapters") and hasattr(m, "lora_A"):
+            m.enable_adapters(enabled)
+
+
+def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora_off=False) -> tuple[dict, dict]:
     from soe.flow.conditioning import given_for_task
     from soe.recipe.builders import build_sampler
     from soe.sample.sampler import sample, stitched_predictor
@@ -76,10 +85,13 @@ def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint") -> t
 
     experts = {"a": model.a, "b": model.b}
     given = given_for_task(task, experts, truth) if task != "joint" else None
+    if lora_off:
+        audio_lora(model, False)
     try:
         lat = sample(experts, cond, seconds, build_sampler(cfg), gated, given=given)
     finally:
         gate.remove()
+        audio_lora(model, True)
     return {k: v.float() for k, v in lat.items()}, {s: float(np.mean(r)) for s, r in sorted(gate.ratios.items())}
 
 
@@ -101,6 +113,8 @@ def main(argv=None) -> dict:
     p.add_argument("--clips", type=int, default=96)
     p.add_argument("--above", type=float, nargs="*", default=[0.8, 0.5], help="flow times above which v->a is zeroed")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--lora-off", action="store_true", help="also: the audio LoRA disabled (with and without v->a)")
+    p.add_argument("--skip", nargs="*", default=[], help="variants to leave out, by their first word (alone, v2a, gated, off)")
     args = p.parse_args(argv)
     from soe.recipe.builders import build_stitcher
     from soe.recipe.reading import load_recipe
@@ -115,13 +129,18 @@ def main(argv=None) -> dict:
     seconds = cfg.sample.seconds or cfg.data.seconds
     cond, truth = sync_eval.held_out(experts, seconds, args.clips, cfg.seed)
     truth_feats = sync_eval.features(truth, experts, seconds)
-    variants = [("experts alone (step 0)", alone, None, "joint"), (f"stitched (step {step})", stitched, None, "joint"),
-                *((f"stitched, v->a off above sigma {s}", stitched, s, "joint") for s in args.above),
-                ("stitched, v->a off", stitched, -1.0, "joint"), ("stitched v2a (true video given)", stitched, None, "v2a")]
+    variants = [("experts alone (step 0)", alone, None, "joint", False), (f"stitched (step {step})", stitched, None, "joint", False),
+                *((f"stitched, v->a off above sigma {s}", stitched, s, "joint", False) for s in args.above),
+                ("stitched, v->a off", stitched, -1.0, "joint", False), ("stitched v2a (true video given)", stitched, None, "v2a", False)]
+    if args.lora_off:
+        variants += [("stitched, audio LoRA off", stitched, None, "joint", True),
+                     ("stitched, audio LoRA off, v->a off", stitched, -1.0, "joint", True)]
+    skip = {"alone": "experts alone", "v2a": "stitched v2a", "off": "stitched, v->a off", "gated": "stitched, v->a off above"}
+    variants = [v for v in variants if not any(v[0].startswith(skip[k]) and (k != "off" or v[0] == skip[k]) for k in args.skip)]
     out = {"run": str(args.run), "step": step, "clips": args.clips, "truth_onsets": float(np.mean(
         [len(audio_onsets(env, len(env) / seconds)) for _, _, _, env in sync_eval._signals(truth, experts)])), "variants": {}}
-    for name, model, above, task in variants:
-        lat, ratios = run_variant(model, cfg, cond, truth, seconds, above, task)
+    for name, model, above, task, lora_off in variants:
+        lat, ratios = run_variant(model, cfg, cond, truth, seconds, above, task, lora_off)
         out["variants"][name] = {**scores(lat, truth_feats, experts, seconds), "v_to_a_ratio": ratios}
     t = Table(title=f"{args.run} joint audio, {args.clips} held-out clips (95% bootstrap intervals); truth onsets/clip "
                     f"{out['truth_onsets']:.2f}")
