@@ -33,6 +33,18 @@ def collect(outs: list[Path], name: str) -> list[dict]:
     return [json.loads((o / rel / "sync_results.json").read_text())["scores"] for o in outs if (o / rel / "sync_results.json").is_file()]
 
 
+def paired(outs: list[Path], name: str, versus: str) -> str:
+    """``name`` minus ``versus`` seed by seed (same seed: same training stream and held-out clips), mean ± 95% t-interval."""
+    both = [(a, b) for a, b in zip(collect(outs, name), collect(outs, versus))]
+    cells = []
+    for m in MODES:
+        mean, half = interval([a[m]["sync"] - b[m]["sync"] for a, b in both])
+        cells.append(f"{mean:+.3f} ± {half:.3f}")
+    mean, half = interval([a["joint"]["frechet_audio"] - b["joint"]["frechet_audio"] for a, b in both])
+    cells.append(f"{mean:+.3f} ± {half:.3f}")
+    return f"| {name} - {versus} | {len(both)} | " + " | ".join(cells) + " |"
+
+
 def table(outs: list[Path], names: list[str]) -> str:
     head = "| run | seeds | " + " | ".join(f"sync {m}" for m in ("independent", *MODES)) + " | Frechet audio (joint) | Frechet audio (independent) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -55,8 +67,13 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("outs", nargs="+", type=Path, help="--out folders of sync_experiment.py, one per seed")
     p.add_argument("--runs", nargs="+", default=["base"], help="run names: base and/or ablation names")
+    p.add_argument("--versus", default=None, help="also each run minus this one, seed by seed (sync per mode, joint audio Frechet)")
     args = p.parse_args(argv)
     text = table(args.outs, args.runs)
+    if args.versus:
+        text += "\n\n| difference | seeds | " + " | ".join(f"sync {m}" for m in MODES) + " | Frechet audio (joint) |\n"
+        text += "|" + "---|" * (len(MODES) + 3) + "\n"
+        text += "\n".join(paired(args.outs, n, args.versus) for n in args.runs if n != args.versus)
     print(text)
     return text
 
