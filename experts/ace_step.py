@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from soe.errors import CheckpointNotFoundError
-from soe.plugin.expert import Batch, BlockState, Expert, TokenLayout, latent_frames
+from soe.plugin.expert import TEXT_FILES, Batch, BlockState, Expert, TokenLayout, hub_patterns, latent_frames
 from soe.plugin.registry import register_expert
 from soe.plugin.weights import WEIGHTS, FolderWeights, has_weights, load_weights
 
@@ -103,6 +103,10 @@ class AceStepV1Expert(Expert):
     modality = "audio"
     source = "soe.experts.ACEStepTransformer2DModel"  # soe's own, official checkpoint names
     presets = {"3.5b": ACE_STEP_V1_3_5B, "tiny": TINY}
+    license = "apache-2.0"  # ACE-Step/ACE-Step-v1-3.5B
+    # ACE-Step/ACE-Step-v1-3.5B's layout: one folder per part, fetched only for the key that needs it
+    hub_files = {"path": hub_patterns(SUBFOLDER), "codec_path": hub_patterns("music_dcae_f8c8", "music_vocoder"),
+                 "text_encoder_path": hub_patterns("umt5-base", "lyric_tokenizer", files=TEXT_FILES)}
     flow_shift = 3.0
     flow_loss = "x0"  # ACE-Step v1 trains on x0_pred = x_t - sigma * v
     # CFG's null branch (ACE-Step's pipeline and UniVerse-1 alike): text states, speaker embedding and
@@ -138,6 +142,10 @@ class AceStepV1Expert(Expert):
         if dtype is not None:
             nn.Module.to(model, dtype=dtype)  # ModelMixin.to logs a spurious fp32 warning on every dtype cast
         return cls(model.eval(), **options)
+
+    @classmethod
+    def architecture_names(cls) -> list[str]:
+        return [k for k in MODEL_DEFAULTS if k not in OPTIONS]
 
     @classmethod
     def stand_in(cls, config: dict) -> "AceStepV1Expert":

@@ -30,6 +30,7 @@ MODEL_DEFAULTS = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layer
 @register_expert
 class AceStep15Expert(DiffusersExpert):
     expert_keys = EXPERT_KEYS
+    model_defaults = MODEL_DEFAULTS
     name = "ace-step-1.5"
     modality = "audio"
     source = "diffusers.AceStepTransformer1DModel"

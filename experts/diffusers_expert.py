@@ -1,6 +1,8 @@
 """Shared plumbing for experts whose model is a diffusers ``ModelMixin`` saved as a diffusers folder."""
 from __future__ import annotations
 
+import inspect
+
 import json
 from pathlib import Path
 from typing import ClassVar
@@ -9,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from soe.errors import CheckpointNotFoundError
-from soe.plugin.expert import Expert
+from soe.plugin.expert import Expert, hub_patterns
 
 
 def cast_keeping_fp32(model, dtype):
@@ -42,12 +44,24 @@ class DiffusersExpert(Expert):
 
     model_class: ClassVar[type] = None  # the diffusers ModelMixin; or override model_cls() to import it lazily
     expert_keys: ClassVar[tuple[str, ...]] = ()  # constructor options of the expert, not of the model
+    model_defaults: ClassVar[dict | None] = None  # the model constructor's keyword defaults (stand-ins; recipe key checks)
     subfolder: ClassVar[str] = "transformer"
+    # a Hub repo id fetches the pipeline's transformer/ (or a transformer repo's own files) and its vae/ for the codec
+    hub_files: ClassVar[dict[str, tuple[str, ...]]] = {"path": hub_patterns("transformer"), "codec_path": hub_patterns("vae")}
 
     @classmethod
     def model_cls(cls) -> type:
         """The model class. Built-in plugins import it here, so listing experts imports no diffusers model."""
         return cls.model_class
+
+    @classmethod
+    def architecture_names(cls) -> list[str]:
+        """The model's constructor arguments: the family's copy of its defaults (``model_defaults``, which
+        ``soe inspect`` reads without importing diffusers), else the model class's signature."""
+        if cls.model_defaults is not None:
+            return list(cls.model_defaults)
+        params = list(inspect.signature(cls.model_cls().__init__).parameters.values())[1:]
+        return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
     @classmethod
     def split_config(cls, config: dict) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from soe.experts.diffusers_expert import DiffusersExpert
-from soe.plugin.expert import Batch, BlockState, TokenLayout, latent_frames
+from soe.plugin.expert import TEXT_FILES, Batch, BlockState, TokenLayout, hub_patterns, latent_frames
 from soe.plugin.registry import register_expert
 
 if TYPE_CHECKING:
@@ -34,12 +34,16 @@ WAN_MODEL_DEFAULTS = dict(patch_size=(1, 2, 2), num_attention_heads=40, attentio
 @register_expert
 class WanExpert(DiffusersExpert):
     expert_keys = EXPERT_KEYS
+    model_defaults = WAN_MODEL_DEFAULTS
     name = "wan2.1"
     modality = "video"
     source = "diffusers.WanTransformer3DModel"
     lora_targets = (r"blocks\.\d+\.attn1\.to_(q|k|v|out\.0)$", r"blocks\.\d+\.attn2\.to_(q|k|v|out\.0)$",
                     r"blocks\.\d+\.ffn\.net\.(0\.proj|2)$")
     condition_keys = ("encoder_hidden_states",)
+    # a Hub pipeline repo: transformer/ for path, vae/ for codec_path, the umT5-XXL only for text_encoder_path
+    hub_files = {**DiffusersExpert.hub_files, "text_encoder_path": hub_patterns("text_encoder", "tokenizer", files=TEXT_FILES)}
+    license = "apache-2.0"  # Wan2.1 and Wan2.2 weights
     null_condition = "negative_prompt"  # Wan's pipeline (and UniVerse-1) encode a negative prompt, "" by default
     # "after_self_attn": the residual stream after self-attention; "cross_attn_input": the same after
     # norm2 (what UniVerse-1 pools per latent frame for the audio side).

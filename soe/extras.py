@@ -1,7 +1,7 @@
 """Optional extras: features that need a package not every user installs.
 
 ``pip install 'soe[tensorboard]'`` (TensorBoard logs), ``'soe[plots]'`` (matplotlib: contact sheets of
-generated samples, ``loss_curves.png``), ``'soe[all]'``. A feature whose extra is missing says so in one line.
+generated samples, ``loss_curves.png``), ``'soe[app]'`` (gradio: ``soe app``), ``'soe[all]'``. A feature whose extra is missing says so in one line.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from importlib.util import find_spec
 
 from soe.errors import SoeError
 
-EXTRAS = {"tensorboard": "tensorboard", "matplotlib": "plots"}  # module -> extra that installs it
+EXTRAS = {"tensorboard": "tensorboard", "matplotlib": "plots", "gradio": "app"}  # module -> extra that installs it
 
 
 class MissingExtraError(SoeError, ImportError):

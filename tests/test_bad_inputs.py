@@ -29,7 +29,9 @@ ACE_V1 = ["experts.b.name=ace-step", "experts.b.options={sample_rate: 25600}"]
 
 # ---- helpers -------------------------------------------------------------------------------------
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file (by content) and folder (an empty one left behind counts) under ``root``."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
 
 
 def fails_cleanly(argv, capsys, root: Path, message: str) -> str:
@@ -666,3 +668,315 @@ def test_stitcher_refuses_what_is_not_two_experts_with_one_soe_error(demo_stitch
         Stitcher(*args)
     assert str(info.value).startswith(expected) and len(str(info.value).splitlines()) == 1
     assert all(torch.equal(before[n], p) for n, p in a.model.state_dict().items())  # nothing was hooked or changed
+
+
+# ---- issue 33: the newer commands (export, generate with given media, encode, convert), recipes, resume ------
+# Same contract: exit 2, one line naming the key or file, no traceback, the file tree (files and folders) before ==
+# after. Count (issue 33): 56 more bad inputs in 56 cases (EXPORT 8, CONVERT 9 + 1 with --force, ENCODE 6, GENERATE 7,
+# OUTPUT_PLACE 8, RECIPE 14 each through inspect and stitch, the plots extra x2, a moved run), plus one control case
+# of 3 good inputs; this file now collects 221 cases. On the code before issue 33, 53 of these 57 cases failed
+# (measured by running this file against that code): tracebacks (export/convert/encode/generate output places,
+# devices, convert's --every 0, JSONDecodeError, KeyError, UnicodeDecodeError, DecompressionBombError), silent
+# acceptance (data.path with synthetic data, tasks a one-way stitch cannot serve, seed -1, seconds under one latent
+# frame, inf guidance/shift/extend, an expert option that is a model key, an --allow-changes typo, a resume without
+# recipe.yaml, a run into a folder holding trained/), files or folders left behind (RUN/export/, an encode cache
+# folder), results overwritten (convert into an earlier conversion or trained/, encode into a run, a moved run
+# training the same steps twice) and unclear messages (expert-key typos named the section, not the key, with no
+# suggestion; --every/--audio-blocks without the option's name).
+import errno  # noqa: E402
+import tempfile  # noqa: E402
+
+from omegaconf import OmegaConf  # noqa: E402
+
+
+class _Tmp(type(Path())):
+    """tmp_path that also carries a case's helpers (``t.ro``, ``t.clips``, ...) for the tables' lambdas."""
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)`` makes ``folder`` refuse new files: mode 0o555 for a normal user and, since root ignores
+    modes, the file system's EROFS for every file soe's output check creates under it (as a read-only mount does)."""
+    folders, real = [], tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        where = Path(dir or ".").resolve()
+        if any(where == f or f in where.parents for f in folders):
+            raise OSError(errno.EROFS, "Read-only file system", str(where))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        folders.append(folder.resolve())
+        folder.chmod(0o555)
+        return folder
+
+    yield make
+    for f in folders:
+        f.chmod(0o755)
+
+
+@pytest.fixture
+def run_folder(trained_folder, tmp_path):
+    """A run folder as `soe stitch` leaves it (recipe.yaml + trained/), without training."""
+    cfg, good = trained_folder
+    run = tmp_path / "run"
+    shutil.copytree(good, run / "trained")
+    OmegaConf.save(cfg, run / "recipe.yaml")
+    return run
+
+
+def _recipe_change(run: Path, key: str, value) -> None:
+    cfg = OmegaConf.load(run / "recipe.yaml")
+    OmegaConf.update(cfg, key, value, merge=False)
+    OmegaConf.save(cfg, run / "recipe.yaml")
+
+
+def _then(*effects) -> list:
+    """No extra arguments: the case is made by ``effects`` (evaluated as the call's arguments)."""
+    return []
+
+
+EXPORT_CASES = {  # (prepare(run, tmp) -> extra argv, message)
+    "out-under-a-file": (lambda r, t: ["--out", f"{_file(t)}/sub"], "--out: '{t}/a_file.txt' is a file"),
+    "out-inside-trained": (lambda r, t: ["--out", f"{r}/trained/x"], "--out: '{r}/trained/x' is inside '{r}/trained'"),
+    "out-read-only": (lambda r, t: ["--out", f"{t.ro(t / 'ro')}/x"], "--out: cannot write to '{t}/ro' (read-only file system)"),
+    "run-read-only": (lambda r, t: _then(t.ro(r)), "--out: cannot write to '{r}' (read-only file system)"),
+    "no-lora-trained": (lambda r, t: _then(_recipe_change(r, "experts.a.train", "frozen"), _recipe_change(r, "experts.b.train", "frozen")),
+                        "no expert of this run trained a LoRA"),
+    "truncated-adapter": (lambda r, t: _then(CORRUPTIONS["truncated"](r / "trained" / "lora_a" / "adapter_model.safetensors")),
+                          "lora_a"),
+    "moved-expert-path": (lambda r, t: ["--format", "merged", *_then(_recipe_change(r, "experts.a.path", str(t / "moved")))],
+                          "experts.a.path"),
+    "not-a-run-folder": (lambda r, t: _then(shutil.rmtree(r / "trained")), "is not a run folder of `soe stitch`"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_that_cannot_work_leaves_nothing(run_folder, read_only, tmp_path, capsys, case):
+    """Each was a traceback (FileExistsError, OSError) or left an empty RUN/export/ behind."""
+    prepare, message = EXPORT_CASES[case]
+    tmp_path = _Tmp(tmp_path)
+    tmp_path.ro = read_only
+    extra = prepare(run_folder, tmp_path)
+    fmt = [] if "--format" in extra else ["--format", "diffusers"]
+    fails_cleanly(["export", str(run_folder), *fmt, *extra], capsys, tmp_path, message.format(t=tmp_path, r=run_folder))
+
+
+def _release(folder: Path, config: str | None = '{"num_layers": 1}', keys=("blocks.0.mel_attn.to_q.weight", "blocks.0.attn1.to_q.weight")):
+    """A (partial) UniVerse-1 release: a few fused-block tensors, optionally a config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: torch.zeros(2, 2) for k in keys}, folder / "diffusion_pytorch_model.safetensors")
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    return folder
+
+
+def _earlier_conversion(dst: Path) -> list:
+    dst.mkdir()
+    (dst / "universe1.json").write_text("{}")
+    save_file({"x": torch.zeros(1)}, dst / "connectors.safetensors")
+    return []
+
+
+CONVERT_CASES = {  # (prepare(src, dst, tmp) -> (src, dst, extra argv), message)
+    "every-0": (lambda s, d, t: (s, d, ["--every", "0"]), "convert --every: expected a positive integer"),
+    "every-negative": (lambda s, d, t: (s, d, ["--every", "-2"]), "convert --every: expected a positive integer"),
+    "audio-blocks-0": (lambda s, d, t: (s, d, ["--audio-blocks", "0"]), "convert --audio-blocks: expected a positive integer"),
+    "config-not-json": (lambda s, d, t: (_release(s, config="{not json"), d, []), "convert: '{t}/src/config.json' is not valid JSON"),
+    "only-some-fused-keys": (lambda s, d, t: (s, d, []), "lacks tensor 'speaker_embedder.weight'"),
+    "dst-is-a-file": (lambda s, d, t: (s, _file(t, "dst"), []), "convert DST: '{t}/dst' is a file"),
+    "dst-inside-src": (lambda s, d, t: (s, s / "out", []), "convert DST: '{t}/src/out' is inside '{t}/src'"),
+    "dst-holds-a-conversion": (lambda s, d, t: (s, d, _earlier_conversion(d)), "already holds earlier results (connectors.safetensors, universe1.json)"),
+    "dst-is-a-runs-trained": (lambda s, d, t: (s, t.trained, []), "already holds earlier results (connectors.safetensors, lora_a, lora_b"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONVERT_CASES))
+def test_convert_universe1_bad_arguments(trained_folder, tmp_path, capsys, case):
+    """Each was a traceback (ZeroDivisionError, JSONDecodeError, KeyError, FileExistsError) or overwrote results."""
+    tmp_path = _Tmp(tmp_path)
+    tmp_path.trained = shutil.copytree(trained_folder[1], tmp_path / "run" / "trained")
+    src, dst, extra = CONVERT_CASES[case][0](_release(tmp_path / "src"), tmp_path / "dst", tmp_path)
+    fails_cleanly(["convert", "universe1", str(src), str(dst), *extra], capsys, tmp_path, CONVERT_CASES[case][1].format(t=tmp_path))
+
+
+def test_convert_force_replaces_an_earlier_conversion_and_refuses_nothing_else(tmp_path, capsys):
+    """The control of the case above: with --force an earlier conversion is replaced (here the partial release
+    then fails, and the earlier files stay as they were: a failed conversion removes only what it made)."""
+    dst = tmp_path / "dst"
+    _earlier_conversion(dst)
+    fails_cleanly(["convert", "universe1", str(_release(tmp_path / "src")), str(dst), "--force"], capsys, tmp_path,
+                  "lacks tensor 'speaker_embedder.weight'")
+
+
+@pytest.fixture(scope="module")
+def one_clip(tmp_path_factory):
+    from test_encode import make_clip
+
+    src = tmp_path_factory.mktemp("one_clip")
+    make_clip(src / "a.mp4", seconds=1.2)
+    (src / "a.txt").write_text("a white square")
+    return src
+
+
+def _clips_with(src: Path, t: Path, name: str, data: bytes) -> Path:
+    clips = shutil.copytree(src, t / "clips")
+    (clips / name).write_bytes(data)
+    return clips
+
+
+ENCODE_CASES = {  # (prepare(src, tmp) -> (src, out, overrides), message)
+    "device-tpu": (lambda s, t: (s, t / "enc", ["encode.device=tpu"]), "encode.device: expected cpu, cuda, cuda:N or mps, got 'tpu'"),
+    "device-cuda-3": (lambda s, t: (s, t / "enc", ["encode.device=cuda:3"]), "encode.device: 'cuda:3', but this machine has"),
+    "annotator-missing": (lambda s, t: (_clips_with(s, t, "b.mp4", s.joinpath("a.mp4").read_bytes()), t / "enc",
+                                        [f"encode.annotator={t / 'no_model'}"]), "{t}/no_model"),
+    "captions-jsonl-latin1": (lambda s, t: (_clips_with(s, t, "captions.jsonl", '{"path": "a.mp4", "caption": "été"}\n'.encode("latin-1")),
+                                            t / "enc", []), "{t}/clips/captions.jsonl: not UTF-8 text"),
+    "sidecar-latin1": (lambda s, t: (_clips_with(s, t, "a.txt", "été".encode("latin-1")), t / "enc", []), "{t}/clips/a.txt: not UTF-8 text"),
+    "out-in-a-run-folder": (lambda s, t: (s, t.run, []), "soe encode --out: '{t}/run' is a run folder of `soe stitch` (holds trained)"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENCODE_CASES))
+def test_encode_bad_settings_and_places(one_clip, run_folder, tmp_path, capsys, case):
+    """Each was a traceback (torch RuntimeError, UnicodeDecodeError), left its output folder, or wrote into a run."""
+    tmp_path = _Tmp(tmp_path)
+    tmp_path.run = run_folder
+    src, out, overrides = ENCODE_CASES[case][0](one_clip, tmp_path)
+    fails_cleanly(["encode", DEMO, str(src), "--out", str(out), *overrides], capsys, tmp_path, ENCODE_CASES[case][1].format(t=tmp_path))
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` (a decompression bomb), with no pixel data to speak of."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b""))
+    return path
+
+
+GENERATE_33_CASES = {  # (overrides(tmp), message)
+    "device-cuda": (lambda t: ["sample.device=cuda"], "sample.device: 'cuda', but this machine has no CUDA GPU"),
+    "device-tpu": (lambda t: ["sample.device=tpu"], "sample.device: expected cpu, cuda, cuda:N or mps, got 'tpu'"),
+    "seed-negative": (lambda t: ["seed=-1"], "sample.seed: expected an integer in [0, 2**32 - 1], got -1"),
+    "seconds-under-one-latent-frame": (lambda t: ["seconds=0.001"], "sample.seconds: 0.001 s is shorter than one latent frame"),
+    "guidance-inf": (lambda t: ["sample.guidance.a=inf"], "sample.guidance.a: expected a positive finite number, got inf"),
+    "image-decompression-bomb": (lambda t: [f"image={_png_claiming(t / 'bomb.png', 30000, 30000)}"],
+                                 "sample.image: '{t}/bomb.png' is not a usable image"),
+    "out-read-only": (lambda t: [f"out={t.ro(t / 'ro')}/samples"], "sample.out: cannot write to '{t}/ro' (read-only file system)"),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATE_33_CASES))
+def test_generate_bad_values_and_given_media(read_only, tmp_path, capsys, case):
+    tmp_path = _Tmp(tmp_path)
+    tmp_path.ro = read_only
+    overrides, message = GENERATE_33_CASES[case]
+    extra = overrides(tmp_path)
+    out = [] if any(o.startswith("out=") for o in extra) else [f"out={tmp_path / 'out'}"]
+    fails_cleanly(["generate", DEMO, *BASE, *extra, *out], capsys, tmp_path, message.format(t=tmp_path))
+
+
+OUTPUT_PLACE_CASES = {  # argv(tmp) for commands whose output folder cannot be written, message
+    "stitch-run-dir-read-only": (lambda t: stitch(t.ro(t / "ro") / "run"), "run_dir: cannot write to '{t}/ro' (read-only file system)"),
+    "encode-out-read-only": (lambda t: ["encode", DEMO, str(t.clips), "--out", str(t.ro(t / "ro") / "c")],
+                             "soe encode --out: cannot write to '{t}/ro'"),
+    "encode-out-inside-src": (lambda t: ["encode", DEMO, str(t.clips), "--out", str(t.clips / "cache")],
+                              "soe encode --out: '{t}/clips/cache' is inside '{t}/clips'"),
+    "convert-dst-read-only": (lambda t: ["convert", "universe1", str(_release(t / "src")), str(t.ro(t / "ro") / "d")],
+                              "convert DST: cannot write to '{t}/ro'"),
+    "stitch-into-a-folder-with-trained": (lambda t: stitch((t / "old" / "trained").mkdir(parents=True) or t / "old"),
+                                          "run_dir: '{t}/old' already holds trained/ of an earlier run"),
+    "resume-without-recipe-yaml": (lambda t: stitch(t.resumable(recipe=False), "resume=true", "optim.lr=0.5"),
+                                   "resume: '{t}/r/recipe.yaml' is missing"),
+    "allow-changes-unknown-key": (lambda t: [*stitch(t.resumable(), "resume=true"), "--allow-changes", "optim.lrr"],
+                                  "--allow-changes optim.lrr: not a key of the recipe (did you mean 'optim.lr'?)"),
+    "stitch-run-dir-under-a-file": (lambda t: stitch(_file(t) / "run"), "run_dir: '{t}/a_file.txt' is a file"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_PLACE_CASES))
+def test_output_places_and_resume_guards(one_clip, read_only, tmp_path, capsys, case):
+    tmp_path = _Tmp(tmp_path)
+    tmp_path.ro, tmp_path.clips = read_only, shutil.copytree(one_clip, tmp_path / "clips")
+
+    def resumable(recipe=True):  # what a resume checks before it reads the checkpoint: a last.ckpt and the recipe
+        run = tmp_path / "r"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"not read: refused before")
+        if recipe:
+            OmegaConf.save(load_recipe(DEMO, BASE), run / "recipe.yaml")
+        return run
+    tmp_path.resumable = resumable
+    argv, message = OUTPUT_PLACE_CASES[case]
+    fails_cleanly(argv(tmp_path), capsys, tmp_path, message.format(t=tmp_path))
+
+
+RECIPE_33_CASES = [
+    (["experts.b.architecture.num_layer=2"], "experts.b.architecture.num_layer: not a model-config key of expert 'ace-step-1.5' "
+                                             "(did you mean 'num_hidden_layers'?)"),
+    (["experts.a.architecture.num_layer=2"], "experts.a.architecture.num_layer: not a model-config key of expert 'wan2.1' "
+                                             "(did you mean 'num_layers'?)"),
+    (["experts.a.options.fsp=25"], "experts.a.options.fsp: not an option of expert 'wan2.1' (did you mean 'fps'?)"),
+    (["experts.b.options.sample_rte=48000"], "experts.b.options.sample_rte: not an option of expert 'ace-step-1.5' "
+                                             "(did you mean 'sample_rate'?)"),
+    (["experts.a.options.num_layers=2"], "experts.a.options.num_layers: not an option of expert 'wan2.1'"),
+    ([*ACE_V1, "experts.b.options.speaker_tokn=false"], "experts.b.options.speaker_tokn: not an option of expert 'ace-step' "
+                                                        "(did you mean 'speaker_token'?)"),
+    (["stitch.conector.hidden=8"], "stitch.conector: Key 'conector' not in"),
+    (["data.path=/somewhere"], "data.path: '/somewhere' has no effect with data.kind 'synthetic'"),
+    (["stitch.direction=a_to_b", "flow.tasks={a2v: 1.0}"], "flow.tasks.a2v: the audio is given and the video generated, but "
+                                                           "stitch.direction 'a_to_b' only carries video to audio"),
+    (["stitch.direction=b_to_a", "flow.tasks={joint: 1.0, v2a: 1.0}"], "flow.tasks.v2a: the video is given and the audio generated"),
+    (["data.seconds=0.01"], "data.seconds: 0.01 s is shorter than one latent frame of expert a ('wan2.1')"),
+    (["sample.shift.a=inf"], "sample.shift.a: expected a positive finite number, got inf"),
+    (["sample.seed=4294967296"], "sample.seed: expected an integer in [0, 2**32 - 1]"),
+    (["sample.extend_seconds=inf"], "sample.extend_seconds: expected a positive number of seconds, got inf"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", RECIPE_33_CASES, ids=[" ".join(o) for o, _ in RECIPE_33_CASES])
+def test_recipe_keys_refused_at_every_depth(tmp_path, capsys, overrides, message):
+    """Typos in free-form sections (checked against the expert's constructor and model config, with the closest
+    key), keys with no effect in the chosen mode and numbers out of their domain: refused by inspect and stitch."""
+    for command in ("inspect", "stitch"):
+        argv = [command, DEMO, *overrides] if command == "inspect" else stitch(tmp_path / "run", *overrides)
+        fails_cleanly(argv, capsys, tmp_path, message)
+
+
+def test_tasks_with_weight_zero_and_two_way_stitches_are_not_refused(tmp_path, capsys):
+    """The controls: a task a one-way stitch cannot serve is fine at weight 0 (never drawn) or with direction both."""
+    assert main(["inspect", DEMO, "stitch.direction=a_to_b", "flow.tasks={joint: 1.0, a2v: 0.0}"]) == 0
+    assert main(["inspect", DEMO, "stitch.direction=both", "flow.tasks={a2v: 1.0}"]) == 0
+    assert main(["inspect", DEMO, "stitch.direction=a_to_b", "flow.tasks={v2a: 1.0}"]) == 0
+
+
+@pytest.mark.parametrize("command", ["generate", "stitch"])
+def test_a_missing_plots_extra_fails_before_anything_is_written(tmp_path, capsys, monkeypatch, command):
+    """Without matplotlib, generate used to write sample_00.mp4 and then fail on the contact sheet, and stitch to
+    train to the end and then fail on its end-of-run samples."""
+    import soe.extras
+
+    real = soe.extras.find_spec
+    monkeypatch.setattr(soe.extras, "find_spec", lambda m: None if m == "matplotlib" else real(m))
+    argv = (["generate", DEMO, *BASE, f"out={tmp_path / 'out'}"] if command == "generate"
+            else stitch(tmp_path / "run", "sample.at_end=true"))
+    fails_cleanly(argv, capsys, tmp_path, "contact sheets (PNG) of the samples: not available without matplotlib")
+
+
+@pytest.mark.slow
+def test_a_moved_run_folder_resumes_into_its_own_last_checkpoint(one_step_run, tmp_path, capsys):
+    """Lightning's checkpoint callback keeps the run's old absolute path: a moved run wrote last-v1.ckpt and left
+    last.ckpt at the old step, so the next resume trained the same steps again. Resume follows the folder."""
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(one_step_run, moved)  # as `mv` leaves it: the same files at another path
+    assert main(stitch(moved, "resume=true", "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=1")) == 0
+    names = sorted(p.name for p in (moved / "checkpoints").iterdir())
+    assert not [n for n in names if n.startswith("last-v")], names
+    assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2

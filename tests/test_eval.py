@@ -134,7 +134,7 @@ def test_eval_command_writes_json_and_table(clips, tmp_path, capsys):
     assert result["clips"] == {"aac_only": {"av_align": 1.0}, "late": {"av_align": 0.0}, "sync": {"av_align": 1.0}}
     assert result["mean"] == {"av_align": pytest.approx(2 / 3)}
     assert result["failed"] == {} and result["set"] == {}
-    assert set(result["skipped"]) == {"clap_score", "clip_score", "id_consistency", "wer", "fd_audio", "fd_video"}
+    assert set(result["skipped"]) == {"clap_score", "clip_score", "id_consistency", "wer", "desync", "sync_offset", "fd_audio", "fd_video"}
     assert "TempoTokens" in result["definitions"]["av_align"]
     text = capsys.readouterr().out
     assert "av_align" in text and "0.6667" in text

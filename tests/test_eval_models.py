@@ -185,7 +185,7 @@ def test_eval_command_runs_every_metric_from_a_models_folder(models, tmp_path):
     (samples / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["eval", str(samples), "--models", str(models), "--reference", str(reference), "--out", str(tmp_path / "1.json")]) == 0
     r = json.loads((tmp_path / "1.json").read_text())
-    assert r["skipped"] == {} and r["failed"] == {}
+    assert set(r["skipped"]) == {"desync", "sync_offset"} and r["failed"] == {}  # no synchformer/: tests/test_synchformer.py
     assert set(r["clips"]["a"]) == {"av_align", "clap_score", "clip_score", "id_consistency", "wer"}
     assert set(r["clips"]["b"]) == {"av_align", "clap_score", "clip_score"}  # no image, no transcript
     for v in r["clips"].values():

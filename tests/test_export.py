@@ -171,7 +171,7 @@ def test_merged_export_equals_the_unmerged_stitch_and_has_no_lora(tmp_path):
                  **{"ace-step": {"options": {"sample_rate": 25600}}})
     st, _ = trained_run(cfg)
     out = export_run(cfg.run_dir, "merged", tmp_path / "merged")
-    assert sorted(p.name for p in out.iterdir()) == ["expert_a", "expert_b", "recipe.yaml", "stitch.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "expert_a", "expert_b", "recipe.yaml", "stitch.safetensors"]  # + the model card
     with safe_open(out / "stitch.safetensors", "pt") as f:
         kinds = {k.split(".")[0] + "." + k.split(".")[1] for k in f.keys()}
     assert {"connectors.a_to_b", "connectors.b_to_a", "fusion.inserted", "fusion.kv"} <= kinds, kinds

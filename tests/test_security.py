@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from soe.cli import main
 from soe.errors import CheckpointError
+from soe.recipe.reading import load_recipe
 from soe.train.checkpoint import AtomicCheckpointIO, read_checkpoint
 
 ROOT = Path(__file__).parents[1]
@@ -47,6 +49,7 @@ def test_resume_from_a_malicious_last_ckpt_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     malicious_checkpoint(run / "checkpoints" / "last.ckpt", marker)
     argv = ["stitch", DEMO, f"run_dir={run}", "resume=true", "data.num_clips=8", "data.batch_size=2", "trainer.max_steps=2"]
+    OmegaConf.save(load_recipe(DEMO, argv[2:]), run / "recipe.yaml")  # the run's own recipe: the resume reaches the checkpoint
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "refused" in err and "last.ckpt" in err and len(err.splitlines()) == 1, err

@@ -253,7 +253,7 @@ def test_convert_reads_block_counts_and_architecture_from_the_release(tmp_path):
         for name in ("blocks.3.mel_ff.point_conv.conv.weight", "blocks.1.mel_cross_attn.add_k_proj.weight",
                      "blocks.2.attn1.add_v_proj.weight"):
             save_file(dict(released, **{name: released[name] * 1.5}), src / "diffusion_pytorch_model.safetensors")
-            convert_universe1(src, tmp_path / "scratch", every=1)
+            convert_universe1(src, tmp_path / "scratch", every=1, force=True)  # replaces the previous round's files
             load_trained(st, tmp_path / "scratch")
             got = st(ba, bb)
             assert not all(torch.allclose(g, r) for g, r in zip(got, ref)), name

@@ -11,7 +11,8 @@ recipe, the ``config.json`` files its expert folders hold, the installed ``soe.e
 the source of soe and of every expert plugin involved (file contents, not dates), and the versions of
 python, torch, diffusers, peft, timm and transformers. Change any of them and the tables are computed
 again. Not cached: experts registered at run time (``@register_expert``, they have no source to
-fingerprint), recipes with ``lora.init_from`` (the LoRA file decides the counts), ``--details``.
+fingerprint), recipes with ``lora.init_from`` (the LoRA file decides the counts), ``--details``. An expert
+path that is a Hub repo id keys on the commit its revision points at in the local Hugging Face cache.
 
 The folder is ``$SOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/soe``, else ``~/.cache/soe``; ``--no-cache``
 skips it. A folder that cannot be written, or a damaged file, only means the tables are computed.
@@ -98,6 +99,8 @@ def recipe_key(cfg) -> str | None:
 
     from soe.recipe.validate import _find_config_json
 
+    from soe.hub import cached_commit, parse_hub_id
+
     eps = expert_entry_points()
     sides = [cfg.experts[s] for s in ("a", "b")]
     registry = _runtime_registry()
@@ -106,6 +109,10 @@ def recipe_key(cfg) -> str | None:
         return None
     configs = {}
     for e in sides:
+        ref = parse_hub_id(e.path)
+        if ref is not None:  # a Hub repo id: the commit its revision points at in the local HF cache (a new download moves it)
+            configs[str(ref)] = cached_commit(ref)
+            continue
         found = _find_config_json(Path(e.path)) if e.path is not None else None
         if found is not None:
             configs[str(found)] = hashlib.sha256(found.read_bytes()).hexdigest()

@@ -1,4 +1,4 @@
-"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``eval``, ``encode``, ``convert``, ``export``.
+"""The ``soe`` command: ``experts``, ``inspect``, ``stitch``, ``generate``, ``app``, ``eval``, ``encode``, ``annotate``, ``convert``, ``export``.
 
 Start-up stays fast: this module imports only argparse, rich and ``soe.errors``; each subcommand
 imports what it needs (torch, diffusers, Lightning) when it runs.
@@ -120,6 +120,16 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_app(args) -> int:
+    from soe.cli.app import launch
+
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port: expected a TCP port between 1 and 65535, got {args.port}")
+    overrides = [f"sample.{o}" if o.split("=", 1)[0] in SAMPLE_SHORT_KEYS else o for o in args.overrides]
+    launch(args.recipe, overrides, host=args.host, port=args.port)
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from rich.markup import escape as esc
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -149,7 +159,16 @@ def _cmd_eval(args) -> int:
 def _cmd_encode(args) -> int:
     from soe.data.encode import encode_command
 
-    encode_command(args.recipe, args.src, args.overrides, out=args.out, workers=args.workers, console=console, shard=args.shard)
+    encode_command(args.recipe, args.src, args.overrides, out=args.out, workers=args.workers, console=console, shard=args.shard,
+                   annotations=args.annotations)
+    return 0
+
+
+def _cmd_annotate(args) -> int:
+    from soe.data.annotate_run import annotate_command
+
+    annotate_command(args.recipe, args.src, args.overrides, out=args.out, shard=args.shard, console=console, workers=args.workers,
+                     flags={"--asr": args.asr, "--captioner": args.captioner, "--device": args.device})
     return 0
 
 
@@ -187,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stitch":
             sp.add_argument("--allow-changes", nargs="+", metavar="KEY", default=[],
                             help="on resume, accept these recipe keys (or sections) differing from the run's recipe.yaml")
+    app = sub.add_parser("app", help="a Gradio app to try a trained stitch in the browser (pip install 'soe[app]')")
+    app.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe")
+    app.add_argument("overrides", nargs="*", help="ckpt=RUN and other key=value overrides, as for soe generate")
+    app.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    app.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    app.set_defaults(func=_cmd_app)
     ev = sub.add_parser("eval", help="judge generated clips on decoded media: AV-Align, CLAP/CLIP scores, ID consistency, WER, FDs")
     ev.add_argument("samples", help="folder of mp4 clips (a `soe generate` output folder) or a run folder (its generated/ clips)")
     ev.add_argument("--reference", default=None, metavar="DIR", help="folder of real clips for the set metrics (fd_audio, fd_video)")
@@ -206,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--every", type=int, default=4, help="one audio block was inserted after every EVERY (stitch.depth.every)")
     conv.add_argument("--audio-blocks", type=int, default=None,
                       help="the audio expert's own depth (default: read off the checkpoint's fused depth and --every)")
+    conv.add_argument("--force", action="store_true", help="replace an earlier conversion (or trained files) in DST")
     conv.set_defaults(func=_cmd_convert)
     enc = sub.add_parser("encode", help="encode a folder of audio-video clips + captions into a latent cache (soe.data)")
     enc.add_argument("recipe", help="recipe YAML file (experts, codec/text encoder folders, data.seconds)")
@@ -213,14 +239,32 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", default=None, help="cache folder (default: data.path of the recipe)")
     enc.add_argument("--workers", type=int, default=0, help="decode processes (0: decode in this process)")
     enc.add_argument("--shard", default=None, metavar="I/N", help="encode part I of N (one process per GPU or node); the last to finish merges")
+    enc.add_argument("--annotations", default=None, metavar="FILE",
+                     help="annotations.jsonl of soe annotate: each window's own text (default: SRC/annotations.jsonl when present)")
     enc.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and encode.<key>=value settings")
     enc.set_defaults(func=_cmd_encode)
+    ann = sub.add_parser("annotate", help="give each training window of a folder of clips its own caption, sound description and transcript")
+    ann.add_argument("recipe", help="recipe YAML file (the experts and data.seconds decide where windows fall, as in soe encode)")
+    ann.add_argument("src", help="folder of video files (clip.words.json sidecars or words in captions.jsonl: timed transcripts)")
+    ann.add_argument("--out", default=None, metavar="FILE",
+                     help="annotations file, one JSON line per window (default: SRC/annotations.jsonl; cache and shard logs in FILE.parts/)")
+    ann.add_argument("--asr", default=None, metavar="PATH", help="local Whisper folder: word-timed transcripts, cut at word midpoints")
+    ann.add_argument("--captioner", default=None, metavar="PATH",
+                     help="local Qwen2.5-Omni folder (caption + sound description, sees and hears) or image-text model (captions)")
+    ann.add_argument("--shard", default=None, metavar="I/N", help="annotate part I of N (one process per GPU or node); the last to finish merges")
+    ann.add_argument("--workers", type=int, default=0, metavar="N", help="processes probing and hashing clips (0: this process)")
+    ann.add_argument("--device", default=None, metavar="D", help="device of the models (default: cuda when available, else cpu)")
+    ann.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and annotate.<key>=value settings")
+    ann.set_defaults(func=_cmd_annotate)
     exp = sub.add_parser("export", help="write a trained run in formats others load: diffusers / ComfyUI LoRA, or merged weights")
     exp.add_argument("run_dir", help="run folder of `soe stitch` (with recipe.yaml and trained/)")
     exp.add_argument("--format", required=True, choices=["diffusers", "comfyui", "merged"],
                      help="diffusers: per-expert LoRA for load_lora_adapter / load_lora_weights; comfyui: ComfyUI key "
                           "naming with alpha tensors; merged: experts with LoRA merged + stitch.safetensors + recipe")
     exp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/FORMAT); must not exist or be empty")
+    exp.add_argument("--push-to-hub", default=None, metavar="REPO", help="then upload the folder (with its model card) to "
+                     "this Hub repo (org/name; created if new; needs `hf auth login` or HF_TOKEN)")
+    exp.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     exp.set_defaults(func=_cmd_export)
     return p
 
@@ -248,15 +292,15 @@ def _version() -> str:
 def _cmd_export(args) -> int:
     from soe.interop.export import export_run
 
-    out = export_run(args.run_dir, args.format, args.out)
-    console.print(f"wrote [bold]{out}[/]")
+    out = export_run(args.run_dir, args.format, args.out, push_to_hub=args.push_to_hub, private=args.private)
+    console.print(f"wrote [bold]{out}[/]" + (f" and uploaded it to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""))
     return 0
 
 
 def _cmd_convert(args) -> int:
     from soe.interop.convert import convert_universe1
 
-    counts = convert_universe1(args.src, args.dst, num_audio_blocks=args.audio_blocks, every=args.every)
+    counts = convert_universe1(args.src, args.dst, num_audio_blocks=args.audio_blocks, every=args.every, force=args.force)
     console.print(f"wrote {args.dst}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 

@@ -15,6 +15,7 @@ from soe.data.build import build_datamodule
 from soe.errors import RecipeError
 from soe.extras import has as has_extra
 from soe.extras import missing_message
+from soe.outputs import check_output
 from soe.recipe.builders import build_stitcher
 from soe.recipe.reading import load_recipe
 from soe.recipe.validate import validate_recipe
@@ -42,9 +43,17 @@ def prepare_run_dir(cfg) -> tuple[Path, str | None]:
     if cfg.resume:
         if not last.is_file():
             raise RecipeError(f"resume: no checkpoint to resume from at '{last}'")
+        if not (run_dir / "recipe.yaml").is_file():  # the recipe a resume is compared with: without it nothing is guarded
+            raise RecipeError(f"resume: '{run_dir / 'recipe.yaml'}' is missing, so the recipe cannot be compared with the "
+                              "run's; put the run's recipe back (logs/version_*/recipe.yaml holds a copy)")
+        check_output(run_dir, "run_dir")
         return run_dir, str(last)
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise RecipeError(f"run_dir: '{run_dir}' already holds checkpoints; pass resume=true to continue it or choose another run_dir")
+    if (run_dir / "trained").exists():  # a run whose checkpoints were removed still holds what it trained
+        raise RecipeError(f"run_dir: '{run_dir}' already holds trained/ of an earlier run; choose another run_dir "
+                          "(or move trained/ away)")
+    check_output(run_dir, "run_dir")  # a folder that can be written (read-only, no permission: one line now)
     return run_dir, None
 
 

@@ -28,20 +28,27 @@ class Annotator(Protocol):
         ...
 
 
+def model_folder(path, key: str) -> Path:
+    """``path`` as a transformers model folder (it has a ``config.json``), else one line naming ``key``."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise AnnotatorError(f"{key}: no transformers model at '{path}' (expected '{path}/config.json')")
+    return path
+
+
 class VLMAnnotator:
     """Captions from a local vision-language model folder, looking at ``num_frames`` evenly spaced frames."""
 
-    def __init__(self, path, prompt: str = DEFAULT_PROMPT, num_frames: int = 4, max_new_tokens: int = 64, device=None):
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise AnnotatorError(f"encode.annotator: no transformers model at '{path}' (expected '{path}/config.json')")
+    def __init__(self, path, prompt: str = DEFAULT_PROMPT, num_frames: int = 4, max_new_tokens: int = 64, device=None,
+                 key: str = "encode.annotator"):
+        path = model_folder(path, key)
         try:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
             self.processor = AutoProcessor.from_pretrained(path)
             self.model = AutoModelForImageTextToText.from_pretrained(path).to(device or "cpu").eval()
         except (OSError, ValueError, KeyError) as e:
-            raise AnnotatorError(f"encode.annotator: '{path}' is not a vision-language model transformers can load: {one_line(e, 300)}") from None
+            raise AnnotatorError(f"{key}: '{path}' is not a vision-language model transformers can load: {one_line(e, 300)}") from None
         self.prompt, self.num_frames, self.max_new_tokens = prompt, num_frames, max_new_tokens
 
     def __call__(self, frames: np.ndarray, audio: np.ndarray, sample_rate: int) -> str:
@@ -57,6 +64,18 @@ class VLMAnnotator:
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1]:]
         return self.processor.batch_decode(new, skip_special_tokens=True)[0].strip()
+
+
+def require_transformers(key: str, minimum: str = "5.25") -> None:
+    """``soe annotate`` calls transformers APIs of ``minimum`` and later (Qwen2.5-Omni's processor taking a
+    video's decoded audio track); an older install is one line naming ``key`` and the extra to install."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    found = version("transformers")
+    if Version(found) < Version(minimum):
+        raise AnnotatorError(f"{key}: needs transformers >= {minimum}, found {found} (pip install 'soe[annotate]')")
 
 
 def load_annotator(path, prompt: str = DEFAULT_PROMPT, device=None) -> Annotator | None:

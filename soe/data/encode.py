@@ -8,35 +8,36 @@ Unusable clips are skipped and listed in the report with the reason; a killed ru
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from omegaconf import errors as oc_errors
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from soe.data.annotate import DEFAULT_PROMPT, Annotator, load_annotator
+from soe.data.annotation_store import window_clip, window_key
+from soe.data.annotations_file import ANNOTATIONS_FILE, AnnotationRows
+from soe.data.command_args import check_expert_folders, check_folders, options_among, parse_shard
 from soe.data.media_io import MediaError, safe_probe, safe_read_windows
-from soe.data.report import EncodeReport
+from soe.data.media_io import ordered_map as _ordered_map
+from soe.data.report import EncodeReport, progress_bars
 from soe.data.sources import Clip, find_clips
 from soe.data.stream_format import latent_dtype_for, text_key
 from soe.data.stream_writer import PartWriter, lock_part
 from soe.data.text import TextConditioner
-from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_spec
+from soe.data.windows import bucket_name, nearest_resolution, plan_windows, window_specs
 from soe.errors import DataError, RecipeError, UsageError
 from soe.media import media_sides
+from soe.outputs import new_root, remove_new
 from soe.recipe.reading import load_recipe
 from soe.recipe.validate import validate_recipe
 from soe.schema import Dtype
+from soe.schema.base import command_settings
 from soe.threads import configure_threads
 
 
@@ -50,6 +51,9 @@ class EncodeConfig:
     shard_size: int = 64  # windows per shard (the unit of resumption)
     windows_per_task: int = 8  # windows one decode task holds in memory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # annotations.jsonl of `soe annotate` (each window's own caption, sound description, lyrics); the command line's
+    # --annotations FILE, else SRC/annotations.jsonl when there is one
+    annotations: Optional[str] = None
     annotator: Optional[str] = None  # local vision-language model folder that captions windows without one
     annotator_prompt: str = DEFAULT_PROMPT
     missing_caption: str = "skip"  # skip (report the clip) | empty (encode an empty caption)
@@ -71,20 +75,19 @@ class EncodeConfig:
             allowed = [d.value for d in Dtype] + (["auto"] if k == "latent_dtype" else [])
             if getattr(self, k) not in allowed:
                 raise RecipeError(f"encode.{k}: expected one of {allowed}, got {getattr(self, k)!r}")
+        if self.device != "auto":
+            from soe.schema.base import device_problem
+
+            problem = device_problem(self.device)
+            if problem is not None:
+                raise RecipeError(f"encode.device: {problem}")
         if self.max_windows is not None and self.max_windows < 1:
             raise RecipeError(f"encode.max_windows: expected a positive integer, got {self.max_windows}")
 
 
 def parse_settings(overrides: list[str]) -> tuple[list[str], EncodeConfig]:
     """Split ``encode.*`` overrides (settings of this command) from recipe overrides."""
-    ours = [o[len("encode."):] for o in overrides if o.startswith("encode.")]
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(EncodeConfig), OmegaConf.from_dotlist(ours))
-        settings = OmegaConf.to_object(merged)
-    except oc_errors.OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise RecipeError(f"encode.{key}: {(getattr(e, 'msg', None) or str(e)).splitlines()[0]}") from None
-    return [o for o in overrides if not o.startswith("encode.")], settings
+    return command_settings(EncodeConfig, "encode", overrides)
 
 
 @dataclass
@@ -96,7 +99,8 @@ class _Item:
     frames: np.ndarray  # (F, H, W, 3) uint8
     audio: np.ndarray  # (2, N) float32
     caption: str
-    annotated: bool = False
+    annotated: bool = False  # captioned by encode.annotator
+    from_annotations: bool = False  # texts from the annotations file (annotations.jsonl)
 
 
 @dataclass
@@ -115,26 +119,6 @@ def _build_expert(cfg, side):
     meta = e.text_encoder_path is not None and e.preset is not None
     with torch.device("meta" if meta else "cpu"):
         return build_expert(cfg, side, device="meta" if meta else "cpu", load_weights=e.preset is None)
-
-
-def _ordered_map(fn, items, workers: int):
-    """``fn`` over ``items`` in order; with workers, in decode processes with a bounded queue."""
-    if workers <= 0:
-        for x in items:
-            yield x, fn(x)
-        return
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        queue, it = deque(), iter(items)
-        for x in it:
-            queue.append((x, pool.submit(fn, x)))
-            if len(queue) >= 2 * workers:
-                break
-        while queue:
-            x, fut = queue.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                queue.append((nxt, pool.submit(fn, nxt)))
-            yield x, fut.result()
 
 
 def _fit_time(z: torch.Tensor, axis: int, length: int) -> torch.Tensor:
@@ -168,6 +152,8 @@ class _Encoder:
                 index["audio_caption"] = it.clip.audio_caption
             if it.annotated:
                 index["annotated"] = True
+            if it.from_annotations:
+                index.update(annotations=True, **({"lyrics": it.clip.lyrics} if it.clip.lyrics else {}))
             if self.with_resolution:
                 index["resolution"] = list(it.frames.shape[1:3])
             texts = {v: text_key(v, it.caption, None), a: text_key(a, it.clip.audio_caption or it.caption, it.clip.lyrics)}
@@ -219,36 +205,41 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
     default_size = (int(ve.height), int(ve.width))
     resolutions = [tuple(int(x) for x in r) for r in settings.resolutions] if settings.resolutions else None
     durations = sorted({float(d) for d in (settings.durations or [cfg.data.seconds])}, reverse=True)
-    specs = [window_spec(d, (v, ve), (a, experts[a]), fps, sample_rate) for d in durations]
+    specs = window_specs(durations, (v, ve), (a, experts[a]), fps, sample_rate)
     recorded = {"durations": durations, "fps": fps, "sample_rate": sample_rate, "size": list(default_size),
                 "resolutions": [list(r) for r in resolutions] if resolutions else None, "seed": cfg.seed,
                 "latent_frames": {f"{s.seconds:g}": s.latent_frames for s in specs},
                 **{f"{k}_{side}": cfg.experts[side][k] for side in ("a", "b") for k in ("codec_path", "text_encoder_path")}}
+    annotations = AnnotationRows(settings.annotations, "encode.annotations") if settings.annotations else None
+    if annotations is not None:
+        recorded["annotations"] = annotations.digest  # a resume must read the same texts
+        annotations.check_lengths([spec.seconds for spec in specs])
     storage = {"latents": latent_dtype_for(cfg.trainer.precision) if settings.latent_dtype == "auto" else settings.latent_dtype,
                "text": settings.text_dtype}
+    if annotator is None:  # a missing annotator folder fails before the cache folder is written
+        annotator = load_annotator(settings.annotator, settings.annotator_prompt, device=device)
+    clips, orphans = find_clips(src)  # captions that cannot be read, too
     writer = PartWriter(out, {s: e.name for s, e in experts.items()}, recorded, settings.shard_size, part=shard[0], parts=shard[1],
                         storage=storage, lock=lock)
     text = {s: TextConditioner(experts[s], s, cfg, device) for s in (v, a)}
-    if annotator is None:
-        annotator = load_annotator(settings.annotator, settings.annotator_prompt, device=device)
     report = EncodeReport(windows_cached=len(writer.rows), seconds_cached=sum(float(r["seconds"]) for r in writer.rows))
-    clips, orphans = find_clips(src)
     clips = clips[shard[0]::shard[1]]
     report.clips = len(clips)
     for path, reason, detail in orphans:
         report.skip(path, reason, detail)
     encoder = _Encoder(experts, codecs, text, writer, (v, a), device, with_resolution=resolutions is not None)
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        tasks, encoded_clips = [], set()
+    with progress_bars(console, progress) as bar:
+        tasks, encoded_clips, window_clips = [], set(), {}  # window_clips: {window id: the clip as that window reads}
         probing = bar.add_task("probing clips", total=len(clips))
         for clip, (_, info) in zip(clips, _ordered_map(safe_probe, [c.path for c in clips], workers)):
             bar.advance(probing)
             if isinstance(info, MediaError):
                 report.skip(clip.rel, info.reason, info.detail)
                 continue
-            if clip.caption is None and annotator is None and settings.missing_caption == "skip":
+            texts = None if annotations is None else annotations.of(
+                clip.rel, [(start, spec.seconds) for start, spec in plan_windows(info.seconds, specs, fps, sample_rate)])
+            if clip.caption is None and texts is None and annotator is None and settings.missing_caption == "skip":
                 report.skip(clip.rel, "no caption", "no sidecar .txt or captions.jsonl entry (or set encode.annotator)")
                 continue
             planned = plan_windows(info.seconds, specs, fps, sample_rate)
@@ -257,6 +248,12 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
                 continue
             size = nearest_resolution(info.width, info.height, resolutions) if resolutions else default_size
             todo = [(f"{clip.clip_id}-w{k:03d}", start, spec) for k, (start, spec) in enumerate(planned)]
+            if texts is not None:
+                own = {wid: window_clip(clip, texts.get(window_key(start, spec.seconds))) for wid, start, spec in todo}
+                if annotator is None and settings.missing_caption == "skip" and any(c.caption is None for c in own.values()):
+                    report.skip(clip.rel, "no caption", "a window has no caption in the annotations and the clip no sidecar one")
+                    continue
+                window_clips.update(own)
             if len(todo) > sum(w[0] not in writer.done for w in todo):
                 encoded_clips.add(clip.rel)
             todo = [w for w in todo if w[0] not in writer.done]
@@ -277,11 +274,12 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
                     report.skip(task.clip.rel, result.reason, result.detail)
                 continue
             for (wid, start, spec), (frames, audio) in zip(task.windows, result):
-                caption, annotated = task.clip.caption, False
+                wclip = window_clips.get(wid, task.clip)
+                caption, annotated = wclip.caption, False
                 if caption is None:
                     caption, annotated = (annotator(frames, audio, sample_rate), True) if annotator is not None else ("", False)
                 key = bucket_name(spec.seconds, frames.shape[1:3])
-                pending.setdefault(key, []).append(_Item(wid, task.clip, start, spec, frames, audio, caption, annotated))
+                pending.setdefault(key, []).append(_Item(wid, wclip, start, spec, frames, audio, caption, annotated, wid in window_clips))
                 report.windows_new += 1
                 report.seconds_new += spec.seconds
                 encoded_clips.add(task.clip.rel)
@@ -304,35 +302,35 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
 
 
 def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: Console | None = None,
-                   shard: str | None = None) -> EncodeReport:
-    """``soe encode RECIPE SRC_FOLDER [--out DIR] [--workers N] [--shard I/N] [key=value ...]``."""
+                   shard: str | None = None, annotations: str | None = None) -> EncodeReport:
+    """``soe encode RECIPE SRC_FOLDER [--out DIR] [--workers N] [--shard I/N] [--annotations FILE] [key=value ...]``."""
     console = console or Console()
-    out, workers, shard, overrides = _options_among(list(overrides), out, workers, shard)
+    flags = {"--annotations": annotations} if annotations is not None else {}
+    out, workers, shard, overrides = options_among(list(overrides), out, workers, shard,
+                                                   allowed=("--out", "--workers", "--shard", "--annotations"), extra=flags)
     part = parse_shard(shard)
     overrides, settings = parse_settings(overrides)
+    if "--annotations" in flags:
+        settings = dataclasses.replace(settings, annotations=flags["--annotations"])
+    elif settings.annotations is None and (Path(src) / ANNOTATIONS_FILE).is_file():
+        settings = dataclasses.replace(settings, annotations=str(Path(src) / ANNOTATIONS_FILE))  # soe annotate's default place
     cfg = load_recipe(recipe, overrides)
-    validate_recipe(cfg, check_paths=False)  # data.path is what we are about to write
-    for side in ("a", "b"):
-        for key in ("path", "codec_path", "text_encoder_path"):
-            p = cfg.experts[side][key]
-            if p is not None and not Path(p).is_dir():
-                raise RecipeError(f"experts.{side}.{key}: folder not found: '{p}'")
+    validate_recipe(cfg, check_paths=False, data_path_is_output=True)  # data.path is what we are about to write
+    check_expert_folders(cfg, ("path", "codec_path", "text_encoder_path"))
+    if settings.annotations is not None:
+        AnnotationRows(settings.annotations, "--annotations" if "--annotations" in flags else "encode.annotations")  # before writing
     out = out or cfg.data.path
     if out is None:
         raise UsageError("soe encode: give the cache folder with --out DIR (or data.path in the recipe)")
-    for p in (Path(out), *Path(out).parents):
-        if p.exists() and not p.is_dir():
-            raise UsageError(f"soe encode --out: '{p}' is a file, expected a folder for the latent cache '{out}'")
-    if not Path(src).is_dir():
-        raise UsageError(f"soe encode: source folder not found: '{src}'")
+    check_folders(src, out, "soe encode", "latent cache")
     if workers < 0:
         raise UsageError(f"soe encode: --workers must be >= 0, got {workers}")
     configure_threads(cfg.trainer.threads)
-    new_root = next((p for p in reversed([Path(out), *Path(out).parents]) if not p.exists()), None)  # made by this run
-    before = set(Path(out).rglob("*")) if new_root is None else set()
+    root = new_root(out)  # made by this run
+    before = set(Path(out).rglob("*")) if root is None else set()
     report = encode_folder(cfg, src, out, settings, workers=workers, console=console, shard=part)
     if part[1] == 1 and report.windows_new + report.windows_cached == 0:  # nothing to train on: say why, exit non-zero
-        _remove_new(Path(out), new_root, before)  # and leave nothing behind (no empty cache, no report)
+        remove_new(Path(out), root, before)  # and leave nothing behind (no empty cache, no report)
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(report.by_reason.items())) or "no video files found"
         raise DataError(f"soe encode: no window was encoded from '{src}' ({report.clips} clip(s) found; skipped: {reasons})")
     console.print(report.table())
@@ -341,57 +339,3 @@ def encode_command(recipe, src, overrides, out=None, workers: int = 0, console: 
     else:
         console.print(f"shard {part[0]}/{part[1]} of [bold]{out}[/] done; the last shard to finish merges the cache")
     return report
-
-
-def _remove_new(out: Path, new_root: Path | None, before: set[Path]) -> None:
-    """Remove what an encode run wrote: the folder it created (``new_root``), else the paths under
-    ``out`` that were not there ``before``."""
-    if new_root is not None:
-        shutil.rmtree(new_root, ignore_errors=True)
-        return
-    for p in sorted(set(out.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):  # files before their folders
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``; ``None`` -> ``(0, 1)``."""
-    if text is None:
-        return 0, 1
-    i, slash, n = str(text).partition("/")
-    try:
-        part, parts = int(i), int(n)
-    except ValueError:
-        part = parts = -1
-    if not slash or parts < 1 or not 0 <= part < parts:
-        raise UsageError(f"soe encode: --shard expects I/N with 0 <= I < N (e.g. 0/8), got {text!r}")
-    return part, parts
-
-
-def _options_among(args: list[str], out, workers, shard=None) -> tuple:
-    """``--out DIR`` / ``--workers N`` / ``--shard I/N`` given after the positionals (argparse leaves them among the overrides)."""
-    rest, i = [], 0
-    while i < len(args):
-        opt, _, inline = args[i].partition("=") if args[i].startswith("--") else (args[i], "", "")
-        if opt in ("--out", "--workers", "--shard"):
-            value = inline or (args[i + 1] if i + 1 < len(args) else None)
-            if value is None:
-                raise UsageError(f"soe encode: {opt} needs a value")
-            i += 1 if inline else 2
-            if opt == "--out":
-                out = value
-            elif opt == "--shard":
-                shard = value
-            else:
-                try:
-                    workers = int(value)
-                except ValueError:
-                    raise UsageError(f"soe encode: --workers expects an integer, got {value!r}") from None
-            continue
-        if args[i].startswith("-"):
-            raise UsageError(f"soe encode: unknown option '{args[i]}' (options: --out DIR, --workers N, --shard I/N)")
-        rest.append(args[i])
-        i += 1
-    return out, workers, shard, rest

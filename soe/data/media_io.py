@@ -8,7 +8,10 @@ so it needs only ``av`` and ``numpy``.
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 
 import av
 import numpy as np
@@ -99,14 +102,14 @@ def read_video(container, targets: np.ndarray, size: tuple[int, int]) -> list[np
     out: list[np.ndarray | None] = [None] * len(targets)
     if targets[0] > 1.0:  # jump to the keyframe before the first target
         container.seek(int((origin + targets[0]) / v.time_base), stream=v, backward=True)
-    j, prev, prev_t, cache = 0, None, None, {}
+    j, prev, prev_t, last = 0, None, None, [None, None]
 
     def pick(frame, t):
-        key = id(frame)
-        if key not in cache:
-            cache.clear()
-            cache[key] = _to_target(frame, size)
-        return cache[key]
+        # one conversion per decoded frame, however many targets it serves; the frame itself is kept with it,
+        # because an id() alone is reused by the next frame once this one is freed (stale frames, at random)
+        if last[0] is not frame:
+            last[:] = [frame, _to_target(frame, size)]
+        return last[1]
 
     for frame in container.decode(v):
         t = (frame.pts * v.time_base if frame.pts is not None else frame.time) - origin
@@ -177,6 +180,17 @@ def read_windows(path, windows: list[tuple[float, int, int]], fps: float, size: 
     return out
 
 
+def read_speech(path, sample_rate: int = 16000) -> tuple[np.ndarray, float]:
+    """The whole audio track as mono float32 ``(N,)`` at ``sample_rate`` (speech recognisers take 16 kHz), and
+    the time of its first sample on the clip's timeline (add it to times measured in the track)."""
+    try:
+        with av.open(str(path)) as c:
+            audio, first = read_audio(c, float("inf"), sample_rate)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise MediaError("corrupt", _short(e)) from None
+    return audio.mean(axis=0), first
+
+
 # ---- worker entry points (module level, importable without torch: they run in decode processes) ----
 def safe_probe(path) -> MediaInfo | MediaError:
     try:
@@ -191,3 +205,23 @@ def safe_read_windows(task: tuple) -> list | MediaError:
         return read_windows(*task)
     except MediaError as e:
         return e
+
+
+def ordered_map(fn, items, workers: int):
+    """``fn`` over ``items`` in order; with workers, in decode processes with a bounded queue."""
+    if workers <= 0:
+        for x in items:
+            yield x, fn(x)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        queue, it = deque(), iter(items)
+        for x in it:
+            queue.append((x, pool.submit(fn, x)))
+            if len(queue) >= 2 * workers:
+                break
+        while queue:
+            x, fut = queue.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(fn, nxt)))
+            yield x, fut.result()

@@ -4,7 +4,8 @@ A folder of video files (``.mp4 .mov .mkv .webm .avi``, searched recursively) wi
 as sidecar text files next to each clip (``clip.txt``, optional ``clip.audio.txt`` and
 ``clip.lyrics.txt``) or in one ``captions.jsonl`` at the folder root, one object per line:
 ``{"path": "sub/clip.mp4", "caption": "...", "audio_caption": "...", "lyrics": "..."}`` (paths relative
-to the folder; ``audio_caption`` and ``lyrics`` optional). ``captions.jsonl`` wins over sidecars.
+to the folder; ``audio_caption`` and ``lyrics`` optional; ``words``, a timed transcript, is read by
+``soe annotate``). ``captions.jsonl`` wins over sidecars.
 """
 from __future__ import annotations
 
@@ -35,10 +36,18 @@ class Clip:
         return f"{stem}-{hashlib.sha1(self.rel.encode()).hexdigest()[:8]}"
 
 
+def _utf8(path: Path) -> str:
+    """The file's text, or a one-line UsageError naming it (captions are UTF-8, not guessed)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the captions as UTF-8") from None
+
+
 def _read_text(path: Path) -> str | None:
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    text = _utf8(path).strip()
     return text or None
 
 
@@ -47,7 +56,7 @@ def read_captions_jsonl(folder: Path) -> dict[str, dict]:
     if not file.is_file():
         return {}
     out = {}
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_utf8(file).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -59,6 +68,8 @@ def read_captions_jsonl(folder: Path) -> dict[str, dict]:
         for key in ("caption", "audio_caption", "lyrics"):
             if row.get(key) is not None and not isinstance(row[key], str):
                 raise UsageError(f"{file}: line {n}: \"{key}\" must be a string")
+        if row.get("words") is not None and not isinstance(row["words"], list):
+            raise UsageError(f"{file}: line {n}: \"words\" must be a list of {{\"word\", \"start\", \"end\"}} (a timed transcript)")
         out[Path(row["path"]).as_posix()] = row
     return out
 

@@ -129,6 +129,14 @@ def read_meta(folder, name: str | None = None) -> dict:
     return meta
 
 
+def append_line(path: Path, row: dict) -> None:
+    """Commit ``row`` as one line of a log (fsynced before this returns); ``read_log`` reads them back."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_log(path: Path, repair: bool = False) -> list[dict]:
     """The committed lines of a part log; a torn last line (a kill mid-append) is dropped (and cut off with ``repair``)."""
     lines, good = [], b""

@@ -19,7 +19,7 @@ from pathlib import Path
 from litdata.streaming.writer import BinaryWriter
 
 from soe.data.latent_cache import LatentCacheError
-from soe.data.stream_format import FORMAT, INDEX, PARTS, TEXTS, WINDOWS, pack, part_name, read_log, trim, write_json_atomic
+from soe.data.stream_format import FORMAT, INDEX, PARTS, TEXTS, WINDOWS, append_line, pack, part_name, read_log, trim, write_json_atomic
 
 CHUNK_ITEMS = 1 << 30  # chunk boundaries are ours (one flush = one chunk); recorded in every chunk's config
 
@@ -28,8 +28,9 @@ class ShardBusyError(LatentCacheError):
     """Another process is encoding the same part of the cache."""
 
 
-def lock_part(folder, part: int, parts: int):
-    """Exclusive lock on part ``part`` of ``parts`` of the cache (held until the returned file is closed)."""
+def lock_part(folder, part: int, parts: int, what: str = "latent cache", doing: str = "encoded"):
+    """Exclusive lock on part ``part`` of ``parts`` of the cache (held until the returned file is closed);
+    ``what`` names the folder and ``doing`` what its processes do in the message when the part is taken."""
     folder = Path(folder)
     if not 0 <= part < parts:
         raise LatentCacheError(f"--shard {part}/{parts}: expected 0 <= I < N")
@@ -39,7 +40,7 @@ def lock_part(folder, part: int, parts: int):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise ShardBusyError(f"latent cache '{folder}': shard {part}/{parts} is being encoded by another "
+        raise ShardBusyError(f"{what} '{folder}': shard {part}/{parts} is being {doing} by another "
                              "process (give each process its own --shard I/N)") from None
     return lock
 
@@ -60,13 +61,6 @@ def _write_chunk(folder: Path, part: int, number: int, items: list[dict]) -> tup
         os.fsync(f.fileno())
         info["sha1"] = hashlib.file_digest(f, "sha1").hexdigest()  # the chunk's identity for local copies of a remote cache
     return info, written["config"]
-
-
-def _append_line(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_stream_meta(folder: Path, experts: dict, settings: dict, storage: dict, parts: int) -> None:
@@ -187,7 +181,7 @@ class PartWriter:
         rows = [{"id": r["id"], "bucket": bucket, "seconds": float(r["seconds"]), "chunk": info["filename"], **r.get("index", {})}
                 for r in records]
         shapes = {side: list(records[0][side]["latents"].shape) for side in sides}  # the bucket's latent shapes, for setup checks
-        _append_line(self.log, {"bucket": bucket, "chunk": info, "config": config, "texts": texts, "rows": rows, "shapes": shapes})
+        append_line(self.log, {"bucket": bucket, "chunk": info, "config": config, "texts": texts, "rows": rows, "shapes": shapes})
         self.rows += rows
         self.text_ids = new_ids
         self.shards_written += 1

@@ -40,6 +40,16 @@ def window_spec(seconds: float, video: tuple, audio: tuple, fps: float, sample_r
     return WindowSpec(float(seconds), frames, samples, {vs: tv, as_: ta})
 
 
+def window_specs(durations, video: tuple, audio: tuple, fps: float, sample_rate: int) -> list[WindowSpec]:
+    """One spec per distinct window length, longest first (the order ``plan_windows`` tries them in)."""
+    return [window_spec(d, video, audio, fps, sample_rate) for d in sorted({float(d) for d in durations}, reverse=True)]
+
+
+def plan_record(specs: list[WindowSpec], fps: float, sample_rate: int) -> dict:
+    """All that decides where ``plan_windows`` cuts a clip: two commands cut alike when these are equal."""
+    return {"fps": float(fps), "sample_rate": int(sample_rate), "windows": [[s.seconds, s.video_frames, s.audio_samples] for s in specs]}
+
+
 def plan_windows(clip_seconds: float, specs: list[WindowSpec], fps: float, sample_rate: int) -> list[tuple[float, WindowSpec]]:
     """Consecutive, non-overlapping windows from the clip's start: at each position the longest
     window length that still fits (``specs`` longest first). Empty if not even the shortest fits."""

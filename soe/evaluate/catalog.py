@@ -2,8 +2,10 @@
 clip must carry (a prompt, a reference image, a transcript) and the published definition it follows.
 
 Weights come from local folders only: ``--models DIR`` holds one subfolder per model (``clap/``, ``clip/``,
-``dino/``, ``whisper/``), each a transformers ``save_pretrained`` folder; a folder whose ``config.json``
-names another kind of model is refused (one line, exit status 2) before anything is computed.
+``dino/``, ``whisper/``), each a transformers ``save_pretrained`` folder, and ``synchformer/`` (av-benchmark's
+``synchformer_state_dict.pth``, with an optional ``config.json``); a folder whose ``config.json`` names another
+kind of model, or a ``synchformer/`` without its weights file, is refused (one line, exit status 2) before
+anything is computed.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soe.errors import SoeError
-from soe.evaluate import av_align, frechet
+from soe.evaluate import av_align, desync, frechet
 
 
 class EvalError(SoeError, ValueError):
@@ -30,7 +32,8 @@ class Metric:
 
 # model folder -> the transformers model_type values its config.json may name
 MODEL_TYPES = {"clap": ("clap",), "clip": ("clip",), "dino": ("dinov2", "dinov2_with_registers", "dinov3_vit"),
-               "whisper": ("whisper",)}
+               "whisper": ("whisper",), "synchformer": ("synchformer",)}
+SYNCHFORMER_WEIGHTS = "synchformer_state_dict.pth"  # soe.evaluate.synchformer.WEIGHTS (not imported: it pulls in torch)
 
 METRICS = {m.name: m for m in (
     Metric("av_align", "clip", None, None, av_align.DEFINITION),
@@ -45,6 +48,8 @@ METRICS = {m.name: m for m in (
     Metric("wer", "clip", "whisper", "transcript",
            "WER (jiwer) of the Whisper transcription of the 16 kHz mono track against the transcript, both stripped and "
            "lower-cased (Verse-Bench's normalisation; a transcription of punctuation only counts as empty)"),
+    Metric("desync", "clip", "synchformer", None, desync.DEFINITION),
+    Metric("sync_offset", "clip", "synchformer", None, desync.OFFSET_DEFINITION),
     Metric("fd_audio", "set", "clap", None, "fd_audio: " + frechet.DEFINITION + " of CLAP audio embeddings, generated vs --reference"),
     Metric("fd_video", "set", "dino", None,
            "fd_video: " + frechet.DEFINITION + " of DINO CLS embeddings of 8 evenly spaced frames per clip, generated vs "
@@ -67,7 +72,12 @@ def parse_metrics(names: str | None) -> list[str]:
 def check_model_folder(name: str, folder: Path) -> None:
     """A weights folder of the kind ``name`` needs: a ``config.json`` whose ``model_type`` fits, else :class:`EvalError`."""
     config = folder / "config.json"
-    if not config.is_file():
+    if name == "synchformer":
+        if not (folder / SYNCHFORMER_WEIGHTS).is_file():
+            raise EvalError(f"{folder}: expected {SYNCHFORMER_WEIGHTS} (av-benchmark's Synchformer weights) for 'synchformer'")
+        if not config.is_file():
+            return
+    elif not config.is_file():
         raise EvalError(f"{folder}: expected a transformers model folder for {name!r} (save_pretrained, with config.json)")
     try:
         model_type = json.loads(config.read_text()).get("model_type")

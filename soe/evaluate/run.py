@@ -28,8 +28,15 @@ PROMPTS_FILE = "prompts.jsonl"
 
 def read_prompts(path) -> dict[str, dict]:
     """Rows of a JSON-lines prompts file by ``id`` (``{"id", "prompt", "audio_prompt"?, "image"?, "transcript"?}``);
-    relative image paths are taken from the file's folder."""
+    relative image paths are taken from the file's folder. A folder is read as Verse-Bench (its items by name)."""
     path = Path(path)
+    if path.is_dir():
+        from soe.evaluate.verse_bench import read_items
+
+        try:
+            return {row["id"]: row for row in read_items(path)}
+        except ValueError as e:
+            raise EvalError(f"--prompts {e}") from None
     if not path.is_file():
         raise EvalError(f"--prompts {path}: no such file (expected JSON lines with an 'id' per row)")
     rows = {}
@@ -113,9 +120,14 @@ class Models:
                 from soe.evaluate.clip_score import ClipScorer as cls
             elif name == "dino":
                 from soe.evaluate.dino import DinoEmbedder as cls
+            elif name == "synchformer":
+                from soe.evaluate.desync import DesyncScorer as cls
             else:
                 from soe.evaluate.wer import WhisperTranscriber as cls
-            self._loaded[name] = cls(folder, device=self.device)
+            try:
+                self._loaded[name] = cls(folder, device=self.device)
+            except (OSError, ValueError) as e:  # weights that do not load: bad input, one line, exit status 2
+                raise EvalError(f"--models {folder}: cannot load the {name} model ({' '.join(str(e).split())})") from None
         return self._loaded[name]
 
 
@@ -129,6 +141,8 @@ def _model_metric(models: Models, name: str, clip: Clip, arg) -> float:
         return float(cosine_rows(m.text([arg]), m.audio([clip.audio_at(SAMPLE_RATE)]))[0])
     if name == "clip_score":
         return models.get("clip").score(clip.frames, arg)
+    if name in ("desync", "sync_offset"):
+        return models.get("synchformer").scores(clip)[name]
     if name == "id_consistency":
         return models.get("dino").id_consistency(Image.open(arg).convert("RGB"), clip.frames)
     from soe.evaluate.wer import SAMPLE_RATE, word_error_rate
@@ -167,7 +181,8 @@ def plan(samples, reference=None, prompts=None, models=None, metrics=None, out=N
         m = METRICS[n]
         if m.model is not None and m.model not in folders:
             where = f"{Path(models) / m.model}" if models is not None else f"--models DIR with a {m.model}/ subfolder"
-            skipped[n] = f"needs {m.model} weights: {where} (transformers save_pretrained folder)"
+            kind = "synchformer_state_dict.pth" if m.model == "synchformer" else "transformers save_pretrained folder"
+            skipped[n] = f"needs {m.model} weights: {where} ({kind})"
         elif m.kind == "set" and reference is None:
             skipped[n] = "needs --reference DIR (real clips)"
         elif m.needs is not None and not any(_text_of(rows.get(s), n) for s in clips):
@@ -197,9 +212,11 @@ def evaluate(p: dict, workers: int = 0, device: str | None = None, progress=None
             values, errors = dict(values), [error] if error else []
             for n in model_metrics:
                 arg = _text_of(rows.get(stem), n)
-                if arg:
+                if arg or METRICS[n].needs is None:
                     try:
                         values[n] = _model_metric(models, n, clip, arg)
+                    except EvalError:  # the model itself does not load: bad input for every clip
+                        raise
                     except (DecodeError, OSError, ValueError) as e:
                         errors.append(f"{n}: {' '.join(str(e).split())}")
             _set_embeddings(models, run, clip, emb)

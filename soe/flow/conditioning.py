@@ -39,14 +39,27 @@ def needed_modalities(task: str) -> tuple[str, ...]:
     return {"joint": (), "v2a": ("video", "audio"), "a2v": ("video", "audio"), "image": ("video",), "extend": ()}[task]
 
 
-def check_task(task: str, modalities: dict[str, str], key: str = "flow.tasks") -> None:
-    """Raise :class:`TaskError` (``<key>.<task>: ...``) when ``task`` is unknown or the experts cannot serve it."""
+GIVEN_MODALITY = {"v2a": "video", "a2v": "audio"}  # tasks where one whole modality is given and the other generated
+
+
+def check_task(task: str, modalities: dict[str, str], key: str = "flow.tasks", direction: str = "both") -> None:
+    """Raise :class:`TaskError` (``<key>.<task>: ...``) when ``task`` is unknown or the experts cannot serve it:
+    a missing modality, or a one-way ``direction`` whose connectors run from the generated side to the
+    given one (the generated expert would never see what it is given)."""
     if task not in TASKS:
         raise TaskError(f"{key}.{task}: unknown task; expected one of {list(TASKS)}")
     have = sorted(modalities.values())
     for m in needed_modalities(task):
         if m not in have:
             raise TaskError(f"{key}.{task}: needs a {m} expert, this stitch has {have}")
+    given = GIVEN_MODALITY.get(task)
+    if given is not None and direction in ("a_to_b", "b_to_a"):
+        source = {"a_to_b": "a", "b_to_a": "b"}[direction]
+        if modalities[source] != given:
+            generated = "audio" if given == "video" else "video"
+            raise TaskError(f"{key}.{task}: the {given} is given and the {generated} generated, but stitch.direction "
+                            f"'{direction}' only carries {modalities[source]} to {given}: the {generated} expert never "
+                            f"sees the {given}; use stitch.direction={'b_to_a' if source == 'a' else 'a_to_b'} or both")
 
 
 def given_frames(task: str, modality: str, n_frames: int, latent_rate: float, extend_seconds: float | None) -> int:

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from soe.errors import CheckpointError, one_line
+from soe.hub import resolve
 from soe.plugin.weights import load_weights
 from soe.stitch.depth import insertion_points
 
@@ -37,6 +38,9 @@ WAN_BLOCK = re.compile(r"^(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k
 UNUSED = re.compile(r"^blocks\.\d+\.mel_attn\.(add_k_proj|add_v_proj|add_q_proj|to_add_out|norm_added_[qk])\.")
 ACE_TOP = ("timestep_embedder.", "t_block.", "speaker_embedder.", "genre_embedder.", "lyric_embs.", "lyric_encoder.",
            "lyric_proj.", "projectors.", "proj_in.", "final_layer.")
+# the release's transformer files when SRC is a Hub repo id (top level, or under its :subfolder)
+RELEASE_FILES = ("config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                 "model*.safetensors", "model.safetensors.index.json")
 WAN_TOP = ("patch_embedding.", "condition_embedder.", "proj_out.", "scale_shift_table")
 
 
@@ -155,12 +159,46 @@ def universe1_key_map(keys, num_audio_blocks: int | None = None, every: int = 4)
     return mapping, dropped
 
 
-def convert_universe1(src, dst, num_audio_blocks: int | None = None, every: int = 4) -> dict[str, int]:
-    """Write DST (see module doc); returns tensor counts per file and the number dropped."""
+# what DST may hold from an earlier conversion, or from a run (trained/, a run folder): never replaced without --force
+EARLIER_RESULTS = ("universe1.json", "expert_a.safetensors", "expert_b.safetensors", "connectors.safetensors",
+                   "fusion.safetensors", "stitch.safetensors", "soe_trained.json", "lora_a", "lora_b", "trained", "checkpoints",
+                   "recipe.yaml")
+
+
+def _read_config(config_file: Path) -> dict:
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"convert: '{config_file}' is not valid JSON ({one_line(e, 120)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"convert: '{config_file}' is not a JSON object of the model's arguments")
+    return config
+
+
+def convert_universe1(src, dst, num_audio_blocks: int | None = None, every: int = 4, force: bool = False) -> dict[str, int]:
+    """Write DST (see module doc); returns tensor counts per file and the number dropped. SRC may be a Hub
+    repo id (``org/name[@revision][:subfolder]``, soe/hub.py): only its top-level config and weights are fetched.
+    DST is checked before anything is read (a folder it may write, outside SRC, without earlier results unless
+    ``force``), and a failed conversion leaves nothing there."""
+    from soe.outputs import check_output, removed_on_failure
+
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise CheckpointError(f"convert --every: expected a positive integer (one block inserted after every N), got {every!r}")
+    if num_audio_blocks is not None and num_audio_blocks < 1:
+        raise CheckpointError(f"convert --audio-blocks: expected a positive integer, got {num_audio_blocks}")
+    src = resolve(src, "convert SRC", RELEASE_FILES)
+    check_output(dst, "convert DST", sources=[src], results=EARLIER_RESULTS, replace=force)
+    with removed_on_failure(dst, "convert DST"):
+        return _convert(src, Path(dst), num_audio_blocks, every)
+
+
+def _convert(src, dst: Path, num_audio_blocks: int | None, every: int) -> dict[str, int]:
     state = read_state(src)
     src = Path(src)
+    config = _read_config((src if src.is_dir() else src.parent) / "config.json")
     config_file = (src if src.is_dir() else src.parent) / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     fused = fused_depth(state)
     if config.get("num_layers", fused) != fused:
         raise CheckpointError(f"convert: '{config_file}' says num_layers={config['num_layers']} but the weights hold {fused} blocks")
@@ -181,9 +219,13 @@ def convert_universe1(src, dst, num_audio_blocks: int | None = None, every: int 
             groups["expert_b"][rest.removeprefix("model.")] = state[old]
         else:
             groups[prefix][rest] = state[old]
+    try:
+        architecture = release_architectures(state, config, n_audio)
+    except (KeyError, IndexError) as e:  # a release missing top-level tensors
+        raise CheckpointError(f"convert: '{src}' lacks tensor {one_line(e, 120)} of the UniVerse-1 release (an incomplete "
+                              "or partial checkpoint)") from None
     meta = {"fused_blocks": fused, "audio_blocks": n_audio, "every": every, "inserted_after": inserted_after,
-            "architecture": release_architectures(state, config, n_audio), "dropped": sorted(dropped)}
-    dst = Path(dst)
+            "architecture": architecture, "dropped": sorted(dropped)}
     dst.mkdir(parents=True, exist_ok=True)
     for name, tensors in groups.items():
         save_file({k: v.contiguous() for k, v in tensors.items()}, dst / f"{name}.safetensors")

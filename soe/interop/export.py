@@ -11,6 +11,9 @@
 * ``merged``: each expert with its LoRA merged (peft's ``merge``) in the family's official format,
   ``stitch.safetensors`` (connectors, inserted blocks, k/v projections) and the resolved recipe.
   ``soe generate RECIPE ckpt=FOLDER`` and :func:`load_stitched` load it with no LoRA machinery.
+
+Every format gets a model card (``README.md``: Hub metadata, recipe, block pairs, usage; soe/interop/model_card.py),
+so the folder can be pushed to the Hub as is (``--push-to-hub REPO``).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from soe.errors import CheckpointError, RecipeError, UsageError
+from soe.outputs import check_output, removed_on_failure
 from soe.lora.formats import (COMFYUI_NAMES, DIFFUSERS_FILE, PEFT_FILE, LoraFileError, LoraWeights, comfyui_state_dict,
                               read_lora)
 from soe.schema import TrainMode
@@ -34,29 +38,37 @@ DIFFUSERS_LORA_MIXINS = {"wan2.1": "WanLoraLoaderMixin", "wan2.2-ti2v": "WanLora
 BARE_KEY_FAMILIES = ("ace-step",)  # ACE-Step v1's pipeline: load_lora_adapter(file, prefix=None)
 
 
-def export_run(run_dir, fmt: str, out=None) -> Path:
-    """Export the run folder of ``soe stitch`` (recipe.yaml + trained/) in ``fmt`` to ``out``."""
+def export_run(run_dir, fmt: str, out=None, push_to_hub: str | None = None, private: bool = False) -> Path:
+    """Export the run folder of ``soe stitch`` (recipe.yaml + trained/) in ``fmt`` to ``out``, with a model
+    card (``README.md``, soe/interop/model_card.py); ``push_to_hub``: then upload it to that Hub repo."""
+    from soe.interop.model_card import CARD, check_repo_id, model_card, push_export
     from soe.recipe.reading import load_recipe
 
     if fmt not in FORMATS:
         raise UsageError(f"--format: expected one of {list(FORMATS)}, got {fmt!r}")
+    repo_id = check_repo_id(push_to_hub) if push_to_hub is not None else None
     run_dir = Path(run_dir)
     recipe, trained = run_dir / "recipe.yaml", run_dir / "trained"
     if not recipe.is_file() or not trained.is_dir():
         raise CheckpointError(f"'{run_dir}' is not a run folder of `soe stitch`: expected recipe.yaml and trained/")
     out = Path(out) if out is not None else run_dir / "export" / fmt
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out: '{out}' already exists and is not an empty folder; choose another")
+    check_output(out, "--out", sources=[trained, recipe])  # under a file, read-only, inside trained/: refused now
     cfg = load_recipe(recipe)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # nothing half-written at `out`
-    try:
-        {"diffusers": export_diffusers, "comfyui": export_comfyui, "merged": export_merged}[fmt](cfg, trained, tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with removed_on_failure(out, "--out"):  # a failed export leaves no folder it made (RUN/export/ included)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # nothing half-written at `out`
+        try:
+            {"diffusers": export_diffusers, "comfyui": export_comfyui, "merged": export_merged}[fmt](cfg, trained, tmp)
+            model_card(cfg, run_dir, tmp, fmt, repo_id).save(tmp / CARD)
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if repo_id is not None:
+        push_export(out, repo_id, private=private)
     return out
 
 

@@ -15,6 +15,8 @@ from soe.plugin.expert import Expert
 from soe.schema import LoraConfig, RecipeError
 
 ADAPTER = "soe"
+# ``lora.init_from`` given as a Hub repo id (soe/hub.py): a LoRA repo's weight and config files, no more
+LORA_HUB_FILES = ("*.safetensors", "*.json")
 _LORA_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
@@ -116,10 +118,11 @@ def materialise_adapters(expert: Expert, spec: LoraConfig, device, where: str = 
 
 
 def _read_lora_file(expert: Expert, spec: LoraConfig, key: str):
+    from soe.hub import resolve
     from soe.lora.formats import COMFYUI_NAMES, LoraFileError, read_lora
 
     try:
-        return read_lora(spec.init_from, COMFYUI_NAMES.get(expert.name))
+        return read_lora(resolve(spec.init_from, key, LORA_HUB_FILES), COMFYUI_NAMES.get(expert.name))
     except LoraFileError as e:
         raise RecipeError(f"{key}: {e}") from None
 

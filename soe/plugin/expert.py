@@ -7,6 +7,8 @@ time in seconds. The Stitcher only ever talks to experts through this contract.
 """
 from __future__ import annotations
 
+import inspect
+
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -90,6 +92,19 @@ class BlockState:
         return dataclasses.replace(self, hidden=hidden)
 
 
+# Top-level files of a weight folder given as a Hub repo (a repo that is the model folder itself). Named
+# exactly, not "*.safetensors": huggingface_hub's patterns are fnmatch, whose "*" also matches "/".
+MODEL_FILES = ("config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+               "model*.safetensors", "model.safetensors.index.json", "soe_expert.json")
+TEXT_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*", "spiece.model",
+              "special_tokens_map.json", "vocab.json")
+
+
+def hub_patterns(*subfolders: str, files: tuple[str, ...] = MODEL_FILES) -> tuple[str, ...]:
+    """Allow patterns for a folder that is either a checkpoint root holding ``subfolders`` or one of them."""
+    return (*(f"{s}/*" for s in subfolders), *files)
+
+
 class Expert(nn.Module):
     """Base of every expert plugin. Subclasses wrap one model as ``self.model``.
 
@@ -121,6 +136,11 @@ class Expert(nn.Module):
     # True when ``batch["timestep"]`` may also be ``(B, T)``: one sigma per latent frame (per-token
     # timesteps). Conditioning (soe/flow/conditioning.py) then gives clean frames timestep 0.
     frame_timesteps: ClassVar[bool] = False
+    # The files a Hub repo id given for each weight key needs (``path``, ``codec_path``, ``text_encoder_path``):
+    # huggingface_hub allow patterns, relative to the folder the key names (soe/hub.py); a key not listed
+    # fetches that whole folder. ``hub_patterns("transformer")`` lists a diffusers pipeline's subfolder.
+    hub_files: ClassVar[dict[str, tuple[str, ...]]] = {}
+    license: ClassVar[str | None] = None  # the weights' license as the Hub names it (model cards of `soe export`); None: unknown
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -130,6 +150,21 @@ class Expert(nn.Module):
     @classmethod
     def from_config(cls, config: dict, device=None, dtype=None) -> "Expert":
         raise NotImplementedError
+
+    @classmethod
+    def option_names(cls) -> list[str] | None:
+        """The expert's own options (``experts.<side>.options``): the keyword arguments of its constructor
+        after the model. None when the constructor takes ``**kwargs`` (then any name is passed on)."""
+        params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, model
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    @classmethod
+    def architecture_names(cls) -> list[str] | None:
+        """The model-config keys a preset may be overridden with (``experts.<side>.architecture``); None
+        (the default): not declared, the model's constructor alone judges them."""
+        return None
 
     @classmethod
     def stand_in(cls, config: dict) -> "Expert | None":

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from soe.errors import CheckpointError, CheckpointNotFoundError, SoeError, one_line, without_loader_advice
 from soe.plugin.expert import Expert
 from soe.plugin.registry import get_expert
+from soe.recipe.hub_paths import local_weights
 from soe.schema import ExpertConfig, Recipe, RecipeError, SampleConfig, SamplerConfig, StitchConfig, build
 from soe.stitch.stitcher import Stitcher
 
@@ -25,7 +26,7 @@ def recipe_options(cfg: DictConfig) -> Recipe:
 
 # ---- experts and the Stitcher --------------------------------------------------------------------
 def build_expert(cfg: DictConfig, side: str, device=None, load_weights: bool = True) -> Expert:
-    """One expert of the recipe: real weights from ``path``, else random weights of ``preset``.
+    """One expert of the recipe: real weights from ``path`` (a folder or a Hub repo id), else random weights of ``preset``.
 
     ``load_weights=False`` (meta-device inspection) builds the preset architecture only.
     """
@@ -56,11 +57,12 @@ def build_expert_with_weights(cfg: DictConfig, side: str, device=None, load_weig
     from_path = e.path is not None and load_weights
     weights = None
     empty = empty and cls.load_empty.__func__ is not Expert.load_empty.__func__  # the family can load lazily
+    path = local_weights(e, side, "path") if from_path else None  # a Hub repo id: its snapshot's folder
     try:
         if from_path and empty:
-            expert, weights = cls.load_empty(e.path, dtype=e.dtype.torch, **e.options)
+            expert, weights = cls.load_empty(path, dtype=e.dtype.torch, **e.options)
         elif from_path:
-            expert = cls.load(e.path, dtype=e.dtype.torch, device=device, **e.options)
+            expert = cls.load(path, dtype=e.dtype.torch, device=device, **e.options)
         else:
             expert = cls.from_preset(e.preset, device=device, dtype=e.dtype.torch, **e.architecture, **e.options)
     except Exception as err:
@@ -120,7 +122,7 @@ def placeholder_auto_pairs(s: StitchConfig, n_a: int, n_b: int) -> list[tuple[in
 def build_codec(cfg: DictConfig, side: str, expert: Expert, device=None):
     """``experts.<side>.codec_path`` -> the expert's latent codec (its family's tiny random codec without a path)."""
     try:
-        codec = expert.codec(cfg.experts[side].codec_path)
+        codec = expert.codec(local_weights(cfg.experts[side], side, "codec_path"))
     except NotImplementedError as err:
         raise RecipeError(f"experts.{side}.codec_path: {err}") from None
     return codec.to(device) if device is not None else codec
@@ -129,8 +131,9 @@ def build_codec(cfg: DictConfig, side: str, expert: Expert, device=None):
 def build_text_encoder(cfg: DictConfig, side: str, expert: Expert, device=None):
     """``experts.<side>.text_encoder_path`` -> the expert's own text encoder (prompts -> its conditioning)."""
     path = cfg.experts[side].text_encoder_path
+    folder = local_weights(cfg.experts[side], side, "text_encoder_path")  # a Hub repo id: its snapshot's folder
     try:
-        return expert.text_encoder(path, device=device)
+        return expert.text_encoder(folder, device=device)
     except NotImplementedError as err:
         raise RecipeError(f"experts.{side}.text_encoder_path: {err}") from None
     except (OSError, ValueError) as err:  # missing files, another model's encoder, a width the expert cannot take

@@ -141,7 +141,10 @@ def render_samples(stitcher, cfg, out_dir, codecs: dict | None = None, seed_offs
 def check_sampling(stitcher, cfg) -> dict:
     """Everything ``render_samples`` needs, checked without sampling (a training run calls this before
     its first step, so a sampling problem never surfaces after hours of training). Returns the codecs."""
+    from soe.extras import require
+
     stitch_media_sides(stitcher)
+    require("matplotlib", "sample: contact sheets (PNG) of the samples")  # before any mp4 is written
     if cfg.sample.conditions is not None:
         file_conditions(stitcher, cfg.sample.conditions, cfg.sample.num_samples)
     elif not all(cfg.experts[side].text_encoder_path for side in ("a", "b")):
@@ -189,19 +192,34 @@ def run_folder_of(ckpt) -> Path:
     return folder.parent if folder.name == "trained" else folder
 
 
-def new_output_folder(cfg) -> Path:
-    """Where ``soe generate`` writes: ``sample.out`` if given (refused when it already holds samples),
-    else a new ``generate-NNN`` folder in the checkpoint's run (``outputs/`` without a checkpoint).
-    Never an existing folder's samples: nothing is overwritten."""
+def output_place(cfg) -> Path:
+    """The folder ``soe generate`` writes in (``sample.out``) or under (``<run>/generated``, ``outputs/``),
+    checked before anything is built: a writable folder, outside the trained folder it reads, without
+    earlier samples (nothing is overwritten)."""
+    from soe.outputs import check_output
+
     if cfg.sample.out is not None:
         out = Path(cfg.sample.out)
         if out.exists() and not out.is_dir():
             raise RecipeError(f"sample.out: '{out}' is a file, expected a folder")
         if out.is_dir() and any(out.glob("sample_*")):
             raise RecipeError(f"sample.out: '{out}' already holds samples; choose another folder (nothing is overwritten)")
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-    parent = run_folder_of(cfg.sample.ckpt) / "generated" if cfg.sample.ckpt is not None else Path("outputs") / f"{cfg.name}-untrained"
+    else:
+        out = run_folder_of(cfg.sample.ckpt) / "generated" if cfg.sample.ckpt is not None else Path("outputs") / f"{cfg.name}-untrained"
+    trained = None if cfg.sample.ckpt is None else Path(cfg.sample.ckpt)
+    sources = [] if trained is None else [trained / "trained" if (trained / "trained").is_dir() else trained]
+    return check_output(out, "sample.out", sources=sources)
+
+
+def new_output_folder(cfg) -> Path:
+    """Where ``soe generate`` writes: ``sample.out`` if given (refused when it already holds samples),
+    else a new ``generate-NNN`` folder in the checkpoint's run (``outputs/`` without a checkpoint).
+    Never an existing folder's samples: nothing is overwritten."""
+    place = output_place(cfg)
+    if cfg.sample.out is not None:
+        place.mkdir(parents=True, exist_ok=True)
+        return place
+    parent = place
     parent.mkdir(parents=True, exist_ok=True)
     taken = [int(p.name.split("-")[-1]) for p in parent.glob("generate-*") if p.name.split("-")[-1].isdigit()]
     n = max(taken, default=0) + 1
@@ -214,14 +232,12 @@ def new_output_folder(cfg) -> Path:
             n += 1
 
 
-def generate(cfg, console: Console | None = None, err_console: Console | None = None) -> list[Path]:
-    """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
-    from soe.recipe.builders import build_sample, build_stitcher
-    from soe.sample.speed import apply_speed
+def load_run(cfg):
+    """The recipe's stitched model with the trained run of ``sample.ckpt`` loaded: ``(stitcher, step, trained folder)``
+    (``soe generate``, and ``soe app`` once per model)."""
+    from soe.recipe.builders import build_stitcher
     from soe.train.trained import load_trained, resolve_merged_ckpt
 
-    console = console or Console()
-    err_console = err_console or Console(stderr=True)
     resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
     torch.manual_seed(cfg.seed)
     from soe.data.auto_pairs import pair_chooser
@@ -240,6 +256,19 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
             step = load_trained(stitcher, trained)
         except FileNotFoundError as err:
             raise RecipeError(f"sample.ckpt: {err}") from None
+    return stitcher, step, trained
+
+
+def generate(cfg, console: Console | None = None, err_console: Console | None = None) -> list[Path]:
+    """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
+    from soe.recipe.builders import build_sample
+    from soe.sample.speed import apply_speed
+
+    console = console or Console()
+    err_console = err_console or Console(stderr=True)
+    place = output_place(cfg)  # where the samples go can be written: checked before any model is built
+    stitcher, step, trained = load_run(cfg)
+    if trained is not None:
         console.print(f"loaded [bold]{trained}[/] ({'step ' + str(step) if step is not None else 'step not recorded'})", highlight=False)
     rows = None
     if cfg.sample.prompts is not None:  # checked before any model work or folder
@@ -256,20 +285,17 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
                           "stitched); pass ckpt=RUN_DIR of a `soe stitch` run", highlight=False)
     if cfg.sample.decode == "synthetic_preview" and not uses_synthetic_preview(cfg):
         err_console.print("note: sample.decode=synthetic_preview applies to synthetic data only; decoding through the experts' codecs")
-    existed = cfg.sample.out is not None and Path(cfg.sample.out).exists()
-    out = new_output_folder(cfg)
-    if rows is not None:
-        return _generate_rows(stitcher, cfg, rows, out, codecs, step, trained, console)
-    try:
+    from soe.outputs import removed_on_failure
+
+    with removed_on_failure(place, "sample.out"):  # a failure leaves no folder or file it made (a half-written sample)
+        out = new_output_folder(cfg)
+        if rows is not None:
+            return _generate_rows(stitcher, cfg, rows, out, codecs, step, trained, console)
         with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:  # piped: no blank line
             task = bar.add_task("sampling", total=cfg.sample.steps)
             files = render_samples(stitcher, cfg, out, codecs=codecs, given=given,
                                    progress=lambda i, total: bar.update(task, completed=i),
                                    title=sheet_title(cfg.sample.prompt, step, trained))
-    except BaseException:
-        if not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failure before any sample was written (e.g. a text encoder that does not fit) leaves nothing
-        raise
     for f in files:
         console.print(f"wrote [bold]{f}[/]", highlight=False)
     return files

@@ -17,7 +17,7 @@ import av
 import numpy as np
 import torch
 
-from soe.errors import RecipeError
+from soe.errors import RecipeError, one_line
 from soe.flow.conditioning import GivenLatents, TaskError, check_task, given_frames, prefix_mask
 from soe.schema.sample import GIVEN_MEDIA
 
@@ -91,6 +91,8 @@ def read_image(path: str, key: str, size: tuple[int, int]) -> torch.Tensor:
 
     try:
         img = Image.open(path).convert("RGB")
+    except Image.DecompressionBombError as e:  # a header claiming a huge size: refused before decoding
+        raise GivenMediaError(f"sample.{key}: '{path}' is not a usable image ({one_line(e, 160)})") from None
     except (UnidentifiedImageError, OSError):
         return read_frames(path, key, 1, 1.0, size)  # not an image: a video's first frame
     h, w = size

@@ -1,6 +1,7 @@
 """``soe generate ... prompts=FILE.jsonl``: one sample per row, files named by the row's id.
 
-A row is ``{"id", "prompt", "audio_prompt"?, "image"?, "lyrics"?, "transcript"?}``. ``prompt`` conditions both
+A row is ``{"id", "prompt", "audio_prompt"?, "image"?, "lyrics"?, "transcript"?}``; a folder instead of a file is
+read as Verse-Bench (``soe.evaluate.verse_bench``: its ``set*/<name>.json`` items and ``<name>.jpg`` images). ``prompt`` conditions both
 experts (the one prompt ``soe generate`` takes today: ``audio_prompt`` and ``lyrics`` are carried to the
 output's ``prompts.jsonl`` for ``soe eval`` but do not condition the audio expert separately yet); ``image``
 (relative to the file's folder) is the row's reference image (``sample.image``). The rows are copied to the
@@ -20,8 +21,15 @@ ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a file name on every s
 def read_rows(path) -> list[dict]:
     """The rows of ``sample.prompts``, checked (one line naming the file and line on any problem)."""
     path = Path(path)
+    if path.is_dir():
+        from soe.evaluate.verse_bench import read_items
+
+        try:
+            return read_items(path)
+        except ValueError as e:
+            raise RecipeError(f"sample.prompts: {e}") from None
     if not path.is_file():
-        raise RecipeError(f"sample.prompts: '{path}' is not a file (expected JSON lines with 'id' and 'prompt')")
+        raise RecipeError(f"sample.prompts: '{path}' is not a file (expected JSON lines with 'id' and 'prompt', or a Verse-Bench folder)")
     rows, seen = [], set()
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():

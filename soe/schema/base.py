@@ -86,6 +86,45 @@ def require(ok: bool, key: str, reason: str) -> None:
         raise OptionError(key, reason)
 
 
+def device_problem(value) -> str | None:
+    """Why ``value`` is not a device of this machine (None: it is). Checked where the recipe is read, so
+    ``sample.device=cuda`` on a machine without a GPU is one line naming the key, not torch's traceback."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        return f"expected cpu, cuda, cuda:N or mps, got {value!r}"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"{value!r}, but this machine has no CUDA GPU (use cpu)"
+        if device.index is not None and device.index >= count:
+            return f"{value!r}, but this machine has {count} CUDA GPU(s): cuda:0 .. cuda:{count - 1}"
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else f"{value!r}, but this machine has no MPS device (use cpu)"
+    return f"expected cpu, cuda, cuda:N or mps, got {value!r} (soe does not run on {device.type})"
+
+
+def check_device(value, key: str) -> None:
+    """``value`` (None = soe's choice) as a device of this machine, or an OptionError naming ``key``."""
+    if value is not None:
+        problem = device_problem(value)
+        if problem is not None:
+            raise OptionError(key, problem)
+
+
+def closest(name: str, names) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``names`` to a mistyped ``name``, else ''."""
+    import difflib
+
+    match = difflib.get_close_matches(str(name), [str(n) for n in names], n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
 def build(cls, value=None, key: str = ""):
     """``value`` (None for the defaults, an instance, a mapping or an OmegaConf node) as dataclass ``cls``.
 
@@ -102,8 +141,9 @@ def build(cls, value=None, key: str = ""):
             kwargs[f.name] = _build_value(hints[f.name], value[f.name], f"{key}.{f.name}" if key else f.name)
     unknown = [k for k in value if k not in kwargs and k not in {f.name for f in dataclasses.fields(cls)}]
     if unknown:
-        raise OptionError(f"{key}.{unknown[0]}" if key else str(unknown[0]), f"not an option of {cls.__name__}; "
-                          f"expected one of {[f.name for f in dataclasses.fields(cls)]}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        raise OptionError(f"{key}.{unknown[0]}" if key else str(unknown[0]), f"not an option of {cls.__name__}"
+                          f"{closest(unknown[0], names)}; expected one of {names}")
     try:
         return cls(**kwargs)
     except OptionError as err:
@@ -126,3 +166,27 @@ def _build_value(tp, value, key: str):
     if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
         return {k: build(args[1], v, f"{key}.{k}") for k, v in value.items()}
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def command_settings(cls, prefix: str, overrides: list[str], literal: tuple[str, ...] = ()) -> tuple[list[str], object]:
+    """Split a command's own ``<prefix>.<key>=value`` settings (``encode.batch_size=8``) from the recipe overrides.
+
+    Returns ``(the other overrides, an instance of dataclass cls)``. OmegaConf checks types and unknown keys
+    against ``cls``, its ``__post_init__`` checks values; every message names ``<prefix>.<key>``. Keys in
+    ``literal`` (free text such as prompts) are taken as typed, never parsed as YAML."""
+    from omegaconf import OmegaConf
+    from omegaconf import errors as oc_errors
+
+    ours = [o[len(prefix) + 1:] for o in overrides if o.startswith(prefix + ".")]
+    texts = {k: v for k, _, v in (o.partition("=") for o in ours) if k in literal}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.from_dotlist([o for o in ours if o.partition("=")[0] not in texts]))
+        settings = OmegaConf.to_object(merged)
+        if texts:
+            settings = dataclasses.replace(settings, **texts)
+    except oc_errors.OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise RecipeError(f"{prefix}.{key}: {(getattr(e, 'msg', None) or str(e)).splitlines()[0]}") from None
+    except OptionError as err:
+        raise err.under(prefix) from None
+    return [o for o in overrides if not o.startswith(prefix + ".")], settings

@@ -3,10 +3,11 @@ the memory/speed switches (soe/sample/sampler.py takes a ``SamplerConfig``, soe/
 the ``sample`` section is both)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from soe.schema.base import Choice, OptionError, StorageDtype, choice, optional_choice, require
+from soe.schema.base import Choice, OptionError, StorageDtype, check_device, choice, optional_choice, require
 
 # conditioning inputs of `soe generate` (at most one): sample.<key> -> the task it asks of the experts
 TRAINING_EVAL = ("av_align",)  # `soe eval` metrics sample.eval may name: those that need no weights
@@ -56,7 +57,8 @@ class SamplerConfig:
         for key in ("guidance", "shift"):
             for side, value in getattr(self, key).items():
                 require(side in ("a", "b"), f"{key}.{side}", "expected keys 'a' and 'b' (the two experts)")
-                require(value is None or value > 0, f"{key}.{side}", f"expected a positive number, got {value}")
+                require(value is None or 0 < value < math.inf, f"{key}.{side}", f"expected a positive finite number, got {value}")
+        require(0 <= self.seed < 2**32, "seed", f"expected an integer in [0, 2**32 - 1], got {self.seed}")
 
 
 @dataclass
@@ -86,7 +88,7 @@ class SpeedConfig:
 class SampleConfig(SpeedConfig, SamplerConfig):  # fields: the sampler's, the speed switches', then these
     ckpt: Optional[str] = None  # run folder of `soe stitch` (or its trained/ folder); null = untrained connectors
     prompt: str = ""
-    prompts: Optional[str] = None  # JSON lines {id, prompt, image?, ...}: one sample per row, files named by id (soe/sample/prompt_rows.py)
+    prompts: Optional[str] = None  # JSON lines {id, prompt, image?, ...} or a Verse-Bench folder: one sample per row, files named by id (soe/sample/prompt_rows.py)
     # CFG null branch of experts that take a negative prompt (Wan): its own text encoder's encoding of this
     negative_prompt: str = ""
     conditions: Optional[str] = None  # safetensors of precomputed conditioning: "a/<key>", "b/<key>" (+ "a/negative/<key>")
@@ -119,12 +121,13 @@ class SampleConfig(SpeedConfig, SamplerConfig):  # fields: the sampler's, the sp
         if len(given) > 1:
             raise OptionError(given[1], f"give one conditioning input at a time, got {' and '.join(k + '=' for k in given)}")
         require(self.num_samples >= 1, "num_samples", f"expected a positive integer, got {self.num_samples}")
-        require(self.seconds is None or self.seconds > 0, "seconds", f"expected a positive duration in seconds, got {self.seconds}")
+        check_device(self.device, "device")
+        require(self.seconds is None or 0 < self.seconds < math.inf, "seconds", f"expected a positive duration in seconds, got {self.seconds}")
         for name in self.eval:
             require(name in TRAINING_EVAL, "eval", f"expected metrics among {list(TRAINING_EVAL)} (weight-free), got {name!r}")
         require(self.sync_clips >= 0, "sync_clips", f"expected >= 0 held-out clips (0 = off), got {self.sync_clips}")
         require(len(self.sync_tasks) > 0 and all(t in SYNC_TASKS for t in self.sync_tasks) and len(set(self.sync_tasks)) == len(self.sync_tasks),
                 "sync_tasks", f"expected distinct tasks among {list(SYNC_TASKS)}, got {list(self.sync_tasks)}")
         require(self.every_n_steps >= 0, "every_n_steps", f"expected >= 0 (0 = never), got {self.every_n_steps}")
-        require(self.extend_seconds is None or self.extend_seconds > 0, "extend_seconds",
+        require(self.extend_seconds is None or 0 < self.extend_seconds < math.inf, "extend_seconds",
                 f"expected a positive number of seconds, got {self.extend_seconds}")

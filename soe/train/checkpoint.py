@@ -95,6 +95,17 @@ class RunCheckpoint(ModelCheckpoint):
     callback so the checkpoint is on disk before end-of-run sampling starts.
     """
 
+    def load_state_dict(self, state_dict) -> None:
+        """Resume follows the run folder wherever it now is: a folder moved (``mv``) since the checkpoint
+        has its saved paths moved with it, so ``last.ckpt`` is overwritten as in place (Lightning keeps
+        the old absolute ``last_model_path`` and writes ``last-v1.ckpt`` beside a stale ``last.ckpt``)."""
+        old = state_dict.get("dirpath")
+        if old is not None and self.dirpath is not None and old != self.dirpath:
+            state_dict = {k: _moved_path(v, old, self.dirpath) for k, v in state_dict.items()}
+            state_dict["best_k_models"] = {_moved_path(k, old, self.dirpath): v
+                                           for k, v in (state_dict.get("best_k_models") or {}).items()}
+        super().load_state_dict(state_dict)
+
     def save_final(self, trainer) -> None:
         if trainer.global_step == 0 or self._should_skip_saving_checkpoint(trainer):
             return  # nothing trained, or this step is already saved
@@ -102,3 +113,10 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer, pl_module):
         self.save_final(trainer)
+
+
+def _moved_path(value, old: str, new: str):
+    """``value`` with the folder ``old`` replaced by ``new`` when it is that folder or a path inside it."""
+    if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+        return new + value[len(old):]
+    return value

@@ -144,8 +144,10 @@ def check_recipe_changes(run_dir, cfg, allow_changes=()) -> dict[str, tuple]:
 
     saved_file = Path(run_dir) / "recipe.yaml"
     if not saved_file.is_file():
+        _check_allowed_keys(allow_changes, cfg)
         return {}
     saved = load_recipe(saved_file)
+    _check_allowed_keys(allow_changes, cfg, saved)
     changes = {k: v for k, v in recipe_changes(saved, cfg).items() if k not in ("resume", "run_dir")}
     free = list(FREE_TO_CHANGE)
     if cfg.optim.schedule == "cosine" or saved.optim.schedule == "cosine":
@@ -158,6 +160,20 @@ def check_recipe_changes(run_dir, cfg, allow_changes=()) -> dict[str, tuple]:
         raise RunFolderError(f"resume: the recipe differs from '{saved_file}' in {shown}{more}; these change the trained "
                              f"function or the batch sequence; pass --allow-changes {' '.join(refused)} to accept them")
     return changes
+
+
+def _check_allowed_keys(allow_changes, *recipes) -> None:
+    """Each ``--allow-changes`` name is a key or section of the recipe (a typo would allow nothing)."""
+    from soe.schema.base import closest
+
+    leaves = [leaf for r in recipes for leaf in _flatten(OmegaConf.to_container(r, resolve=True))]
+    known = set()
+    for leaf in leaves:
+        parts = leaf.split(".")
+        known.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for key in allow_changes:
+        if key not in known:
+            raise RunFolderError(f"--allow-changes {key}: not a key of the recipe{closest(key, sorted(known))}")
 
 
 def _check_stream_workers(cfg, change) -> None:
