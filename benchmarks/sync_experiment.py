@@ -64,6 +64,7 @@ ABLATIONS = {
     "trunc_normal_init": ["stitch.connector.init=trunc_normal"],  # connectors not zero-initialised
     "joint_only": ["flow.tasks={joint: 1.0, v2a: 0, a2v: 0, image: 0}"],  # no task mixture (mappings merge: zero the others)
     "mean_pool": ["stitch.connector.pool=mean"],  # connectors average each time step (UniVerse-1): where the square is is lost
+    "auto_2_pairs": ["stitch.pairs=auto", "stitch.auto.connectors=2"],  # 2 pairs chosen by CKA (same budget as every_2nd_block)
 }
 
 
@@ -129,7 +130,9 @@ def load_run(run_dir: Path):
 
     cfg = load_recipe(run_dir / "recipe.yaml")
     torch.manual_seed(cfg.seed)
-    stitcher = build_stitcher(cfg)
+    from soe.data.auto_pairs import pair_chooser
+
+    stitcher = build_stitcher(cfg, auto_pairs=pair_chooser(cfg) if cfg.stitch.pairs == "auto" else None)  # as training chose
     apply_training_setup(stitcher, cfg)
     ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     stitcher.load_state_dict({k.removeprefix("stitcher."): v for k, v in ckpt["state_dict"].items() if k.startswith("stitcher.")}, strict=False)

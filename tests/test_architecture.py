@@ -89,6 +89,7 @@ RECIPE_KEYS = [
     "stitch.pairs", "stitch.direction", "stitch.detach_source", "stitch.engine", "stitch.connector.mlp",
     "stitch.connector.hidden", "stitch.connector.act", "stitch.connector.init", "stitch.connector.resample",
     "stitch.connector.input_norm", "stitch.connector.pool", "stitch.depth.mode", "stitch.depth.every", "stitch.inject",
+    "stitch.auto.connectors", "stitch.auto.clips", "stitch.auto.sigmas",
     "flow.timesteps", "flow.density", "flow.balance", "flow.balance_momentum", "flow.tasks", "flow.extend_seconds",
     "data.kind", "data.path", "data.seconds", "data.batch_size", "data.num_clips", "data.num_workers",
     "data.shuffle_chunks", "data.cache_dir",
@@ -100,6 +101,7 @@ RECIPE_KEYS = [
     "sample.storage_dtype", "sample.compile", "sample.attention_backend", "sample.cache", "sample.cache_threshold",
     "sample.ckpt", "sample.prompt", "sample.prompts", "sample.negative_prompt", "sample.conditions", "sample.seconds",
     "sample.num_samples", "sample.out", "sample.every_n_steps", "sample.at_end", "sample.at_start", "sample.eval", "sample.sync_clips",
+    "sample.sync_tasks", "sample.sync_media",
     "sample.decode", "sample.device", "sample.image", "sample.video", "sample.audio", "sample.extend",
     "sample.extend_seconds", "sample.given_uncond"]
 

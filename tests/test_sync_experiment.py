@@ -44,3 +44,22 @@ def test_every_ablation_is_a_valid_recipe_change():
         cfg = load_recipe(module.ROOT / "recipes" / "sync_stitch.yaml", ["experts.a.path=null", "experts.b.path=null", *overrides])
         validate_recipe(cfg, check_paths=False)
     sys.modules.pop("sync_eval", None)
+
+
+def test_sync_seeds_averages_runs_over_seed_folders_with_a_t_interval(tmp_path):
+    import numpy as np
+    from scipy import stats
+
+    module = load_benchmark("sync_seeds")
+    joint = [0.4, 0.5, 0.6]
+    for s, j in enumerate(joint):
+        run = tmp_path / f"s{s}" / "ablations" / "auto_2_pairs"
+        run.mkdir(parents=True)
+        scores = {m: {"sync": j, "frechet_audio": 2 * j, "frechet_video": 0.1} for m in ("independent", "joint", "v2a", "a2v", "image")}
+        (run / "sync_results.json").write_text(json.dumps({"scores": scores}))
+    text = module.main([str(tmp_path / f"s{s}") for s in range(3)] + ["--runs", "auto_2_pairs", "missing"])
+    same = module.paired([tmp_path / f"s{s}" for s in range(3)], "auto_2_pairs", "auto_2_pairs")
+    assert same.startswith("| auto_2_pairs - auto_2_pairs | 3 | +0.000 ± 0.000")  # a run minus itself, seed by seed
+    half = stats.t.ppf(0.975, 2) * np.std(joint, ddof=1) / np.sqrt(3)
+    assert f"| auto_2_pairs | 3 | 0.500 ± {half:.3f}" in text and "missing" not in text
+    assert module.interval([0.7]) == (0.7, 0.0)

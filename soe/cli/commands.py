@@ -60,6 +60,19 @@ def _cmd_inspect(args) -> int:
     from soe.recipe.reading import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
+    if cfg.stitch.pairs == "auto":  # the experts run on the recipe's clips: loaded, never cached
+        from pathlib import Path
+
+        from soe.cli.tables import recipe_tables, similarity_table
+        from soe.data.auto_pairs import choose_for_recipe, write_heatmap
+        from soe.recipe.validate import validate_recipe
+
+        validate_recipe(cfg)  # bad keys and paths: one line, before any expert runs
+        record = choose_for_recipe(cfg)
+        print_tables([*recipe_tables(cfg, pairs=record["pairs"]), similarity_table(record)])
+        png = write_heatmap(record, args.heatmap or Path(cfg.run_dir) / "auto_pairs.png")
+        console.print(f"chose pairs {[list(p) for p in record['pairs']]}; heat map [bold]{escape(str(png))}[/]", highlight=False)
+        return 0
     key = None if args.no_cache else cli_cache.recipe_key(cfg)
     tables = cli_cache.load(key)  # the same recipe, soe and libraries as last time: no torch import
     if tables is None:
@@ -188,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         if name == "inspect":
             sp.add_argument("--no-cache", action="store_true", help="build on meta even when the start-up cache has these tables")
+            sp.add_argument("--heatmap", default=None, metavar="PNG", help="pairs: auto: where the CKA heat map goes "
+                            "(default: RUN_DIR/auto_pairs.png)")
         if name == "stitch":
             sp.add_argument("--allow-changes", nargs="+", metavar="KEY", default=[],
                             help="on resume, accept these recipe keys (or sections) differing from the run's recipe.yaml")

@@ -80,10 +80,16 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
             for key, (old, new) in accepted.items():
                 console.print(f"resume: {key} {old!r} -> {new!r}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    auto = cfg.stitch.pairs == "auto"
     if cfg.trainer.strategy == "fsdp2":  # experts from files stay on the meta device until configure_model shards them
+        if auto:
+            raise RecipeError("stitch.pairs: 'auto' runs both experts whole, which fsdp2 does not build; give the pairs "
+                              "`soe inspect` chose as a list")
         stitcher, plan = build_stitcher_to_shard(cfg)
     else:
-        stitcher, plan = build_stitcher(cfg), None
+        from soe.data.auto_pairs import pair_chooser
+
+        stitcher, plan = build_stitcher(cfg, auto_pairs=pair_chooser(cfg) if auto else None), None
     apply_training_setup(stitcher, cfg, plan=plan)
     apply_storage_dtypes(stitcher, cfg)  # experts.<side>.storage_dtype: frozen weights in fp8
     stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training

@@ -124,9 +124,10 @@ def hooks_table(st: Stitcher) -> Table:
     return t
 
 
-def recipe_tables(cfg, stand_ins: bool = True) -> list[Table]:
+def recipe_tables(cfg, stand_ins: bool = True, pairs=None) -> list[Table]:
     """What ``soe inspect`` shows for a recipe: validated, then built on the meta device (shapes, no
-    weights or memory), LoRA parameters counted from the targeted modules' shapes. ``stand_ins``: each
+    weights or memory), LoRA parameters counted from the targeted modules' shapes; ``pairs``: what ``pairs: auto``
+    chose (soe/data/auto_pairs.py). ``stand_ins``: each
     expert whose family offers a shape-only stand-in (``Expert.stand_in``, soe/plugin/stand_in.py) is built as
     one, without importing its model library; the tables are the same (tests/test_stand_in.py)."""
     import torch
@@ -139,7 +140,8 @@ def recipe_tables(cfg, stand_ins: bool = True) -> list[Table]:
     given = {side: build_stand_in(cfg, side) for side in ("a", "b")} if stand_ins else {}
     experts = validate_recipe(cfg, check_paths=False, experts=given)  # the experts it built on meta: not built twice
     with torch.device("meta"), shapes_only() if stand_ins else contextlib.nullcontext():
-        st = build_stitcher(cfg, device="meta", load_weights=False, experts=experts)
+        st = build_stitcher(cfg, device="meta", load_weights=False, experts=experts,
+                            auto_pairs=(lambda a, b: pairs) if pairs is not None else None)
         lora = count_training_setup(st, cfg)
     return [*stitch_tables(st, lora), hooks_table(st)]
 
@@ -150,3 +152,17 @@ def print_tables(tables, console: Console | None = None) -> None:
     console = console or make_console()
     for t in tables:
         console.print(t)
+
+
+def similarity_table(record: dict) -> Table:
+    """``pairs: auto``: the linear CKA of every block pair, the chosen pairs starred."""
+    sim, chosen = record["similarity"], set(record["pairs"])
+    a, b = record.get("names", ("a", "b"))
+    t = Table(title=f"pairs: auto: linear CKA of block outputs (rows a:{a}, columns b:{b}; * chosen, total "
+                    f"{sum(float(sim[i, j]) for i, j in chosen):.3f})")
+    t.add_column("a \\ b", justify="right")
+    for j in range(sim.shape[1]):
+        t.add_column(str(j), justify="right", no_wrap=True)
+    for i in range(sim.shape[0]):
+        t.add_row(str(i), *(f"{float(sim[i, j]):.2f}" + ("*" if (i, j) in chosen else "") for j in range(sim.shape[1])))
+    return t

@@ -136,8 +136,9 @@ class SyntheticPreviewCodec(torch.nn.Module):
     click's feature position (as rendered by ``render_audio``). Sync can be judged by eye and ear.
     """
 
-    def __init__(self, expert, fps: float = 25.0, sample_rate: int = 16000, scale: int = 8):
+    def __init__(self, expert, fps: float = 25.0, sample_rate: int = 16000, scale: int = 8, gate: float = 0.0):
         super().__init__()
+        self.gate = gate  # click loudness below this is silence (true clips: 0 between clicks, a click ~1)
         self.modality, self.expert_rate = expert.modality, expert.latent_rate
         self.time_axis = expert.latent_time_axis - 1  # in an unbatched latent
         self.scale = scale
@@ -161,6 +162,8 @@ class SyntheticPreviewCodec(torch.nn.Module):
         feats = click_features(latent, self.time_axis)  # (T, F): the rendered bump, ~0 elsewhere
         t = feats.shape[0]
         env = feats.amax(dim=1)  # (T,)
+        if self.gate > 0:  # a generated latent's faint hum, whose pitch hops from frame to frame, is no click
+            env = torch.where(env >= self.gate, env, torch.zeros_like(env))
         pitch = feats.argmax(dim=1).float() / max(feats.shape[1] - 1, 1)  # (T,) in [0, 1]
         hop = int(round(self.rate / self.expert_rate))
         # per sample: loudness interpolated between latent frames, pitch held, phase continuous, so a

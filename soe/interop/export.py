@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from soe.errors import CheckpointError, UsageError
+from soe.errors import CheckpointError, RecipeError, UsageError
 from soe.outputs import check_output, removed_on_failure
 from soe.lora.formats import (COMFYUI_NAMES, DIFFUSERS_FILE, PEFT_FILE, LoraFileError, LoraWeights, comfyui_state_dict,
                               read_lora)
@@ -172,7 +172,7 @@ def export_merged(cfg, trained: Path, out: Path) -> None:
     from soe.train.trained import load_trained
 
     torch.manual_seed(cfg.seed)  # preset (random-weight) experts come out as in training and `soe generate`
-    st = build_stitcher(cfg)
+    st = build_stitcher(cfg, auto_pairs=_auto_pairs(cfg))
     load_trained(st, trained)
     for side in ("a", "b"):
         expert = getattr(st, side)
@@ -203,6 +203,9 @@ def load_stitched(folder, device=None):
     cfg = load_recipe(folder / "recipe.yaml")
     use_merged_experts(cfg, folder)
     validate_recipe(cfg)
+    if cfg.stitch.pairs == "auto":  # merged experts are not the experts training chose the pairs from
+        raise RecipeError("stitch.pairs: 'auto' cannot be chosen again from merged experts; write the pairs the run "
+                          "chose (`soe inspect` on its recipe) as a list of [i, j]")
     st = build_stitcher(cfg, device=device)
     try:
         load_stitch_file(st, folder / STITCH_FILE)
@@ -211,3 +214,10 @@ def load_stitched(folder, device=None):
     return st.eval()
 
 
+def _auto_pairs(cfg):
+    """``stitch.pairs: auto``: the pairs chosen again from the recipe's clips, as training chose them."""
+    if cfg.stitch.pairs != "auto":
+        return None
+    from soe.data.auto_pairs import pair_chooser
+
+    return pair_chooser(cfg)

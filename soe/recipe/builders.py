@@ -81,18 +81,42 @@ def build_expert_with_weights(cfg: DictConfig, side: str, device=None, load_weig
     return expert, weights
 
 
-def build_stitcher(cfg: DictConfig, device=None, load_weights: bool = True, experts: dict | None = None) -> Stitcher:
+def build_stitcher(cfg: DictConfig, device=None, load_weights: bool = True, experts: dict | None = None,
+                   auto_pairs=None) -> Stitcher:
     """Both experts (``experts``: already built ones to reuse, e.g. what ``validate_recipe`` built on
-    the meta device) joined as ``stitch`` says."""
+    the meta device) joined as ``stitch`` says.
+
+    ``stitch.pairs: auto`` needs ``auto_pairs(a, b) -> pairs`` (``soe.data.auto_pairs.pair_chooser``: the experts
+    run on the recipe's clips); without it (shape-only builds: validation, ``soe inspect`` on meta) the
+    placeholder is the first ``stitch.auto.connectors`` pairs of the linear map, same shapes and count."""
     a, b = ((experts or {}).get(side) or build_expert(cfg, side, device, load_weights) for side in ("a", "b"))
     s: StitchConfig = build(StitchConfig, cfg.stitch, "stitch")
+    pairs = s.pairs
+    if isinstance(pairs, str) and pairs == "auto":
+        pairs = auto_pairs(a, b) if auto_pairs is not None else placeholder_auto_pairs(s, a.num_blocks, b.num_blocks)
     try:
-        return Stitcher(a, b, pairs=s.pairs, direction=s.direction, detach_source=s.detach_source, connector=s.connector,
+        return Stitcher(a, b, pairs=pairs, direction=s.direction, detach_source=s.detach_source, connector=s.connector,
                         engine=s.engine, device=device, depth=s.depth, inject=s.inject)
     except RecipeError:
         raise
     except ValueError as err:  # a tap point, attention module or copy_from the experts do not have
         raise RecipeError(f"stitch.{err}") from None
+
+
+def auto_connectors(s: StitchConfig, n_a: int, n_b: int) -> int:
+    """How many pairs ``pairs: auto`` chooses (``stitch.auto.connectors``; null = the shallower depth)."""
+    count = s.auto.connectors if s.auto.connectors is not None else min(n_a, n_b)
+    if count > min(n_a, n_b):
+        raise RecipeError(f"stitch.auto.connectors: expected at most {min(n_a, n_b)} pairs (the shallower expert's depth), got {count}")
+    return count
+
+
+def placeholder_auto_pairs(s: StitchConfig, n_a: int, n_b: int) -> list[tuple[int, int]]:
+    """Shape-only stand-in for ``pairs: auto``: ``stitch.auto.connectors`` pairs of the linear map, evenly picked."""
+    from soe.stitch.align import linear_pairs
+
+    lin, count = linear_pairs(n_a, n_b), auto_connectors(s, n_a, n_b)
+    return [lin[(k + 1) * len(lin) // count - 1] for k in range(count)]
 
 
 def build_codec(cfg: DictConfig, side: str, expert: Expert, device=None):

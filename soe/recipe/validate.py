@@ -176,6 +176,11 @@ def _check_depths(recipe: Recipe, blocks: dict) -> None:
         except ValueError as err:
             raise RecipeError(f"stitch.{err}") from None
         na = nb = max(na, nb)
+    if isinstance(s.pairs, str) and s.pairs == "auto":  # chosen later from the experts; only the count is checked here
+        from soe.recipe.builders import auto_connectors
+
+        auto_connectors(s, na, nb)
+        return
     try:
         resolve_depth_map(s.pairs, na, nb)
     except DepthMapError as err:

@@ -67,7 +67,9 @@ class SampleCallback(Callback):
                 save_final(trainer)
             last = self._render(trainer, pl_module)
         if self._first_sheet is not None and trainer.is_global_zero and self._first_sheet != last:
-            stack_images([self._first_sheet, last], self.run_dir / "samples" / "before_after.png")
+            # with held-out tasks, before_after.png is the task sheet (SyncReportCallback); the joint sheets stack here
+            per_task = self.cfg.sample.sync_clips and self.cfg.data.kind == "synthetic" and (list(self.cfg.sample.sync_tasks) != ["joint"] or self.cfg.sample.sync_media)
+            stack_images([self._first_sheet, last], self.run_dir / "samples" / ("joint_before_after.png" if per_task else "before_after.png"))
 
 
 def stack_images(pngs: list[Path], out: Path) -> Path:
@@ -83,37 +85,49 @@ def stack_images(pngs: list[Path], out: Path) -> Path:
 
 
 class SyncReportCallback(Callback):
-    """AV-Align of the stitched model on ``n`` held-out synthetic clips, before the first step (the
-    experts alone: connectors start at zero) and after the last; printed as a table, saved as ``sync.json``."""
+    """AV-Align of the stitched model on ``n`` held-out clips, before the first step (the experts alone:
+    connectors start at zero) and after the last; printed as a table, saved as ``sync.json``.
+
+    ``sample.sync_tasks`` beyond ``[joint]`` also samples the clips as v2a (true video given) and a2v (true
+    audio given); ``sample.sync_media`` decodes every sample to mp4 under ``samples/held_out/`` and adds
+    ``soe eval``'s AV-Align of those files (soe/sample/held_out_tasks.py); with either, the table has a row per
+    task and model and ``samples/before_after.png`` shows the first clip per task, alone vs stitched."""
 
     def __init__(self, cfg, run_dir, n: int, console=None):
         self.cfg, self.run_dir, self.n, self.console = cfg, Path(run_dir), n, console
         self.scores: dict[str, dict] = {}
+        self.latents: dict[str, dict] = {}  # label -> task -> latents per side (for the task sheet)
+        self.tasks = list(cfg.sample.sync_tasks)
+        self.per_task = self.tasks != ["joint"] or bool(cfg.sample.sync_media)
 
     def _score(self, trainer, pl_module, label: str) -> None:
-        import torch
-
         from soe.evaluate import sync_eval
-        from soe.recipe.builders import build_sampler
-        from soe.sample.sampler import sample_stitched
+        from soe.sample import held_out_tasks as hot
 
         st = pl_module.stitcher
         experts = {"a": st.a, "b": st.b}
-        seconds = self.cfg.sample.seconds or self.cfg.data.seconds
-        cond, truth = sync_eval.held_out(experts, seconds, self.n, self.cfg.seed)
+        cond, truth, seconds = hot.held_out_clips(st, self.cfg, self.n)
+        media = self.run_dir / "samples" / "held_out"
         if "truth" not in self.scores:
             self.scores["truth"] = {"step": None, "sync": sync_eval.sync_score(truth, experts, seconds)}
-        was_training = st.training
-        st.eval()
-        try:
-            with torch.no_grad():
-                cond = {s: {k: v.to(experts[s].device) for k, v in c.items()} for s, c in cond.items()}
-                latents = sample_stitched(st, cond, seconds, build_sampler(self.cfg))
-        finally:
-            st.train(was_training)
-        latents = {s: v.float().cpu() for s, v in latents.items()}
-        self.scores[label] = {"step": trainer.global_step, "sync": sync_eval.sync_score(latents, experts, seconds),
-                              "frechet": sync_eval.frechet(latents, truth, experts, seconds)}
+            self.truth, self.seconds = truth, seconds
+            if self.cfg.sample.sync_media and trainer.is_global_zero:
+                hot.write_media(truth, experts, media / "truth")
+                self.scores["truth"]["av_align"] = hot.eval_av_align(media / "truth")
+        row, tasks = {"step": trainer.global_step}, {}
+        for task in self.tasks:
+            latents = hot.sample_task(st, self.cfg, task, cond, truth, seconds)
+            tasks[task] = hot.score_latents(latents, truth, experts, seconds, task)
+            self.latents.setdefault(label, {})[task] = latents
+            if self.cfg.sample.sync_media and trainer.is_global_zero:
+                folder = media / f"{label.replace(' ', '_')}-step-{trainer.global_step:06d}" / task
+                hot.write_media(latents, experts, folder)
+                tasks[task]["av_align"] = hot.eval_av_align(folder)
+        if "joint" in tasks:
+            row.update(sync=tasks["joint"]["sync"], frechet=tasks["joint"]["frechet"])
+        if self.per_task:
+            row["tasks"] = tasks
+        self.scores[label] = row
 
     def on_train_start(self, trainer, pl_module):
         if trainer.global_step == 0:
@@ -125,8 +139,43 @@ class SyncReportCallback(Callback):
         self._score(trainer, pl_module, "stitched")
         if trainer.is_global_zero:
             (self.run_dir / "sync.json").write_text(json.dumps({"clips": self.n, **self.scores}, indent=1))
+            if self.per_task and "experts alone" in self.latents:
+                from soe.sample.task_sheet import task_sheet
+
+                st = pl_module.stitcher
+                task_sheet(self.latents["experts alone"], self.latents["stitched"], self.truth, {"a": st.a, "b": st.b},
+                           self.seconds, {"clips": self.n, **self.scores}, self.run_dir / "samples" / "before_after.png")
             if self.console is not None:
-                self.console.print(self.table())
+                self.console.print(self.task_table() if self.per_task else self.table())
+
+    def task_table(self):
+        """One row per task and model: latent AV-Align, `soe eval`'s AV-Align of the mp4s, Frechet distances."""
+        from rich.table import Table
+
+        from soe.sample.held_out_tasks import GIVEN
+
+        media = bool(self.cfg.sample.sync_media)
+        t = Table(title=f"audio-visual sync on {self.n} held-out clips per task (1 = a click at every bounce and nowhere "
+                        "else; sync: read off the latents; AV-Align: `soe eval` on the decoded mp4s in samples/held_out/)")
+        t.caption = ("v2a: the clip's true video given, audio sampled; a2v: its true audio given, video sampled. Frechet "
+                     "distances of few clips swing several-fold from one draw of clips to the next (docs/evidence.md)")
+        t.add_column("task (given)")
+        t.add_column("model")
+        for col in ("sync", *(("AV-Align",) if media else ()), "Frechet video", "Frechet audio"):
+            t.add_column(col, no_wrap=True, justify="right")
+        for task in self.tasks:
+            for key, name in (("experts alone", "experts alone"), ("stitched", "stitched")):
+                r = self.scores.get(key, {}).get("tasks", {}).get(task)
+                if r is None:
+                    continue
+                f = r["frechet"]
+                t.add_row(f"{task} ({GIVEN[task]})" if key == "experts alone" else "", name, f"{r['sync']:.3f}",
+                          *((f"{r['av_align']:.3f}",) if media else ()),
+                          f"{f['video']:.3f}" if "video" in f else "given", f"{f['audio']:.3f}" if "audio" in f else "given")
+        tr = self.scores.get("truth")
+        if tr is not None:
+            t.add_row("ground truth", "", f"{tr['sync']:.3f}", *((f"{tr.get('av_align', 0):.3f}",) if media else ()), "0", "0")
+        return t
 
     def table(self):
         from rich.table import Table

@@ -240,7 +240,9 @@ def load_run(cfg):
 
     resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
     torch.manual_seed(cfg.seed)
-    stitcher = build_stitcher(cfg)
+    from soe.data.auto_pairs import pair_chooser
+
+    stitcher = build_stitcher(cfg, auto_pairs=pair_chooser(cfg) if cfg.stitch.pairs == "auto" else None)  # auto: chosen as training chose
     step, trained = None, None
     if cfg.sample.ckpt is not None:
         trained = Path(cfg.sample.ckpt)

@@ -11,6 +11,7 @@ from soe.schema.base import Choice, OptionError, StorageDtype, check_device, cho
 
 # conditioning inputs of `soe generate` (at most one): sample.<key> -> the task it asks of the experts
 TRAINING_EVAL = ("av_align",)  # `soe eval` metrics sample.eval may name: those that need no weights
+SYNC_TASKS = ("joint", "v2a", "a2v")  # sample.sync_tasks: what the held-out clips are sampled as (soe/sample/held_out_tasks.py)
 GIVEN_MEDIA = {"image": "image", "video": "v2a", "audio": "a2v", "extend": "extend"}
 
 
@@ -99,6 +100,8 @@ class SampleConfig(SpeedConfig, SamplerConfig):  # fields: the sampler's, the sp
     at_start: bool = False  # during training: also render before the first step (zero-init connectors = the experts alone)
     eval: List[str] = field(default_factory=list)  # during training: `soe eval` metrics of each render, logged as eval/<name> (weight-free: av_align)
     sync_clips: int = 0  # AV-Align of N held-out clips before and after training (0 = off; synthetic data only, else skipped)
+    sync_tasks: List[str] = field(default_factory=lambda: ["joint"])  # held-out tasks: joint | v2a (true video given) | a2v (true audio given)
+    sync_media: bool = False  # also decode the held-out samples to mp4 (samples/held_out/) and score them with `soe eval`'s av_align
     decode: Decode = Decode.codec
     device: Optional[str] = None  # null = cuda when available, else cpu
     # conditioning media (at most one; soe/sample/given_media.py): encoded by the expert's own codec, kept clean
@@ -123,6 +126,8 @@ class SampleConfig(SpeedConfig, SamplerConfig):  # fields: the sampler's, the sp
         for name in self.eval:
             require(name in TRAINING_EVAL, "eval", f"expected metrics among {list(TRAINING_EVAL)} (weight-free), got {name!r}")
         require(self.sync_clips >= 0, "sync_clips", f"expected >= 0 held-out clips (0 = off), got {self.sync_clips}")
+        require(len(self.sync_tasks) > 0 and all(t in SYNC_TASKS for t in self.sync_tasks) and len(set(self.sync_tasks)) == len(self.sync_tasks),
+                "sync_tasks", f"expected distinct tasks among {list(SYNC_TASKS)}, got {list(self.sync_tasks)}")
         require(self.every_n_steps >= 0, "every_n_steps", f"expected >= 0 (0 = never), got {self.every_n_steps}")
         require(self.extend_seconds is None or 0 < self.extend_seconds < math.inf, "extend_seconds",
                 f"expected a positive number of seconds, got {self.extend_seconds}")

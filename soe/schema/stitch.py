@@ -167,14 +167,35 @@ class InjectConfig:
 
 
 @dataclass
+class AutoPairsConfig:
+    """``pairs: auto`` (soe/stitch/auto_pairs.py): linear CKA of the experts' pooled block outputs on ``clips``
+    paired clips of the recipe's data, noised to each flow time of ``sigmas``; the ``connectors`` most similar
+    monotone pairs."""
+
+    connectors: Optional[int] = None  # pairs to choose; null = the shallower expert's depth
+    clips: int = 8  # paired clips of the recipe's data the experts run on
+    sigmas: List[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # flow times the clips are noised to
+
+    def __post_init__(self):
+        require(self.connectors is None or (isinstance(self.connectors, int) and not isinstance(self.connectors, bool)
+                                            and self.connectors >= 1),
+                "connectors", f"expected a positive integer or null (= the shallower depth), got {self.connectors!r}")
+        require(isinstance(self.clips, int) and not isinstance(self.clips, bool) and self.clips >= 2, "clips",
+                f"expected an integer >= 2 (CKA compares clips), got {self.clips!r}")
+        require(len(self.sigmas) >= 1 and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in self.sigmas), "sigmas",
+                f"expected flow times in [0, 1), got {list(self.sigmas)}")
+
+
+@dataclass
 class StitchConfig:
-    pairs: Any = "linear"  # linear | identity | {every: k} | [[i, j], ...]
+    pairs: Any = "linear"  # linear | identity | auto | {every: k} | [[i, j], ...]
     direction: Direction = Direction.both
     detach_source: bool = True  # no gradient crosses modalities through a connector (UniVerse-1)
     engine: Engine = Engine.auto
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
     inject: Dict[str, InjectConfig] = field(default_factory=dict)  # per direction (a_to_b, b_to_a); default add
+    auto: AutoPairsConfig = field(default_factory=AutoPairsConfig)  # pairs: auto (chosen from the experts' similarity)
 
     def __post_init__(self):
         self.direction = choice(Direction, self.direction, "direction")

@@ -72,7 +72,10 @@ def resolve_depth_map(spec, n_a: int, n_b: int) -> Pairs:
             if n_a != n_b:
                 raise DepthMapError(f"depth map 'identity' needs equal depths, got {n_a} and {n_b} blocks")
             return [(i, i) for i in range(n_a)]
-        raise DepthMapError(f"depth map: unknown name '{spec}'; expected 'linear', 'identity', {{every: k}} or a list of [i, j] pairs")
+        if spec == "auto":
+            raise DepthMapError("depth map 'auto' is chosen from the experts on paired clips (soe.stitch.auto_pairs.choose_pairs; "
+                                "recipes: stitch.pairs: auto); pass the chosen list of [i, j] pairs here")
+        raise DepthMapError(f"depth map: unknown name '{spec}'; expected 'linear', 'identity', 'auto', {{every: k}} or a list of [i, j] pairs")
     if isinstance(spec, dict):
         if set(spec) != {"every"}:
             raise DepthMapError(f"depth map: a mapping must be {{every: k}}, got keys {sorted(spec)}")

@@ -1,0 +1,163 @@
+"""Why is the jointly sampled audio quieter than the audio expert's alone? Measured on a trained run.
+
+Samples ``--clips`` held-out clips jointly (same seeds, conditioning and noise) with:
+
+* ``alone``: the run's recipe with untrained connectors and adapters (the experts alone, step 0);
+* ``stitched``: the trained run as is;
+* ``v->a off above S``: the trained run with the video -> audio connector outputs zeroed while the flow
+  time is above S (the audio reads the video only once the video has formed); S = 1 is "as is";
+* ``v->a off``: those connectors zeroed at every step (the audio expert with its LoRA, the video stitched);
+* ``v2a``: the true video given (the audio reads a finished video at every step);
+* with ``--lora-off``: the trained run with the audio expert's LoRA disabled (connectors on; and with v->a off
+  too, which must give the experts-alone audio back).
+
+For each: sync (latent AV-Align), Frechet distances of the per-clip features to the true clips with a 95%
+bootstrap interval (clips resampled with replacement, 300 draws), onsets per clip and mean click loudness
+(``soe.evaluate.sync_eval``), and the mean ratio |v->a connector output| / |audio hidden state| per flow
+time bin (what the audio side receives from the video at high and low noise).
+
+    python benchmarks/joint_audio.py runs/demo --clips 96
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
+
+from soe.evaluate import sync_eval  # noqa: E402
+from soe.evaluate.metrics import audio_onsets, frechet_distance  # noqa: E402
+
+
+def bootstrap(values_fn, n: int, draws: int = 300, seed: int = 0) -> tuple[float, float, float]:
+    """(value on all rows, 2.5th, 97.5th percentile over ``draws`` resamples of the ``n`` rows)."""
+    rng = np.random.default_rng(seed)
+    boot = [values_fn(rng.integers(0, n, n)) for _ in range(draws)]
+    return float(values_fn(np.arange(n))), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+class Gate:
+    """Forward hooks on the a_to_b (video -> audio) connectors: output times 0 while the flow time is above ``above``;
+    records |connector output| / |host hidden| per flow time."""
+
+    def __init__(self, stitcher, above: float | None):
+        self.above, self.sigma, self.ratios = above, 1.0, {}
+        self.handles = [c.register_forward_hook(self.hook) for c in stitcher.connectors["a_to_b"].values()] \
+            if "a_to_b" in stitcher.connectors else []
+
+    def hook(self, module, args, output):
+        self.ratios.setdefault(round(self.sigma, 2), []).append(float(output.float().norm() / max(args[0].float().norm(), 1e-12)))
+        if self.above is not None and self.sigma > self.above:
+            return output * 0
+        return output
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def audio_lora(model, enabled: bool) -> None:
+    """Switch the peft adapters of expert ``b`` (audio) on or off."""
+    for m in model.b.modules():
+        if hasattr(m, "enable_adapters") and hasattr(m, "lora_A"):
+            m.enable_adapters(enabled)
+
+
+def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora_off=False) -> tuple[dict, dict]:
+    from soe.flow.conditioning import given_for_task
+    from soe.recipe.builders import build_sampler
+    from soe.sample.sampler import sample, stitched_predictor
+
+    gate = Gate(model, above)
+    predict = stitched_predictor(model)
+
+    def gated(inputs, mask):
+        gate.sigma = float(inputs["b"]["timestep"].float().flatten()[0])
+        return predict(inputs, mask)
+
+    experts = {"a": model.a, "b": model.b}
+    given = given_for_task(task, experts, truth) if task != "joint" else None
+    if lora_off:
+        audio_lora(model, False)
+    try:
+        lat = sample(experts, cond, seconds, build_sampler(cfg), gated, given=given)
+    finally:
+        gate.remove()
+        audio_lora(model, True)
+    return {k: v.float() for k, v in lat.items()}, {s: float(np.mean(r)) for s, r in sorted(gate.ratios.items())}
+
+
+def scores(lat: dict, truth_feats: dict, experts: dict, seconds: float) -> dict:
+    feats = sync_eval.features(lat, experts, seconds)
+    n = len(feats["audio"])
+    per_clip_sync = np.array([sync_eval.sync_score({k: v[i:i + 1] for k, v in lat.items()}, experts, seconds) for i in range(n)])
+    onsets = np.array([len(audio_onsets(env, len(env) / seconds)) for _, _, _, env in sync_eval._signals(lat, experts)])
+    loud = np.array([float(env.mean()) for _, _, _, env in sync_eval._signals(lat, experts)])
+    return {"sync": bootstrap(lambda i: per_clip_sync[i].mean(), n),
+            "frechet_video": bootstrap(lambda i: frechet_distance(feats["video"][i], truth_feats["video"][i]), n),
+            "frechet_audio": bootstrap(lambda i: frechet_distance(feats["audio"][i], truth_feats["audio"][i]), n),
+            "onsets": bootstrap(lambda i: onsets[i].mean(), n), "loudness": bootstrap(lambda i: loud[i].mean(), n)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="run folder of `soe stitch` on synthetic data")
+    p.add_argument("--clips", type=int, default=96)
+    p.add_argument("--above", type=float, nargs="*", default=[0.8, 0.5], help="flow times above which v->a is zeroed")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--lora-off", action="store_true", help="also: the audio LoRA disabled (with and without v->a)")
+    p.add_argument("--skip", nargs="*", default=[], help="variants to leave out, by their first word (alone, v2a, gated, off)")
+    args = p.parse_args(argv)
+    from soe.recipe.builders import build_stitcher
+    from soe.recipe.reading import load_recipe
+    from soe.train.trained import load_trained
+
+    cfg = load_recipe(args.run / "recipe.yaml")
+    torch.manual_seed(cfg.seed)
+    alone, stitched = build_stitcher(cfg).eval(), build_stitcher(cfg)
+    step = load_trained(stitched, args.run / "trained")
+    stitched.eval()
+    experts = {"a": stitched.a, "b": stitched.b}
+    seconds = cfg.sample.seconds or cfg.data.seconds
+    cond, truth = sync_eval.held_out(experts, seconds, args.clips, cfg.seed)
+    truth_feats = sync_eval.features(truth, experts, seconds)
+    variants = [("experts alone (step 0)", alone, None, "joint", False), (f"stitched (step {step})", stitched, None, "joint", False),
+                *((f"stitched, v->a off above sigma {s}", stitched, s, "joint", False) for s in args.above),
+                ("stitched, v->a off", stitched, -1.0, "joint", False), ("stitched v2a (true video given)", stitched, None, "v2a", False)]
+    if args.lora_off:
+        variants += [("stitched, audio LoRA off", stitched, None, "joint", True),
+                     ("stitched, audio LoRA off, v->a off", stitched, -1.0, "joint", True)]
+    skip = {"alone": "experts alone", "v2a": "stitched v2a", "off": "stitched, v->a off", "gated": "stitched, v->a off above"}
+    variants = [v for v in variants if not any(v[0].startswith(skip[k]) and (k != "off" or v[0] == skip[k]) for k in args.skip)]
+    out = {"run": str(args.run), "step": step, "clips": args.clips, "truth_onsets": float(np.mean(
+        [len(audio_onsets(env, len(env) / seconds)) for _, _, _, env in sync_eval._signals(truth, experts)])), "variants": {}}
+    for name, model, above, task, lora_off in variants:
+        lat, ratios = run_variant(model, cfg, cond, truth, seconds, above, task, lora_off)
+        out["variants"][name] = {**scores(lat, truth_feats, experts, seconds), "v_to_a_ratio": ratios}
+    t = Table(title=f"{args.run} joint audio, {args.clips} held-out clips (95% bootstrap intervals); truth onsets/clip "
+                    f"{out['truth_onsets']:.2f}")
+    for col in ("variant", "sync", "Frechet video", "Frechet audio", "onsets/clip", "loudness", "|v->a|/|h| hi / lo sigma"):
+        t.add_column(col)
+    fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+    for name, r in out["variants"].items():
+        ratios = r["v_to_a_ratio"]
+        hi = np.mean([v for s, v in ratios.items() if s > 0.5] or [0])
+        lo = np.mean([v for s, v in ratios.items() if s <= 0.5] or [0])
+        t.add_row(name, fmt(r["sync"]), fmt(r["frechet_video"]), fmt(r["frechet_audio"]), fmt(r["onsets"]), fmt(r["loudness"]),
+                  f"{hi:.3f} / {lo:.3f}")
+    Console(width=250).print(t)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
