@@ -6,6 +6,7 @@ are exactly each codec's encoding of an independently decoded window (and of no 
 decode(latent) is as close to the input as the codec itself allows; a killed run resumes to the
 same cache; text encoders match the diffusers / ACE-Step recipe; training reads the result.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -414,3 +415,83 @@ def test_same_shard_twice_and_bad_shard_are_one_line(src, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "shard 1/2 is being encoded by another process" in err[0] and "--shard expects I/N" in err[1]
     assert not list(out.rglob("*.bin")) and not (out / "index.jsonl").exists()  # nothing written
+
+
+def make_vfr_mkv(path, video_s=2.5, audio_s=3.4, size=(64, 64), sr=48000):
+    """A variable-frame-rate Matroska clip: video pts in ms with irregular gaps (30-50 ms, ~25 fps on average),
+    an audio track of another length; Matroska stores no per-stream duration, only the container's (the longest)."""
+    h, w = size
+    with av.open(str(path), "w", format="matroska") as c:
+        vs = c.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt, vs.time_base = w, h, "yuv420p", Fraction(1, 1000)
+        vs.options = {"crf": "10", "preset": "ultrafast", "bf": "0"}
+        astream = c.add_stream("aac", rate=sr)
+        astream.layout = "stereo"
+        t, i = 0, 0
+        while t < video_s * 1000:
+            img = np.zeros((h, w, 3), np.uint8)
+            img[..., 0] = int(255 * (t / 1000 % 1.0))
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            for p in vs.encode(frame):
+                c.mux(p)
+            t, i = t + (30, 50, 40, 35, 45)[i % 5], i + 1
+        for p in vs.encode():
+            c.mux(p)
+        n = int(audio_s * sr)
+        wave = np.stack([(0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / sr)).astype(np.float32)] * 2)
+        for s in range(0, n, 1024):
+            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, s:s + 1024]), format="fltp", layout="stereo")
+            fr.sample_rate, fr.pts = sr, s
+            for p in astream.encode(fr):
+                c.mux(p)
+        for p in astream.encode():
+            c.mux(p)
+    return Path(path)
+
+
+def test_probe_measures_streams_without_a_duration(tmp_path):
+    from soe.data.media_io import probe
+
+    longer_audio = make_vfr_mkv(tmp_path / "a.mkv", video_s=2.5, audio_s=3.4)  # last frame at 2.480 s, shown 40 ms
+    with av.open(str(longer_audio)) as c:
+        assert c.streams.video[0].duration is None and c.duration / av.time_base > 3.3  # the premise
+    assert probe(longer_audio).seconds == pytest.approx(2.52, abs=1e-3)
+    shorter_audio = make_vfr_mkv(tmp_path / "b.mkv", video_s=2.5, audio_s=1.7)
+    assert 1.7 <= probe(shorter_audio).seconds <= 1.75  # AAC pads to whole 1024-sample frames
+
+
+def test_vfr_mkv_gets_the_windows_of_its_real_extent(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_vfr_mkv(src / "vfr.mkv")  # 2.52 s of video, 3.4 s of audio, 3.42 s container: two windows of 1 s
+    (src / "vfr.txt").write_text("a red fade")
+    report = encode(src, tmp_path / "out")
+    assert report.skipped == [] and (report.windows_new, report.clips_encoded) == (2, 1)
+    _, rows, _ = cached(tmp_path / "out")
+    assert [(r["source"], r["start"]) for r in rows] == [("vfr.mkv", 0.0), ("vfr.mkv", 1.0)]
+    from soe.data.media_io import read_windows
+
+    (frames, _), = read_windows(src / "vfr.mkv", [(1.0, 25, 48000)], 25.0, (64, 64), 48000)
+    red = frames[:, 32, 32, 0].astype(float)  # each target time gets the frame nearest to it: red = 255 * its time's fraction
+    assert np.abs(red - 255 * (np.arange(25) / 25)).max() < 20
+
+
+def test_a_window_that_fails_to_read_keeps_the_clips_other_windows(src, tmp_path, monkeypatch):
+    from soe.data import encode as encode_module
+    from soe.data.media_io import safe_probe
+
+    def too_long(path):  # a probe that overstates the clip (as the container's duration can): a window past its end
+        info = safe_probe(path)
+        return dataclasses.replace(info, seconds=info.seconds + 1.0) if Path(path).name == "a.mp4" else info
+
+    monkeypatch.setattr(encode_module, "safe_probe", too_long)
+    only = tmp_path / "src"
+    only.mkdir()
+    for name in ("a.mp4", "a.txt"):
+        (only / name).write_bytes((src / name).read_bytes())
+    report = encode(only, tmp_path / "out")
+    assert report.by_reason == {"truncated window": 1} and report.skipped[0]["path"] == "a.mp4"
+    assert "3.00s" in report.skipped[0]["detail"] and (report.windows_new, report.clips_encoded) == (3, 1)
+    _, rows, _ = cached(tmp_path / "out")
+    assert [r["start"] for r in rows] == [0.0, 1.0, 2.0]

@@ -273,7 +273,12 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
                     failed.add(task.clip.rel)
                     report.skip(task.clip.rel, result.reason, result.detail)
                 continue
-            for (wid, start, spec), (frames, audio) in zip(task.windows, result):
+            for (wid, start, spec), media in zip(task.windows, result):
+                if isinstance(media, MediaError):  # this window only: the clip's other windows are kept
+                    report.skip(task.clip.rel, media.reason, media.detail)
+                    bar.advance(windows_bar)
+                    continue
+                frames, audio = media
                 wclip = window_clips.get(wid, task.clip)
                 caption, annotated = wclip.caption, False
                 if caption is None:

@@ -36,12 +36,29 @@ class MediaInfo:
     sample_rate: int
 
 
-def _stream_seconds(stream, container) -> float:
+def _stream_seconds(stream, container, measured: dict | None = None) -> float:
+    """The stream's length: its own duration; else its real extent measured from its packets (``measured``);
+    else the container's duration (which may run past this stream's end: other streams, trailing metadata)."""
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
+    if measured and stream.index in measured:
+        return measured[stream.index] - _start(stream)
     if container.duration is not None:
         return container.duration / av.time_base
     return 0.0
+
+
+def _measure_ends(container, streams) -> dict:
+    """``{stream index: end in seconds}`` (last packet's pts + its duration) of ``streams``, by demuxing
+    packets only (no decoding): for streams without a duration (Matroska/WebM, variable frame rate)."""
+    ends: dict = {}
+    for packet in container.demux(*streams):
+        if packet.pts is None or packet.time_base is None:
+            continue
+        end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+        i = packet.stream.index
+        ends[i] = max(ends.get(i, end), end)
+    return ends
 
 
 def _start(stream) -> float:
@@ -61,7 +78,9 @@ def probe(path) -> MediaInfo:
             if not fps or not v.codec_context.width:
                 raise MediaError("corrupt", "video stream without frame rate or size")
             offset = _start(a) - _start(v)
-            seconds = min(_stream_seconds(v, c), _stream_seconds(a, c) + offset)
+            lacking = [s for s in (v, a) if s.duration is None or s.time_base is None]
+            measured = _measure_ends(c, lacking) if lacking else None
+            seconds = min(_stream_seconds(v, c, measured), _stream_seconds(a, c, measured) + offset)
             return MediaInfo(seconds, v.codec_context.width, v.codec_context.height, fps, a.codec_context.sample_rate or a.rate)
     except MediaError:
         raise
@@ -145,11 +164,13 @@ def read_audio(container, until: float, sample_rate: int) -> tuple[np.ndarray, f
     return audio.astype(np.float32, copy=False), first or 0.0
 
 
-def read_windows(path, windows: list[tuple[float, int, int]], fps: float, size: tuple[int, int], sample_rate: int):
+def read_windows(path, windows: list[tuple[float, int, int]], fps: float, size: tuple[int, int], sample_rate: int,
+                 each: bool = False):
     """Decode ``windows`` = ``[(start s, video frames, audio samples)]`` of one clip (in time order).
 
     Returns ``[(video (F, H, W, 3) uint8, audio (2, N) float32)]``. Raises :class:`MediaError` when the
-    file is corrupt or ends before a window does.
+    file is corrupt or ends before a window does; with ``each``, a window the file ends before is a
+    ``MediaError("truncated window")`` in its place, and the other windows are returned as usual.
     """
     try:
         with av.open(str(path)) as c:
@@ -168,13 +189,21 @@ def read_windows(path, windows: list[tuple[float, int, int]], fps: float, size: 
         k += n_frames
         if any(f is None for f in clip):
             missing = sum(f is None for f in clip)
-            raise MediaError("truncated", f"video ends {missing} frame(s) before the window at {start:.2f}s does")
+            error = MediaError("truncated", f"video ends {missing} frame(s) before the window at {start:.2f}s does")
+            if not each:
+                raise error
+            out.append(MediaError("truncated window", error.detail))
+            continue
         i0 = int(round((start - first) * sample_rate))
         piece = audio[:, max(0, i0): max(0, i0 + n_samples)]
         lead = max(0, -i0)  # audio starting after the first video frame: pad the gap with silence
         short = n_samples - lead - piece.shape[1]
         if short > AUDIO_SLACK * sample_rate:
-            raise MediaError("truncated", f"audio ends {short / sample_rate:.2f}s before the window at {start:.2f}s does")
+            error = MediaError("truncated", f"audio ends {short / sample_rate:.2f}s before the window at {start:.2f}s does")
+            if not each:
+                raise error
+            out.append(MediaError("truncated window", error.detail))
+            continue
         piece = np.pad(piece, ((0, 0), (lead, max(0, short))))[:, :n_samples]
         out.append((np.stack(clip), np.clip(piece, -1.0, 1.0)))
     return out
@@ -200,9 +229,10 @@ def safe_probe(path) -> MediaInfo | MediaError:
 
 
 def safe_read_windows(task: tuple) -> list | MediaError:
-    """``task = (path, windows, fps, size, sample_rate)``; a MediaError is returned, not raised."""
+    """``task = (path, windows, fps, size, sample_rate)``; a MediaError is returned, not raised: for the whole
+    task (a corrupt file), or in a window's place (``truncated window``: the file ends before that window does)."""
     try:
-        return read_windows(*task)
+        return read_windows(*task, each=True)
     except MediaError as e:
         return e
 
