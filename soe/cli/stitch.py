@@ -111,6 +111,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     datamodule = build_datamodule(cfg, stitcher)
     datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
     trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
+    datamodule.check_buckets(trainer.num_nodes * trainer.num_devices)  # every rank's batch, before the folder is written
     # only now, with everything built, does the run folder get (re)written, under its lock
     if owner:
         lock.acquire()

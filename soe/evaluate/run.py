@@ -21,6 +21,8 @@ import numpy as np
 from soe.evaluate import av_align as av_align_mod
 from soe.evaluate.catalog import METRICS, EvalError, model_folders, parse_metrics
 from soe.evaluate.decode import Clip, DecodeError, find_clips, safe_decode
+from soe.outputs import check_output
+from soe.schema.base import device_problem
 
 CPU_METRICS = {"av_align": av_align_mod.clip_av_align}
 PROMPTS_FILE = "prompts.jsonl"
@@ -156,8 +158,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def results_file(out, samples: Path, force: bool = False) -> Path:
+    """``--out`` (default SAMPLES/eval.json) as a new .json file in a folder that can be written (so never one of
+    the clips, wavs or prompts it reads); an existing one only with ``force``."""
+    out = Path(out) if out is not None else samples / "eval.json"
+    if out.suffix != ".json" or out.is_dir():
+        raise EvalError(f"--out {out}: expected a .json results file" + (", got a folder" if out.is_dir() else ""))
+    check_output(out.parent, "--out")  # not under a file, writable
+    if out.exists() and not force:
+        raise EvalError(f"{out}: exists; pass --force to overwrite it, or --out FILE")
+    return out
+
+
 def plan(samples, reference=None, prompts=None, models=None, metrics=None, out=None, force=False,
-         model_overrides=None) -> dict:
+         model_overrides=None, device=None) -> dict:
     """Check every input (EvalError, one line, before anything is computed or written) and decide what runs."""
     samples = Path(samples)
     if not samples.is_dir():
@@ -171,11 +185,10 @@ def plan(samples, reference=None, prompts=None, models=None, metrics=None, out=N
     folders = model_folders(models, model_overrides)
     prompts_path = Path(prompts) if prompts is not None else samples / PROMPTS_FILE
     rows = read_prompts(prompts_path) if prompts is not None or prompts_path.is_file() else {}
-    out = Path(out) if out is not None else samples / "eval.json"
-    if out.exists() and not force:
-        raise EvalError(f"{out}: exists; pass --force to overwrite it, or --out FILE")
-    if not out.parent.is_dir():
-        raise EvalError(f"--out {out}: folder {out.parent} does not exist")
+    out = results_file(out, samples, force=force)
+    problem = device_problem(device) if device is not None else None
+    if problem is not None:
+        raise EvalError(f"--device: {problem}")
     skipped, run = {}, []
     for n in names:
         m = METRICS[n]
