@@ -22,7 +22,7 @@ from soe.recipe.validate import validate_recipe
 from soe.sample.callbacks import SampleCallback, SyncReportCallback
 from soe.threads import configure_threads
 from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_objective, build_optim,
-                             build_stitcher_to_shard, build_trainer)
+                             build_stitcher_to_shard, build_trainer, check_machine)
 from soe.train.checkpoint import read_checkpoint
 from soe.train.interrupt import StopOnInterrupt
 from soe.train.log_rows import KeepLogRow
@@ -64,6 +64,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     console = console or make_console()
     cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
     validate_recipe(cfg)
+    check_machine(cfg.trainer)  # a GPU recipe on a machine without one: one line naming the key
     configure_threads(cfg.trainer.threads)
     quiet_libraries()  # Lightning's banners and tips, known harmless warnings
     if allow_changes and not cfg.resume:

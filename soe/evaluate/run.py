@@ -21,7 +21,7 @@ import numpy as np
 from soe.evaluate import av_align as av_align_mod
 from soe.evaluate.catalog import METRICS, EvalError, model_folders, parse_metrics
 from soe.evaluate.decode import Clip, DecodeError, find_clips, safe_decode
-from soe.outputs import check_output
+from soe.outputs import check_output, removed_on_failure
 from soe.schema.base import device_problem
 
 CPU_METRICS = {"av_align": av_align_mod.clip_av_align}
@@ -302,8 +302,10 @@ def summary(result: dict) -> list[tuple[str, float, float, int]]:
 
 
 def write_json(result: dict, out: Path) -> Path:
-    """Write atomically (a temporary file beside it, then a rename)."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=False, allow_nan=False) + "\n")
-    tmp.replace(out)
+    """Write atomically (a temporary file beside it, then a rename), creating its folder (removed again on failure)."""
+    with removed_on_failure(out.parent, "--out"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=2, sort_keys=False, allow_nan=False) + "\n")
+        tmp.replace(out)
     return out
