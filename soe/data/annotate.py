@@ -13,8 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from soe.errors import SoeError, one_line
-
-DEFAULT_PROMPT = "Describe this video clip in one sentence: what is seen and what is heard."
+from soe.schema.encode import DEFAULT_PROMPT
 
 
 class AnnotatorError(SoeError, ValueError):
