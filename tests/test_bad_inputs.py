@@ -1011,6 +1011,8 @@ THIRD_ROUND_CASES = {
                             "annotate.device: 'cuda:1', but this machine has no CUDA GPU (use cpu)"),
     "annotate-device-tpu": (["annotate", DEMO, "{c}", "--out", "{t}/a.jsonl", "--device", "tpu"],
                             "annotate.device: expected cpu, cuda, cuda:N or mps, got 'tpu'"),
+    # soe experts check --partner: a typo was reported as a failed contract property (exit 1), not as bad input
+    "partner-typo": (["experts", "check", "wan2.1", "--partner", "ace-stp"], "--partner: unknown expert 'ace-stp'; known experts:"),
     # soe inspect --heatmap: checked before the experts run; without pairs: auto it would be ignored
     "heatmap-under-a-file": (["inspect", DEMO, "stitch.pairs=auto", "--heatmap", "{t}/f.txt/x.png"],
                              "--heatmap: '{t}/f.txt' is a file, expected a folder"),
