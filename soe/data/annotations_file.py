@@ -125,16 +125,21 @@ class AnnotationRows:
 
     def of(self, rel: str, windows: list[tuple[float, float]]) -> dict | None:
         """``{(start, seconds): {"caption", "sound", "transcript"}}`` for the windows ``(start, seconds)`` this encode
-        cuts from clip ``rel``; None when the clip has no rows; a window without a row is one line."""
+        cuts from clip ``rel`` that have a row (a window ``soe annotate`` could not read has none: it is left out);
+        None when the clip has no rows; rows for none of the windows (other windows) is one line."""
         rows = self.windows.get(rel)
         if rows is None:
             return None
         out = {}
         for start, seconds in windows:
             row = rows.get(_window(start, start + seconds))
-            if row is None:
-                raise RecipeError(f"{self.file}: no row for window {start:g}-{start + seconds:g} s of '{rel}' (it was annotated "
-                                  f"for other windows: annotate with the recipe and data.seconds / encode.durations this encode uses)")
-            out[(round(float(start), 6), float(seconds))] = {"caption": row["caption"], "sound": row["audio_caption"],
-                                                              "transcript": row["lyrics"]}
+            if row is not None:
+                out[(round(float(start), 6), float(seconds))] = {"caption": row["caption"], "sound": row["audio_caption"],
+                                                                  "transcript": row["lyrics"]}
+        cut = {_window(start, start + seconds) for start, seconds in windows}
+        other = [w for w in rows if w not in cut]
+        if other or (windows and not out):
+            start, end = other[0] if other else min(cut)
+            raise RecipeError(f"{self.file}: the windows of '{rel}' are not the ones this encode cuts (first: {start:g}-{end:g} s): "
+                              "annotate with the recipe and data.seconds / encode.durations this encode uses")
         return out
