@@ -44,11 +44,6 @@ SIDECAR = [{"word": " hello", "start": 0.2, "end": 0.6}, {"word": " across", "st
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")  # the models' outputs, shared by every run of this module
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return omni_folder(root / "omni"), whisper_folder(root / "whisper")
@@ -66,9 +61,11 @@ def src(tmp_path_factory):
 
 
 def annotate_cli(src, out, models, *extra, cache=None, recipe=TINY):
+    """``soe annotate`` with both tiny models; the cache in ``cache`` (default: ``cache/`` beside ``out``; False: none given)."""
     omni, whisper = models
+    cached = [] if cache is False else ["--cache", str(cache or Path(out).parent / "cache")]
     return main(["annotate", str(recipe), str(src), "--out", str(out), "--captioner", str(omni), "--asr", str(whisper), *SECONDS,
-                 TOKENS, "--cache", str(cache or Path(out).parent / "cache"), *extra])
+                 TOKENS, *cached, *extra])
 
 
 @pytest.fixture(scope="module")
