@@ -3,12 +3,15 @@
 Per window, never per clip (a caption of a whole minute describes no 5 s of it): windows are cut exactly
 as ``soe encode`` cuts them (the recipe's experts, ``data.seconds`` or ``annotate.durations``); an omni model
 that sees and hears the window writes a caption (for the video expert) and a sound description (for the
-audio expert), each from its own prompt (``soe.data.omni``); the clip's word-timed transcript (a
-``clip.words.json`` sidecar, else Whisper with word timestamps: ``soe.data.transcript``) is cut at word
-midpoints into the window's transcript (the audio expert's lyrics). Results are cached by (clip hash,
-window, model, prompt) in the annotations folder (``soe.data.annotation_store``), so a killed run resumes
-and a run with another prompt recomputes only what that prompt changes. ``--shard I/N`` annotates clips
-I, I+N, ... of the sorted list, each process into its own log; nothing needs merging.
+audio expert), each from its own prompt (``soe.data.omni``; an image-text model writes captions only); the
+clip's word-timed transcript (a ``clip.words.json`` sidecar, else Whisper with word timestamps:
+``soe.data.transcript``) is cut at word midpoints into the window's transcript (the audio expert's lyrics),
+with the language Whisper hears in that window. The models' outputs are cached by (clip hash, window,
+model, prompt) in a cache folder shared by every run (``--cache``, default ``$SOE_CACHE_DIR/annotate``:
+``soe.data.annotation_store``), so a killed run resumes, and a rerun, another ``--out`` or a second recipe
+cutting the same windows calls no model. Windows go through the models in batches, decoded ahead of them
+(``soe.data.annotate_windows``). ``--shard I/N`` annotates clips I, I+N, ... of the sorted list, each
+process into its own log in ``FILE.parts/``; the last to finish writes the annotations file.
 """
 from __future__ import annotations
 
@@ -120,7 +123,7 @@ def _prepare(path):
 def annotate_folder(cfg, src, out, settings: AnnotateConfig | None = None, shard: tuple[int, int] = (0, 1),
                     console: Console | None = None, progress: bool = True, workers: int = 0) -> AnnotateReport:
     """Annotate every window of the clips of part ``shard = (I, N)`` of ``src`` into the annotations file ``out``
-    (cache and shard logs in ``out.parts/``); the last part to finish writes ``out``."""
+    (shard logs in ``out.parts/``, the models' outputs in ``settings.cache``); the last part to finish writes ``out``."""
     settings, console, t0 = settings or AnnotateConfig(), console or Console(), time.perf_counter()
     out = Path(out)
     work = work_folder(out)

@@ -5,12 +5,13 @@ Row (``end`` = ``start`` + the window's length; ``language`` only where Whisper 
     {"path": "sub/clip.mp4", "start": 5.0, "end": 10.0, "caption": "...", "audio_caption": "...",
      "lyrics": "...", "words": [{"start", "end", "text"}, ...], "models": {...}, "language": "en"}
 
-``soe annotate --out FILE`` keeps its cache and shard logs in the folder ``FILE.parts/`` beside it
-(soe.data.annotation_store); each process of ``--shard I/N`` marks its part done there
+``soe annotate --out FILE`` keeps its shard logs in the folder ``FILE.parts/`` beside it (the models'
+outputs go to the shared cache: soe.data.annotation_store); each process of ``--shard I/N`` marks its part done there
 (``done/part-I-of-N.json``: the clips it annotated), and the last one to finish (the one that lists all N
 marks under the same selection) merges them into ``FILE``, written to a temporary file and renamed into
 place, so ``FILE`` is never half written. ``soe encode`` reads ``FILE`` (``SRC/annotations.jsonl`` when
-present, or ``--annotations FILE``) and gives each window its own row's text.
+present, or ``--annotations FILE``) and gives each window its own row's text (a window without a row, one
+``soe annotate`` could not read, is left out).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ ROW_FIELDS = ("path", "start", "end", "caption", "audio_caption", "lyrics", "wor
 
 
 def work_folder(file) -> Path:
-    """The cache and shard logs of the annotations file ``file``: ``FILE.parts/`` beside it."""
+    """The shard logs of the annotations file ``file``: ``FILE.parts/`` beside it."""
     file = Path(file)
     return file.with_name(file.name + ".parts")
 

@@ -7,7 +7,9 @@ released folder (its ``thinker.*`` weights; the talker that speaks is never buil
 the thinker alone. The window's audio goes in as the audio track of its video (``load_audio_from_video``
 with the decoded samples, ``use_audio_in_video`` at generation), so the model reads picture and sound
 interleaved by time, as Qwen2.5-Omni was trained to. Hand-written here: only the frame size the window is
-decoded at (its aspect ratio, whole 28-pixel patches, at most ``max_pixels``) and greedy decoding of the answer.
+decoded at (its aspect ratio, whole 28-pixel patches, at most ``max_pixels``) and greedy decoding of the answers
+of a batch of windows (the processor pads their prompts on the left, so each answer is the one its window
+gets alone).
 """
 from __future__ import annotations
 
