@@ -26,6 +26,7 @@ overhead of soe's own steps around the models. Numbers depend on the box's load 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import sys
@@ -64,6 +65,7 @@ def main() -> None:
 
     configure_threads(None)
     fps = 2.0  # annotate.fps
+    quiet = Console(file=io.StringIO())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "clips").mkdir()
@@ -115,7 +117,7 @@ def main() -> None:
             settings = AnnotateConfig(captioner=str(omni_path), whisper=str(whisper_path), max_new_tokens=args.tokens, batch_size=batch,
                                       device=args.device, cache=str(tmp / f"cache-{time.perf_counter_ns()}"))
             out = tmp / f"out-{time.perf_counter_ns()}.jsonl"
-            annotate_folder(cfg, tmp / "clips", out, settings, console=Console(file=open(os.devnull, "w")), progress=False)
+            annotate_folder(cfg, tmp / "clips", out, settings, console=quiet, progress=False)
             return out.read_text()
 
         stages = {"decode": lambda b, m: decode(b), "ASR": asr, "captioner": captioner, "run": lambda b, m: run(b)}
@@ -139,7 +141,7 @@ def main() -> None:
     print(f"{'stage':<10} {'batch 1 s':>10} {'windows/s':>10} {f'batch {args.batch} s':>11} {'windows/s':>10} {'speed-up':>9} {'same out':>9}")
     for name in stages:
         one, many = (statistics.median(times[name, b]) for b in sizes)
-        print(f"{name:<10} {one:10.3f} {windows / one:10.1f} {many:11.3f} {windows / many:10.1f} {one / many:8.2f}x {str(results[name]):>9}")
+        print(f"{name:<10} {one:10.3f} {windows / one:10.1f} {many:11.3f} {windows / many:10.1f} {one / many:8.2f}x {results[name]!s:>9}")
 
 
 if __name__ == "__main__":

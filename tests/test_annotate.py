@@ -328,6 +328,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(src, models, annotated, tm
         (["annotate", str(TINY), str(bad["listed"]), "--out", str(out)], r"captions.jsonl \(x.mp4\): words out of order"),
         (["annotate", str(TINY), str(src), "--out", str(taken), "--asr", whisper], "taken.jsonl' exists and was not written by this run"),
         (["annotate", str(TINY), str(src), "--out", str(out), "--shard", "2/2"], "--shard expects I/N"),
+        (["annotate", str(TINY), str(src), "--out", str(out), "annotate.batch_size=0"], "annotate.batch_size: expected a positive integer"),
+        (["annotate", str(TINY), str(src), "--out", str(out), "--asr", whisper, "--cache", str(taken)], "--cache: expected a folder"),
         (["encode", str(TINY), str(src), "--out", str(out), "--annotations", "/nowhere.jsonl"], "--annotations: annotations file not found"),
         (["encode", str(TINY), str(src), "--out", str(out), "--annotations", str(taken)], "taken.jsonl: line 1: expected a row"),
         (["encode", str(TINY), str(src), "--out", str(out), "--annotations", str(annotated), "encode.durations=[0.5]"],

@@ -13,11 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
+import test_annotate
 import torch
 from annotate_models import image_text_folder
-from test_annotate import (QUIET, SECONDS, TINY, annotate_cli, annotated, cache_lines, cache_of, models, report_of, rows,  # noqa: F401
-                           src)
+from test_annotate import QUIET, SECONDS, TINY, annotate_cli, cache_lines, cache_of, report_of, rows
 from test_encode import make_clip
 
 from soe.cli import main
@@ -28,6 +27,8 @@ from soe.data.media_io import read_speech, read_windows, safe_probe
 from soe.data.omni import OmniAnnotator
 from soe.data.transcript import WhisperTranscriber, words_in_window
 from soe.recipe.reading import load_recipe
+
+models, src, annotated = test_annotate.models, test_annotate.src, test_annotate.annotated  # the same module-scoped fixtures
 
 
 def media(n_frames, seed):

@@ -300,6 +300,8 @@ def annotate_command(recipe, src, overrides, out=None, shard: str | None = None,
     for key, flag in (("omni", "annotate.omni"), ("captioner", "--captioner"), ("whisper", "--asr")):
         if getattr(settings, key) is not None and not Path(getattr(settings, key)).is_dir():
             raise UsageError(f"{flag}: model folder not found: '{getattr(settings, key)}'")
+    if settings.cache is not None and Path(settings.cache).exists() and not Path(settings.cache).is_dir():
+        raise UsageError(f"--cache: expected a folder (the annotate cache), got the file '{settings.cache}'")
     configure_threads(cfg.trainer.threads)
     report = annotate_folder(cfg, src, out, settings, shard=part, console=console, workers=workers)
     console.print(report.table())
