@@ -66,6 +66,8 @@ def test_rows_do_not_depend_on_batch_size_or_workers(src, models, annotated, tmp
     out = tmp_path / "batched.jsonl"  # annotated: one window a model call, decoded in this process's thread
     assert annotate_cli(src, out, models, "annotate.batch_size=3", "--workers", "2") == 0  # decoded in two processes
     assert out.read_text() == annotated.read_text()
+    got = rows(out)
+    assert len({r["caption"] for r in got}) > 1 and len({r["audio_caption"] for r in got}) > 1  # each window its own text
     report, one_by_one = report_of(out), report_of(annotated)
     assert (report["texts_new"], report["transcribed_new"]) == (one_by_one["texts_new"], one_by_one["transcribed_new"]) == (10, 1)
     assert one_by_one["batches"]["captioner"] == 10 and report["batches"]["captioner"] == 4  # 10 texts: 3 + 3 + 3 + 1

@@ -71,8 +71,20 @@ class VLMAnnotator:
         inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(self.model.device)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1]:]
+        new = until_eos(out[:, inputs["input_ids"].shape[1]:], self.model.generation_config)
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def until_eos(tokens, generation_config) -> list[list[int]]:
+    """Each row of generated ``tokens`` up to its first end-of-sequence token: in a batch, a finished answer
+    is padded until the longest ends, and a tokenizer that does not mark the padding special would keep it."""
+    eos = generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    rows = []
+    for row in tokens.tolist():
+        end = next((i for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:end])
+    return rows
 
 
 def require_transformers(key: str, minimum: str = "5.25") -> None:

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from soe.data.annotate import AnnotatorError, model_folder, require_transformers
+from soe.data.annotate import AnnotatorError, model_folder, require_transformers, until_eos
 from soe.errors import one_line
 
 OMNI_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")  # the released model, or its thinker alone
@@ -79,7 +79,8 @@ class OmniAnnotator:
         inputs = self.inputs(windows, fps, prompts)
         with torch.no_grad():
             out = self.model.generate(**inputs, use_audio_in_video=True, max_new_tokens=self.max_new_tokens, do_sample=False)
-        answers = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers = self.processor.batch_decode(until_eos(out[:, inputs["input_ids"].shape[1]:], self.model.generation_config),
+                                              skip_special_tokens=True)
         return [" ".join(a.split()) for a in answers]
 
     def describe(self, frames: np.ndarray, audio: np.ndarray, fps: float, prompt: str) -> str:
