@@ -37,7 +37,7 @@ from soe.data.sources import CAPTIONS_FILE, find_clips, read_captions_jsonl
 from soe.data.stream_format import part_name
 from soe.data.transcript import SPEECH_RATE, WhisperTranscriber, Word, parse_words, read_words, sidecar_of
 from soe.data.windows import plan_record, plan_windows, window_specs
-from soe.errors import UsageError
+from soe.errors import UsageError, one_line
 from soe.media import media_sides
 from soe.recipe.reading import load_recipe
 from soe.recipe.validate import validate_recipe
@@ -162,11 +162,13 @@ def annotate_folder(cfg, src, out, settings: AnnotateConfig | None = None, shard
         model = None
     whisper = WhisperTranscriber(settings.whisper, settings.language, device, dtype) if settings.whisper else None
     cache = cache_folder(settings.cache)
-    work.mkdir(parents=True, exist_ok=True)  # first write: every check above has passed
+    try:  # first write: every check above has passed; only the models' outputs are cached
+        cache_log = CacheLog(cache) if model is not None or whisper is not None else None
+    except OSError as e:
+        raise UsageError(f"--cache: cannot write the annotate cache '{cache}' ({one_line(e, 200)})") from None
+    work.mkdir(parents=True, exist_ok=True)
     log = AnnotationLog(work, *shard)
-    cache_log = None
     try:
-        cache_log = CacheLog(cache) if model is not None or whisper is not None else None  # only models' outputs are cached
         clear_done(work, *shard)
         sel = write_selection(work, selection)
         report = AnnotateReport(clips=len(clips), sidecar_transcripts=len(brought))
