@@ -176,7 +176,7 @@ def _cmd_annotate(args) -> int:
     from soe.data.annotate_run import annotate_command
 
     annotate_command(args.recipe, args.src, args.overrides, out=args.out, shard=args.shard, console=console, workers=args.workers,
-                     flags={"--asr": args.asr, "--captioner": args.captioner, "--device": args.device})
+                     flags={"--asr": args.asr, "--captioner": args.captioner, "--device": args.device, "--cache": args.cache})
     return 0
 
 
@@ -255,13 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("recipe", help="recipe YAML file (the experts and data.seconds decide where windows fall, as in soe encode)")
     ann.add_argument("src", help="folder of video files (clip.words.json sidecars or words in captions.jsonl: timed transcripts)")
     ann.add_argument("--out", default=None, metavar="FILE",
-                     help="annotations file, one JSON line per window (default: SRC/annotations.jsonl; cache and shard logs in FILE.parts/)")
+                     help="annotations file, one JSON line per window (default: SRC/annotations.jsonl; shard logs in FILE.parts/)")
     ann.add_argument("--asr", default=None, metavar="PATH", help="local Whisper folder: word-timed transcripts, cut at word midpoints")
     ann.add_argument("--captioner", default=None, metavar="PATH",
                      help="local Qwen2.5-Omni folder (caption + sound description, sees and hears) or image-text model (captions)")
     ann.add_argument("--shard", default=None, metavar="I/N", help="annotate part I of N (one process per GPU or node); the last to finish merges")
-    ann.add_argument("--workers", type=int, default=0, metavar="N", help="processes probing and hashing clips (0: this process)")
+    ann.add_argument("--workers", type=int, default=0, metavar="N",
+                     help="processes probing, hashing and decoding clips ahead of the models (0: one thread of this process)")
     ann.add_argument("--device", default=None, metavar="D", help="device of the models (default: cuda when available, else cpu)")
+    ann.add_argument("--cache", default=None, metavar="DIR",
+                     help="folder of the models' outputs, shared by every run (default: $SOE_CACHE_DIR/annotate or ~/.cache/soe/annotate)")
     ann.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and annotate.<key>=value settings")
     ann.set_defaults(func=_cmd_annotate)
     exp = sub.add_parser("export", help="write a trained run in formats others load: diffusers / ComfyUI LoRA, or merged weights")

@@ -203,7 +203,11 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
                 continue
             size = nearest_resolution(info.width, info.height, resolutions) if resolutions else default_size
             todo = [(f"{clip.clip_id}-w{k:03d}", start, spec) for k, (start, spec) in enumerate(planned)]
-            if texts is not None:
+            if texts is not None:  # a window soe annotate could not read has no row: not encoded either
+                for _, start, spec in todo:
+                    if window_key(start, spec.seconds) not in texts:
+                        report.skip(clip.rel, "not annotated", f"the window at {start:.2f}s has no row in the annotations")
+                todo = [w for w in todo if window_key(w[1], w[2].seconds) in texts]
                 own = {wid: window_clip(clip, texts.get(window_key(start, spec.seconds))) for wid, start, spec in todo}
                 if annotator is None and settings.missing_caption == "skip" and any(c.caption is None for c in own.values()):
                     report.skip(clip.rel, "no caption", "a window has no caption in the annotations and the clip no sidecar one")
