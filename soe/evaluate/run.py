@@ -21,40 +21,19 @@ import numpy as np
 from soe.evaluate import av_align as av_align_mod
 from soe.evaluate.catalog import METRICS, EvalError, model_folders, parse_metrics
 from soe.evaluate.decode import Clip, DecodeError, find_clips, safe_decode
+from soe.evaluate.prompt_file import PROMPTS_FILE, read_prompt_rows
 from soe.outputs import check_output, removed_on_failure
 from soe.schema.base import device_problem
 
 CPU_METRICS = {"av_align": av_align_mod.clip_av_align}
-PROMPTS_FILE = "prompts.jsonl"
 
 
 def read_prompts(path) -> dict[str, dict]:
-    """Rows of a JSON-lines prompts file by ``id`` (``{"id", "prompt", "audio_prompt"?, "image"?, "transcript"?}``);
-    relative image paths are taken from the file's folder. A folder is read as Verse-Bench (its items by name)."""
-    path = Path(path)
-    if path.is_dir():
-        from soe.evaluate.verse_bench import read_items
-
-        try:
-            return {row["id"]: row for row in read_items(path)}
-        except ValueError as e:
-            raise EvalError(f"--prompts {e}") from None
-    if not path.is_file():
-        raise EvalError(f"--prompts {path}: no such file (expected JSON lines with an 'id' per row)")
-    rows = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise EvalError(f"{path}:{n}: not a JSON object (expected one row per line with an 'id')") from None
-        if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)):
-            raise EvalError(f"{path}:{n}: expected a JSON object with an 'id' (string)")
-        if row.get("image"):
-            row["image"] = str((path.parent / row["image"]).resolve()) if not Path(row["image"]).is_absolute() else row["image"]
-        rows[str(row["id"])] = row
-    return rows
+    """``--prompts``: the rows of a prompts file or Verse-Bench folder by ``id`` (soe.evaluate.prompt_file)."""
+    try:
+        return {row["id"]: row for row in read_prompt_rows(path, need_prompt=False)}
+    except ValueError as e:
+        raise EvalError(f"--prompts {e}") from None
 
 
 def _text_of(row: dict | None, metric: str):
