@@ -10,10 +10,10 @@ file and line.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a file name on every system (``<id>.mp4``), never a path
+from soe.evaluate.verse_bench import ID, read_items  # ID: a file name on every system (<id>.mp4), never a path
+
 PROMPTS_FILE = "prompts.jsonl"  # the rows beside generated clips
 
 
@@ -22,8 +22,6 @@ def read_prompt_rows(path, need_prompt: bool = True) -> list[dict]:
     ``need_prompt``: every row must carry a ``prompt`` (sampling), else only an ``id`` (evaluation)."""
     path = Path(path)
     if path.is_dir():
-        from soe.evaluate.verse_bench import read_items
-
         return read_items(path)
     if not path.is_file():
         raise ValueError(f"'{path}' is not a file (expected JSON lines with 'id'{' and prompt' if need_prompt else ''}, "
