@@ -21,7 +21,7 @@ from soe.recipe.validate import validate_recipe
 from soe.sample.callbacks import SampleCallback, SyncReportCallback
 from soe.threads import configure_threads
 from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_objective, build_optim,
-                             build_stitcher_to_shard, build_trainer)
+                             build_stitcher_to_shard, build_trainer, check_machine)
 from soe.train.checkpoint import read_checkpoint
 from soe.train.cluster import process_rank
 from soe.train.interrupt import StopOnInterrupt
@@ -64,6 +64,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     console = console or make_console()
     cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
     validate_recipe(cfg)
+    check_machine(cfg.trainer)  # a GPU recipe on a machine without one: one line naming the key
     configure_threads(cfg.trainer.threads)
     quiet_libraries()  # Lightning's banners and tips, known harmless warnings
     if allow_changes and not cfg.resume:
@@ -112,6 +113,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     datamodule = build_datamodule(cfg, stitcher)
     datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
     trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
+    datamodule.check_buckets(trainer.num_nodes * trainer.num_devices)  # every rank's batch, before the folder is written
     if owner != trainer.is_global_zero:  # Lightning numbered the processes otherwise than soe.train.cluster read them
         raise RecipeError(f"trainer: this process is rank {trainer.global_rank} of {trainer.world_size}, but its environment "
                           f"read as rank {process_rank(to_container(cfg.trainer.devices), cfg.trainer.num_nodes)}; "
