@@ -267,7 +267,7 @@ CLI_CASES = [
     (["stitch", DEMO, "trainer.checkpoint_every_n_steps=-1"], "trainer.checkpoint_every_n_steps: expected a positive integer"),
     (["stitch", DEMO, "optim.warmup_steps=-3"], "optim.warmup_steps: expected >= 0"),
     (["stitch", DEMO, "trainer.on_nonfinite=ignore"], "trainer.on_nonfinite: expected one of ['stop', 'skip']"),
-    (["stitch", DEMO, *BASE, "trainer.strategy=bogus"], "trainer: You selected an invalid strategy name"),
+    (["stitch", DEMO, *BASE, "trainer.strategy=bogus"], "trainer.strategy: expected one of ['auto', 'ddp', 'fsdp2'], got 'bogus'"),
     (["stitch", DEMO, *BASE, "trainer.precision=bogus"], "trainer: Precision 'bogus' is invalid"),
     (["stitch", DEMO, *BASE, "trainer.devices=0"], "trainer: `Trainer(devices=0)` value is not a valid input"),
 ]

@@ -6,7 +6,8 @@ imports what it needs (torch, diffusers, Lightning) when it runs.
 Bad input (recipe keys, paths, names, checkpoint folders, latent caches, arguments) prints one line
 naming the problem and exits with status 2; a run stopped by a non-finite loss
 (``trainer.on_nonfinite: stop``) prints one line naming the modality and step and exits with status 1; Ctrl-C
-prints one line (for training: the checkpoint a resume uses and the command) and exits with status 130.
+prints one line (for training: the checkpoint a resume uses and the command) and exits with status 130
+(training stopped by SIGTERM or SIGUSR1: 128 + its number).
 """
 from __future__ import annotations
 
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C; training says which checkpoint a resume uses (soe.train.interrupt)
         if str(e) or not isinstance(e, TrainingInterrupted):  # an empty one: a second DDP rank, rank 0 has said it
             err_console.print(f"[bold yellow]interrupted:[/] {escape(str(e) or 'stopped by Ctrl-C')}", highlight=False, soft_wrap=True)
-        return TrainingInterrupted.exit_code
+        return getattr(e, "exit_code", TrainingInterrupted.exit_code)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ def build_strategy(name: str, devices, num_nodes: int):
 
         if not isinstance(devices, int):
             raise RecipeError("trainer.devices: strategy 'fsdp2' needs a device count (an integer), not a list or 'auto'")
-        return ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
+        # one checkpoint file gathered on rank 0 (trainable tensors only): written atomically and resumed exactly like ddp's
+        return ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1, save_distributed_checkpoint=False)
     return name
 
 
