@@ -42,15 +42,14 @@ def batches(st, seconds=1.0):
 
 def forward_backward(st):
     """Outputs, and every trainable gradient as a single process would have it (averaged over ranks, as DDP does)."""
-    from soe.stitch.context_parallel import loss_weights
+    from soe.stitch.context_parallel import scale_split_gradients
 
     st.train()
     batch = batches(st)
     target = {s: torch.randn(batch[s]["latents"].shape, generator=torch.Generator().manual_seed(9)) for s in "ab"}
     torch.manual_seed(7)  # dropout (ACE-Step v1's lyric encoder): the same masks on the ranks of one sample
-    out = dict(zip("ab", st(batch["a"], batch["b"])))
-    w = loss_weights(st)
-    loss = sum(w[s] * ((out[s] - target[s]) ** 2).mean() for s in "ab")
+    out = scale_split_gradients(st, dict(zip("ab", st(batch["a"], batch["b"]))))
+    loss = sum(((out[s] - target[s]) ** 2).mean() for s in "ab")
     loss.backward()
     grads = {}
     for n, p in st.named_parameters():
@@ -79,7 +78,7 @@ def train(st, steps=3):
     """Three optimiser steps of the flow objective; the same noise and timesteps on both ranks of the sample. SGD with
     momentum: Adam divides by the root of its second moment, which turns float noise in a gradient that is zero in exact
     arithmetic (a bias just before a norm) into steps of size ``lr``, so no two summation orders agree under it."""
-    from soe.stitch.context_parallel import loss_weights
+    from soe.stitch.context_parallel import scale_split_gradients
 
     st.train()
     params = [p for p in st.parameters() if p.requires_grad]
@@ -97,11 +96,10 @@ def train(st, steps=3):
             noised[s] = {**batch[s], "latents": (1 - t.view(shape)) * x0 + t.view(shape) * eps, "timestep": t}
             targets[s] = eps - x0
         torch.manual_seed(step)  # as soe's training_step seeds the global RNG by (step, data-parallel rank)
-        out = dict(zip("ab", st(noised["a"], noised["b"])))
+        out = scale_split_gradients(st, dict(zip("ab", st(noised["a"], noised["b"]))))
         per = {s: ((out[s] - targets[s]) ** 2).mean() for s in "ab"}
-        w = loss_weights(st)
         opt.zero_grad()
-        sum(w[s] * per[s] for s in "ab").backward()
+        sum(per.values()).backward()
         if dist.is_initialized() and st.context is not None:
             for p in params:
                 if p.grad is None:

@@ -65,3 +65,39 @@ def test_three_training_steps_equal_one_process(runs, kind):
 def test_a_sequence_that_does_not_split_evenly_is_refused_in_one_line(runs):
     msg = runs["uneven"]
     assert msg.startswith("UsageError: parallel.context=2: expert a has 15 tokens") and "\n" not in msg
+
+
+TINY = HERE / "recipes" / "tiny.yaml"
+RUN = ["data.num_clips=32", "data.batch_size=2", "data.seconds=1.0", "trainer.log_every_n_steps=1", "trainer.max_steps=3",
+       "trainer.checkpoint_every_n_steps=3", "sample.at_end=false", "trainer.accelerator=cpu", "stitch.connector.init=trunc_normal"]
+
+
+def _stitch(run_dir, *extra):
+    proc = subprocess.run([sys.executable, "-m", "soe.cli", "stitch", str(TINY), *RUN, f"run_dir={run_dir}", *extra],
+                          check=False, capture_output=True, text=True, timeout=600, cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_soe_stitch_with_two_ranks_sharing_each_sample_trains_as_one_process(tmp_path, strategy):
+    """`soe stitch trainer.devices=2 parallel.context=2`: the same batches, noise and timesteps on both ranks of the
+    sample, gradients scaled and averaged: three AdamW steps log the losses and write the trained tensors of one process."""
+    from safetensors.torch import load_file
+
+    _stitch(tmp_path / "one")
+    _stitch(tmp_path / "two", "trainer.devices=2", f"trainer.strategy={strategy}", "parallel.context=2")
+    rows = [(tmp_path / r / "logs" / "version_0" / "metrics.csv").read_text().splitlines() for r in ("one", "two")]
+    assert len(rows[0]) == 4
+    for a, b in zip(*rows[0:2]):
+        if a[0].isdigit():
+            torch.testing.assert_close(torch.tensor([float(x) for x in b.split(",")]), torch.tensor([float(x) for x in a.split(",")]),
+                                       rtol=0, atol=1e-4)
+    files = sorted((tmp_path / "one" / "trained").rglob("*.safetensors"))
+    assert len(files) == 3  # connectors, both LoRA adapters
+    for f in files:
+        want, got = load_file(f), load_file(tmp_path / "two" / f.relative_to(tmp_path / "one"))
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4)

@@ -19,10 +19,11 @@ Hand-written here, because neither diffusers nor torch knows a stitch:
   connector writing into it adds only the rank's own tokens; attention k/v injection forms its windows and
   rotary positions from the rank's own time steps. The other expert (audio: a few hundred tokens) and
   everything it reads are replicated.
-* :func:`loss_weights`: the split modality's loss is weighted by the group size. Every rank computes the same
-  loss; diffusers' gather hands each rank the gradient of its own tokens, and the all-reduce above hands every
-  rank the full gradient of the pooled vectors, so a plain average of the gradients over all ranks (DDP,
-  FSDP2) equals the gradient of one process holding the whole sequence.
+* :func:`scale_split_gradients`: the gradient of the split expert's prediction is multiplied by the group size
+  (its loss value is untouched). Every rank computes the same loss; diffusers' gather hands each rank the gradient
+  of its own tokens, and the all-reduce above hands every rank the full gradient of the pooled vectors, so a plain
+  average of the gradients over all ranks (DDP, or FSDP2 over ``dp`` then an average over ``cp``) equals the
+  gradient of one process holding the whole sequence.
 """
 from __future__ import annotations
 
@@ -142,8 +143,30 @@ def _tokens_per_second(expert: Expert) -> float:
     return layout.num_tokens / layout.seconds
 
 
-def loss_weights(stitcher) -> dict[str, float]:
-    """Per-side weights of the training loss under context parallel (see the module docstring): the split side's
-    loss times the group size, the replicated side's as it is; ``{"a": 1, "b": 1}`` without a split."""
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_split_gradients(stitcher, preds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``preds`` (``{"a": ..., "b": ...}``) with the gradient of the split side's prediction times the group size
+    (values unchanged; see the module docstring). Without a split: ``preds`` as they are."""
     split = getattr(stitcher, "context", None)
-    return {s: float(split.size) if split is not None and split.side == s else 1.0 for s in "ab"}
+    if split is None:
+        return preds
+    return {s: _ScaleGrad.apply(p, float(split.size)) if s == split.side else p for s, p in preds.items()}
+
+
+def average_over_context(parameters, split: ContextSplit) -> None:
+    """Average gradients over the ranks of one sample (FSDP2 reduces over ``dp`` only): local shards in place."""
+    for p in parameters:
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            dist.all_reduce(g, group=split.group)
+            g /= split.size
