@@ -101,3 +101,30 @@ def test_soe_stitch_with_two_ranks_sharing_each_sample_trains_as_one_process(tmp
         assert set(got) == set(want)
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4)
+
+
+GEN = ["sample.steps=4", "sample.seconds=1.0", "sample.guidance.a=2.0", "sample.guidance.b=3.0", "trainer.threads=1",
+       "stitch.connector.init=trunc_normal"]
+
+
+def _generate(tmp_path, out, nproc, *extra):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    proc = subprocess.run([*torchrun, "-m", "soe", "generate", str(TINY), *GEN, f"out={tmp_path / out}", *extra],
+                          check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,extra", [(2, ["parallel.context=2"]), (2, ["parallel.cfg=true"]),
+                                         (4, ["parallel.context=2", "parallel.cfg=true"])])
+def test_soe_generate_under_torchrun_samples_what_one_process_samples(tmp_path, nproc, extra):
+    from safetensors.torch import load_file
+
+    _generate(tmp_path, "one", 1)
+    proc = _generate(tmp_path, "many", nproc, *extra)
+    assert proc.stdout.count("wrote ") == 2  # rank 0 alone prints (the mp4 and the contact sheet) and writes
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["latents.safetensors", "sample_00.mp4", "sample_00.png"]
+    want, got = load_file(tmp_path / "one" / "latents.safetensors"), load_file(tmp_path / "many" / "latents.safetensors")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)

@@ -36,18 +36,20 @@ from soe.errors import UsageError
 from soe.plugin.expert import Expert, TokenLayout
 from soe.stitch.align import broadcast_to_grid, partial_pool_steps, token_steps
 
-MESH_DIMS = ("dp", "ring", "ulysses")  # soe's world mesh; "cp" = ("ring", "ulysses") flattened, FSDP2 shards over "dp"
+MESH_DIMS = ("dp", "cfg", "ring", "ulysses")  # soe's world mesh; cp = ("ring", "ulysses") flattened
 
 
-def world_mesh(context: int, device_type: str = "cpu"):
-    """The world as a DeviceMesh ``(dp, ring=1, ulysses=context)`` named :data:`MESH_DIMS` (torch.distributed is
-    initialised). diffusers reads its ``ring`` and ``ulysses`` dimensions; the data-parallel ranks are ``mesh["dp"]``."""
+def world_mesh(context: int, device_type: str = "cpu", cfg: bool = False):
+    """The world as a DeviceMesh ``(dp, cfg, ring=1, ulysses=context)`` named :data:`MESH_DIMS` (torch.distributed is
+    initialised): consecutive ranks share a sample, as in Lightning's ``(data_parallel, tensor_parallel)`` mesh.
+    diffusers reads its ``ring`` and ``ulysses`` dimensions; ``cfg`` (2 with CFG parallel, sampling) holds the
+    guided batch's two halves; the data-parallel ranks are ``mesh["dp"]``."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    world = dist.get_world_size()
-    if world % context:
-        raise UsageError(f"parallel.context: {context} does not divide the {world} ranks of this run")
-    return init_device_mesh(device_type, (world // context, 1, context), mesh_dim_names=MESH_DIMS)
+    world, group = dist.get_world_size(), context * (2 if cfg else 1)
+    if world % group:
+        raise UsageError(f"parallel.context: {group} ranks per sample do not divide the {world} ranks of this run")
+    return init_device_mesh(device_type, (world // group, 2 if cfg else 1, 1, context), mesh_dim_names=MESH_DIMS)
 
 
 def enable_context_parallel(model: torch.nn.Module, mesh) -> None:
