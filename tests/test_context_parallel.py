@@ -128,3 +128,50 @@ def test_soe_generate_under_torchrun_samples_what_one_process_samples(tmp_path, 
     want, got = load_file(tmp_path / "one" / "latents.safetensors"), load_file(tmp_path / "many" / "latents.safetensors")
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
+
+
+# ---- the recipe section and its one-line refusals ----------------------------------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["inspect", str(TINY), "parallel.context=0"], "parallel.context: expected a positive integer"),
+    (["inspect", str(TINY), "parallel.context=true"], "parallel.context"),
+    (["stitch", str(TINY), "parallel.cfg=true"], "parallel.cfg: runs the two branches of classifier-free guidance"),
+    (["stitch", str(TINY), "trainer.devices=3", "trainer.strategy=ddp", "parallel.context=2"],
+     "parallel.context: context 2 = 2 ranks per sample does not divide the 3 ranks of trainer.devices x trainer.num_nodes"),
+    (["stitch", str(TINY), "trainer.devices=2", "trainer.strategy=fsdp", "parallel.context=2"],
+     "parallel.context: runs under trainer.strategy ddp or fsdp2, not 'fsdp'"),
+    (["generate", str(TINY), "parallel.context=2"], "parallel: one sample takes parallel.context x (2 if parallel.cfg) = 2 ranks; "
+                                                   "run `torchrun --nproc-per-node 2 -m soe generate ...` (WORLD_SIZE is 1)"),
+])
+def test_bad_parallel_settings_are_one_line_and_write_nothing(argv, message, tmp_path, capsys, monkeypatch):
+    from soe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    where = {"stitch": [f"run_dir={tmp_path / 'run'}"], "generate": [f"out={tmp_path / 'out'}"]}.get(argv[0], [])
+    assert main([*argv, *where]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cfg_parallel_needs_guidance_and_generate_needs_the_group_it_was_started_with(monkeypatch):
+    from soe.recipe.reading import load_recipe
+    from soe.sample.parallel import check_ranks
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exception, match="sample.guidance is 1 for both experts"):
+        check_ranks(load_recipe(str(TINY), ["parallel.cfg=true"]))
+    with pytest.raises(Exception, match=r"= 4 ranks; run `torchrun --nproc-per-node 4"):
+        check_ranks(load_recipe(str(TINY), ["parallel.cfg=true", "parallel.context=2", "sample.guidance.a=2.0"]))
+    with pytest.raises(Exception, match="set parallel.context or parallel.cfg"):
+        check_ranks(load_recipe(str(TINY), []))
+    assert check_ranks(load_recipe(str(TINY), ["parallel.cfg=true", "sample.guidance.b=3.0"])).group == 2
+
+
+def test_the_data_parallel_size_is_the_world_over_the_ranks_of_a_sample():
+    from soe.schema import ParallelConfig, RecipeError
+
+    assert ParallelConfig(context=2, cfg=True).data_parallel(8) == 2
+    assert ParallelConfig(context=4).data_parallel(8) == 2 and ParallelConfig().data_parallel(3) == 3
+    with pytest.raises(RecipeError, match="context 2 x cfg 2 = 4 ranks per sample does not divide the 6 ranks"):
+        ParallelConfig(context=2, cfg=True).data_parallel(6)
