@@ -139,8 +139,8 @@ def test_soe_generate_under_torchrun_samples_what_one_process_samples(tmp_path, 
      "parallel.context: context 2 = 2 ranks per sample does not divide the 3 ranks of trainer.devices x trainer.num_nodes"),
     (["stitch", str(TINY), "trainer.devices=2", "trainer.strategy=fsdp", "parallel.context=2"],
      "parallel.context: runs under trainer.strategy ddp or fsdp2, not 'fsdp'"),
-    (["generate", str(TINY), "parallel.context=2"], "parallel: one sample takes parallel.context x (2 if parallel.cfg) = 2 ranks; "
-                                                   "run `torchrun --nproc-per-node 2 -m soe generate ...` (WORLD_SIZE is 1)"),
+    (["generate", str(TINY), "parallel.context=2"], ("parallel: one sample takes parallel.context x (2 if parallel.cfg) = 2 ranks; "
+                                                    "run `torchrun --nproc-per-node 2 -m soe generate ...` (WORLD_SIZE is 1)")),
 ])
 def test_bad_parallel_settings_are_one_line_and_write_nothing(argv, message, tmp_path, capsys, monkeypatch):
     from soe.cli import main

@@ -262,9 +262,8 @@ def load_run(cfg):
 def generate(cfg, console: Console | None = None, err_console: Console | None = None) -> list[Path]:
     """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
     from soe.recipe.builders import build_sample
-    from soe.sample.speed import apply_speed
-
     from soe.sample.parallel import check_ranks, split_for_sampling, start_ranks
+    from soe.sample.speed import apply_speed
 
     console = console or Console()
     err_console = err_console or Console(stderr=True)

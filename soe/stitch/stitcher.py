@@ -89,6 +89,7 @@ class Stitcher(nn.Module):
                 self.fusion = Fusion(self._engine, device, dtype)
         self.hooks = NamedHooks()
         self.context = None  # a ContextSplit when one expert's tokens are split across ranks (soe/stitch/context_parallel.py)
+        self.cfg_group = None  # sampling with parallel.cfg: the process group of the two guided halves (soe/sample/parallel.py)
         self._stitched = False
         self.restitch()
 
