@@ -175,3 +175,22 @@ def test_the_data_parallel_size_is_the_world_over_the_ranks_of_a_sample():
     assert ParallelConfig(context=4).data_parallel(8) == 2 and ParallelConfig().data_parallel(3) == 3
     with pytest.raises(RecipeError, match="context 2 x cfg 2 = 4 ranks per sample does not divide the 6 ranks"):
         ParallelConfig(context=2, cfg=True).data_parallel(6)
+
+
+# ---- what the stitch adds, without ranks -------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["mean", "moments"])
+@pytest.mark.parametrize("grid", [(5, 3, 4), (7,)])
+def test_partial_pools_of_any_split_add_up_to_the_pool_of_the_whole(mode, grid):
+    """Parts that cut through time steps (3 of them, uneven): their contributions sum to pool_steps of the whole."""
+    from soe.plugin.expert import TokenLayout
+    from soe.stitch.align import broadcast_to_grid, partial_pool_steps, pool_steps
+
+    layout = TokenLayout(grid, ("t", "h", "w")[: len(grid)], 6.25)
+    h = torch.randn(2, layout.num_tokens, 8, dtype=torch.float64)
+    cuts = [0, layout.num_tokens // 3 + 1, 2 * layout.num_tokens // 3, layout.num_tokens]
+    parts = sum(partial_pool_steps(h[:, a:b], layout, a, mode) for a, b in zip(cuts, cuts[1:]))
+    torch.testing.assert_close(parts, pool_steps(h, layout, mode))
+    steps = torch.randn(2, layout.num_steps, 8)
+    whole = broadcast_to_grid(steps, layout)
+    for a, b in zip(cuts, cuts[1:]):
+        assert torch.equal(broadcast_to_grid(steps, layout, a, b), whole[:, a:b])
