@@ -69,7 +69,7 @@ class StitchModule(L.LightningModule):
         """This rank's place among the data-parallel ranks (ranks sharing one sample draw the same data and noise)."""
         return self.global_rank // self.context
 
-    def on_after_backward(self):
+    def on_before_optimizer_step(self, optimizer):  # once per optimizer step, before gradient clipping
         split = self.stitcher.context
         if split is not None and getattr(self, "_soe_sharded", False):  # FSDP2 averaged over dp only: now over cp
             from soe.stitch.context_parallel import average_over_context
@@ -125,7 +125,7 @@ class StitchModule(L.LightningModule):
 
     def _split_context(self) -> None:
         """``parallel.context``: the long expert's tokens split across each group of ``context`` consecutive ranks
-        (diffusers' context parallelism on a mesh ``(dp, ring, ulysses)`` laid out like Lightning's ``(dp, tp)``)."""
+        (diffusers' context parallelism on a mesh ``(dp, cfg, ring, ulysses)`` laid out like Lightning's ``(dp, tp)``)."""
         if self.context == 1 or self.stitcher.context is not None:
             return
         from soe.stitch.context_parallel import split_stitcher, world_mesh
