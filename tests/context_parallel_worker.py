@@ -21,7 +21,7 @@ def make(kind: str):
     """A stitch of tiny experts, the same on every call (the connectors drawn, not zero, so they matter)."""
     from soe import Stitcher, get_expert
 
-    audio = "ace-step" if kind == "universe1" else "ace-step-1.5"
+    audio = "ace-step" if kind.startswith("universe1") else "ace-step-1.5"
     a, b = get_expert("wan2.1").tiny(0), get_expert(audio).tiny(1)
     torch.manual_seed(2)
     opts = {"connector": {"init": "trunc_normal"}, "detach_source": False}
@@ -31,7 +31,9 @@ def make(kind: str):
         return Stitcher(a, b, pairs="linear", direction="both", connector={"init": "trunc_normal", "pool": "moments"}, detach_source=False)
     if kind in ("hooks_a_to_b", "hooks_b_to_a"):
         return Stitcher(a, b, pairs="linear", direction=kind[6:], engine="hooks", **opts)
-    if kind == "universe1":
+    if kind in ("universe1", "universe1_checkpointed"):  # the recipe trains with gradient checkpointing: blocks recomputed
+        for e in (a, b):
+            e.set_gradient_checkpointing(kind == "universe1_checkpointed")
         return Stitcher(a, b, pairs="identity", depth={"mode": "insert_interpolated", "every": 1}, inject=UNIVERSE1, **opts)
     raise KeyError(kind)
 
@@ -120,7 +122,8 @@ def main(rank, port, out):
     mesh = world_mesh(2)
     results = {}
     jobs = [("lockstep", forward_backward), ("moments", forward_backward), ("hooks_a_to_b", forward_backward),
-            ("hooks_b_to_a", forward_backward), ("universe1", forward_backward), ("lockstep", sample), ("universe1", sample),
+            ("hooks_b_to_a", forward_backward), ("universe1", forward_backward),
+            ("universe1_checkpointed", forward_backward), ("lockstep", sample), ("universe1", sample),
             ("lockstep", train), ("universe1", train)]
     for kind, job in jobs:
         want = job(make(kind))

@@ -39,7 +39,7 @@ def assert_close(got, want, tol):
         torch.testing.assert_close(got, want, rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("kind", ["lockstep", "moments", "hooks_a_to_b", "hooks_b_to_a", "universe1"])
+@pytest.mark.parametrize("kind", ["lockstep", "moments", "hooks_a_to_b", "hooks_b_to_a", "universe1", "universe1_checkpointed"])
 def test_forward_and_every_trainable_gradient_equal_one_process(runs, kind):
     r = runs[f"{kind}.forward_backward"]
     assert r["side"] == "a"  # the video expert (more tokens per second) is the one split
