@@ -84,20 +84,35 @@ def _stitch(run_dir, *extra):
 def test_soe_stitch_with_two_ranks_sharing_each_sample_trains_as_one_process(tmp_path, strategy):
     """`soe stitch trainer.devices=2 parallel.context=2`: the same batches, noise and timesteps on both ranks of the
     sample, gradients scaled and averaged: three AdamW steps log the losses and write the trained tensors of one process."""
-    from safetensors.torch import load_file
-
     _stitch(tmp_path / "one")
     _stitch(tmp_path / "two", "trainer.devices=2", f"trainer.strategy={strategy}", "parallel.context=2")
-    rows = [(tmp_path / r / "logs" / "version_0" / "metrics.csv").read_text().splitlines() for r in ("one", "two")]
+    same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_data_parallel_groups_of_two_context_ranks_train_as_two_data_parallel_ranks(tmp_path, strategy):
+    """4 ranks = 2 data-parallel groups x 2 context ranks (mesh (dp, cfg, ring, ulysses) = (2, 1, 1, 2), laid out as
+    Lightning's (data_parallel, tensor_parallel)) give what 2 plain data-parallel ranks give; fsdp2 shards over dp."""
+    _stitch(tmp_path / "dp2", "trainer.devices=2", f"trainer.strategy={strategy}")
+    _stitch(tmp_path / "dp2cp2", "trainer.devices=4", f"trainer.strategy={strategy}", "parallel.context=2")
+    same_run(tmp_path / "dp2", tmp_path / "dp2cp2")
+
+
+def same_run(one, two):
+    """The logged losses and the trained tensors of two run folders agree within 1e-4."""
+    from safetensors.torch import load_file
+
+    rows = [(r / "logs" / "version_0" / "metrics.csv").read_text().splitlines() for r in (one, two)]
     assert len(rows[0]) == 4
-    for a, b in zip(*rows[0:2]):
+    for a, b in zip(*rows):
         if a[0].isdigit():
             torch.testing.assert_close(torch.tensor([float(x) for x in b.split(",")]), torch.tensor([float(x) for x in a.split(",")]),
                                        rtol=0, atol=1e-4)
-    files = sorted((tmp_path / "one" / "trained").rglob("*.safetensors"))
+    files = sorted((one / "trained").rglob("*.safetensors"))
     assert len(files) == 3  # connectors, both LoRA adapters
     for f in files:
-        want, got = load_file(f), load_file(tmp_path / "two" / f.relative_to(tmp_path / "one"))
+        want, got = load_file(f), load_file(two / f.relative_to(one))
         assert set(got) == set(want)
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-4)
