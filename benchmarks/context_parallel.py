@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import statistics
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path

@@ -10,10 +10,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 UNIVERSE1 = {  # the published fusion (recipes/universe1.yaml) on tiny experts, as tests/test_universe1.py builds it
-    "b_to_a": dict(mode="attention_kv", tap="after_self_attn", targets=[
-        dict(attention="attn1", mode="parallel", window=True, pre_norm="norm1", copy_from="attn2", cfg_mask=False),
-        dict(attention="attn2", mode="concat", pre_norm="norm2", rope="complex", rope_query=True, copy_from="attn2")]),
-    "a_to_b": dict(mode="attention_kv", tap="cross_attn_input", targets=[dict(attention="cross_attn", rope="cat", rope_theta=1e6)]),
+    "b_to_a": {"mode": "attention_kv", "tap": "after_self_attn", "targets": [
+        {"attention": "attn1", "mode": "parallel", "window": True, "pre_norm": "norm1", "copy_from": "attn2", "cfg_mask": False},
+        {"attention": "attn2", "mode": "concat", "pre_norm": "norm2", "rope": "complex", "rope_query": True, "copy_from": "attn2"}]},
+    "a_to_b": {"mode": "attention_kv", "tap": "cross_attn_input", "targets": [{"attention": "cross_attn", "rope": "cat", "rope_theta": 1e6}]},
 }
 
 

@@ -4,6 +4,7 @@ recipe's two-way stitch (lockstep), both one-way hook-engine stitches, ``pool: m
 (inserted blocks, taps, attention k/v injection into a split self-attention through diffusers' Ulysses).
 
 One worker run (tests/context_parallel_worker.py, ~30 s) computes every case on both ranks and in one process."""
+import itertools
 import socket
 import subprocess
 import sys
@@ -203,9 +204,9 @@ def test_partial_pools_of_any_split_add_up_to_the_pool_of_the_whole(mode, grid):
     layout = TokenLayout(grid, ("t", "h", "w")[: len(grid)], 6.25)
     h = torch.randn(2, layout.num_tokens, 8, dtype=torch.float64)
     cuts = [0, layout.num_tokens // 3 + 1, 2 * layout.num_tokens // 3, layout.num_tokens]
-    parts = sum(partial_pool_steps(h[:, a:b], layout, a, mode) for a, b in zip(cuts, cuts[1:]))
+    parts = sum(partial_pool_steps(h[:, a:b], layout, a, mode) for a, b in itertools.pairwise(cuts))
     torch.testing.assert_close(parts, pool_steps(h, layout, mode))
     steps = torch.randn(2, layout.num_steps, 8)
     whole = broadcast_to_grid(steps, layout)
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         assert torch.equal(broadcast_to_grid(steps, layout, a, b), whole[:, a:b])
