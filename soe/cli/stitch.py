@@ -22,7 +22,7 @@ from soe.recipe.validate import validate_recipe
 from soe.sample.callbacks import SampleCallback, SyncReportCallback
 from soe.threads import configure_threads
 from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_objective, build_optim,
-                             build_stitcher_to_shard, build_trainer)
+                             build_stitcher_to_shard, build_trainer, check_machine)
 from soe.train.checkpoint import read_checkpoint
 from soe.train.interrupt import StopOnInterrupt
 from soe.train.log_rows import KeepLogRow
@@ -85,6 +85,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     console = console or make_console()
     cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
     validate_recipe(cfg)
+    check_machine(cfg.trainer)  # a GPU recipe on a machine without one: one line naming the key
     check_parallel(cfg)
     configure_threads(cfg.trainer.threads)
     quiet_libraries()  # Lightning's banners and tips, known harmless warnings
@@ -134,6 +135,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     datamodule.ranks_per_sample = cfg.parallel.context  # the ranks of one sample read the same batches
     datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
     trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
+    datamodule.check_buckets(trainer.num_nodes * trainer.num_devices // cfg.parallel.context)  # every data rank's batch, first
     # only now, with everything built, does the run folder get (re)written, under its lock
     if owner:
         lock.acquire()

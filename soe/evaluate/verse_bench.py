@@ -17,11 +17,11 @@ Hand-written: the folder walk and the key mapping. A bad item is a ``ValueError`
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from soe.evaluate.prompt_file import ID
+
 SETS = ("set1", "set2", "set3")
-ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def is_verse_bench(path) -> bool:

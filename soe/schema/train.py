@@ -104,6 +104,9 @@ class OptimConfig:
         self.schedule = choice(Schedule, self.schedule, "schedule")
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # Lightning's names soe runs on (no tpu: torch_xla is not supported)
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 100
@@ -126,6 +129,9 @@ class TrainerConfig:
         require(self.threads is None or self.threads >= 1, "threads",
                 f"expected a positive number of CPU threads (or null for soe's choice), got {self.threads}")
         self.on_nonfinite = choice(NonFinite, self.on_nonfinite, "on_nonfinite")
+        # a name soe runs on (Lightning's error named no key; tpu was a traceback); whether this machine has it is
+        # checked when training starts (soe.train.build.check_machine), so a GPU recipe inspects anywhere
+        require(self.accelerator in ACCELERATORS, "accelerator", f"expected one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
 
 
 def is_url(folder) -> bool:

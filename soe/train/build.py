@@ -122,6 +122,25 @@ def apply_storage_dtypes(stitcher: Stitcher, cfg: DictConfig) -> dict[str, list[
     return out
 
 
+def check_machine(trainer_cfg) -> None:
+    """``trainer.accelerator`` / ``trainer.devices`` against this machine, one line naming the key (before anything
+    is built or written; Lightning's own errors name no key)."""
+    import torch
+
+    from soe.schema.base import device_problem
+
+    device = {"gpu": "cuda", "cuda": "cuda", "mps": "mps"}.get(trainer_cfg.accelerator)
+    if device is None:
+        return
+    problem = device_problem(device)
+    if problem is not None:
+        raise RecipeError(f"trainer.accelerator: {problem.replace(repr(device), repr(trainer_cfg.accelerator), 1)}")
+    count = torch.cuda.device_count() if device == "cuda" else 1
+    if isinstance(trainer_cfg.devices, int) and trainer_cfg.devices > count:
+        raise RecipeError(f"trainer.devices: expected at most {count} (the {device} devices of this machine), got "
+                          f"{trainer_cfg.devices}")
+
+
 def build_strategy(name: str, devices, num_nodes: int, context: int = 1):
     """``trainer.strategy`` -> what ``L.Trainer(strategy=)`` takes (fsdp2: Lightning's ModelParallelStrategy, its
     ``data_parallel`` dimension the data-parallel ranks, its second dimension the ``parallel.context`` ranks of a sample)."""
