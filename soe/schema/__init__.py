@@ -15,6 +15,7 @@ from soe.schema.annotate import AnnotateConfig
 from soe.schema.encode import EncodeConfig
 from soe.schema.base import Choice, Dtype, OptionError, RecipeError, StorageDtype, build, choice, command_settings, require
 from soe.schema.experts import ExpertConfig, ExpertsConfig, LoraConfig, TrainMode
+from soe.schema.parallel import ParallelConfig
 from soe.schema.sample import SampleConfig, SamplerConfig, Scheduler, SpeedConfig
 from soe.schema.stitch import (ConnectorConfig, ConnectorPool, DepthConfig, DepthMode, Direction, Engine, InjectConfig,
                                InjectMode, KVTargetConfig, StitchConfig)
@@ -34,15 +35,16 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):  # the range every RNG soe seeds (numpy's included) accepts
         require(0 <= self.seed < 2**32, "seed", f"expected an integer in [0, 2**32 - 1], got {self.seed}")
 
 
-SECTIONS = ("experts", "stitch", "flow", "data", "optim", "trainer", "sample")
+SECTIONS = ("experts", "stitch", "flow", "data", "optim", "trainer", "sample", "parallel")
 
 __all__ = ["AnnotateConfig", "Choice", "ConnectorConfig", "ConnectorPool", "DataConfig", "DepthConfig", "DepthMode", "Direction", "Dtype", "EncodeConfig",
            "Engine", "ExpertConfig",
            "ExpertsConfig", "FlowConfig", "InjectConfig", "InjectMode", "KVTargetConfig", "LoraConfig", "NonFinite", "OptimConfig",
-           "OptionError", "Recipe", "RecipeError", "SECTIONS", "SampleConfig", "SamplerConfig", "Scheduler", "SpeedConfig",
+           "OptionError", "ParallelConfig", "Recipe", "RecipeError", "SECTIONS", "SampleConfig", "SamplerConfig", "Scheduler", "SpeedConfig",
            "StitchConfig", "StorageDtype", "TrainMode", "TrainerConfig", "build", "choice", "command_settings"]

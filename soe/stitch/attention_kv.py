@@ -106,8 +106,17 @@ class KVProcessor:
     ``engine.extra_tokens(call, direction, k)`` gives the connector output ``(B, T_host, D_host)``.
     """
 
+    _own = ("inner", "engine", "direction", "k", "target", "kv")
+
     def __init__(self, inner, engine, direction: str, k: int, target: KVTargetConfig, kv: KVProjection):
-        self.inner, self.engine, self.direction, self.k, self.target, self.kv = inner, engine, direction, k, target, kv
+        for name, value in zip(self._own, (inner, engine, direction, k, target, kv)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):  # diffusers configures processors (context parallel, backends): the inner one,
+        if name in self._own:  # so it keeps its settings when unstitch() puts it back
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
 
     def __getattr__(self, name):  # diffusers inspects processor attributes (signatures, backends)
         inner = self.__dict__.get("inner")
@@ -130,8 +139,14 @@ class KVProcessor:
             extra = extra * call.source_mask.to(extra.dtype).view(-1, 1, 1)
         q, k, v, bias = host.attention_qkv(attn, args, kwargs)  # (B, H, S, d), (B, H, L, d), bias (B, 1|H, S, L) or None
         ke, ve = (x.to(q.dtype) for x in self.kv(extra, attn.heads))  # (B, H, T, d)
-        layout = call.layouts["b" if self.direction == "a_to_b" else "a"]  # the host's
-        q_step = torch.arange(layout.num_steps, device=q.device).repeat_interleave(layout.tokens_per_step)  # (S,)
+        host_side = "b" if self.direction == "a_to_b" else "a"
+        layout, split = call.layouts[host_side], self.engine.st.split_of(host_side)
+        if split is not None:  # context parallel: the queries are this rank's tokens
+            q_step = split.steps(layout, q.device)  # (S,)
+        else:
+            q_step = torch.arange(layout.num_steps, device=q.device).repeat_interleave(layout.tokens_per_step)  # (S,)
+        # a self-attention of a split expert attends over the whole sequence: diffusers' context-parallel attention
+        parallel = getattr(self.inner, "_parallel_config", None) if split is not None and _is_self_attention(args, kwargs) else None
         k_step = torch.arange(ke.shape[2], device=q.device)  # one extra token per host time step
         if t.rope != "none":
             ke = rope_time(ke, k_step, t.rope, t.rope_theta)
@@ -143,16 +158,31 @@ class KVProcessor:
             extra_bias.masked_fill_(q_step[:, None] != k_step[None], float("-inf"))
             extra_bias = extra_bias[None, None]  # (1, 1, S, T)
         if t.mode == "concat":
+            if parallel is not None:
+                raise ValueError(f"inject.targets: mode 'concat' into the self-attention '{t.attention}' of an expert split by "
+                                 "parallel.context is not supported (one softmax over keys held by other ranks); use mode 'parallel'")
             if bias is not None or extra_bias is not None:
                 b = bias if bias is not None else q.new_zeros(1, 1, q.shape[2], k.shape[2])
                 e = extra_bias if extra_bias is not None else q.new_zeros(1, 1, q.shape[2], ke.shape[2])
                 bias = torch.cat([b.expand(-1, -1, q.shape[2], -1), e.expand(b.shape[0], b.shape[1], -1, -1)], dim=-1)
             out = F.scaled_dot_product_attention(q, torch.cat([k, ke], 2), torch.cat([v, ve], 2), attn_mask=bias)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            if parallel is not None:  # (B, S, H, d) in and out, Ulysses all-to-all across the split
+                from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+                out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
+                                            backend=getattr(self.inner, "_attention_backend", None), parallel_config=parallel).transpose(1, 2)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             out = out + F.scaled_dot_product_attention(q, ke, ve, attn_mask=extra_bias)
         out = out.transpose(1, 2).flatten(2).to(hidden.dtype)  # (B, S, H*d)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _is_self_attention(args: tuple, kwargs: dict) -> bool:
+    """A diffusers processor call ``(hidden_states, encoder_hidden_states, ...)`` without encoder states."""
+    ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return ctx is None
 
 
 def wrap_processor(inner, engine, direction: str, k: int, target: KVTargetConfig, kv: KVProjection) -> KVProcessor:

@@ -141,15 +141,17 @@ def check_machine(trainer_cfg) -> None:
                           f"{trainer_cfg.devices}")
 
 
-def build_strategy(name: str, devices, num_nodes: int):
-    """``trainer.strategy`` -> what ``L.Trainer(strategy=)`` takes (fsdp2: Lightning's ModelParallelStrategy)."""
+def build_strategy(name: str, devices, num_nodes: int, context: int = 1):
+    """``trainer.strategy`` -> what ``L.Trainer(strategy=)`` takes (fsdp2: Lightning's ModelParallelStrategy, its
+    ``data_parallel`` dimension the data-parallel ranks, its second dimension the ``parallel.context`` ranks of a sample)."""
     if name == "fsdp2":  # per-parameter sharding (torch fully_shard) through Lightning's ModelParallelStrategy
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         if not isinstance(devices, int):
             raise RecipeError("trainer.devices: strategy 'fsdp2' needs a device count (an integer), not a list or 'auto'")
         # one checkpoint file gathered on rank 0 (trainable tensors only): written atomically and resumed exactly like ddp's
-        return ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1, save_distributed_checkpoint=False)
+        return ModelParallelStrategy(data_parallel_size=devices * num_nodes // context, tensor_parallel_size=context,
+                                     save_distributed_checkpoint=False)
     return name
 
 
@@ -185,7 +187,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, console_progr
             accelerator=t.accelerator,
             devices=to_container(t.devices),
             num_nodes=t.num_nodes,
-            strategy=build_strategy(t.strategy, to_container(t.devices), t.num_nodes),
+            strategy=build_strategy(t.strategy, to_container(t.devices), t.num_nodes, cfg.parallel.context),
             precision=t.precision,
             accumulate_grad_batches=t.accumulate_grad_batches,
             log_every_n_steps=t.log_every_n_steps,
