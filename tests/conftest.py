@@ -1,4 +1,5 @@
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,28 @@ def _outside_the_checkout(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SOE_NUM_THREADS", raising=False)
     monkeypatch.setenv("SOE_CACHE_DIR", str(tmp_path_factory.mktemp("soe-cache")))
+
+
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+              "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    """A run in this process under a distributed strategy (fsdp2 on one rank) leaves its gloo process group and the
+    launcher variables behind (MASTER_PORT of a store this process still holds, LOCAL_RANK, NODE_RANK): a later test's
+    `soe stitch trainer.devices=2` subprocess inherited them and failed. Each test starts and ends without them."""
+    saved = {k: os.environ.get(k) for k in LAUNCH_ENV}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def tiny(name: str, seed: int = 0):
