@@ -184,9 +184,17 @@ def set_attention_backend(modules, backend: str) -> list[str]:
 
 
 def compile_blocks(blocks, **kwargs) -> None:
-    """Regional compilation: ``torch.compile`` each block in place (hooks included)."""
+    """Regional compilation: each block's own ``forward`` compiled in place (``torch.compile``), like
+    diffusers' ``compile_repeated_blocks``, but applied before offloading and the step cache wrap the block:
+    their Python bookkeeping (which group is on the device, skip or compute) stays outside the graph, and
+    so do the stitch's block pre-hooks (they run in ``nn.Module.__call__``). What runs inside a block
+    (taps, joins, key/value processors) keeps its per-call state out of the graph itself
+    (soe/stitch/lockstep.py, soe/stitch/attention_kv.py), so blocks of one kind share one graph: no
+    recompilation after the first sampling step (tests/test_compile.py)."""
     for b in blocks:
-        b.compile(**kwargs)
+        if not getattr(b, "_soe_compiled", False):
+            b.forward = torch.compile(b.forward, **kwargs)
+            b._soe_compiled = True
 
 
 # ---- the whole setup -----------------------------------------------------------------------------------
@@ -213,8 +221,8 @@ class SpeedSetup:
 def apply_speed(stitcher, spec: SpeedConfig, device=None) -> SpeedSetup:
     """Apply ``spec`` to a built Stitcher (on any device; weights move where ``spec`` says).
 
-    Order matters and is diffusers' own: layerwise casting, then offloading, then the step cache
-    (its hooks wrap the offloading ones, so a skipped block is never onloaded), then compile."""
+    Order matters: layerwise casting, then compile (each block's own forward, casting hooks inside), then
+    offloading, then the step cache (its hooks wrap the offloading ones, so a skipped block is never onloaded)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     experts = [stitcher.a, stitcher.b]
     compute = {id(e): e.dtype for e in experts}
@@ -227,6 +235,8 @@ def apply_speed(stitcher, spec: SpeedConfig, device=None) -> SpeedSetup:
     for e in experts:
         e._execution_device = device  # the sampler puts latents here, whatever device the weights wait on
     blocks = stitched_blocks(stitcher)
+    if spec.compile:
+        compile_blocks([b for side in ("a", "b") for b in blocks[side]])
     offload = None
     if spec.memory == "offload_blocks":
         offload_blocks(stitcher, [b for side in ("a", "b") for b in blocks[side]], device)
@@ -239,16 +249,22 @@ def apply_speed(stitcher, spec: SpeedConfig, device=None) -> SpeedSetup:
     if spec.cache == "first_block":
         cache = apply_step_cache(stitcher, spec.cache_threshold)
     attention = set_attention_backend(experts, spec.attention_backend) if spec.attention_backend else []
-    if spec.compile:
-        compile_blocks([b for side in ("a", "b") for b in blocks[side]])
     return SpeedSetup(spec, device, cache, offload, attention)
+
+
+def _step_caches(experts) -> list[StepCache]:
+    caches = {id(c): c for e in experts if (c := getattr(e, "_soe_step_cache", None)) is not None}
+    return list(caches.values())
 
 
 def reset_step_caches(experts) -> None:
     """Reset the step cache attached to any of ``experts`` (once per sampling run)."""
-    seen = set()
-    for e in experts:
-        cache = getattr(e, "_soe_step_cache", None)
-        if cache is not None and id(cache) not in seen:
-            seen.add(id(cache))
-            cache.reset()
+    for cache in _step_caches(experts):
+        cache.reset()
+
+
+def set_step_cache_branch(experts, branch: str) -> None:
+    """Name the forward that runs next (``cfg``, ``cond``, ``uncond``): a step cache compares and reuses
+    residuals within one branch, so CFG's two forwards per step never read each other's."""
+    for cache in _step_caches(experts):
+        cache.state.branch = branch
