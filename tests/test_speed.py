@@ -197,3 +197,71 @@ def test_bad_speed_keys_name_the_key(tmp_path, key, value, match):
 
     with pytest.raises(RecipeError, match=match):
         validate_recipe(load_recipe(str(Path(__file__).parent / "recipes" / "tiny.yaml"), [f"{key}={value}", f"run_dir={tmp_path}"]))
+
+
+# ---- attention through diffusers' dispatcher ---------------------------------------------------------
+@pytest.mark.parametrize("backend", ["native", "_native_math"])
+def test_attend_equals_sdpa_on_cpu_with_and_without_a_mask(backend):
+    import torch.nn.functional as F
+
+    from soe.plugin.attention import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (5, 7, 7))
+    bias = torch.zeros(2, 1, 5, 7).masked_fill_(torch.rand(2, 1, 5, 7, generator=g) < 0.3, float("-inf"))
+    bias[..., 0] = 0  # every query sees at least one key
+    for m in (None, bias):
+        torch.testing.assert_close(attend(q, k, v, m, backend), F.scaled_dot_product_attention(q, k, v, attn_mask=m), rtol=1e-6, atol=1e-6)
+
+
+def test_a_masked_call_leaves_a_backend_without_masks_for_sdpa(monkeypatch):
+    from soe.plugin import attention
+
+    seen = []
+    monkeypatch.setattr(attention, "dispatch_attention_fn", lambda q, k, v, attn_mask=None, backend=None: seen.append(backend) or q)
+    q = torch.zeros(1, 1, 2, 4)
+    attention.attend(q, q, q, None, "sage")
+    attention.attend(q, q, q, torch.zeros(1, 1, 2, 2), "sage")
+    attention.attend(q, q, q, torch.zeros(1, 1, 2, 2), "_native_math")
+    assert [str(getattr(b, "value", b)) for b in seen] == ["sage", "native", "_native_math"]
+
+
+def test_windowed_parallel_attention_is_the_value_of_its_own_time_step():
+    """Why the windowed branch gathers instead of attending: a softmax over one allowed key is that key."""
+    import torch.nn.functional as F
+
+    from soe.stitch.attention_kv import _window_bias
+
+    g = torch.Generator().manual_seed(1)
+    q_step = torch.arange(4).repeat_interleave(6)  # 4 steps x 6 tokens
+    q, ke, ve = torch.randn(2, 3, 24, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g)
+    ref = F.scaled_dot_product_attention(q, ke, ve, attn_mask=_window_bias(q_step, torch.arange(4), q.dtype))
+    torch.testing.assert_close(ve.index_select(2, q_step), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_math"])
+def test_every_softmax_attention_of_the_fused_model_takes_the_backend_and_stays_exact(backend, monkeypatch):
+    from soe.plugin import attention
+
+    st, ba, bb = fused()
+    with torch.no_grad():
+        ref = st(ba, bb)
+        apply_speed(st, SpeedConfig(attention_backend=backend), "cpu")
+        used = []
+        real = attention.dispatch_attention_fn
+        monkeypatch.setattr(attention, "dispatch_attention_fn", lambda *a, **kw: used.append(kw["backend"]) or real(*a, **kw))
+        got = st(ba, bb)
+    assert len(used) > 0 and {str(getattr(b, "value", b)) for b in used} == {backend}  # soe's processors and ACE-Step's
+    for g_, r in zip(got, ref):
+        torch.testing.assert_close(g_, r, rtol=1e-5, atol=1e-6)
+
+
+def test_an_attention_backend_whose_package_is_missing_is_refused_in_one_line():
+    from soe.errors import RecipeError
+    from soe.schema import build
+
+    with pytest.raises(RecipeError, match=r"^sample\.attention_backend: backend 'sage' needs the package sageattention") as err:
+        build(SpeedConfig, {"attention_backend": "sage"}, "sample")
+    assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="sample.attention_backend: expected null or one of"):
+        build(SpeedConfig, {"attention_backend": "flash_3"}, "sample")

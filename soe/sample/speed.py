@@ -248,7 +248,8 @@ def apply_speed(stitcher, spec: SpeedConfig, device=None) -> SpeedSetup:
     cache = None
     if spec.cache == "first_block":
         cache = apply_step_cache(stitcher, spec.cache_threshold)
-    attention = set_attention_backend(experts, spec.attention_backend) if spec.attention_backend else []
+    roots = experts + ([stitcher.fusion] if stitcher.fusion is not None else [])  # inserted blocks have attentions too
+    attention = set_attention_backend(roots, spec.attention_backend) if spec.attention_backend else []
     return SpeedSetup(spec, device, cache, offload, attention)
 
 
