@@ -41,7 +41,7 @@ def _run(st, settings, calls=None):
 @pytest.mark.parametrize("engine", list(MAKERS))
 def test_batched_cfg_equals_two_forwards(engine):
     st = MAKERS[engine]()
-    settings = dict(steps=4, guidance={"a": 1.2, "b": 5.0})
+    settings = {"steps": 4, "guidance": {"a": 1.2, "b": 5.0}}
     calls_one, calls_two = [], []
     one = _run(st, SamplerConfig(**settings, cfg_batched=True), calls_one)
     two = _run(st, SamplerConfig(**settings, cfg_batched=False), calls_two)

@@ -265,3 +265,27 @@ def test_an_attention_backend_whose_package_is_missing_is_refused_in_one_line():
     assert "\n" not in str(err.value)
     with pytest.raises(RecipeError, match="sample.attention_backend: expected null or one of"):
         build(SpeedConfig, {"attention_backend": "flash_3"}, "sample")
+
+
+def test_sampling_casts_connectors_and_kv_projections_to_the_experts_bf16_within_bf16_tolerance():
+    from soe.sample.speed import cast_stitch_modules
+
+    def build():
+        st, _, _ = fused()
+        for e in (st.a, st.b):
+            e.model.to(torch.bfloat16)
+        if st.fusion is not None:
+            st.fusion.inserted.to(torch.bfloat16)
+        return st
+
+    ref_st, st = build(), build()
+    stitch_params = lambda s: [p for m in (*s.connectors.values(), *s.fusion.kv.values()) for p in m.parameters()]  # noqa: E731
+    assert {p.dtype for p in stitch_params(ref_st)} == {torch.float32}  # built (and trained) in float32
+    cond, settings = _conditions(ref_st), SamplerConfig(steps=4, guidance={"a": 1.2, "b": 5.0})
+    ref = sample_stitched(ref_st, cond, 1.0, settings)
+    apply_speed(st, SpeedConfig(), "cpu")
+    assert {p.dtype for p in stitch_params(st)} == {torch.bfloat16}
+    assert cast_stitch_modules(st) == []  # nothing left to cast
+    got = sample_stitched(st, cond, 1.0, settings)
+    for k in ref:
+        assert 0 < rel(got[k], ref[k]) < 2e-2  # bf16 has 8 mantissa bits (~0.4% per weight)
