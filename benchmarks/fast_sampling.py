@@ -32,8 +32,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
 
-from soe.evaluate import sync_eval  # noqa: E402
-from soe.evaluate.metrics import frechet_distance  # noqa: E402
+from soe.evaluate import sync_eval
+from soe.evaluate.metrics import frechet_distance
 
 
 def bootstrap(fn, n: int, draws: int = 300, seed: int = 0) -> tuple[float, float, float]:
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     for col in ("variant", "forwards / batch", "latent sync", "vs its reference", "within noise", "Frechet video", "Frechet audio",
                 "PSNR video / audio", "AV-Align (mp4)", "note"):
         t.add_column(col)
-    fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+    fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
     for name, r in rows.items():
         within = None if "diff" not in r else bool(r["diff"][1] <= 0 <= r["diff"][2])
         ps = r.get("psnr", {})
