@@ -240,8 +240,9 @@ class SpeedSetup:
 def apply_speed(stitcher, spec: SpeedConfig, device=None) -> SpeedSetup:
     """Apply ``spec`` to a built Stitcher (on any device; weights move where ``spec`` says).
 
-    Order matters: connectors and key/value projections cast to their host's dtype, layerwise casting, then compile (each block's own forward, casting hooks inside), then
-    offloading, then the step cache (its hooks wrap the offloading ones, so a skipped block is never onloaded)."""
+    Order matters: connectors and key/value projections cast to their host's dtype, layerwise casting, then
+    compile (each block's own forward, casting hooks inside), then offloading, then the step cache (its hooks
+    wrap the offloading ones, so a skipped block is never onloaded)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     experts = [stitcher.a, stitcher.b]
     compute = {id(e): e.dtype for e in experts}
