@@ -1,7 +1,7 @@
 """Issue 31's GPU table in one process: s / clip, peak memory and latent PSNR vs the exact run per speed switch.
 
     bash benchmarks/gpu_speed.sh                     # on a GPU machine (installs carried wheels, then runs this)
-    python benchmarks/gpu_speed.py --tiny            # CPU check of the whole path at mid size, a few steps
+    python benchmarks/gpu_speed.py --tiny            # CPU check of the whole path at toy widths, a few steps
 
 UniVerse-1 at full size with random weights (recipes/universe1.yaml, bf16, built on the device), 5 s at 480x832,
 UniPC, CFG video 1.2 / audio 5.0. One build serves the switches that hooks can add and take back, in this order:
@@ -92,7 +92,7 @@ class Bench:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="CPU check: mid size, 1 s, 4 steps")
+    p.add_argument("--tiny", action="store_true", help="CPU check: toy widths (same structure), 1 s, 4 steps")
     p.add_argument("--device", default=None)
     p.add_argument("--steps", type=int, default=35)
     p.add_argument("--timed-steps", type=int, default=4)
@@ -106,7 +106,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     if args.tiny:
         args.steps, args.timed_steps, args.seconds = min(args.steps, 4), min(args.timed_steps, 2), min(args.seconds, 1.0)
-    size = "mid" if args.tiny else "full"
+    size = "tiny" if args.tiny else "full"
     cfg = recipe(size)
     cfg.sample.seconds = args.seconds
     bench = Bench(args, device)
@@ -206,7 +206,7 @@ def main(argv=None):
         def train():
             out = Path(str(args.json) + ".train.json")
             cmd = [sys.executable, str(Path(__file__).with_name("train_step.py")), "--device", device.type, "--variants", "bf16",
-                   "--reps", "1" if args.tiny else "2", "--json", str(out)] + (["--size", "mid"] if args.tiny else [])
+                   "--reps", "1" if args.tiny else "2", "--json", str(out)] + (["--size", "tiny"] if args.tiny else [])
             env = dict(os.environ)
             if backend is not None and not backend.lstrip("_").startswith("sage"):  # sage has no backward
                 env["DIFFUSERS_ATTN_BACKEND"] = backend  # the dispatcher's default: every processor without its own backend

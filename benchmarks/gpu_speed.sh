@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_speed.sh --fetch-wheels   # here, on a machine with PyPI: what the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_speed.sh                  # on the GPU machine (carry .whl/): install, run, results in $OUT
-#   bash benchmarks/gpu_speed.sh --tiny           # CPU check of the whole path (mid size, 1 s, a few steps)
+#   bash benchmarks/gpu_speed.sh --tiny           # CPU check of the whole path (toy widths, same structure, 1 s, a few steps)
 #
 # Extra arguments go to gpu_speed.py (e.g. --skip train, --interval 0.0 0.9, --threshold 0.3). An attention
 # backend's package (flash-attn 3, sageattention>=2.1.1) travels as a wheel in .whl/ too, when one is at hand;
