@@ -106,6 +106,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     if args.tiny:
         args.steps, args.timed_steps, args.seconds = min(args.steps, 4), min(args.timed_steps, 2), min(args.seconds, 1.0)
+        args.backends = ["_native_math"]  # the GPU kernels do not run on a CPU
     size = "tiny" if args.tiny else "full"
     cfg = recipe(size)
     cfg.sample.seconds = args.seconds
