@@ -6,7 +6,7 @@ conditioning and noise, with:
 * ``exact``: the recipe's sampler as is (the reference);
 * ``cache T``: `sample.cache: first_block` at each ``--thresholds`` T (steps computed / skipped counted);
 * ``CFG g`` (with ``--guidance g``): guidance g on both experts at every step, one batched forward (the interval
-  reference), then two forwards per step (must equal it), then ``CFG g, interval [lo, hi]`` per ``--intervals``.
+  reference), with ``--two-forwards`` also two forwards per step (must equal it), then ``CFG g, interval [lo, hi]`` per ``--intervals``.
 
 For each: latent sync (`soe.evaluate.sync_eval`, AV-Align on latents) with a 95% bootstrap interval over the clips,
 the paired difference to its reference (same clips, resampled together) and whether that interval holds 0
@@ -84,6 +84,7 @@ def main(argv=None) -> dict:
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4])
     p.add_argument("--guidance", type=float, default=None, help="CFG scale on both experts for the guidance-interval rows")
     p.add_argument("--intervals", nargs="*", default=["0.0,0.5", "0.5,1.0", "0.2,0.8"], help="lo,hi sigma intervals")
+    p.add_argument("--two-forwards", action="store_true", help="also CFG in two forwards per step (must equal batched)")
     p.add_argument("--av-align", type=int, default=0, help="also soe eval's AV-Align on the first N clips decoded to mp4")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -117,6 +118,7 @@ def main(argv=None) -> dict:
             r["psnr"] = {k: psnr(lat[k], ref["latents"][k]) for k in lat}
         r["av_align"] = av_align(lat, experts, args.av_align)
         rows[name] = r
+        print(f"{name}: sync {r['sync'][0]:.3f}, forwards {calls}, {extra}", flush=True)
 
     score("exact", *run(st, cond, seconds, base), None)
     cache = None
@@ -135,7 +137,8 @@ def main(argv=None) -> dict:
         fields = {f: getattr(base, f) for f in ("steps", "scheduler", "shift", "seed")}
         ref = f"CFG {args.guidance}"
         score(ref, *run(st, cond, seconds, SamplerConfig(**fields, guidance=g, cfg_batched=True)), "exact")
-        score(f"{ref}, two forwards", *run(st, cond, seconds, SamplerConfig(**fields, guidance=g, cfg_batched=False)), ref)
+        if args.two_forwards:
+            score(f"{ref}, two forwards", *run(st, cond, seconds, SamplerConfig(**fields, guidance=g, cfg_batched=False)), ref)
         for iv in args.intervals:
             lo, hi = (float(x) for x in iv.split(","))
             s = SamplerConfig(**fields, guidance=g, guidance_interval=[lo, hi])
