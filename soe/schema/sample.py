@@ -4,6 +4,7 @@ the ``sample`` section is both)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -23,6 +24,7 @@ _BACKEND_NEEDS = {
     "xformers": ("xformers", "xformers"), "_native_npu": ("torch_npu", "torch_npu"), "_native_xla": ("torch_xla", "torch_xla"),
     "aiter": ("aiter", "aiter"),
 }
+_MIN_VERSION = {"sageattention": (2, 1, 1), "flash-attn": (2, 6, 3), "kernels": (0, 12, 0)}
 
 
 def missing_attention_package(backend: str) -> str | None:
@@ -37,7 +39,19 @@ def missing_attention_package(backend: str) -> str | None:
         mod, pkg = _BACKEND_NEEDS[backend]
     else:
         return None
-    return None if importlib.util.find_spec(mod) is not None else pkg
+    if importlib.util.find_spec(mod) is None:
+        return pkg
+    low = _MIN_VERSION.get(pkg)
+    if low is not None:  # diffusers refuses older releases of these at run time
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version(pkg)
+        except PackageNotFoundError:
+            return None
+        if tuple(int(x) for x in re.findall(r"\d+", found)[:3]) < low:
+            return f"{pkg}>={'.'.join(map(str, low))} (found {found})"
+    return None
 
 
 class Scheduler(Choice):  # diffusers flow-matching schedulers
