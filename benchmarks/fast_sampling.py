@@ -54,13 +54,13 @@ def per_clip_sync(lat: dict, experts: dict, seconds: float) -> np.ndarray:
 
 
 def run(stitcher, cond, seconds, settings) -> tuple[dict, int]:
-    """Latents and the number of model forwards (per batch of clips)."""
+    """Latents and the model's work in forwards of one batch of clips (a batched CFG call counts 2)."""
     from soe.sample.sampler import sample, stitched_predictor
 
-    inner, calls = stitched_predictor(stitcher), [0]
+    inner, calls, n = stitched_predictor(stitcher), [0], next(iter(cond["a"].values())).shape[0]
 
     def predict(inputs, mask):
-        calls[0] += 1
+        calls[0] += inputs["a"]["latents"].shape[0] // n
         return inner(inputs, mask)
 
     lat = sample({"a": stitcher.a, "b": stitcher.b}, cond, seconds, settings, predict)
