@@ -127,7 +127,7 @@ def _check_tensor(out, module):
 class StepCache:
     """First-block step cache over the blocks of one or more experts (``{side: [blocks in run order]}``)."""
 
-    def __init__(self, blocks: dict[str, list[nn.Module]], threshold: float = 0.05):
+    def __init__(self, blocks: dict[str, list[nn.Module]], threshold: float = 0.1):
         if not threshold >= 0:
             raise ValueError(f"step cache threshold: expected >= 0, got {threshold}")
         short = [s for s, bl in blocks.items() if len(bl) < 2]
@@ -160,7 +160,7 @@ def stitched_blocks(stitcher) -> dict[str, list[nn.Module]]:
     return {s: stitcher.run_order(s) for s in ("a", "b")}
 
 
-def apply_step_cache(stitcher, threshold: float = 0.05) -> StepCache:
+def apply_step_cache(stitcher, threshold: float = 0.1) -> StepCache:
     """A :class:`StepCache` over both experts of ``stitcher``; ``soe.sample.sampler`` resets it at each run."""
     cache = StepCache(stitched_blocks(stitcher), threshold)
     for e in (stitcher.a, stitcher.b):
