@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 31's GPU measurements in one call (benchmarks/gpu_speed.py says what each row is).
 #
-#   bash benchmarks/gpu_speed.sh --fetch-wheels   # here, on a machine with PyPI: what the GPU image lacks, into .whl/
+#   bash benchmarks/gpu_speed.sh --fetch-wheels   # here, on a machine with PyPI: what the GPU image lacks (diffusers, omegaconf, importlib_metadata), into .whl/
 #   bash benchmarks/gpu_speed.sh                  # on the GPU machine (carry .whl/): install, run, results in $OUT
 #   bash benchmarks/gpu_speed.sh --tiny           # CPU check of the whole path (toy widths, same structure, 1 s, a few steps)
 #
@@ -19,7 +19,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   # .whl/ and gpu_speed_out/ are in .gitignore: the device tool carries .whl only when the call names it (carry: [".whl"])
   $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    diffusers==0.42.1 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
+    diffusers==0.42.1 omegaconf==2.4.0 importlib_metadata==10.2.0
   ls -la .whl
   exit 0
 fi
