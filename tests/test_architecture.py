@@ -104,7 +104,7 @@ RECIPE_KEYS = [
     "sample.num_samples", "sample.out", "sample.every_n_steps", "sample.at_end", "sample.at_start", "sample.eval", "sample.sync_clips",
     "sample.sync_tasks", "sample.sync_media",
     "sample.decode", "sample.device", "sample.image", "sample.video", "sample.audio", "sample.extend",
-    "sample.extend_seconds", "sample.given_uncond"]
+    "sample.extend_seconds", "sample.given_uncond", "parallel.context", "parallel.cfg"]
 
 
 def _keys(cls, prefix=""):

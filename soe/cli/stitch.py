@@ -5,7 +5,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from rich.console import Console
 
@@ -17,13 +16,14 @@ from soe.extras import has as has_extra
 from soe.extras import missing_message
 from soe.outputs import check_output
 from soe.recipe.builders import build_stitcher
-from soe.recipe.reading import load_recipe
+from soe.recipe.reading import load_recipe, to_container
 from soe.recipe.validate import validate_recipe
 from soe.sample.callbacks import SampleCallback, SyncReportCallback
 from soe.threads import configure_threads
 from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_objective, build_optim,
-                             build_stitcher_to_shard, build_trainer)
+                             build_stitcher_to_shard, build_trainer, check_machine)
 from soe.train.checkpoint import read_checkpoint
+from soe.train.cluster import process_rank
 from soe.train.interrupt import StopOnInterrupt
 from soe.train.log_rows import KeepLogRow
 from soe.train.module import StitchModule
@@ -57,6 +57,27 @@ def prepare_run_dir(cfg) -> tuple[Path, str | None]:
     return run_dir, None
 
 
+def check_parallel(cfg) -> None:
+    """``parallel`` against this run's ranks (one line, exit 2): CFG parallel is sampling's; the context group
+    divides ``trainer.devices x trainer.num_nodes``."""
+    from soe.schema import ParallelConfig, build
+
+    p = build(ParallelConfig, cfg.parallel, "parallel")
+    if p.cfg:
+        raise RecipeError("parallel.cfg: runs the two branches of classifier-free guidance of `soe generate` on two ranks; "
+                          "training has no unconditional branch (set parallel.cfg=false for `soe stitch`)")
+    if p.context > 1:
+        devices = cfg.trainer.devices
+        if not isinstance(devices, int):
+            raise RecipeError(f"parallel.context: needs trainer.devices as a count of devices, got {devices!r}")
+        try:
+            p.data_parallel(devices * cfg.trainer.num_nodes, "trainer.devices x trainer.num_nodes")
+        except RecipeError as err:
+            raise RecipeError(f"parallel.{err}") from None
+        if cfg.trainer.strategy not in ("ddp", "fsdp2"):
+            raise RecipeError(f"parallel.context: runs under trainer.strategy ddp or fsdp2, not '{cfg.trainer.strategy}'")
+
+
 def run_training(recipe, overrides=(), console: Console | None = None, progress: bool = True,
                  allow_changes=()) -> dict:
     """Train the recipe into its run folder. ``allow_changes``: recipe keys a resume may change
@@ -64,13 +85,16 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     console = console or make_console()
     cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
     validate_recipe(cfg)
+    check_machine(cfg.trainer)  # a GPU recipe on a machine without one: one line naming the key
+    check_parallel(cfg)
     configure_threads(cfg.trainer.threads)
     quiet_libraries()  # Lightning's banners and tips, known harmless warnings
     if allow_changes and not cfg.resume:
         raise RecipeError(f"--allow-changes {' '.join(allow_changes)}: only a resume (resume=true) compares the recipe "
                           f"with the run's recipe.yaml; a new run has no changes to allow")
     lock = RunLock(cfg.run_dir)
-    owner = rank_zero_only.rank == 0  # DDP's worker processes re-run this script under the owner's lock
+    # DDP's other processes (on this node or, with trainer.num_nodes, on others) run this script under the owner's lock
+    owner = process_rank(to_container(cfg.trainer.devices), cfg.trainer.num_nodes) == 0
     if owner:
         lock.check()  # a run folder in use fails now, before anything is built or written
     run_dir, resume_from = prepare_run_dir(cfg)
@@ -94,7 +118,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     apply_storage_dtypes(stitcher, cfg)  # experts.<side>.storage_dtype: frozen weights in fp8
     stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training
     module = StitchModule(stitcher, build_objective(cfg, stitcher), build_optim(cfg), max_steps=cfg.trainer.max_steps,
-                          on_nonfinite=cfg.trainer.on_nonfinite, plan=plan)
+                          on_nonfinite=cfg.trainer.on_nonfinite, plan=plan, context=cfg.parallel.context)
     if resume_from:  # a bad checkpoint fails here, before Lightning's loggers touch the run folder
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}
@@ -109,8 +133,14 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     if cfg.sample.sync_clips and cfg.data.kind == "synthetic":  # held-out clips exist only for the synthetic task
         callbacks.append(SyncReportCallback(cfg, run_dir, cfg.sample.sync_clips, console=console))
     datamodule = build_datamodule(cfg, stitcher)
+    datamodule.ranks_per_sample = cfg.parallel.context  # the ranks of one sample read the same batches
     datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
     trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
+    datamodule.check_buckets(trainer.num_nodes * trainer.num_devices // cfg.parallel.context)  # every data rank's batch, first
+    if owner != trainer.is_global_zero:  # Lightning numbered the processes otherwise than soe.train.cluster read them
+        raise RecipeError(f"trainer: this process is rank {trainer.global_rank} of {trainer.world_size}, but its environment "
+                          f"read as rank {process_rank(to_container(cfg.trainer.devices), cfg.trainer.num_nodes)}; "
+                          f"check trainer.devices and trainer.num_nodes against the launcher's processes per node and nodes")
     # only now, with everything built, does the run folder get (re)written, under its lock
     if owner:
         lock.acquire()

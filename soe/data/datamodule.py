@@ -105,6 +105,7 @@ class _StitchDataModule(L.LightningDataModule):
         self.dataset: ClipDataset | None = None
         self.buckets: list[list[int]] = []
         self.sampler: StepBatchSampler | None = None
+        self.ranks_per_sample = 1  # parallel.context: that many consecutive ranks read the same batches (one data rank)
 
     def check_buckets(self, world_size: int = 1) -> None:
         """At least one bucket must fill a batch on every device (fails before training starts)."""
@@ -120,8 +121,9 @@ class _StitchDataModule(L.LightningDataModule):
         # a checkpoint's loader state (StepDataLoader.load_state_dict) overrides this; checkpoints
         # written before loaders had one resume at the batch the optimizer steps imply
         start = trainer.global_step * accumulate if trainer else 0
-        self.sampler = self.make_batch_sampler(max(1, max_steps * accumulate), start, trainer.global_rank if trainer else 0,
-                                               trainer.world_size if trainer else 1)
+        n = self.ranks_per_sample
+        self.sampler = self.make_batch_sampler(max(1, max_steps * accumulate), start, trainer.global_rank // n if trainer else 0,
+                                               trainer.world_size // n if trainer else 1)
         return self.make_loader(self.sampler)
 
     def make_batch_sampler(self, length: int, next_batch: int, rank: int, world_size: int) -> Sampler:

@@ -155,6 +155,8 @@ def build_sampler(cfg: DictConfig, seed_offset: int = 0) -> SamplerConfig:
     """What the joint sampler takes from ``sample``; ``seed_offset`` shifts the seed (samples during training)."""
     s = build_sample(cfg)
     batched = s.cfg_batched if s.cfg_batched is not None else s.memory == "none"  # auto: offloading asks for the lower peak
+    if cfg.get("parallel") is not None and cfg.parallel.get("cfg"):
+        batched = True  # parallel.cfg splits the batched call's halves across ranks (each holds one half already)
     return SamplerConfig(**{f.name: getattr(s, f.name) for f in dataclasses.fields(SamplerConfig)}
                          | {"seed": s.seed + seed_offset, "cfg_batched": batched})
 

@@ -232,6 +232,26 @@ def new_output_folder(cfg) -> Path:
             n += 1
 
 
+def trained_folder(cfg) -> Path:
+    """``sample.ckpt`` (a run folder or its trained/) as the folder to load, checked against the recipe's train modes:
+    a LoRA expert needs its adapter (else it would sample as the base expert), and a fully trained expert needs
+    ``train: full`` (else the recipe would describe a model the run did not train)."""
+    from soe.train.trained import is_merged
+
+    trained = Path(cfg.sample.ckpt)
+    trained = trained / "trained" if (trained / "trained").is_dir() else trained
+    for side in ("a", "b"):
+        mode = cfg.experts[side].train
+        weights = (trained / f"lora_{side}", trained / f"expert_{side}", trained / f"expert_{side}.safetensors")
+        if mode == "lora" and not any(p.exists() for p in weights):
+            raise RecipeError(f"sample.ckpt: '{trained}' has no lora_{side}/ adapter folder, but experts.{side}.train is "
+                              f"'lora' (set experts.{side}.train=frozen to sample the base expert)")
+        if mode != "full" and (trained / f"expert_{side}").is_dir() and not is_merged(trained):
+            raise RecipeError(f"sample.ckpt: '{trained}' holds a fully trained expert_{side}/ (its run had experts.{side}."
+                              f"train=full), but experts.{side}.train is '{mode}'; sample it with experts.{side}.train=full")
+    return trained
+
+
 def load_run(cfg):
     """The recipe's stitched model with the trained run of ``sample.ckpt`` loaded: ``(stitcher, step, trained folder)``
     (``soe generate``, and ``soe app`` once per model)."""
@@ -239,19 +259,13 @@ def load_run(cfg):
     from soe.train.trained import load_trained, resolve_merged_ckpt
 
     resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
+    trained = trained_folder(cfg) if cfg.sample.ckpt is not None else None  # checked before any model is built
     torch.manual_seed(cfg.seed)
     from soe.data.auto_pairs import pair_chooser
 
     stitcher = build_stitcher(cfg, auto_pairs=pair_chooser(cfg) if cfg.stitch.pairs == "auto" else None)  # auto: chosen as training chose
-    step, trained = None, None
-    if cfg.sample.ckpt is not None:
-        trained = Path(cfg.sample.ckpt)
-        trained = trained / "trained" if (trained / "trained").is_dir() else trained
-        for side in ("a", "b"):  # a LoRA expert without its adapter (or converted weights) would sample as the base expert
-            weights = (trained / f"lora_{side}", trained / f"expert_{side}", trained / f"expert_{side}.safetensors")
-            if cfg.experts[side].train == "lora" and not any(p.exists() for p in weights):
-                raise RecipeError(f"sample.ckpt: '{trained}' has no lora_{side}/ adapter folder, but experts.{side}.train is "
-                                  f"'lora' (set experts.{side}.train=frozen to sample the base expert)")
+    step = None
+    if trained is not None:
         try:
             step = load_trained(stitcher, trained)
         except FileNotFoundError as err:
@@ -262,11 +276,22 @@ def load_run(cfg):
 def generate(cfg, console: Console | None = None, err_console: Console | None = None) -> list[Path]:
     """Build the recipe's stitched model, load the trained run, render the samples into a new folder."""
     from soe.recipe.builders import build_sample
+    from soe.sample.parallel import check_ranks, split_for_sampling, start_ranks
     from soe.sample.speed import apply_speed
 
     console = console or Console()
     err_console = err_console or Console(stderr=True)
-    place = output_place(cfg)  # where the samples go can be written: checked before any model is built
+    parallel = check_ranks(cfg)  # under torchrun: parallel.context / parallel.cfg against the processes started
+    if parallel is not None and cfg.sample.prompts is not None:
+        raise RecipeError("sample.prompts: one sample per row is rendered by one process; run it without parallel.context/cfg")
+    ranks = start_ranks(parallel, "cuda" if str(cfg.sample.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+                        else "cpu") if parallel is not None else None
+    writer = ranks is None or ranks.writer  # rank 0 alone checks and writes the output folder and prints
+    if not writer:
+        import io
+
+        console = err_console = Console(file=io.StringIO())
+    place = output_place(cfg) if writer else None  # where the samples go can be written: checked before any model is built
     stitcher, step, trained = load_run(cfg)
     if trained is not None:
         console.print(f"loaded [bold]{trained}[/] ({'step ' + str(step) if step is not None else 'step not recorded'})", highlight=False)
@@ -278,6 +303,8 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
         if cfg.sample.num_samples != 1:
             raise RecipeError(f"sample.num_samples: prompts= gives one sample per row; expected 1, got {cfg.sample.num_samples}")
     speed = apply_speed(stitcher, build_sample(cfg), cfg.sample.device)  # sample.memory, storage_dtype, cache, ...
+    if ranks is not None:
+        split_for_sampling(stitcher, ranks)  # the long expert's tokens (context), the guided halves (cfg)
     codecs = speed.prepare_codecs(check_sampling(stitcher, cfg))  # bad conditioning fails here, before any folder is made
     given = given_inputs(stitcher, cfg, codecs, cfg.sample.num_samples, cfg.sample.seconds or cfg.data.seconds)
     if cfg.sample.ckpt is None:
@@ -287,6 +314,9 @@ def generate(cfg, console: Console | None = None, err_console: Console | None = 
         err_console.print("note: sample.decode=synthetic_preview applies to synthetic data only; decoding through the experts' codecs")
     from soe.outputs import removed_on_failure
 
+    if not writer:  # the other ranks sample with rank 0 and write nothing
+        render_samples(stitcher, cfg, Path("."), codecs=codecs, given=given, write=False)
+        return []
     with removed_on_failure(place, "sample.out"):  # a failure leaves no folder or file it made (a half-written sample)
         out = new_output_folder(cfg)
         if rows is not None:

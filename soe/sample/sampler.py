@@ -129,6 +129,11 @@ def stitched_predictor(stitcher):
         pa, pb = stitcher(inputs["a"], inputs["b"], source_mask=source_mask)
         return {"a": pa, "b": pb}
 
+    group = getattr(stitcher, "cfg_group", None)  # parallel.cfg: the guided halves on two ranks (soe/sample/parallel.py)
+    if group is not None:
+        from soe.sample.parallel import cfg_parallel
+
+        return cfg_parallel(predict, group)
     return predict
 
 

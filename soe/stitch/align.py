@@ -126,10 +126,45 @@ def pool_steps(hidden: torch.Tensor, layout: TokenLayout, mode: str = "mean") ->
     return pool_time_moments(hidden, layout) if mode == "moments" else pool_time_steps(hidden, layout)
 
 
-def broadcast_to_grid(steps: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Repeat one vector per time step over the non-time axes: ``(B, T, D) -> (B, N, D)``."""
+def broadcast_to_grid(steps: torch.Tensor, layout: TokenLayout, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    """Repeat one vector per time step over the non-time axes: ``(B, T, D) -> (B, N, D)``; with ``start``/``stop``
+    only the tokens ``start:stop`` of the grid (a rank's part of a sequence split by context parallelism)."""
     b, t, d = steps.shape
+    if start is not None:
+        return steps.index_select(1, token_steps(layout, start, stop, steps.device))  # (B, stop - start, D)
     return steps[:, :, None, :].expand(b, t, layout.tokens_per_step, d).reshape(b, layout.num_tokens, d)
+
+
+# ---- pooling a part of a sequence (context parallel) ----------------------------------------------
+def token_steps(layout: TokenLayout, start: int, stop: int, device=None) -> torch.Tensor:
+    """The time step of each token ``start:stop`` of the flattened grid: ``(stop - start,)`` long."""
+    return torch.arange(start, stop, device=device) // layout.tokens_per_step
+
+
+def partial_pool_steps(hidden: torch.Tensor, layout: TokenLayout, start: int, mode: str = "mean") -> torch.Tensor:
+    """What the tokens ``start:start + n`` of ``hidden (B, n, D)`` contribute to :func:`pool_steps` of the whole
+    sequence ``(B, T, D or 3 * D)``: per time step, their sums divided by the step's token count (zero for the
+    steps they do not touch). The contributions of all parts add up to :func:`pool_steps` of the whole; a rank
+    holding one part sums them with an all-reduce of ``(B, T, ...)`` vectors, never gathering the tokens."""
+    b, n, _ = hidden.shape
+    steps = token_steps(layout, start, start + n, hidden.device)  # (n,)
+    parts = [hidden]
+    if mode == "moments":
+        inner = layout.grid[1:]
+        if len(inner) == 0:
+            parts += [torch.zeros_like(hidden), torch.zeros_like(hidden)]
+        else:
+            within = torch.arange(start, start + n, device=hidden.device) % layout.tokens_per_step  # (n,) index inside a step
+            for axis in (0, len(inner) - 1):
+                stride = 1
+                for g in inner[axis + 1:]:
+                    stride *= g
+                index = within // stride % inner[axis]
+                coord = torch.linspace(-1, 1, inner[axis], device=hidden.device, dtype=hidden.dtype)[index]  # (n,)
+                parts.append(hidden * coord[:, None])
+    x = torch.cat(parts, dim=-1)  # (B, n, D or 3 * D)
+    sums = x.new_zeros(b, layout.num_steps, x.shape[-1]).index_add(1, steps, x)  # (B, T, ...)
+    return sums / layout.tokens_per_step
 
 
 def _linear_matrix(src: TokenLayout, dst: TokenLayout) -> torch.Tensor:

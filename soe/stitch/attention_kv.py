@@ -110,11 +110,20 @@ class KVProcessor:
     (``torch.compiler.disable``) and hands back tensors only; the attention arithmetic is traced. So the
     block index, the call object and the dictionaries never become guards, and one graph serves every
     block of a kind at every step. Attention goes through diffusers' dispatcher (:func:`soe.plugin.attention.attend`)
-    with ``_attention_backend`` (shared with the wrapped processor).
+    with the wrapped processor's ``_attention_backend``.
     """
 
+    _own = ("inner", "engine", "direction", "k", "target", "kv")
+
     def __init__(self, inner, engine, direction: str, k: int, target: KVTargetConfig, kv: KVProjection):
-        self.inner, self.engine, self.direction, self.k, self.target, self.kv = inner, engine, direction, k, target, kv
+        for name, value in zip(self._own, (inner, engine, direction, k, target, kv)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):  # diffusers configures processors (context parallel, backends): the inner one,
+        if name in self._own:  # so it keeps its settings when unstitch() puts it back
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
 
     def __getattr__(self, name):  # diffusers inspects processor attributes (signatures, backends)
         inner = self.__dict__.get("inner")
@@ -122,33 +131,29 @@ class KVProcessor:
             raise AttributeError(name)
         return getattr(inner, name)
 
-    @property
-    def _attention_backend(self):
-        return getattr(self.inner, "_attention_backend", None)
-
-    @_attention_backend.setter
-    def _attention_backend(self, backend):  # diffusers' set_attention_backend sets it on the wrapper: the inner follows
-        self.inner._attention_backend = backend
-
     @torch.compiler.disable
     def lookup(self):
         """``None`` when idle, else ``(host expert, extra tokens (B, T, D_host), CFG mask (B, 1, 1) or None,
-        time step of each host token (S,))``."""
+        time step of each of this rank's host tokens (S,), whether the host is split by context parallelism)``."""
         ctx = self.engine.context(self.direction, self.k)
         if ctx is None:
             return None
         call, host = ctx
         extra = self.engine.extra_tokens(call, self.direction, self.k)  # (B, T, D_host); may wait for the other expert
         mask = call.source_mask.view(-1, 1, 1) if self.target.cfg_mask and call.source_mask is not None else None
-        layout = call.layouts["b" if self.direction == "a_to_b" else "a"]  # the host's
-        q_step = torch.arange(layout.num_steps, device=extra.device).repeat_interleave(layout.tokens_per_step)  # (S,)
-        return host, extra, mask, q_step
+        host_side = "b" if self.direction == "a_to_b" else "a"
+        layout, split = call.layouts[host_side], self.engine.st.split_of(host_side)
+        if split is not None:  # context parallel: the queries are this rank's tokens
+            q_step = split.steps(layout, extra.device)  # (S,)
+        else:
+            q_step = torch.arange(layout.num_steps, device=extra.device).repeat_interleave(layout.tokens_per_step)  # (S,)
+        return host, extra, mask, q_step, split is not None
 
     def __call__(self, attn, *args, **kwargs):
         got = self.lookup()
         if got is None:
             return self.inner(attn, *args, **kwargs)
-        host, extra, mask, q_step = got
+        host, extra, mask, q_step, split = got
         t = self.target
         hidden = Expert.block_input_hidden(args, kwargs)
         if t.pre_norm is not None:  # the tokens joined the host's pre-norm input: split them off again
@@ -158,20 +163,31 @@ class KVProcessor:
             extra = extra * mask.to(extra.dtype)
         q, k, v, bias = host.attention_qkv(attn, args, kwargs)  # (B, H, S, d), (B, H, L, d), bias (B, 1|H, S, L) or None
         ke, ve = (x.to(q.dtype) for x in self.kv(extra, attn.heads))  # (B, H, T, d)
+        # a self-attention of a split expert attends over the whole sequence: diffusers' context-parallel attention
+        parallel = getattr(self.inner, "_parallel_config", None) if split and _is_self_attention(args, kwargs) else None
         k_step = torch.arange(ke.shape[2], device=q.device)  # one extra token per host time step
         if t.rope != "none":
             ke = rope_time(ke, k_step, t.rope, t.rope_theta)
             if t.rope_query:
                 q = rope_time(q, q_step, t.rope, t.rope_theta)
-        backend = self._attention_backend
+        backend = getattr(self.inner, "_attention_backend", None)
         if t.mode == "concat":
+            if parallel is not None:
+                raise ValueError(f"inject.targets: mode 'concat' into the self-attention '{t.attention}' of an expert split by "
+                                 "parallel.context is not supported (one softmax over keys held by other ranks); use mode 'parallel'")
             if bias is not None or t.window:
                 b = bias if bias is not None else q.new_zeros(1, 1, q.shape[2], k.shape[2])
                 e = _window_bias(q_step, k_step, q.dtype) if t.window else q.new_zeros(1, 1, q.shape[2], ke.shape[2])
                 bias = torch.cat([b.expand(-1, -1, q.shape[2], -1), e.expand(b.shape[0], b.shape[1], -1, -1)], dim=-1)
             out = attend(q, torch.cat([k, ke], 2), torch.cat([v, ve], 2), bias, backend)
         else:
-            out = attend(q, k, v, bias, backend)
+            if parallel is not None:  # (B, S, H, d) in and out, Ulysses all-to-all across the split
+                from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+                out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
+                                            backend=backend, parallel_config=parallel).transpose(1, 2)
+            else:
+                out = attend(q, k, v, bias, backend)
             if t.window:  # a softmax over the one token of its own time step: that token's value, exactly
                 out = out + ve.index_select(2, q_step)  # (B, H, S, d)
             else:
@@ -184,6 +200,12 @@ def _window_bias(q_step: torch.Tensor, k_step: torch.Tensor, dtype) -> torch.Ten
     """Additive mask ``(1, 1, S, T)``: each host token sees only the extra token of its own time step."""
     bias = torch.zeros(q_step.shape[0], k_step.shape[0], device=q_step.device, dtype=dtype)
     return bias.masked_fill_(q_step[:, None] != k_step[None], float("-inf"))[None, None]
+
+
+def _is_self_attention(args: tuple, kwargs: dict) -> bool:
+    """A diffusers processor call ``(hidden_states, encoder_hidden_states, ...)`` without encoder states."""
+    ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return ctx is None
 
 
 _CLASSES: dict[type, type] = {}

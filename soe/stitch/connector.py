@@ -64,10 +64,13 @@ class Connector(nn.Module):
         if out.bias is not None:
             nn.init.zeros_(out.bias)
 
-    def forward(self, src: torch.Tensor, src_layout: TokenLayout, dst_layout: TokenLayout) -> torch.Tensor:
-        steps = self.pool_steps(src, src_layout)  # (B, T_src, D_src or 3 * D_src)
+    def forward(self, src: torch.Tensor, src_layout: TokenLayout, dst_layout: TokenLayout, src_split=None, dst_split=None) -> torch.Tensor:
+        """``src_split`` / ``dst_split``: the ``ContextSplit`` of a side whose tokens are split across ranks
+        (context parallel): this rank holds only its part of ``src``, and gets only its part of the output."""
+        steps = self.pool_steps(src, src_layout, src_split)  # (B, T_src, D_src or 3 * D_src)
         steps = resample_time(steps, src_layout, dst_layout, self.resample)  # (B, T_dst, D_src)
-        return broadcast_to_grid(self.map_steps(steps), dst_layout)  # (B, N_dst, D_dst)
+        steps = self.map_steps(steps)  # (B, T_dst, D_dst)
+        return dst_split.broadcast(steps, dst_layout) if dst_split is not None else broadcast_to_grid(steps, dst_layout)  # (B, N_dst, D_dst)
 
     def map_steps(self, steps: torch.Tensor) -> torch.Tensor:
         """The MLP: ``(B, T, in_width)`` per-step vectors -> ``(B, T, dst_dim)``, computed in the connector's own
@@ -76,9 +79,10 @@ class Connector(nn.Module):
         injection calls it directly."""
         return self.mlp(self.norm(steps.to(self.mlp.fc2.weight.dtype)))
 
-    def pool_steps(self, src: torch.Tensor, src_layout: TokenLayout) -> torch.Tensor:
-        """The source tokens as one vector per source time step, as this connector's ``pool`` says."""
-        return pool_steps(src, src_layout, self.pool)
+    def pool_steps(self, src: torch.Tensor, src_layout: TokenLayout, split=None) -> torch.Tensor:
+        """The source tokens as one vector per source time step, as this connector's ``pool`` says (``split``: the
+        source's tokens are split across ranks; all-reduced partial sums)."""
+        return split.pool(src, src_layout, self.pool) if split is not None else pool_steps(src, src_layout, self.pool)
 
     def extra_repr(self) -> str:
         return f"{self.src_dim} -> {self.dst_dim}, pool={self.pool}, resample={self.resample}"

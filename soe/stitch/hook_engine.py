@@ -74,7 +74,7 @@ class HookEngine:
                 raise RuntimeError(f"stitcher: block {i_src} of expert {src_name} did not run before host block {j_host}")
             hidden = host.block_output_hidden(output)  # (B, N_host, D_host)
             source = self.st.connector_input(call.captured[i_src], call.source_mask)
-            delta = conn(source, call.layouts[src_name], call.layouts[host_name])
+            delta = conn(source, call.layouts[src_name], call.layouts[host_name], self.st.split_of(src_name), self.st.split_of(host_name))
             return host.with_block_output_hidden(output, hidden + delta.to(hidden.dtype))
 
         return hook

@@ -159,7 +159,9 @@ class LockstepEngine:
         if act is None or act[1] != side or act[2] != k:
             return None
         call = act[0]
-        n = call.layouts[side].num_tokens  # injected tokens joined at the end are not the expert's own
+        split = self.st.split_of(side)  # context parallel: this rank's tokens only
+        n = split.local_tokens(call.layouts[side]) if split is not None else call.layouts[side].num_tokens
+        # injected tokens joined at the end are not the expert's own
         call.taps.setdefault((side, k), hidden[:, :n])
         return None
 
@@ -193,7 +195,7 @@ class LockstepEngine:
                 raise _Pending(f"{direction} block {k} waits for {src} block {i}")
             conn = self.st.connector_for(direction, k)
             h = self.st.connector_input(call.taps[(src, i)])  # (B, N_src, D_src); the CFG mask applies per target
-            steps = conn.pool_steps(h, call.layouts[src])  # (B, T_src, D_src or 3 * D_src)
+            steps = conn.pool_steps(h, call.layouts[src], self.st.split_of(src))  # (B, T_src, D_src or 3 * D_src)
             steps = resample_time(steps, call.layouts[src], call.layouts[host], conn.resample)  # (B, T_host, D_src)
             call.extras[key] = conn.map_steps(steps)  # (B, T_host, D_host)
         return call.extras[key]
@@ -231,7 +233,8 @@ class LockstepEngine:
                         i_src, k = (i, j) if src == "a" else (j, i)
                         read = call.taps.get((src, i_src)) if spec.tap is not None else None
                         read = pre[src] if read is None else read
-                        delta = st.connector_for(direction, k)(st.connector_input(read, source_mask), layouts[src], layouts[host])
+                        delta = st.connector_for(direction, k)(st.connector_input(read, source_mask), layouts[src], layouts[host],
+                                                               st.split_of(src), st.split_of(host))
                         states[host] = states[host].replace(states[host].hidden + delta.to(pre[host].dtype))
             for s in "ab":
                 states[s] = self._advance(call, s, states[s], done, self.num_blocks(s))

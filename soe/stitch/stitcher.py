@@ -88,6 +88,8 @@ class Stitcher(nn.Module):
             if fused:
                 self.fusion = Fusion(self._engine, device, dtype)
         self.hooks = NamedHooks()
+        self.context = None  # a ContextSplit when one expert's tokens are split across ranks (soe/stitch/context_parallel.py)
+        self.cfg_group = None  # sampling with parallel.cfg: the process group of the two guided halves (soe/sample/parallel.py)
         self._stitched = False
         self.restitch()
 
@@ -104,6 +106,11 @@ class Stitcher(nn.Module):
         a, b = self.a.hidden_size, self.b.hidden_size
         plan = [("a_to_b", f"{j:02d}", a, b) for _, j in self.pairs] if "a_to_b" in self.connectors else []
         return plan + ([("b_to_a", f"{i:02d}", b, a) for i, _ in self.pairs] if "b_to_a" in self.connectors else [])
+
+    def split_of(self, side: str):
+        """The ``ContextSplit`` of expert ``side`` when its tokens are split across ranks (context parallel), else None."""
+        ctx = self.context
+        return ctx if ctx is not None and ctx.side == side else None
 
     def connector_for(self, direction: str, host_block: int) -> Connector:
         return self.connectors[direction][f"{host_block:02d}"]
@@ -152,6 +159,9 @@ class Stitcher(nn.Module):
             raise UnstitchedError("Stitcher: called after unstitch() (its hooks were removed); call restitch() first, "
                                   "or build a new Stitcher, to run the experts together")
         check_batches(self.a, self.b, batch_a, batch_b)
+        if self.context is not None:  # a sequence split across ranks must split evenly: one line, before any rank runs
+            side = self.context.side
+            self.context.span(getattr(self, side).token_layout(batch_a if side == "a" else batch_b))
         return self._engine.run(batch_a, batch_b, source_mask)
 
     def extra_repr(self) -> str:

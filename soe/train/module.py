@@ -28,12 +28,15 @@ def lr_factor(step: int, s: OptimConfig, max_steps: int) -> float:
 class StitchModule(L.LightningModule):
     """``plan``: a ``soe.train.sharding.ShardPlan`` of what ``soe.train.build.build_stitcher_to_shard``
     left on the meta device (experts from files, connectors, LoRA adapters), filled in shard by shard
-    in ``configure_model``."""
+    in ``configure_model``. ``context``: ranks that share one sample (``parallel.context``): consecutive ranks, whose
+    long expert's tokens ``configure_model`` splits across them (soe/stitch/context_parallel.py); they draw the same
+    batch, noise and timesteps (the data-parallel rank is ``global_rank // context``)."""
 
     def __init__(self, stitcher: Stitcher, objective: FlowObjective, optim: OptimConfig, max_steps: int = 1000,
-                 on_nonfinite: str = "stop", plan=None):
+                 on_nonfinite: str = "stop", plan=None, context: int = 1):
         super().__init__()
         self.stitcher, self.objective, self.optim, self.max_steps = stitcher, objective, optim, max_steps
+        self.context = context
         self.on_nonfinite = choice(NonFinite, on_nonfinite, "trainer.on_nonfinite")
         self._plan = plan  # None once filled in
         self.skipped_steps: list[int] = []  # steps skipped for a non-finite loss (on_nonfinite: skip)
@@ -43,18 +46,35 @@ class StitchModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         step = int(batch["step"][0])  # batch number from the sampler: noise is a function of data position
         # the global RNG (LoRA dropout) too, so a resumed run draws what an uninterrupted one would
-        torch.manual_seed(stream_seed(self.objective.seed, "global", step, self.global_rank))
+        torch.manual_seed(stream_seed(self.objective.seed, "global", step, self.data_rank))
         clean = {s: cast_batch(getattr(self.stitcher, s), batch[s]) for s in ("a", "b")}
-        inputs, targets = self.objective.noised(clean, step=step, rank=self.global_rank)
+        inputs, targets = self.objective.noised(clean, step=step, rank=self.data_rank)
         saved = [b.clone() for b in self.objective.buffers()] if self.on_nonfinite == "skip" else None
         pred_a, pred_b = self.stitcher(inputs["a"], inputs["b"])
-        loss, per_modality = self.objective({"a": pred_a, "b": pred_b}, targets)
+        preds = {"a": pred_a, "b": pred_b}
+        if self.stitcher.context is not None:  # a split sample: gradients scaled so the average over ranks is exact
+            from soe.stitch.context_parallel import scale_split_gradients
+
+            preds = scale_split_gradients(self.stitcher, preds)
+        loss, per_modality = self.objective(preds, targets)
         if not self._check_finite(per_modality, saved):
             return None  # Lightning skips backward and this optimizer step
         for side, value in per_modality.items():
             self.log(f"loss_{side}_{self.objective.modality[side]}", value, prog_bar=True, batch_size=pred_a.shape[0])
         self.log("loss", loss, batch_size=pred_a.shape[0])  # the (balanced) sum: logs only; the bar shows each modality
         return loss
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's place among the data-parallel ranks (ranks sharing one sample draw the same data and noise)."""
+        return self.global_rank // self.context
+
+    def on_before_optimizer_step(self, optimizer):  # once per optimizer step, before gradient clipping
+        split = self.stitcher.context
+        if split is not None and getattr(self, "_soe_sharded", False):  # FSDP2 averaged over dp only: now over cp
+            from soe.stitch.context_parallel import average_over_context
+
+            average_over_context(self.trainable_parameters(), split)
 
     def _check_finite(self, losses, saved_buffers=None) -> bool:
         """True when every modality's loss is finite (on every rank). Otherwise ``stop`` raises a
@@ -94,12 +114,23 @@ class StitchModule(L.LightningModule):
         if mesh is None or getattr(self, "_soe_sharded", False):
             if self._plan and not getattr(self, "_soe_sharded", False):
                 raise RuntimeError("a stitch built on the meta device needs the fsdp2 strategy to be filled in")
+            self._split_context()
             return
         from soe.train.sharding import ShardPlan, materialise
 
         materialise(self.stitcher, self._plan or ShardPlan(), mesh["data_parallel"])
         self._plan = None
         self._soe_sharded = True
+        self._split_context()
+
+    def _split_context(self) -> None:
+        """``parallel.context``: the long expert's tokens split across each group of ``context`` consecutive ranks
+        (diffusers' context parallelism on a mesh ``(dp, cfg, ring, ulysses)`` laid out like Lightning's ``(dp, tp)``)."""
+        if self.context == 1 or self.stitcher.context is not None:
+            return
+        from soe.stitch.context_parallel import split_stitcher, world_mesh
+
+        split_stitcher(self.stitcher, world_mesh(self.context, self.device.type))
 
     # ---- checkpoints hold only what trains -----------------------------------------------------
     def trainable_state_dict(self) -> dict:
@@ -107,10 +138,15 @@ class StitchModule(L.LightningModule):
         return {k: v for k, v in self.state_dict().items() if k in names or k.startswith("objective.")}
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["state_dict"] = self.trainable_state_dict()
+        # the strategy's state dict, filtered: under fsdp2 it is the full one gathered on rank 0 (one file, written
+        # atomically like every other checkpoint), where this module's own state_dict() would be its local shards
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names or k.startswith("objective.")}
         checkpoint["soe"] = {"trainable_keys": sorted(checkpoint["state_dict"])}
 
     def on_load_checkpoint(self, checkpoint):
+        if "state_dict" not in checkpoint and "soe" in checkpoint:
+            return  # fsdp2: the strategy took the tensors out to load them into the shards (soe stitch checked the file first)
         mine, theirs = self.trainable_state_dict(), checkpoint.get("state_dict", {})
         if set(theirs) != set(mine):
             missing, extra = sorted(set(mine) - set(theirs))[:3], sorted(set(theirs) - set(mine))[:3]
