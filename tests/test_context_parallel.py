@@ -153,8 +153,8 @@ def test_soe_generate_under_torchrun_samples_what_one_process_samples(tmp_path, 
     (["stitch", str(TINY), "parallel.cfg=true"], "parallel.cfg: runs the two branches of classifier-free guidance"),
     (["stitch", str(TINY), "trainer.devices=3", "trainer.strategy=ddp", "parallel.context=2"],
      "parallel.context: context 2 = 2 ranks per sample does not divide the 3 ranks of trainer.devices x trainer.num_nodes"),
-    (["stitch", str(TINY), "trainer.devices=2", "trainer.strategy=fsdp", "parallel.context=2"],
-     "parallel.context: runs under trainer.strategy ddp or fsdp2, not 'fsdp'"),
+    (["stitch", str(TINY), "trainer.devices=2", "trainer.strategy=auto", "parallel.context=2"],
+     "parallel.context: runs under trainer.strategy ddp or fsdp2, not 'auto'"),
     (["generate", str(TINY), "parallel.context=2"], ("parallel: one sample takes parallel.context x (2 if parallel.cfg) = 2 ranks; "
                                                     "run `torchrun --nproc-per-node 2 -m soe generate ...` (WORLD_SIZE is 1)")),
 ])
