@@ -38,6 +38,12 @@ MID = ["experts.a.architecture={num_attention_heads: 4, attention_head_dim: 64, 
        "ssl_encoder_depths: [1, 1], ssl_latent_dims: [16, 12], lyric_hidden_size: 32, lyric_encoder_layers: 1, "
        "lyric_encoder_heads: 2, lyric_encoder_ff_dim: 64, patch_embed_channels: 32}",
        "stitch.depth.every=2", "experts.a.dtype=float32", "experts.b.dtype=float32"]
+# the same structure (fusion, depth, injection) at toy widths: a CPU check of a benchmark's whole path (gpu_speed.py --tiny)
+TINY = ["experts.a.architecture={num_attention_heads: 2, attention_head_dim: 16, ffn_dim: 64, num_layers: 6, text_dim: 32}",
+        "experts.a.options={fps: 25, height: 64, width: 64, text_len: 8}",
+        "experts.b.architecture={num_layers: 4, inner_dim: 32, num_attention_heads: 2, attention_head_dim: 16, "
+        "ssl_encoder_depths: [1, 1], ssl_latent_dims: [16, 12], lyric_hidden_size: 16, lyric_encoder_layers: 1, "
+        "lyric_encoder_heads: 2, lyric_encoder_ff_dim: 32, patch_embed_channels: 32}", *MID[-3:]]
 # name -> (SpeedConfig keys, whole trajectory?)
 MODES = {
     "none": (dict(), True),
@@ -53,7 +59,7 @@ MODES = {
 
 
 def recipe(size: str):
-    over = ["experts.a.path=null", "experts.b.path=null"] + (MID if size == "mid" else [])
+    over = ["experts.a.path=null", "experts.b.path=null"] + {"mid": MID, "tiny": TINY}.get(size, [])
     return load_recipe(ROOT / "recipes" / "universe1.yaml", over)
 
 

@@ -96,7 +96,7 @@ def measure(variant: str, size: str, device, reps: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--size", default=None, choices=["full", "mid"])
+    p.add_argument("--size", default=None, choices=["full", "mid", "tiny"])
     p.add_argument("--variants", nargs="+", default=["bf16", "fp8"], choices=list(VARIANTS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", default=None)

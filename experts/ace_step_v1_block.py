@@ -11,6 +11,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
+from soe.plugin.attention import attend
+
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim)
 
 
@@ -72,7 +74,10 @@ class LinearAttnProcessor:
 
 
 class CrossAttnProcessor:
-    """Softmax cross-attention from latent frames to conditioning tokens, RoPE on both sides."""
+    """Softmax cross-attention from latent frames to conditioning tokens, RoPE on both sides; the kernel is
+    diffusers' attention dispatcher's (``_attention_backend``, set by ``sample.attention_backend``)."""
+
+    _attention_backend = None  # None: the dispatcher's active backend (torch SDPA by default)
 
     def __call__(
         self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
@@ -91,7 +96,7 @@ class CrossAttnProcessor:
         if encoder_attention_mask is not None:  # a pair attends only if both tokens are real
             pair = attention_mask[:, :, None] * encoder_attention_mask[:, None, :]  # (B, S, L)
             bias = torch.where(pair == 1, 0.0, -torch.inf)[:, None].to(q.dtype)  # (B, 1, S, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, S, d)
+        out = attend(q, k, v, bias, self._attention_backend)  # (B, H, S, d)
         out = out.transpose(1, 2).reshape(B, S, -1)  # (B, S, H*d)
         return attn.to_out[1](attn.to_out[0](out))
 

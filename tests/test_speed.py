@@ -81,7 +81,8 @@ def test_attention_backend_reaches_wrapped_processors_and_is_exact():
         setup = apply_speed(st, SpeedConfig(attention_backend="native"), "cpu")
         got = st(ba, bb)
     assert "model.blocks.0.attn1" in setup.attention  # Wan's processors (wrapped by the injection) use the dispatcher
-    assert not any(n.startswith("model.transformer_blocks") for n in setup.attention)  # ACE-Step's own do not
+    assert "model.transformer_blocks.0.cross_attn" in setup.attention  # so do ACE-Step's softmax cross-attentions
+    assert not any(n.endswith(".attn") and n.startswith("model.transformer_blocks") for n in setup.attention)  # not its linear one
     assert all(torch.equal(g, r) for g, r in zip(got, ref))
 
 
@@ -138,7 +139,7 @@ def test_a_skipped_call_is_head_output_plus_the_cached_body_residual_for_both_ex
         with torch.no_grad():
             st(ba, bb)
         h.remove()
-        assert torch.equal(outs[0], seen[side] + body[side])
+        assert torch.equal(outs[0], seen[side] + body[("", side)])
 
 
 def test_step_cache_decision_is_joint():
@@ -196,3 +197,95 @@ def test_bad_speed_keys_name_the_key(tmp_path, key, value, match):
 
     with pytest.raises(RecipeError, match=match):
         validate_recipe(load_recipe(str(Path(__file__).parent / "recipes" / "tiny.yaml"), [f"{key}={value}", f"run_dir={tmp_path}"]))
+
+
+# ---- attention through diffusers' dispatcher ---------------------------------------------------------
+@pytest.mark.parametrize("backend", ["native", "_native_math"])
+def test_attend_equals_sdpa_on_cpu_with_and_without_a_mask(backend):
+    import torch.nn.functional as F
+
+    from soe.plugin.attention import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (5, 7, 7))
+    bias = torch.zeros(2, 1, 5, 7).masked_fill_(torch.rand(2, 1, 5, 7, generator=g) < 0.3, float("-inf"))
+    bias[..., 0] = 0  # every query sees at least one key
+    for m in (None, bias):
+        torch.testing.assert_close(attend(q, k, v, m, backend), F.scaled_dot_product_attention(q, k, v, attn_mask=m), rtol=1e-6, atol=1e-6)
+
+
+def test_a_masked_call_leaves_a_backend_without_masks_for_sdpa(monkeypatch):
+    from soe.plugin import attention
+
+    seen = []
+    monkeypatch.setattr(attention, "dispatch_attention_fn", lambda q, k, v, attn_mask=None, backend=None: seen.append(backend) or q)
+    q = torch.zeros(1, 1, 2, 4)
+    attention.attend(q, q, q, None, "sage")
+    attention.attend(q, q, q, torch.zeros(1, 1, 2, 2), "sage")
+    attention.attend(q, q, q, torch.zeros(1, 1, 2, 2), "_native_math")
+    assert [str(getattr(b, "value", b)) for b in seen] == ["sage", "native", "_native_math"]
+
+
+def test_windowed_parallel_attention_is_the_value_of_its_own_time_step():
+    """Why the windowed branch gathers instead of attending: a softmax over one allowed key is that key."""
+    import torch.nn.functional as F
+
+    from soe.stitch.attention_kv import _window_bias
+
+    g = torch.Generator().manual_seed(1)
+    q_step = torch.arange(4).repeat_interleave(6)  # 4 steps x 6 tokens
+    q, ke, ve = torch.randn(2, 3, 24, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g)
+    ref = F.scaled_dot_product_attention(q, ke, ve, attn_mask=_window_bias(q_step, torch.arange(4), q.dtype))
+    torch.testing.assert_close(ve.index_select(2, q_step), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_math"])
+def test_every_softmax_attention_of_the_fused_model_takes_the_backend_and_stays_exact(backend, monkeypatch):
+    from soe.plugin import attention
+
+    st, ba, bb = fused()
+    with torch.no_grad():
+        ref = st(ba, bb)
+        apply_speed(st, SpeedConfig(attention_backend=backend), "cpu")
+        used = []
+        real = attention.dispatch_attention_fn
+        monkeypatch.setattr(attention, "dispatch_attention_fn", lambda *a, **kw: used.append(kw["backend"]) or real(*a, **kw))
+        got = st(ba, bb)
+    assert len(used) > 0 and {str(getattr(b, "value", b)) for b in used} == {backend}  # soe's processors and ACE-Step's
+    for g_, r in zip(got, ref):
+        torch.testing.assert_close(g_, r, rtol=1e-5, atol=1e-6)
+
+
+def test_an_attention_backend_whose_package_is_missing_is_refused_in_one_line():
+    from soe.errors import RecipeError
+    from soe.schema import build
+
+    with pytest.raises(RecipeError, match=r"^sample\.attention_backend: backend 'sage' needs the package sageattention") as err:
+        build(SpeedConfig, {"attention_backend": "sage"}, "sample")
+    assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="sample.attention_backend: expected null or one of"):
+        build(SpeedConfig, {"attention_backend": "flash_3"}, "sample")
+
+
+def test_sampling_casts_connectors_and_kv_projections_to_the_experts_bf16_within_bf16_tolerance():
+    from soe.sample.speed import cast_stitch_modules
+
+    def build():
+        st, _, _ = fused()
+        for e in (st.a, st.b):
+            e.model.to(torch.bfloat16)
+        if st.fusion is not None:
+            st.fusion.inserted.to(torch.bfloat16)
+        return st
+
+    ref_st, st = build(), build()
+    stitch_params = lambda s: [p for m in (*s.connectors.values(), *s.fusion.kv.values()) for p in m.parameters()]  # noqa: E731
+    assert {p.dtype for p in stitch_params(ref_st)} == {torch.float32}  # built (and trained) in float32
+    cond, settings = _conditions(ref_st), SamplerConfig(steps=4, guidance={"a": 1.2, "b": 5.0})
+    ref = sample_stitched(ref_st, cond, 1.0, settings)
+    apply_speed(st, SpeedConfig(), "cpu")
+    assert {p.dtype for p in stitch_params(st)} == {torch.bfloat16}
+    assert cast_stitch_modules(st) == []  # nothing left to cast
+    got = sample_stitched(st, cond, 1.0, settings)
+    for k in ref:
+        assert 0 < rel(got[k], ref[k]) < 2e-2  # bf16 has 8 mantissa bits (~0.4% per weight)

@@ -154,5 +154,9 @@ def build_sample(cfg: DictConfig) -> SampleConfig:
 def build_sampler(cfg: DictConfig, seed_offset: int = 0) -> SamplerConfig:
     """What the joint sampler takes from ``sample``; ``seed_offset`` shifts the seed (samples during training)."""
     s = build_sample(cfg)
-    return SamplerConfig(**{f.name: getattr(s, f.name) for f in dataclasses.fields(SamplerConfig)} | {"seed": s.seed + seed_offset})
+    batched = s.cfg_batched if s.cfg_batched is not None else s.memory == "none"  # auto: offloading asks for the lower peak
+    if cfg.get("parallel") is not None and cfg.parallel.get("cfg"):
+        batched = True  # parallel.cfg splits the batched call's halves across ranks (each holds one half already)
+    return SamplerConfig(**{f.name: getattr(s, f.name) for f in dataclasses.fields(SamplerConfig)}
+                         | {"seed": s.seed + seed_offset, "cfg_batched": batched})
 

@@ -2,9 +2,12 @@
 
 One timestep grid is shared (``steps`` steps from sigma=1 to 0); each modality's scheduler applies
 its own expert's shift to it. Classifier-free guidance per modality: the conditional and the
-unconditional halves run in one batch; the unconditional half drops text conditioning (zeros, or
-the expert's encoded negative prompt, ``Expert.null_condition``) and its connectors read zeros (no
-cross-modal input). Deterministic for a seed.
+unconditional halves run in one batch (``cfg_batched``; or in two forwards, for a lower activation
+peak); the unconditional half drops text conditioning (zeros, or the expert's encoded negative
+prompt, ``Expert.null_condition``) and its connectors read zeros (no cross-modal input).
+``guidance_interval: [lo, hi]`` guides only where a modality's sigma lies in ``(lo, hi]``
+(Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"); at steps where no modality
+guides, the unconditional forward is not run at all. Deterministic for a seed.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from soe.flow.conditioning import GivenLatents
 from soe.plugin.expert import Batch, Expert
 from soe.rng import generator_for
-from soe.sample.speed import reset_step_caches
+from soe.sample.speed import reset_step_caches, set_step_cache_branch
 from soe.schema import SamplerConfig
 
 
@@ -62,30 +65,56 @@ def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: fl
         shift = settings.shift.get(k) or experts[k].flow_shift
         scheds[k] = make_scheduler(settings.scheduler, shift)
         scheds[k].set_timesteps(settings.steps, device=lat[k].device)
-    use_cfg = any(settings.guidance.get(k, 1.0) != 1.0 for k in sides)
+    scales = {k: settings.guidance.get(k, 1.0) for k in sides}
     uncond = {k: experts[k].unconditional(conditions[k], (negative or {}).get(k)) for k in sides}
     predict = predict or _experts_alone(experts)
     for i in range(settings.steps):
-        inputs = {}
+        sigmas = {k: float(scheds[k].sigmas[i]) for k in sides}
+        guide = {k: scales[k] != 1.0 and _in_interval(sigmas[k], settings.guidance_interval) for k in sides}
+        cond_in, uncond_in = {}, {}
         for k in sides:
             sigma = scheds[k].sigmas[i].to(lat[k].device)
             x, t = lat[k], sigma.expand(bsz)
             if k in given:  # given frames clean on every call (timestep 0 where the expert takes one per frame)
                 x, t = given[k].paste(x), given[k].timestep(experts[k], t)
-            cond_batch = {**conditions[k], "latents": x.to(experts[k].dtype), "timestep": t.to(experts[k].dtype)}
-            x_u = given[k].uncond_latents(cond_batch["latents"]) if k in given else cond_batch["latents"]
-            inputs[k] = _cat([cond_batch, {**uncond[k], "latents": x_u, "timestep": cond_batch["timestep"]}]) if use_cfg else cond_batch
-        mask = torch.cat([torch.ones(bsz), torch.zeros(bsz)]).to(lat[sides[0]].device) if use_cfg else None
-        preds = predict(inputs, mask)
+            cond_in[k] = {**conditions[k], "latents": x.to(experts[k].dtype), "timestep": t.to(experts[k].dtype)}
+            x_u = given[k].uncond_latents(cond_in[k]["latents"]) if k in given else cond_in[k]["latents"]
+            uncond_in[k] = {**uncond[k], "latents": x_u, "timestep": cond_in[k]["timestep"]}
+        preds = _predict_cfg(predict, cond_in, uncond_in, any(guide.values()), settings.cfg_batched is not False, bsz,
+                             lambda name: set_step_cache_branch(experts.values(), name))
         for k in sides:
             if k in given and given[k].full:
                 continue  # a given modality is not denoised
-            v = preds[k].float()
-            c, u = (v[:bsz], v[bsz:]) if use_cfg else (v, None)
-            lat[k] = scheds[k].step(guided(c, u, settings.guidance.get(k, 1.0)), scheds[k].timesteps[i], lat[k]).prev_sample
+            c, u = preds[k]
+            lat[k] = scheds[k].step(guided(c, u if guide[k] else None, scales[k]), scheds[k].timesteps[i], lat[k]).prev_sample
         if progress is not None:
             progress(i + 1, settings.steps)
     return {k: given[k].paste(lat[k]) if k in given else lat[k] for k in sides}
+
+
+def _in_interval(sigma: float, interval) -> bool:
+    return interval is None or interval[0] < sigma <= interval[1]
+
+
+def _predict_cfg(predict, cond: dict[str, Batch], uncond: dict[str, Batch], use_cfg: bool, batched: bool, bsz: int,
+                 branch) -> dict:
+    """``{side: (conditional, unconditional or None)}`` float32 velocities: one forward of ``2B`` (``batched``),
+    two of ``B``, or the conditional one alone (no side guides at this step). The unconditional half's
+    connectors read zeros (``source_mask`` 0). ``branch(name)`` names each forward for the step cache."""
+    device = next(iter(cond.values()))["latents"].device
+    if not use_cfg:
+        branch("cond")
+        return {k: (v.float(), None) for k, v in predict(cond, None).items()}
+    if batched:
+        mask = torch.cat([torch.ones(bsz), torch.zeros(bsz)]).to(device)
+        branch("cfg")
+        preds = predict({k: _cat([cond[k], uncond[k]]) for k in cond}, mask)
+        return {k: (v[:bsz].float(), v[bsz:].float()) for k, v in preds.items()}
+    branch("cond")
+    c = predict(cond, None)  # all ones: the connectors read as in the conditional half of the batched call
+    branch("uncond")
+    u = predict(uncond, torch.zeros(bsz, device=device))
+    return {k: (c[k].float(), u[k].float()) for k in c}
 
 
 def _experts_alone(experts):

@@ -10,6 +10,7 @@
   * ``offload_model``: each model (the stitched transformer pair, each codec) is on the device only
     while it is used, like diffusers' ``enable_model_cpu_offload``.
 
+Connectors and new key/value projections are cast to their host expert's dtype (:func:`cast_stitch_modules`).
 ``sample.storage_dtype: float8_e4m3fn``: weights stored in fp8, each layer cast to the compute dtype
 just for its forward (diffusers ``apply_layerwise_casting``; norms, patch embeddings and the
 input/output projections stay in the compute dtype). ``sample.compile``: each block compiled on its
@@ -40,6 +41,24 @@ def store_in(module: nn.Module, storage_dtype: str, compute_dtype: torch.dtype) 
     Trainable (LoRA) layers and norms are left alone."""
     skip = SKIP_CAST + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ())  # the model's own list
     apply_layerwise_casting(module, StorageDtype(storage_dtype).torch, compute_dtype, skip_modules_pattern=skip)
+
+
+# ---- stitch modules in the sampling dtype --------------------------------------------------------------
+def cast_stitch_modules(stitcher) -> list[str]:
+    """Connectors and new key/value projections in their host expert's dtype (bf16 when the experts are):
+    they train in float32, but sampling runs without autocast and keeps them resident under offloading
+    (UniVerse-1: 1.7B parameters, 6.7 GB in float32). Returns the names of the modules cast."""
+    done = []
+    for d in stitcher.connectors:
+        dtype = getattr(stitcher, "b" if d == "a_to_b" else "a").dtype
+        mods = [(f"connectors.{d}", stitcher.connectors[d])]
+        if stitcher.fusion is not None and d in stitcher.fusion.kv:
+            mods.append((f"fusion.kv.{d}", stitcher.fusion.kv[d]))
+        for name, m in mods:
+            if any(p.dtype != dtype for p in m.parameters()):
+                m.to(dtype=dtype)
+                done.append(name)
+    return done
 
 
 # ---- block offloading ----------------------------------------------------------------------------------
@@ -184,9 +203,17 @@ def set_attention_backend(modules, backend: str) -> list[str]:
 
 
 def compile_blocks(blocks, **kwargs) -> None:
-    """Regional compilation: ``torch.compile`` each block in place (hooks included)."""
+    """Regional compilation: each block's own ``forward`` compiled in place (``torch.compile``), like
+    diffusers' ``compile_repeated_blocks``, but applied before offloading and the step cache wrap the block:
+    their Python bookkeeping (which group is on the device, skip or compute) stays outside the graph, and
+    so do the stitch's block pre-hooks (they run in ``nn.Module.__call__``). What runs inside a block
+    (taps, joins, key/value processors) keeps its per-call state out of the graph itself
+    (soe/stitch/lockstep.py, soe/stitch/attention_kv.py), so blocks of one kind share one graph: no
+    recompilation after the first sampling step (tests/test_compile.py)."""
     for b in blocks:
-        b.compile(**kwargs)
+        if not getattr(b, "_soe_compiled", False):
+            b.forward = torch.compile(b.forward, **kwargs)
+            b._soe_compiled = True
 
 
 # ---- the whole setup -----------------------------------------------------------------------------------
@@ -213,11 +240,13 @@ class SpeedSetup:
 def apply_speed(stitcher, spec: SpeedConfig, device=None) -> SpeedSetup:
     """Apply ``spec`` to a built Stitcher (on any device; weights move where ``spec`` says).
 
-    Order matters and is diffusers' own: layerwise casting, then offloading, then the step cache
-    (its hooks wrap the offloading ones, so a skipped block is never onloaded), then compile."""
+    Order matters: connectors and key/value projections cast to their host's dtype, layerwise casting, then
+    compile (each block's own forward, casting hooks inside), then offloading, then the step cache (its hooks
+    wrap the offloading ones, so a skipped block is never onloaded)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     experts = [stitcher.a, stitcher.b]
     compute = {id(e): e.dtype for e in experts}
+    cast_stitch_modules(stitcher)
     if spec.storage_dtype is not None:
         for e in experts:
             store_in(e.model, spec.storage_dtype, compute[id(e)])
@@ -227,6 +256,8 @@ def apply_speed(stitcher, spec: SpeedConfig, device=None) -> SpeedSetup:
     for e in experts:
         e._execution_device = device  # the sampler puts latents here, whatever device the weights wait on
     blocks = stitched_blocks(stitcher)
+    if spec.compile:
+        compile_blocks([b for side in ("a", "b") for b in blocks[side]])
     offload = None
     if spec.memory == "offload_blocks":
         offload_blocks(stitcher, [b for side in ("a", "b") for b in blocks[side]], device)
@@ -238,17 +269,24 @@ def apply_speed(stitcher, spec: SpeedConfig, device=None) -> SpeedSetup:
     cache = None
     if spec.cache == "first_block":
         cache = apply_step_cache(stitcher, spec.cache_threshold)
-    attention = set_attention_backend(experts, spec.attention_backend) if spec.attention_backend else []
-    if spec.compile:
-        compile_blocks([b for side in ("a", "b") for b in blocks[side]])
+    roots = experts + ([stitcher.fusion] if stitcher.fusion is not None else [])  # inserted blocks have attentions too
+    attention = set_attention_backend(roots, spec.attention_backend) if spec.attention_backend else []
     return SpeedSetup(spec, device, cache, offload, attention)
+
+
+def _step_caches(experts) -> list[StepCache]:
+    caches = {id(c): c for e in experts if (c := getattr(e, "_soe_step_cache", None)) is not None}
+    return list(caches.values())
 
 
 def reset_step_caches(experts) -> None:
     """Reset the step cache attached to any of ``experts`` (once per sampling run)."""
-    seen = set()
-    for e in experts:
-        cache = getattr(e, "_soe_step_cache", None)
-        if cache is not None and id(cache) not in seen:
-            seen.add(id(cache))
-            cache.reset()
+    for cache in _step_caches(experts):
+        cache.reset()
+
+
+def set_step_cache_branch(experts, branch: str) -> None:
+    """Name the forward that runs next (``cfg``, ``cond``, ``uncond``): a step cache compares and reuses
+    residuals within one branch, so CFG's two forwards per step never read each other's."""
+    for cache in _step_caches(experts):
+        cache.state.branch = branch

@@ -24,7 +24,8 @@ call:
 Saving is largest with the lockstep and fused engines (both heads run first); under the one-way hook
 engine the source expert runs to its end before the host's head, so only the host saves. The cache
 holds state between the calls of one sampling run: :meth:`StepCache.reset` before each new run
-(``soe.sample.sampler`` does).
+(``soe.sample.sampler`` does). When classifier-free guidance runs as two forwards per step, the sampler
+names each (``state.branch``) and residuals are compared and reused within a branch only.
 """
 from __future__ import annotations
 
@@ -41,12 +42,13 @@ HOOK_NAME = "soe_step_cache"
 class _State:
     threshold: float
     sides: tuple[str, ...]
+    branch: str = ""  # which forward of a step this is (the sampler's CFG passes): residuals are kept per branch
     heads_done: set = field(default_factory=set)
     skip: bool | None = None  # decision of the current call (None: not taken yet)
     head_out: dict = field(default_factory=dict)  # side -> head output of this call
     head_res: dict = field(default_factory=dict)  # side -> head residual of this call
-    ref_res: dict = field(default_factory=dict)  # side -> head residual at the last computed call
-    body_res: dict = field(default_factory=dict)  # side -> tail output - head output at the last computed call
+    ref_res: dict = field(default_factory=dict)  # (branch, side) -> head residual at the branch's last computed call
+    body_res: dict = field(default_factory=dict)  # (branch, side) -> tail output - head output at that call
     computed: int = 0
     skipped: int = 0
     changes: list = field(default_factory=list)  # largest relative head change per decided call
@@ -59,11 +61,12 @@ class _State:
 
     @torch.compiler.disable
     def decide(self) -> bool:
-        if any(s not in self.ref_res or s not in self.body_res for s in self.sides):
-            return False
+        keys = [(self.branch, s) for s in self.sides]
+        if any(k not in self.ref_res or k not in self.body_res or self.ref_res[k].shape != self.head_res[k[1]].shape for k in keys):
+            return False  # nothing cached for this branch yet, or another batch size (a CFG-free step of a guidance interval)
         change = 0.0
         for s in self.sides:
-            ref = self.ref_res[s]
+            ref = self.ref_res[(self.branch, s)]
             change = max(change, ((self.head_res[s] - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).item())
         self.changes.append(change)
         return change < self.threshold
@@ -99,15 +102,15 @@ class _BlockHook(ModelHook):
                 st.skipped += 1
             else:
                 st.computed += 1
-                st.ref_res.update(st.head_res)
+                st.ref_res.update({(st.branch, s): r for s, r in st.head_res.items()})
         if st.skip:
             if self.role == "tail":
-                return st.head_out[side] + st.body_res[side]
+                return st.head_out[side] + st.body_res[(st.branch, side)]
             return _hidden_of(args, kwargs)
         out = self.fn_ref.original_forward(*args, **kwargs)
         if self.role == "tail":
             _check_tensor(out, module)
-            st.body_res[side] = out - st.head_out[side]
+            st.body_res[(st.branch, side)] = out - st.head_out[side]
         return out
 
     def reset_state(self, module):
@@ -124,7 +127,7 @@ def _check_tensor(out, module):
 class StepCache:
     """First-block step cache over the blocks of one or more experts (``{side: [blocks in run order]}``)."""
 
-    def __init__(self, blocks: dict[str, list[nn.Module]], threshold: float = 0.05):
+    def __init__(self, blocks: dict[str, list[nn.Module]], threshold: float = 0.1):
         if not threshold >= 0:
             raise ValueError(f"step cache threshold: expected >= 0, got {threshold}")
         short = [s for s, bl in blocks.items() if len(bl) < 2]
@@ -157,7 +160,7 @@ def stitched_blocks(stitcher) -> dict[str, list[nn.Module]]:
     return {s: stitcher.run_order(s) for s in ("a", "b")}
 
 
-def apply_step_cache(stitcher, threshold: float = 0.05) -> StepCache:
+def apply_step_cache(stitcher, threshold: float = 0.1) -> StepCache:
     """A :class:`StepCache` over both experts of ``stitcher``; ``soe.sample.sampler`` resets it at each run."""
     cache = StepCache(stitched_blocks(stitcher), threshold)
     for e in (stitcher.a, stitcher.b):

@@ -28,9 +28,9 @@ import copy
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from soe.plugin.attention import attend
 from soe.plugin.expert import Expert
 from soe.schema.stitch import KVTargetConfig
 
@@ -104,6 +104,13 @@ class KVProcessor:
     ``engine`` feeds it (soe/stitch/lockstep.py): ``engine.context(direction, k)`` is ``None``
     when this block is not running inside a stitched call, else ``(call, host expert)``;
     ``engine.extra_tokens(call, direction, k)`` gives the connector output ``(B, T_host, D_host)``.
+
+    Compiled blocks (``sample.compile``): everything that reads the engine's per-call Python state
+    (which call, which block, the token dictionaries) is in :meth:`lookup`, which runs outside the graph
+    (``torch.compiler.disable``) and hands back tensors only; the attention arithmetic is traced. So the
+    block index, the call object and the dictionaries never become guards, and one graph serves every
+    block of a kind at every step. Attention goes through diffusers' dispatcher (:func:`soe.plugin.attention.attend`)
+    with the wrapped processor's ``_attention_backend``.
     """
 
     _own = ("inner", "engine", "direction", "k", "target", "kv")
@@ -124,59 +131,75 @@ class KVProcessor:
             raise AttributeError(name)
         return getattr(inner, name)
 
-    def __call__(self, attn, *args, **kwargs):
+    @torch.compiler.disable
+    def lookup(self):
+        """``None`` when idle, else ``(host expert, extra tokens (B, T, D_host), CFG mask (B, 1, 1) or None,
+        time step of each of this rank's host tokens (S,), whether the host is split by context parallelism)``."""
         ctx = self.engine.context(self.direction, self.k)
         if ctx is None:
-            return self.inner(attn, *args, **kwargs)
+            return None
         call, host = ctx
-        t = self.target
         extra = self.engine.extra_tokens(call, self.direction, self.k)  # (B, T, D_host); may wait for the other expert
+        mask = call.source_mask.view(-1, 1, 1) if self.target.cfg_mask and call.source_mask is not None else None
+        host_side = "b" if self.direction == "a_to_b" else "a"
+        layout, split = call.layouts[host_side], self.engine.st.split_of(host_side)
+        if split is not None:  # context parallel: the queries are this rank's tokens
+            q_step = split.steps(layout, extra.device)  # (S,)
+        else:
+            q_step = torch.arange(layout.num_steps, device=extra.device).repeat_interleave(layout.tokens_per_step)  # (S,)
+        return host, extra, mask, q_step, split is not None
+
+    def __call__(self, attn, *args, **kwargs):
+        got = self.lookup()
+        if got is None:
+            return self.inner(attn, *args, **kwargs)
+        host, extra, mask, q_step, split = got
+        t = self.target
         hidden = Expert.block_input_hidden(args, kwargs)
         if t.pre_norm is not None:  # the tokens joined the host's pre-norm input: split them off again
             hidden, extra = hidden[:, : -extra.shape[1]], hidden[:, -extra.shape[1]:]
             args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-        if t.cfg_mask and call.source_mask is not None:
-            extra = extra * call.source_mask.to(extra.dtype).view(-1, 1, 1)
+        if mask is not None:
+            extra = extra * mask.to(extra.dtype)
         q, k, v, bias = host.attention_qkv(attn, args, kwargs)  # (B, H, S, d), (B, H, L, d), bias (B, 1|H, S, L) or None
         ke, ve = (x.to(q.dtype) for x in self.kv(extra, attn.heads))  # (B, H, T, d)
-        host_side = "b" if self.direction == "a_to_b" else "a"
-        layout, split = call.layouts[host_side], self.engine.st.split_of(host_side)
-        if split is not None:  # context parallel: the queries are this rank's tokens
-            q_step = split.steps(layout, q.device)  # (S,)
-        else:
-            q_step = torch.arange(layout.num_steps, device=q.device).repeat_interleave(layout.tokens_per_step)  # (S,)
         # a self-attention of a split expert attends over the whole sequence: diffusers' context-parallel attention
-        parallel = getattr(self.inner, "_parallel_config", None) if split is not None and _is_self_attention(args, kwargs) else None
+        parallel = getattr(self.inner, "_parallel_config", None) if split and _is_self_attention(args, kwargs) else None
         k_step = torch.arange(ke.shape[2], device=q.device)  # one extra token per host time step
         if t.rope != "none":
             ke = rope_time(ke, k_step, t.rope, t.rope_theta)
             if t.rope_query:
                 q = rope_time(q, q_step, t.rope, t.rope_theta)
-        extra_bias = None
-        if t.window:
-            extra_bias = torch.zeros(q.shape[2], ke.shape[2], device=q.device, dtype=q.dtype)
-            extra_bias.masked_fill_(q_step[:, None] != k_step[None], float("-inf"))
-            extra_bias = extra_bias[None, None]  # (1, 1, S, T)
+        backend = getattr(self.inner, "_attention_backend", None)
         if t.mode == "concat":
             if parallel is not None:
                 raise ValueError(f"inject.targets: mode 'concat' into the self-attention '{t.attention}' of an expert split by "
                                  "parallel.context is not supported (one softmax over keys held by other ranks); use mode 'parallel'")
-            if bias is not None or extra_bias is not None:
+            if bias is not None or t.window:
                 b = bias if bias is not None else q.new_zeros(1, 1, q.shape[2], k.shape[2])
-                e = extra_bias if extra_bias is not None else q.new_zeros(1, 1, q.shape[2], ke.shape[2])
+                e = _window_bias(q_step, k_step, q.dtype) if t.window else q.new_zeros(1, 1, q.shape[2], ke.shape[2])
                 bias = torch.cat([b.expand(-1, -1, q.shape[2], -1), e.expand(b.shape[0], b.shape[1], -1, -1)], dim=-1)
-            out = F.scaled_dot_product_attention(q, torch.cat([k, ke], 2), torch.cat([v, ve], 2), attn_mask=bias)
+            out = attend(q, torch.cat([k, ke], 2), torch.cat([v, ve], 2), bias, backend)
         else:
             if parallel is not None:  # (B, S, H, d) in and out, Ulysses all-to-all across the split
                 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
                 out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
-                                            backend=getattr(self.inner, "_attention_backend", None), parallel_config=parallel).transpose(1, 2)
+                                            backend=backend, parallel_config=parallel).transpose(1, 2)
             else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            out = out + F.scaled_dot_product_attention(q, ke, ve, attn_mask=extra_bias)
+                out = attend(q, k, v, bias, backend)
+            if t.window:  # a softmax over the one token of its own time step: that token's value, exactly
+                out = out + ve.index_select(2, q_step)  # (B, H, S, d)
+            else:
+                out = out + attend(q, ke, ve, None, backend)
         out = out.transpose(1, 2).flatten(2).to(hidden.dtype)  # (B, S, H*d)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _window_bias(q_step: torch.Tensor, k_step: torch.Tensor, dtype) -> torch.Tensor:
+    """Additive mask ``(1, 1, S, T)``: each host token sees only the extra token of its own time step."""
+    bias = torch.zeros(q_step.shape[0], k_step.shape[0], device=q_step.device, dtype=dtype)
+    return bias.masked_fill_(q_step[:, None] != k_step[None], float("-inf"))[None, None]
 
 
 def _is_self_attention(args: tuple, kwargs: dict) -> bool:
@@ -185,14 +208,18 @@ def _is_self_attention(args: tuple, kwargs: dict) -> bool:
     return ctx is None
 
 
+_CLASSES: dict[type, type] = {}
+
+
 def wrap_processor(inner, engine, direction: str, k: int, target: KVTargetConfig, kv: KVProjection) -> KVProcessor:
     """A KVProcessor whose ``__call__`` shows the inner processor's signature: diffusers drops call
-    keyword arguments that the processor's signature does not name."""
-    sig = inspect.signature(type(inner).__call__)
+    keyword arguments that the processor's signature does not name. One class per inner processor
+    class (not per block): a compiled block guards on the processor's type."""
+    cls = _CLASSES.get(type(inner))
+    if cls is None:
+        def __call__(self, attn, *args, **kwargs):
+            return KVProcessor.__call__(self, attn, *args, **kwargs)
 
-    def __call__(self, attn, *args, **kwargs):
-        return KVProcessor.__call__(self, attn, *args, **kwargs)
-
-    __call__.__signature__ = sig
-    cls = type("KVProcessor", (KVProcessor,), {"__call__": __call__})
+        __call__.__signature__ = inspect.signature(type(inner).__call__)
+        cls = _CLASSES[type(inner)] = type("KVProcessor", (KVProcessor,), {"__call__": __call__})
     return cls(inner, engine, direction, k, target, kv)

@@ -118,10 +118,13 @@ class LockstepEngine:
         for k in sorted(set(self.host_of[direction].values())):
             mod = submodule(self.block(side, k), path, f"tap_points[{tap!r}] of '{expert.name}'")
             name, does = hook_name(direction, side, k, "tap"), f"keeps the {where} of {path} ('{tap}') for the connector"
+            # outside a compiled graph (as _enter and _join): the block index and the call's dicts never become guards
             if where == "input":
-                hooks.forward_pre_hook(name, mod, lambda m, a, kw, k=k: self._tap(side, k, Expert.block_input_hidden(a, kw)), path, does)
+                hook = torch.compiler.disable(lambda m, a, kw, k=k: self._tap(side, k, Expert.block_input_hidden(a, kw)))
+                hooks.forward_pre_hook(name, mod, hook, path, does)
             else:
-                hooks.forward_hook(name, mod, lambda m, a, out, k=k: self._tap(side, k, expert.block_output_hidden(out)), path, does)
+                hook = torch.compiler.disable(lambda m, a, out, k=k: self._tap(side, k, expert.block_output_hidden(out)))
+                hooks.forward_hook(name, mod, hook, path, does)
 
     def _install_targets(self, hooks: NamedHooks, direction: str, spec: InjectConfig, k: int, kv: nn.ModuleDict) -> None:
         host = sides(direction)[1]
@@ -149,7 +152,7 @@ class LockstepEngine:
             if call is not None and hosting:  # connector tokens are computed inside the block that uses them,
                 call.extras.pop((direction, k), None)  # so a checkpoint recompute saves what the forward saved
 
-        return hook
+        return torch.compiler.disable(hook)
 
     def _tap(self, side: str, k: int, hidden: torch.Tensor) -> None:
         act = self._active
@@ -172,7 +175,7 @@ class LockstepEngine:
             hidden = torch.cat([hidden, extra], dim=1)  # (B, N + T, D): same norm and modulation as the host tokens
             return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
-        return hook
+        return torch.compiler.disable(hook)
 
     # ---- what the in-block parts read ------------------------------------------------------------
     def context(self, direction: str, k: int) -> tuple[_Call, Expert] | None:
