@@ -40,7 +40,7 @@ def test_generate_in_headless_chromium_shows_the_video(served, browser):  # noqa
     prompt = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
     prompt.clear()
     prompt.send_keys("a square bouncing in the browser")
-    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#generate"))).click()  # Gradio renders it after the prompt on a busy box
     video = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#result-video video")))
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#status").text.startswith("done:"))
     assert video.get_attribute("src"), "the video element has no source"
