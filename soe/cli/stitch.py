@@ -21,7 +21,7 @@ from soe.recipe.reading import load_recipe
 from soe.recipe.validate import validate_recipe
 from soe.sample.callbacks import SampleCallback, SyncReportCallback
 from soe.threads import configure_threads
-from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_objective, build_optim,
+from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_lora_training, build_objective, build_optim,
                              build_stitcher_to_shard, build_trainer)
 from soe.train.checkpoint import read_checkpoint
 from soe.train.interrupt import StopOnInterrupt
@@ -94,7 +94,7 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     apply_storage_dtypes(stitcher, cfg)  # experts.<side>.storage_dtype: frozen weights in fp8
     stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training
     module = StitchModule(stitcher, build_objective(cfg, stitcher), build_optim(cfg), max_steps=cfg.trainer.max_steps,
-                          on_nonfinite=cfg.trainer.on_nonfinite, plan=plan)
+                          on_nonfinite=cfg.trainer.on_nonfinite, plan=plan, lora_training=build_lora_training(cfg, stitcher))
     if resume_from:  # a bad checkpoint fails here, before Lightning's loggers touch the run folder
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}

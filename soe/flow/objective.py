@@ -82,9 +82,10 @@ class FlowObjective(nn.Module):
         """Model inputs (``latents`` = x_t, ``timestep`` = sigma) and what the loss needs, per side."""
         bsz = next(iter(clean.values()))["latents"].shape[0]
         sig = self.sigmas(bsz, step, rank)
-        given = None
+        given, drawn = None, ["joint"] * bsz
         if self.tasks is not None:  # drawn from (seed, step, rank) only: resume-exact
-            given = self.tasks.masks(self.tasks.draw(bsz, step, rank), {k: clean[k]["latents"] for k in self.sides})
+            drawn = self.tasks.draw(bsz, step, rank)
+            given = self.tasks.masks(drawn, {k: clean[k]["latents"] for k in self.sides})
         inputs, targets = {}, {}
         for k in self.sides:
             x0 = clean[k]["latents"]
@@ -92,7 +93,7 @@ class FlowObjective(nn.Module):
             s = sig[k].to(x0.device, x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
             x_t = (1 - s) * x0 + s * eps
             timestep = sig[k].to(x0.device, x0.dtype)
-            targets[k] = {"x0": x0, "eps": eps, "x_t": x_t, "sigma": s}
+            targets[k] = {"x0": x0, "eps": eps, "x_t": x_t, "sigma": s, "tasks": drawn}
             if given is not None:
                 m = expand_mask(given[k], x0, self.tasks.time_axis[k])  # True on given frames
                 x_t = torch.where(m, x0, x_t)  # given frames stay clean on every call
@@ -112,6 +113,14 @@ class FlowObjective(nn.Module):
             return torch.mean(err)
         # mean over the positions that are not given; a side given everywhere contributes 0 (and no gradient)
         return (err * keep).sum() / keep.sum().clamp(min=1)
+
+    def loss_scale(self, side: str) -> float | torch.Tensor:
+        """What :meth:`forward` multiplies ``side``'s loss by in the total: its weight, over its running mean
+        with ``balance=ema`` (so a term added to the total on that side's scale weighs like its loss)."""
+        mean = self.loss_ema[self.sides.index(side)]
+        if self.balance == "none" or self.ema_steps == 0 or not bool(mean > 0):
+            return self.weights[side]
+        return self.weights[side] / mean
 
     def forward(self, preds: dict[str, torch.Tensor], targets: dict[str, dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and the per-modality losses (unweighted, for logging)."""
