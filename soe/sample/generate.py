@@ -240,9 +240,10 @@ def load_run(cfg):
 
     resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
     torch.manual_seed(cfg.seed)
-    from soe.data.auto_pairs import pair_chooser
+    from soe.data.auto_pairs import find_record, recorded_pair_chooser
 
-    stitcher = build_stitcher(cfg, auto_pairs=pair_chooser(cfg) if cfg.stitch.pairs == "auto" else None)  # auto: chosen as training chose
+    auto = cfg.stitch.pairs == "auto"  # the pairs the run recorded (auto_pairs.json), else chosen as training chose
+    stitcher = build_stitcher(cfg, auto_pairs=recorded_pair_chooser(cfg, find_record(cfg.sample.ckpt)) if auto else None)
     step, trained = None, None
     if cfg.sample.ckpt is not None:
         trained = Path(cfg.sample.ckpt)
