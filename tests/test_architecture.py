@@ -90,7 +90,7 @@ RECIPE_KEYS = [
     "stitch.connector.hidden", "stitch.connector.act", "stitch.connector.init", "stitch.connector.resample",
     "stitch.connector.input_norm", "stitch.connector.pool", "stitch.depth.mode", "stitch.depth.every", "stitch.inject",
     "stitch.auto.connectors", "stitch.auto.clips", "stitch.auto.sigmas",
-    "flow.timesteps", "flow.density", "flow.balance", "flow.balance_momentum", "flow.tasks", "flow.extend_seconds",
+    "flow.timesteps", "flow.density", "flow.balance", "flow.balance_momentum", "flow.tasks", "flow.extend_seconds", "flow.source_dropout",
     "data.kind", "data.path", "data.seconds", "data.batch_size", "data.num_clips", "data.num_workers",
     "data.shuffle_chunks", "data.cache_dir",
     "optim.lr", "optim.weight_decay", "optim.betas", "optim.warmup_steps", "optim.schedule", "optim.grad_clip",

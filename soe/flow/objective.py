@@ -45,7 +45,8 @@ class FlowObjective(nn.Module):
 
     def __init__(self, experts: dict[str, Expert], timesteps: str = "shared", density: str = "logit_normal",
                  shifts: dict[str, float] | None = None, weights: dict[str, float] | None = None,
-                 balance: str = "none", momentum: float = 0.99, seed: int = 0, tasks: TaskMixture | None = None):
+                 balance: str = "none", momentum: float = 0.99, seed: int = 0, tasks: TaskMixture | None = None,
+                 source_dropout: float = 0.0):
         super().__init__()
         timesteps, balance = choice(Timesteps, timesteps, "flow.timesteps"), choice(Balance, balance, "flow.balance")
         density = choice(Density, density, "flow.density")
@@ -56,6 +57,7 @@ class FlowObjective(nn.Module):
         self.weights = {k: float((weights or {}).get(k, 1.0)) for k in experts}
         self.timesteps, self.density, self.balance, self.momentum, self.seed = timesteps, density, balance, momentum, seed
         self.tasks = None if tasks is None or tasks.trivial else tasks
+        self.source_dropout = float(source_dropout)
         self._experts = experts  # plain dict: not registered as submodules (they belong to the stitcher)
         # running loss means live in buffers so they are checkpointed and resume exactly
         self.register_buffer("loss_ema", torch.zeros(len(self.sides)))
@@ -73,6 +75,14 @@ class FlowObjective(nn.Module):
             base = {k: sample_base_times(batch_size, self.density, generator_for(self.seed, "time", self._label(k), step, rank))
                     for k in self.sides}
         return {k: shift_sigma(base[k], self.shifts[k]) for k in self.sides}
+
+    def source_mask(self, batch_size: int, step: int, rank: int = 0) -> torch.Tensor | None:
+        """``flow.source_dropout``: ``(B,)`` 0 for the samples whose connectors read nothing this step, else 1;
+        None when off. Drawn from (seed, step, rank) only: resume-exact."""
+        if not self.source_dropout:
+            return None
+        drop = torch.rand(batch_size, generator=generator_for(self.seed, "source", step, rank)) < self.source_dropout
+        return (~drop).float()
 
     def noise(self, side: str, like: torch.Tensor, step: int, rank: int = 0) -> torch.Tensor:
         g = generator_for(self.seed, "noise", self._label(side), step, rank)

@@ -131,7 +131,7 @@ def build_objective(cfg: DictConfig, stitcher: Stitcher):
     sides = {"a": r.experts.a, "b": r.experts.b}
     return FlowObjective(experts, timesteps=f.timesteps, density=f.density, shifts={s: e.flow_shift for s, e in sides.items()},
                          weights={s: e.loss_weight for s, e in sides.items()}, balance=f.balance, momentum=f.balance_momentum,
-                         seed=r.seed, tasks=tasks)
+                         seed=r.seed, tasks=tasks, source_dropout=f.source_dropout)
 
 
 def build_optim(cfg: DictConfig) -> OptimConfig:

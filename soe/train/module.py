@@ -51,13 +51,15 @@ class StitchModule(L.LightningModule):
         saved = [b.clone() for b in self.objective.buffers()] if self.on_nonfinite == "skip" else None
         lt = self.lora_training
         lt.mark(targets["a"]["tasks"])  # lora.tasks: which samples' gradient reaches each LoRA
-        pred_a, pred_b = self.stitcher(inputs["a"], inputs["b"])
+        source = self.objective.source_mask(inputs["a"]["latents"].shape[0], step, self.global_rank)  # flow.source_dropout
+        source = None if source is None else source.to(inputs["a"]["latents"].device)
+        pred_a, pred_b = self.stitcher(inputs["a"], inputs["b"], source)
         loss, per_modality = self.objective({"a": pred_a, "b": pred_b}, targets)
         if not self._check_finite(per_modality, saved):
             return None  # Lightning skips backward and this optimizer step
         if lt.preserve:  # lora.preserve: the same call with those LoRAs off is the target of a second term
             with torch.no_grad(), lt.off(lt.preserve):
-                ref = dict(zip(("a", "b"), self.stitcher(inputs["a"], inputs["b"])))
+                ref = dict(zip(("a", "b"), self.stitcher(inputs["a"], inputs["b"], source)))
             for side, weight in lt.preserve.items():
                 err = preservation_error({"a": pred_a, "b": pred_b}[side], ref[side], targets[side], self.objective.loss_space[side])
                 loss = loss + weight * self.objective.loss_scale(side) * err
