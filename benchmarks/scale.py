@@ -12,7 +12,6 @@ are published H100 numbers. Every assumption is printed into scale.md.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import _common as C  # noqa: F401  (puts the checkout on sys.path)

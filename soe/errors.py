@@ -53,10 +53,15 @@ class DiskFullError(SoeError, OSError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C (a ``KeyboardInterrupt``, so ``except Exception`` never swallows it). The
-    message says which checkpoint a resume uses and how to resume; ``soe`` prints it and exits with status 130."""
+    """Training stopped by Ctrl-C, SIGTERM or SIGUSR1 (a ``KeyboardInterrupt``, so ``except Exception`` never
+    swallows it). The message says which checkpoint a resume uses and how to resume; ``soe`` prints it and
+    exits with ``exit_code``: 128 + the signal's number (130 for Ctrl-C), what shells report for such a stop."""
 
-    exit_code = 130  # 128 + SIGINT, what shells report for a job stopped by Ctrl-C
+    exit_code = 130  # 128 + SIGINT
+
+    def __init__(self, message: str = "", exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT

@@ -98,3 +98,41 @@ def whisper_folder(root: Path, seed: int = 0) -> Path:
     model.save_pretrained(root)
     WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(root)
     return root
+
+
+VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def image_text_folder(root: Path, seed: int = 0) -> Path:
+    """An image-text-to-text model (Qwen2-VL, video captions only) with its processor, the layout of a released one."""
+    from transformers import (Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                              Qwen2VLVideoProcessor)
+
+    vocab = _byte_vocab()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    for token in special:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>",
+                               extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    pixels = {"min_pixels": 28 * 28, "max_pixels": 56 * 56}
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), video_processor=Qwen2VLVideoProcessor(**pixels),
+                                 tokenizer=tokenizer, chat_template=VL_TEMPLATE)
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+                         eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2),
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"], vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    allowed = _letters(vocab) | {vocab["<|im_end|>"]}
+    model.generation_config.suppress_tokens = [i for i in range(len(vocab)) if i not in allowed]
+    model.generation_config.eos_token_id = vocab["<|im_end|>"]
+    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
+    model.save_pretrained(root)
+    processor.save_pretrained(root)
+    return root

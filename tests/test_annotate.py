@@ -46,7 +46,7 @@ SIDECAR = [{"word": " hello", "start": 0.2, "end": 0.6}, {"word": " across", "st
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return omni_folder(root / "omni"), whisper_folder(root / "whisper")
+    return omni_folder(root / "omni", seed=2), whisper_folder(root / "whisper")  # seed 2: answers differ by window and length
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +60,28 @@ def src(tmp_path_factory):
     return d
 
 
-def annotate_cli(src, out, models, *extra):
+def annotate_cli(src, out, models, *extra, cache=None, recipe=TINY):
+    """``soe annotate`` with both tiny models; the cache in ``cache`` (default: ``cache/`` beside ``out``; False: none given)."""
     omni, whisper = models
-    return main(["annotate", str(TINY), str(src), "--out", str(out), "--captioner", str(omni), "--asr", str(whisper), *SECONDS,
-                 TOKENS, *extra])
+    cached = [] if cache is False else ["--cache", str(cache or Path(out).parent / "cache")]
+    return main(["annotate", str(recipe), str(src), "--out", str(out), "--captioner", str(omni), "--asr", str(whisper), *SECONDS,
+                 TOKENS, *cached, *extra])
 
 
 @pytest.fixture(scope="module")
 def annotated(src, models, tmp_path_factory):
     out = tmp_path_factory.mktemp("ann") / "annotations.jsonl"
-    assert annotate_cli(src, out, models) == 0
+    assert annotate_cli(src, out, models, "annotate.batch_size=1") == 0  # one window a model call
     return out
 
 
 def clip_windows(out, clip):
     selection = read_selection(work_folder(out))["selection"]
     return AnnotationStore(work_folder(out)).records[("clip", clip_hash(clip), selection)]["windows"]
+
+
+def cache_of(out):
+    return Path(out).parent / "cache"
 
 
 def rows(out):
@@ -88,6 +94,10 @@ def report_of(out):
 
 def log_lines(out):
     return (work_folder(out) / "parts" / "part-0-of-1.jsonl").read_text().splitlines()
+
+
+def cache_lines(cache):
+    return [line for log in sorted((Path(cache) / "parts").glob("*.jsonl")) for line in log.read_text().splitlines()]
 
 
 def test_a_window_keeps_the_words_whose_midpoint_it_holds(tmp_path):
@@ -140,7 +150,7 @@ def test_the_thinker_loads_from_the_released_layout_and_sees_and_hears_the_windo
     assert fingerprint(load_file(models[0] / "model.safetensors").values()) == fingerprint(loaded.values())  # every tensor stored, loaded
     frames = torch.randint(0, 255, (8, 56, 84, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()  # 4 s
     audio = torch.randn(64000, generator=torch.Generator().manual_seed(1)).numpy() * 0.1
-    inputs = annotator.inputs(frames, audio, 2.0, "What is heard?")
+    inputs = annotator.inputs([(frames, audio)], 2.0, ["What is heard?"])
     ids, tok = inputs["input_ids"][0].tolist(), annotator.processor.tokenizer
     video, sound = [i for i, t in enumerate(ids) if t == tok.video_token_id], [i for i, t in enumerate(ids) if t == tok.audio_token_id]
     assert video and len(sound) == 100  # 4 s of sound heard: 25 audio tokens per second
@@ -149,7 +159,7 @@ def test_the_thinker_loads_from_the_released_layout_and_sees_and_hears_the_windo
 
     @torch.no_grad()
     def next_token_logits(frames, audio):
-        return annotator.model(**annotator.inputs(frames, audio, 2.0, "What is heard?"), use_audio_in_video=True).logits[0, -1]
+        return annotator.model(**annotator.inputs([(frames, audio)], 2.0, ["What is heard?"]), use_audio_in_video=True).logits[0, -1]
 
     seen_and_heard = next_token_logits(frames, audio)
     assert not torch.allclose(seen_and_heard, next_token_logits(frames, audio[::-1].copy()))  # it hears the sound
@@ -174,7 +184,7 @@ def test_windows_are_cut_where_encode_cuts_and_transcripts_at_word_midpoints(src
     assert [(w["start"], w["seconds"]) for w in a] == [(s, sp.seconds) for s, sp in plan_windows(3.0, specs, fps, rate)] == [
         (0.0, 1.0), (1.0, 1.0), (2.0, 1.0)]
     assert [w["transcript"] for w in a] == ["hello", "across", "edge late"]  # the sidecar wins over Whisper
-    store = AnnotationStore(work_folder(annotated))
+    store = AnnotationStore(cache_of(annotated))
     (words,) = [r["words"] for k, r in store.records.items() if k[0] == "words"]  # Whisper ran for b.mp4 only
     words = [Word(*w) for w in words]
     assert [w["transcript"] for w in b] == [join_words(words_in_window(words, s, 1.0)) for s in (0.0, 1.0)]
@@ -211,21 +221,24 @@ def test_words_in_captions_jsonl_and_no_speech_is_empty_lyrics(tmp_path):
     make_clip(d / "x.mp4")  # 3 s: three windows, speech in the first only
     words = [{"word": "one", "start": 0.1, "end": 0.4}, {"word": "two", "start": 0.5, "end": 1.3}]  # middle 0.9: window 0
     (d / "captions.jsonl").write_text(json.dumps({"path": "x.mp4", "caption": "c", "words": words}) + "\n")
-    assert main(["annotate", str(TINY), str(d), *SECONDS]) == 0  # no model: the transcript it brought; default --out
+    assert main(["annotate", str(TINY), str(d), *SECONDS, "--cache", str(tmp_path / "cache")]) == 0  # no model; default --out
     got = rows(d / "annotations.jsonl")
     assert [r["lyrics"] for r in got] == ["one two", "", ""] and [r["caption"] for r in got] == [None] * 3
     assert got[0]["models"] == {"captioner": None, "caption_prompt": None, "audio_caption_prompt": None, "asr": "captions.jsonl"}
+    assert not (tmp_path / "cache").exists()  # no model: nothing to cache
 
 
 def test_rerun_computes_nothing_another_prompt_only_its_texts_and_a_kill_resumes(src, models, annotated, tmp_path, capsys):
-    out = tmp_path / "annotations.jsonl"
-    shutil.copytree(work_folder(annotated), work_folder(out))
-    assert annotate_cli(src, out, models) == 0  # the cache of another run: nothing computed
-    lines = log_lines(out)
-    assert annotate_cli(src, out, models) == 0  # a rerun of the same run into its own file
-    assert log_lines(out) == lines and out.read_text() == annotated.read_text()  # cached: no record written again
+    out, cache = tmp_path / "annotations.jsonl", tmp_path / "cache"
+    shutil.copytree(cache_of(annotated), cache)  # the cache of another run, into another --out
+    assert annotate_cli(src, out, models) == 0
     report = report_of(out)
     assert (report["texts_new"], report["texts_cached"], report["transcribed_new"], report["transcribed_cached"]) == (0, 10, 0, 1)
+    assert set(report["batches"].values()) == {0} and out.read_text() == annotated.read_text()  # no model call, the same rows
+    lines, cached = log_lines(out), cache_lines(cache)
+    assert cached == cache_lines(cache_of(annotated))  # nothing added to the cache
+    assert annotate_cli(src, out, models) == 0  # a rerun of the same run into its own file
+    assert log_lines(out) == lines and cache_lines(cache) == cached and out.read_text() == annotated.read_text()  # no record again
     prompt = "Sounds: ${not.a.key} # all of them"  # free text, taken literally
     assert annotate_cli(src, out, models, f"annotate.sound_prompt={prompt}") == 2  # another run: the file is not overwritten
     assert "exists and was not written by this run" in capsys.readouterr().err and out.read_text() == annotated.read_text()
@@ -233,16 +246,17 @@ def test_rerun_computes_nothing_another_prompt_only_its_texts_and_a_kill_resumes
     assert annotate_cli(src, out, models, f"annotate.sound_prompt={prompt}") == 0
     report = report_of(out)
     assert (report["texts_new"], report["texts_cached"]) == (5, 5)  # the sound descriptions only
+    assert report["batches"] == {"asr": 0, "language": 0, "captioner": 1}  # five windows, one batch of annotate.batch_size=8
     assert read_selection(work_folder(out))["sound"]["prompt"] == prompt and rows(out)[0]["models"]["audio_caption_prompt"] == prompt
     assert [r["caption"] for r in rows(out)] == [r["caption"] for r in rows(annotated)]
     whole = out.read_text()
-    log = work_folder(out) / "parts" / "part-0-of-1.jsonl"
-    lines = log_lines(out)  # [..., b's sound at 0 s, b's sound at 1 s, b's clip record]
-    log.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:25])  # killed while writing b's sound at 1 s
+    (log,) = (cache / "parts").glob("*.jsonl")
+    lines = log.read_text().splitlines()  # [..., the batch's five sound descriptions]
+    log.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:25])  # killed while writing the batch's fourth record
     out.unlink()  # (a killed run never wrote the file)
     assert annotate_cli(src, out, models, f"annotate.sound_prompt={prompt}") == 0
     report = report_of(out)
-    assert report["texts_new"] == 1 and all(json.loads(line) for line in log_lines(out))  # the torn record recomputed
+    assert report["texts_new"] == 2 and all(json.loads(line) for line in cache_lines(cache))  # the torn record and the next recomputed
     assert out.read_text() == whole  # the resumed run wrote what the uninterrupted one did
 
 
@@ -314,6 +328,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(src, models, annotated, tm
         (["annotate", str(TINY), str(bad["listed"]), "--out", str(out)], r"captions.jsonl \(x.mp4\): words out of order"),
         (["annotate", str(TINY), str(src), "--out", str(taken), "--asr", whisper], "taken.jsonl' exists and was not written by this run"),
         (["annotate", str(TINY), str(src), "--out", str(out), "--shard", "2/2"], "--shard expects I/N"),
+        (["annotate", str(TINY), str(src), "--out", str(out), "annotate.batch_size=0"], "annotate.batch_size: expected a positive integer"),
+        (["annotate", str(TINY), str(src), "--out", str(out), "--asr", whisper, "--cache", str(taken)], "--cache: expected a folder"),
         (["encode", str(TINY), str(src), "--out", str(out), "--annotations", "/nowhere.jsonl"], "--annotations: annotations file not found"),
         (["encode", str(TINY), str(src), "--out", str(out), "--annotations", str(taken)], "taken.jsonl: line 1: expected a row"),
         (["encode", str(TINY), str(src), "--out", str(out), "--annotations", str(annotated), "encode.durations=[0.5]"],

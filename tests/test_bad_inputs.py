@@ -267,7 +267,7 @@ CLI_CASES = [
     (["stitch", DEMO, "trainer.checkpoint_every_n_steps=-1"], "trainer.checkpoint_every_n_steps: expected a positive integer"),
     (["stitch", DEMO, "optim.warmup_steps=-3"], "optim.warmup_steps: expected >= 0"),
     (["stitch", DEMO, "trainer.on_nonfinite=ignore"], "trainer.on_nonfinite: expected one of ['stop', 'skip']"),
-    (["stitch", DEMO, *BASE, "trainer.strategy=bogus"], "trainer: You selected an invalid strategy name"),
+    (["stitch", DEMO, *BASE, "trainer.strategy=bogus"], "trainer.strategy: expected one of ['auto', 'ddp', 'fsdp2'], got 'bogus'"),
     (["stitch", DEMO, *BASE, "trainer.precision=bogus"], "trainer: Precision 'bogus' is invalid"),
     (["stitch", DEMO, *BASE, "trainer.devices=0"], "trainer: `Trainer(devices=0)` value is not a valid input"),
 ]
@@ -980,3 +980,104 @@ def test_a_moved_run_folder_resumes_into_its_own_last_checkpoint(one_step_run, t
     names = sorted(p.name for p in (moved / "checkpoints").iterdir())
     assert not [n for n in names if n.startswith("last-v")], names
     assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+# ---- issue 33, third round: eval, annotate, inspect, trainer devices, trained runs under another recipe ----------
+@pytest.fixture(scope="module")
+def eval_clips(tmp_path_factory):
+    from test_eval import make_clip
+
+    clips = tmp_path_factory.mktemp("eval_clips")
+    make_clip(clips, "sync")
+    return clips
+
+
+def _no_gpu(monkeypatch):
+    """The device checks decide as on a machine without a GPU (also where the suite runs on one)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+THIRD_ROUND_CASES = {
+    # soe eval: its results file is checked like every other output place; --device against this machine
+    "eval-out-under-a-file": (["eval", "{c}", "--out", "{t}/f.txt/eval.json"], "--out: '{t}/f.txt' is a file, expected a folder"),
+    "eval-out-a-folder": (["eval", "{c}", "--out", "{t}/sub", "--force"], "--out {t}/sub: expected a .json results file, got a folder"),
+    "eval-out-one-of-its-clips": (["eval", "{c}", "--out", "{c}/sync.mp4", "--force"], "--out {c}/sync.mp4: expected a .json results file"),
+    "eval-out-read-only": (["eval", "{c}", "--out", "{t}/ro/eval.json"], "--out: cannot write to '{t}/ro' (read-only file system)"),
+    "eval-device-gpu": (["eval", "{c}", "--device", "cuda"], "--device: 'cuda', but this machine has no CUDA GPU (use cpu)"),
+    "eval-device-tpu": (["eval", "{c}", "--device", "tpu"], "--device: expected cpu, cuda, cuda:N or mps, got 'tpu'"),
+    # soe annotate: --device through the same check as sample.device / encode.device
+    "annotate-device-gpu": (["annotate", DEMO, "{c}", "--out", "{t}/a.jsonl", "--device", "cuda:1"],
+                            "annotate.device: 'cuda:1', but this machine has no CUDA GPU (use cpu)"),
+    "annotate-device-tpu": (["annotate", DEMO, "{c}", "--out", "{t}/a.jsonl", "--device", "tpu"],
+                            "annotate.device: expected cpu, cuda, cuda:N or mps, got 'tpu'"),
+    # soe experts check --partner: a typo was reported as a failed contract property (exit 1), not as bad input
+    "partner-typo": (["experts", "check", "wan2.1", "--partner", "ace-stp"], "--partner: unknown expert 'ace-stp'; known experts:"),
+    # soe inspect --heatmap: checked before the experts run; without pairs: auto it would be ignored
+    "heatmap-under-a-file": (["inspect", DEMO, "stitch.pairs=auto", "--heatmap", "{t}/f.txt/x.png"],
+                             "--heatmap: '{t}/f.txt' is a file, expected a folder"),
+    "heatmap-not-png": (["inspect", DEMO, "stitch.pairs=auto", "--heatmap", "{t}/x.jpg"], "--heatmap {t}/x.jpg: expected a .png file"),
+    "heatmap-without-auto-pairs": (["inspect", DEMO, "--heatmap", "{t}/x.png"],
+                                   "--heatmap: only stitch.pairs: auto measures the block similarity it draws"),
+    # trainer.accelerator against this machine (Lightning's own errors named no key; tpu was a traceback)
+    "accelerator-tpu": (stitch("{t}/run", "trainer.accelerator=tpu"), "trainer.accelerator: expected one of auto, cpu, gpu, cuda, mps, got 'tpu'"),
+    "accelerator-gpu": (stitch("{t}/run", "trainer.accelerator=gpu"), "trainer.accelerator: 'gpu', but this machine has no CUDA GPU (use cpu)"),
+    "accelerator-typo": (stitch("{t}/run", "trainer.accelerator=cpuu"), "trainer.accelerator: expected one of auto, cpu, gpu, cuda, mps, got 'cpuu'"),
+    # every rank's batch is checked before the run folder is written (it was checked per rank after the launch, so
+    # the folder with recipe.yaml, logs/ and the lock stayed behind while the spawned ranks failed one by one)
+    "devices-without-a-full-batch": (stitch("{t}/run", "trainer.devices=5"), "data.batch_size: no bucket holds batch_size x devices = 10 clips"),
+}
+
+
+@pytest.mark.parametrize("case", list(THIRD_ROUND_CASES))
+def test_third_round_of_bad_inputs(eval_clips, read_only, tmp_path, capsys, monkeypatch, case):
+    _no_gpu(monkeypatch)
+    (tmp_path / "f.txt").write_text("a file")
+    (tmp_path / "sub").mkdir()
+    read_only(tmp_path / "ro")
+    argv, message = THIRD_ROUND_CASES[case]
+    fill = {"t": tmp_path, "c": eval_clips}
+    before = snapshot(eval_clips)
+    fails_cleanly([a.format(**fill) for a in argv], capsys, tmp_path, message.format(**fill))
+    assert snapshot(eval_clips) == before
+
+
+@pytest.fixture(scope="module")
+def fully_trained_b(tmp_path_factory):
+    """trained/ of a run with experts.b.train=full (expert_b/ holds the whole trained expert)."""
+    cfg = load_recipe(DEMO, ["experts.b.train=full"])
+    st = build_stitcher(cfg)
+    apply_training_setup(st, cfg)
+    name = first_matrix(st.b.model.state_dict())
+    with torch.no_grad():  # as if trained: not the base expert's weights
+        st.b.model.state_dict()[name].add_(1.0)
+    folder = tmp_path_factory.mktemp("full_b") / "trained"
+    export_trained(st, folder, {"a": "lora", "b": "full"})
+    return folder, name, st.b.model.state_dict()[name].clone()
+
+
+def test_a_fully_trained_run_under_a_lora_recipe_is_refused(fully_trained_b, tmp_path, capsys):
+    """Its expert_b/ loaded silently over the LoRA recipe's expert: the recipe described a model the run never trained."""
+    fully_trained_b = fully_trained_b[0]
+    fails_cleanly(["generate", DEMO, *BASE, f"ckpt={fully_trained_b}", f"out={tmp_path / 'out'}"], capsys, tmp_path,
+                  f"sample.ckpt: '{fully_trained_b}' holds a fully trained expert_b/ (its run had experts.b.train=full), but "
+                  f"experts.b.train is 'lora'; sample it with experts.b.train=full")
+
+
+def test_a_fully_trained_run_loads_under_its_own_train_mode(fully_trained_b):
+    from soe.sample.generate import load_run
+
+    folder, name, trained = fully_trained_b
+    cfg = load_recipe(DEMO, [*BASE, f"sample.ckpt={folder}", "experts.b.train=full"])
+    stitcher, _, loaded_from = load_run(cfg)
+    assert torch.equal(stitcher.b.model.state_dict()[name], trained)  # the run's expert, not the recipe's base expert
+    assert loaded_from == folder
+
+
+def test_options_may_follow_the_overrides(tmp_path, capsys):
+    """`soe inspect R k=v --no-cache` was 'unrecognized arguments' (argparse stops a nargs='*' list at an option)."""
+    assert main(["inspect", DEMO, "stitch.connector.hidden=48", "--no-cache", "trainer.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "32 -> 48 -> 32" in out
+    fails_cleanly(["inspect", DEMO, "trainer.max_steps=3", "--bogus"], capsys, tmp_path,
+                  "soe inspect: unrecognized arguments: --bogus")

@@ -140,7 +140,6 @@ def test_mp4_resamples_audio_rates_aac_cannot_store(tmp_path):
 def test_synthetic_preview_shows_and_sounds_the_ground_truth_events():
     """Decoding a ground-truth synthetic clip with the preview codec: the square is lowest and the
     tone loudest at the bounce times."""
-    import numpy as np
 
     from soe.data.datamodule import SyntheticAVDataModule
     from soe.data.synthetic import BounceClip, SyntheticPreviewCodec

@@ -41,3 +41,11 @@ def test_every_target_gets_its_own_frame_when_python_reuses_a_freed_frames_id():
     frames = read_video(container, targets, (4, 4))
     assert len(set(container.ids)) < len(container.ids)  # the premise: a later frame took a freed frame's id
     assert [int(f[0, 0, 0]) for f in frames] == [0, 15, 27]
+
+
+def test_ordered_map_in_processes_keeps_items_that_are_none():
+    """The refill loop took a None item for the end of the input and dropped everything after it."""
+    from soe.data.media_io import ordered_map
+
+    items = [1, None, 0, "", 5, None, 7]
+    assert list(ordered_map(repr, items, workers=1)) == [(x, repr(x)) for x in items]

@@ -113,9 +113,9 @@ def _wait_for(path: Path, proc, step: int, timeout=240):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
 def test_stopped_between_checkpoints_resumes_exactly(recipe, tmp_path, straight_runs, sig):
-    """Killed (no cleanup) or interrupted (Ctrl-C) some steps after a checkpoint: resume from it."""
+    """Killed (no cleanup), interrupted (Ctrl-C) or terminated (kill, scancel) some steps after a checkpoint: resume from it."""
     run = tmp_path / "run"
     proc = subprocess.Popen(_cli(recipe, run, "trainer.max_steps=400", "trainer.checkpoint_every_n_steps=2"),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -132,9 +132,10 @@ def test_stopped_between_checkpoints_resumes_exactly(recipe, tmp_path, straight_
     assert 2 <= step < 400
     if sig == signal.SIGKILL:
         assert proc.returncode == -9
-    else:  # Ctrl-C: the step under way finishes and is saved; one line says how to resume; 128 + SIGINT
-        assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-        assert step > 2 and f"stopped by Ctrl-C after step {step}; '{run / 'checkpoints' / 'last.ckpt'}' holds step {step}; " \
+    else:  # Ctrl-C or SIGTERM: the step under way finishes and is saved; one line says how to resume; 128 + the signal
+        assert proc.returncode == 128 + sig and "Traceback" not in err, err[-2000:]
+        who = "Ctrl-C" if sig == signal.SIGINT else sig.name
+        assert step > 2 and f"stopped by {who} after step {step}; '{run / 'checkpoints' / 'last.ckpt'}' holds step {step}; " \
             f"resume with: soe stitch {run / 'recipe.yaml'} resume=true" in " ".join(err.split()), err[-2000:]
     total = 7 if step < 7 else step + 1
     resumed = train(recipe, run, total, "resume=true")
@@ -174,14 +175,14 @@ def test_killed_between_a_checkpoint_and_its_log_row_loses_no_row(recipe, tmp_pa
 
 @pytest.fixture
 def ctrl_c_at(monkeypatch):
-    """``ctrl_c_at(step, times)``: SIGINT this process ``times`` times in the middle of training step ``step``
-    (after the forward, before backward and the optimizer step), as a user's Ctrl-C would land."""
+    """``ctrl_c_at(step, times, sig)``: SIGINT (or ``sig``) this process ``times`` times in the middle of training
+    step ``step`` (after the forward, before backward and the optimizer step), as a user's Ctrl-C would land."""
     from soe.train.module import StitchModule
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever started pytest
     step_fn = StitchModule.training_step
 
-    def arm(step: int, times: int = 1):
+    def arm(step: int, times: int = 1, sig=signal.SIGINT):
         fired = []
 
         def training_step(module, batch, batch_idx):
@@ -189,7 +190,7 @@ def ctrl_c_at(monkeypatch):
             if module.global_step == step and not fired:  # once: a resumed run passes the step again
                 fired.append(step)
                 for _ in range(times):
-                    signal.raise_signal(signal.SIGINT)
+                    signal.raise_signal(sig)
             return loss
 
         monkeypatch.setattr(StitchModule, "training_step", training_step)
@@ -212,6 +213,48 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(recipe, tmp_path,
     assert json.loads((run / "trained" / "soe_trained.json").read_text()) == {"step": 3}
     assert [s for s, _ in read_run_metrics(run)["loss"]] == [0, 1, 2]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    resumed = train(recipe, run, 7, "resume=true")
+    module, straight_dir = straight_runs[7]
+    assert_same_run(module, resumed["module"])
+    assert_same_logs(straight_dir, run, 7)
+
+
+@pytest.fixture
+def slurm_job(tmp_path, monkeypatch):
+    """Inside SLURM job 4242 (its id only: Lightning does not take over the launch), with an ``scontrol`` that
+    records its arguments. Yields the file it writes to."""
+    for key in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
+    calls, bin_dir = tmp_path / "scontrol_calls", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    yield calls
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_slurm_signals_finish_the_step_save_it_requeue_and_resume_exactly(recipe, tmp_path, straight_runs, ctrl_c_at,
+                                                                          slurm_job, sig):
+    """SLURM's warning before the time limit (``--signal=USR1@N``) and a preemption or scancel (SIGTERM) stop the
+    run like Ctrl-C: the step under way completes and is saved; SIGUSR1 then requeues the job (after the save);
+    the requeued job's ``resume=true`` equals the uninterrupted run."""
+    from soe.train.interrupt import TrainingInterrupted
+
+    run = tmp_path / "run"
+    assert signal.getsignal(sig) is signal.SIG_DFL
+    ctrl_c_at(2, sig=sig)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(recipe, run, 7)
+    last = run / "checkpoints" / "last.ckpt"
+    requeued = "; requeued SLURM job 4242" if sig == signal.SIGUSR1 else ""
+    assert str(info.value) == (f"stopped by {sig.name} after step 3; '{last}' holds step 3; resume with: "
+                               f"soe stitch {run / 'recipe.yaml'} resume=true{requeued}")
+    assert info.value.exit_code == 128 + sig
+    assert read_checkpoint(last)["global_step"] == 3 and not list(run.glob("hpc_ckpt_*"))  # no Lightning mid-step save
+    assert (slurm_job.read_text() if slurm_job.exists() else "") == ("requeue 4242\n" if requeued else "")
+    assert signal.getsignal(sig) is signal.SIG_DFL  # the handler is given back
     resumed = train(recipe, run, 7, "resume=true")
     module, straight_dir = straight_runs[7]
     assert_same_run(module, resumed["module"])

@@ -6,7 +6,8 @@ imports what it needs (torch, diffusers, Lightning) when it runs.
 Bad input (recipe keys, paths, names, checkpoint folders, latent caches, arguments) prints one line
 naming the problem and exits with status 2; a run stopped by a non-finite loss
 (``trainer.on_nonfinite: stop``) prints one line naming the modality and step and exits with status 1; Ctrl-C
-prints one line (for training: the checkpoint a resume uses and the command) and exits with status 130.
+prints one line (for training: the checkpoint a resume uses and the command) and exits with status 130
+(training stopped by SIGTERM or SIGUSR1: 128 + its number).
 """
 from __future__ import annotations
 
@@ -65,14 +66,22 @@ def _cmd_inspect(args) -> int:
 
         from soe.cli.tables import recipe_tables, similarity_table
         from soe.data.auto_pairs import choose_for_recipe, write_heatmap
+        from soe.outputs import check_output
         from soe.recipe.validate import validate_recipe
 
         validate_recipe(cfg)  # bad keys and paths: one line, before any expert runs
+        png = Path(args.heatmap or Path(cfg.run_dir) / "auto_pairs.png")
+        if png.suffix.lower() != ".png" or png.is_dir():
+            raise UsageError(f"--heatmap {png}: expected a .png file")
+        check_output(png.parent, "--heatmap")  # not under a file, writable: before the experts run
         record = choose_for_recipe(cfg)
         print_tables([*recipe_tables(cfg, pairs=record["pairs"]), similarity_table(record)])
-        png = write_heatmap(record, args.heatmap or Path(cfg.run_dir) / "auto_pairs.png")
+        png = write_heatmap(record, png)
         console.print(f"chose pairs {[list(p) for p in record['pairs']]}; heat map [bold]{escape(str(png))}[/]", highlight=False)
         return 0
+    if args.heatmap is not None:
+        raise UsageError("--heatmap: only stitch.pairs: auto measures the block similarity it draws (this recipe gives "
+                         "its pairs)")
     key = None if args.no_cache else cli_cache.recipe_key(cfg)
     tables = cli_cache.load(key)  # the same recipe, soe and libraries as last time: no torch import
     if tables is None:
@@ -140,7 +149,7 @@ def _cmd_eval(args) -> int:
     if args.workers < 0:
         raise UsageError(f"--workers: expected a number of processes >= 0, got {args.workers}")
     p = plan(args.samples, reference=args.reference, prompts=args.prompts, models=args.models, metrics=args.metrics,
-             out=args.out, force=args.force)  # every input checked: nothing is written on bad input
+             out=args.out, force=args.force, device=args.device)  # every input checked: nothing is written on bad input
     for name, why in p["skipped"].items():
         err_console.print(f"[yellow]skipped[/] {name}: {esc(why)}", highlight=False, soft_wrap=True)
 
@@ -168,7 +177,7 @@ def _cmd_annotate(args) -> int:
     from soe.data.annotate_run import annotate_command
 
     annotate_command(args.recipe, args.src, args.overrides, out=args.out, shard=args.shard, console=console, workers=args.workers,
-                     flags={"--asr": args.asr, "--captioner": args.captioner, "--device": args.device})
+                     flags={"--asr": args.asr, "--captioner": args.captioner, "--device": args.device, "--cache": args.cache})
     return 0
 
 
@@ -198,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe (demo, universe1, ...)")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
-        sp.set_defaults(func=func)
+        sp.set_defaults(func=func, intermixed=sp)
         if name == "inspect":
             sp.add_argument("--no-cache", action="store_true", help="build on meta even when the start-up cache has these tables")
             sp.add_argument("--heatmap", default=None, metavar="PNG", help="pairs: auto: where the CKA heat map goes "
@@ -211,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("overrides", nargs="*", help="ckpt=RUN and other key=value overrides, as for soe generate")
     app.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     app.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
-    app.set_defaults(func=_cmd_app)
+    app.set_defaults(func=_cmd_app, intermixed=app)
     ev = sub.add_parser("eval", help="judge generated clips on decoded media: AV-Align, CLAP/CLIP scores, ID consistency, WER, FDs")
     ev.add_argument("samples", help="folder of mp4 clips (a `soe generate` output folder) or a run folder (its generated/ clips)")
     ev.add_argument("--reference", default=None, metavar="DIR", help="folder of real clips for the set metrics (fd_audio, fd_video)")
@@ -247,13 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("recipe", help="recipe YAML file (the experts and data.seconds decide where windows fall, as in soe encode)")
     ann.add_argument("src", help="folder of video files (clip.words.json sidecars or words in captions.jsonl: timed transcripts)")
     ann.add_argument("--out", default=None, metavar="FILE",
-                     help="annotations file, one JSON line per window (default: SRC/annotations.jsonl; cache and shard logs in FILE.parts/)")
+                     help="annotations file, one JSON line per window (default: SRC/annotations.jsonl; shard logs in FILE.parts/)")
     ann.add_argument("--asr", default=None, metavar="PATH", help="local Whisper folder: word-timed transcripts, cut at word midpoints")
     ann.add_argument("--captioner", default=None, metavar="PATH",
                      help="local Qwen2.5-Omni folder (caption + sound description, sees and hears) or image-text model (captions)")
     ann.add_argument("--shard", default=None, metavar="I/N", help="annotate part I of N (one process per GPU or node); the last to finish merges")
-    ann.add_argument("--workers", type=int, default=0, metavar="N", help="processes probing and hashing clips (0: this process)")
+    ann.add_argument("--workers", type=int, default=0, metavar="N",
+                     help="processes probing, hashing and decoding clips ahead of the models (0: one thread of this process)")
     ann.add_argument("--device", default=None, metavar="D", help="device of the models (default: cuda when available, else cpu)")
+    ann.add_argument("--cache", default=None, metavar="DIR",
+                     help="folder of the models' outputs, shared by every run (default: $SOE_CACHE_DIR/annotate or ~/.cache/soe/annotate)")
     ann.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value recipe overrides and annotate.<key>=value settings")
     ann.set_defaults(func=_cmd_annotate)
     exp = sub.add_parser("export", help="write a trained run in formats others load: diffusers / ComfyUI LoRA, or merged weights")
@@ -312,9 +324,23 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.nn\.utils\.weight_norm.* is deprecated", category=FutureWarning)
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, with options allowed after the key=value overrides (``soe inspect R k=v --heatmap x.png``): plain
+    argparse stops at the first option after a ``nargs='*'`` positional and calls the rest unrecognised."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    sub = getattr(args, "intermixed", None)
+    if sub is None:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return sub.parse_intermixed_args(argv[argv.index(args.command) + 1:], argparse.Namespace(command=args.command))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(argv)
         if args.func not in (_cmd_experts, _cmd_inspect):  # listings compute nothing (and may not import torch)
             from soe.threads import configure_threads
 
@@ -327,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C; training says which checkpoint a resume uses (soe.train.interrupt)
         if str(e) or not isinstance(e, TrainingInterrupted):  # an empty one: a second DDP rank, rank 0 has said it
             err_console.print(f"[bold yellow]interrupted:[/] {escape(str(e) or 'stopped by Ctrl-C')}", highlight=False, soft_wrap=True)
-        return TrainingInterrupted.exit_code
+        return getattr(e, "exit_code", TrainingInterrupted.exit_code)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from rich.console import Console
 
@@ -17,13 +16,14 @@ from soe.extras import has as has_extra
 from soe.extras import missing_message
 from soe.outputs import check_output
 from soe.recipe.builders import build_stitcher
-from soe.recipe.reading import load_recipe
+from soe.recipe.reading import load_recipe, to_container
 from soe.recipe.validate import validate_recipe
 from soe.sample.callbacks import SampleCallback, SyncReportCallback
 from soe.threads import configure_threads
 from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_lora_training, build_objective, build_optim,
-                             build_stitcher_to_shard, build_trainer)
+                             build_stitcher_to_shard, build_trainer, check_machine)
 from soe.train.checkpoint import read_checkpoint
+from soe.train.cluster import process_rank
 from soe.train.interrupt import StopOnInterrupt
 from soe.train.log_rows import KeepLogRow
 from soe.train.module import StitchModule
@@ -64,13 +64,15 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     console = console or make_console()
     cfg = load_recipe(recipe, overrides) if not OmegaConf.is_config(recipe) else recipe
     validate_recipe(cfg)
+    check_machine(cfg.trainer)  # a GPU recipe on a machine without one: one line naming the key
     configure_threads(cfg.trainer.threads)
     quiet_libraries()  # Lightning's banners and tips, known harmless warnings
     if allow_changes and not cfg.resume:
         raise RecipeError(f"--allow-changes {' '.join(allow_changes)}: only a resume (resume=true) compares the recipe "
                           f"with the run's recipe.yaml; a new run has no changes to allow")
     lock = RunLock(cfg.run_dir)
-    owner = rank_zero_only.rank == 0  # DDP's worker processes re-run this script under the owner's lock
+    # DDP's other processes (on this node or, with trainer.num_nodes, on others) run this script under the owner's lock
+    owner = process_rank(to_container(cfg.trainer.devices), cfg.trainer.num_nodes) == 0
     if owner:
         lock.check()  # a run folder in use fails now, before anything is built or written
     run_dir, resume_from = prepare_run_dir(cfg)
@@ -113,6 +115,11 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
     datamodule = build_datamodule(cfg, stitcher)
     datamodule.setup("fit")  # a bad latent cache fails here, before anything is written
     trainer = build_trainer(cfg, run_dir, callbacks, console_progress=progress)
+    datamodule.check_buckets(trainer.num_nodes * trainer.num_devices)  # every rank's batch, before the folder is written
+    if owner != trainer.is_global_zero:  # Lightning numbered the processes otherwise than soe.train.cluster read them
+        raise RecipeError(f"trainer: this process is rank {trainer.global_rank} of {trainer.world_size}, but its environment "
+                          f"read as rank {process_rank(to_container(cfg.trainer.devices), cfg.trainer.num_nodes)}; "
+                          f"check trainer.devices and trainer.num_nodes against the launcher's processes per node and nodes")
     # only now, with everything built, does the run folder get (re)written, under its lock
     if owner:
         lock.acquire()

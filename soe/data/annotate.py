@@ -13,8 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from soe.errors import SoeError, one_line
-
-DEFAULT_PROMPT = "Describe this video clip in one sentence: what is seen and what is heard."
+from soe.schema.encode import DEFAULT_PROMPT
 
 
 class AnnotatorError(SoeError, ValueError):
@@ -52,18 +51,39 @@ class VLMAnnotator:
         self.prompt, self.num_frames, self.max_new_tokens = prompt, num_frames, max_new_tokens
 
     def __call__(self, frames: np.ndarray, audio: np.ndarray, sample_rate: int) -> str:
+        return self.caption_batch([frames])[0]
+
+    def caption_batch(self, windows: list[np.ndarray], prompt: str | None = None) -> list[str]:
+        """A caption of each window's ``frames (F, H, W, 3)`` uint8, in one greedy ``generate`` call: the prompts
+        padded on the left (masked), so each caption is the one this window gets alone."""
         import torch
         from PIL import Image
 
-        picks = np.linspace(0, len(frames) - 1, min(self.num_frames, len(frames))).round().astype(int)
-        images = [Image.fromarray(frames[i]) for i in picks]
-        messages = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": self.prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.model.device)
+        images, texts = [], []
+        for frames in windows:
+            picks = np.linspace(0, len(frames) - 1, min(self.num_frames, len(frames))).round().astype(int)
+            images.append([Image.fromarray(frames[i]) for i in picks])
+            messages = [{"role": "user", "content": [*({"type": "image"} for _ in images[-1]),
+                                                     {"type": "text", "text": prompt or self.prompt}]}]
+            texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
+        self.processor.tokenizer.padding_side = "left"
+        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(self.model.device)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return self.processor.batch_decode(new, skip_special_tokens=True)[0].strip()
+        new = until_eos(out[:, inputs["input_ids"].shape[1]:], self.model.generation_config)
+        return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def until_eos(tokens, generation_config) -> list[list[int]]:
+    """Each row of generated ``tokens`` up to its first end-of-sequence token: in a batch, a finished answer
+    is padded until the longest ends, and a tokenizer that does not mark the padding special would keep it."""
+    eos = generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    rows = []
+    for row in tokens.tolist():
+        end = next((i for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:end])
+    return rows
 
 
 def require_transformers(key: str, minimum: str = "5.25") -> None:

@@ -3,36 +3,41 @@
 Per window, never per clip (a caption of a whole minute describes no 5 s of it): windows are cut exactly
 as ``soe encode`` cuts them (the recipe's experts, ``data.seconds`` or ``annotate.durations``); an omni model
 that sees and hears the window writes a caption (for the video expert) and a sound description (for the
-audio expert), each from its own prompt (``soe.data.omni``); the clip's word-timed transcript (a
-``clip.words.json`` sidecar, else Whisper with word timestamps: ``soe.data.transcript``) is cut at word
-midpoints into the window's transcript (the audio expert's lyrics). Results are cached by (clip hash,
-window, model, prompt) in the annotations folder (``soe.data.annotation_store``), so a killed run resumes
-and a run with another prompt recomputes only what that prompt changes. ``--shard I/N`` annotates clips
-I, I+N, ... of the sorted list, each process into its own log; nothing needs merging.
+audio expert), each from its own prompt (``soe.data.omni``; an image-text model writes captions only); the
+clip's word-timed transcript (a ``clip.words.json`` sidecar, else Whisper with word timestamps:
+``soe.data.transcript``) is cut at word midpoints into the window's transcript (the audio expert's lyrics),
+with the language Whisper hears in that window. The models' outputs are cached by (clip hash, window,
+model, prompt) in a cache folder shared by every run (``--cache``, default ``$SOE_CACHE_DIR/annotate``:
+``soe.data.annotation_store``), so a killed run resumes, and a rerun, another ``--out`` or a second recipe
+cutting the same windows calls no model. Windows go through the models in batches, decoded ahead of them
+(``soe.data.annotate_windows``). ``--shard I/N`` annotates clips I, I+N, ... of the sorted list, each
+process into its own log in ``FILE.parts/``; the last to finish writes the annotations file.
 """
 from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
 from soe.data.annotate import AnnotatorError, VLMAnnotator
-from soe.data.annotation_store import (SELECTION_FILE, AnnotationLog, AnnotationStore, clip_hash, model_id, read_selection,
-                                       selection_hash, text_key, window_key, words_key, write_selection)
+from soe.data.annotate_windows import (FIELDS, Batcher, Pending, cached_languages, cached_texts, cached_words, clip_windows,
+                                      decode_clip, prefetch)
+from soe.data.annotation_store import (SELECTION_FILE, AnnotationLog, AnnotationStore, CacheLog, cache_folder, clip_hash, model_id,
+                                       read_selection, selection_hash, write_selection)
 from soe.data.annotations_file import ANNOTATIONS_FILE, clear_done, mark_done, merge_if_complete, work_folder
 from soe.data.command_args import check_expert_folders, options_among, parse_shard
-from soe.data.media_io import MediaError, ordered_map, read_speech, read_windows, safe_probe
+from soe.data.media_io import MediaError, ordered_map, safe_probe
 from soe.data.omni import OmniAnnotator, omni_size
 from soe.data.report import AnnotateReport, progress_bars
 from soe.data.sources import CAPTIONS_FILE, find_clips, read_captions_jsonl
 from soe.data.stream_format import part_name
-from soe.data.transcript import (SPEECH_RATE, WhisperTranscriber, Word, join_words, parse_words, read_words, sidecar_of,
-                                 window_language, words_in_window)
+from soe.data.transcript import SPEECH_RATE, WhisperTranscriber, Word, parse_words, read_words, sidecar_of
 from soe.data.windows import plan_record, plan_windows, window_specs
-from soe.errors import UsageError
+from soe.errors import UsageError, one_line
 from soe.media import media_sides
 from soe.recipe.reading import load_recipe
 from soe.recipe.validate import validate_recipe
@@ -40,8 +45,6 @@ from soe.schema.annotate import PROMPT_KEYS, AnnotateConfig
 from soe.schema.base import command_settings
 from soe.threads import configure_threads
 
-WINDOWS_PER_READ = 8  # windows decoded at once for the omni model (bounds memory on long clips)
-FIELDS = ("caption", "sound")  # what the omni model writes, each from its own prompt
 REPORT_FILE = "annotate_report.json"
 
 
@@ -112,7 +115,7 @@ def _transcripts(src, clips) -> dict[str, tuple[list[Word], str]]:
 
 
 def _prepare(path):
-    """What a decode worker does for one clip: its probe and its content hash."""
+    """What a probing worker does for one clip: its probe and its content hash."""
     info = safe_probe(path)
     return info, (None if isinstance(info, MediaError) else clip_hash(path))
 
@@ -120,7 +123,7 @@ def _prepare(path):
 def annotate_folder(cfg, src, out, settings: AnnotateConfig | None = None, shard: tuple[int, int] = (0, 1),
                     console: Console | None = None, progress: bool = True, workers: int = 0) -> AnnotateReport:
     """Annotate every window of the clips of part ``shard = (I, N)`` of ``src`` into the annotations file ``out``
-    (cache and shard logs in ``out.parts/``); the last part to finish writes ``out``."""
+    (shard logs in ``out.parts/``, the models' outputs in ``settings.cache``); the last part to finish writes ``out``."""
     settings, console, t0 = settings or AnnotateConfig(), console or Console(), time.perf_counter()
     out = Path(out)
     work = work_folder(out)
@@ -147,7 +150,7 @@ def annotate_folder(cfg, src, out, settings: AnnotateConfig | None = None, shard
     digest = selection_hash(selection)
     if out.exists() and (not (work / SELECTION_FILE).is_file() or read_selection(work).get("selection") != digest):
         raise UsageError(f"soe annotate --out: '{out}' exists and was not written by this run (same models, prompts and "
-                         f"windows); expected a new file (remove it to annotate again: the cache in '{work}' is kept)")
+                         f"windows); expected a new file (remove it to annotate again: the cache is kept)")
     models = {"captioner": captioner_model, "caption_prompt": prompts["caption"] if kind else None,
               "audio_caption_prompt": prompts["sound"] if kind == "omni" else None, "asr": whisper_model}
     if kind == "omni":
@@ -158,16 +161,19 @@ def annotate_folder(cfg, src, out, settings: AnnotateConfig | None = None, shard
     else:
         model = None
     whisper = WhisperTranscriber(settings.whisper, settings.language, device, dtype) if settings.whisper else None
-    work.mkdir(parents=True, exist_ok=True)  # first write: every check above has passed
+    cache = cache_folder(settings.cache)
+    try:  # first write: every check above has passed; only the models' outputs are cached
+        cache_log = CacheLog(cache) if model is not None or whisper is not None else None
+    except OSError as e:
+        raise UsageError(f"--cache: cannot write the annotate cache '{cache}' ({one_line(e, 200)})") from None
+    work.mkdir(parents=True, exist_ok=True)
     log = AnnotationLog(work, *shard)
     try:
         clear_done(work, *shard)
         sel = write_selection(work, selection)
-        store = AnnotationStore(work)
         report = AnnotateReport(clips=len(clips), sidecar_transcripts=len(brought))
-        run = _Run(store, log, report, model, kind, fields, captioner_model, whisper, whisper_model, prompts, settings.fps,
-                   settings.max_pixels, models)
-        done = []
+        run = _Run(AnnotationStore(cache), AnnotationStore(work), cache_log, log, report, model, kind, fields, captioner_model, whisper,
+                   whisper_model, prompts, settings, models)
         with progress_bars(console, progress, unit="windows") as bar:
             probing = bar.add_task("probing clips", total=len(clips))
             prepared = []
@@ -176,120 +182,106 @@ def annotate_folder(cfg, src, out, settings: AnnotateConfig | None = None, shard
                 bar.advance(probing)
             planned = {c.rel: plan_windows(i.seconds, specs, fps, sample_rate) for c, i, _ in prepared if not isinstance(i, MediaError)}
             task = bar.add_task("annotating windows", total=sum(len(p) for p in planned.values()))
-            for clip, info, clip_digest in prepared:
-                if run.clip(clip, info, clip_digest, planned.get(clip.rel), specs, fps, sample_rate, brought.get(clip.rel), sel,
-                            lambda: bar.advance(task)):
-                    done.append((clip.rel, clip_digest))
+            done = run.annotate(prepared, planned, brought, specs, sel, workers, lambda n: bar.advance(task, n))
+        report.batches = dict(run.batcher.calls)
         mark_done(work, *shard, sel, done)
         report.merged = merge_if_complete(work, out, shard[1], sel)
     finally:
         log.close()
+        if cache_log is not None:
+            cache_log.close()
     report.elapsed = time.perf_counter() - t0
     report.write(work / (REPORT_FILE if shard[1] == 1 else f"annotate_report.{part_name(*shard)}.json"))
     return report
 
 
 class _Run:
-    """One annotate run: each clip's transcript and window texts, from the cache or the models, into the log."""
+    """One annotate run: each clip planned against the cache, decoded ahead, its missing texts from the models
+    in batches (soe.data.annotate_windows), its windows into the log."""
 
-    def __init__(self, store, log, report, model, kind, fields, model_name, whisper, whisper_model, prompts, fps, max_pixels, models):
-        self.store, self.log, self.report = store, log, report
+    def __init__(self, store, clips, cache_log, log, report, model, kind, fields, model_name, whisper, whisper_model, prompts,
+                 settings: AnnotateConfig, models):
+        self.store, self.clips, self.cache_log, self.log, self.report = store, clips, cache_log, log, report
         self.model, self.kind, self.fields, self.model_name = model, kind, fields, model_name
-        self.whisper, self.whisper_model = whisper, whisper_model
-        self.prompts, self.fps, self.max_pixels, self.models = prompts, fps, max_pixels, models
+        self.whisper, self.whisper_model, self.language = whisper, whisper_model, settings.language
+        self.prompts, self.fps, self.max_pixels, self.models = prompts, settings.fps, settings.max_pixels, models
+        self.batcher = Batcher(self, settings.batch_size)
 
-    def write(self, record: dict) -> None:
-        self.log.append(record)
-        self.store.add(record)
+    def cache(self, records: list[dict]) -> None:
+        """Append model outputs to the cache (one fsync for the batch)."""
+        self.cache_log.extend(records)
+        for r in records:
+            self.store.add(r)
 
-    def clip(self, clip, info, digest, planned, specs, fps, sample_rate, brought, selection: str, advance) -> bool:
-        """Annotate the windows ``planned`` of ``clip``; False when the clip is skipped (reported)."""
-        if isinstance(info, MediaError):
-            self.report.skip(clip.rel, info.reason, info.detail)
-            return False
-        if not planned:
-            self.report.skip(clip.rel, "too short", f"{info.seconds:.2f}s, one window needs {specs[-1].seconds:g}s")
-            return False
-        try:
-            words, source = brought if brought is not None else (self.words(clip, digest), "asr")
-            texts = self.texts(clip, digest, [(start, spec.seconds) for start, spec in planned], info, advance)
-        except MediaError as e:
-            self.report.skip(clip.rel, e.reason, e.detail)
-            return False
-        windows = []
-        for start, spec in planned:
-            own = None if words is None else words_in_window(words, start, spec.seconds)
-            window = {"start": start, "seconds": spec.seconds,
-                      **texts.get(window_key(start, spec.seconds), {"caption": None, "sound": None}),
-                      "transcript": None if own is None else join_words(own),  # "" where nobody speaks: no lyrics
-                      "words": None if own is None else [[w.text, w.start, w.end] for w in own]}
-            if source == "asr" and words is not None:
-                window["language"] = window_language(own)
-            windows.append(window)
-        models = {**self.models, "asr": self.whisper_model if source == "asr" else source}
-        old = self.store.get(("clip", digest, selection))
-        if old is None or old["windows"] != windows or old["path"] != clip.rel or old.get("models") != models:
-            self.write({"kind": "clip", "clip": digest, "path": clip.rel, "selection": selection, "time": time.time(),
-                        "models": models, "windows": windows})
-        self.report.clips_annotated += 1
-        self.report.windows += len(windows)
-        return True
-
-    def words(self, clip, digest: str) -> list[Word] | None:
-        """The clip's Whisper words (cached per clip and model); None without a Whisper model."""
-        if self.whisper is None:
-            return None
-        cached = self.store.get(words_key(digest, self.whisper_model))
-        if cached is not None:
-            self.report.transcribed_cached += 1
-            return [Word(*w) for w in cached["words"]]
-        audio, first = read_speech(clip.path, SPEECH_RATE)
-        words = self.whisper(audio, offset=first)
-        self.write({"kind": "words", "clip": digest, "model": self.whisper_model,
-                    "words": [[w.text, w.start, w.end, w.language] for w in words]})
-        self.report.transcribed_new += 1
-        return words
-
-    def texts(self, clip, digest: str, windows: list[tuple[float, float]], info, advance) -> dict:
-        """``{window key: {"caption", "sound"}}`` from the cache, the captioner writing what is missing."""
-        if self.model is None:
-            for _ in windows:
-                advance()
-            return {}
-        keys = {(w, f): text_key(digest, *w, f, self.model_name, self.prompts[f]) for w in windows for f in self.fields}
-        missing = {k for k, key in keys.items() if self.store.get(key) is None}
-        self.report.texts_cached += len(keys) - len(missing)
-        todo = list(dict.fromkeys(w for w, _ in sorted(missing)))
-        for _ in range(len(windows) - len(todo)):
-            advance()
+    def plan(self, clip, info, digest, planned, brought) -> tuple[Pending, tuple]:
+        """Clip ``clip`` against the cache: its Pending and what ``decode_clip`` must read of it."""
+        words, source = brought if brought is not None else (None, "asr" if self.whisper else None)
+        if source == "asr":
+            words = cached_words(self.store, digest, self.whisper_model)
+            if words is not None:
+                self.report.transcribed_cached += 1
+        p = Pending(clip, digest, planned, words, source)
+        self.report.texts_cached += cached_texts(self.store, p, self.fields, self.model_name, self.prompts)
+        speech = source == "asr" and (words is None or cached_languages(self.store, p, self.whisper_model, self.language))
         size = omni_size(info.width, info.height, self.max_pixels)
-        rate = getattr(self.model, "sample_rate", 16000)
-        for i in range(0, len(todo), WINDOWS_PER_READ):
-            group = todo[i: i + WINDOWS_PER_READ]
-            frames = [max(2, int(seconds * self.fps + 1e-6) // 2 * 2) for _, seconds in group]  # whole temporal patches of 2
-            media = read_windows(clip.path, [(s, n, int(round(d * rate))) for (s, d), n in zip(group, frames)], self.fps, size, rate)
-            for (start, seconds), (video, audio) in zip(group, media):
-                for f in self.fields:
-                    if ((start, seconds), f) in missing:
-                        if self.kind == "omni":
-                            text = self.model.describe(video, audio.mean(axis=0), self.fps, self.prompts[f])
-                        else:
-                            text = self.model(video, audio, rate)
-                        self.write({"kind": "text", "clip": digest, "start": start, "seconds": seconds, "field": f,
-                                    "model": self.model_name, "prompt": self.prompts[f], "text": text})
-                        self.report.texts_new += 1
-                advance()
-        return {window_key(*w): {f: (self.store.get(keys[w, f])["text"] if f in self.fields else None) for f in FIELDS}
-                for w in windows}
+        rate = getattr(self.model, "sample_rate", SPEECH_RATE)
+        wanted = [(start, max(2, int(spec.seconds * self.fps + 1e-6) // 2 * 2), round(spec.seconds * rate))  # whole temporal patches of 2
+                  for (start, spec), w in zip(planned, p.windows) if p.captions.get(w)]
+        return p, (clip.path, wanted, self.fps, size, rate, speech)
+
+    def annotate(self, prepared, planned, brought, specs, selection: str, workers: int, advance) -> list[tuple[str, str]]:
+        """Every window of the ``prepared`` clips; returns ``(relative path, hash)`` of the clips annotated."""
+        jobs = []
+        for clip, info, digest in prepared:
+            if isinstance(info, MediaError):
+                self.report.skip(clip.rel, info.reason, info.detail)
+            elif not planned[clip.rel]:
+                self.report.skip(clip.rel, "too short", f"{info.seconds:.2f}s, one window needs {specs[-1].seconds:g}s")
+            else:
+                jobs.append(self.plan(clip, info, digest, planned[clip.rel], brought.get(clip.rel)))
+        done, open_ = [], deque()
+        for (p, _), (_, (media, track)) in zip(jobs, prefetch(decode_clip, [task for _, task in jobs], workers)):
+            if isinstance(media, MediaError):
+                self.report.skip(p.clip.rel, media.reason, media.detail)
+                advance(len(p.planned))
+                continue
+            self.batcher.add(p, media, track)
+            for detail in p.bad.values():
+                self.report.skip(p.clip.rel, "truncated window", detail)
+            open_.append(p)
+            self.batcher.step()
+            self.finish(open_, selection, done, advance)
+        self.batcher.step(final=True)
+        self.finish(open_, selection, done, advance)
+        return done
+
+    def finish(self, open_: deque, selection: str, done: list, advance) -> None:
+        """Write the record of each clip whose last result is in, in the order clips came."""
+        while open_ and open_[0].waiting == 0:
+            p = open_.popleft()
+            advance(len(p.planned))
+            windows = clip_windows(p, self.fields, with_language=p.source == "asr")
+            if not windows:
+                continue  # every window unreadable (each reported)
+            models = {**self.models, "asr": self.whisper_model if p.source == "asr" else p.source}
+            old = self.clips.get(("clip", p.digest, selection))
+            if old is None or old["windows"] != windows or old["path"] != p.clip.rel or old.get("models") != models:
+                record = {"kind": "clip", "clip": p.digest, "path": p.clip.rel, "selection": selection, "time": time.time(),
+                          "models": models, "windows": windows}
+                self.log.append(record)
+                self.clips.add(record)
+            self.report.clips_annotated += 1
+            self.report.windows += len(windows)
+            done.append((p.clip.rel, p.digest))
 
 
-FLAGS = {"--asr": "whisper", "--captioner": "captioner", "--device": "device"}  # flag -> annotate.<key>
+FLAGS = {"--asr": "whisper", "--captioner": "captioner", "--device": "device", "--cache": "cache"}  # flag -> annotate.<key>
 
 
 def annotate_command(recipe, src, overrides, out=None, shard: str | None = None, console: Console | None = None,
                      workers: int = 0, flags: dict | None = None) -> AnnotateReport:
     """``soe annotate RECIPE SRC [--out FILE] [--asr PATH] [--captioner PATH] [--shard I/N] [--workers N] [--device D]
-    [key=value ...] [annotate.<key>=value ...]``."""
+    [--cache DIR] [key=value ...] [annotate.<key>=value ...]``."""
     console = console or Console()
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     out, workers, shard, overrides = options_among(list(overrides), out, workers, shard, command="soe annotate",
@@ -310,6 +302,8 @@ def annotate_command(recipe, src, overrides, out=None, shard: str | None = None,
     for key, flag in (("omni", "annotate.omni"), ("captioner", "--captioner"), ("whisper", "--asr")):
         if getattr(settings, key) is not None and not Path(getattr(settings, key)).is_dir():
             raise UsageError(f"{flag}: model folder not found: '{getattr(settings, key)}'")
+    if settings.cache is not None and Path(settings.cache).exists() and not Path(settings.cache).is_dir():
+        raise UsageError(f"--cache: expected a folder (the annotate cache), got the file '{settings.cache}'")
     configure_threads(cfg.trainer.threads)
     report = annotate_folder(cfg, src, out, settings, shard=part, console=console, workers=workers)
     console.print(report.table())

@@ -1,17 +1,23 @@
-"""The cache folder of ``soe annotate`` (``FILE.parts/`` beside its annotations file, soe.data.annotations_file).
+"""The records of ``soe annotate``: its cache of model outputs, and each run's clip records.
 
-Layout::
+Two folders, the same log format (one fsynced JSON record a line; a torn last line, from a kill, is cut off
+when its log is opened again):
 
-    annotate.json                 the selection of the last run: models, prompts, window plan, and its hash
-    parts/part-<I>-of-<N>.jsonl   what annotate process I of N wrote, one record a line (fsynced; a torn
-                                  last line, from a kill, is cut off when that part resumes)
-    annotate_report.json          what the last run did
+    CACHE/ (``--cache DIR``, ``annotate.cache``; default ``$SOE_CACHE_DIR/annotate`` or ``~/.cache/soe/annotate``)
+        parts/log-<n>.jsonl           ``text`` and ``words`` records: what the models wrote, whichever run,
+                                      recipe or ``--out`` asked; process n of those running at once writes
+                                      log n (the first one not locked), so runs and shards share one cache
+    FILE.parts/ (beside the annotations file, soe.data.annotations_file)
+        annotate.json                 the selection of the last run: models, prompts, window plan, and its hash
+        parts/part-<I>-of-<N>.jsonl   ``clip`` records of annotate process I of N
+        annotate_report.json          what the last run did
 
 Records (``clip`` is the sha256 of the clip file's bytes, so a renamed or copied clip keeps its annotations
 and an edited one loses them)::
 
     {"kind": "text", "clip", "start", "seconds", "field": "caption" | "sound", "model", "prompt", "text"}
     {"kind": "words", "clip", "model", "words": [[text, start, end], ...]}     a clip's Whisper transcript
+    (the language Whisper hears in a window is a ``text`` record, field "language", prompt "")
     {"kind": "clip", "clip", "path", "selection", "time", "windows": [{"start", "seconds", "caption", "sound",
      "transcript"}, ...]}                                                    a clip's windows under a selection
 
@@ -25,15 +31,19 @@ process is all this needs (the same commit-by-appended-line scheme as the latent
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from soe.data.stream_format import PARTS, append_line, part_name, read_log, write_json_atomic
+from soe.data.stream_read import default_cache_dir
 from soe.data.stream_writer import lock_part
 from soe.errors import RecipeError
 
 SELECTION_FILE = "annotate.json"
+CACHE_ENV = "SOE_CACHE_DIR"  # soe's cache folder (the annotate cache is its annotate/), as for remote latent caches
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -117,6 +127,41 @@ class AnnotationLog:
 
     def append(self, record: dict) -> None:
         append_line(self.path, record)
+
+    def close(self) -> None:
+        self.lock.close()
+
+
+def cache_folder(setting: str | None) -> Path:
+    """Where the models' outputs are cached: ``setting`` (``--cache DIR``), else ``annotate/`` in soe's cache folder."""
+    return Path(setting) if setting else default_cache_dir() / "annotate"
+
+
+class CacheLog:
+    """This process's log in the cache folder ``folder``: the first ``log-<n>.jsonl`` no other process holds
+    (locked until ``close``), its torn last line cut off. Hand-written: a lock per log lets any number of runs
+    append to one cache at once without a server, and a killed run's log is taken over by the next."""
+
+    def __init__(self, folder):
+        (Path(folder) / PARTS).mkdir(parents=True, exist_ok=True)
+        for n in range(1 << 16):
+            lock = open(Path(folder) / PARTS / f"log-{n}.lock", "w")  # noqa: SIM115 (held until close)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            self.lock, self.path = lock, Path(folder) / PARTS / f"log-{n}.jsonl"
+            read_log(self.path, repair=True)
+            return
+        raise RuntimeError(f"annotate cache '{folder}': no free log")  # 65536 processes at once
+
+    def extend(self, records: list[dict]) -> None:
+        """Commit ``records``, one line each, with one fsync (a kill leaves at most the last line torn)."""
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
 
     def close(self) -> None:
         self.lock.close()

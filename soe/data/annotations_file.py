@@ -5,12 +5,13 @@ Row (``end`` = ``start`` + the window's length; ``language`` only where Whisper 
     {"path": "sub/clip.mp4", "start": 5.0, "end": 10.0, "caption": "...", "audio_caption": "...",
      "lyrics": "...", "words": [{"start", "end", "text"}, ...], "models": {...}, "language": "en"}
 
-``soe annotate --out FILE`` keeps its cache and shard logs in the folder ``FILE.parts/`` beside it
-(soe.data.annotation_store); each process of ``--shard I/N`` marks its part done there
+``soe annotate --out FILE`` keeps its shard logs in the folder ``FILE.parts/`` beside it (the models'
+outputs go to the shared cache: soe.data.annotation_store); each process of ``--shard I/N`` marks its part done there
 (``done/part-I-of-N.json``: the clips it annotated), and the last one to finish (the one that lists all N
 marks under the same selection) merges them into ``FILE``, written to a temporary file and renamed into
 place, so ``FILE`` is never half written. ``soe encode`` reads ``FILE`` (``SRC/annotations.jsonl`` when
-present, or ``--annotations FILE``) and gives each window its own row's text.
+present, or ``--annotations FILE``) and gives each window its own row's text (a window without a row, one
+``soe annotate`` could not read, is left out).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ ROW_FIELDS = ("path", "start", "end", "caption", "audio_caption", "lyrics", "wor
 
 
 def work_folder(file) -> Path:
-    """The cache and shard logs of the annotations file ``file``: ``FILE.parts/`` beside it."""
+    """The shard logs of the annotations file ``file``: ``FILE.parts/`` beside it."""
     file = Path(file)
     return file.with_name(file.name + ".parts")
 
@@ -125,16 +126,21 @@ class AnnotationRows:
 
     def of(self, rel: str, windows: list[tuple[float, float]]) -> dict | None:
         """``{(start, seconds): {"caption", "sound", "transcript"}}`` for the windows ``(start, seconds)`` this encode
-        cuts from clip ``rel``; None when the clip has no rows; a window without a row is one line."""
+        cuts from clip ``rel`` that have a row (a window ``soe annotate`` could not read has none: it is left out);
+        None when the clip has no rows; rows for none of the windows (other windows) is one line."""
         rows = self.windows.get(rel)
         if rows is None:
             return None
         out = {}
         for start, seconds in windows:
             row = rows.get(_window(start, start + seconds))
-            if row is None:
-                raise RecipeError(f"{self.file}: no row for window {start:g}-{start + seconds:g} s of '{rel}' (it was annotated "
-                                  f"for other windows: annotate with the recipe and data.seconds / encode.durations this encode uses)")
-            out[(round(float(start), 6), float(seconds))] = {"caption": row["caption"], "sound": row["audio_caption"],
-                                                              "transcript": row["lyrics"]}
+            if row is not None:
+                out[(round(float(start), 6), float(seconds))] = {"caption": row["caption"], "sound": row["audio_caption"],
+                                                                  "transcript": row["lyrics"]}
+        cut = {_window(start, start + seconds) for start, seconds in windows}
+        other = [w for w in rows if w not in cut]
+        if other or (windows and not out):
+            start, end = other[0] if other else min(cut)
+            raise RecipeError(f"{self.file}: the windows of '{rel}' are not the ones this encode cuts (first: {start:g}-{end:g} s): "
+                              "annotate with the recipe and data.seconds / encode.durations this encode uses")
         return out

@@ -13,13 +13,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from soe.data.annotate import DEFAULT_PROMPT, Annotator, load_annotator
+from soe.data.annotate import Annotator, load_annotator
 from soe.data.annotation_store import window_clip, window_key
 from soe.data.annotations_file import ANNOTATIONS_FILE, AnnotationRows
 from soe.data.command_args import check_expert_folders, check_folders, options_among, parse_shard
@@ -36,53 +35,9 @@ from soe.media import media_sides
 from soe.outputs import new_root, remove_new
 from soe.recipe.reading import load_recipe
 from soe.recipe.validate import validate_recipe
-from soe.schema import Dtype
 from soe.schema.base import command_settings
+from soe.schema.encode import EncodeConfig
 from soe.threads import configure_threads
-
-
-@dataclass
-class EncodeConfig:
-    """``encode.<key>=value`` on the ``soe encode`` command line."""
-
-    durations: Optional[List[float]] = None  # window lengths in seconds, one duration bucket each; null = [data.seconds]
-    resolutions: Optional[List[List[int]]] = None  # aspect-ratio buckets [[H, W], ...]; null = the video expert's size
-    batch_size: int = 4  # windows per codec call
-    shard_size: int = 64  # windows per shard (the unit of resumption)
-    windows_per_task: int = 8  # windows one decode task holds in memory
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # annotations.jsonl of `soe annotate` (each window's own caption, sound description, lyrics); the command line's
-    # --annotations FILE, else SRC/annotations.jsonl when there is one
-    annotations: Optional[str] = None
-    annotator: Optional[str] = None  # local vision-language model folder that captions windows without one
-    annotator_prompt: str = DEFAULT_PROMPT
-    missing_caption: str = "skip"  # skip (report the clip) | empty (encode an empty caption)
-    max_windows: Optional[int] = None  # stop after this many new windows (a quick look at a big folder)
-    latent_dtype: str = "auto"  # stored latents: auto = the dtype trainer.precision trains in | float32 | bfloat16 | float16
-    text_dtype: str = "bfloat16"  # stored text states (trimmed to each prompt's length, once per distinct caption)
-
-    def __post_init__(self):
-        if self.durations is not None and (not self.durations or any(not d > 0 for d in self.durations)):
-            raise RecipeError(f"encode.durations: expected positive window lengths in seconds, got {self.durations}")
-        if self.resolutions is not None and (not self.resolutions or any(len(r) != 2 or min(r) < 1 for r in self.resolutions)):
-            raise RecipeError(f"encode.resolutions: expected [[H, W], ...] of positive sizes, got {self.resolutions}")
-        for k in ("batch_size", "shard_size", "windows_per_task"):
-            if getattr(self, k) < 1:
-                raise RecipeError(f"encode.{k}: expected a positive integer, got {getattr(self, k)}")
-        if self.missing_caption not in ("skip", "empty"):
-            raise RecipeError(f"encode.missing_caption: expected one of ['skip', 'empty'], got {self.missing_caption!r}")
-        for k in ("latent_dtype", "text_dtype"):
-            allowed = [d.value for d in Dtype] + (["auto"] if k == "latent_dtype" else [])
-            if getattr(self, k) not in allowed:
-                raise RecipeError(f"encode.{k}: expected one of {allowed}, got {getattr(self, k)!r}")
-        if self.device != "auto":
-            from soe.schema.base import device_problem
-
-            problem = device_problem(self.device)
-            if problem is not None:
-                raise RecipeError(f"encode.device: {problem}")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise RecipeError(f"encode.max_windows: expected a positive integer, got {self.max_windows}")
 
 
 def parse_settings(overrides: list[str]) -> tuple[list[str], EncodeConfig]:
@@ -248,7 +203,11 @@ def _encode_locked(cfg, src, out, settings, workers, console, progress, codecs, 
                 continue
             size = nearest_resolution(info.width, info.height, resolutions) if resolutions else default_size
             todo = [(f"{clip.clip_id}-w{k:03d}", start, spec) for k, (start, spec) in enumerate(planned)]
-            if texts is not None:
+            if texts is not None:  # a window soe annotate could not read has no row: not encoded either
+                for _, start, spec in todo:
+                    if window_key(start, spec.seconds) not in texts:
+                        report.skip(clip.rel, "not annotated", f"the window at {start:.2f}s has no row in the annotations")
+                todo = [w for w in todo if window_key(w[1], w[2].seconds) in texts]
                 own = {wid: window_clip(clip, texts.get(window_key(start, spec.seconds))) for wid, start, spec in todo}
                 if annotator is None and settings.missing_caption == "skip" and any(c.caption is None for c in own.values()):
                     report.skip(clip.rel, "no caption", "a window has no caption in the annotations and the clip no sidecar one")

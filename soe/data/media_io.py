@@ -249,9 +249,10 @@ def ordered_map(fn, items, workers: int):
             queue.append((x, pool.submit(fn, x)))
             if len(queue) >= 2 * workers:
                 break
+        end = object()  # an item may itself be None (or falsy): only the exhausted iterator ends the refill
         while queue:
             x, fut = queue.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
+            nxt = next(it, end)
+            if nxt is not end:
                 queue.append((nxt, pool.submit(fn, nxt)))
             yield x, fut.result()

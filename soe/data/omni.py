@@ -7,7 +7,9 @@ released folder (its ``thinker.*`` weights; the talker that speaks is never buil
 the thinker alone. The window's audio goes in as the audio track of its video (``load_audio_from_video``
 with the decoded samples, ``use_audio_in_video`` at generation), so the model reads picture and sound
 interleaved by time, as Qwen2.5-Omni was trained to. Hand-written here: only the frame size the window is
-decoded at (its aspect ratio, whole 28-pixel patches, at most ``max_pixels``) and greedy decoding of the answer.
+decoded at (its aspect ratio, whole 28-pixel patches, at most ``max_pixels``) and greedy decoding of the answers
+of a batch of windows (the processor pads their prompts on the left, so each answer is the one its window
+gets alone).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import math
 
 import numpy as np
 
-from soe.data.annotate import AnnotatorError, model_folder, require_transformers
+from soe.data.annotate import AnnotatorError, model_folder, require_transformers, until_eos
 from soe.errors import one_line
 
 OMNI_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")  # the released model, or its thinker alone
@@ -59,20 +61,28 @@ class OmniAnnotator:
         """The audio rate the model hears (its feature extractor's: 16 kHz)."""
         return int(self.processor.feature_extractor.sampling_rate)
 
-    def inputs(self, frames: np.ndarray, audio: np.ndarray, fps: float, prompt: str):
-        """The model's inputs for ``frames (F, H, W, 3)`` uint8 seen at ``fps``, ``audio (N,)`` mono at
-        ``sample_rate`` as their sound track, and the question ``prompt``."""
-        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        return self.processor(text=text, videos=[frames], audio=[audio], audio_from_video_indices=[0], load_audio_from_video=True,
-                              videos_kwargs={"fps": fps}, return_tensors="pt").to(self.model.device)
+    def inputs(self, windows: list[tuple[np.ndarray, np.ndarray]], fps: float, prompts: list[str]):
+        """The model's inputs for a batch: each window's ``frames (F, H, W, 3)`` uint8 seen at ``fps`` with
+        ``audio (N,)`` mono at ``sample_rate`` as their sound track, and its question from ``prompts``; the
+        processor pads on the left (its default), so every answer starts at the same column."""
+        texts = [self.processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": p}]}],
+                                                    add_generation_prompt=True, tokenize=False) for p in prompts]
+        return self.processor(text=texts, videos=[v for v, _ in windows], audio=[a for _, a in windows],
+                              audio_from_video_indices=list(range(len(windows))), load_audio_from_video=True,
+                              videos_kwargs={"fps": fps}, padding=True, return_tensors="pt").to(self.model.device)
 
-    def describe(self, frames: np.ndarray, audio: np.ndarray, fps: float, prompt: str) -> str:
-        """The model's answer to ``prompt`` about the window, greedy, at most ``max_new_tokens`` tokens."""
+    def describe_batch(self, windows: list[tuple[np.ndarray, np.ndarray]], fps: float, prompts: list[str]) -> list[str]:
+        """The model's answers to ``prompts[i]`` about ``windows[i]``, in one greedy ``generate`` call, each at most
+        ``max_new_tokens`` tokens: the texts ``describe`` writes one at a time (left padding, masked)."""
         import torch
 
-        inputs = self.inputs(frames, audio, fps, prompt)
+        inputs = self.inputs(windows, fps, prompts)
         with torch.no_grad():
             out = self.model.generate(**inputs, use_audio_in_video=True, max_new_tokens=self.max_new_tokens, do_sample=False)
-        answer = out[:, inputs["input_ids"].shape[1]:]
-        return " ".join(self.processor.batch_decode(answer, skip_special_tokens=True)[0].split())
+        answers = self.processor.batch_decode(until_eos(out[:, inputs["input_ids"].shape[1]:], self.model.generation_config),
+                                              skip_special_tokens=True)
+        return [" ".join(a.split()) for a in answers]
+
+    def describe(self, frames: np.ndarray, audio: np.ndarray, fps: float, prompt: str) -> str:
+        """The model's answer to ``prompt`` about one window, greedy, at most ``max_new_tokens`` tokens."""
+        return self.describe_batch([(frames, audio)], fps, [prompt])[0]

@@ -101,6 +101,7 @@ class AnnotateReport(_Skips):
     transcribed_new: int = 0  # clips Whisper transcribed in this run
     transcribed_cached: int = 0
     sidecar_transcripts: int = 0  # clips with their own transcript (clip.words.json, words in captions.jsonl)
+    batches: dict = field(default_factory=dict)  # model calls of this run: {"asr", "language", "captioner": batches}
     merged: bool = False  # this part was the last to finish: it wrote the annotations file
     elapsed: float = 0.0  # seconds
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason", "detail"}
@@ -112,7 +113,8 @@ class AnnotateReport(_Skips):
         t.add_row("captions + sound descriptions", f"{self.texts_new} new, {self.texts_cached} cached")
         t.add_row("transcripts", f"{self.transcribed_new} new, {self.transcribed_cached} cached (Whisper), "
                   f"{self.sidecar_transcripts} brought (clip.words.json, captions.jsonl)")
-        t.add_row("time", f"{self.elapsed:.1f} s")
+        t.add_row("model calls (batches)", ", ".join(f"{k} {n}" for k, n in self.batches.items()) or "-")
+        t.add_row("time", f"{self.elapsed:.1f} s, {self.windows / max(self.elapsed, 1e-9):.2f} windows/s")
         return self._skipped_rows(t)
 
     def write(self, path) -> Path:

@@ -4,9 +4,10 @@ Words come from a sidecar ``clip.words.json`` next to ``clip.mp4`` (what Whisper
 of words, openai-whisper's or WhisperX's ``{"segments": [{"words": [...]}]}``, or the transformers
 pipeline's ``{"chunks": [...]}``), else from a local Whisper model through the transformers
 automatic-speech-recognition pipeline with ``return_timestamps="word"`` (its cross-attention alignment
-gives each word's start and end; clips longer than 30 s go through Whisper's own sequential long-form
-decoding). Hand-written here: reading those three layouts and the cut, which the ecosystem does not
-offer: a window keeps the words whose midpoint lies inside it, so a word spoken across a window edge
+gives each word's start and end; clips longer than 30 s go through the pipeline's chunked long-form
+mode; clips are batched by the pipeline; the language is detected per window with Whisper's
+``detect_language``). Hand-written here: reading those three layouts and the cut, which the ecosystem
+does not offer: a window keeps the words whose midpoint lies inside it, so a word spoken across a window edge
 belongs to exactly one window.
 """
 from __future__ import annotations
@@ -128,39 +129,52 @@ class WhisperTranscriber:
             raise AnnotatorError(f"annotate.whisper: '{path}' has no alignment_heads in generation_config.json: "
                                  "Whisper cannot time its words without them")
         self.language = language
+        if self.pipe.tokenizer.pad_token is None:  # batches need one; Whisper pads its labels with its end of text
+            self.pipe.tokenizer.pad_token = self.pipe.tokenizer.eos_token
 
     def __call__(self, audio: np.ndarray, offset: float = 0.0) -> list[Word]:
-        """``audio (N,)`` mono float at 16 kHz -> its words with the language heard, ``offset`` added to every
-        time. Longer than 30 s: the pipeline's chunked long-form mode (30 s chunks, their words merged)."""
-        if audio.size == 0:
-            return []
-        kwargs = {"task": "transcribe", **({"language": self.language} if self.language else {})}
-        long = {"chunk_length_s": LONG_FORM_SECONDS} if audio.size > LONG_FORM_SECONDS * SPEECH_RATE else {}
-        out = self.pipe({"raw": audio, "sampling_rate": SPEECH_RATE}, return_timestamps="word", generate_kwargs=kwargs, **long)
-        language = self.language or self.detect_language(audio)
-        words = []
-        for chunk in out.get("chunks", []):
-            start, end = chunk["timestamp"]
-            end = start if end is None else end
-            if chunk["text"].strip():
-                words.append(Word(chunk["text"], offset + float(start), offset + float(max(start, end)), language))
-        return words
+        """``audio (N,)`` mono float at 16 kHz -> its words, ``offset`` added to every time."""
+        return self.transcribe([(audio, offset)])[0]
 
-    def detect_language(self, audio: np.ndarray) -> str | None:
-        """The language Whisper hears in the first 30 s (its language token, e.g. ``en``). The pipeline's own
-        ``return_language`` is not used: with word timestamps it leaks timestamp tokens into the words."""
+    def transcribe(self, clips: list[tuple[np.ndarray, float]], batch_size: int = 1) -> list[list[Word]]:
+        """Each clip's ``(audio (N,) mono float at 16 kHz, offset)`` -> its words, ``offset`` added to every time,
+        ``batch_size`` inputs a forward pass (the pipeline's batching; Whisper pads every input to 30 s, so a
+        clip's words do not depend on its batch). Longer than 30 s: the pipeline's chunked long-form mode (30 s
+        chunks, their words merged). Words carry ``language`` only when it is set (``annotate.language``): the
+        language heard is detected per window (``languages``)."""
+        out: list[list[Word]] = [[] for _ in clips]
+        kwargs = {"task": "transcribe", **({"language": self.language} if self.language else {})}
+        for long in (False, True):
+            picked = [i for i, (a, _) in enumerate(clips) if a.size and (a.size > LONG_FORM_SECONDS * SPEECH_RATE) == long]
+            if not picked:
+                continue
+            chunked = {"chunk_length_s": LONG_FORM_SECONDS} if long else {}
+            results = self.pipe([{"raw": clips[i][0], "sampling_rate": SPEECH_RATE} for i in picked], batch_size=batch_size,
+                                return_timestamps="word", generate_kwargs=kwargs, **chunked)
+            for i, result in zip(picked, results):
+                offset = clips[i][1]
+                for chunk in result.get("chunks", []):
+                    start, end = chunk["timestamp"]
+                    end = start if end is None else end
+                    if chunk["text"].strip():
+                        out[i].append(Word(chunk["text"], offset + float(start), offset + float(max(start, end)), self.language))
+        return out
+
+    def languages(self, audios: list[np.ndarray], batch_size: int = 1) -> list[str | None]:
+        """The language Whisper hears in each piece of 16 kHz audio (a window's; its first 30 s), as its language
+        token (e.g. ``en``); the set ``annotate.language`` without detecting. The pipeline's own ``return_language``
+        is not used: with word timestamps it leaks timestamp tokens into the words."""
         import torch
 
-        model = self.pipe.model
-        features = self.pipe.feature_extractor(audio[: LONG_FORM_SECONDS * SPEECH_RATE], sampling_rate=SPEECH_RATE,
-                                               return_tensors="pt").input_features.to(model.device, model.dtype)
-        with torch.no_grad():
-            token = model.detect_language(features)[0]
-        code = self.pipe.tokenizer.decode([int(token)]).strip()
-        return code[2:-2] if code.startswith("<|") and code.endswith("|>") else None
-
-
-def window_language(words: list[Word]) -> str | None:
-    """The language most of a window's words were heard in (None: no words, or none detected)."""
-    heard = [w.language for w in words if w.language]
-    return max(heard, key=heard.count) if heard else None
+        if self.language:
+            return [self.language] * len(audios)
+        model, codes = self.pipe.model, []
+        for i in range(0, len(audios), batch_size):
+            batch = [a[: LONG_FORM_SECONDS * SPEECH_RATE] for a in audios[i: i + batch_size]]
+            features = self.pipe.feature_extractor(batch, sampling_rate=SPEECH_RATE, return_tensors="pt").input_features
+            with torch.no_grad():
+                tokens = model.detect_language(features.to(model.device, model.dtype))
+            for token in tokens.reshape(-1).tolist():
+                code = self.pipe.tokenizer.decode([int(token)]).strip()
+                codes.append(code[2:-2] if code.startswith("<|") and code.endswith("|>") else None)
+        return codes

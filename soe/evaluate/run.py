@@ -21,38 +21,19 @@ import numpy as np
 from soe.evaluate import av_align as av_align_mod
 from soe.evaluate.catalog import METRICS, EvalError, model_folders, parse_metrics
 from soe.evaluate.decode import Clip, DecodeError, find_clips, safe_decode
+from soe.evaluate.prompt_file import PROMPTS_FILE, read_prompt_rows
+from soe.outputs import check_output, removed_on_failure
+from soe.schema.base import device_problem
 
 CPU_METRICS = {"av_align": av_align_mod.clip_av_align}
-PROMPTS_FILE = "prompts.jsonl"
 
 
 def read_prompts(path) -> dict[str, dict]:
-    """Rows of a JSON-lines prompts file by ``id`` (``{"id", "prompt", "audio_prompt"?, "image"?, "transcript"?}``);
-    relative image paths are taken from the file's folder. A folder is read as Verse-Bench (its items by name)."""
-    path = Path(path)
-    if path.is_dir():
-        from soe.evaluate.verse_bench import read_items
-
-        try:
-            return {row["id"]: row for row in read_items(path)}
-        except ValueError as e:
-            raise EvalError(f"--prompts {e}") from None
-    if not path.is_file():
-        raise EvalError(f"--prompts {path}: no such file (expected JSON lines with an 'id' per row)")
-    rows = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise EvalError(f"{path}:{n}: not a JSON object (expected one row per line with an 'id')") from None
-        if not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)):
-            raise EvalError(f"{path}:{n}: expected a JSON object with an 'id' (string)")
-        if row.get("image"):
-            row["image"] = str((path.parent / row["image"]).resolve()) if not Path(row["image"]).is_absolute() else row["image"]
-        rows[str(row["id"])] = row
-    return rows
+    """``--prompts``: the rows of a prompts file or Verse-Bench folder by ``id`` (soe.evaluate.prompt_file)."""
+    try:
+        return {row["id"]: row for row in read_prompt_rows(path, need_prompt=False)}
+    except ValueError as e:
+        raise EvalError(f"--prompts {e}") from None
 
 
 def _text_of(row: dict | None, metric: str):
@@ -156,8 +137,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def results_file(out, samples: Path, force: bool = False) -> Path:
+    """``--out`` (default SAMPLES/eval.json) as a new .json file in a folder that can be written (so never one of
+    the clips, wavs or prompts it reads); an existing one only with ``force``."""
+    out = Path(out) if out is not None else samples / "eval.json"
+    if out.suffix != ".json" or out.is_dir():
+        raise EvalError(f"--out {out}: expected a .json results file" + (", got a folder" if out.is_dir() else ""))
+    check_output(out.parent, "--out")  # not under a file, writable
+    if out.exists() and not force:
+        raise EvalError(f"{out}: exists; pass --force to overwrite it, or --out FILE")
+    return out
+
+
 def plan(samples, reference=None, prompts=None, models=None, metrics=None, out=None, force=False,
-         model_overrides=None) -> dict:
+         model_overrides=None, device=None) -> dict:
     """Check every input (EvalError, one line, before anything is computed or written) and decide what runs."""
     samples = Path(samples)
     if not samples.is_dir():
@@ -171,11 +164,10 @@ def plan(samples, reference=None, prompts=None, models=None, metrics=None, out=N
     folders = model_folders(models, model_overrides)
     prompts_path = Path(prompts) if prompts is not None else samples / PROMPTS_FILE
     rows = read_prompts(prompts_path) if prompts is not None or prompts_path.is_file() else {}
-    out = Path(out) if out is not None else samples / "eval.json"
-    if out.exists() and not force:
-        raise EvalError(f"{out}: exists; pass --force to overwrite it, or --out FILE")
-    if not out.parent.is_dir():
-        raise EvalError(f"--out {out}: folder {out.parent} does not exist")
+    out = results_file(out, samples, force=force)
+    problem = device_problem(device) if device is not None else None
+    if problem is not None:
+        raise EvalError(f"--device: {problem}")
     skipped, run = {}, []
     for n in names:
         m = METRICS[n]
@@ -289,8 +281,10 @@ def summary(result: dict) -> list[tuple[str, float, float, int]]:
 
 
 def write_json(result: dict, out: Path) -> Path:
-    """Write atomically (a temporary file beside it, then a rename)."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=False, allow_nan=False) + "\n")
-    tmp.replace(out)
+    """Write atomically (a temporary file beside it, then a rename), creating its folder (removed again on failure)."""
+    with removed_on_failure(out.parent, "--out"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=2, sort_keys=False, allow_nan=False) + "\n")
+        tmp.replace(out)
     return out

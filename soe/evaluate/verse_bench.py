@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 SETS = ("set1", "set2", "set3")
-ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a file name on every system (``<id>.mp4``), never a path
 
 
 def is_verse_bench(path) -> bool:

@@ -53,7 +53,7 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | N
             path = None  # inspection without the weights: the preset's architecture, as for a missing local folder
         if check_paths and path is not None and not Path(path).is_dir():
             raise RecipeError(f"{key}.path: checkpoint folder not found: '{e.path}'")
-        if e.storage_dtype is not None and any(x in str(recipe.trainer.strategy) for x in ("fsdp", "deepspeed")):
+        if e.storage_dtype is not None and recipe.trainer.strategy == "fsdp2":
             raise RecipeError(f"{key}.storage_dtype: fp8 storage runs with strategy ddp/auto on one or more GPUs, "
                               f"not '{recipe.trainer.strategy}' (sharding wants one dtype per flat parameter)")
         if check_paths and e.train == "lora" and e.lora.init_from is not None and not Path(

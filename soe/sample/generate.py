@@ -232,6 +232,26 @@ def new_output_folder(cfg) -> Path:
             n += 1
 
 
+def trained_folder(cfg) -> Path:
+    """``sample.ckpt`` (a run folder or its trained/) as the folder to load, checked against the recipe's train modes:
+    a LoRA expert needs its adapter (else it would sample as the base expert), and a fully trained expert needs
+    ``train: full`` (else the recipe would describe a model the run did not train)."""
+    from soe.train.trained import is_merged
+
+    trained = Path(cfg.sample.ckpt)
+    trained = trained / "trained" if (trained / "trained").is_dir() else trained
+    for side in ("a", "b"):
+        mode = cfg.experts[side].train
+        weights = (trained / f"lora_{side}", trained / f"expert_{side}", trained / f"expert_{side}.safetensors")
+        if mode == "lora" and not any(p.exists() for p in weights):
+            raise RecipeError(f"sample.ckpt: '{trained}' has no lora_{side}/ adapter folder, but experts.{side}.train is "
+                              f"'lora' (set experts.{side}.train=frozen to sample the base expert)")
+        if mode != "full" and (trained / f"expert_{side}").is_dir() and not is_merged(trained):
+            raise RecipeError(f"sample.ckpt: '{trained}' holds a fully trained expert_{side}/ (its run had experts.{side}."
+                              f"train=full), but experts.{side}.train is '{mode}'; sample it with experts.{side}.train=full")
+    return trained
+
+
 def load_run(cfg):
     """The recipe's stitched model with the trained run of ``sample.ckpt`` loaded: ``(stitcher, step, trained folder)``
     (``soe generate``, and ``soe app`` once per model)."""
@@ -239,20 +259,14 @@ def load_run(cfg):
     from soe.train.trained import load_trained, resolve_merged_ckpt
 
     resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
+    trained = trained_folder(cfg) if cfg.sample.ckpt is not None else None  # checked before any model is built
     torch.manual_seed(cfg.seed)
     from soe.data.auto_pairs import find_record, recorded_pair_chooser
 
     auto = cfg.stitch.pairs == "auto"  # the pairs the run recorded (auto_pairs.json), else chosen as training chose
-    stitcher = build_stitcher(cfg, auto_pairs=recorded_pair_chooser(cfg, find_record(cfg.sample.ckpt)) if auto else None)
-    step, trained = None, None
-    if cfg.sample.ckpt is not None:
-        trained = Path(cfg.sample.ckpt)
-        trained = trained / "trained" if (trained / "trained").is_dir() else trained
-        for side in ("a", "b"):  # a LoRA expert without its adapter (or converted weights) would sample as the base expert
-            weights = (trained / f"lora_{side}", trained / f"expert_{side}", trained / f"expert_{side}.safetensors")
-            if cfg.experts[side].train == "lora" and not any(p.exists() for p in weights):
-                raise RecipeError(f"sample.ckpt: '{trained}' has no lora_{side}/ adapter folder, but experts.{side}.train is "
-                                  f"'lora' (set experts.{side}.train=frozen to sample the base expert)")
+    stitcher = build_stitcher(cfg, auto_pairs=recorded_pair_chooser(cfg, find_record(trained)) if auto else None)
+    step = None
+    if trained is not None:
         try:
             step = load_trained(stitcher, trained)
         except FileNotFoundError as err:

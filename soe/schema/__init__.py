@@ -1,6 +1,6 @@
 """The recipe schema: the option dataclasses the code takes, which OmegaConf also reads as the
 structured config of a recipe file. Each option is declared once, here, one file per recipe section
-(and ``annotate.py``: the ``annotate.*`` settings of ``soe annotate``).
+(and ``annotate.py`` / ``encode.py``: the ``annotate.*`` / ``encode.*`` settings of ``soe annotate`` / ``soe encode``).
 Every layer takes these dataclasses, so the schema sits low: it may import only :mod:`soe.errors`.
 
     >>> from soe.schema import ConnectorConfig, build
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from soe.schema.annotate import AnnotateConfig
+from soe.schema.encode import EncodeConfig
 from soe.schema.base import Choice, Dtype, OptionError, RecipeError, StorageDtype, build, choice, command_settings, require
 from soe.schema.experts import ExpertConfig, ExpertsConfig, LoraConfig, TrainMode
 from soe.schema.sample import SampleConfig, SamplerConfig, Scheduler, SpeedConfig
@@ -40,7 +41,8 @@ class Recipe:
 
 SECTIONS = ("experts", "stitch", "flow", "data", "optim", "trainer", "sample")
 
-__all__ = ["AnnotateConfig", "Choice", "ConnectorConfig", "ConnectorPool", "DataConfig", "DepthConfig", "DepthMode", "Direction", "Dtype", "Engine", "ExpertConfig",
+__all__ = ["AnnotateConfig", "Choice", "ConnectorConfig", "ConnectorPool", "DataConfig", "DepthConfig", "DepthMode", "Direction", "Dtype", "EncodeConfig",
+           "Engine", "ExpertConfig",
            "ExpertsConfig", "FlowConfig", "InjectConfig", "InjectMode", "KVTargetConfig", "LoraConfig", "NonFinite", "OptimConfig",
            "OptionError", "Recipe", "RecipeError", "SECTIONS", "SampleConfig", "SamplerConfig", "Scheduler", "SpeedConfig",
            "StitchConfig", "StorageDtype", "TrainMode", "TrainerConfig", "build", "choice", "command_settings"]

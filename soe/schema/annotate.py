@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
-from soe.schema.base import Dtype, OptionError, require
+from soe.schema.base import Dtype, OptionError, check_device, require
 
 CAPTION_PROMPT = ("Describe what is seen in this video clip in one or two sentences: the subjects, what they do, "
                   "the setting and the camera. Do not describe the sound.")
@@ -33,7 +33,11 @@ class AnnotateConfig:
     max_new_tokens: int = 128  # the longest caption, in tokens
     # --asr: Whisper folder: word-timed transcripts of clips without their own (clip.words.json, captions.jsonl words)
     whisper: Optional[str] = None
-    language: Optional[str] = None  # Whisper's language (e.g. en); null = detected per clip
+    language: Optional[str] = None  # Whisper's language (e.g. en); null = detected per window
+    batch_size: int = 8  # windows (captioner), clips (Whisper) or windows (its language detection) per model call
+    # --cache: the folder of the models' outputs, shared by every run, recipe and --out; null = $SOE_CACHE_DIR/annotate
+    # (default ~/.cache/soe/annotate)
+    cache: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (the checkpoint's own) | float32 | bfloat16 | float16
 
@@ -42,11 +46,12 @@ class AnnotateConfig:
             raise OptionError("durations", f"expected positive window lengths in seconds, got {self.durations}")
         require(self.fps > 0 and math.isfinite(self.fps), "fps", f"expected frames per second > 0, got {self.fps}")
         require(self.max_pixels >= 28 * 28, "max_pixels", f"expected at least {28 * 28} (one 28 x 28 patch), got {self.max_pixels}")
+        require(self.batch_size >= 1, "batch_size", f"expected a positive integer, got {self.batch_size}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"expected a positive integer, got {self.max_new_tokens}")
         require(self.captioner is None or self.omni is None, "captioner", "give --captioner or annotate.omni, not both")
         for key in PROMPT_KEYS:
             require(bool(getattr(self, key).strip()), key, "expected a prompt, got an empty one")
         allowed = ["auto", *Dtype.names()]
         require(self.dtype in allowed, "dtype", f"expected one of {allowed}, got {self.dtype!r}")
-        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
-                f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device != "auto":
+            check_device(self.device, "device")  # cuda on a machine without a GPU: one line, not torch's traceback

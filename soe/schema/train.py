@@ -34,6 +34,21 @@ class Schedule(Choice):
     cosine = "cosine"
 
 
+class Strategy(Choice):
+    """``trainer.strategy``: the Lightning strategies soe tests on CPU (2 gloo ranks, exact resume; tests/test_strategies.py)."""
+    auto = "auto"  # Lightning's choice: one process, or DDP on several devices
+    ddp = "ddp"  # DDP; several nodes with trainer.num_nodes (docs/cluster.md)
+    fsdp2 = "fsdp2"  # per-parameter sharding (torch fully_shard) through Lightning's ModelParallelStrategy
+
+
+# Strategies Lightning offers that soe does not: why, in the one line a recipe naming one gets
+REFUSED_STRATEGIES = {
+    "fsdp": "Lightning's FSDP1 strategy runs on CUDA only, so soe cannot test it on CPU",
+    "deepspeed": "Lightning's DeepSpeed strategy runs on CUDA only, so soe cannot test it on CPU (ZeRO-2/3, exact resume)",
+    "ddp_spawn": "it pickles the model into new processes; 'ddp' starts the same ranks by running the command again",
+}
+
+
 class NonFinite(Choice):
     stop = "stop"  # one-line error, exit 1
     skip = "skip"  # skip that optimizer step, warn
@@ -108,13 +123,16 @@ class OptimConfig:
         self.schedule = choice(Schedule, self.schedule, "schedule")
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")  # Lightning's names soe runs on (no tpu: torch_xla is not supported)
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 100
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp | fsdp2 | deepspeed_stage_2 | ...
+    strategy: str = "auto"  # auto | ddp | fsdp2 (fsdp, deepspeed_* and ddp_spawn are refused: use fsdp2 / ddp)
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
@@ -130,6 +148,21 @@ class TrainerConfig:
         require(self.threads is None or self.threads >= 1, "threads",
                 f"expected a positive number of CPU threads (or null for soe's choice), got {self.threads}")
         self.on_nonfinite = choice(NonFinite, self.on_nonfinite, "on_nonfinite")
+        # a name soe runs on (Lightning's error named no key; tpu was a traceback); whether this machine has it is
+        # checked when training starts (soe.train.build.check_machine), so a GPU recipe inspects anywhere
+        require(self.accelerator in ACCELERATORS, "accelerator", f"expected one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
+        self.strategy = _strategy(self.strategy)
+
+
+def _strategy(name) -> Strategy:
+    """``trainer.strategy`` as a :class:`Strategy`, or one line saying why a Lightning strategy is refused."""
+    name = str(name)
+    family = next((k for k in REFUSED_STRATEGIES if name == k or name.startswith(k + "_")), None)
+    if family is not None and name not in Strategy.names():
+        instead = "ddp" if family == "ddp_spawn" else "fsdp2"
+        raise OptionError("strategy", f"'{name}' is not offered: {REFUSED_STRATEGIES[family]}; use '{instead}' "
+                                      f"(one of {Strategy.names()})")
+    return choice(Strategy, name, "strategy")
 
 
 def is_url(folder) -> bool:

@@ -30,6 +30,7 @@ import torch
 
 from soe.errors import SoeError
 from soe.plugin.expert import Expert
+from soe.plugin.registry import list_experts
 from soe.testing.checks import CHECKS, ContractFailure
 
 
@@ -119,6 +120,8 @@ def check_expert(expert, checks: Sequence[str] | None = None, partner: str | Non
     unknown = [c for c in checks or () if c not in CHECKS]
     if unknown:
         raise ExpertSpecError(f"unknown check(s) {unknown}; checks: {', '.join(CHECKS)}")
+    if partner not in (None, "auto") and partner not in list_experts():  # else the stitch check "fails" on a typo
+        raise ExpertSpecError(f"--partner: unknown expert {partner!r}; known experts: {', '.join(list_experts())}")
     subject = _Subject(expert, seed)
     return [run_check(name, subject, partner=partner, seed=seed) for name in (checks or CHECKS)]
 

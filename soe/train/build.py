@@ -152,6 +152,25 @@ def apply_storage_dtypes(stitcher: Stitcher, cfg: DictConfig) -> dict[str, list[
     return out
 
 
+def check_machine(trainer_cfg) -> None:
+    """``trainer.accelerator`` / ``trainer.devices`` against this machine, one line naming the key (before anything
+    is built or written; Lightning's own errors name no key)."""
+    import torch
+
+    from soe.schema.base import device_problem
+
+    device = {"gpu": "cuda", "cuda": "cuda", "mps": "mps"}.get(trainer_cfg.accelerator)
+    if device is None:
+        return
+    problem = device_problem(device)
+    if problem is not None:
+        raise RecipeError(f"trainer.accelerator: {problem.replace(repr(device), repr(trainer_cfg.accelerator), 1)}")
+    count = torch.cuda.device_count() if device == "cuda" else 1
+    if isinstance(trainer_cfg.devices, int) and trainer_cfg.devices > count:
+        raise RecipeError(f"trainer.devices: expected at most {count} (the {device} devices of this machine), got "
+                          f"{trainer_cfg.devices}")
+
+
 def build_strategy(name: str, devices, num_nodes: int):
     """``trainer.strategy`` -> what ``L.Trainer(strategy=)`` takes (fsdp2: Lightning's ModelParallelStrategy)."""
     if name == "fsdp2":  # per-parameter sharding (torch fully_shard) through Lightning's ModelParallelStrategy
@@ -159,7 +178,8 @@ def build_strategy(name: str, devices, num_nodes: int):
 
         if not isinstance(devices, int):
             raise RecipeError("trainer.devices: strategy 'fsdp2' needs a device count (an integer), not a list or 'auto'")
-        return ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1)
+        # one checkpoint file gathered on rank 0 (trainable tensors only): written atomically and resumed exactly like ddp's
+        return ModelParallelStrategy(data_parallel_size=devices * num_nodes, tensor_parallel_size=1, save_distributed_checkpoint=False)
     return name
 
 

@@ -128,10 +128,15 @@ class StitchModule(L.LightningModule):
         return {k: v for k, v in self.state_dict().items() if k in names or k.startswith("objective.")}
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["state_dict"] = self.trainable_state_dict()
+        # the strategy's state dict, filtered: under fsdp2 it is the full one gathered on rank 0 (one file, written
+        # atomically like every other checkpoint), where this module's own state_dict() would be its local shards
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names or k.startswith("objective.")}
         checkpoint["soe"] = {"trainable_keys": sorted(checkpoint["state_dict"])}
 
     def on_load_checkpoint(self, checkpoint):
+        if "state_dict" not in checkpoint and "soe" in checkpoint:
+            return  # fsdp2: the strategy took the tensors out to load them into the shards (soe stitch checked the file first)
         mine, theirs = self.trainable_state_dict(), checkpoint.get("state_dict", {})
         if set(theirs) != set(mine):
             missing, extra = sorted(set(mine) - set(theirs))[:3], sorted(set(theirs) - set(mine))[:3]
