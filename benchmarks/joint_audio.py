@@ -17,6 +17,8 @@ bootstrap interval (clips resampled with replacement, 300 draws), onsets per cli
 time bin (what the audio side receives from the video at high and low noise).
 
     python benchmarks/joint_audio.py runs/demo --clips 96
+    python benchmarks/joint_audio.py --seeds S0.json S1.json S2.json   # runs of several seeds (--json): mean ± 95% t-interval
+                                                   # (A.json+B.json: one seed's variants from two runs)
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
+sys.path.insert(0, str(Path(__file__).parent))  # sync_seeds
 
 from soe.evaluate import sync_eval  # noqa: E402
 from soe.evaluate.metrics import audio_onsets, frechet_distance  # noqa: E402
@@ -107,14 +110,39 @@ def scores(lat: dict, truth_feats: dict, experts: dict, seconds: float) -> dict:
             "onsets": bootstrap(lambda i: onsets[i].mean(), n), "loudness": bootstrap(lambda i: loud[i].mean(), n)}
 
 
+def seeds_table(files: list[Path]) -> str:
+    """Per variant over the ``--json`` files of several seeds: mean ± 95% t-interval of each number (the bootstrap
+    intervals of one seed are left aside: the spread between seeds is the interval here)."""
+    from sync_seeds import interval
+
+    runs = []
+    for f in files:  # A.json+B.json: one seed's variants from two runs of this script
+        parts = [json.loads(Path(x).read_text()) for x in str(f).split("+")]
+        runs.append({"variants": {k: v for part in parts for k, v in part["variants"].items()}})
+    names = [n for n in runs[0]["variants"] if all(n.split(" (step")[0] in {m.split(" (step")[0] for m in r["variants"]} for r in runs)]
+    keys = ("sync", "frechet_video", "frechet_audio", "onsets", "loudness")
+    lines = ["| variant | seeds | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    for name in names:
+        base = name.split(" (step")[0]
+        rows = [next(v for m, v in r["variants"].items() if m.split(" (step")[0] == base) for r in runs]
+        cells = [f"{m:.3f} ± {h:.3f}" for m, h in (interval([row[k][0] for row in rows]) for k in keys)]
+        lines.append(f"| {base} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--seeds":
+        print(seeds_table([Path(f) for f in argv[1:]]))
+        return {}
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="run folder of `soe stitch` on synthetic data")
     p.add_argument("--clips", type=int, default=96)
     p.add_argument("--above", type=float, nargs="*", default=[0.8, 0.5], help="flow times above which v->a is zeroed")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--lora-off", action="store_true", help="also: the audio LoRA disabled (with and without v->a)")
-    p.add_argument("--skip", nargs="*", default=[], help="variants to leave out, by their first word (alone, v2a, gated, off)")
+    p.add_argument("--skip", nargs="*", default=[], help="variants to leave out: alone, stitched, v2a, gated, off")
     args = p.parse_args(argv)
     from soe.recipe.builders import build_stitcher
     from soe.recipe.reading import load_recipe
@@ -135,7 +163,8 @@ def main(argv=None) -> dict:
     if args.lora_off:
         variants += [("stitched, audio LoRA off", stitched, None, "joint", True),
                      ("stitched, audio LoRA off, v->a off", stitched, -1.0, "joint", True)]
-    skip = {"alone": "experts alone", "v2a": "stitched v2a", "off": "stitched, v->a off", "gated": "stitched, v->a off above"}
+    skip = {"alone": "experts alone", "v2a": "stitched v2a", "off": "stitched, v->a off", "gated": "stitched, v->a off above",
+            "stitched": "stitched (step"}
     variants = [v for v in variants if not any(v[0].startswith(skip[k]) and (k != "off" or v[0] == skip[k]) for k in args.skip)]
     out = {"run": str(args.run), "step": step, "clips": args.clips, "truth_onsets": float(np.mean(
         [len(audio_onsets(env, len(env) / seconds)) for _, _, _, env in sync_eval._signals(truth, experts)])), "variants": {}}

@@ -82,7 +82,7 @@ ENTRY_POINTS = {"ace-step": "soe.experts.ace_step:AceStepV1Expert", "ace-step-1.
                 "stable-audio-open": "soe.experts.stable_audio:StableAudioExpert", "wan2.1": "soe.experts.wan:WanExpert",
                 "wan2.2-ti2v": "soe.experts.wan22:Wan22TI2VExpert"}
 _SIDE = ["name", "preset", "path", "dtype", "options", "architecture", "train", "lora.r", "lora.alpha", "lora.dropout",
-         "lora.targets", "lora.init_from", "gradient_checkpointing", "flow_shift", "loss_weight", "codec_path",
+         "lora.targets", "lora.init_from", "lora.tasks", "lora.preserve", "lora.lr_scale", "gradient_checkpointing", "flow_shift", "loss_weight", "codec_path",
          "text_encoder_path", "storage_dtype"]
 RECIPE_KEYS = [
     "name", "seed", "run_dir", "resume", *(f"experts.{s}.{k}" for s in "ab" for k in _SIDE),
@@ -90,7 +90,7 @@ RECIPE_KEYS = [
     "stitch.connector.hidden", "stitch.connector.act", "stitch.connector.init", "stitch.connector.resample",
     "stitch.connector.input_norm", "stitch.connector.pool", "stitch.depth.mode", "stitch.depth.every", "stitch.inject",
     "stitch.auto.connectors", "stitch.auto.clips", "stitch.auto.sigmas",
-    "flow.timesteps", "flow.density", "flow.balance", "flow.balance_momentum", "flow.tasks", "flow.extend_seconds",
+    "flow.timesteps", "flow.density", "flow.balance", "flow.balance_momentum", "flow.tasks", "flow.extend_seconds", "flow.source_dropout",
     "data.kind", "data.path", "data.seconds", "data.batch_size", "data.num_clips", "data.num_workers",
     "data.shuffle_chunks", "data.cache_dir",
     "optim.lr", "optim.weight_decay", "optim.betas", "optim.warmup_steps", "optim.schedule", "optim.grad_clip",

@@ -20,7 +20,7 @@ from soe.recipe.reading import load_recipe, to_container
 from soe.recipe.validate import validate_recipe
 from soe.sample.callbacks import SampleCallback, SyncReportCallback
 from soe.threads import configure_threads
-from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_objective, build_optim,
+from soe.train.build import (apply_storage_dtypes, apply_training_setup, build_lora_training, build_objective, build_optim,
                              build_stitcher_to_shard, build_trainer, check_machine)
 from soe.train.checkpoint import read_checkpoint
 from soe.train.cluster import process_rank
@@ -105,20 +105,23 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
                 console.print(f"resume: {key} {old!r} -> {new!r}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     auto = cfg.stitch.pairs == "auto"
+    chosen: dict = {}  # stitch.pairs: auto chosen by this start (a resume reads the run's record): written with the recipe
     if cfg.trainer.strategy == "fsdp2":  # experts from files stay on the meta device until configure_model shards them
         if auto:
             raise RecipeError("stitch.pairs: 'auto' runs both experts whole, which fsdp2 does not build; give the pairs "
                               "`soe inspect` chose as a list")
         stitcher, plan = build_stitcher_to_shard(cfg)
     else:
-        from soe.data.auto_pairs import pair_chooser
+        from soe.data.auto_pairs import RECORD, recorded_pair_chooser
 
-        stitcher, plan = build_stitcher(cfg, auto_pairs=pair_chooser(cfg) if auto else None), None
+        chooser = recorded_pair_chooser(cfg, run_dir / RECORD if resume_from else None, chosen) if auto else None
+        stitcher, plan = build_stitcher(cfg, auto_pairs=chooser), None
     apply_training_setup(stitcher, cfg, plan=plan)
     apply_storage_dtypes(stitcher, cfg)  # experts.<side>.storage_dtype: frozen weights in fp8
     stitcher.train()  # loaded checkpoints come back in eval mode; LoRA dropout must be live while training
     module = StitchModule(stitcher, build_objective(cfg, stitcher), build_optim(cfg), max_steps=cfg.trainer.max_steps,
-                          on_nonfinite=cfg.trainer.on_nonfinite, plan=plan, context=cfg.parallel.context)
+                          on_nonfinite=cfg.trainer.on_nonfinite, plan=plan, context=cfg.parallel.context,
+                          lora_training=build_lora_training(cfg, stitcher))
     if resume_from:  # a bad checkpoint fails here, before Lightning's loggers touch the run folder
         module.on_load_checkpoint(read_checkpoint(resume_from))
     train_modes = {s: cfg.experts[s].train for s in ("a", "b")}
@@ -153,6 +156,10 @@ def run_training(recipe, overrides=(), console: Console | None = None, progress:
             csv_log = trainer.loggers[0]
             csv_log.experiment  # creates this start's logs/version_N (it warns about a folder that exists)
             OmegaConf.save(cfg, Path(csv_log.log_dir) / "recipe.yaml")
+            if chosen:
+                from soe.data.auto_pairs import write_record
+
+                write_record(chosen, run_dir)  # auto_pairs.json: resume, generate and export use these pairs
             print_tables(stitch_tables(stitcher), console)
         with stop.installed(announce=owner), stop.converting(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -4,14 +4,24 @@ The clips are the recipe's own data: the first ``stitch.auto.clips`` synthetic c
 or the first clips of its latent cache. :func:`pair_chooser` gives ``soe.recipe.builders.build_stitcher`` the
 ``auto_pairs(a, b)`` it calls once both experts are built; the CKA matrix is kept for ``soe inspect``'s
 heat map (:func:`write_heatmap`).
+
+A training run records what it chose in its run folder (``auto_pairs.json``: the pairs, the CKA matrix, the
+experts' names and depths, the connector count and a checksum; ``auto_pairs.png`` beside it when matplotlib is
+installed) at its first build, and every later build of that run (resume, ``soe generate``, ``soe export``) reads
+the pairs from there instead of choosing again: the connectors it trained belong to those pairs, whatever the
+data is now. A record changed by hand, or one made for other experts or another connector count, is one line.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from soe.errors import RecipeError
 from soe.recipe.builders import auto_connectors
 from soe.schema import build
 from soe.schema.stitch import StitchConfig
@@ -56,10 +66,76 @@ def pair_chooser(cfg: DictConfig, record: dict | None = None):
             pairs, sim = choose_pairs(a, b, batch_a, batch_b, auto_connectors(s, a.num_blocks, b.num_blocks),
                                       sigmas=tuple(s.auto.sigmas), seed=cfg.seed)
         if record is not None:
-            record.update(pairs=pairs, similarity=sim, names=(a.name, b.name))
+            record.update(pairs=pairs, similarity=sim, names=(a.name, b.name), blocks=(a.num_blocks, b.num_blocks))
         return pairs
 
     return auto_pairs
+
+
+RECORD = "auto_pairs.json"
+
+
+def _checksum(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_record(record: dict, folder) -> Path:
+    """``folder/auto_pairs.json`` (written atomically) from a :func:`pair_chooser` record, + its heat map when possible."""
+    from soe.extras import has
+
+    folder = Path(folder)
+    body = {"pairs": [list(map(int, p)) for p in record["pairs"]], "similarity": [[round(float(v), 6) for v in row]
+            for row in record["similarity"].tolist()], "experts": list(record["names"]), "blocks": list(record["blocks"])}
+    body["checksum"] = _checksum(body)
+    out, tmp = folder / RECORD, folder / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(body, indent=1))
+    os.replace(tmp, out)
+    if has("matplotlib"):
+        write_heatmap(record, folder / "auto_pairs.png")
+    return out
+
+
+def read_record(file: Path, cfg: DictConfig, a, b) -> list[tuple[int, int]]:
+    """The pairs of a run's ``auto_pairs.json``, checked against its checksum and against this recipe's experts and
+    ``stitch.auto.connectors``; :class:`RecipeError` (one line) otherwise."""
+    try:
+        body = json.loads(Path(file).read_text())
+        pairs = [(int(i), int(j)) for i, j in body["pairs"]]
+        experts, blocks, checksum = list(body["experts"]), [int(n) for n in body["blocks"]], body.pop("checksum")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RecipeError(f"stitch.pairs: '{file}' is not a readable record of the run's chosen pairs ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:120]})") from None
+    if checksum != _checksum(body):
+        raise RecipeError(f"stitch.pairs: '{file}' was changed after the run chose its pairs (checksum mismatch); restore it: "
+                          "the run's connectors were trained at the pairs it recorded")
+    s: StitchConfig = build(StitchConfig, cfg.stitch, "stitch")
+    ours = {"experts": [a.name, b.name], "blocks": [a.num_blocks, b.num_blocks],
+            "connectors": auto_connectors(s, a.num_blocks, b.num_blocks)}
+    theirs = {"experts": experts, "blocks": blocks, "connectors": len(pairs)}
+    for key in ours:
+        if ours[key] != theirs[key]:
+            raise RecipeError(f"stitch.pairs: '{file}' holds pairs chosen for {key} {theirs[key]}, this recipe has {ours[key]}; "
+                              "use the run's recipe (its recipe.yaml), or a new run_dir to choose again")
+    return pairs
+
+
+def find_record(trained) -> Path | None:
+    """The ``auto_pairs.json`` of the run a ``trained/`` folder (or run folder) belongs to, if it recorded one."""
+    if trained is None:
+        return None
+    trained = Path(trained)
+    for folder in (trained, trained.parent):
+        if (folder / RECORD).is_file():
+            return folder / RECORD
+    return None
+
+
+def recorded_pair_chooser(cfg: DictConfig, file: Path | None, record: dict | None = None):
+    """``auto_pairs(a, b)`` for ``build_stitcher``: the pairs recorded in ``file`` when it exists, else chosen now
+    (:func:`pair_chooser`, filling ``record`` for :func:`write_record`)."""
+    if file is None or not Path(file).is_file():
+        return pair_chooser(cfg, record)
+    return lambda a, b: read_record(Path(file), cfg, a, b)
 
 
 def choose_for_recipe(cfg: DictConfig) -> dict:

@@ -45,7 +45,8 @@ class FlowObjective(nn.Module):
 
     def __init__(self, experts: dict[str, Expert], timesteps: str = "shared", density: str = "logit_normal",
                  shifts: dict[str, float] | None = None, weights: dict[str, float] | None = None,
-                 balance: str = "none", momentum: float = 0.99, seed: int = 0, tasks: TaskMixture | None = None):
+                 balance: str = "none", momentum: float = 0.99, seed: int = 0, tasks: TaskMixture | None = None,
+                 source_dropout: float = 0.0):
         super().__init__()
         timesteps, balance = choice(Timesteps, timesteps, "flow.timesteps"), choice(Balance, balance, "flow.balance")
         density = choice(Density, density, "flow.density")
@@ -56,6 +57,7 @@ class FlowObjective(nn.Module):
         self.weights = {k: float((weights or {}).get(k, 1.0)) for k in experts}
         self.timesteps, self.density, self.balance, self.momentum, self.seed = timesteps, density, balance, momentum, seed
         self.tasks = None if tasks is None or tasks.trivial else tasks
+        self.source_dropout = float(source_dropout)
         self._experts = experts  # plain dict: not registered as submodules (they belong to the stitcher)
         # running loss means live in buffers so they are checkpointed and resume exactly
         self.register_buffer("loss_ema", torch.zeros(len(self.sides)))
@@ -74,6 +76,14 @@ class FlowObjective(nn.Module):
                     for k in self.sides}
         return {k: shift_sigma(base[k], self.shifts[k]) for k in self.sides}
 
+    def source_mask(self, batch_size: int, step: int, rank: int = 0) -> torch.Tensor | None:
+        """``flow.source_dropout``: ``(B,)`` 0 for the samples whose connectors read nothing this step, else 1;
+        None when off. Drawn from (seed, step, rank) only: resume-exact."""
+        if not self.source_dropout:
+            return None
+        drop = torch.rand(batch_size, generator=generator_for(self.seed, "source", step, rank)) < self.source_dropout
+        return (~drop).float()
+
     def noise(self, side: str, like: torch.Tensor, step: int, rank: int = 0) -> torch.Tensor:
         g = generator_for(self.seed, "noise", self._label(side), step, rank)
         return torch.randn(like.shape, generator=g).to(like.device, like.dtype)
@@ -82,9 +92,10 @@ class FlowObjective(nn.Module):
         """Model inputs (``latents`` = x_t, ``timestep`` = sigma) and what the loss needs, per side."""
         bsz = next(iter(clean.values()))["latents"].shape[0]
         sig = self.sigmas(bsz, step, rank)
-        given = None
+        given, drawn = None, ["joint"] * bsz
         if self.tasks is not None:  # drawn from (seed, step, rank) only: resume-exact
-            given = self.tasks.masks(self.tasks.draw(bsz, step, rank), {k: clean[k]["latents"] for k in self.sides})
+            drawn = self.tasks.draw(bsz, step, rank)
+            given = self.tasks.masks(drawn, {k: clean[k]["latents"] for k in self.sides})
         inputs, targets = {}, {}
         for k in self.sides:
             x0 = clean[k]["latents"]
@@ -92,7 +103,7 @@ class FlowObjective(nn.Module):
             s = sig[k].to(x0.device, x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
             x_t = (1 - s) * x0 + s * eps
             timestep = sig[k].to(x0.device, x0.dtype)
-            targets[k] = {"x0": x0, "eps": eps, "x_t": x_t, "sigma": s}
+            targets[k] = {"x0": x0, "eps": eps, "x_t": x_t, "sigma": s, "tasks": drawn}
             if given is not None:
                 m = expand_mask(given[k], x0, self.tasks.time_axis[k])  # True on given frames
                 x_t = torch.where(m, x0, x_t)  # given frames stay clean on every call
@@ -112,6 +123,14 @@ class FlowObjective(nn.Module):
             return torch.mean(err)
         # mean over the positions that are not given; a side given everywhere contributes 0 (and no gradient)
         return (err * keep).sum() / keep.sum().clamp(min=1)
+
+    def loss_scale(self, side: str) -> float | torch.Tensor:
+        """What :meth:`forward` multiplies ``side``'s loss by in the total: its weight, over its running mean
+        with ``balance=ema`` (so a term added to the total on that side's scale weighs like its loss)."""
+        mean = self.loss_ema[self.sides.index(side)]
+        if self.balance == "none" or self.ema_steps == 0 or not bool(mean > 0):
+            return self.weights[side]
+        return self.weights[side] / mean
 
     def forward(self, preds: dict[str, torch.Tensor], targets: dict[str, dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and the per-modality losses (unweighted, for logging)."""

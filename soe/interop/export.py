@@ -172,7 +172,7 @@ def export_merged(cfg, trained: Path, out: Path) -> None:
     from soe.train.trained import load_trained
 
     torch.manual_seed(cfg.seed)  # preset (random-weight) experts come out as in training and `soe generate`
-    st = build_stitcher(cfg, auto_pairs=_auto_pairs(cfg))
+    st = build_stitcher(cfg, auto_pairs=_auto_pairs(cfg, trained))
     load_trained(st, trained)
     for side in ("a", "b"):
         expert = getattr(st, side)
@@ -187,6 +187,8 @@ def export_merged(cfg, trained: Path, out: Path) -> None:
         merged.experts[side].path = f"expert_{side}"
         merged.experts[side].train = TrainMode.frozen
     merged.sample.ckpt = None
+    if cfg.stitch.pairs == "auto":  # the pairs the connectors were trained at, written out: nothing to choose again
+        merged.stitch.pairs = [list(p) for p in st.pairs]
     OmegaConf.save(merged, out / "recipe.yaml")
 
 
@@ -214,10 +216,10 @@ def load_stitched(folder, device=None):
     return st.eval()
 
 
-def _auto_pairs(cfg):
-    """``stitch.pairs: auto``: the pairs chosen again from the recipe's clips, as training chose them."""
+def _auto_pairs(cfg, trained=None):
+    """``stitch.pairs: auto``: the pairs the run recorded (``auto_pairs.json``), else chosen again as training chose them."""
     if cfg.stitch.pairs != "auto":
         return None
-    from soe.data.auto_pairs import pair_chooser
+    from soe.data.auto_pairs import find_record, recorded_pair_chooser
 
-    return pair_chooser(cfg)
+    return recorded_pair_chooser(cfg, find_record(trained))

@@ -261,9 +261,10 @@ def load_run(cfg):
     resolve_merged_ckpt(cfg)  # a merged export: its experts, no LoRA
     trained = trained_folder(cfg) if cfg.sample.ckpt is not None else None  # checked before any model is built
     torch.manual_seed(cfg.seed)
-    from soe.data.auto_pairs import pair_chooser
+    from soe.data.auto_pairs import find_record, recorded_pair_chooser
 
-    stitcher = build_stitcher(cfg, auto_pairs=pair_chooser(cfg) if cfg.stitch.pairs == "auto" else None)  # auto: chosen as training chose
+    auto = cfg.stitch.pairs == "auto"  # the pairs the run recorded (auto_pairs.json), else chosen as training chose
+    stitcher = build_stitcher(cfg, auto_pairs=recorded_pair_chooser(cfg, find_record(trained)) if auto else None)
     step = None
     if trained is not None:
         try:

@@ -24,11 +24,18 @@ class LoraConfig:
     dropout: float = 0.0
     targets: Optional[List[str]] = None  # regexes over module names; null = the plugin's lora_targets
     init_from: Optional[str] = None  # start from a LoRA file/folder (diffusers, peft or ComfyUI); its r, alpha, targets win
+    # what the LoRA learns from (soe/lora/task_gate.py): the gradient of these flow.tasks' samples only (null = all)
+    tasks: Optional[List[str]] = None
+    preserve: float = 0.0  # weight of |pred - pred with this LoRA off|^2 in this expert's loss (0 = off)
+    lr_scale: float = 1.0  # the LoRA's learning rate = optim.lr * lr_scale (connectors: optim.lr)
 
     def __post_init__(self):
         require(self.r >= 1, "r", f"expected a positive rank, got {self.r}")
         require(self.alpha > 0, "alpha", f"expected a positive scale, got {self.alpha} (alpha 0 makes the LoRA a no-op)")
         require(0 <= self.dropout < 1, "dropout", f"expected a value in [0, 1), got {self.dropout}")
+        require(self.preserve >= 0, "preserve", f"expected a weight >= 0, got {self.preserve}")
+        require(self.lr_scale >= 0, "lr_scale", f"expected a factor >= 0, got {self.lr_scale}")
+        require(self.tasks is None or len(self.tasks) > 0, "tasks", "expected at least one task (null = every task)")
 
 
 @dataclass

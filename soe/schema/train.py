@@ -64,6 +64,9 @@ class FlowConfig:
     # (empty = {joint: 1.0}; recipe mappings merge key by key, so set a weight to 0 to drop a task)
     tasks: Dict[str, float] = field(default_factory=dict)
     extend_seconds: Optional[float] = None  # given seconds of the `extend` task; null = half the clip
+    # share of training samples whose connectors read nothing (as the unconditional half of a CFG call): each
+    # expert keeps working without the other modality's input (docs/evidence.md, joint audio)
+    source_dropout: float = 0.0
 
     def __post_init__(self):
         self.timesteps = choice(Timesteps, self.timesteps, "timesteps")
@@ -74,6 +77,7 @@ class FlowConfig:
             require(weight >= 0, f"tasks.{name}", f"expected a weight >= 0, got {weight}")
         if self.tasks and not sum(self.tasks.values()) > 0:
             raise OptionError("tasks", "the weights sum to 0; give at least one task a positive weight")
+        require(0 <= self.source_dropout < 1, "source_dropout", f"expected a share in [0, 1), got {self.source_dropout}")
         require(self.extend_seconds is None or self.extend_seconds > 0, "extend_seconds",
                 f"expected a positive number of seconds, got {self.extend_seconds}")
 

@@ -89,6 +89,36 @@ def _train_stitch(stitcher: Stitcher) -> None:
         stitcher.fusion.requires_grad_(True)
 
 
+def build_lora_training(cfg: DictConfig, stitcher: Stitcher):
+    """``experts.<side>.lora.{tasks, preserve, lr_scale}`` of the sides that train a LoRA -> a
+    ``soe.lora.task_gate.LoraTraining`` (hooks on those LoRAs where ``tasks`` or ``preserve`` is set)."""
+    from soe.flow.conditioning import TASKS
+    from soe.lora.task_gate import LoraGate, LoraTraining
+
+    r = recipe_options(cfg)
+    drawn = {t for t, w in (dict(r.flow.tasks) or {"joint": 1.0}).items() if w > 0}
+    out = LoraTraining()
+    for side in ("a", "b"):
+        e: ExpertConfig = getattr(r.experts, side)
+        if e.train != "lora":
+            continue
+        key = f"experts.{side}.lora"
+        if e.lora.tasks is not None:
+            unknown = [t for t in e.lora.tasks if t not in TASKS]
+            if unknown:
+                raise RecipeError(f"{key}.tasks: unknown task '{unknown[0]}'; expected some of {list(TASKS)}")
+            if not drawn & set(e.lora.tasks):
+                raise RecipeError(f"{key}.tasks: none of {list(e.lora.tasks)} is drawn by flow.tasks {sorted(drawn)}: "
+                                  "the LoRA would never learn")
+        if e.lora.tasks is not None or e.lora.preserve > 0:
+            out.gates[side] = LoraGate(getattr(stitcher, side), None if e.lora.tasks is None else list(e.lora.tasks))
+        if e.lora.preserve > 0:
+            out.preserve[side] = float(e.lora.preserve)
+        if e.lora.lr_scale != 1.0:
+            out.lr_scale[side] = float(e.lora.lr_scale)
+    return out
+
+
 def build_objective(cfg: DictConfig, stitcher: Stitcher):
     """``flow`` (+ each expert's ``flow_shift`` and ``loss_weight``) -> the FlowObjective."""
     from soe.flow.conditioning import TaskMixture
@@ -101,7 +131,7 @@ def build_objective(cfg: DictConfig, stitcher: Stitcher):
     sides = {"a": r.experts.a, "b": r.experts.b}
     return FlowObjective(experts, timesteps=f.timesteps, density=f.density, shifts={s: e.flow_shift for s, e in sides.items()},
                          weights={s: e.loss_weight for s, e in sides.items()}, balance=f.balance, momentum=f.balance_momentum,
-                         seed=r.seed, tasks=tasks)
+                         seed=r.seed, tasks=tasks, source_dropout=f.source_dropout)
 
 
 def build_optim(cfg: DictConfig) -> OptimConfig:

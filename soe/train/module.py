@@ -9,6 +9,7 @@ import torch
 
 from soe.errors import CheckpointError, NonFiniteLossError
 from soe.flow.objective import FlowObjective
+from soe.lora.task_gate import LoraTraining, preservation_error
 from soe.rng import stream_seed
 from soe.schema import NonFinite, OptimConfig, choice
 from soe.stitch.batch_check import cast_batch
@@ -33,10 +34,11 @@ class StitchModule(L.LightningModule):
     batch, noise and timesteps (the data-parallel rank is ``global_rank // context``)."""
 
     def __init__(self, stitcher: Stitcher, objective: FlowObjective, optim: OptimConfig, max_steps: int = 1000,
-                 on_nonfinite: str = "stop", plan=None, context: int = 1):
+                 on_nonfinite: str = "stop", plan=None, context: int = 1, lora_training: LoraTraining | None = None):
         super().__init__()
         self.stitcher, self.objective, self.optim, self.max_steps = stitcher, objective, optim, max_steps
         self.context = context
+        self.lora_training = lora_training or LoraTraining()  # experts.<side>.lora.{tasks, preserve, lr_scale}
         self.on_nonfinite = choice(NonFinite, on_nonfinite, "trainer.on_nonfinite")
         self._plan = plan  # None once filled in
         self.skipped_steps: list[int] = []  # steps skipped for a non-finite loss (on_nonfinite: skip)
@@ -50,7 +52,11 @@ class StitchModule(L.LightningModule):
         clean = {s: cast_batch(getattr(self.stitcher, s), batch[s]) for s in ("a", "b")}
         inputs, targets = self.objective.noised(clean, step=step, rank=self.data_rank)
         saved = [b.clone() for b in self.objective.buffers()] if self.on_nonfinite == "skip" else None
-        pred_a, pred_b = self.stitcher(inputs["a"], inputs["b"])
+        lt = self.lora_training
+        lt.mark(targets["a"]["tasks"])  # lora.tasks: which samples' gradient reaches each LoRA
+        source = self.objective.source_mask(inputs["a"]["latents"].shape[0], step, self.data_rank)  # flow.source_dropout
+        source = None if source is None else source.to(inputs["a"]["latents"].device)
+        pred_a, pred_b = self.stitcher(inputs["a"], inputs["b"], source)
         preds = {"a": pred_a, "b": pred_b}
         if self.stitcher.context is not None:  # a split sample: gradients scaled so the average over ranks is exact
             from soe.stitch.context_parallel import scale_split_gradients
@@ -59,6 +65,13 @@ class StitchModule(L.LightningModule):
         loss, per_modality = self.objective(preds, targets)
         if not self._check_finite(per_modality, saved):
             return None  # Lightning skips backward and this optimizer step
+        if lt.preserve:  # lora.preserve: the same call with those LoRAs off is the target of a second term
+            with torch.no_grad(), lt.off(lt.preserve):
+                ref = dict(zip(("a", "b"), self.stitcher(inputs["a"], inputs["b"], source)))
+            for side, weight in lt.preserve.items():
+                err = preservation_error(preds[side], ref[side], targets[side], self.objective.loss_space[side])
+                loss = loss + weight * self.objective.loss_scale(side) * err
+                self.log(f"preserve_{side}", err, batch_size=pred_a.shape[0])
         for side, value in per_modality.items():
             self.log(f"loss_{side}_{self.objective.modality[side]}", value, prog_bar=True, batch_size=pred_a.shape[0])
         self.log("loss", loss, batch_size=pred_a.shape[0])  # the (balanced) sum: logs only; the bar shows each modality
@@ -101,7 +114,15 @@ class StitchModule(L.LightningModule):
 
     def configure_optimizers(self):
         s = self.optim
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
+        groups, rest = [], []  # lora.lr_scale: each scaled LoRA in its own group
+        scaled = {side: [] for side in self.lora_training.lr_scale}
+        for name, p in self.named_parameters():
+            side = name.split(".")[1] if name.startswith("stitcher.") else None
+            if not p.requires_grad:
+                continue
+            (scaled[side] if side in scaled and "lora_" in name else rest).append(p)
+        groups = [{"params": rest}] + [{"params": ps, "lr": s.lr * self.lora_training.lr_scale[k]} for k, ps in scaled.items() if ps]
+        opt = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
