@@ -12,17 +12,19 @@ the same. The recipe refuses a backend whose package is missing
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
 # Backends that apply an additive/boolean mask themselves; the others get masked calls routed to `native`.
 TAKES_MASK = {"native", "_native_math", "_native_efficient", "_native_cudnn", "_native_npu", "xformers"}
 
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           backend: AttentionBackendName | str | None = None) -> torch.Tensor:
+           backend: str | None = None) -> torch.Tensor:
     """Softmax attention of ``q (B, H, S, d)`` over ``k, v (B, H, L, d)`` -> ``(B, H, S, d)``.
 
     ``backend`` None = the dispatcher's active backend (``attention_backend(...)`` context, or
     ``DIFFUSERS_ATTN_BACKEND``; torch's SDPA by default). ``mask``: additive ``(B|1, H|1, S, L)`` or None."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn  # only when attention runs
+
     if mask is not None and (backend is not None and str(getattr(backend, "value", backend)) not in TAKES_MASK):
         backend = AttentionBackendName.NATIVE  # flash/sage take no mask: same result through SDPA
     out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, backend=backend)

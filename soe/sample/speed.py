@@ -210,6 +210,9 @@ def compile_blocks(blocks, **kwargs) -> None:
     (taps, joins, key/value processors) keeps its per-call state out of the graph itself
     (soe/stitch/lockstep.py, soe/stitch/attention_kv.py), so blocks of one kind share one graph: no
     recompilation after the first sampling step (tests/test_compile.py)."""
+    from soe.stitch.attention_kv import keep_lookups_out_of_graphs
+
+    keep_lookups_out_of_graphs()
     for b in blocks:
         if not getattr(b, "_soe_compiled", False):
             b.forward = torch.compile(b.forward, **kwargs)

@@ -131,8 +131,7 @@ class KVProcessor:
             raise AttributeError(name)
         return getattr(inner, name)
 
-    @torch.compiler.disable
-    def lookup(self):
+    def lookup(self):  # outside the graph under torch.compile: see keep_lookups_out_of_graphs
         """``None`` when idle, else ``(host expert, extra tokens (B, T, D_host), CFG mask (B, 1, 1) or None,
         time step of each of this rank's host tokens (S,), whether the host is split by context parallelism)``."""
         ctx = self.engine.context(self.direction, self.k)
@@ -223,3 +222,11 @@ def wrap_processor(inner, engine, direction: str, k: int, target: KVTargetConfig
         __call__.__signature__ = inspect.signature(type(inner).__call__)
         cls = _CLASSES[type(inner)] = type("KVProcessor", (KVProcessor,), {"__call__": __call__})
     return cls(inner, engine, direction, k, target, kv)
+
+
+def keep_lookups_out_of_graphs() -> None:
+    """``KVProcessor.lookup`` runs outside the graph under ``torch.compile`` (``torch.compiler.disable``: it reads the
+    engine's per-call state and hands back tensors only). Applied by soe.sample.speed before it compiles, not at
+    import: importing torch._dynamo costs ~1.4 s that commands which never compile (``soe inspect``) should not pay."""
+    if not getattr(KVProcessor.lookup, "_torchdynamo_disable", False):
+        KVProcessor.lookup = torch.compiler.disable(KVProcessor.lookup)

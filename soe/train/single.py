@@ -33,6 +33,9 @@ class ExpertModule(StitchModule):
     def configure_model(self):
         return None
 
+    def on_before_optimizer_step(self, optimizer):  # one expert on each rank: no context-parallel average
+        return None
+
 
 def pretrain_expert(expert: Expert, datamodule, side: str, max_steps: int, lr: float = 1e-3, warmup_steps: int = 20,
                     schedule: str = "constant", seed: int = 0, progress: bool = False, **trainer_kwargs) -> ExpertModule:
