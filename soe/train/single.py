@@ -7,6 +7,7 @@ from __future__ import annotations
 import lightning as L
 
 from soe.flow.objective import FlowObjective
+from soe.lora.task_gate import LoraTraining
 from soe.plugin.expert import Expert
 from soe.schema import OptimConfig
 from soe.train.module import StitchModule
@@ -20,6 +21,7 @@ class ExpertModule(StitchModule):
         self.expert, self.side, self.optim, self.max_steps = expert, side, optim, max_steps
         self.objective = FlowObjective({side: expert}, density=density, seed=seed)
         self.on_nonfinite, self.skipped_steps = "stop", []  # what _check_finite reads: a bad loss stops in one line
+        self.lora_training, self.context = LoraTraining(), 1  # what configure_optimizers reads: no LoRA options, no split
         self.strict_loading = False
 
     def training_step(self, batch, batch_idx):
