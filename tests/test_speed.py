@@ -215,10 +215,12 @@ def test_attend_equals_sdpa_on_cpu_with_and_without_a_mask(backend):
 
 
 def test_a_masked_call_leaves_a_backend_without_masks_for_sdpa(monkeypatch):
+    from diffusers.models import attention_dispatch
+
     from soe.plugin import attention
 
-    seen = []
-    monkeypatch.setattr(attention, "dispatch_attention_fn", lambda q, k, v, attn_mask=None, backend=None: seen.append(backend) or q)
+    seen = []  # soe.plugin.attention imports the dispatcher when attention runs: patched where it lives
+    monkeypatch.setattr(attention_dispatch, "dispatch_attention_fn", lambda q, k, v, attn_mask=None, backend=None: seen.append(backend) or q)
     q = torch.zeros(1, 1, 2, 4)
     attention.attend(q, q, q, None, "sage")
     attention.attend(q, q, q, torch.zeros(1, 1, 2, 2), "sage")
@@ -241,15 +243,15 @@ def test_windowed_parallel_attention_is_the_value_of_its_own_time_step():
 
 @pytest.mark.parametrize("backend", ["native", "_native_math"])
 def test_every_softmax_attention_of_the_fused_model_takes_the_backend_and_stays_exact(backend, monkeypatch):
-    from soe.plugin import attention
+    from diffusers.models import attention_dispatch
 
     st, ba, bb = fused()
     with torch.no_grad():
         ref = st(ba, bb)
         apply_speed(st, SpeedConfig(attention_backend=backend), "cpu")
         used = []
-        real = attention.dispatch_attention_fn
-        monkeypatch.setattr(attention, "dispatch_attention_fn", lambda *a, **kw: used.append(kw["backend"]) or real(*a, **kw))
+        real = attention_dispatch.dispatch_attention_fn
+        monkeypatch.setattr(attention_dispatch, "dispatch_attention_fn", lambda *a, **kw: used.append(kw["backend"]) or real(*a, **kw))
         got = st(ba, bb)
     assert len(used) > 0 and {str(getattr(b, "value", b)) for b in used} == {backend}  # soe's processors and ACE-Step's
     for g_, r in zip(got, ref):
