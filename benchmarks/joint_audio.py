@@ -8,13 +8,16 @@ Samples ``--clips`` held-out clips jointly (same seeds, conditioning and noise) 
   time is above S (the audio reads the video only once the video has formed); S = 1 is "as is";
 * ``v->a off``: those connectors zeroed at every step (the audio expert with its LoRA, the video stitched);
 * ``v2a``: the true video given (the audio reads a finished video at every step);
+* ``a2v``: the true audio given (the video reads the finished clicks);
 * with ``--lora-off``: the trained run with the audio expert's LoRA disabled (connectors on; and with v->a off
   too, which must give the experts-alone audio back).
 
 For each: sync (latent AV-Align), Frechet distances of the per-clip features to the true clips with a 95%
 bootstrap interval (clips resampled with replacement, 300 draws), onsets per clip and mean click loudness
 (``soe.evaluate.sync_eval``), and the mean ratio |v->a connector output| / |audio hidden state| per flow
-time bin (what the audio side receives from the video at high and low noise).
+time bin (what the audio side receives from the video at high and low noise). Each variant's Frechet distances and
+onsets are also given minus the experts alone's on the same bootstrap draws of clips (a paired interval: "no worse
+than alone" holds where that interval reaches 0 or below).
 
     python benchmarks/joint_audio.py runs/demo --clips 96
     python benchmarks/joint_audio.py --seeds S0.json S1.json S2.json   # runs of several seeds (--json): mean ± 95% t-interval
@@ -98,7 +101,7 @@ def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora
     return {k: v.float() for k, v in lat.items()}, {s: float(np.mean(r)) for s, r in sorted(gate.ratios.items())}
 
 
-def scores(lat: dict, truth_feats: dict, experts: dict, seconds: float) -> dict:
+def scores(lat: dict, truth_feats: dict, experts: dict, seconds: float) -> tuple[dict, dict]:
     feats = sync_eval.features(lat, experts, seconds)
     n = len(feats["audio"])
     per_clip_sync = np.array([sync_eval.sync_score({k: v[i:i + 1] for k, v in lat.items()}, experts, seconds) for i in range(n)])
@@ -107,7 +110,20 @@ def scores(lat: dict, truth_feats: dict, experts: dict, seconds: float) -> dict:
     return {"sync": bootstrap(lambda i: per_clip_sync[i].mean(), n),
             "frechet_video": bootstrap(lambda i: frechet_distance(feats["video"][i], truth_feats["video"][i]), n),
             "frechet_audio": bootstrap(lambda i: frechet_distance(feats["audio"][i], truth_feats["audio"][i]), n),
-            "onsets": bootstrap(lambda i: onsets[i].mean(), n), "loudness": bootstrap(lambda i: loud[i].mean(), n)}
+            "onsets": bootstrap(lambda i: onsets[i].mean(), n), "loudness": bootstrap(lambda i: loud[i].mean(), n)}, \
+        {"feats": feats, "onsets": onsets}
+
+
+def minus_alone(mine: dict, alone: dict, truth_feats: dict) -> dict:
+    """A variant's Frechet distances and onsets minus the experts alone's, on the same bootstrap draws of clips
+    (``bootstrap`` draws the same indices for the same ``n``: a paired interval)."""
+    n = len(mine["onsets"])
+
+    def diff(modality):
+        return lambda i: (frechet_distance(mine["feats"][modality][i], truth_feats[modality][i])
+                          - frechet_distance(alone["feats"][modality][i], truth_feats[modality][i]))
+    return {"frechet_video": bootstrap(diff("video"), n), "frechet_audio": bootstrap(diff("audio"), n),
+            "onsets": bootstrap(lambda i: mine["onsets"][i].mean() - alone["onsets"][i].mean(), n)}
 
 
 def seeds_table(files: list[Path]) -> str:
@@ -159,18 +175,24 @@ def main(argv=None) -> dict:
     truth_feats = sync_eval.features(truth, experts, seconds)
     variants = [("experts alone (step 0)", alone, None, "joint", False), (f"stitched (step {step})", stitched, None, "joint", False),
                 *((f"stitched, v->a off above sigma {s}", stitched, s, "joint", False) for s in args.above),
-                ("stitched, v->a off", stitched, -1.0, "joint", False), ("stitched v2a (true video given)", stitched, None, "v2a", False)]
+                ("stitched, v->a off", stitched, -1.0, "joint", False), ("stitched v2a (true video given)", stitched, None, "v2a", False),
+                ("stitched a2v (true audio given)", stitched, None, "a2v", False)]
     if args.lora_off:
         variants += [("stitched, audio LoRA off", stitched, None, "joint", True),
                      ("stitched, audio LoRA off, v->a off", stitched, -1.0, "joint", True)]
     skip = {"alone": "experts alone", "v2a": "stitched v2a", "off": "stitched, v->a off", "gated": "stitched, v->a off above",
-            "stitched": "stitched (step"}
+            "stitched": "stitched (step", "a2v": "stitched a2v"}
     variants = [v for v in variants if not any(v[0].startswith(skip[k]) and (k != "off" or v[0] == skip[k]) for k in args.skip)]
     out = {"run": str(args.run), "step": step, "clips": args.clips, "truth_onsets": float(np.mean(
         [len(audio_onsets(env, len(env) / seconds)) for _, _, _, env in sync_eval._signals(truth, experts)])), "variants": {}}
+    per_clip = {}
     for name, model, above, task, lora_off in variants:
         lat, ratios = run_variant(model, cfg, cond, truth, seconds, above, task, lora_off)
-        out["variants"][name] = {**scores(lat, truth_feats, experts, seconds), "v_to_a_ratio": ratios}
+        out["variants"][name], per_clip[name] = scores(lat, truth_feats, experts, seconds)
+        out["variants"][name]["v_to_a_ratio"] = ratios
+    alone_name = variants[0][0] if variants and variants[0][0].startswith("experts alone") else None
+    for name in (n for n in per_clip if alone_name and n != alone_name):
+        out["variants"][name]["minus_alone"] = minus_alone(per_clip[name], per_clip[alone_name], truth_feats)
     t = Table(title=f"{args.run} joint audio, {args.clips} held-out clips (95% bootstrap intervals); truth onsets/clip "
                     f"{out['truth_onsets']:.2f}")
     for col in ("variant", "sync", "Frechet video", "Frechet audio", "onsets/clip", "loudness", "|v->a|/|h| hi / lo sigma"):
@@ -183,6 +205,15 @@ def main(argv=None) -> dict:
         t.add_row(name, fmt(r["sync"]), fmt(r["frechet_video"]), fmt(r["frechet_audio"]), fmt(r["onsets"]), fmt(r["loudness"]),
                   f"{hi:.3f} / {lo:.3f}")
     Console(width=250).print(t)
+    if alone_name:
+        d = Table(title="minus the experts alone, same bootstrap draws (<= 0: no worse than alone)")
+        for col in ("variant", "Frechet video", "Frechet audio", "onsets/clip"):
+            d.add_column(col)
+        for name, r in out["variants"].items():
+            if "minus_alone" in r:
+                m = r["minus_alone"]
+                d.add_row(name, fmt(m["frechet_video"]), fmt(m["frechet_audio"]), fmt(m["onsets"]))
+        Console(width=250).print(d)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return out
