@@ -10,7 +10,7 @@ Samples ``--clips`` held-out clips jointly (same seeds, conditioning and noise) 
 * ``v2a``: the true video given (the audio reads a finished video at every step);
 * ``a2v``: the true audio given (the video reads the finished clicks);
 * with ``--lora-off``: the trained run with the audio expert's LoRA disabled (connectors on; and with v->a off
-  too, which must give the experts-alone audio back).
+  too, which must give the experts-alone audio back), and with both experts' LoRAs disabled.
 
 For each: sync (latent AV-Align), Frechet distances of the per-clip features to the true clips with a 95%
 bootstrap interval (clips resampled with replacement, 300 draws), onsets per clip and mean click loudness
@@ -69,18 +69,12 @@ class Gate:
             h.remove()
 
 
-@torch.no_grad()
-def audio_lora(model, enabled: bool) -> None:
-    """Switch the peft adapters of expert ``b`` (audio) on or off."""
-    for m in model.b.modules():
-        if hasattr(m, "enable_adapters") and hasattr(m, "lora_A"):
-            m.enable_adapters(enabled)
-
-
-def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora_off=False) -> tuple[dict, dict]:
+def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora_off=()) -> tuple[dict, dict]:
+    """``lora_off``: the sides sampled without their LoRA (else the recipe's ``sample.lora_off`` decides)."""
     from soe.flow.conditioning import given_for_task
+    from soe.lora.task_gate import loras_off
     from soe.recipe.builders import build_sampler
-    from soe.sample.sampler import sample, stitched_predictor
+    from soe.sample.sampler import lora_off_sides, sample, stitched_predictor
 
     gate = Gate(model, above)
     predict = stitched_predictor(model)
@@ -91,13 +85,13 @@ def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora
 
     experts = {"a": model.a, "b": model.b}
     given = given_for_task(task, experts, truth) if task != "joint" else None
-    if lora_off:
-        audio_lora(model, False)
+    settings = build_sampler(cfg)
+    off = list(lora_off) if lora_off else lora_off_sides(settings, given, experts)  # else the recipe's, as soe samples
     try:
-        lat = sample(experts, cond, seconds, build_sampler(cfg), gated, given=given)
+        with loras_off(experts, off):
+            lat = sample(experts, cond, seconds, settings, gated, given=given)
     finally:
         gate.remove()
-        audio_lora(model, True)
     return {k: v.float() for k, v in lat.items()}, {s: float(np.mean(r)) for s, r in sorted(gate.ratios.items())}
 
 
@@ -157,7 +151,7 @@ def main(argv=None) -> dict:
     p.add_argument("--clips", type=int, default=96)
     p.add_argument("--above", type=float, nargs="*", default=[0.8, 0.5], help="flow times above which v->a is zeroed")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--lora-off", action="store_true", help="also: the audio LoRA disabled (with and without v->a)")
+    p.add_argument("--lora-off", action="store_true", help="also: the audio LoRA disabled (with and without v->a), and both LoRAs")
     p.add_argument("--skip", nargs="*", default=[], help="variants to leave out: alone, stitched, v2a, gated, off")
     args = p.parse_args(argv)
     from soe.recipe.builders import build_stitcher
@@ -173,13 +167,14 @@ def main(argv=None) -> dict:
     seconds = cfg.sample.seconds or cfg.data.seconds
     cond, truth = sync_eval.held_out(experts, seconds, args.clips, cfg.seed)
     truth_feats = sync_eval.features(truth, experts, seconds)
-    variants = [("experts alone (step 0)", alone, None, "joint", False), (f"stitched (step {step})", stitched, None, "joint", False),
-                *((f"stitched, v->a off above sigma {s}", stitched, s, "joint", False) for s in args.above),
-                ("stitched, v->a off", stitched, -1.0, "joint", False), ("stitched v2a (true video given)", stitched, None, "v2a", False),
-                ("stitched a2v (true audio given)", stitched, None, "a2v", False)]
+    variants = [("experts alone (step 0)", alone, None, "joint", ()), (f"stitched (step {step})", stitched, None, "joint", ()),
+                *((f"stitched, v->a off above sigma {s}", stitched, s, "joint", ()) for s in args.above),
+                ("stitched, v->a off", stitched, -1.0, "joint", ()), ("stitched v2a (true video given)", stitched, None, "v2a", ()),
+                ("stitched a2v (true audio given)", stitched, None, "a2v", ())]
     if args.lora_off:
-        variants += [("stitched, audio LoRA off", stitched, None, "joint", True),
-                     ("stitched, audio LoRA off, v->a off", stitched, -1.0, "joint", True)]
+        variants += [("stitched, audio LoRA off", stitched, None, "joint", ("b",)),
+                     ("stitched, both LoRAs off", stitched, None, "joint", ("a", "b")),
+                     ("stitched, audio LoRA off, v->a off", stitched, -1.0, "joint", ("b",))]
     skip = {"alone": "experts alone", "v2a": "stitched v2a", "off": "stitched, v->a off", "gated": "stitched, v->a off above",
             "stitched": "stitched (step", "a2v": "stitched a2v"}
     variants = [v for v in variants if not any(v[0].startswith(skip[k]) and (k != "off" or v[0] == skip[k]) for k in args.skip)]

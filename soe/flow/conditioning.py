@@ -188,6 +188,19 @@ class TaskMixture:
         return out
 
 
+def task_of(given: dict[str, GivenLatents] | None, modalities: dict[str, str]) -> str:
+    """The task a sampling call serves, read off what it keeps clean (the inverse of :func:`given_for_task`):
+    nothing -> ``joint``; a whole modality -> ``v2a`` / ``a2v``; only the video's first frames -> ``image``;
+    the leading frames of both -> ``extend``."""
+    given = {side: g for side, g in (given or {}).items() if bool(g.mask.any())}
+    if not given:
+        return "joint"
+    whole = {modalities[side] for side, g in given.items() if bool(g.mask.all())}
+    if whole:
+        return "v2a" if "video" in whole else "a2v"
+    return "image" if {modalities[side] for side in given} == {"video"} else "extend"
+
+
 def given_for_task(task: str, experts: dict[str, Expert], clean: dict[str, torch.Tensor],
                    extend_seconds: float | None = None, uncond: str = "keep") -> dict[str, GivenLatents]:
     """What sampling keeps clean for ``task``, from the batched clean latents of the sides it gives."""

@@ -56,6 +56,11 @@ def export_run(run_dir, fmt: str, out=None, push_to_hub: str | None = None, priv
         raise UsageError(f"--out: '{out}' already exists and is not an empty folder; choose another")
     check_output(out, "--out", sources=[trained, recipe])  # under a file, read-only, inside trained/: refused now
     cfg = load_recipe(recipe)
+    off = {side: list(t) for side, t in (cfg.sample.get("lora_off") or {}).items() if t}
+    if fmt == "merged" and off:  # merged experts have no LoRA left to switch off for those tasks
+        side = min(off)
+        raise UsageError(f"--format merged: the run's sample.lora_off.{side} samples {off[side]} without expert {side}'s "
+                         "LoRA, which merging bakes in; use --format diffusers or comfyui (the LoRA stays a separate file)")
     with removed_on_failure(out, "--out"):  # a failed export leaves no folder it made (RUN/export/ included)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # nothing half-written at `out`

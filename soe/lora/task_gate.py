@@ -11,6 +11,12 @@ Three ways to hold it, each a key of ``experts.<side>.lora``:
   may change the prediction only as far as the flow loss pays for it;
 * ``lr_scale``: the LoRA's learning rate relative to ``optim.lr`` (connectors keep ``optim.lr``).
 
+And one for sampling, ``sample.lora_off`` (:func:`loras_off`, applied by ``soe.sample.sampler.sample_stitched``):
+per side, the sampling tasks that run that expert without its LoRA. Measured on the sync experiment
+(docs/evidence.md): the audio LoRA trained with the task mixture is what makes the jointly sampled audio quieter;
+sampling joint (and image) without it, every connector on, gives the experts-alone audio back while the
+connectors keep the sync; v2a keeps the LoRA, which is where it learnt to follow a finished video.
+
 Hand-written: peft offers switching an adapter off for a whole model (``disable_adapter()``, on a ``PeftModel``,
 which soe does not wrap experts in) but not per sample, nor without touching ``requires_grad``. A forward hook on
 each adapted layer's ``lora_B`` does both: it returns the output, the output without gradient (per sample), or
@@ -94,6 +100,26 @@ class LoraTraining:
         finally:
             for g in gates:
                 g.enabled = True
+
+
+@contextmanager
+def loras_off(experts: dict[str, Expert], sides):
+    """Every LoRA of the experts of ``sides`` adds nothing inside the block (hooks, removed after)."""
+    gates = [LoraGate(experts[side]) for side in sides]
+    for side, gate in zip(sides, gates):
+        if not len(gate):
+            for g in gates:
+                g.remove()
+            from soe.errors import RecipeError
+
+            raise RecipeError(f"sample.lora_off.{side}: experts.{side} has no LoRA to switch off (train is not lora, "
+                              "or a merged export baked it in)")
+        gate.enabled = False
+    try:
+        yield
+    finally:
+        for g in gates:
+            g.remove()
 
 
 def preservation_error(pred: torch.Tensor, ref: torch.Tensor, target: dict, loss_space: str) -> torch.Tensor:

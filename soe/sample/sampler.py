@@ -139,5 +139,21 @@ def stitched_predictor(stitcher):
 
 def sample_stitched(stitcher, conditions: dict[str, Batch], seconds: float, settings: SamplerConfig, progress=None,
                     negative: dict[str, Batch] | None = None, given: dict[str, GivenLatents] | None = None):
-    return sample({"a": stitcher.a, "b": stitcher.b}, conditions, seconds, settings, stitched_predictor(stitcher), progress,
-                  negative=negative, given=given)
+    experts = {"a": stitcher.a, "b": stitcher.b}
+    off = lora_off_sides(settings, given, experts)
+    if not off:
+        return sample(experts, conditions, seconds, settings, stitched_predictor(stitcher), progress, negative=negative, given=given)
+    from soe.lora.task_gate import loras_off
+
+    with loras_off(experts, off):
+        return sample(experts, conditions, seconds, settings, stitched_predictor(stitcher), progress, negative=negative, given=given)
+
+
+def lora_off_sides(settings: SamplerConfig, given: dict[str, GivenLatents] | None, experts: dict[str, Expert]) -> list[str]:
+    """The sides whose LoRA ``sample.lora_off`` switches off for the task this call serves (read off ``given``)."""
+    if not settings.lora_off:
+        return []
+    from soe.flow.conditioning import task_of
+
+    task = task_of(given, {side: e.modality for side, e in experts.items()})
+    return [side for side, tasks in sorted(settings.lora_off.items()) if task in tasks]

@@ -12,6 +12,7 @@ from soe.schema.base import Choice, OptionError, StorageDtype, check_device, cho
 
 # conditioning inputs of `soe generate` (at most one): sample.<key> -> the task it asks of the experts
 TRAINING_EVAL = ("av_align",)  # `soe eval` metrics sample.eval may name: those that need no weights
+SAMPLING_TASKS = ("joint", "v2a", "a2v", "image", "extend")  # soe.flow.conditioning.TASKS (schema sits below flow)
 SYNC_TASKS = ("joint", "v2a", "a2v")  # sample.sync_tasks: what the held-out clips are sampled as (soe/sample/held_out_tasks.py)
 GIVEN_MEDIA = {"image": "image", "video": "v2a", "audio": "a2v", "extend": "extend"}
 
@@ -95,9 +96,16 @@ class SamplerConfig:
     # [lo, hi]: CFG only at steps whose sigma (in (0, 1], after the expert's shift) lies in (lo, hi]; elsewhere the
     # conditional prediction alone, one forward of B (Kynkaanniemi et al. 2024); null = CFG at every step
     guidance_interval: Optional[List[float]] = None
+    # per expert side, the sampling tasks (joint, v2a, a2v, image, extend) that run that expert without its LoRA
+    # (soe/lora/task_gate.py loras_off); e.g. {b: [joint, image]}: the audio LoRA only where the video is given
+    lora_off: Dict[str, List[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.scheduler = choice(Scheduler, self.scheduler, "scheduler")
+        for side, tasks in self.lora_off.items():
+            require(side in ("a", "b"), f"lora_off.{side}", "expected keys 'a' and 'b' (the two experts)")
+            bad = [t for t in tasks if t not in SAMPLING_TASKS]
+            require(not bad, f"lora_off.{side}", f"expected tasks among {list(SAMPLING_TASKS)}, got {bad[0] if bad else ''!r}")
         require(self.steps >= 1, "steps", f"expected a positive integer, got {self.steps}")
         for key in ("guidance", "shift"):
             for side, value in getattr(self, key).items():
