@@ -1,5 +1,10 @@
+import contextlib
 import importlib.util
 import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -67,3 +72,64 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
+TINY_RUN = ["data.num_clips=32", "data.batch_size=2", "data.seconds=1.0", "trainer.log_every_n_steps=1", "trainer.max_steps=3",
+            "trainer.checkpoint_every_n_steps=3", "sample.at_end=false", "trainer.accelerator=cpu", "stitch.connector.init=trunc_normal"]
+
+
+class TinyStitch:
+    """``tiny_stitch(*overrides)``: the run folder of `soe stitch tests/recipes/tiny.yaml` for 3 steps (TINY_RUN) with
+    ``overrides``, each distinct run made once per session: tests/test_training.py and tests/test_context_parallel.py
+    check the same 2-rank ddp and fsdp2 runs, and every rank of a run pays Python, torch and Lightning's start-up
+    (several CPU seconds). A run of several ranks is a subprocess (Lightning starts the other ranks); one rank runs
+    in this process. ``start(*overrides)`` begins a run of several ranks in the background, at most two at a time:
+    Lightning starts a run's other ranks only once rank 0 is set up, so one run alone leaves a core of two idle."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp = tmp_path_factory
+        self.two_at_a_time = threading.Semaphore(2)
+        self.runs = {}
+
+    def start(self, *overrides) -> None:
+        if overrides not in self.runs and any(o.startswith("trainer.devices=") and o != "trainer.devices=1" for o in overrides):
+            env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}  # the starting test's, whenever the run starts
+            run, run_dir = Future(), self.tmp.mktemp("tiny-stitch") / "run"
+            # a thread per run that ends with it: no thread is left when later tests fork (preexec_fn)
+            threading.Thread(target=self._ranks, args=(run, run_dir, overrides, env), daemon=True).start()
+            self.runs[overrides] = run
+
+    def __call__(self, *overrides) -> Path:
+        self.start(*overrides)
+        if overrides not in self.runs:
+            run_dir = self.tmp.mktemp("tiny-stitch") / "run"
+            from rich.console import Console
+
+            from soe.cli.stitch import run_training
+
+            with open(os.devnull, "w") as quiet, contextlib.chdir(run_dir.parent):
+                run_training(TINY, [*TINY_RUN, f"run_dir={run_dir}", *overrides], console=Console(file=quiet), progress=False)
+            self.runs[overrides] = run_dir
+        run = self.runs[overrides]
+        return run.result() if isinstance(run, Future) else run
+
+    def _ranks(self, run: Future, run_dir: Path, overrides, env: dict) -> None:
+        try:
+            with self.two_at_a_time:
+                proc = subprocess.run([sys.executable, "-m", "soe.cli", "stitch", str(TINY), *TINY_RUN, f"run_dir={run_dir}", *overrides],
+                                      check=False, capture_output=True, text=True, timeout=600, cwd=run_dir.parent, env=env)
+        except BaseException as e:  # noqa: BLE001 - a timeout: the test waiting on the run fails with it
+            run.set_exception(e)
+            return
+        if proc.returncode == 0:
+            run.set_result(run_dir)
+        else:
+            run.set_exception(AssertionError(f"soe stitch {' '.join(overrides)}: exit {proc.returncode}\n"
+                                             + proc.stdout[-2000:] + proc.stderr[-3000:]))
+
+
+@pytest.fixture(scope="session")
+def tiny_stitch(tmp_path_factory):
+    """See TinyStitch."""
+    return TinyStitch(tmp_path_factory)
