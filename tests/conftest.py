@@ -95,10 +95,8 @@ class TinyStitch:
     def start(self, *overrides) -> None:
         if overrides not in self.runs and any(o.startswith("trainer.devices=") and o != "trainer.devices=1" for o in overrides):
             env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}  # the starting test's, whenever the run starts
-            run, run_dir = Future(), self.tmp.mktemp("tiny-stitch") / "run"
-            # a thread per run that ends with it: no thread is left when later tests fork (preexec_fn)
-            threading.Thread(target=self._ranks, args=(run, run_dir, overrides, env), daemon=True).start()
-            self.runs[overrides] = run
+            run = self.runs[overrides] = Future()
+            self._ranks(run, self.tmp.mktemp("tiny-stitch") / "run", overrides, env)
 
     def __call__(self, *overrides) -> Path:
         self.start(*overrides)
@@ -115,18 +113,36 @@ class TinyStitch:
         return run.result() if isinstance(run, Future) else run
 
     def _ranks(self, run: Future, run_dir: Path, overrides, env: dict) -> None:
+        cmd = [sys.executable, "-m", "soe.cli", "stitch", str(TINY), *TINY_RUN, f"run_dir={run_dir}", *overrides]
+        finished = in_background(cmd, run_dir.parent, env, self.two_at_a_time)
+
+        def settle(f: Future) -> None:
+            proc = None if f.exception() else f.result()
+            if proc is None:
+                run.set_exception(f.exception())
+            elif proc.returncode == 0:
+                run.set_result(run_dir)
+            else:
+                run.set_exception(AssertionError(f"soe stitch {' '.join(overrides)}: exit {proc.returncode}\n"
+                                                 + proc.stdout[-2000:] + proc.stderr[-3000:]))
+
+        finished.add_done_callback(settle)
+
+
+def in_background(cmd: list[str], cwd: Path, env: dict, limit: threading.Semaphore, timeout: int = 600) -> Future:
+    """``subprocess.run(cmd)`` in a thread of its own that waits for ``limit`` first and ends with the command (no
+    thread is left when later tests fork with preexec_fn); the Future holds the CompletedProcess or the exception."""
+    done = Future()
+
+    def run():
         try:
-            with self.two_at_a_time:
-                proc = subprocess.run([sys.executable, "-m", "soe.cli", "stitch", str(TINY), *TINY_RUN, f"run_dir={run_dir}", *overrides],
-                                      check=False, capture_output=True, text=True, timeout=600, cwd=run_dir.parent, env=env)
+            with limit:
+                done.set_result(subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env))
         except BaseException as e:  # noqa: BLE001 - a timeout: the test waiting on the run fails with it
-            run.set_exception(e)
-            return
-        if proc.returncode == 0:
-            run.set_result(run_dir)
-        else:
-            run.set_exception(AssertionError(f"soe stitch {' '.join(overrides)}: exit {proc.returncode}\n"
-                                             + proc.stdout[-2000:] + proc.stderr[-3000:]))
+            done.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return done
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,11 @@ recipe's two-way stitch (lockstep), both one-way hook-engine stitches, ``pool: m
 
 One worker run (tests/context_parallel_worker.py, ~30 s) computes every case on both ranks and in one process."""
 import itertools
+import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -139,24 +141,39 @@ def one_process_sample(tmp_path_factory):
     return out
 
 
-def _generate(tmp_path, out, nproc, *extra):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    proc = subprocess.run([*torchrun, "-m", "soe", "generate", str(TINY), *GEN, f"out={tmp_path / out}", *extra],
-                          check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+TORCHRUN = [(2, ("parallel.context=2",)), (2, ("parallel.cfg=true",)), (4, ("parallel.context=2", "parallel.cfg=true"))]
+
+
+@pytest.fixture(scope="module")
+def torchrun_samples(tmp_path_factory):
+    """The torchrun runs of soe generate below, started together, two at a time (in_background, tests/conftest.py):
+    a run's agent starts alone and rank 0 alone writes the mp4, leaving a core idle. Each on a port of its own."""
+    from conftest import LAUNCH_ENV, in_background
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    limit, runs = threading.Semaphore(2), {}
+    for nproc, extra in TORCHRUN:
+        out = tmp_path_factory.mktemp("torchrun") / "many"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}",
+               "-m", "soe", "generate", str(TINY), *GEN, f"out={out}", *extra]
+        runs[nproc, extra] = (out, in_background(cmd, out.parent, env, limit))
+    return runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,extra", [(2, ["parallel.context=2"]), (2, ["parallel.cfg=true"]),
-                                         (4, ["parallel.context=2", "parallel.cfg=true"])])
-def test_soe_generate_under_torchrun_samples_what_one_process_samples(tmp_path, one_process_sample, nproc, extra):
+@pytest.mark.parametrize("nproc,extra", TORCHRUN)
+def test_soe_generate_under_torchrun_samples_what_one_process_samples(torchrun_samples, one_process_sample, nproc, extra):
     from safetensors.torch import load_file
 
-    proc = _generate(tmp_path, "many", nproc, *extra)
+    out, run = torchrun_samples[nproc, extra]
+    proc = run.result()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 2  # rank 0 alone prints (the mp4 and the contact sheet) and writes
-    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["latents.safetensors", "sample_00.mp4", "sample_00.png"]
-    want, got = load_file(one_process_sample / "latents.safetensors"), load_file(tmp_path / "many" / "latents.safetensors")
+    assert sorted(p.name for p in out.iterdir()) == ["latents.safetensors", "sample_00.mp4", "sample_00.png"]
+    want, got = load_file(one_process_sample / "latents.safetensors"), load_file(out / "latents.safetensors")
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
 
