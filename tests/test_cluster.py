@@ -66,17 +66,27 @@ def test_fsdp2_checkpoint_is_one_file_of_whole_tensors_and_two_ranks_resume_from
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
 
-    def run(steps, *extra):
-        proc = subprocess.run([sys.executable, "-m", "soe.cli", "stitch", str(recipe), f"run_dir={tmp_path / 'run'}", "trainer.devices=2",
-                               "trainer.strategy=fsdp2", "trainer.accelerator=cpu", f"trainer.max_steps={steps}", *extra],
-                              check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    def start(steps, *extra):
+        return subprocess.Popen([sys.executable, "-m", "soe.cli", "stitch", str(recipe), f"run_dir={tmp_path / 'run'}", "trainer.devices=2",
+                                 "trainer.strategy=fsdp2", "trainer.accelerator=cpu", f"trainer.max_steps={steps}", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
-    run(2)
+    def run(steps, *extra, proc=None):
+        proc = proc or start(steps, *extra)
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, out[-2000:] + err[-3000:]
+
+    first = start(2)
+    try:
+        whole = {k: v.shape for k, v in train_one_step(tmp_path).items()}  # one process, no sharding; meanwhile the ranks start
+    finally:
+        run(2, proc=first)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     saved = read_checkpoint(last, mmap=False)
-    whole = {k: v.shape for k, v in train_one_step(tmp_path).items()}  # one process, no sharding
     assert {k: v.shape for k, v in saved["state_dict"].items()} == whole
     assert all(type(v) is torch.Tensor for v in saved["state_dict"].values())
     run(3, "resume=true")
@@ -192,6 +202,10 @@ def _launch(launcher: str, node: int, port: int) -> tuple[list[str], dict]:
 def _two_nodes(launcher, recipe, run_dir, steps, *extra):
     """``soe stitch`` started once per node (2 nodes of one process each, DDP over gloo) by ``launcher``.
     Returns each node's (stdout, stderr)."""
+    return _finish(launcher, _start_two_nodes(launcher, recipe, run_dir, steps, *extra))
+
+
+def _start_two_nodes(launcher, recipe, run_dir, steps, *extra) -> list[subprocess.Popen]:
     port = _free_port()
     args = ["-m", "soe.cli", "stitch", str(recipe), f"run_dir={run_dir}", "trainer.num_nodes=2", "trainer.devices=1",
             "trainer.strategy=ddp", "trainer.accelerator=cpu", f"trainer.max_steps={steps}", *extra]
@@ -201,6 +215,10 @@ def _two_nodes(launcher, recipe, run_dir, steps, *extra):
         prefix, env = _launch(launcher, node, port)
         procs.append(subprocess.Popen([*prefix, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env={**base, **env}))
+    return procs
+
+
+def _finish(launcher, procs):
     try:
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -219,9 +237,12 @@ def test_two_nodes_own_one_run_folder_and_resume_exactly_under_each_launcher(tmp
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     split, straight = tmp_path / "split", tmp_path / "straight"
-    first = _two_nodes("srun", recipe, split, 2)
-    resumed = _two_nodes("by-hand", recipe, split, 4, "resume=true")
-    _two_nodes("torchrun", recipe, straight, 4)
+    uninterrupted = _start_two_nodes("torchrun", recipe, straight, 4)  # beside the split run: they share no files
+    try:
+        first = _two_nodes("srun", recipe, split, 2)
+        resumed = _two_nodes("by-hand", recipe, split, 4, "resume=true")
+    finally:
+        _finish("torchrun", uninterrupted)
     for (out0, _), (out1, _) in (first, resumed):  # node 0 alone reports, and writes one logs/version_N per start
         assert "done" in out0 and "block pairs" in out0, out0[-2000:]
         assert "done" not in out1 and "block pairs" not in out1, out1[-2000:]

@@ -5,9 +5,11 @@ recipe's two-way stitch (lockstep), both one-way hook-engine stitches, ``pool: m
 
 One worker run (tests/context_parallel_worker.py, ~30 s) computes every case on both ranks and in one process."""
 import itertools
+import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -69,35 +71,37 @@ def test_a_sequence_that_does_not_split_evenly_is_refused_in_one_line(runs):
 
 
 TINY = HERE / "recipes" / "tiny.yaml"
-RUN = ["data.num_clips=32", "data.batch_size=2", "data.seconds=1.0", "trainer.log_every_n_steps=1", "trainer.max_steps=3",
-       "trainer.checkpoint_every_n_steps=3", "sample.at_end=false", "trainer.accelerator=cpu", "stitch.connector.init=trunc_normal"]
+RANKS = [("trainer.devices=4", "trainer.strategy=ddp", "parallel.context=2"),  # a 4-rank run beside a 2-rank one
+         ("trainer.devices=2", "trainer.strategy=ddp", "parallel.context=2"), ("trainer.devices=2", "trainer.strategy=fsdp2", "parallel.context=2"),
+         ("trainer.devices=2", "trainer.strategy=ddp"), ("trainer.devices=4", "trainer.strategy=fsdp2", "parallel.context=2"),
+         ("trainer.devices=2", "trainer.strategy=fsdp2")]
 
 
-def _stitch(run_dir, *extra):
-    proc = subprocess.run([sys.executable, "-m", "soe.cli", "stitch", str(TINY), *RUN, f"run_dir={run_dir}", *extra],
-                          check=False, capture_output=True, text=True, timeout=600, cwd=run_dir.parent)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+@pytest.fixture(scope="module")
+def stitch_runs(tiny_stitch):
+    """The runs of soe stitch below, started two at a time in the background (tiny_stitch, tests/conftest.py)."""
+    for overrides in RANKS:
+        tiny_stitch.start(*overrides)
+    return tiny_stitch
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_soe_stitch_with_two_ranks_sharing_each_sample_trains_as_one_process(tmp_path, strategy):
+def test_soe_stitch_with_two_ranks_sharing_each_sample_trains_as_one_process(stitch_runs, strategy):
     """`soe stitch trainer.devices=2 parallel.context=2`: the same batches, noise and timesteps on both ranks of the
-    sample, gradients scaled and averaged: three AdamW steps log the losses and write the trained tensors of one process."""
-    _stitch(tmp_path / "one")
-    _stitch(tmp_path / "two", "trainer.devices=2", f"trainer.strategy={strategy}", "parallel.context=2")
-    same_run(tmp_path / "one", tmp_path / "two")
+    sample, gradients scaled and averaged: three AdamW steps log the losses and write the trained tensors of one process.
+    (tiny_stitch, tests/conftest.py: each run once per session; the one-process run is shared by both strategies.)"""
+    same_run(stitch_runs(), stitch_runs("trainer.devices=2", f"trainer.strategy={strategy}", "parallel.context=2"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_data_parallel_groups_of_two_context_ranks_train_as_two_data_parallel_ranks(tmp_path, strategy):
+def test_two_data_parallel_groups_of_two_context_ranks_train_as_two_data_parallel_ranks(stitch_runs, strategy):
     """4 ranks = 2 data-parallel groups x 2 context ranks (mesh (dp, cfg, ring, ulysses) = (2, 1, 1, 2), laid out as
-    Lightning's (data_parallel, tensor_parallel)) give what 2 plain data-parallel ranks give; fsdp2 shards over dp."""
-    _stitch(tmp_path / "dp2", "trainer.devices=2", f"trainer.strategy={strategy}")
-    _stitch(tmp_path / "dp2cp2", "trainer.devices=4", f"trainer.strategy={strategy}", "parallel.context=2")
-    same_run(tmp_path / "dp2", tmp_path / "dp2cp2")
+    Lightning's (data_parallel, tensor_parallel)) give what 2 plain data-parallel ranks give; fsdp2 shards over dp.
+    (The 2-rank runs are the ones tests/test_training.py checks.)"""
+    same_run(stitch_runs("trainer.devices=2", f"trainer.strategy={strategy}"),
+             stitch_runs("trainer.devices=4", f"trainer.strategy={strategy}", "parallel.context=2"))
 
 
 def same_run(one, two):
@@ -123,25 +127,53 @@ GEN = ["sample.steps=4", "sample.seconds=1.0", "sample.guidance.a=2.0", "sample.
        "stitch.connector.init=trunc_normal"]
 
 
-def _generate(tmp_path, out, nproc, *extra):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
-    proc = subprocess.run([*torchrun, "-m", "soe", "generate", str(TINY), *GEN, f"out={tmp_path / out}", *extra],
-                          check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+@pytest.fixture(scope="module")
+def one_process_sample(tmp_path_factory):
+    """`soe generate` of one process (in this process: no ranks, no start-up), once for the three cases below."""
+    from soe.cli import main
+
+    out = tmp_path_factory.mktemp("generate") / "one"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["generate", str(TINY), *GEN, f"out={out}"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # trainer.threads=1 set it for this process
+    return out
+
+
+TORCHRUN = [(2, ("parallel.context=2",)), (2, ("parallel.cfg=true",)), (4, ("parallel.context=2", "parallel.cfg=true"))]
+
+
+@pytest.fixture(scope="module")
+def torchrun_samples(tmp_path_factory):
+    """The torchrun runs of soe generate below, started together, two at a time (in_background, tests/conftest.py):
+    a run's agent starts alone and rank 0 alone writes the mp4, leaving a core idle. Each on a port of its own."""
+    from conftest import LAUNCH_ENV, in_background
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    limit, runs = threading.Semaphore(2), {}
+    for nproc, extra in TORCHRUN:
+        out = tmp_path_factory.mktemp("torchrun") / "many"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}",
+               "-m", "soe", "generate", str(TINY), *GEN, f"out={out}", *extra]
+        runs[nproc, extra] = (out, in_background(cmd, out.parent, env, limit))
+    return runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,extra", [(2, ["parallel.context=2"]), (2, ["parallel.cfg=true"]),
-                                         (4, ["parallel.context=2", "parallel.cfg=true"])])
-def test_soe_generate_under_torchrun_samples_what_one_process_samples(tmp_path, nproc, extra):
+@pytest.mark.parametrize("nproc,extra", TORCHRUN)
+def test_soe_generate_under_torchrun_samples_what_one_process_samples(torchrun_samples, one_process_sample, nproc, extra):
     from safetensors.torch import load_file
 
-    _generate(tmp_path, "one", 1)
-    proc = _generate(tmp_path, "many", nproc, *extra)
+    out, run = torchrun_samples[nproc, extra]
+    proc = run.result()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 2  # rank 0 alone prints (the mp4 and the contact sheet) and writes
-    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["latents.safetensors", "sample_00.mp4", "sample_00.png"]
-    want, got = load_file(tmp_path / "one" / "latents.safetensors"), load_file(tmp_path / "many" / "latents.safetensors")
+    assert sorted(p.name for p in out.iterdir()) == ["latents.safetensors", "sample_00.mp4", "sample_00.png"]
+    want, got = load_file(one_process_sample / "latents.safetensors"), load_file(out / "latents.safetensors")
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5)
 

@@ -293,18 +293,28 @@ def test_ctrl_c_in_the_cli_prints_one_line_exits_130_and_skips_end_of_run_sampli
 
 @pytest.mark.slow
 def test_two_ddp_ranks_resume_exactly(recipe, tmp_path):
-    """2 CPU processes (DDP over gloo): 2 steps + resume to 4 equals 4 straight steps, rank by rank."""
+    """2 CPU processes (DDP over gloo): 2 steps + resume to 4 equals 4 straight steps, rank by rank. The straight run
+    and the first 2 steps run side by side (Lightning starts rank 1 only once rank 0 is set up: one run leaves a core idle)."""
     ddp = ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "data.num_clips=8"]
 
-    def run(run_dir, steps, *extra):
-        proc = subprocess.run(_cli(recipe, run_dir, *ddp, f"trainer.max_steps={steps}", *extra),
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    def start(run_dir, steps, *extra):
+        return subprocess.Popen(_cli(recipe, run_dir, *ddp, f"trainer.max_steps={steps}", *extra),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def finish(proc, run_dir):
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, out[-2000:] + err[-2000:]
         return read_checkpoint(run_dir / "checkpoints" / "last.ckpt", mmap=False)
 
-    run(tmp_path / "split", 2)
-    resumed = run(tmp_path / "split", 4, "resume=true")
-    straight = run(tmp_path / "straight", 4)
+    straight_proc = start(tmp_path / "straight", 4)
+    try:
+        finish(start(tmp_path / "split", 2), tmp_path / "split")
+        resumed = finish(start(tmp_path / "split", 4, "resume=true"), tmp_path / "split")
+    finally:
+        straight = finish(straight_proc, tmp_path / "straight")
     assert resumed["global_step"] == straight["global_step"] == 4
     assert resumed["state_dict"].keys() == straight["state_dict"].keys()
     for k, v in straight["state_dict"].items():

@@ -371,16 +371,25 @@ def test_two_ddp_ranks_resume_exactly_on_a_streamed_cache(cache, tmp_path):
     args = [f"data.path={cache[0]}", "data.num_workers=1", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
-    def run(run_dir, steps, *extra):
+    def start(run_dir, steps, *extra):
         cmd = [sys.executable, "-m", "soe.cli", "stitch", str(recipe),
                f"run_dir={run_dir}", f"trainer.max_steps={steps}", *args, *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+    def finish(proc, run_dir):
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, out[-2000:] + err[-2000:]
         return read_checkpoint(run_dir / "checkpoints" / "last.ckpt", mmap=False)
 
-    run(tmp_path / "split", 2)
-    resumed = run(tmp_path / "split", 4, "resume=true")
-    straight = run(tmp_path / "straight", 4)
+    straight_proc = start(tmp_path / "straight", 4)  # beside the split run: Lightning starts rank 1 once rank 0 is set up
+    try:
+        finish(start(tmp_path / "split", 2), tmp_path / "split")
+        resumed = finish(start(tmp_path / "split", 4, "resume=true"), tmp_path / "split")
+    finally:
+        straight = finish(straight_proc, tmp_path / "straight")
     assert resumed["global_step"] == straight["global_step"] == 4
     for k, v in straight["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k

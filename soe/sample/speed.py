@@ -211,8 +211,10 @@ def compile_blocks(blocks, **kwargs) -> None:
     (soe/stitch/lockstep.py, soe/stitch/attention_kv.py), so blocks of one kind share one graph: no
     recompilation after the first sampling step (tests/test_compile.py)."""
     from soe.stitch.attention_kv import keep_lookups_out_of_graphs
+    from soe.stitch.lockstep import keep_hooks_out_of_graphs
 
     keep_lookups_out_of_graphs()
+    keep_hooks_out_of_graphs(blocks)
     for b in blocks:
         if not getattr(b, "_soe_compiled", False):
             b.forward = torch.compile(b.forward, **kwargs)

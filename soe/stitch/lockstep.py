@@ -49,6 +49,34 @@ def sides(direction: str) -> tuple[str, str]:
     return ("a", "b") if direction == "a_to_b" else ("b", "a")
 
 
+
+# ---- hooks outside compiled graphs, once soe compiles ------------------------------------------------
+_compiling = False  # set by keep_hooks_out_of_graphs: hooks installed from then on are wrapped at once
+
+
+def outside_graphs(fn):
+    """``fn`` (a tap, enter or join hook) as it must run under ``torch.compile``: outside the graph, so the block index
+    and the call's dicts never become guards and blocks of one kind share one graph. ``torch.compiler.disable`` imports
+    torch._dynamo (~1.4 s), which commands that never compile (``soe inspect``, training) should not pay: the hook is
+    only marked here, and wrapped by keep_hooks_out_of_graphs (soe.sample.speed.compile_blocks) when soe compiles."""
+    if _compiling:
+        return torch.compiler.disable(fn)
+    fn._soe_outside_graphs = True
+    return fn
+
+
+def keep_hooks_out_of_graphs(blocks) -> None:
+    """Wrap the marked hooks (outside_graphs) already registered on ``blocks`` and their submodules in
+    ``torch.compiler.disable``, and every one installed later (a restitch) at once."""
+    global _compiling
+    _compiling = True
+    for block in blocks:
+        for module in block.modules():
+            for registered in (module._forward_pre_hooks, module._forward_hooks):
+                for key, fn in list(registered.items()):
+                    if getattr(fn, "_soe_outside_graphs", False) and not getattr(fn, "_torchdynamo_disable", False):
+                        registered[key] = torch.compiler.disable(fn)  # same key: the hook's handle still removes it
+
 @dataclass
 class _Call:
     layouts: dict
@@ -120,10 +148,10 @@ class LockstepEngine:
             name, does = hook_name(direction, side, k, "tap"), f"keeps the {where} of {path} ('{tap}') for the connector"
             # outside a compiled graph (as _enter and _join): the block index and the call's dicts never become guards
             if where == "input":
-                hook = torch.compiler.disable(lambda m, a, kw, k=k: self._tap(side, k, Expert.block_input_hidden(a, kw)))
+                hook = outside_graphs(lambda m, a, kw, k=k: self._tap(side, k, Expert.block_input_hidden(a, kw)))
                 hooks.forward_pre_hook(name, mod, hook, path, does)
             else:
-                hook = torch.compiler.disable(lambda m, a, out, k=k: self._tap(side, k, expert.block_output_hidden(out)))
+                hook = outside_graphs(lambda m, a, out, k=k: self._tap(side, k, expert.block_output_hidden(out)))
                 hooks.forward_hook(name, mod, hook, path, does)
 
     def _install_targets(self, hooks: NamedHooks, direction: str, spec: InjectConfig, k: int, kv: nn.ModuleDict) -> None:
@@ -152,7 +180,7 @@ class LockstepEngine:
             if call is not None and hosting:  # connector tokens are computed inside the block that uses them,
                 call.extras.pop((direction, k), None)  # so a checkpoint recompute saves what the forward saved
 
-        return torch.compiler.disable(hook)
+        return outside_graphs(hook)
 
     def _tap(self, side: str, k: int, hidden: torch.Tensor) -> None:
         act = self._active
@@ -175,7 +203,7 @@ class LockstepEngine:
             hidden = torch.cat([hidden, extra], dim=1)  # (B, N + T, D): same norm and modulation as the host tokens
             return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
-        return torch.compiler.disable(hook)
+        return outside_graphs(hook)
 
     # ---- what the in-block parts read ------------------------------------------------------------
     def context(self, direction: str, k: int) -> tuple[_Call, Expert] | None:
