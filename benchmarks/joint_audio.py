@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     p.add_argument("--above", type=float, nargs="*", default=[0.8, 0.5], help="flow times above which v->a is zeroed")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--lora-off", action="store_true", help="also: the audio LoRA disabled (with and without v->a), and both LoRAs")
-    p.add_argument("--skip", nargs="*", default=[], help="variants to leave out: alone, stitched, v2a, gated, off")
+    p.add_argument("--skip", nargs="*", default=[], help="variants to leave out: alone, stitched, v2a, a2v, gated, off, audio_lora, both_lora, audio_lora_va")
     args = p.parse_args(argv)
     from soe.recipe.builders import build_stitcher
     from soe.recipe.reading import load_recipe
@@ -176,8 +176,10 @@ def main(argv=None) -> dict:
                      ("stitched, both LoRAs off", stitched, None, "joint", ("a", "b")),
                      ("stitched, audio LoRA off, v->a off", stitched, -1.0, "joint", ("b",))]
     skip = {"alone": "experts alone", "v2a": "stitched v2a", "off": "stitched, v->a off", "gated": "stitched, v->a off above",
-            "stitched": "stitched (step", "a2v": "stitched a2v"}
-    variants = [v for v in variants if not any(v[0].startswith(skip[k]) and (k != "off" or v[0] == skip[k]) for k in args.skip)]
+            "stitched": "stitched (step", "a2v": "stitched a2v", "audio_lora": "stitched, audio LoRA off",
+            "both_lora": "stitched, both LoRAs off", "audio_lora_va": "stitched, audio LoRA off, v->a off"}
+    exact = {"off", "audio_lora"}  # these names begin other variants' names
+    variants = [v for v in variants if not any(v[0] == skip[k] if k in exact else v[0].startswith(skip[k]) for k in args.skip)]
     out = {"run": str(args.run), "step": step, "clips": args.clips, "truth_onsets": float(np.mean(
         [len(audio_onsets(env, len(env) / seconds)) for _, _, _, env in sync_eval._signals(truth, experts)])), "variants": {}}
     per_clip = {}
