@@ -145,7 +145,7 @@ def load_run(run_dir: Path):
 def evaluate(stitcher, run_dir: Path, name: str, steps: int, args, size: dict, console: Console, t0: float) -> dict:
     """Steps 3 and 4: sample every mode on held-out clips, score, curve, previews; writes RUN_DIR/sync_results.json."""
     out = Path(args.out)
-    cfg = load_recipe(run_dir / "recipe.yaml")
+    cfg = load_recipe(run_dir / "recipe.yaml", [o for o in args.overrides if o.startswith("sample.")])  # --eval-run R sample.k=v
     seconds = cfg.data.seconds
     alone = {"a": build_expert(cfg, "a").eval(), "b": build_expert(cfg, "b").eval()}
 
@@ -201,7 +201,8 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale of both modalities while sampling")
     p.add_argument("--eval-run", default=None, metavar="RUN_DIR", help="only score this stitch run folder at its latest checkpoint")
     p.add_argument("--report", default=None, metavar="DIR", help="collect OUT's results into DIR/sync_table.md + plots and stop")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of recipes/sync_stitch.yaml, e.g. optim.lr=2e-3")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of recipes/sync_stitch.yaml, e.g. optim.lr=2e-3 (with --eval-run: "
+                   "its sample.* keys, e.g. 'sample.lora_off={b: [joint, image]}')")
     args = p.parse_args(argv)
     console = Console()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
