@@ -69,18 +69,22 @@ class Gate:
             h.remove()
 
 
-def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora_off=()) -> tuple[dict, dict]:
-    """``lora_off``: the sides sampled without their LoRA (else the recipe's ``sample.lora_off`` decides)."""
+def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora_off=(), window=None) -> tuple[dict, dict]:
+    """``lora_off``: the sides sampled without their LoRA (else the recipe's ``sample.lora_off`` decides);
+    ``window``: (lo, hi): the audio LoRA is off only at steps whose flow time lies in (lo, hi]."""
     from soe.flow.conditioning import given_for_task
-    from soe.lora.task_gate import loras_off
+    from soe.lora.task_gate import LoraGate, loras_off
     from soe.recipe.builders import build_sampler
     from soe.sample.sampler import lora_off_sides, sample, stitched_predictor
 
     gate = Gate(model, above)
     predict = stitched_predictor(model)
+    lora_b = LoraGate(model.b) if window is not None else None
 
     def gated(inputs, mask):
         gate.sigma = float(inputs["b"]["timestep"].float().flatten()[0])
+        if lora_b is not None:
+            lora_b.enabled = not (window[0] < gate.sigma <= window[1])
         return predict(inputs, mask)
 
     experts = {"a": model.a, "b": model.b}
@@ -92,6 +96,8 @@ def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora
             lat = sample(experts, cond, seconds, settings, gated, given=given)
     finally:
         gate.remove()
+        if lora_b is not None:
+            lora_b.remove()
     return {k: v.float() for k, v in lat.items()}, {s: float(np.mean(r)) for s, r in sorted(gate.ratios.items())}
 
 
@@ -137,6 +143,13 @@ def seeds_table(files: list[Path]) -> str:
         rows = [next(v for m, v in r["variants"].items() if m.split(" (step")[0] == base) for r in runs]
         cells = [f"{m:.3f} ± {h:.3f}" for m, h in (interval([row[k][0] for row in rows]) for k in keys)]
         lines.append(f"| {base} | {len(rows)} | " + " | ".join(cells) + " |")
+    for name in names:  # each seed's paired difference to the experts alone (its point value), over seeds
+        base = name.split(" (step")[0]
+        rows = [next(v for m, v in r["variants"].items() if m.split(" (step")[0] == base) for r in runs]
+        if all("minus_alone" in row for row in rows):
+            cells = [f"{m:+.3f} ± {h:.3f}" if k in rows[0]["minus_alone"] else "" for k in keys
+                     for m, h in [interval([row["minus_alone"][k][0] for row in rows]) if k in rows[0]["minus_alone"] else (0, 0)]]
+            lines.append(f"| {base} - experts alone, seed by seed | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -152,6 +165,8 @@ def main(argv=None) -> dict:
     p.add_argument("--above", type=float, nargs="*", default=[0.8, 0.5], help="flow times above which v->a is zeroed")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--lora-off", action="store_true", help="also: the audio LoRA disabled (with and without v->a), and both LoRAs")
+    p.add_argument("--lora-window", nargs="*", default=[], metavar="LO:HI",
+                   help="also: the audio LoRA off only at flow times in (LO, HI] (e.g. 0.5:1 = the noisier half)")
     p.add_argument("--skip", nargs="*", default=[], help="variants to leave out: alone, stitched, v2a, a2v, gated, off, audio_lora, both_lora, audio_lora_va")
     args = p.parse_args(argv)
     from soe.recipe.builders import build_stitcher
@@ -183,8 +198,11 @@ def main(argv=None) -> dict:
     out = {"run": str(args.run), "step": step, "clips": args.clips, "truth_onsets": float(np.mean(
         [len(audio_onsets(env, len(env) / seconds)) for _, _, _, env in sync_eval._signals(truth, experts)])), "variants": {}}
     per_clip = {}
-    for name, model, above, task, lora_off in variants:
-        lat, ratios = run_variant(model, cfg, cond, truth, seconds, above, task, lora_off)
+    for s in args.lora_window:
+        lo, hi = (float(x) for x in s.split(":"))
+        variants.append((f"stitched, audio LoRA off at flow times in ({lo}, {hi}]", stitched, None, "joint", (), (lo, hi)))
+    for name, model, above, task, lora_off, *window in variants:
+        lat, ratios = run_variant(model, cfg, cond, truth, seconds, above, task, lora_off, window[0] if window else None)
         out["variants"][name], per_clip[name] = scores(lat, truth_feats, experts, seconds)
         out["variants"][name]["v_to_a_ratio"] = ratios
     alone_name = variants[0][0] if variants and variants[0][0].startswith("experts alone") else None
