@@ -82,7 +82,7 @@ ENTRY_POINTS = {"ace-step": "soe.experts.ace_step:AceStepV1Expert", "ace-step-1.
                 "stable-audio-open": "soe.experts.stable_audio:StableAudioExpert", "wan2.1": "soe.experts.wan:WanExpert",
                 "wan2.2-ti2v": "soe.experts.wan22:Wan22TI2VExpert"}
 _SIDE = ["name", "preset", "path", "dtype", "options", "architecture", "train", "lora.r", "lora.alpha", "lora.dropout",
-         "lora.targets", "lora.init_from", "lora.tasks", "lora.preserve", "lora.lr_scale", "gradient_checkpointing", "flow_shift", "loss_weight", "codec_path",
+         "lora.targets", "lora.init_from", "lora.tasks", "lora.preserve", "lora.lr_scale", "lora.off_tasks", "gradient_checkpointing", "flow_shift", "loss_weight", "codec_path",
          "text_encoder_path", "storage_dtype"]
 RECIPE_KEYS = [
     "name", "seed", "run_dir", "resume", *(f"experts.{s}.{k}" for s in "ab" for k in _SIDE),

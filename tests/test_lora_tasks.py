@@ -115,3 +115,27 @@ def test_bad_lora_training_keys_are_one_line(override, message):
     with pytest.raises((RecipeError, ValueError)) as e:
         module_for(override)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lora_off_tasks_run_those_samples_without_the_lora_and_the_others_with_it():
+    m = module_for("experts.b.lora.off_tasks=[joint]")
+    inputs, targets = step_inputs(m)
+    drawn = targets["a"]["tasks"]
+    joint = torch.tensor([t == "joint" for t in drawn])
+    assert joint.any() and (~joint).any()
+    with_lora = m.stitcher(inputs["a"], inputs["b"])[1]  # not marked yet: every sample with the LoRA
+    with m.lora_training.off(["b"]):
+        without = m.stitcher(inputs["a"], inputs["b"])[1]
+    m.lora_training.mark(drawn)
+    pred_b = m.stitcher(inputs["a"], inputs["b"])[1]
+    torch.testing.assert_close(pred_b[joint], without[joint], rtol=0, atol=0)  # joint samples: as if it had no LoRA
+    torch.testing.assert_close(pred_b[~joint], with_lora[~joint], rtol=0, atol=0)  # v2a samples: through the LoRA
+    assert (with_lora[joint] - without[joint]).abs().max() > 0  # the LoRA is live, so the check above means something
+    per_sample = ((pred_b - 1.0) ** 2).flatten(1).mean(1)
+    assert all(g.abs().sum() == 0 for g in lora_grads(m, "b", per_sample[joint].sum()).values())
+    assert sum(g.abs().sum() for g in lora_grads(m, "b", per_sample[~joint].sum()).values()) > 0
+
+
+def test_lora_off_tasks_unknown_task_is_one_line():
+    with pytest.raises(RecipeError, match=r"experts.b.lora.off_tasks: unknown task 'jiont'"):
+        module_for("experts.b.lora.off_tasks=[jiont]")

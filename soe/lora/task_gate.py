@@ -9,7 +9,8 @@ Three ways to hold it, each a key of ``experts.<side>.lora``:
 * ``preserve``: a weight; adds ``preserve * |pred - pred with this LoRA off|^2`` (the stitched prediction with the
   LoRA switched off, connectors on, no gradient) to the expert's loss on every sample it is scored on: the LoRA
   may change the prediction only as far as the flow loss pays for it;
-* ``lr_scale``: the LoRA's learning rate relative to ``optim.lr`` (connectors keep ``optim.lr``).
+* ``lr_scale``: the LoRA's learning rate relative to ``optim.lr`` (connectors keep ``optim.lr``);
+* ``off_tasks``: the samples of these tasks run without the LoRA in training (as ``sample.lora_off`` samples them).
 
 And one for sampling, ``sample.lora_off`` (:func:`loras_off`, applied by ``soe.sample.sampler.sample_stitched``):
 per side, the sampling tasks that run that expert without its LoRA. Measured on the sync experiment
@@ -39,11 +40,13 @@ class LoraGate:
     ``learn``: ``(B,)`` bool or None; samples marked False run through the LoRA without sending it gradient.
     Inside :meth:`off` the LoRA adds nothing (the expert as if it had no adapter)."""
 
-    def __init__(self, expert: Expert, tasks: list[str] | None = None):
+    def __init__(self, expert: Expert, tasks: list[str] | None = None, off_tasks: list[str] | None = None):
         from peft.tuners.lora import LoraLayer
 
         self.tasks = None if tasks is None else list(tasks)
+        self.off_tasks = list(off_tasks or [])
         self.learn: torch.Tensor | None = None
+        self.use: torch.Tensor | None = None  # (B,) bool: samples that run through the LoRA (lora.off_tasks: the others not)
         self.enabled = True
         layers = [m.lora_B[ADAPTER] for m in expert.model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_B]
         self.handles = [layer.register_forward_hook(self._hook) for layer in layers]
@@ -54,6 +57,8 @@ class LoraGate:
     def _hook(self, module, args, out):
         if not self.enabled:
             return torch.zeros_like(out)
+        if self.use is not None and out.shape[0] == self.use.shape[0]:
+            out = torch.where(self.use.to(out.device).view(-1, *([1] * (out.dim() - 1))), out, torch.zeros_like(out))
         if self.learn is None or out.shape[0] != self.learn.shape[0]:
             return out
         keep = self.learn.to(out.device).view(-1, *([1] * (out.dim() - 1)))  # (B, 1, ...)
@@ -62,6 +67,7 @@ class LoraGate:
     def set_tasks(self, drawn: list[str]) -> None:
         """Mark the samples of this step by their drawn tasks (one per sample)."""
         self.learn = None if self.tasks is None else torch.tensor([t in self.tasks for t in drawn])
+        self.use = torch.tensor([t not in self.off_tasks for t in drawn]) if self.off_tasks else None
 
     @contextmanager
     def off(self):

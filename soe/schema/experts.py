@@ -28,6 +28,8 @@ class LoraConfig:
     tasks: Optional[List[str]] = None
     preserve: float = 0.0  # weight of |pred - pred with this LoRA off|^2 in this expert's loss (0 = off)
     lr_scale: float = 1.0  # the LoRA's learning rate = optim.lr * lr_scale (connectors: optim.lr)
+    # the samples of these flow.tasks run without this LoRA in training (train as sample.lora_off samples; null = none)
+    off_tasks: Optional[List[str]] = None
 
     def __post_init__(self):
         require(self.r >= 1, "r", f"expected a positive rank, got {self.r}")
