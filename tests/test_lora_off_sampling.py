@@ -106,3 +106,14 @@ def test_merged_export_refuses_a_run_that_samples_without_a_lora(tmp_path, capsy
     assert "--format merged: the run's sample.lora_off.b" in err and len(err.splitlines()) == 1
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
     assert main(["export", cfg.run_dir, "--format", "diffusers", "--out", str(tmp_path / "lora")]) == 0  # the LoRA stays a file
+
+
+def test_an_expert_without_lora_layers_samples_as_it_is():
+    """The untrained stitch (``soe generate`` without ckpt, the experts alone) has no LoRA layers: nothing to switch."""
+    cfg = load_recipe(TINY, ["data.seconds=1.0", "sample.steps=2", "sample.lora_off={b: [joint]}"])
+    torch.manual_seed(0)
+    st = build_stitcher(cfg).eval()
+    cond = conditions(st)
+    got = sample_stitched(st, cond, 1.0, build_sampler(cfg))
+    plain = sample_stitched(st, cond, 1.0, build_sampler(load_recipe(TINY, ["data.seconds=1.0", "sample.steps=2"])))
+    assert all(torch.equal(got[s], plain[s]) for s in ("a", "b"))
