@@ -69,7 +69,7 @@ class Gate:
             h.remove()
 
 
-def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora_off=(), window=None) -> tuple[dict, dict]:
+def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora_off=(), window=None, steps=None) -> tuple[dict, dict]:
     """``lora_off``: the sides sampled without their LoRA (else the recipe's ``sample.lora_off`` decides);
     ``window``: (lo, hi): the audio LoRA is off only at steps whose flow time lies in (lo, hi]."""
     from soe.flow.conditioning import given_for_task
@@ -90,6 +90,8 @@ def run_variant(model, cfg, cond, truth, seconds, above=None, task="joint", lora
     experts = {"a": model.a, "b": model.b}
     given = given_for_task(task, experts, truth) if task != "joint" else None
     settings = build_sampler(cfg)
+    if steps:
+        settings.steps = steps
     off = list(lora_off) if lora_off else lora_off_sides(settings, given, experts)  # else the recipe's, as soe samples
     try:
         with loras_off(experts, off):
@@ -164,6 +166,7 @@ def main(argv=None) -> dict:
     p.add_argument("--clips", type=int, default=96)
     p.add_argument("--above", type=float, nargs="*", default=[0.8, 0.5], help="flow times above which v->a is zeroed")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--lora-off", action="store_true", help="also: the audio LoRA disabled (with and without v->a), and both LoRAs")
     p.add_argument("--lora-window", nargs="*", default=[], metavar="LO:HI",
                    help="also: the audio LoRA off only at flow times in (LO, HI] (e.g. 0.5:1 = the noisier half)")
@@ -202,7 +205,7 @@ def main(argv=None) -> dict:
         lo, hi = (float(x) for x in s.split(":"))
         variants.append((f"stitched, audio LoRA off at flow times in ({lo}, {hi}]", stitched, None, "joint", (), (lo, hi)))
     for name, model, above, task, lora_off, *window in variants:
-        lat, ratios = run_variant(model, cfg, cond, truth, seconds, above, task, lora_off, window[0] if window else None)
+        lat, ratios = run_variant(model, cfg, cond, truth, seconds, above, task, lora_off, window[0] if window else None, args.steps)
         out["variants"][name], per_clip[name] = scores(lat, truth_feats, experts, seconds)
         out["variants"][name]["v_to_a_ratio"] = ratios
     alone_name = variants[0][0] if variants and variants[0][0].startswith("experts alone") else None
