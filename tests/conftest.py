@@ -65,6 +65,28 @@ def expert_name(request):
     return request.param
 
 
+def live_trainable(module, seed: int = 1, scale: float = 0.05) -> None:
+    """Every trainable tensor of ``module`` set to small random values (zero-init LoRA B and connector outputs would
+    hide what a test looks for)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def finished_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: int = 300) -> dict:
+    """Wait for a `soe stitch` subprocess (stdout/stderr piped), assert it succeeded, return its last.ckpt."""
+    from soe.train.checkpoint import read_checkpoint
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    return read_checkpoint(run_dir / "checkpoints" / "last.ckpt", mmap=False)
+
+
 def load_benchmark(name: str):
     """``benchmarks/<name>.py`` of this checkout as a module (the benchmarks are scripts, not a package)."""
     path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"

@@ -7,6 +7,7 @@ from pathlib import Path
 import av
 import pytest
 import torch
+from conftest import live_trainable
 from gradio_client import Client
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -28,11 +29,7 @@ def trained_tiny_run(run: Path) -> Path:
     torch.manual_seed(cfg.seed)
     st = build_stitcher(cfg)
     apply_training_setup(st, cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in st.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    live_trainable(st, seed=1)
     export_trained(st, run / "trained", {s: cfg.experts[s].train for s in ("a", "b")}, step=5)
     OmegaConf.save(cfg, run / "recipe.yaml", resolve=True)
     return run

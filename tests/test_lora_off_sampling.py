@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch_for
+from conftest import batch_for, live_trainable
 
 from soe.cli import main
 from soe.flow.conditioning import TASKS, given_for_task, task_of
@@ -22,11 +22,7 @@ def live_stitch(*overrides):
     torch.manual_seed(0)
     st = build_stitcher(cfg)
     apply_training_setup(st, cfg)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in st.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    live_trainable(st, seed=3)
     return cfg, st.eval()
 
 

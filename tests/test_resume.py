@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import finished_checkpoint
 from rich.console import Console
 
 from soe.cli.stitch import run_training
@@ -301,13 +302,7 @@ def test_two_ddp_ranks_resume_exactly(recipe, tmp_path):
         return subprocess.Popen(_cli(recipe, run_dir, *ddp, f"trainer.max_steps={steps}", *extra),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
-    def finish(proc, run_dir):
-        try:
-            out, err = proc.communicate(timeout=300)
-        finally:
-            proc.kill()
-        assert proc.returncode == 0, out[-2000:] + err[-2000:]
-        return read_checkpoint(run_dir / "checkpoints" / "last.ckpt", mmap=False)
+    finish = finished_checkpoint
 
     straight_proc = start(tmp_path / "straight", 4)
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import finished_checkpoint
 from rich.console import Console
 
 from soe.data.latent_cache import LatentCacheError
@@ -364,8 +365,6 @@ def test_resume_is_exact_with_workers(cache, tmp_path):
 @pytest.mark.slow
 def test_two_ddp_ranks_resume_exactly_on_a_streamed_cache(cache, tmp_path):
     """2 CPU processes (DDP over gloo) with a loader worker each: 2 steps + resume to 4 equals 4 straight steps."""
-    from soe.train.checkpoint import read_checkpoint
-
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     args = [f"data.path={cache[0]}", "data.num_workers=1", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
@@ -376,13 +375,7 @@ def test_two_ddp_ranks_resume_exactly_on_a_streamed_cache(cache, tmp_path):
                f"run_dir={run_dir}", f"trainer.max_steps={steps}", *args, *extra]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 
-    def finish(proc, run_dir):
-        try:
-            out, err = proc.communicate(timeout=300)
-        finally:
-            proc.kill()
-        assert proc.returncode == 0, out[-2000:] + err[-2000:]
-        return read_checkpoint(run_dir / "checkpoints" / "last.ckpt", mmap=False)
+    finish = finished_checkpoint
 
     straight_proc = start(tmp_path / "straight", 4)  # beside the split run: Lightning starts rank 1 once rank 0 is set up
     try:
