@@ -81,10 +81,10 @@ def test_bad_lora_off_is_one_line(override, expected, capsys):
     assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_lora_off_on_an_expert_without_lora_is_one_line(capsys):
-    assert main(["inspect", str(TINY), "experts.b.train=frozen", "sample.lora_off={b: [joint]}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "sample.lora_off.b: experts.b.train is 'frozen'" in err and len(err.splitlines()) == 1
+def test_lora_off_on_an_expert_without_lora_is_accepted(capsys):
+    """`soe stitch recipes/demo.yaml experts.b.train=frozen` (an ablation the docs run) keeps working: a frozen
+    expert has no LoRA, so it already samples without one."""
+    assert main(["inspect", str(TINY), "experts.b.train=frozen", "sample.lora_off={b: [joint]}"]) == 0
 
 
 def test_merged_export_refuses_a_run_that_samples_without_a_lora(tmp_path, capsys):

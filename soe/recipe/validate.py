@@ -83,10 +83,6 @@ def validate_recipe(cfg: DictConfig, check_paths: bool = True, experts: dict | N
             raise RecipeError(f"{which}: expert '{e.name}' would have {blocks[side]} blocks; expected at least one")
     _check_depths(recipe, blocks)
     _check_tasks(recipe)
-    for side, tasks in recipe.sample.lora_off.items():
-        if tasks and getattr(recipe.experts, side).train != "lora":
-            raise RecipeError(f"sample.lora_off.{side}: experts.{side}.train is '{getattr(recipe.experts, side).train}', so it has no "
-                              "LoRA to switch off; remove the key or train a LoRA")
     d = recipe.data
     from soe.schema.train import is_url
 
