@@ -31,16 +31,12 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
+sys.path.insert(0, str(Path(__file__).parent))  # sync_seeds
+
+from sync_seeds import bootstrap, fmt_bootstrap
 
 from soe.evaluate import sync_eval
 from soe.evaluate.metrics import frechet_distance
-
-
-def bootstrap(fn, n: int, draws: int = 300, seed: int = 0) -> tuple[float, float, float]:
-    """(value on all clips, 2.5th, 97.5th percentile over ``draws`` resamples of the ``n`` clips)."""
-    rng = np.random.default_rng(seed)
-    boot = [fn(rng.integers(0, n, n)) for _ in range(draws)]
-    return float(fn(np.arange(n))), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -148,7 +144,7 @@ def main(argv=None) -> dict:
     for col in ("variant", "forwards / batch", "latent sync", "vs its reference", "within noise", "Frechet video", "Frechet audio",
                 "PSNR video / audio", "AV-Align (mp4)", "note"):
         t.add_column(col)
-    fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+    fmt = fmt_bootstrap
     for name, r in rows.items():
         within = None if "diff" not in r else bool(r["diff"][1] <= 0 <= r["diff"][2])
         ps = r.get("psnr", {})

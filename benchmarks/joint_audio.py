@@ -38,15 +38,10 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
 sys.path.insert(0, str(Path(__file__).parent))  # sync_seeds
 
+from sync_seeds import bootstrap, fmt_bootstrap  # noqa: E402
+
 from soe.evaluate import sync_eval  # noqa: E402
 from soe.evaluate.metrics import audio_onsets, frechet_distance  # noqa: E402
-
-
-def bootstrap(values_fn, n: int, draws: int = 300, seed: int = 0) -> tuple[float, float, float]:
-    """(value on all rows, 2.5th, 97.5th percentile over ``draws`` resamples of the ``n`` rows)."""
-    rng = np.random.default_rng(seed)
-    boot = [values_fn(rng.integers(0, n, n)) for _ in range(draws)]
-    return float(values_fn(np.arange(n))), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
 class Gate:
@@ -215,7 +210,7 @@ def main(argv=None) -> dict:
                     f"{out['truth_onsets']:.2f}")
     for col in ("variant", "sync", "Frechet video", "Frechet audio", "onsets/clip", "loudness", "|v->a|/|h| hi / lo sigma"):
         t.add_column(col)
-    fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+    fmt = fmt_bootstrap
     for name, r in out["variants"].items():
         ratios = r["v_to_a_ratio"]
         hi = np.mean([v for s, v in ratios.items() if s > 0.5] or [0])

@@ -20,6 +20,19 @@ from scipy import stats
 MODES = ("joint", "v2a", "a2v", "image")
 
 
+def bootstrap(fn, n: int, draws: int = 300, seed: int = 0) -> tuple[float, float, float]:
+    """(value on all ``n`` clips, 2.5th, 97.5th percentile over ``draws`` resamples of the clips with replacement).
+    The same ``n`` and ``seed`` draw the same indices, so two calls give paired intervals."""
+    rng = np.random.default_rng(seed)
+    boot = [fn(rng.integers(0, n, n)) for _ in range(draws)]
+    return float(fn(np.arange(n))), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def fmt_bootstrap(v) -> str:
+    """``bootstrap``'s (value, lo, hi) as ``value [lo, hi]``."""
+    return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
 def interval(values: list[float]) -> tuple[float, float]:
     """(mean, half-width of the 95% t-interval); half-width 0 for a single value."""
     v = np.asarray(values, float)

@@ -25,9 +25,8 @@ import torch
 
 from soe.plugin.expert import Expert
 from soe.schema.base import choice
+from soe.schema.sample import SAMPLING_TASKS as TASKS  # one list: the schema (below flow) checks sample.lora_off with it
 from soe.schema.sample import GivenUncond
-
-TASKS = ("joint", "v2a", "a2v", "image", "extend")
 
 
 class TaskError(ValueError):

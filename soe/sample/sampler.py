@@ -11,10 +11,12 @@ guides, the unconditional forward is not run at all. Deterministic for a seed.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from soe.flow.conditioning import GivenLatents
+from soe.flow.conditioning import GivenLatents, task_of
 from soe.plugin.expert import Batch, Expert
 from soe.rng import generator_for
 from soe.sample.speed import reset_step_caches, set_step_cache_branch
@@ -140,12 +142,12 @@ def stitched_predictor(stitcher):
 def sample_stitched(stitcher, conditions: dict[str, Batch], seconds: float, settings: SamplerConfig, progress=None,
                     negative: dict[str, Batch] | None = None, given: dict[str, GivenLatents] | None = None):
     experts = {"a": stitcher.a, "b": stitcher.b}
-    off = lora_off_sides(settings, given, experts)
-    if not off:
-        return sample(experts, conditions, seconds, settings, stitched_predictor(stitcher), progress, negative=negative, given=given)
-    from soe.lora.task_gate import loras_off
+    off, switched = lora_off_sides(settings, given, experts), nullcontext()
+    if off:
+        from soe.lora.task_gate import loras_off  # peft's layer types, only when a LoRA is switched off
 
-    with loras_off(experts, off):
+        switched = loras_off(experts, off)
+    with switched:
         return sample(experts, conditions, seconds, settings, stitched_predictor(stitcher), progress, negative=negative, given=given)
 
 
@@ -153,7 +155,5 @@ def lora_off_sides(settings: SamplerConfig, given: dict[str, GivenLatents] | Non
     """The sides whose LoRA ``sample.lora_off`` switches off for the task this call serves (read off ``given``)."""
     if not settings.lora_off:
         return []
-    from soe.flow.conditioning import task_of
-
     task = task_of(given, {side: e.modality for side, e in experts.items()})
     return [side for side, tasks in sorted(settings.lora_off.items()) if task in tasks]

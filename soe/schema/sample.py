@@ -12,7 +12,7 @@ from soe.schema.base import Choice, OptionError, StorageDtype, check_device, cho
 
 # conditioning inputs of `soe generate` (at most one): sample.<key> -> the task it asks of the experts
 TRAINING_EVAL = ("av_align",)  # `soe eval` metrics sample.eval may name: those that need no weights
-SAMPLING_TASKS = ("joint", "v2a", "a2v", "image", "extend")  # soe.flow.conditioning.TASKS (schema sits below flow)
+SAMPLING_TASKS = ("joint", "v2a", "a2v", "image", "extend")  # the tasks of soe/flow/conditioning.py (its TASKS)
 SYNC_TASKS = ("joint", "v2a", "a2v")  # sample.sync_tasks: what the held-out clips are sampled as (soe/sample/held_out_tasks.py)
 GIVEN_MEDIA = {"image": "image", "video": "v2a", "audio": "a2v", "extend": "extend"}
 

@@ -103,16 +103,13 @@ def build_lora_training(cfg: DictConfig, stitcher: Stitcher):
         if e.train != "lora":
             continue
         key = f"experts.{side}.lora"
-        if e.lora.tasks is not None:
-            unknown = [t for t in e.lora.tasks if t not in TASKS]
+        for name in ("tasks", "off_tasks"):
+            unknown = [t for t in getattr(e.lora, name) or [] if t not in TASKS]
             if unknown:
-                raise RecipeError(f"{key}.tasks: unknown task '{unknown[0]}'; expected some of {list(TASKS)}")
-            if not drawn & set(e.lora.tasks):
-                raise RecipeError(f"{key}.tasks: none of {list(e.lora.tasks)} is drawn by flow.tasks {sorted(drawn)}: "
-                                  "the LoRA would never learn")
-        unknown = [t for t in (e.lora.off_tasks or []) if t not in TASKS]
-        if unknown:
-            raise RecipeError(f"{key}.off_tasks: unknown task '{unknown[0]}'; expected some of {list(TASKS)}")
+                raise RecipeError(f"{key}.{name}: unknown task '{unknown[0]}'; expected some of {list(TASKS)}")
+        if e.lora.tasks is not None and not drawn & set(e.lora.tasks):
+            raise RecipeError(f"{key}.tasks: none of {list(e.lora.tasks)} is drawn by flow.tasks {sorted(drawn)}: "
+                              "the LoRA would never learn")
         if e.lora.tasks is not None or e.lora.preserve > 0 or e.lora.off_tasks:
             out.gates[side] = LoraGate(getattr(stitcher, side), None if e.lora.tasks is None else list(e.lora.tasks),
                                        e.lora.off_tasks)
