@@ -7,7 +7,14 @@ peak); the unconditional half drops text conditioning (zeros, or the expert's en
 prompt, ``Expert.null_condition``) and its connectors read zeros (no cross-modal input).
 ``guidance_interval: [lo, hi]`` guides only where a modality's sigma lies in ``(lo, hi]``
 (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"); at steps where no modality
-guides, the unconditional forward is not run at all. Deterministic for a seed.
+guides, the unconditional forward is not run at all.
+
+Cross-modal guidance (``cross_guidance``, per modality, stitched sampling only): the side's velocity gains
+``(w - 1) x (stitched - its expert alone)``, the expert alone being one more forward of that expert with the same text
+and no connectors (the hooks are idle outside a stitched call). With text guidance 1 this is
+``alone + w x (stitched - alone)``: classifier-free guidance whose condition is the other modality (composed with the
+text's as in Brooks et al. 2023, InstructPix2Pix, one scale per condition). Written here: no diffusers pipeline guides
+one expert by another's hidden states. Deterministic for a seed.
 """
 from __future__ import annotations
 
@@ -69,7 +76,13 @@ def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: fl
         scheds[k].set_timesteps(settings.steps, device=lat[k].device)
     scales = {k: settings.guidance.get(k, 1.0) for k in sides}
     uncond = {k: experts[k].unconditional(conditions[k], (negative or {}).get(k)) for k in sides}
+    cross = {k: float(settings.cross_guidance.get(k, 1.0)) for k in sides} if predict is not None else {}  # stitched only
+    crossed = [k for k in sides if cross.get(k, 1.0) != 1.0 and not (k in given and given[k].full)]
     predict = predict or _experts_alone(experts)
+
+    def branch(name):
+        set_step_cache_branch(experts.values(), name)
+
     for i in range(settings.steps):
         sigmas = {k: float(scheds[k].sigmas[i]) for k in sides}
         guide = {k: scales[k] != 1.0 and _in_interval(sigmas[k], settings.guidance_interval) for k in sides}
@@ -82,13 +95,16 @@ def sample(experts: dict[str, Expert], conditions: dict[str, Batch], seconds: fl
             cond_in[k] = {**conditions[k], "latents": x.to(experts[k].dtype), "timestep": t.to(experts[k].dtype)}
             x_u = given[k].uncond_latents(cond_in[k]["latents"]) if k in given else cond_in[k]["latents"]
             uncond_in[k] = {**uncond[k], "latents": x_u, "timestep": cond_in[k]["timestep"]}
-        preds = _predict_cfg(predict, cond_in, uncond_in, any(guide.values()), settings.cfg_batched is not False, bsz,
-                             lambda name: set_step_cache_branch(experts.values(), name))
+        preds = _predict_cfg(predict, cond_in, uncond_in, any(guide.values()), settings.cfg_batched is not False, bsz, branch)
+        alone = _alone(experts, cond_in, crossed, branch)
         for k in sides:
             if k in given and given[k].full:
                 continue  # a given modality is not denoised
             c, u = preds[k]
-            lat[k] = scheds[k].step(guided(c, u if guide[k] else None, scales[k]), scheds[k].timesteps[i], lat[k]).prev_sample
+            v = guided(c, u if guide[k] else None, scales[k])
+            if k in alone:
+                v = v + (cross[k] - 1.0) * (c - alone[k])
+            lat[k] = scheds[k].step(v, scheds[k].timesteps[i], lat[k]).prev_sample
         if progress is not None:
             progress(i + 1, settings.steps)
     return {k: given[k].paste(lat[k]) if k in given else lat[k] for k in sides}
@@ -117,6 +133,15 @@ def _predict_cfg(predict, cond: dict[str, Batch], uncond: dict[str, Batch], use_
     branch("uncond")
     u = predict(uncond, torch.zeros(bsz, device=device))
     return {k: (c[k].float(), u[k].float()) for k in c}
+
+
+def _alone(experts: dict[str, Expert], cond: dict[str, Batch], sides: list[str], branch) -> dict[str, torch.Tensor]:
+    """``{side: float32 velocity}`` of each of ``sides``' experts alone on the conditional inputs (cross-modal guidance)."""
+    out = {}
+    for k in sides:
+        branch(f"alone:{k}")
+        out[k] = experts[k](cond[k]).float()
+    return out
 
 
 def _experts_alone(experts):

@@ -292,6 +292,8 @@ def reset_step_caches(experts) -> None:
 
 def set_step_cache_branch(experts, branch: str) -> None:
     """Name the forward that runs next (``cfg``, ``cond``, ``uncond``): a step cache compares and reuses
-    residuals within one branch, so CFG's two forwards per step never read each other's."""
+    residuals within one branch, so CFG's two forwards per step never read each other's. A forward begins here,
+    so the last one's heads are forgotten (one expert's forward alone, ``alone:b``, leaves only its own head run)."""
     for cache in _step_caches(experts):
         cache.state.branch = branch
+        cache.state.heads_done, cache.state.skip = set(), None

@@ -99,6 +99,9 @@ class SamplerConfig:
     # per expert side, the sampling tasks (joint, v2a, a2v, image, extend) that run that expert without its LoRA
     # (soe/lora/task_gate.py loras_off); e.g. {b: [joint, image]}: the audio LoRA only where the video is given
     lora_off: Dict[str, List[str]] = field(default_factory=dict)
+    # per expert, guidance over the other modality: the velocity gains (scale - 1) x (stitched - the expert alone, same
+    # text, no connectors); 1 = off. {b: 1.75}: the audio follows the video more (docs/evidence.md, "Cross-modal guidance")
+    cross_guidance: Dict[str, float] = field(default_factory=lambda: {"a": 1.0, "b": 1.0})
 
     def __post_init__(self):
         self.scheduler = choice(Scheduler, self.scheduler, "scheduler")
@@ -107,7 +110,7 @@ class SamplerConfig:
             bad = [t for t in tasks if t not in SAMPLING_TASKS]
             require(not bad, f"lora_off.{side}", f"expected tasks among {list(SAMPLING_TASKS)}, got {bad[0] if bad else ''!r}")
         require(self.steps >= 1, "steps", f"expected a positive integer, got {self.steps}")
-        for key in ("guidance", "shift"):
+        for key in ("guidance", "shift", "cross_guidance"):
             for side, value in getattr(self, key).items():
                 require(side in ("a", "b"), f"{key}.{side}", "expected keys 'a' and 'b' (the two experts)")
                 require(value is None or 0 < value < math.inf, f"{key}.{side}", f"expected a positive finite number, got {value}")
