@@ -20,6 +20,7 @@ onsets are also given minus the experts alone's on the same bootstrap draws of c
 than alone" holds where that interval reaches 0 or below).
 
     python benchmarks/joint_audio.py runs/demo --clips 96
+    python benchmarks/joint_audio.py runs/demo --clips 96 "sample.cross_guidance={b: 1.75}"   # sampling keys over the run's
     python benchmarks/joint_audio.py --seeds S0.json S1.json S2.json   # runs of several seeds (--json): mean ± 95% t-interval
                                                    # (A.json+B.json: one seed's variants from two runs)
 """
@@ -166,12 +167,17 @@ def main(argv=None) -> dict:
     p.add_argument("--lora-window", nargs="*", default=[], metavar="LO:HI",
                    help="also: the audio LoRA off only at flow times in (LO, HI] (e.g. 0.5:1 = the noisier half)")
     p.add_argument("--skip", nargs="*", default=[], help="variants to leave out: alone, stitched, v2a, a2v, gated, off, audio_lora, both_lora, audio_lora_va")
+    p.add_argument("overrides", nargs="*", default=[], metavar="sample.KEY=VALUE",
+                   help="sampling keys over the run's recipe, e.g. 'sample.cross_guidance={b: 1.75}'")
     args = p.parse_args(argv)
+    bad = [o for o in args.overrides if not o.startswith("sample.")]
+    if bad:
+        p.error(f"{bad[0]}: expected a sample.* override (the run's training keys are what it was trained with)")
     from soe.recipe.builders import build_stitcher
     from soe.recipe.reading import load_recipe
     from soe.train.trained import load_trained
 
-    cfg = load_recipe(args.run / "recipe.yaml")
+    cfg = load_recipe(args.run / "recipe.yaml", args.overrides)
     torch.manual_seed(cfg.seed)
     alone, stitched = build_stitcher(cfg).eval(), build_stitcher(cfg)
     step = load_trained(stitched, args.run / "trained")

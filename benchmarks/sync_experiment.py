@@ -152,7 +152,8 @@ def evaluate(stitcher, run_dir: Path, name: str, steps: int, args, size: dict, c
     console.print(f"[bold]3. generating[/] {size['clips']} clips in each of {', '.join(E.MODES)}")
     cond, truth = held_out(alone, seconds, size["clips"], args.seed)
     settings = SamplerConfig(steps=size["steps"], scheduler="unipc", seed=args.seed, guidance={"a": args.guidance, "b": args.guidance},
-                             lora_off={k: list(v) for k, v in cfg.sample.lora_off.items()})  # the recipe's sample.lora_off
+                             lora_off={k: list(v) for k, v in cfg.sample.lora_off.items()},  # the recipe's sample.lora_off
+                             cross_guidance=dict(cfg.sample.cross_guidance))  # ... and sample.cross_guidance
     rows = {mode: E.generate(mode, stitcher, alone, cond, truth, seconds, settings) for mode in E.MODES}
     tol = 1.5 / min(alone["a"].latent_rate, alone["b"].latent_rate)
     scores = E.score(rows, truth, alone, seconds, tol)

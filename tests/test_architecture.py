@@ -98,7 +98,7 @@ RECIPE_KEYS = [
     "trainer.precision", "trainer.accumulate_grad_batches", "trainer.log_every_n_steps",
     "trainer.checkpoint_every_n_steps", "trainer.threads", "trainer.on_nonfinite", "trainer.extra",
     "sample.steps", "sample.scheduler", "sample.guidance", "sample.shift", "sample.seed", "sample.cfg_batched",
-    "sample.guidance_interval", "sample.lora_off", "sample.memory",
+    "sample.guidance_interval", "sample.lora_off", "sample.cross_guidance", "sample.memory",
     "sample.storage_dtype", "sample.compile", "sample.attention_backend", "sample.cache", "sample.cache_threshold",
     "sample.ckpt", "sample.prompt", "sample.prompts", "sample.negative_prompt", "sample.conditions", "sample.seconds",
     "sample.num_samples", "sample.out", "sample.every_n_steps", "sample.at_end", "sample.at_start", "sample.eval", "sample.sync_clips",
