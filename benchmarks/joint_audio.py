@@ -20,7 +20,7 @@ onsets are also given minus the experts alone's on the same bootstrap draws of c
 than alone" holds where that interval reaches 0 or below).
 
     python benchmarks/joint_audio.py runs/demo --clips 96
-    python benchmarks/joint_audio.py runs/demo --clips 96 "sample.cross_guidance={b: 1.75}"   # sampling keys over the run's
+    python benchmarks/joint_audio.py runs/demo "sample.cross_guidance={b: 1.75}" --clips 96   # sampling keys over the run's
     python benchmarks/joint_audio.py --seeds S0.json S1.json S2.json   # runs of several seeds (--json): mean ± 95% t-interval
                                                    # (A.json+B.json: one seed's variants from two runs)
 """
@@ -168,7 +168,8 @@ def main(argv=None) -> dict:
                    help="also: the audio LoRA off only at flow times in (LO, HI] (e.g. 0.5:1 = the noisier half)")
     p.add_argument("--skip", nargs="*", default=[], help="variants to leave out: alone, stitched, v2a, a2v, gated, off, audio_lora, both_lora, audio_lora_va")
     p.add_argument("overrides", nargs="*", default=[], metavar="sample.KEY=VALUE",
-                   help="sampling keys over the run's recipe, e.g. 'sample.cross_guidance={b: 1.75}'")
+                   help="sampling keys over the run's recipe, right after RUN (--skip takes what follows it), "
+                        "e.g. 'sample.cross_guidance={b: 1.75}'")
     args = p.parse_args(argv)
     bad = [o for o in args.overrides if not o.startswith("sample.")]
     if bad:
