@@ -107,7 +107,8 @@ def main(argv=None) -> dict:
     settings = build_sampler(cfg)
     settings.steps = args.steps
     out, per_clip = {"run": str(args.run), "clips": args.clips, "clip_offset": args.clip_offset, "set": args.set, "variants": {}}, {}
-    print("| variant | sync | Frechet audio | Frechet video | onsets/clip | loudness | - alone: Frechet audio | - alone: Frechet video | - alone: onsets |")
+    print("| variant | sync | Frechet audio | Frechet video | onsets/clip | loudness | "
+          "- alone: Frechet audio | - alone: Frechet video | - alone: onsets |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in ["alone", *[v for v in args.variants if v != "alone"]]:
         lat = {k: v.float() for k, v in run_variant(name, stitched, alone, settings, cond, truth, seconds).items()}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch_for, live_trainable
+from conftest import batch_for, live_trainable, load_benchmark
 
 from soe.cli import main
 from soe.flow.conditioning import given_for_task
@@ -120,3 +120,18 @@ def test_bad_cross_guidance_is_one_line(override, expected, capsys):
     assert main(["inspect", str(TINY), override]) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and "\n" not in err
+
+
+def test_the_benchmarks_flow_window_over_every_step_is_the_samplers_cross_guidance():
+    """benchmarks/cross_guidance.py's ``W@LO:HI`` predictor: over all flow times it is the recipe key; over part, neither."""
+    window = load_benchmark("cross_guidance").audio_guided_in_window
+    cfg, st = live_stitch("sample.cross_guidance={b: 1.75}")
+    cond, plain = conditions(st), build_sampler(load_recipe(TINY, BASE))
+    experts = {"a": st.a, "b": st.b}
+    key = sample_stitched(st, cond, 1.0, build_sampler(cfg))
+    everywhere = sample(experts, cond, 1.0, plain, window(st, 1.75, -1.0, 2.0))
+    for side in ("a", "b"):
+        torch.testing.assert_close(everywhere[side], key[side], rtol=1e-5, atol=1e-5)
+    part = sample(experts, cond, 1.0, plain, window(st, 1.75, 0.8, 1.0))["b"]  # sigmas 1, 0.90 | 0.75, 0.50 (shift 3)
+    unguided = sample_stitched(st, cond, 1.0, plain)["b"]
+    assert (part - key["b"]).abs().max() > 1e-4 and (part - unguided).abs().max() > 1e-4
