@@ -11,7 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -113,28 +115,64 @@ def _wait_for(path: Path, proc, step: int, timeout=240):
     raise AssertionError(f"no checkpoint of step {step} at {path} (exit {proc.poll()})")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
-def test_stopped_between_checkpoints_resumes_exactly(recipe, tmp_path, straight_runs, sig):
-    """Killed (no cleanup), interrupted (Ctrl-C) or terminated (kill, scancel) some steps after a checkpoint: resume from it."""
-    run = tmp_path / "run"
-    proc = subprocess.Popen(_cli(recipe, run, "trainer.max_steps=400", "trainer.checkpoint_every_n_steps=2"),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            # a pytest started in the background ignores SIGINT, and children inherit that
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+STOPPED_BY = {"SIGKILL": signal.SIGKILL, "SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+# the run's own process with SIGINT as in a terminal (a pytest started in the background ignores SIGINT and its children
+# inherit that), without preexec_fn: the runs start from threads
+AS_IN_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                    "sys.argv = ['soe', *sys.argv[1:]]; runpy.run_module('soe.cli', run_name='__main__', alter_sys=True)")
+
+
+def _stop_between_checkpoints(run: Path, done: Future, sig, limit: threading.Semaphore) -> None:
+    """Start `soe stitch` (400 steps, a checkpoint every 2), send ``sig`` some steps after the checkpoint of step 2,
+    wait for the process: ``done`` holds (returncode, stderr)."""
     try:
-        _wait_for(run / "checkpoints" / "step-000002.ckpt", proc, 2)
-        time.sleep(0.3)  # into the steps after the checkpoint
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=400)  # a graceful Ctrl-C finishes the step and tears down
-    finally:
-        proc.kill()
+        with limit:
+            run.parent.mkdir(parents=True, exist_ok=True)
+            (run.parent / "recipe.yaml").write_text(RECIPE)
+            cmd = [sys.executable, "-c", AS_IN_A_TERMINAL, "stitch", str(run.parent / "recipe.yaml"), f"run_dir={run}",
+                   "trainer.max_steps=400", "trainer.checkpoint_every_n_steps=2"]
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                _wait_for(run / "checkpoints" / "step-000002.ckpt", proc, 2, timeout=400)
+                time.sleep(0.3)  # into the steps after the checkpoint
+                proc.send_signal(sig)
+                _, err = proc.communicate(timeout=400)  # a graceful Ctrl-C finishes the step and tears down
+            finally:
+                proc.kill()
+                proc.wait()
+        done.set_result((proc.returncode, err))
+    except BaseException as e:  # noqa: BLE001 - the test waiting on this run fails with it
+        done.set_exception(e)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stopped_runs(request, tmp_path_factory):
+    """The stopped runs of the test below that this session selected, started in the background when this module
+    starts (two at a time; each pays Python, torch and Lightning's start-up while the in-process cases run)."""
+    wanted = [item.callspec.id for item in request.session.items
+              if getattr(item, "originalname", None) == "test_stopped_between_checkpoints_resumes_exactly" and item.module is request.module]
+    limit, runs = threading.Semaphore(2), {}
+    for name in wanted:
+        runs[name] = (tmp_path_factory.mktemp(f"stopped-{name}") / "run", Future())
+        threading.Thread(target=_stop_between_checkpoints, args=(*runs[name], STOPPED_BY[name], limit), daemon=True).start()
+    yield runs
+    for _, finished in runs.values():
+        finished.exception(timeout=900)  # no run left behind when the module ends
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", list(STOPPED_BY.values()), ids=list(STOPPED_BY))
+def test_stopped_between_checkpoints_resumes_exactly(tmp_path, straight_runs, stopped_runs, sig):
+    """Killed (no cleanup), interrupted (Ctrl-C) or terminated (kill, scancel) some steps after a checkpoint: resume from it."""
+    run, finished = stopped_runs[sig.name]
+    returncode, err = finished.result(timeout=900)
+    recipe = run.parent / "recipe.yaml"
     step = read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
     assert 2 <= step < 400
     if sig == signal.SIGKILL:
-        assert proc.returncode == -9
+        assert returncode == -9
     else:  # Ctrl-C or SIGTERM: the step under way finishes and is saved; one line says how to resume; 128 + the signal
-        assert proc.returncode == 128 + sig and "Traceback" not in err, err[-2000:]
+        assert returncode == 128 + sig and "Traceback" not in err, err[-2000:]
         who = "Ctrl-C" if sig == signal.SIGINT else sig.name
         assert step > 2 and f"stopped by {who} after step {step}; '{run / 'checkpoints' / 'last.ckpt'}' holds step {step}; " \
             f"resume with: soe stitch {run / 'recipe.yaml'} resume=true" in " ".join(err.split()), err[-2000:]
