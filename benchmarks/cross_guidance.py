@@ -23,12 +23,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
 sys.path.insert(0, str(Path(__file__).parent))  # joint_audio, sync_seeds
 
-from joint_audio import minus_alone, scores  # noqa: E402
+from joint_audio import load_run, minus_alone, scores  # noqa: E402
 
 from soe.evaluate import sync_eval  # noqa: E402
 
@@ -88,18 +87,9 @@ def main(argv=None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="sample.KEY=VALUE", help="sampling keys over the run's recipe")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    bad = [o for o in args.set if not o.startswith("sample.")]
-    if bad:
-        p.error(f"--set {bad[0]}: expected a sample.* override (the run's training keys are what it was trained with)")
-    from soe.recipe.builders import build_sampler, build_stitcher
-    from soe.recipe.reading import load_recipe
-    from soe.train.trained import load_trained
+    from soe.recipe.builders import build_sampler
 
-    cfg = load_recipe(args.run / "recipe.yaml", args.set)
-    torch.manual_seed(cfg.seed)
-    alone, stitched = build_stitcher(cfg).eval(), build_stitcher(cfg)
-    load_trained(stitched, args.run / "trained")
-    stitched.eval()
+    cfg, alone, stitched, _ = load_run(p, args.run, args.set)
     experts = {"a": stitched.a, "b": stitched.b}
     seconds = cfg.sample.seconds or cfg.data.seconds
     cond, truth = sync_eval.held_out(experts, seconds, args.clips, cfg.seed + args.clip_offset)

@@ -124,6 +124,23 @@ def minus_alone(mine: dict, alone: dict, truth_feats: dict) -> dict:
             "onsets": bootstrap(lambda i: mine["onsets"][i].mean() - alone["onsets"][i].mean(), n)}
 
 
+def load_run(parser: argparse.ArgumentParser, run: Path, overrides: list[str]):
+    """(recipe with the ``sample.*`` overrides, the stitch at step 0 = the experts alone, the trained stitch, its step);
+    any other override is a parser error (a run's training keys are what it was trained with)."""
+    from soe.recipe.builders import build_stitcher
+    from soe.recipe.reading import load_recipe
+    from soe.train.trained import load_trained
+
+    bad = [o for o in overrides if not o.startswith("sample.")]
+    if bad:
+        parser.error(f"{bad[0]}: expected a sample.* override (the run's training keys are what it was trained with)")
+    cfg = load_recipe(run / "recipe.yaml", overrides)
+    torch.manual_seed(cfg.seed)
+    alone, stitched = build_stitcher(cfg).eval(), build_stitcher(cfg)
+    step = load_trained(stitched, run / "trained")
+    return cfg, alone, stitched.eval(), step
+
+
 def seeds_table(files: list[Path]) -> str:
     """Per variant over the ``--json`` files of several seeds: mean ± 95% t-interval of each number (the bootstrap
     intervals of one seed are left aside: the spread between seeds is the interval here)."""
@@ -171,18 +188,7 @@ def main(argv=None) -> dict:
                    help="sampling keys over the run's recipe, right after RUN (--skip takes what follows it), "
                         "e.g. 'sample.cross_guidance={b: 1.75}'")
     args = p.parse_args(argv)
-    bad = [o for o in args.overrides if not o.startswith("sample.")]
-    if bad:
-        p.error(f"{bad[0]}: expected a sample.* override (the run's training keys are what it was trained with)")
-    from soe.recipe.builders import build_stitcher
-    from soe.recipe.reading import load_recipe
-    from soe.train.trained import load_trained
-
-    cfg = load_recipe(args.run / "recipe.yaml", args.overrides)
-    torch.manual_seed(cfg.seed)
-    alone, stitched = build_stitcher(cfg).eval(), build_stitcher(cfg)
-    step = load_trained(stitched, args.run / "trained")
-    stitched.eval()
+    cfg, alone, stitched, step = load_run(p, args.run, args.overrides)
     experts = {"a": stitched.a, "b": stitched.b}
     seconds = cfg.sample.seconds or cfg.data.seconds
     cond, truth = sync_eval.held_out(experts, seconds, args.clips, cfg.seed)
