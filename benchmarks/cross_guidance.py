@@ -23,7 +23,6 @@ import json
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the checkout
 sys.path.insert(0, str(Path(__file__).parent))  # joint_audio, sync_seeds
 
