@@ -2,6 +2,8 @@
 motion and clicks happen at known times, compared with a direct reading of the definition (OpenCV's own
 decode, librosa.load, the loops as TempoTokens/MOVA write them)."""
 import json
+import subprocess
+import sys
 import wave
 from pathlib import Path
 
@@ -99,6 +101,19 @@ def clips(tmp_path_factory) -> Path:
     make_clip(folder, "late", shift=0.3)
     make_clip(folder, "aac_only", wav=False)
     return folder
+
+
+def test_eval_workers_finish_after_this_process_decoded_video(clips, tmp_path):
+    """``--workers`` after a decode in the same process (as the app or a notebook does): forked workers inherited
+    FFmpeg's state, and PyAV 18.1.1's frame conversion waited forever on slice threads that exist only in the parent
+    (the suite hung here); spawned workers finish. In a subprocess, so a hang is a timeout, not a stuck suite."""
+    out = tmp_path / "eval.json"
+    code = ("import sys\nfrom soe.cli.commands import main\nfrom soe.evaluate.decode import decode_clip, find_clips\n"
+            f"[decode_clip(stem, path) for stem, path in find_clips({str(clips)!r}).items()]\n"
+            f"sys.exit(main(['eval', {str(clips)!r}, '--out', {str(out)!r}, '--workers', '2']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(out.read_text())["clips"]["sync"] == {"av_align": 1.0}
 
 
 def test_av_align_is_one_on_the_motion_and_zero_when_shifted(clips):

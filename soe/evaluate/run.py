@@ -14,6 +14,7 @@ import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,9 @@ def _decoded(items: list[tuple], workers: int):
     if workers <= 1:
         yield from map(_measure, items)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawned, not forked: a forked worker inherits this process's FFmpeg state, and PyAV 18.1.1's frame conversion
+    # then waits forever on swscale slice threads that exist only here (seen after an in-process decode)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         yield from pool.map(_measure, items, chunksize=1)
 
 
