@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,9 +39,8 @@ import sync_eval as E  # noqa: E402
 from soe.cli.stitch import run_training  # noqa: E402
 from soe.data.datamodule import SyntheticAVDataModule  # noqa: E402
 from soe.evaluate.sync_eval import held_out  # noqa: E402
-from soe.recipe.builders import build_expert  # noqa: E402
+from soe.recipe.builders import build_expert, build_sampler  # noqa: E402
 from soe.recipe.reading import load_recipe  # noqa: E402
-from soe.schema import SamplerConfig  # noqa: E402
 from soe.train.single import pretrain_expert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,9 +151,9 @@ def evaluate(stitcher, run_dir: Path, name: str, steps: int, args, size: dict, c
 
     console.print(f"[bold]3. generating[/] {size['clips']} clips in each of {', '.join(E.MODES)}")
     cond, truth = held_out(alone, seconds, size["clips"], args.seed)
-    settings = SamplerConfig(steps=size["steps"], scheduler="unipc", seed=args.seed, guidance={"a": args.guidance, "b": args.guidance},
-                             lora_off={k: list(v) for k, v in cfg.sample.lora_off.items()},  # the recipe's sample.lora_off
-                             cross_guidance=dict(cfg.sample.cross_guidance))  # ... and sample.cross_guidance
+    # the recipe's sampling keys (sample.lora_off, sample.cross_guidance, ...), with the experiment's steps, scheduler, seed, CFG
+    settings = replace(build_sampler(cfg), steps=size["steps"], scheduler="unipc", seed=args.seed,
+                       guidance={"a": args.guidance, "b": args.guidance})
     rows = {mode: E.generate(mode, stitcher, alone, cond, truth, seconds, settings) for mode in E.MODES}
     tol = 1.5 / min(alone["a"].latent_rate, alone["b"].latent_rate)
     scores = E.score(rows, truth, alone, seconds, tol)
